@@ -1,0 +1,30 @@
+//! Protobuf contracts of Köpür: one package per bounded context plus the
+//! shared `nrm.common.v1`. Events are protobuf messages too; fields are never
+//! renumbered.
+//!
+//! # Layout
+//! - [`common::v1`]: sealed personal data, shared enums, command results.
+//! - [`identification::v1`]: the identification service and its events.
+//! - [`FILE_DESCRIPTOR_SET`]: every file's descriptor, for gRPC reflection and
+//!   for decoding events to JSON.
+
+#![allow(missing_docs, clippy::doc_lazy_continuation, clippy::large_enum_variant)]
+
+/// Encoded `google.protobuf.FileDescriptorSet` of every `.proto` file here.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nrm_descriptor.bin"));
+
+/// `nrm.common.*`
+pub mod common {
+    /// `nrm.common.v1`
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/nrm.common.v1.rs"));
+    }
+}
+
+/// `nrm.identification.*`
+pub mod identification {
+    /// `nrm.identification.v1`
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/nrm.identification.v1.rs"));
+    }
+}

@@ -1,0 +1,91 @@
+//! A service's own PostgreSQL database: created when missing, migrated with
+//! the kernel's tables and the service's own, before anything else runs.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions as _, PgPool, Postgres};
+
+use crate::settings::DatabaseSettings;
+
+/// The kernel's own migrations (event store, outbox, commands, checkpoints,
+/// person keys, audit log), tracked apart from the service's migrations.
+fn kernel_migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.dangerous_set_table_name("_nrm_kernel_migrations");
+    migrator
+}
+
+/// Errors of connecting to or preparing the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The server URL or the database name is malformed.
+    #[error("invalid database settings: {0}")]
+    Settings(String),
+    /// The server refused or failed.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connection options of the service's database.
+///
+/// # Errors
+/// [`DbError::Settings`] when the URL does not parse or the name is not a plain identifier.
+pub fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, DbError> {
+    if settings.name.is_empty()
+        || !settings
+            .name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(DbError::Settings(
+            "database name must be lowercase letters, digits and underscores".into(),
+        ));
+    }
+    let options = PgConnectOptions::from_str(&settings.url).map_err(|e| DbError::Settings(e.to_string()))?;
+    Ok(options.database(&settings.name).application_name("kopur"))
+}
+
+/// Creates the database when missing, connects a pool and runs the kernel's
+/// migrations, then `service_migrations`.
+///
+/// # Errors
+/// [`DbError`] when the server cannot be reached or a migration fails.
+pub async fn connect_and_migrate(settings: &DatabaseSettings, service_migrations: &Migrator) -> Result<PgPool, DbError> {
+    let options = connect_options(settings)?;
+    let url = options.to_url_lossy().to_string();
+    if !Postgres::database_exists(&url).await? {
+        // Two processes may race to create it; the loser sees "already exists".
+        if let Err(err) = Postgres::create_database(&url).await {
+            if !Postgres::database_exists(&url).await? {
+                return Err(err.into());
+            }
+        }
+        tracing::info!(database = %settings.name, "created database");
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    kernel_migrator().run(&pool).await?;
+    service_migrations.run(&pool).await?;
+    Ok(pool)
+}
+
+/// Drops a database (used by tests and `make reset`-style tooling).
+///
+/// # Errors
+/// [`DbError`] when the server refuses.
+pub async fn drop_database(settings: &DatabaseSettings) -> Result<(), DbError> {
+    let url = connect_options(settings)?.to_url_lossy().to_string();
+    if Postgres::database_exists(&url).await? {
+        Postgres::force_drop_database(&url).await?;
+    }
+    Ok(())
+}

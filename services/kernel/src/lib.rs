@@ -1,0 +1,40 @@
+//! The event-sourcing kernel shared by every Köpür service: what a service
+//! needs around its pure aggregates to be durable, reachable and accountable.
+//!
+//! # Layout
+//! - [`ids`]: typed UUIDv7 identifiers, one registry of kinds.
+//! - [`error`]: the transport-agnostic application error and its single
+//!   mapping to `tonic::Status` (with `google.rpc.BadRequest` details).
+//! - [`settings`]: typed settings from `NRM_*` environment variables.
+//! - [`db`]: connecting, creating and migrating a service's own database.
+//! - [`store`]: the PostgreSQL event store: optimistic appends, outbox rows and
+//!   idempotent command records in one transaction.
+//! - [`bus`]: NATS JetStream: server checks, streams created and verified, the
+//!   wire format of published commits.
+//! - [`relay`]: moves outbox rows to JetStream, exactly once downstream.
+//! - [`projection`]: durable consumers that write a read model and their
+//!   position in one transaction.
+//! - [`seal`]: per-person keys, sealing of personal data, crypto-shredding, and
+//!   keyed hashes for duplicate detection.
+//! - [`auth`]: bearer JWTs naming agency, role and officer.
+//! - [`telemetry`]: JSON logs, OpenTelemetry, W3C trace context in gRPC
+//!   metadata and event headers.
+//! - [`server`]: gRPC plumbing every service shares: health, reflection,
+//!   metrics endpoint, graceful shutdown.
+//! - [`audit`]: the append-only access log.
+
+pub mod audit;
+pub mod auth;
+pub mod bus;
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod projection;
+pub mod relay;
+pub mod seal;
+pub mod server;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+
+pub use error::{AppError, FieldViolation};

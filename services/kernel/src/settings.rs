@@ -1,0 +1,192 @@
+//! Settings shared by every service, read from `NRM_*` environment variables
+//! with `__` for nesting (`NRM_DATABASE__URL` is `database.url`). Defaults
+//! live here and in the README; secrets are wrapped so they never print.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use figment::Figment;
+use figment::providers::Env;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Reads `T` from the `NRM_*` environment.
+///
+/// # Errors
+/// Names the variable that is missing or malformed.
+pub fn from_env<T: for<'de> Deserialize<'de>>() -> Result<T, Box<figment::Error>> {
+    Figment::new().merge(Env::prefixed("NRM_").split("__")).extract().map_err(Box::new)
+}
+
+/// Where the service listens.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    /// gRPC address (`NRM_SERVER__GRPC_ADDR`, default `127.0.0.1:50051`; port 0 picks a free one).
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: SocketAddr,
+    /// Prometheus `/metrics` address (`NRM_SERVER__METRICS_ADDR`, default `127.0.0.1:9464`).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: SocketAddr,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: default_grpc_addr(),
+            metrics_addr: default_metrics_addr(),
+        }
+    }
+}
+
+fn default_grpc_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+/// The service's own PostgreSQL database.
+#[derive(Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Server URL without a database name (`NRM_DATABASE__URL`, default
+    /// `postgres://nrm@127.0.0.1:15432`).
+    #[serde(default = "default_database_url")]
+    pub url: String,
+    /// The service's database (`NRM_DATABASE__NAME`); created when missing.
+    pub name: String,
+    /// Pool size (`NRM_DATABASE__MAX_CONNECTIONS`, default 16).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_database_url() -> String {
+    "postgres://nrm@127.0.0.1:15432".into()
+}
+
+fn default_max_connections() -> u32 {
+    16
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let server = sqlx::postgres::PgConnectOptions::from_str(&self.url)
+            .map(|o| format!("{}@{}:{}", o.get_username(), o.get_host(), o.get_port()))
+            .unwrap_or_else(|_| "<unparseable url>".into());
+        f.debug_struct("DatabaseSettings")
+            .field("server", &server)
+            .field("name", &self.name)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// The NATS server and the subject space of this deployment.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NatsSettings {
+    /// `NRM_NATS__URL`, default `nats://127.0.0.1:14222`.
+    #[serde(default = "default_nats_url")]
+    pub url: String,
+    /// First token of every subject (`NRM_NATS__SUBJECT_PREFIX`, default `nrm`).
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// Prefix of stream and consumer names (`NRM_NATS__STREAM_PREFIX`, default `NRM`).
+    #[serde(default = "default_stream_prefix")]
+    pub stream_prefix: String,
+    /// Stream replicas (`NRM_NATS__REPLICAS`, default 1; 3 on a cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: default_nats_url(),
+            subject_prefix: default_subject_prefix(),
+            stream_prefix: default_stream_prefix(),
+            replicas: default_replicas(),
+        }
+    }
+}
+
+fn default_nats_url() -> String {
+    "nats://127.0.0.1:14222".into()
+}
+
+fn default_subject_prefix() -> String {
+    "nrm".into()
+}
+
+fn default_stream_prefix() -> String {
+    "NRM".into()
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+/// Verification of bearer tokens.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// HMAC key of the JWTs, base64 (`NRM_AUTH__JWT_SECRET`, required).
+    pub jwt_secret: SecretString,
+    /// Expected `iss` claim (`NRM_AUTH__ISSUER`, default `kopur`).
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+}
+
+fn default_issuer() -> String {
+    "kopur".into()
+}
+
+/// Keys for personal data.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SealingSettings {
+    /// Master key wrapping every per-person key, base64 of 32 bytes
+    /// (`NRM_SEALING__MASTER_KEY`, required).
+    pub master_key: SecretString,
+    /// Key of the identifier hashes used to find duplicate reports, base64 of
+    /// 32 bytes (`NRM_SEALING__MATCH_KEY`, required).
+    pub match_key: SecretString,
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    /// Log filter in `tracing` syntax (`NRM_TELEMETRY__LOG`, default `info`).
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// `json` (default) or `text` (`NRM_TELEMETRY__LOG_FORMAT`).
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            log: default_log(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+fn default_log() -> String {
+    "info".into()
+}
+
+fn default_log_format() -> String {
+    "json".into()
+}
+
+/// Decodes a base64 key of exactly 32 bytes.
+///
+/// # Errors
+/// Names the setting when the key is not base64 or not 32 bytes long.
+pub fn decode_key(name: &str, key: &SecretString) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.expose_secret().trim())
+        .map_err(|_| format!("{name} is not valid base64"))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("{name} must decode to 32 bytes"))
+}

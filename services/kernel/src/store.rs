@@ -1,0 +1,357 @@
+//! The PostgreSQL event store.
+//!
+//! A command's effects are written in one [`UnitOfWork`]: its events (with
+//! the expected stream version checked), one outbox row for the relay, the
+//! command's first answer under its request key, and whatever the service
+//! writes beside them (a person's key, a lookup table). Either all of it
+//! commits or none of it does.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::error::AppError;
+use crate::ids::{CommitId, EventId};
+
+/// Who issued a command: taken from the caller's verified token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// Agency code, for example `kg-mvd`.
+    pub agency: String,
+    /// Role within the mechanism, for example `police`.
+    pub role: String,
+    /// Pseudonymous officer ID (never a name).
+    pub officer: String,
+}
+
+/// Metadata stored with every event and carried in every published message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    /// Groups everything that follows from one user action.
+    pub correlation_id: Uuid,
+    /// The command or event that caused this one.
+    pub causation_id: Uuid,
+    /// Who acted.
+    pub actor: Actor,
+    /// W3C `traceparent` of the command's span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// W3C `tracestate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+/// An event about to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Name of the event message, for example `PresumedVictimReported`.
+    pub event_type: String,
+    /// Version of the payload's schema.
+    pub schema_version: u32,
+    /// The encoded protobuf payload.
+    pub payload: Vec<u8>,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    /// Position in this service's store.
+    pub global_position: i64,
+    /// The event's ID.
+    pub event_id: EventId,
+    /// The stream (aggregate instance) it belongs to.
+    pub stream_id: String,
+    /// Version of the stream after this event (1 for the first).
+    pub version: u64,
+    /// Name of the event message.
+    pub event_type: String,
+    /// Version of the payload's schema.
+    pub schema_version: u32,
+    /// The encoded protobuf payload.
+    pub payload: Vec<u8>,
+    /// Correlation, causation, actor, trace context.
+    pub metadata: EventMetadata,
+    /// When it was committed.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl RecordedEvent {
+    pub(crate) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let Json(metadata): Json<EventMetadata> = row.try_get("metadata")?;
+        Ok(Self {
+            global_position: row.try_get("global_position")?,
+            event_id: EventId::from_uuid(row.try_get("event_id")?),
+            stream_id: row.try_get("stream_id")?,
+            version: u64::try_from(row.try_get::<i64, _>("version")?).unwrap_or_default(),
+            event_type: row.try_get("event_type")?,
+            schema_version: u32::try_from(row.try_get::<i32, _>("schema_version")?).unwrap_or_default(),
+            payload: row.try_get("payload")?,
+            metadata,
+            recorded_at: row.try_get("recorded_at")?,
+        })
+    }
+}
+
+/// Errors of the event store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer appended to the stream first.
+    #[error("version conflict on {stream_id}: expected {expected}, found {actual}")]
+    Conflict {
+        /// The stream.
+        stream_id: String,
+        /// The version the writer expected.
+        expected: u64,
+        /// The version the stream has.
+        actual: u64,
+    },
+    /// A concurrent command with the same request key committed first.
+    #[error("request key already recorded")]
+    DuplicateRequest,
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Conflict {
+                stream_id,
+                expected,
+                actual,
+            } => AppError::Conflict {
+                stream_id,
+                expected,
+                actual,
+            },
+            StoreError::DuplicateRequest => AppError::Internal("request key recorded concurrently".into()),
+            StoreError::Database(e) => e.into(),
+        }
+    }
+}
+
+/// The first answer recorded for a request key.
+#[derive(Debug, Clone)]
+pub struct StoredCommand {
+    /// Hash of the command as first received.
+    pub fingerprint: Vec<u8>,
+    /// The encoded answer.
+    pub response: Vec<u8>,
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// Version of the stream after the append.
+    pub version: u64,
+    /// IDs of the events, in order.
+    pub event_ids: Vec<EventId>,
+    /// The commit, published as one message.
+    pub commit_id: CommitId,
+}
+
+/// The event store of one service.
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    pool: PgPool,
+    appended: Arc<Notify>,
+}
+
+impl EventStore {
+    /// A store on the service's pool.
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            appended: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The pool underneath.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Signalled after every commit that appended events: the relay waits on it.
+    #[must_use]
+    pub fn appended_signal(&self) -> Arc<Notify> {
+        Arc::clone(&self.appended)
+    }
+
+    /// Every event of a stream, in version order.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn read_stream(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT global_position, event_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at
+             FROM events WHERE stream_id = $1 ORDER BY version",
+        )
+        .bind(stream_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(RecordedEvent::from_row).collect::<Result<_, _>>().map_err(Into::into)
+    }
+
+    /// The first answer to a request key, if the command ran before.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn find_command(&self, request_key: &str) -> Result<Option<StoredCommand>, StoreError> {
+        let row = sqlx::query("SELECT fingerprint, response FROM commands WHERE request_key = $1")
+            .bind(request_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| StoredCommand {
+            fingerprint: r.get("fingerprint"),
+            response: r.get("response"),
+        }))
+    }
+
+    /// Starts a unit of work.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn begin(&self) -> Result<UnitOfWork, StoreError> {
+        Ok(UnitOfWork {
+            tx: self.pool.begin().await?,
+            appended: Arc::clone(&self.appended),
+            wrote_events: false,
+        })
+    }
+}
+
+/// One transaction: events, outbox row, command record and the service's own writes.
+pub struct UnitOfWork {
+    tx: Transaction<'static, Postgres>,
+    appended: Arc<Notify>,
+    wrote_events: bool,
+}
+
+impl UnitOfWork {
+    /// The transaction's connection, for the service's own writes.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Appends `events` to `stream_id` if it stands at `expected_version`
+    /// (0 for a new stream), with one outbox row publishing them under `subject`.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the stream is at another version (also
+    /// when a concurrent writer commits first); the transaction is then spent.
+    pub async fn append(
+        &mut self,
+        stream_id: &str,
+        expected_version: u64,
+        events: &[NewEvent],
+        metadata: &EventMetadata,
+        subject: &str,
+    ) -> Result<Appended, StoreError> {
+        let started = Instant::now();
+        let event_ids: Vec<EventId> = events.iter().map(|_| EventId::new()).collect();
+        let commit_id = CommitId::new();
+        let expected = i64::try_from(expected_version).unwrap_or(i64::MAX);
+        let result = sqlx::query(
+            "WITH current AS (
+                 SELECT coalesce(max(version), 0) AS v FROM events WHERE stream_id = $1
+             ), ins AS (
+                 INSERT INTO events (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+                 SELECT e.event_id, $1, $2 + e.ord, e.event_type, e.schema_version, e.payload, $6
+                 FROM UNNEST($3::uuid[], $4::text[], $5::int4[], $7::bytea[])
+                      WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, ord), current
+                 WHERE current.v = $2
+                 RETURNING version
+             ), ob AS (
+                 INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
+                 SELECT $8, $1, min(version), max(version), $9 FROM ins HAVING count(*) > 0
+             )
+             SELECT (SELECT v FROM current) AS current_version, (SELECT count(*) FROM ins) AS inserted",
+        )
+        .bind(stream_id)
+        .bind(expected)
+        .bind(event_ids.iter().map(EventId::as_uuid).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
+                .collect::<Vec<_>>(),
+        )
+        .bind(Json(metadata))
+        .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
+        .bind(commit_id.as_uuid())
+        .bind(subject)
+        .fetch_one(&mut *self.tx)
+        .await;
+        let outcome = match result {
+            Ok(row) => {
+                let current: i64 = row.get("current_version");
+                let inserted: i64 = row.get("inserted");
+                if current != expected || usize::try_from(inserted).ok() != Some(events.len()) {
+                    Err(StoreError::Conflict {
+                        stream_id: stream_id.to_owned(),
+                        expected: expected_version,
+                        actual: u64::try_from(current).unwrap_or_default(),
+                    })
+                } else {
+                    self.wrote_events = true;
+                    Ok(Appended {
+                        version: expected_version + events.len() as u64,
+                        event_ids,
+                        commit_id,
+                    })
+                }
+            }
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(StoreError::Conflict {
+                stream_id: stream_id.to_owned(),
+                expected: expected_version,
+                // The winner's version is at least one past ours.
+                actual: expected_version + 1,
+            }),
+            Err(e) => Err(e.into()),
+        };
+        let label = if outcome.is_ok() { "ok" } else { "conflict_or_error" };
+        metrics::histogram!("nrm_store_append_seconds", "outcome" => label).record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// Records the first answer to a request key, in this transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::DuplicateRequest`] when a concurrent command with the same key committed first.
+    pub async fn record_command(&mut self, request_key: &str, fingerprint: &[u8], response: &[u8]) -> Result<(), StoreError> {
+        let result = sqlx::query("INSERT INTO commands (request_key, fingerprint, response) VALUES ($1, $2, $3)")
+            .bind(request_key)
+            .bind(fingerprint)
+            .bind(response)
+            .execute(&mut *self.tx)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(StoreError::DuplicateRequest),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Commits, then wakes the relay.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`]; nothing was written then.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        if self.wrote_events {
+            self.appended.notify_one();
+        }
+        Ok(())
+    }
+}
