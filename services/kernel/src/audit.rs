@@ -17,14 +17,16 @@ pub async fn record(
     subject_id: &str,
     purpose: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO audit_log (agency, role, officer, action, subject_id, purpose) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(&actor.agency)
-        .bind(&actor.role)
-        .bind(&actor.officer)
-        .bind(action)
-        .bind(subject_id)
-        .bind(purpose)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO audit_log (agency, role, officer, action, subject_id, purpose) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&actor.agency)
+    .bind(&actor.role)
+    .bind(&actor.officer)
+    .bind(action)
+    .bind(subject_id)
+    .bind(purpose)
+    .execute(conn)
+    .await?;
     Ok(())
 }

@@ -172,7 +172,9 @@ impl Authenticator {
     pub fn verify(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, AppError> {
         let header = metadata
             .get("authorization")
-            .ok_or(AppError::Unauthenticated("missing authorization metadata (Bearer token)"))?
+            .ok_or(AppError::Unauthenticated(
+                "missing authorization metadata (Bearer token)",
+            ))?
             .to_str()
             .map_err(|_| AppError::Unauthenticated("authorization metadata is not text"))?;
         let token = header
@@ -182,7 +184,8 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.key, &self.validation)
             .map_err(|_| AppError::Unauthenticated("token is invalid or expired"))?;
         let claims = data.claims;
-        let role = Role::from_str(&claims.role).map_err(|_| AppError::Unauthenticated("token names an unknown role"))?;
+        let role =
+            Role::from_str(&claims.role).map_err(|_| AppError::Unauthenticated("token names an unknown role"))?;
         if claims.agency.is_empty() || claims.sub.is_empty() {
             return Err(AppError::Unauthenticated("token lacks agency or officer"));
         }
@@ -249,9 +252,15 @@ mod tests {
         let other = SecretString::from("another-secret-another-secret-xx");
         let auth = Authenticator::new(&secret, "kopur");
         let forged = mint(&other, &claims("kopur", "kg-mvd", Role::Police, "o", 60)).unwrap();
-        assert!(matches!(auth.verify(&metadata(&forged)), Err(AppError::Unauthenticated(_))));
+        assert!(matches!(
+            auth.verify(&metadata(&forged)),
+            Err(AppError::Unauthenticated(_))
+        ));
         let expired = mint(&secret, &claims("kopur", "kg-mvd", Role::Police, "o", -3600)).unwrap();
-        assert!(matches!(auth.verify(&metadata(&expired)), Err(AppError::Unauthenticated(_))));
+        assert!(matches!(
+            auth.verify(&metadata(&expired)),
+            Err(AppError::Unauthenticated(_))
+        ));
         assert!(matches!(
             auth.verify(&tonic::metadata::MetadataMap::new()),
             Err(AppError::Unauthenticated(_))

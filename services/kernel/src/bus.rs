@@ -178,7 +178,12 @@ impl Bus {
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|e| BusError::JetStream(e.to_string()))?;
-        let applied = stream.info().await.map_err(|e| BusError::JetStream(e.to_string()))?.config.clone();
+        let applied = stream
+            .info()
+            .await
+            .map_err(|e| BusError::JetStream(e.to_string()))?
+            .config
+            .clone();
         let checks: [(&str, bool); 5] = [
             ("subjects", applied.subjects == wanted.subjects),
             ("storage", applied.storage == wanted.storage),

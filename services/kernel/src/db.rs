@@ -56,15 +56,18 @@ pub fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, 
 ///
 /// # Errors
 /// [`DbError`] when the server cannot be reached or a migration fails.
-pub async fn connect_and_migrate(settings: &DatabaseSettings, service_migrations: &Migrator) -> Result<PgPool, DbError> {
+pub async fn connect_and_migrate(
+    settings: &DatabaseSettings,
+    service_migrations: &Migrator,
+) -> Result<PgPool, DbError> {
     let options = connect_options(settings)?;
     let url = options.to_url_lossy().to_string();
     if !Postgres::database_exists(&url).await? {
         // Two processes may race to create it; the loser sees "already exists".
-        if let Err(err) = Postgres::create_database(&url).await {
-            if !Postgres::database_exists(&url).await? {
-                return Err(err.into());
-            }
+        if let Err(err) = Postgres::create_database(&url).await
+            && !Postgres::database_exists(&url).await?
+        {
+            return Err(err.into());
         }
         tracing::info!(database = %settings.name, "created database");
     }

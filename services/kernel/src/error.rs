@@ -78,6 +78,12 @@ impl Violations {
         }
     }
 
+    /// The `INVALID_ARGUMENT` error of what was collected.
+    #[must_use]
+    pub fn into_error(self) -> AppError {
+        AppError::InvalidArgument(self.0)
+    }
+
     /// True when nothing was violated so far.
     #[must_use]
     pub fn is_empty(&self) -> bool {
@@ -184,7 +190,11 @@ impl From<AppError> for tonic::Status {
                 );
                 tonic::Status::with_error_details(code, message, details)
             }
-            AppError::FailedPrecondition { reason, subject, message } => {
+            AppError::FailedPrecondition {
+                reason,
+                subject,
+                message,
+            } => {
                 let mut details = ErrorDetails::with_precondition_failure_violation(reason, subject, message.clone());
                 details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
                 tonic::Status::with_error_details(code, message, details)
@@ -210,7 +220,9 @@ impl From<AppError> for tonic::Status {
 impl From<sqlx::Error> for AppError {
     fn from(err: sqlx::Error) -> Self {
         match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => Self::Unavailable(err.to_string()),
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::Unavailable(err.to_string())
+            }
             other => Self::Internal(other.to_string()),
         }
     }

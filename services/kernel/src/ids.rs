@@ -118,7 +118,12 @@ mod tests {
     fn parse_names_the_field() {
         let err = CaseId::parse("case_id", "not-a-uuid").unwrap_err();
         assert_eq!(err.field, "case_id");
-        assert!(CaseId::parse("case_id", "").unwrap_err().description.contains("required"));
+        assert!(
+            CaseId::parse("case_id", "")
+                .unwrap_err()
+                .description
+                .contains("required")
+        );
         let id = CaseId::new();
         assert_eq!(CaseId::parse("case_id", &id.to_string()).unwrap(), id);
     }

@@ -107,7 +107,12 @@ impl<P: Projection> ProjectionRunner<P> {
             .get_or_create_consumer(&self.consumer_name(), wanted.clone())
             .await
             .map_err(|e| BusError::JetStream(e.to_string()))?;
-        let applied = consumer.info().await.map_err(|e| BusError::JetStream(e.to_string()))?.config.clone();
+        let applied = consumer
+            .info()
+            .await
+            .map_err(|e| BusError::JetStream(e.to_string()))?
+            .config
+            .clone();
         let checks = [
             ("durable_name", applied.durable_name == wanted.durable_name),
             ("filter_subject", applied.filter_subject == wanted.filter_subject),
@@ -160,7 +165,8 @@ impl<P: Projection> ProjectionRunner<P> {
                 match self.handle(&message).await {
                     Ok(_) => break,
                     Err(err) => {
-                        metrics::counter!("nrm_projection_errors_total", "projection" => self.projection.name()).increment(1);
+                        metrics::counter!("nrm_projection_errors_total", "projection" => self.projection.name())
+                            .increment(1);
                         tracing::error!(projection = self.projection.name(), error = %err, "projection handler failed; retrying the same message");
                         tokio::select! {
                             () = shutdown.cancelled() => return Ok(()),
@@ -183,7 +189,9 @@ impl<P: Projection> ProjectionRunner<P> {
     /// When the message cannot be decoded, the handler fails or the database
     /// fails; nothing is written then.
     pub async fn handle(&self, message: &jetstream::Message) -> Result<Outcome, anyhow::Error> {
-        let info = message.info().map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
         let stream_sequence = info.stream_sequence;
         let mut tx = self.pool.begin().await?;
         let checkpoint: Option<i64> =
@@ -234,7 +242,10 @@ impl<P: Projection> ProjectionRunner<P> {
             Err(e) if e.to_string().contains("not found") => {}
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(projection = self.projection.name(), "projection reset; it will replay from the start");
+        tracing::info!(
+            projection = self.projection.name(),
+            "projection reset; it will replay from the start"
+        );
         Ok(())
     }
 }

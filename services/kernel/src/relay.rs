@@ -291,7 +291,11 @@ impl Relay {
         .bind(batch.iter().map(|c| c.last_version).collect::<Vec<_>>())
         .fetch_all(&self.pool)
         .await?;
-        let index: HashMap<String, usize> = batch.iter().enumerate().map(|(i, c)| (c.stream_id.clone(), i)).collect();
+        let index: HashMap<String, usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.stream_id.clone(), i))
+            .collect();
         for row in &events {
             let event = RecordedEvent::from_row(row)?;
             if let Some(&i) = index.get(&event.stream_id) {

@@ -79,7 +79,13 @@ impl PersonKey {
         let aad = person_id.as_uuid();
         let wrapped = master
             .0
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: &key, aad: aad.as_bytes() })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &key,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| SealError::Corrupt(person_id))?;
         sqlx::query("INSERT INTO person_keys (person_id, key_version, nonce, wrapped_key) VALUES ($1, $2, $3, $4)")
             .bind(person_id.as_uuid())
@@ -114,7 +120,13 @@ impl PersonKey {
         let aad = person_id.as_uuid();
         let key = master
             .0
-            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &wrapped, aad: aad.as_bytes() })
+            .decrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &wrapped,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| SealError::Corrupt(person_id))?;
         let key: [u8; 32] = key.try_into().map_err(|_| SealError::Corrupt(person_id))?;
         Ok(Some(Self {
@@ -224,7 +236,10 @@ impl MatchHasher {
         for document in &identifiers.documents {
             let number = normalise_document(&document.number);
             if number.len() >= 5 {
-                keys.push(self.hash("document", &format!("{}|{number}", document.issuing_country.to_ascii_uppercase())));
+                keys.push(self.hash(
+                    "document",
+                    &format!("{}|{number}", document.issuing_country.to_ascii_uppercase()),
+                ));
             }
         }
         keys

@@ -22,7 +22,9 @@ pub fn metrics_handle() -> PrometheusHandle {
     METRICS
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
                 .map(PrometheusBuilder::build_recorder)
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -85,7 +87,13 @@ pub fn reflection() -> (
 
 /// Keeps `service`'s health (and the server's overall health, `""`) at
 /// `SERVING` while PostgreSQL and NATS answer, `NOT_SERVING` otherwise.
-pub async fn watch_health(reporter: HealthReporter, service: &'static str, pool: PgPool, bus: Bus, shutdown: CancellationToken) {
+pub async fn watch_health(
+    reporter: HealthReporter,
+    service: &'static str,
+    pool: PgPool,
+    bus: Bus,
+    shutdown: CancellationToken,
+) {
     let mut last = None;
     loop {
         let db_ok = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&pool))
@@ -97,7 +105,12 @@ pub async fn watch_health(reporter: HealthReporter, service: &'static str, pool:
             ServingStatus::NotServing
         };
         if last != Some(status) {
-            tracing::info!(database = db_ok, nats = bus.is_connected(), serving = status == ServingStatus::Serving, "health changed");
+            tracing::info!(
+                database = db_ok,
+                nats = bus.is_connected(),
+                serving = status == ServingStatus::Serving,
+                "health changed"
+            );
             reporter.set_service_status(service, status).await;
             reporter.set_service_status("", status).await;
             last = Some(status);

@@ -16,16 +16,19 @@ use serde::Deserialize;
 /// # Errors
 /// Names the variable that is missing or malformed.
 pub fn from_env<T: for<'de> Deserialize<'de>>() -> Result<T, Box<figment::Error>> {
-    Figment::new().merge(Env::prefixed("NRM_").split("__")).extract().map_err(Box::new)
+    Figment::new()
+        .merge(Env::prefixed("NRM_").split("__"))
+        .extract()
+        .map_err(Box::new)
 }
 
-/// Where the service listens.
+/// Where the service listens (flattened: `NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ServerSettings {
-    /// gRPC address (`NRM_SERVER__GRPC_ADDR`, default `127.0.0.1:50051`; port 0 picks a free one).
+    /// gRPC address (`NRM_GRPC_ADDR`, default `127.0.0.1:50051`; port 0 picks a free one).
     #[serde(default = "default_grpc_addr")]
     pub grpc_addr: SocketAddr,
-    /// Prometheus `/metrics` address (`NRM_SERVER__METRICS_ADDR`, default `127.0.0.1:9464`).
+    /// Prometheus `/metrics` address (`NRM_METRICS_ADDR`, default `127.0.0.1:9464`).
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: SocketAddr,
 }
@@ -54,11 +57,23 @@ pub struct DatabaseSettings {
     /// `postgres://nrm@127.0.0.1:15432`).
     #[serde(default = "default_database_url")]
     pub url: String,
-    /// The service's database (`NRM_DATABASE__NAME`); created when missing.
+    /// The service's database (`NRM_DATABASE__NAME`, default: the service's
+    /// name); created when missing.
+    #[serde(default)]
     pub name: String,
     /// Pool size (`NRM_DATABASE__MAX_CONNECTIONS`, default 16).
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+            name: String::new(),
+            max_connections: default_max_connections(),
+        }
+    }
 }
 
 fn default_database_url() -> String {

@@ -199,7 +199,10 @@ impl EventStore {
         .bind(stream_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(RecordedEvent::from_row).collect::<Result<_, _>>().map_err(Into::into)
+        rows.iter()
+            .map(RecordedEvent::from_row)
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
     }
 
     /// The first answer to a request key, if the command ran before.
@@ -312,12 +315,14 @@ impl UnitOfWork {
                     })
                 }
             }
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(StoreError::Conflict {
-                stream_id: stream_id.to_owned(),
-                expected: expected_version,
-                // The winner's version is at least one past ours.
-                actual: expected_version + 1,
-            }),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(StoreError::Conflict {
+                    stream_id: stream_id.to_owned(),
+                    expected: expected_version,
+                    // The winner's version is at least one past ours.
+                    actual: expected_version + 1,
+                })
+            }
             Err(e) => Err(e.into()),
         };
         let label = if outcome.is_ok() { "ok" } else { "conflict_or_error" };
@@ -329,7 +334,12 @@ impl UnitOfWork {
     ///
     /// # Errors
     /// [`StoreError::DuplicateRequest`] when a concurrent command with the same key committed first.
-    pub async fn record_command(&mut self, request_key: &str, fingerprint: &[u8], response: &[u8]) -> Result<(), StoreError> {
+    pub async fn record_command(
+        &mut self,
+        request_key: &str,
+        fingerprint: &[u8],
+        response: &[u8],
+    ) -> Result<(), StoreError> {
         let result = sqlx::query("INSERT INTO commands (request_key, fingerprint, response) VALUES ($1, $2, $3)")
             .bind(request_key)
             .bind(fingerprint)

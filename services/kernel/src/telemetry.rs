@@ -52,14 +52,22 @@ pub fn init(service: &'static str, settings: &TelemetrySettings) -> Result<Telem
 ///
 /// # Errors
 /// When the OTLP exporter cannot be built or a subscriber is already installed.
-pub fn init_with_writer<W>(service: &'static str, settings: &TelemetrySettings, writer: W) -> Result<TelemetryGuard, anyhow::Error>
+pub fn init_with_writer<W>(
+    service: &'static str,
+    settings: &TelemetrySettings,
+    writer: W,
+) -> Result<TelemetryGuard, anyhow::Error>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    let otlp = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.is_empty());
+    let otlp = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|v| !v.is_empty());
     if otlp.is_some() {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         builder = builder.with_batch_exporter(exporter);

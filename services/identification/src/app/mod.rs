@@ -1,0 +1,505 @@
+//! Command handling and queries: load the case, decide, append — with
+//! idempotency, permissions and the audit trail around the pure aggregate.
+//!
+//! # Layout
+//! - this module: the commands.
+//! - [`queries`]: reading one case, listing cases.
+
+pub mod queries;
+
+use chrono::Utc;
+use nrm_kernel::auth::{Caller, Role};
+use nrm_kernel::bus::Bus;
+use nrm_kernel::error::{AppError, Violations};
+use nrm_kernel::ids::{CaseId, PersonId};
+use nrm_kernel::seal::{MasterKey, MatchHasher, PersonKey};
+use nrm_kernel::store::{EventMetadata, EventStore, NewEvent, UnitOfWork};
+use nrm_kernel::{audit, telemetry};
+use nrm_proto::common::v1::CommandResult;
+use nrm_proto::identification::v1 as pb;
+use pb::identification_event::Event;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::domain::{self, Case, Command, DomainError, parse};
+
+/// Full protobuf name of the events this service publishes.
+pub const PAYLOAD_TYPE: &str = "nrm.identification.v1.IdentificationEvent";
+/// Name of the bounded context in subjects and stream names.
+pub const CONTEXT: &str = "identification";
+
+/// Roles that may report a presumed victim.
+pub const REPORTERS: &[Role] = &[
+    Role::Police,
+    Role::Prosecutor,
+    Role::BorderService,
+    Role::Ngo,
+    Role::Iom,
+];
+/// Roles that may screen.
+pub const SCREENERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService];
+/// Roles of the competent authority: decide, review, erase.
+pub const DECIDERS: &[Role] = &[Role::Police, Role::Prosecutor];
+/// Roles that see every case (coded fields).
+pub const CASE_READERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService, Role::Coordinator];
+
+/// Who calls, and the call's correlation.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// The verified caller.
+    pub caller: Caller,
+    /// From `x-correlation-id` metadata, or new.
+    pub correlation_id: Uuid,
+}
+
+impl CallContext {
+    fn metadata(&self) -> EventMetadata {
+        let (traceparent, tracestate) = telemetry::current_trace_context();
+        EventMetadata {
+            correlation_id: self.correlation_id,
+            causation_id: Uuid::now_v7(),
+            actor: self.caller.actor.clone(),
+            traceparent,
+            tracestate,
+        }
+    }
+
+    fn request_key(&self, request_id: &str) -> String {
+        format!("{}:{request_id}", self.caller.actor.agency)
+    }
+}
+
+impl From<DomainError> for AppError {
+    fn from(err: DomainError) -> Self {
+        match err {
+            DomainError::NotFound => AppError::NotFound {
+                kind: "case",
+                id: String::new(),
+            },
+            other => AppError::precondition(other.code(), "case", other.to_string()),
+        }
+    }
+}
+
+/// A validated command on an existing case.
+struct CaseCommand {
+    /// The RPC, for fingerprints and the audit trail.
+    method: &'static str,
+    request_id: String,
+    case_id: CaseId,
+    /// `None`: act on the current version.
+    expected_version: Option<u64>,
+    command: Command,
+}
+
+/// The identification application.
+#[derive(Clone, Debug)]
+pub struct Identification {
+    store: EventStore,
+    bus: Bus,
+    master: MasterKey,
+    hasher: MatchHasher,
+    reflection_days: u32,
+}
+
+fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
+    let mut hash = Sha256::new();
+    hash.update(method.as_bytes());
+    hash.update(request.encode_to_vec());
+    hash.finalize().to_vec()
+}
+
+fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|event| NewEvent {
+            event_type: domain::event_type(event).to_owned(),
+            schema_version: 1,
+            payload: pb::IdentificationEvent {
+                event: Some(event.clone()),
+            }
+            .encode_to_vec(),
+        })
+        .collect()
+}
+
+fn not_found(case_id: CaseId) -> AppError {
+    AppError::NotFound {
+        kind: "case",
+        id: case_id.to_string(),
+    }
+}
+
+impl Identification {
+    /// The application over its store.
+    #[must_use]
+    pub fn new(store: EventStore, bus: Bus, master: MasterKey, hasher: MatchHasher, reflection_days: u32) -> Self {
+        Self {
+            store,
+            bus,
+            master,
+            hasher,
+            reflection_days,
+        }
+    }
+
+    /// The event store.
+    #[must_use]
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    fn subject(&self, case_id: CaseId) -> String {
+        self.bus.subject(CONTEXT, domain::NAME, &case_id.to_string())
+    }
+
+    /// The case folded from its events.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub async fn load(&self, case_id: CaseId) -> Result<Case, AppError> {
+        let events = self.store.read_stream(&domain::stream_id(case_id)).await?;
+        events.iter().try_fold(Case::default(), |case, recorded| {
+            let event = pb::IdentificationEvent::decode(recorded.payload.as_slice())
+                .ok()
+                .and_then(|e| e.event)
+                .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))?;
+            Ok(domain::evolve(case, &event))
+        })
+    }
+
+    /// The first answer to a request, if it ran before.
+    async fn replay<R: Message + Default>(&self, key: &str, fingerprint: &[u8]) -> Result<Option<R>, AppError> {
+        let Some(stored) = self.store.find_command(key).await? else {
+            return Ok(None);
+        };
+        if stored.fingerprint != fingerprint {
+            return Err(AppError::RequestIdReused);
+        }
+        R::decode(stored.response.as_slice())
+            .map(Some)
+            .map_err(|e| AppError::Internal(format!("stored response does not decode: {e}")))
+    }
+
+    /// Records the answer and commits; a concurrent twin that won returns its answer.
+    async fn finish<R: Message + Default>(
+        &self,
+        mut uow: UnitOfWork,
+        key: &str,
+        fingerprint: &[u8],
+        response: R,
+    ) -> Result<R, AppError> {
+        match uow.record_command(key, fingerprint, &response.encode_to_vec()).await {
+            Ok(()) => {
+                uow.commit().await?;
+                Ok(response)
+            }
+            Err(nrm_kernel::store::StoreError::DuplicateRequest) => {
+                drop(uow);
+                self.replay(key, fingerprint)
+                    .await?
+                    .ok_or_else(|| AppError::Internal("twin request vanished".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reports a presumed victim.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED` for a role that may not report.
+    #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty))]
+    pub async fn report(
+        &self,
+        ctx: &CallContext,
+        req: &pb::ReportPresumedVictimRequest,
+    ) -> Result<pb::ReportPresumedVictimResponse, AppError> {
+        ctx.caller.require("report a presumed victim", REPORTERS)?;
+        let now = Utc::now();
+        let valid = parse::report(req, now)?;
+        let key = ctx.request_key(&valid.request_id);
+        let fp = fingerprint("ReportPresumedVictim", req);
+        if let Some(mut previous) = self.replay::<pb::ReportPresumedVictimResponse>(&key, &fp).await? {
+            if let Some(r) = previous.result.as_mut() {
+                r.replayed = true;
+            }
+            return Ok(previous);
+        }
+        let case_id = CaseId::new();
+        let person_id = PersonId::new();
+        tracing::Span::current().record("case_id", tracing::field::display(case_id));
+        let mut uow = self.store.begin().await?;
+        let person_key = PersonKey::create(uow.conn(), &self.master, person_id)
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))?;
+        let match_keys = self.hasher.match_keys(&valid.personal);
+        let matching: Vec<Uuid> =
+            sqlx::query_scalar("SELECT DISTINCT case_id FROM match_keys WHERE match_key = ANY($1)")
+                .bind(&match_keys)
+                .fetch_all(&mut *uow.conn())
+                .await?;
+        sqlx::query("INSERT INTO match_keys (match_key, case_id) SELECT k, $2 FROM UNNEST($1::bytea[]) AS k ON CONFLICT DO NOTHING")
+            .bind(&match_keys)
+            .bind(case_id.as_uuid())
+            .execute(&mut *uow.conn())
+            .await?;
+        let mut report = valid.coded;
+        report.case_id = case_id.to_string();
+        report.person_id = person_id.to_string();
+        report.reporting_agency.clone_from(&ctx.caller.actor.agency);
+        report.personal = Some(person_key.seal(&valid.personal));
+        let command = Command::Report {
+            report: Box::new(report),
+            matching_case_ids: matching.iter().map(ToString::to_string).collect(),
+        };
+        let events = domain::decide(&Case::default(), &command)?;
+        let state = events.iter().fold(Case::default(), domain::evolve);
+        let appended = uow
+            .append(
+                &domain::stream_id(case_id),
+                0,
+                &to_new_events(&events),
+                &ctx.metadata(),
+                &self.subject(case_id),
+            )
+            .await?;
+        audit::record(
+            uow.conn(),
+            &ctx.caller.actor,
+            "ReportPresumedVictim",
+            &case_id.to_string(),
+            "command",
+        )
+        .await?;
+        let response = pb::ReportPresumedVictimResponse {
+            case_id: case_id.to_string(),
+            person_id: person_id.to_string(),
+            status: state.status.to_proto() as i32,
+            possible_duplicate: state.possible_duplicate,
+            result: Some(CommandResult {
+                aggregate_id: case_id.to_string(),
+                version: appended.version,
+                event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
+                replayed: false,
+            }),
+        };
+        self.finish(uow, &key, &fp, response).await
+    }
+
+    /// Runs a command on an existing case.
+    async fn on_case(
+        &self,
+        ctx: &CallContext,
+        request: &impl Message,
+        call: CaseCommand,
+    ) -> Result<CommandResult, AppError> {
+        let CaseCommand {
+            method,
+            request_id,
+            case_id,
+            expected_version,
+            command,
+        } = call;
+        let key = ctx.request_key(&request_id);
+        let fp = fingerprint(method, request);
+        if let Some(mut previous) = self.replay::<CommandResult>(&key, &fp).await? {
+            previous.replayed = true;
+            return Ok(previous);
+        }
+        let case = self.load(case_id).await?;
+        if case.version == 0 {
+            return Err(not_found(case_id));
+        }
+        if let Some(expected) = expected_version.filter(|e| *e != case.version) {
+            return Err(AppError::Conflict {
+                stream_id: domain::stream_id(case_id),
+                expected,
+                actual: case.version,
+            });
+        }
+        let events = domain::decide(&case, &command)?;
+        let mut uow = self.store.begin().await?;
+        if let Command::ErasePersonalData { .. } = command {
+            let person_id = case
+                .report
+                .as_ref()
+                .and_then(|r| PersonId::parse("person_id", &r.person_id).ok())
+                .ok_or_else(|| AppError::Internal("case without person".into()))?;
+            PersonKey::shred(uow.conn(), person_id)
+                .await
+                .map_err(|e| AppError::Internal(e.to_string()))?;
+            sqlx::query("DELETE FROM match_keys WHERE case_id = $1")
+                .bind(case_id.as_uuid())
+                .execute(&mut *uow.conn())
+                .await?;
+        }
+        let appended = uow
+            .append(
+                &domain::stream_id(case_id),
+                case.version,
+                &to_new_events(&events),
+                &ctx.metadata(),
+                &self.subject(case_id),
+            )
+            .await?;
+        audit::record(uow.conn(), &ctx.caller.actor, method, &case_id.to_string(), "command").await?;
+        let response = CommandResult {
+            aggregate_id: case_id.to_string(),
+            version: appended.version,
+            event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
+            replayed: false,
+        };
+        self.finish(uow, &key, &fp, response).await
+    }
+
+    /// Records the screening.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ABORTED` (version), `FAILED_PRECONDITION` (decided).
+    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    pub async fn screen(
+        &self,
+        ctx: &CallContext,
+        req: &pb::CompleteScreeningRequest,
+    ) -> Result<CommandResult, AppError> {
+        ctx.caller.require("screen a case", SCREENERS)?;
+        let mut v = Violations::new();
+        let request_id = v.check(parse::request_id(&req.request_id));
+        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
+        let expected = v.check(parse::expected_version(req.expected_version));
+        let indicators = parse::indicators(&req.indicators, &mut v);
+        let (Some(request_id), Some(case_id), Some(expected)) = (request_id, case_id, expected) else {
+            return Err(v.into_error());
+        };
+        v.finish(|| ())?;
+        let command = Command::CompleteScreening {
+            indicators,
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_case(
+            ctx,
+            req,
+            CaseCommand {
+                method: "CompleteScreening",
+                request_id,
+                case_id,
+                expected_version: Some(expected),
+                command,
+            },
+        )
+        .await
+    }
+
+    /// Records the formal decision.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ABORTED`, `FAILED_PRECONDITION` (not screened, decided twice).
+    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    pub async fn decide(
+        &self,
+        ctx: &CallContext,
+        req: &pb::DecideIdentificationRequest,
+    ) -> Result<CommandResult, AppError> {
+        ctx.caller.require("decide identification", DECIDERS)?;
+        let mut v = Violations::new();
+        let request_id = v.check(parse::request_id(&req.request_id));
+        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
+        let expected = v.check(parse::expected_version(req.expected_version));
+        let (decision, reason) = parse::decision(req, &mut v);
+        let (Some(request_id), Some(case_id), Some(expected), true) = (request_id, case_id, expected, v.is_empty())
+        else {
+            return Err(v.into_error());
+        };
+        let command = Command::Decide {
+            decision,
+            reason,
+            non_punishment: req.non_punishment,
+            best_interests_assessed: req.best_interests_assessed,
+            now: parse::timestamp(Utc::now()),
+            reflection_days: self.reflection_days,
+        };
+        self.on_case(
+            ctx,
+            req,
+            CaseCommand {
+                method: "DecideIdentification",
+                request_id,
+                case_id,
+                expected_version: Some(expected),
+                command,
+            },
+        )
+        .await
+    }
+
+    /// Reopens a decision.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ABORTED`, `FAILED_PRECONDITION` (not decided).
+    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    pub async fn review(&self, ctx: &CallContext, req: &pb::RequestReviewRequest) -> Result<CommandResult, AppError> {
+        ctx.caller.require("request a review", DECIDERS)?;
+        let mut v = Violations::new();
+        let request_id = v.check(parse::request_id(&req.request_id));
+        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
+        let expected = v.check(parse::expected_version(req.expected_version));
+        let reason = v.check(parse::review_reason(req.reason));
+        let (Some(request_id), Some(case_id), Some(expected), Some(reason)) = (request_id, case_id, expected, reason)
+        else {
+            return Err(v.into_error());
+        };
+        let command = Command::RequestReview {
+            reason,
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_case(
+            ctx,
+            req,
+            CaseCommand {
+                method: "RequestReview",
+                request_id,
+                case_id,
+                expected_version: Some(expected),
+                command,
+            },
+        )
+        .await
+    }
+
+    /// Erases the person's identifiers by deleting their key.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION` (already erased).
+    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    pub async fn erase(
+        &self,
+        ctx: &CallContext,
+        req: &pb::ErasePersonalDataRequest,
+    ) -> Result<CommandResult, AppError> {
+        let mut erasers = DECIDERS.to_vec();
+        erasers.push(Role::Coordinator);
+        ctx.caller.require("erase personal data", &erasers)?;
+        let mut v = Violations::new();
+        let request_id = v.check(parse::request_id(&req.request_id));
+        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
+        let (Some(request_id), Some(case_id)) = (request_id, case_id) else {
+            return Err(v.into_error());
+        };
+        let command = Command::ErasePersonalData {
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_case(
+            ctx,
+            req,
+            CaseCommand {
+                method: "ErasePersonalData",
+                request_id,
+                case_id,
+                expected_version: None,
+                command,
+            },
+        )
+        .await
+    }
+}

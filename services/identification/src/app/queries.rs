@@ -1,0 +1,318 @@
+//! Reading one case (from its events, so it is always current) and listing
+//! cases (from the `case_list` read model, a few milliseconds behind).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use nrm_kernel::audit;
+use nrm_kernel::auth::Role;
+use nrm_kernel::error::{AppError, FieldViolation, Violations};
+use nrm_kernel::ids::{CaseId, PersonId};
+use nrm_kernel::seal::PersonKey;
+use nrm_proto::common::v1 as common;
+use nrm_proto::identification::v1 as pb;
+use prost_types::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::{Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{CASE_READERS, CallContext, Identification};
+use crate::domain::Case;
+
+/// Default and largest page sizes (AIP-158).
+const DEFAULT_PAGE_SIZE: i32 = 50;
+const MAX_PAGE_SIZE: i32 = 500;
+
+/// Where the next page starts, and which filters it belongs to.
+#[derive(Debug, Serialize, Deserialize)]
+struct PageToken {
+    /// `reported_at` of the last case returned, microseconds since the epoch.
+    t: i64,
+    /// Its case ID.
+    id: Uuid,
+    /// Hash of the filters the token was made for.
+    f: String,
+}
+
+fn to_datetime(t: &Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+}
+
+impl Identification {
+    /// One case as the caller may see it; with `include_personal_data`, the
+    /// identifiers too (recorded in the audit trail).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`.
+    #[tracing::instrument(skip_all, fields(case_id = %req.case_id, personal = req.include_personal_data))]
+    pub async fn get_case(&self, ctx: &CallContext, req: &pb::GetCaseRequest) -> Result<pb::Case, AppError> {
+        let mut v = Violations::new();
+        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
+        let purpose = req.purpose.trim();
+        if req.include_personal_data && (purpose.is_empty() || purpose.len() > 200) {
+            v.add(
+                "purpose",
+                "is required (at most 200 characters) when reading personal data",
+            );
+        }
+        let Some(case_id) = case_id else {
+            return Err(v.into_error());
+        };
+        v.finish(|| ())?;
+        let case = self.load(case_id).await?;
+        let Some(report) = case.report.clone() else {
+            return Err(AppError::NotFound {
+                kind: "case",
+                id: case_id.to_string(),
+            });
+        };
+        let own_agency = report.reporting_agency == ctx.caller.actor.agency;
+        if !own_agency && !CASE_READERS.contains(&ctx.caller.role) {
+            return Err(AppError::PermissionDenied(format!(
+                "role {} of another agency may not read this case",
+                ctx.caller.role
+            )));
+        }
+        let personal = if case.erased {
+            common::personal_data_view::View::Erased(common::Erased {})
+        } else if !req.include_personal_data {
+            common::personal_data_view::View::Withheld(common::Withheld {
+                reason: "NOT_REQUESTED".into(),
+            })
+        } else {
+            let may_read = own_agency || matches!(ctx.caller.role, Role::Police | Role::Prosecutor | Role::Coordinator);
+            if !may_read {
+                return Err(AppError::PermissionDenied(format!(
+                    "role {} may not read personal data of this case",
+                    ctx.caller.role
+                )));
+            }
+            self.open_personal(ctx, case_id, &report, purpose).await?
+        };
+        Ok(view(case_id, &case, report, personal))
+    }
+
+    async fn open_personal(
+        &self,
+        ctx: &CallContext,
+        case_id: CaseId,
+        report: &pb::PresumedVictimReported,
+        purpose: &str,
+    ) -> Result<common::personal_data_view::View, AppError> {
+        let person_id = PersonId::parse("person_id", &report.person_id)
+            .map_err(|_| AppError::Internal("case without person".into()))?;
+        // The read is recorded before the data leave the service.
+        let mut conn = self.store().pool().acquire().await?;
+        audit::record(
+            &mut conn,
+            &ctx.caller.actor,
+            "ReadPersonalData",
+            &case_id.to_string(),
+            purpose,
+        )
+        .await?;
+        let key = PersonKey::load(self.store().pool(), &self.master, person_id)
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))?;
+        let (Some(key), Some(sealed)) = (key, report.personal.as_ref()) else {
+            return Ok(common::personal_data_view::View::Erased(common::Erased {}));
+        };
+        let identifiers = key.open(sealed).map_err(|e| AppError::Internal(e.to_string()))?;
+        Ok(common::personal_data_view::View::Identifiers(identifiers))
+    }
+
+    /// Cases matching the filters, newest first, a page at a time.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a bad page size, token or date range;
+    /// `PERMISSION_DENIED` for another agency's cases without a reader role.
+    #[tracing::instrument(skip_all)]
+    pub async fn list_cases(
+        &self,
+        ctx: &CallContext,
+        req: &pb::ListCasesRequest,
+    ) -> Result<pb::ListCasesResponse, AppError> {
+        let mut v = Violations::new();
+        if req.page_size < 0 {
+            v.add("page_size", "must not be negative");
+        }
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        if req.status != 0 && pb::CaseStatus::try_from(req.status).is_err() {
+            v.add("status", "is not a known value");
+        }
+        if req.exploitation_form != 0 && pb::ExploitationForm::try_from(req.exploitation_form).is_err() {
+            v.add("exploitation_form", "is not a known value");
+        }
+        let after = req.reported_after.as_ref().map(to_datetime);
+        let before = req.reported_before.as_ref().map(to_datetime);
+        if matches!(after, Some(None)) {
+            v.add("reported_after", "is not a valid time");
+        }
+        if matches!(before, Some(None)) {
+            v.add("reported_before", "is not a valid time");
+        }
+        let (after, before) = (after.flatten(), before.flatten());
+        if let (Some(a), Some(b)) = (after, before)
+            && a >= b
+        {
+            v.add("reported_before", "must be later than reported_after");
+        }
+        // Only readers of every case may look past their own agency.
+        let agency = if CASE_READERS.contains(&ctx.caller.role) {
+            req.reporting_agency.clone()
+        } else if req.reporting_agency.is_empty() || req.reporting_agency == ctx.caller.actor.agency {
+            ctx.caller.actor.agency.clone()
+        } else {
+            return Err(AppError::PermissionDenied(format!(
+                "role {} may list only its own agency's cases",
+                ctx.caller.role
+            )));
+        };
+        let filter_hash = {
+            let mut h = Sha256::new();
+            h.update(format!(
+                "{}|{}|{}|{:?}|{:?}",
+                req.status, agency, req.exploitation_form, after, before
+            ));
+            hex_prefix(&h.finalize())
+        };
+        let cursor = if req.page_token.is_empty() {
+            None
+        } else {
+            match decode_token(&req.page_token) {
+                Some(token) if token.f == filter_hash => Some(token),
+                Some(_) => {
+                    v.push(FieldViolation::new(
+                        "page_token",
+                        "was made for other filters; start again without it",
+                    ));
+                    None
+                }
+                None => {
+                    v.push(FieldViolation::new(
+                        "page_token",
+                        "is not a token from a previous response",
+                    ));
+                    None
+                }
+            }
+        };
+        v.finish(|| ())?;
+
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+            "SELECT case_id, status, reporting_agency, reported_at, exploitation_forms, child, citizenship, version FROM case_list WHERE true",
+        );
+        if req.status != 0 {
+            q.push(" AND status = ").push_bind(req.status);
+        }
+        if !agency.is_empty() {
+            q.push(" AND reporting_agency = ").push_bind(agency.clone());
+        }
+        if req.exploitation_form != 0 {
+            q.push(" AND ")
+                .push_bind(req.exploitation_form)
+                .push(" = ANY(exploitation_forms)");
+        }
+        if let Some(a) = after {
+            q.push(" AND reported_at >= ").push_bind(a);
+        }
+        if let Some(b) = before {
+            q.push(" AND reported_at < ").push_bind(b);
+        }
+        if let Some(c) = &cursor {
+            let t = DateTime::from_timestamp_micros(c.t).unwrap_or_default();
+            q.push(" AND (reported_at, case_id) < (")
+                .push_bind(t)
+                .push(", ")
+                .push_bind(c.id)
+                .push(")");
+        }
+        q.push(" ORDER BY reported_at DESC, case_id DESC LIMIT ")
+            .push_bind(i64::from(page_size) + 1);
+        let rows = q.build().fetch_all(self.store().pool()).await?;
+        let more = rows.len() > usize::try_from(page_size).unwrap_or(0);
+        let mut cases = Vec::with_capacity(rows.len());
+        let mut last: Option<(DateTime<Utc>, Uuid)> = None;
+        for row in rows.iter().take(usize::try_from(page_size).unwrap_or(0)) {
+            let case_id: Uuid = row.get("case_id");
+            let reported_at: DateTime<Utc> = row.get("reported_at");
+            last = Some((reported_at, case_id));
+            cases.push(pb::CaseSummary {
+                case_id: case_id.to_string(),
+                status: row.get("status"),
+                reporting_agency: row.get("reporting_agency"),
+                reported_at: Some(crate::domain::parse::timestamp(reported_at)),
+                exploitation_forms: row.get("exploitation_forms"),
+                child: row.get("child"),
+                citizenship: row.get("citizenship"),
+                version: u64::try_from(row.get::<i64, _>("version")).unwrap_or_default(),
+            });
+        }
+        let next_page_token = match (more, last) {
+            (true, Some((t, id))) => encode_token(&PageToken {
+                t: t.timestamp_micros(),
+                id,
+                f: filter_hash,
+            }),
+            _ => String::new(),
+        };
+        Ok(pb::ListCasesResponse { cases, next_page_token })
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_token(token: &PageToken) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(token).unwrap_or_default())
+}
+
+fn decode_token(text: &str) -> Option<PageToken> {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(text).ok()?).ok()
+}
+
+/// The case as the caller sees it.
+fn view(
+    case_id: CaseId,
+    case: &Case,
+    report: pb::PresumedVictimReported,
+    personal: common::personal_data_view::View,
+) -> pb::Case {
+    let decision = case.decision.clone().unwrap_or_default();
+    pb::Case {
+        case_id: case_id.to_string(),
+        person_id: report.person_id,
+        status: case.status.to_proto() as i32,
+        version: case.version,
+        reporting_agency: report.reporting_agency,
+        reported_at: report.reported_at,
+        found_at: report.found_at,
+        found_country: report.found_country,
+        found_region: report.found_region,
+        country_of_exploitation: report.country_of_exploitation,
+        exploitation_forms: report.exploitation_forms,
+        means_of_control: report.means_of_control,
+        recruitment_method: report.recruitment_method,
+        recruiter_relationship: report.recruiter_relationship,
+        child: report.child,
+        gender: report.gender,
+        age_years: report.age_years,
+        age_band: report.age_band,
+        citizenship: report.citizenship,
+        screened: case.screened,
+        indicators: case.indicators.clone(),
+        decision: decision.decision,
+        not_identified_reason: decision.reason,
+        non_punishment: decision.non_punishment,
+        decided_at: decision.decided_at,
+        reflection_period_ends_at: decision.reflection_period_ends_at,
+        possible_duplicate: case.possible_duplicate,
+        under_review: case.under_review,
+        personal: Some(common::PersonalDataView { view: Some(personal) }),
+    }
+}

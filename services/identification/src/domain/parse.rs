@@ -1,0 +1,414 @@
+//! Validating constructors: from a request's fields to domain values, with
+//! every offending field named. Descriptions say what a valid value looks
+//! like and never repeat the value sent (it may be personal data).
+
+use chrono::{DateTime, NaiveDate, Utc};
+use nrm_kernel::error::{FieldViolation, Violations};
+use nrm_proto::common::v1 as common;
+use nrm_proto::identification::v1 as pb;
+use prost_types::Timestamp;
+
+/// ISO 3166-1 alpha-2 codes.
+const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ \
+CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR \
+GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP \
+KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ \
+NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW \
+SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ \
+UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
+
+/// Most characters of a request ID.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A client request ID: 1–128 printable ASCII characters.
+///
+/// # Errors
+/// A violation of `request_id`.
+pub fn request_id(text: &str) -> Result<String, FieldViolation> {
+    if text.is_empty() {
+        return Err(FieldViolation::new(
+            "request_id",
+            "is required: a client-chosen ID (a UUID is best) that makes retries safe",
+        ));
+    }
+    if text.len() > MAX_REQUEST_ID || !text.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(FieldViolation::new(
+            "request_id",
+            "must be 1-128 printable ASCII characters",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// An ISO 3166-1 alpha-2 country code, upper-cased.
+///
+/// # Errors
+/// A violation of `field`.
+pub fn country(field: &str, code: &str) -> Result<String, FieldViolation> {
+    let upper = code.trim().to_ascii_uppercase();
+    if upper.len() == 2 && COUNTRIES.split(' ').any(|c| c == upper) {
+        Ok(upper)
+    } else if code.trim().is_empty() {
+        Err(FieldViolation::new(
+            field,
+            "is required: an ISO 3166-1 alpha-2 country code",
+        ))
+    } else {
+        Err(FieldViolation::new(field, "must be an ISO 3166-1 alpha-2 country code"))
+    }
+}
+
+/// A value of a protobuf enum, not `UNSPECIFIED` unless allowed.
+fn enum_value<E: TryFrom<i32>>(field: &str, value: i32, allow_unspecified: bool) -> Result<i32, FieldViolation> {
+    if value == 0 && !allow_unspecified {
+        return Err(FieldViolation::new(field, "is required"));
+    }
+    if value != 0 && E::try_from(value).is_err() {
+        return Err(FieldViolation::new(field, "is not a known value"));
+    }
+    Ok(value)
+}
+
+/// A list of enum values: each known and specified, none repeated.
+fn enum_list<E: TryFrom<i32>>(field: &str, values: &[i32], v: &mut Violations) -> Vec<i32> {
+    let mut out: Vec<i32> = Vec::with_capacity(values.len());
+    for (i, value) in values.iter().enumerate() {
+        match enum_value::<E>(&format!("{field}[{i}]"), *value, false) {
+            Ok(value) if out.contains(&value) => v.add(format!("{field}[{i}]"), "is repeated"),
+            Ok(value) => out.push(value),
+            Err(violation) => v.push(violation),
+        }
+    }
+    out
+}
+
+fn to_datetime(t: &Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+}
+
+/// The time as a protobuf timestamp.
+#[must_use]
+pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The age band of an age in years.
+#[must_use]
+pub fn age_band(age: u32) -> common::AgeBand {
+    match age {
+        0..=11 => common::AgeBand::AgeBand011,
+        12..=17 => common::AgeBand::AgeBand1217,
+        18..=24 => common::AgeBand::AgeBand1824,
+        25..=34 => common::AgeBand::AgeBand2534,
+        35..=49 => common::AgeBand::AgeBand3549,
+        _ => common::AgeBand::AgeBand50Plus,
+    }
+}
+
+fn is_child_band(band: i32) -> bool {
+    band == common::AgeBand::AgeBand011 as i32 || band == common::AgeBand::AgeBand1217 as i32
+}
+
+/// Checks personal identifiers; returns them trimmed.
+fn personal(p: &common::PersonalIdentifiers, now: DateTime<Utc>, v: &mut Violations) -> common::PersonalIdentifiers {
+    let mut out = p.clone();
+    out.full_name = p.full_name.trim().to_owned();
+    if out.full_name.chars().count() > 200 {
+        v.add("personal.full_name", "must be at most 200 characters");
+    }
+    if !p.date_of_birth.is_empty() {
+        match NaiveDate::parse_from_str(&p.date_of_birth, "%Y-%m-%d") {
+            Ok(d) if d <= now.date_naive() && d.format("%Y").to_string().as_str() >= "1900" => {}
+            Ok(_) => v.add("personal.date_of_birth", "must be a past date after 1900"),
+            Err(_) => v.add("personal.date_of_birth", "must be a date as YYYY-MM-DD"),
+        }
+    }
+    for (i, doc) in p.documents.iter().enumerate() {
+        if let Err(e) = enum_value::<common::DocumentType>(&format!("personal.documents[{i}].type"), doc.r#type, false)
+        {
+            v.push(e);
+        }
+        let number = doc.number.trim();
+        if number.is_empty()
+            || number.len() > 64
+            || !number
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '-')
+        {
+            v.add(
+                format!("personal.documents[{i}].number"),
+                "must be 1-64 letters, digits, spaces or hyphens",
+            );
+        }
+        if let Err(e) = country(
+            &format!("personal.documents[{i}].issuing_country"),
+            &doc.issuing_country,
+        ) {
+            v.push(e);
+        }
+    }
+    if !p.phone.is_empty() {
+        let digits = p.phone.chars().filter(char::is_ascii_digit).count();
+        if !(5..=20).contains(&digits) || !p.phone.chars().all(|c| c.is_ascii_digit() || " +()-".contains(c)) {
+            v.add(
+                "personal.phone",
+                "must be a phone number: 5-20 digits, optionally with + ( ) - and spaces",
+            );
+        }
+    }
+    if p.address.chars().count() > 500 {
+        v.add("personal.address", "must be at most 500 characters");
+    }
+    out
+}
+
+/// A validated report, ready to be sealed and decided.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The request ID.
+    pub request_id: String,
+    /// The coded fields (case, person and sealed data still empty).
+    pub coded: pb::PresumedVictimReported,
+    /// The identifiers, to be sealed.
+    pub personal: common::PersonalIdentifiers,
+}
+
+/// Validates a report.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming every offending field.
+pub fn report(req: &pb::ReportPresumedVictimRequest, now: DateTime<Utc>) -> Result<Report, nrm_kernel::AppError> {
+    let mut v = Violations::new();
+    let request_id = v.check(request_id(&req.request_id));
+    let found_at = match req.found_at.as_ref().and_then(to_datetime) {
+        None => {
+            v.add("found_at", "is required: when the person was found");
+            None
+        }
+        Some(t) if t > now + chrono::Duration::minutes(5) => {
+            v.add("found_at", "must not be in the future");
+            None
+        }
+        Some(_) => req.found_at,
+    };
+    let found_country = v.check(country("found_country", &req.found_country));
+    let region = req.found_region.trim();
+    if region.len() > 32
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        v.add(
+            "found_region",
+            "must be a region code: at most 32 letters, digits, '-' or '_' (not an address)",
+        );
+    }
+    let country_of_exploitation = v.check(country("country_of_exploitation", &req.country_of_exploitation));
+    if req.exploitation_forms.is_empty() {
+        v.add("exploitation_forms", "is required: at least one form of exploitation");
+    }
+    let forms = enum_list::<pb::ExploitationForm>("exploitation_forms", &req.exploitation_forms, &mut v);
+    let means = enum_list::<pb::MeansOfControl>("means_of_control", &req.means_of_control, &mut v);
+    let recruitment = v.check(enum_value::<pb::RecruitmentMethod>(
+        "recruitment_method",
+        req.recruitment_method,
+        true,
+    ));
+    let relationship = v.check(enum_value::<pb::RecruiterRelationship>(
+        "recruiter_relationship",
+        req.recruiter_relationship,
+        true,
+    ));
+    let gender = v.check(enum_value::<common::Gender>("gender", req.gender, false));
+    let band = v.check(enum_value::<common::AgeBand>("age_band", req.age_band, true));
+    let mut age_band_value = band.unwrap_or(0);
+    if let Some(age) = req.age_years {
+        if age > 120 {
+            v.add("age_years", "must be between 0 and 120");
+        } else {
+            let derived = age_band(age) as i32;
+            if age_band_value != 0 && age_band_value != derived {
+                v.add("age_band", "does not match age_years");
+            }
+            age_band_value = derived;
+            if age < 18 && !req.child {
+                v.add("child", "must be true when age_years is under 18");
+            }
+            if age >= 18 && req.child {
+                v.add("child", "must be false when age_years is 18 or more");
+            }
+        }
+    }
+    if req.age_years.is_none() && is_child_band(age_band_value) && !req.child {
+        v.add("child", "must be true when the age band is under 18");
+    }
+    if age_band_value == 0 {
+        age_band_value = common::AgeBand::Unknown as i32;
+    }
+    let citizenship = v.check(country("citizenship", &req.citizenship));
+    let personal = personal(&req.personal.clone().unwrap_or_default(), now, &mut v);
+    v.finish(|| Report {
+        request_id: request_id.unwrap_or_default(),
+        coded: pb::PresumedVictimReported {
+            found_at,
+            found_country: found_country.unwrap_or_default(),
+            found_region: region.to_owned(),
+            country_of_exploitation: country_of_exploitation.unwrap_or_default(),
+            exploitation_forms: forms,
+            means_of_control: means,
+            recruitment_method: recruitment.unwrap_or_default(),
+            recruiter_relationship: relationship.unwrap_or_default(),
+            child: req.child,
+            gender: gender.unwrap_or_default(),
+            age_years: req.age_years,
+            age_band: age_band_value,
+            citizenship: citizenship.unwrap_or_default(),
+            reported_at: Some(timestamp(now)),
+            ..Default::default()
+        },
+        personal,
+    })
+}
+
+/// The expected version of a command on an existing case.
+///
+/// # Errors
+/// A violation of `expected_version`.
+pub fn expected_version(version: u64) -> Result<u64, FieldViolation> {
+    if version == 0 {
+        Err(FieldViolation::new(
+            "expected_version",
+            "is required: the case version you read (at least 1)",
+        ))
+    } else {
+        Ok(version)
+    }
+}
+
+/// Validated screening indicators.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming every offending indicator.
+pub fn indicators(values: &[i32], v: &mut Violations) -> Vec<i32> {
+    enum_list::<pb::Indicator>("indicators", values, v)
+}
+
+/// A validated decision.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` when the decision is missing, a not-identified decision
+/// has no reason, or non-punishment is set without identification.
+pub fn decision(req: &pb::DecideIdentificationRequest, v: &mut Violations) -> (pb::Decision, pb::NotIdentifiedReason) {
+    let decision = v
+        .check(enum_value::<pb::Decision>("decision", req.decision, false))
+        .and_then(|d| pb::Decision::try_from(d).ok())
+        .unwrap_or(pb::Decision::Unspecified);
+    let reason = v
+        .check(enum_value::<pb::NotIdentifiedReason>("reason", req.reason, true))
+        .and_then(|r| pb::NotIdentifiedReason::try_from(r).ok())
+        .unwrap_or(pb::NotIdentifiedReason::Unspecified);
+    if decision == pb::Decision::NotIdentified && reason == pb::NotIdentifiedReason::Unspecified {
+        v.add("reason", "is required when the decision is NOT_IDENTIFIED");
+    }
+    if decision == pb::Decision::NotIdentified && req.non_punishment {
+        v.add("non_punishment", "can be set only with an IDENTIFIED decision");
+    }
+    (decision, reason)
+}
+
+/// A validated review reason.
+///
+/// # Errors
+/// A violation of `reason`.
+pub fn review_reason(value: i32) -> Result<pb::ReviewReason, FieldViolation> {
+    enum_value::<pb::ReviewReason>("reason", value, false)
+        .and_then(|r| pb::ReviewReason::try_from(r).map_err(|_| FieldViolation::new("reason", "is not a known value")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> pb::ReportPresumedVictimRequest {
+        pb::ReportPresumedVictimRequest {
+            request_id: "r-1".into(),
+            found_at: Some(timestamp(Utc::now() - chrono::Duration::days(1))),
+            found_country: "kz".into(),
+            found_region: "ALA".into(),
+            country_of_exploitation: "KZ".into(),
+            exploitation_forms: vec![pb::ExploitationForm::Labour as i32],
+            gender: common::Gender::Female as i32,
+            age_years: Some(24),
+            citizenship: "KG".into(),
+            ..Default::default()
+        }
+    }
+
+    fn fields(err: nrm_kernel::AppError) -> Vec<String> {
+        match err {
+            nrm_kernel::AppError::InvalidArgument(v) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("expected invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_report_is_normalised() {
+        let r = report(&valid(), Utc::now()).unwrap();
+        assert_eq!(r.coded.found_country, "KZ");
+        assert_eq!(r.coded.age_band, common::AgeBand::AgeBand1824 as i32);
+    }
+
+    #[test]
+    fn every_offending_field_is_named_and_values_are_not_echoed() {
+        let mut req = valid();
+        req.request_id = String::new();
+        req.citizenship = "Kyrgyzstan".into();
+        req.exploitation_forms = vec![99];
+        req.age_years = Some(15);
+        req.personal = Some(common::PersonalIdentifiers {
+            date_of_birth: "02.04.1999".into(),
+            phone: "call me".into(),
+            ..Default::default()
+        });
+        let err = report(&req, Utc::now()).unwrap_err();
+        let text = format!("{err:?}");
+        assert!(!text.contains("Kyrgyzstan") && !text.contains("call me"));
+        assert_eq!(
+            fields(err),
+            [
+                "request_id",
+                "exploitation_forms[0]",
+                "child",
+                "citizenship",
+                "personal.date_of_birth",
+                "personal.phone"
+            ]
+        );
+    }
+
+    #[test]
+    fn found_at_is_required_and_not_in_the_future() {
+        let mut req = valid();
+        req.found_at = None;
+        assert_eq!(fields(report(&req, Utc::now()).unwrap_err()), ["found_at"]);
+        req.found_at = Some(timestamp(Utc::now() + chrono::Duration::days(2)));
+        assert_eq!(fields(report(&req, Utc::now()).unwrap_err()), ["found_at"]);
+    }
+
+    #[test]
+    fn not_identified_needs_a_reason_and_excludes_non_punishment() {
+        let mut v = Violations::new();
+        decision(
+            &pb::DecideIdentificationRequest {
+                decision: pb::Decision::NotIdentified as i32,
+                non_punishment: true,
+                ..Default::default()
+            },
+            &mut v,
+        );
+        assert_eq!(fields(v.finish(|| ()).unwrap_err()), ["reason", "non_punishment"]);
+    }
+}

@@ -1,0 +1,104 @@
+//! The gRPC face of the service: authenticate, map, call the application,
+//! map back. No rules live here.
+
+use nrm_kernel::auth::Authenticator;
+use nrm_kernel::error::AppError;
+use nrm_proto::common::v1::CommandResult;
+use nrm_proto::identification::v1 as pb;
+use pb::identification_service_server::IdentificationService;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::app::{CallContext, Identification};
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct IdentificationGrpc {
+    app: Identification,
+    auth: Authenticator,
+}
+
+impl IdentificationGrpc {
+    /// Serves `app`, verifying callers with `auth`.
+    #[must_use]
+    pub fn new(app: Identification, auth: Authenticator) -> Self {
+        Self { app, auth }
+    }
+
+    fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
+        let caller = self.auth.verify(request.metadata())?;
+        let correlation_id = request
+            .metadata()
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Uuid>().ok())
+            .unwrap_or_else(Uuid::now_v7);
+        Ok(CallContext { caller, correlation_id })
+    }
+}
+
+fn reply<T>(result: Result<T, AppError>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(value) => Ok(Response::new(value)),
+        Err(err) => {
+            metrics::counter!("nrm_grpc_errors_total", "code" => format!("{:?}", err.code())).increment(1);
+            Err(err.into())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IdentificationService for IdentificationGrpc {
+    async fn report_presumed_victim(
+        &self,
+        request: Request<pb::ReportPresumedVictimRequest>,
+    ) -> Result<Response<pb::ReportPresumedVictimResponse>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.report(&ctx, request.get_ref()).await)
+    }
+
+    async fn complete_screening(
+        &self,
+        request: Request<pb::CompleteScreeningRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.screen(&ctx, request.get_ref()).await)
+    }
+
+    async fn decide_identification(
+        &self,
+        request: Request<pb::DecideIdentificationRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.decide(&ctx, request.get_ref()).await)
+    }
+
+    async fn request_review(
+        &self,
+        request: Request<pb::RequestReviewRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.review(&ctx, request.get_ref()).await)
+    }
+
+    async fn erase_personal_data(
+        &self,
+        request: Request<pb::ErasePersonalDataRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.erase(&ctx, request.get_ref()).await)
+    }
+
+    async fn get_case(&self, request: Request<pb::GetCaseRequest>) -> Result<Response<pb::Case>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.get_case(&ctx, request.get_ref()).await)
+    }
+
+    async fn list_cases(
+        &self,
+        request: Request<pb::ListCasesRequest>,
+    ) -> Result<Response<pb::ListCasesResponse>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.list_cases(&ctx, request.get_ref()).await)
+    }
+}

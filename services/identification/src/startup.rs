@@ -1,0 +1,168 @@
+//! Building and running the service: the same code runs in `main` and in
+//! the tests (on port 0).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nrm_kernel::auth::Authenticator;
+use nrm_kernel::bus::Bus;
+use nrm_kernel::projection::ProjectionRunner;
+use nrm_kernel::relay::{Relay, RelayConfig};
+use nrm_kernel::seal::{MasterKey, MatchHasher};
+use nrm_kernel::settings::decode_key;
+use nrm_kernel::store::EventStore;
+use nrm_kernel::{db, server, telemetry};
+use nrm_proto::identification::v1::identification_service_server::IdentificationServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{CONTEXT, Identification, PAYLOAD_TYPE};
+use crate::config::Settings;
+use crate::grpc::IdentificationGrpc;
+use crate::projections::CaseList;
+
+/// Name of the gRPC service, as reported by health checks.
+pub const SERVICE_NAME: &str = "nrm.identification.v1.IdentificationService";
+
+/// The migrations of the identification service's own tables.
+pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A built, not yet running, identification service.
+pub struct Application {
+    grpc: TcpListener,
+    metrics: TcpListener,
+    app: Identification,
+    bus: Bus,
+    auth: Authenticator,
+    relay: Relay,
+    case_list: ProjectionRunner<CaseList>,
+}
+
+impl Application {
+    /// Connects to PostgreSQL (creating and migrating the database) and NATS
+    /// (creating the stream), and binds the listeners.
+    ///
+    /// # Errors
+    /// When a key setting is malformed, or the database, NATS or a port cannot be had.
+    pub async fn build(settings: &Settings) -> Result<Self, anyhow::Error> {
+        let master = MasterKey::new(
+            decode_key("NRM_SEALING__MASTER_KEY", &settings.sealing.master_key).map_err(anyhow::Error::msg)?,
+        );
+        let hasher = MatchHasher::new(
+            decode_key("NRM_SEALING__MATCH_KEY", &settings.sealing.match_key).map_err(anyhow::Error::msg)?,
+        );
+        let auth = Authenticator::new(&settings.auth.jwt_secret, &settings.auth.issuer);
+        let pool = db::connect_and_migrate(&settings.database, &MIGRATIONS)
+            .await
+            .context("preparing the database")?;
+        let bus = Bus::connect(&settings.nats).await?;
+        let stream = bus.ensure_stream(CONTEXT).await?;
+        let store = EventStore::new(pool.clone());
+        let relay = Relay::new(
+            pool.clone(),
+            bus.clone(),
+            stream.clone(),
+            store.appended_signal(),
+            RelayConfig::new(PAYLOAD_TYPE),
+        );
+        let case_list = ProjectionRunner::new(pool, bus.clone(), stream, bus.context_subjects(CONTEXT), CaseList);
+        let app = Identification::new(
+            store,
+            bus.clone(),
+            master,
+            hasher,
+            settings.identification.reflection_days,
+        );
+        let grpc = server::bind(settings.server.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC to {}", settings.server.grpc_addr))?;
+        let metrics = server::bind(settings.server.metrics_addr)
+            .await
+            .with_context(|| format!("binding metrics to {}", settings.server.metrics_addr))?;
+        Ok(Self {
+            grpc,
+            metrics,
+            app,
+            bus,
+            auth,
+            relay,
+            case_list,
+        })
+    }
+
+    /// Where gRPC listens.
+    ///
+    /// # Errors
+    /// When the socket has no address.
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+
+    /// Where `/metrics` listens.
+    ///
+    /// # Errors
+    /// When the socket has no address.
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics.local_addr()
+    }
+
+    /// The case list projection (tests rebuild it).
+    #[must_use]
+    pub fn case_list(&self) -> &ProjectionRunner<CaseList> {
+        &self.case_list
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops the relay and the
+    /// projection and lets calls in flight finish.
+    ///
+    /// # Errors
+    /// When the gRPC server fails.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
+        let (health, health_service) = tonic_health_reporter();
+        let (reflection_v1, reflection_v1alpha) = server::reflection();
+        let tasks = CancellationToken::new();
+        let pool = self.app.store().pool().clone();
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(self.relay.run(tasks.clone()));
+        background.spawn(self.case_list.run(tasks.clone()));
+        background.spawn(server::watch_health(
+            health,
+            SERVICE_NAME,
+            pool,
+            self.bus.clone(),
+            tasks.clone(),
+        ));
+        background.spawn(server::serve_metrics(self.metrics, tasks.clone()));
+
+        let service = IdentificationServiceServer::new(IdentificationGrpc::new(self.app, self.auth));
+        let result = tonic::transport::Server::builder()
+            .trace_fn(telemetry::grpc_span)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(self.grpc),
+                shutdown.cancelled_owned(),
+            )
+            .await;
+        tasks.cancel();
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("background tasks did not stop within 10 s");
+        }
+        tracing::info!("stopped");
+        result.map_err(Into::into)
+    }
+}
+
+fn tonic_health_reporter() -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    tonic_health::server::health_reporter()
+}
