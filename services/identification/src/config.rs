@@ -1,7 +1,7 @@
 //! Settings of the identification service, from `NRM_*` environment variables.
 
 use nrm_kernel::settings::{
-    AuthSettings, DatabaseSettings, NatsSettings, SealingSettings, ServerSettings, TelemetrySettings,
+    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, SealingSettings, ServerSettings, TelemetrySettings,
 };
 use serde::Deserialize;
 
@@ -17,6 +17,9 @@ pub struct Settings {
     /// NATS (`NRM_NATS__*`).
     #[serde(default)]
     pub nats: NatsSettings,
+    /// The outbox relay (`NRM_RELAY__*`).
+    #[serde(default)]
+    pub relay: RelaySettings,
     /// Token verification (`NRM_AUTH__*`).
     pub auth: AuthSettings,
     /// Keys for personal data (`NRM_SEALING__*`).

@@ -35,7 +35,7 @@ pub struct Application {
     app: Identification,
     bus: Bus,
     auth: Authenticator,
-    relay: Relay,
+    relay: Option<Relay>,
     case_list: ProjectionRunner<CaseList>,
 }
 
@@ -59,13 +59,15 @@ impl Application {
         let bus = Bus::connect(&settings.nats).await?;
         let stream = bus.ensure_stream(CONTEXT).await?;
         let store = EventStore::new(pool.clone());
-        let relay = Relay::new(
-            pool.clone(),
-            bus.clone(),
-            stream.clone(),
-            store.appended_signal(),
-            RelayConfig::new(PAYLOAD_TYPE),
-        );
+        let relay = settings.relay.enabled.then(|| {
+            Relay::new(
+                pool.clone(),
+                bus.clone(),
+                stream.clone(),
+                store.appended_signal(),
+                RelayConfig::new(PAYLOAD_TYPE),
+            )
+        });
         let case_list = ProjectionRunner::new(pool, bus.clone(), stream, bus.context_subjects(CONTEXT), CaseList);
         let app = Identification::new(
             store,
@@ -124,7 +126,12 @@ impl Application {
         let tasks = CancellationToken::new();
         let pool = self.app.store().pool().clone();
         let mut background = tokio::task::JoinSet::new();
-        background.spawn(self.relay.run(tasks.clone()));
+        match self.relay {
+            Some(relay) => {
+                background.spawn(relay.run(tasks.clone()));
+            }
+            None => tracing::warn!("relay disabled (NRM_RELAY__ENABLED=false): events stay in the outbox"),
+        }
         background.spawn(self.case_list.run(tasks.clone()));
         background.spawn(server::watch_health(
             health,

@@ -141,6 +141,27 @@ fn default_replicas() -> usize {
     1
 }
 
+/// The outbox relay.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySettings {
+    /// Publish the outbox (`NRM_RELAY__ENABLED`, default `true`). With
+    /// `false` commands are still accepted and kept in the outbox, and are
+    /// published once a relay runs again (for NATS maintenance, or a relay
+    /// run as a separate process).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
 /// Verification of bearer tokens.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AuthSettings {

@@ -76,20 +76,29 @@ where
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer(service);
 
-    let filter = EnvFilter::try_new(&settings.log)?;
+    // Logs follow the log filter; spans for tracing are kept at info whatever
+    // the log level, so trace context flows even with logs turned down.
+    let log_filter = EnvFilter::try_new(&settings.log)?;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_span_events(FmtSpan::CLOSE)
         .with_target(true);
     let fmt = if settings.log_format == "text" {
-        fmt.boxed()
+        fmt.with_filter(log_filter).boxed()
     } else {
-        fmt.json().with_current_span(true).with_span_list(true).boxed()
+        fmt.json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_filter(log_filter)
+            .boxed()
     };
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(EnvFilter::new("info")),
+        )
         .try_init()?;
     tracing::info!(service, otlp_export = otlp.is_some(), "telemetry started");
     Ok(TelemetryGuard { provider })

@@ -287,26 +287,46 @@ impl Identification {
         self.finish(uow, &key, &fp, response).await
     }
 
-    /// Runs a command on an existing case.
+    /// Runs a command on an existing case, or answers as its first run did.
     async fn on_case(
         &self,
         ctx: &CallContext,
         request: &impl Message,
         call: CaseCommand,
     ) -> Result<CommandResult, AppError> {
+        let key = ctx.request_key(&call.request_id);
+        let fp = fingerprint(call.method, request);
+        let replayed = |mut previous: CommandResult| {
+            previous.replayed = true;
+            previous
+        };
+        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
+            return Ok(replayed(previous));
+        }
+        match self.on_case_once(ctx, &key, &fp, call).await {
+            // A twin of this request may have moved the case on first: answer as it did.
+            Err(conflict @ AppError::Conflict { .. }) => match self.replay::<CommandResult>(&key, &fp).await? {
+                Some(previous) => Ok(replayed(previous)),
+                None => Err(conflict),
+            },
+            other => other,
+        }
+    }
+
+    async fn on_case_once(
+        &self,
+        ctx: &CallContext,
+        key: &str,
+        fp: &[u8],
+        call: CaseCommand,
+    ) -> Result<CommandResult, AppError> {
         let CaseCommand {
             method,
-            request_id,
             case_id,
             expected_version,
             command,
+            ..
         } = call;
-        let key = ctx.request_key(&request_id);
-        let fp = fingerprint(method, request);
-        if let Some(mut previous) = self.replay::<CommandResult>(&key, &fp).await? {
-            previous.replayed = true;
-            return Ok(previous);
-        }
         let case = self.load(case_id).await?;
         if case.version == 0 {
             return Err(not_found(case_id));
@@ -350,7 +370,7 @@ impl Identification {
             event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
             replayed: false,
         };
-        self.finish(uow, &key, &fp, response).await
+        self.finish(uow, key, fp, response).await
     }
 
     /// Records the screening.

@@ -1,0 +1,368 @@
+//! `case …`: the identification service's commands and queries. Each
+//! subcommand builds its request from the options, calls, and prints the
+//! answer as text or proto3 JSON.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nrm_proto::common::v1::{
+    AgeBand, CommandResult, DocumentType, IdentityDocument, PersonalIdentifiers, personal_data_view,
+};
+use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
+use nrm_proto::identification::v1::{
+    Case, CompleteScreeningRequest, DecideIdentificationRequest, ErasePersonalDataRequest, ExploitationForm,
+    GetCaseRequest, ListCasesRequest, ListCasesResponse, ReportPresumedVictimRequest, ReportPresumedVictimResponse,
+    RequestReviewRequest,
+};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::{
+    CaseCommand, DecideArgs, EraseArgs, GetArgs, Global, ListArgs, NumberCountry, Output, ReportArgs, RequestId,
+    ReviewArgs, ScreenArgs,
+};
+use crate::enums::{cli_name, cli_name_of, shown};
+use crate::output::{self, or_dash, print_fields, print_json, time};
+use crate::token;
+
+/// How long to wait for the connection to the service.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a `case` subcommand.
+///
+/// # Errors
+/// When the service cannot be reached or refuses the call (a `tonic::Status`
+/// in the chain), or the output cannot be printed.
+pub async fn run(global: &Global, command: CaseCommand) -> Result<()> {
+    let mut client = Client::connect(global).await?;
+    match command {
+        CaseCommand::Report(args) => report(&mut client, global.output, *args).await,
+        CaseCommand::Screen(args) => screen(&mut client, global.output, args).await,
+        CaseCommand::Decide(args) => decide(&mut client, global.output, args).await,
+        CaseCommand::Review(args) => review(&mut client, global.output, args).await,
+        CaseCommand::Erase(args) => erase(&mut client, global.output, args).await,
+        CaseCommand::Get(args) => get(&mut client, global.output, args).await,
+        CaseCommand::List(args) => list(&mut client, global.output, args).await,
+    }
+}
+
+/// The identification client with the caller's bearer token.
+struct Client {
+    inner: IdentificationServiceClient<Channel>,
+    bearer: Option<MetadataValue<Ascii>>,
+}
+
+impl Client {
+    async fn connect(global: &Global) -> Result<Self> {
+        let bearer = token::bearer(global)?
+            .map(|token| format!("Bearer {token}").parse::<MetadataValue<Ascii>>())
+            .transpose()
+            .context("the token is not valid header text")?;
+        let channel = Endpoint::from_shared(global.endpoint.clone())
+            .with_context(|| format!("'{}' is not an endpoint URL", global.endpoint))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", global.endpoint))?;
+        Ok(Self {
+            inner: IdentificationServiceClient::new(channel),
+            bearer,
+        })
+    }
+
+    /// `message` as a request carrying the bearer token.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(bearer) = &self.bearer {
+            request.metadata_mut().insert("authorization", bearer.clone());
+        }
+        request
+    }
+}
+
+/// The request ID given, or a fresh UUIDv7.
+fn request_id(request: RequestId) -> String {
+    request.request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// In JSON mode stdout holds only the response; the request ID to retry
+/// with goes to stderr.
+fn note_request_id(output: Output, request_id: &str) {
+    if output == Output::Json {
+        eprintln!("request_id: {request_id}");
+    }
+}
+
+async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result<()> {
+    let request_id = request_id(args.request);
+    note_request_id(output, &request_id);
+    let documents = documents(DocumentType::Passport, args.passports)
+        .chain(documents(DocumentType::NationalId, args.national_ids))
+        .chain(args.documents.into_iter().map(|(kind, doc)| document(kind, doc)))
+        .collect::<Vec<_>>();
+    let personal = PersonalIdentifiers {
+        full_name: args.name.unwrap_or_default(),
+        date_of_birth: args.dob.unwrap_or_default(),
+        documents,
+        phone: args.phone.unwrap_or_default(),
+        address: args.address.unwrap_or_default(),
+    };
+    let message = ReportPresumedVictimRequest {
+        request_id: request_id.clone(),
+        found_at: Some(args.found_at.unwrap_or_else(now)),
+        found_country: args.found_country.unwrap_or_default(),
+        found_region: args.found_region.unwrap_or_default(),
+        country_of_exploitation: args.exploitation_country.unwrap_or_default(),
+        exploitation_forms: args.forms.into_iter().map(Into::into).collect(),
+        means_of_control: args.controls.into_iter().map(Into::into).collect(),
+        recruitment_method: args.recruitment.map_or(0, Into::into),
+        recruiter_relationship: args.recruiter.map_or(0, Into::into),
+        child: args.child,
+        gender: args.gender.map_or(0, Into::into),
+        age_years: args.age,
+        age_band: args.age_band.map_or(0, Into::into),
+        citizenship: args.citizenship.unwrap_or_default(),
+        personal: (personal != PersonalIdentifiers::default()).then_some(personal),
+    };
+    let request = client.request(message);
+    let response = client.inner.report_presumed_victim(request).await?.into_inner();
+    match output {
+        Output::Json => print_json("nrm.identification.v1.ReportPresumedVictimResponse", &response),
+        Output::Text => print_report(&response, &request_id),
+    }
+}
+
+fn print_report(response: &ReportPresumedVictimResponse, request_id: &str) -> Result<()> {
+    let result = response.result.clone().unwrap_or_default();
+    print_fields(&[
+        ("case_id", response.case_id.clone()),
+        ("person_id", response.person_id.clone()),
+        ("status", shown(response.status())),
+        ("possible_duplicate", response.possible_duplicate.to_string()),
+        ("version", result.version.to_string()),
+        ("replayed", result.replayed.to_string()),
+        ("request_id", request_id.to_owned()),
+    ])
+}
+
+fn documents(kind: DocumentType, docs: Vec<NumberCountry>) -> impl Iterator<Item = IdentityDocument> {
+    docs.into_iter().map(move |doc| document(kind, doc))
+}
+
+fn document(kind: DocumentType, doc: NumberCountry) -> IdentityDocument {
+    IdentityDocument {
+        r#type: kind.into(),
+        number: doc.number,
+        issuing_country: doc.country,
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    let now = chrono::Utc::now();
+    prost_types::Timestamp {
+        seconds: now.timestamp(),
+        nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+async fn screen(client: &mut Client, output: Output, args: ScreenArgs) -> Result<()> {
+    let request_id = request_id(args.request);
+    note_request_id(output, &request_id);
+    let request = client.request(CompleteScreeningRequest {
+        request_id: request_id.clone(),
+        case_id: args.at.case_id,
+        expected_version: args.at.expected_version,
+        indicators: args.indicators.into_iter().map(Into::into).collect(),
+    });
+    let result = client.inner.complete_screening(request).await?.into_inner();
+    print_result(output, &result, &request_id)
+}
+
+async fn decide(client: &mut Client, output: Output, args: DecideArgs) -> Result<()> {
+    let request_id = request_id(args.request);
+    note_request_id(output, &request_id);
+    let request = client.request(DecideIdentificationRequest {
+        request_id: request_id.clone(),
+        case_id: args.at.case_id,
+        expected_version: args.at.expected_version,
+        decision: args.decision.into(),
+        reason: args.reason.map_or(0, Into::into),
+        non_punishment: args.non_punishment,
+        best_interests_assessed: args.best_interests_assessed,
+    });
+    let result = client.inner.decide_identification(request).await?.into_inner();
+    print_result(output, &result, &request_id)
+}
+
+async fn review(client: &mut Client, output: Output, args: ReviewArgs) -> Result<()> {
+    let request_id = request_id(args.request);
+    note_request_id(output, &request_id);
+    let request = client.request(RequestReviewRequest {
+        request_id: request_id.clone(),
+        case_id: args.at.case_id,
+        expected_version: args.at.expected_version,
+        reason: args.reason.into(),
+    });
+    let result = client.inner.request_review(request).await?.into_inner();
+    print_result(output, &result, &request_id)
+}
+
+async fn erase(client: &mut Client, output: Output, args: EraseArgs) -> Result<()> {
+    let request_id = request_id(args.request);
+    note_request_id(output, &request_id);
+    let request = client.request(ErasePersonalDataRequest {
+        request_id: request_id.clone(),
+        case_id: args.case_id,
+    });
+    let result = client.inner.erase_personal_data(request).await?.into_inner();
+    print_result(output, &result, &request_id)
+}
+
+/// Prints the answer of a command.
+fn print_result(output: Output, result: &CommandResult, request_id: &str) -> Result<()> {
+    match output {
+        Output::Json => print_json("nrm.common.v1.CommandResult", result),
+        Output::Text => print_fields(&[
+            ("case_id", result.aggregate_id.clone()),
+            ("version", result.version.to_string()),
+            ("events", output::list(result.event_ids.iter().cloned())),
+            ("replayed", result.replayed.to_string()),
+            ("request_id", request_id.to_owned()),
+        ]),
+    }
+}
+
+async fn get(client: &mut Client, output: Output, args: GetArgs) -> Result<()> {
+    let request = client.request(GetCaseRequest {
+        case_id: args.case_id,
+        include_personal_data: args.personal,
+        purpose: args.purpose.unwrap_or_default(),
+    });
+    let case = client.inner.get_case(request).await?.into_inner();
+    match output {
+        Output::Json => print_json("nrm.identification.v1.Case", &case),
+        Output::Text => print_case(&case),
+    }
+}
+
+fn print_case(case: &Case) -> Result<()> {
+    let age = match (case.age_years, case.age_band()) {
+        (Some(years), AgeBand::Unspecified) => years.to_string(),
+        (Some(years), band) => format!("{years} ({})", shown(band)),
+        (None, AgeBand::Unspecified) => "-".to_owned(),
+        (None, band) => shown(band),
+    };
+    let mut fields = vec![
+        ("case_id", case.case_id.clone()),
+        ("person_id", or_dash(&case.person_id)),
+        ("status", shown(case.status())),
+        ("version", case.version.to_string()),
+        ("reporting_agency", or_dash(&case.reporting_agency)),
+        ("reported_at", time(case.reported_at.as_ref())),
+        ("found_at", time(case.found_at.as_ref())),
+        (
+            "found_in",
+            format!("{} {}", or_dash(&case.found_country), case.found_region)
+                .trim_end()
+                .to_owned(),
+        ),
+        ("exploitation_country", or_dash(&case.country_of_exploitation)),
+        ("forms", output::list(case.exploitation_forms().map(cli_name))),
+        ("means_of_control", output::list(case.means_of_control().map(cli_name))),
+        ("recruitment", shown(case.recruitment_method())),
+        ("recruiter", shown(case.recruiter_relationship())),
+        ("child", case.child.to_string()),
+        ("gender", shown(case.gender())),
+        ("age", age),
+        ("citizenship", or_dash(&case.citizenship)),
+        ("screened", case.screened.to_string()),
+        ("indicators", output::list(case.indicators().map(cli_name))),
+        ("decision", shown(case.decision())),
+    ];
+    if case.not_identified_reason != 0 {
+        fields.push(("reason", shown(case.not_identified_reason())));
+    }
+    fields.extend([
+        ("non_punishment", case.non_punishment.to_string()),
+        ("decided_at", time(case.decided_at.as_ref())),
+        ("reflection_ends_at", time(case.reflection_period_ends_at.as_ref())),
+        ("possible_duplicate", case.possible_duplicate.to_string()),
+        ("under_review", case.under_review.to_string()),
+    ]);
+    match case.personal.as_ref().and_then(|p| p.view.as_ref()) {
+        None => fields.push(("personal", "-".to_owned())),
+        Some(personal_data_view::View::Withheld(withheld)) => {
+            fields.push(("personal", format!("withheld ({})", or_dash(&withheld.reason))));
+        }
+        Some(personal_data_view::View::Erased(_)) => fields.push(("personal", "erased".to_owned())),
+        Some(personal_data_view::View::Identifiers(ids)) => {
+            fields.extend([
+                ("name", or_dash(&ids.full_name)),
+                ("date_of_birth", or_dash(&ids.date_of_birth)),
+                ("documents", output::list(ids.documents.iter().map(describe_document))),
+                ("phone", or_dash(&ids.phone)),
+                ("address", or_dash(&ids.address)),
+            ]);
+        }
+    }
+    print_fields(&fields)
+}
+
+fn describe_document(doc: &IdentityDocument) -> String {
+    format!(
+        "{}:{}:{}",
+        cli_name_of::<DocumentType>(doc.r#type),
+        doc.number,
+        doc.issuing_country
+    )
+}
+
+async fn list(client: &mut Client, output: Output, args: ListArgs) -> Result<()> {
+    let mut message = ListCasesRequest {
+        page_size: args.page_size.unwrap_or(0),
+        page_token: args.page_token.unwrap_or_default(),
+        status: args.status.map_or(0, Into::into),
+        reporting_agency: args.agency.unwrap_or_default(),
+        exploitation_form: args.form.map_or(0, Into::into),
+        reported_after: args.after,
+        reported_before: args.before,
+    };
+    let mut all = ListCasesResponse::default();
+    loop {
+        let request = client.request(message.clone());
+        let page = client.inner.list_cases(request).await?.into_inner();
+        all.cases.extend(page.cases);
+        all.next_page_token = page.next_page_token;
+        if !args.all || all.next_page_token.is_empty() || all.next_page_token == message.page_token {
+            break;
+        }
+        message.page_token.clone_from(&all.next_page_token);
+    }
+    match output {
+        Output::Json => print_json("nrm.identification.v1.ListCasesResponse", &all),
+        Output::Text => {
+            let rows = all
+                .cases
+                .iter()
+                .map(|case| {
+                    vec![
+                        case.case_id.clone(),
+                        shown(case.status()),
+                        or_dash(&case.reporting_agency),
+                        time(case.reported_at.as_ref()),
+                        output::list(case.exploitation_forms().map(cli_name::<ExploitationForm>)),
+                        case.version.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            output::print_table(
+                &["CASE_ID", "STATUS", "AGENCY", "REPORTED_AT", "FORMS", "VERSION"],
+                &rows,
+            )?;
+            if !all.next_page_token.is_empty() {
+                eprintln!("more cases: --page-token {} (or --all)", all.next_page_token);
+            }
+            Ok(())
+        }
+    }
+}

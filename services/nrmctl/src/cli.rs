@@ -1,0 +1,500 @@
+//! The command line: clap types only. Enum-valued options take the value
+//! name without its prefix, in kebab-case (`--form forced-begging`).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nrm_kernel::auth::Role;
+use nrm_proto::common::v1::{AgeBand, DocumentType, Gender};
+use nrm_proto::identification::v1::{
+    CaseStatus, Decision, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, RecruiterRelationship,
+    RecruitmentMethod, ReviewReason,
+};
+
+use crate::enums::{self, EnumParser};
+use crate::token::{parse_role, parse_ttl};
+
+/// Command-line client of Köpür, the national referral mechanism.
+///
+/// Calls the services over gRPC, mints development tokens and watches the
+/// events on NATS JetStream. When no --token is given and
+/// NRM_AUTH__JWT_SECRET is set, nrmctl signs a five-minute token for the
+/// --as-agency/--as-role/--as-officer caller itself.
+#[derive(Debug, Parser)]
+#[command(name = "nrmctl", version)]
+pub struct Cli {
+    /// Options of every command.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options of every command.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// gRPC endpoint of the service.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+
+    /// Bearer token (JWT) sent with every call.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// Agency of the self-minted token.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_AGENCY",
+        default_value = "kg-mvd"
+    )]
+    pub as_agency: String,
+
+    /// Role of the self-minted token.
+    #[arg(long, global = true, help_heading = "Global options", env = "NRM_ROLE", default_value = "police", value_parser = parse_role)]
+    pub as_role: Role,
+
+    /// Officer (pseudonymous ID) of the self-minted token.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_OFFICER",
+        default_value = "officer-1"
+    )]
+    pub as_officer: String,
+
+    /// Output: a short summary, or the response as proto3 JSON.
+    #[arg(long, global = true, help_heading = "Global options", env = "NRM_OUTPUT", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// How responses are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// A compact human summary.
+    Text,
+    /// The response as proto3 JSON (field names as in the .proto files).
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Identification cases.
+    #[command(subcommand)]
+    Case(CaseCommand),
+    /// Events on NATS JetStream.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+/// Bearer tokens.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a token signed with NRM_AUTH__JWT_SECRET (for development).
+    Mint(MintArgs),
+}
+
+/// `token mint`.
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    /// Agency code, e.g. kg-mvd.
+    #[arg(long)]
+    pub agency: String,
+    /// Role: police, prosecutor, border-service, ngo, iom, consulate, msd, moh, shelter, coordinator.
+    #[arg(long, value_parser = parse_role)]
+    pub role: Role,
+    /// Pseudonymous officer ID (never a name).
+    #[arg(long)]
+    pub officer: String,
+    /// Lifetime: 90s, 30m, 8h, 1d, 1h30m.
+    #[arg(long, default_value = "8h", value_parser = parse_ttl)]
+    pub ttl: i64,
+}
+
+/// Identification cases.
+#[derive(Debug, Subcommand)]
+pub enum CaseCommand {
+    /// Report a presumed victim (prints the request ID to retry with).
+    Report(Box<ReportArgs>),
+    /// Record the screening against indicators (reported -> presumed).
+    Screen(ScreenArgs),
+    /// Record the formal identification decision.
+    Decide(DecideArgs),
+    /// Reopen a decision for appeal or review.
+    Review(ReviewArgs),
+    /// Erase the person's identifiers (crypto-shredding).
+    Erase(EraseArgs),
+    /// Show one case.
+    Get(GetArgs),
+    /// List cases.
+    List(ListArgs),
+}
+
+/// The client request ID of a command.
+#[derive(Debug, Args)]
+pub struct RequestId {
+    /// Client request ID; reuse one to retry safely [default: a fresh UUIDv7].
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
+}
+
+/// The case and the version the caller saw.
+#[derive(Debug, Args)]
+pub struct CaseAt {
+    /// The case ID.
+    #[arg(value_name = "CASE_ID")]
+    pub case_id: String,
+    /// The case version you saw; the call fails with ABORTED when the case moved on.
+    #[arg(long = "version", value_name = "N")]
+    pub expected_version: u64,
+}
+
+/// `case report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// When the person was found, RFC 3339 [default: now].
+    #[arg(long, value_parser = parse_timestamp, value_name = "RFC3339", help_heading = "Where and when")]
+    pub found_at: Option<prost_types::Timestamp>,
+    /// Country where the person was found (ISO 3166-1 alpha-2).
+    #[arg(long, value_name = "CC", help_heading = "Where and when")]
+    pub found_country: Option<String>,
+    /// Region or city code where the person was found (a code, not an address).
+    #[arg(long, value_name = "CODE", help_heading = "Where and when")]
+    pub found_region: Option<String>,
+    /// Country of exploitation (ISO 3166-1 alpha-2).
+    #[arg(long, value_name = "CC", help_heading = "Where and when")]
+    pub exploitation_country: Option<String>,
+
+    /// Form of exploitation (repeatable, or comma-separated).
+    #[arg(long = "form", value_name = "FORM", value_delimiter = ',',
+          value_parser = EnumParser::<ExploitationForm>::new(), help_heading = "Exploitation")]
+    pub forms: Vec<ExploitationForm>,
+    /// Means of control (repeatable, or comma-separated).
+    #[arg(long = "control", value_name = "MEANS", value_delimiter = ',',
+          value_parser = EnumParser::<MeansOfControl>::new(), help_heading = "Exploitation")]
+    pub controls: Vec<MeansOfControl>,
+    /// How the person was recruited.
+    #[arg(long, value_name = "METHOD", value_parser = EnumParser::<RecruitmentMethod>::new(),
+          help_heading = "Exploitation")]
+    pub recruitment: Option<RecruitmentMethod>,
+    /// The recruiter's relationship to the person.
+    #[arg(long, value_name = "RELATIONSHIP", value_parser = EnumParser::<RecruiterRelationship>::new(),
+          help_heading = "Exploitation")]
+    pub recruiter: Option<RecruiterRelationship>,
+
+    /// Under 18, or of unknown age and possibly under 18 (presumed a victim at once).
+    #[arg(long, help_heading = "The person")]
+    pub child: bool,
+    /// Gender as recorded.
+    #[arg(long, value_parser = EnumParser::<Gender>::new(), help_heading = "The person")]
+    pub gender: Option<Gender>,
+    /// Age in years, when known.
+    #[arg(long, value_name = "YEARS", help_heading = "The person")]
+    pub age: Option<u32>,
+    /// Age band, when the exact age is not known.
+    #[arg(long, value_name = "BAND", value_parser = EnumParser::<AgeBand>::new(), help_heading = "The person")]
+    pub age_band: Option<AgeBand>,
+    /// Citizenship (ISO 3166-1 alpha-2).
+    #[arg(long, value_name = "CC", help_heading = "The person")]
+    pub citizenship: Option<String>,
+
+    /// Full name.
+    #[arg(long, help_heading = "Personal identifiers (sealed before storage)")]
+    pub name: Option<String>,
+    /// Date of birth, YYYY-MM-DD.
+    #[arg(
+        long,
+        value_name = "DATE",
+        help_heading = "Personal identifiers (sealed before storage)"
+    )]
+    pub dob: Option<String>,
+    /// Passport, NUMBER:COUNTRY (repeatable).
+    #[arg(long = "passport", value_name = "NUMBER:CC", value_parser = parse_number_country,
+          help_heading = "Personal identifiers (sealed before storage)")]
+    pub passports: Vec<NumberCountry>,
+    /// National ID card, NUMBER:COUNTRY (repeatable).
+    #[arg(long = "national-id", value_name = "NUMBER:CC", value_parser = parse_number_country,
+          help_heading = "Personal identifiers (sealed before storage)")]
+    pub national_ids: Vec<NumberCountry>,
+    /// Any document, TYPE:NUMBER:COUNTRY, e.g. birth-certificate:123:KG (repeatable).
+    #[arg(long = "document", value_name = "TYPE:NUMBER:CC", value_parser = parse_document,
+          help_heading = "Personal identifiers (sealed before storage)")]
+    pub documents: Vec<(DocumentType, NumberCountry)>,
+    /// Phone number (E.164 where known).
+    #[arg(long, help_heading = "Personal identifiers (sealed before storage)")]
+    pub phone: Option<String>,
+    /// Address.
+    #[arg(long, help_heading = "Personal identifiers (sealed before storage)")]
+    pub address: Option<String>,
+
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `case screen`.
+#[derive(Debug, Args)]
+pub struct ScreenArgs {
+    /// The case and version.
+    #[command(flatten)]
+    pub at: CaseAt,
+    /// Indicator found (repeatable, or comma-separated).
+    #[arg(long = "indicator", value_name = "INDICATOR", value_delimiter = ',',
+          value_parser = EnumParser::<Indicator>::new())]
+    pub indicators: Vec<Indicator>,
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `case decide`.
+#[derive(Debug, Args)]
+pub struct DecideArgs {
+    /// The case and version.
+    #[command(flatten)]
+    pub at: CaseAt,
+    /// The decision.
+    #[arg(long, value_parser = EnumParser::<Decision>::new())]
+    pub decision: Decision,
+    /// Why not identified (required with --decision not-identified).
+    #[arg(long, value_parser = EnumParser::<NotIdentifiedReason>::new())]
+    pub reason: Option<NotIdentifiedReason>,
+    /// Non-punishment for offences the person was compelled to commit.
+    #[arg(long)]
+    pub non_punishment: bool,
+    /// For a child: a best-interests assessment preceded a not-identified decision.
+    #[arg(long)]
+    pub best_interests_assessed: bool,
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `case review`.
+#[derive(Debug, Args)]
+pub struct ReviewArgs {
+    /// The case and version.
+    #[command(flatten)]
+    pub at: CaseAt,
+    /// Why the decision is reopened.
+    #[arg(long, value_parser = EnumParser::<ReviewReason>::new())]
+    pub reason: ReviewReason,
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `case erase`.
+#[derive(Debug, Args)]
+pub struct EraseArgs {
+    /// The case whose person's identifiers are erased.
+    #[arg(value_name = "CASE_ID")]
+    pub case_id: String,
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `case get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The case ID.
+    #[arg(value_name = "CASE_ID")]
+    pub case_id: String,
+    /// Include the personal identifiers (recorded in the access log; needs --purpose).
+    #[arg(long, requires = "purpose")]
+    pub personal: bool,
+    /// Why the identifiers are read (recorded in the audit trail).
+    #[arg(long, value_name = "TEXT")]
+    pub purpose: Option<String>,
+}
+
+/// `case list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only cases in this status.
+    #[arg(long, value_parser = EnumParser::<CaseStatus>::new())]
+    pub status: Option<CaseStatus>,
+    /// Only cases reported by this agency.
+    #[arg(long)]
+    pub agency: Option<String>,
+    /// Only cases with this form of exploitation.
+    #[arg(long, value_parser = EnumParser::<ExploitationForm>::new())]
+    pub form: Option<ExploitationForm>,
+    /// Only cases reported at or after this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
+    pub after: Option<prost_types::Timestamp>,
+    /// Only cases reported before this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339", value_parser = parse_timestamp)]
+    pub before: Option<prost_types::Timestamp>,
+    /// Cases per page (server default 50, at most 500).
+    #[arg(long, value_name = "N")]
+    pub page_size: Option<i32>,
+    /// Continue from this token of a previous page (same filters).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
+    /// Follow the page tokens to the last page.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Events on NATS JetStream.
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print each event commit as one JSON line, payloads decoded.
+    Watch(WatchArgs),
+}
+
+/// `events watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// NATS server.
+    #[arg(long, env = "NRM_NATS__URL", default_value = "nats://127.0.0.1:14222")]
+    pub nats_url: String,
+    /// JetStream stream.
+    #[arg(long, default_value = "NRM_IDENTIFICATION")]
+    pub stream: String,
+    /// Only these subjects, e.g. 'nrm.identification.v1.case.>' [default: the whole stream].
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Start at the first message of the stream instead of new ones.
+    #[arg(long)]
+    pub from_start: bool,
+    /// Stop after N messages.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+/// A document number and its issuing country.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberCountry {
+    /// Document number.
+    pub number: String,
+    /// Issuing country.
+    pub country: String,
+}
+
+/// Parses `NUMBER:COUNTRY` (the number may itself contain `:`).
+fn parse_number_country(text: &str) -> Result<NumberCountry, String> {
+    match text.rsplit_once(':') {
+        Some((number, country)) if !number.trim().is_empty() && !country.trim().is_empty() => Ok(NumberCountry {
+            number: number.trim().to_owned(),
+            country: country.trim().to_owned(),
+        }),
+        _ => Err(format!("'{text}' is not NUMBER:COUNTRY, e.g. AC1234567:KG")),
+    }
+}
+
+/// Parses `TYPE:NUMBER:COUNTRY`.
+fn parse_document(text: &str) -> Result<(DocumentType, NumberCountry), String> {
+    let (kind, rest) = text
+        .split_once(':')
+        .ok_or_else(|| format!("'{text}' is not TYPE:NUMBER:COUNTRY, e.g. passport:AC1234567:KG"))?;
+    Ok((enums::parse::<DocumentType>(kind)?, parse_number_country(rest)?))
+}
+
+/// Parses an RFC 3339 time.
+fn parse_timestamp(text: &str) -> Result<prost_types::Timestamp, String> {
+    let time = chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map_err(|e| format!("'{text}' is not an RFC 3339 time like 2025-03-01T14:30:00Z: {e}"))?;
+    Ok(prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_report_reads_repeated_and_comma_separated_enums() {
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "case",
+            "report",
+            "--form",
+            "labour,forced_begging",
+            "--form",
+            "sexual",
+            "--passport",
+            "AC123:KG",
+            "--document",
+            "birth-certificate:B-1:KZ",
+            "--found-at",
+            "2025-03-01T14:30:00+06:00",
+            "--output",
+            "json",
+        ])
+        .expect("valid command line");
+        assert_eq!(cli.global.output, Output::Json);
+        let Command::Case(CaseCommand::Report(report)) = cli.command else {
+            panic!("not a report");
+        };
+        assert_eq!(
+            report.forms,
+            [
+                ExploitationForm::Labour,
+                ExploitationForm::ForcedBegging,
+                ExploitationForm::Sexual
+            ]
+        );
+        assert_eq!(report.passports[0].number, "AC123");
+        assert_eq!(report.documents[0].0, DocumentType::BirthCertificate);
+        assert_eq!(report.found_at.map(|t| t.seconds), Some(1_740_817_800));
+    }
+
+    #[test]
+    fn a_wrong_enum_name_lists_the_valid_names() {
+        let err = Cli::try_parse_from(["nrmctl", "case", "list", "--status", "closed"]).expect_err("unknown status");
+        let text = err.to_string();
+        assert!(
+            text.contains("reported, presumed, identified, not-identified"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn screening_takes_the_case_and_the_version_seen() {
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "case",
+            "screen",
+            "c-1",
+            "--version",
+            "3",
+            "--indicator",
+            "isolation",
+        ])
+        .expect("valid command line");
+        let Command::Case(CaseCommand::Screen(screen)) = cli.command else {
+            panic!("not a screening");
+        };
+        assert_eq!((screen.at.case_id.as_str(), screen.at.expected_version), ("c-1", 3));
+        assert_eq!(screen.indicators, [Indicator::Isolation]);
+    }
+}

@@ -1,0 +1,52 @@
+//! `nrmctl`, the command-line client of Köpür: calls the services over gRPC,
+//! mints development tokens and watches the events on NATS JetStream.
+//!
+//! # Layout
+//! - [`cli`]: the clap types.
+//! - [`enums`]: protobuf enums as kebab-case names (`--form forced-begging`).
+//! - [`token`]: `token mint` and the self-minted development token.
+//! - [`case`]: `case …`, the identification service.
+//! - [`events`]: `events watch`.
+//! - [`output`]: JSON through the descriptor pool, text, errors.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod case;
+mod cli;
+mod enums;
+mod events;
+mod output;
+mod token;
+
+use cli::{Cli, Command, EventsCommand, TokenCommand};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            output::print_error(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Token(TokenCommand::Mint(args)) => token::mint(&args),
+        Command::Case(command) => case::run(&cli.global, command).await,
+        Command::Events(EventsCommand::Watch(args)) => events::watch(args).await,
+    }
+}
+
+/// The reader of our output went away (`nrmctl … | head`): not an error.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}

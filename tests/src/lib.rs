@@ -1,0 +1,390 @@
+//! The test harness: a real NATS server and a real PostgreSQL for every test
+//! run, a database and a JetStream subject space of its own for every test.
+//!
+//! `make test` starts both with `scripts/stack.sh` and passes their URLs in
+//! `NRM_TEST_DATABASE_URL` and `NRM_TEST_NATS_URL`. A plain `cargo test` with
+//! neither set starts the same private stack under `target/nrm-testenv` (and
+//! leaves it running for the next run; `scripts/stack.sh down
+//! target/nrm-testenv` stops it). Logs stay silent unless `TEST_LOG=1`.
+//!
+//! # Layout
+//! - [`TestEnv`]: where the servers are.
+//! - [`TestApp`]: an identification service on port 0 with its own database
+//!   and subjects, and a client with tokens for any role.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use base64::Engine as _;
+use nrm_identification::config::{IdentificationSettings, Settings};
+use nrm_identification::startup::Application;
+use nrm_kernel::auth::{self, Role};
+use nrm_kernel::settings::{
+    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, SealingSettings, ServerSettings, TelemetrySettings,
+};
+use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Where the real servers are.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    /// PostgreSQL server URL (no database).
+    pub database_url: String,
+    /// NATS URL.
+    pub nats_url: String,
+}
+
+/// The repository's root folder.
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// The servers of this test run, started once if `make test` did not.
+///
+/// # Panics
+/// When the stack cannot be started: the tests cannot run without it.
+pub fn env() -> &'static TestEnv {
+    static ENV: OnceLock<TestEnv> = OnceLock::new();
+    ENV.get_or_init(|| {
+        init_logs();
+        if let (Ok(database_url), Ok(nats_url)) = (
+            std::env::var("NRM_TEST_DATABASE_URL"),
+            std::env::var("NRM_TEST_NATS_URL"),
+        ) {
+            return TestEnv { database_url, nats_url };
+        }
+        let root = workspace_root();
+        let dir = root.join("target").join("nrm-testenv");
+        let status = Command::new("bash")
+            .arg(root.join("scripts").join("stack.sh"))
+            .arg("up")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run scripts/stack.sh");
+        assert!(status.success(), "scripts/stack.sh up {} failed", dir.display());
+        let text = std::fs::read_to_string(dir.join("stack.env")).expect("read stack.env");
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(|v| v.trim_matches('"').to_owned())
+                .unwrap_or_else(|| panic!("{key} missing from stack.env"))
+        };
+        TestEnv {
+            database_url: get("NRM_STACK_DATABASE_URL"),
+            nats_url: get("NRM_STACK_NATS_URL"),
+        }
+    })
+}
+
+/// Telemetry as in production (so trace context flows), with logs shown
+/// only when `TEST_LOG=1`.
+fn init_logs() {
+    let log = if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
+        "info"
+    } else {
+        "off"
+    };
+    let settings = TelemetrySettings {
+        log: log.into(),
+        log_format: "text".into(),
+    };
+    if let Ok(guard) =
+        nrm_kernel::telemetry::init_with_writer("tests", &settings, tracing_subscriber::fmt::TestWriter::new)
+    {
+        // Lives as long as the test process.
+        std::mem::forget(guard);
+    }
+}
+
+/// A random lowercase suffix for names.
+#[must_use]
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// The JWT secret of every test.
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret";
+
+/// Settings of an identification service with its own database and subjects.
+#[must_use]
+pub fn settings() -> Settings {
+    let env = env();
+    let id = unique();
+    let key = |b: u8| SecretString::from(base64::engine::general_purpose::STANDARD.encode([b; 32]));
+    Settings {
+        server: ServerSettings {
+            grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        },
+        database: DatabaseSettings {
+            url: env.database_url.clone(),
+            name: format!("test_{id}"),
+            max_connections: 8,
+        },
+        nats: NatsSettings {
+            url: env.nats_url.clone(),
+            subject_prefix: format!("t{id}"),
+            stream_prefix: format!("T{}", id.to_ascii_uppercase()),
+            replicas: 1,
+        },
+        relay: RelaySettings::default(),
+        auth: AuthSettings {
+            jwt_secret: SecretString::from(JWT_SECRET),
+            issuer: "kopur".into(),
+        },
+        sealing: SealingSettings {
+            master_key: key(7),
+            match_key: key(9),
+        },
+        telemetry: TelemetrySettings::default(),
+        identification: IdentificationSettings::default(),
+    }
+}
+
+/// A bearer token for `officer` of `agency` in `role`.
+///
+/// # Panics
+/// Never with the test secret.
+#[must_use]
+pub fn token(agency: &str, role: Role, officer: &str) -> String {
+    auth::mint(
+        &SecretString::from(JWT_SECRET),
+        &auth::claims("kopur", agency, role, officer, 3600),
+    )
+    .expect("mint token")
+}
+
+/// Adds `authorization: Bearer <token>` to a request.
+pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
+    request
+}
+
+/// A running identification service.
+pub struct TestApp {
+    /// Its settings (database, subjects).
+    pub settings: Settings,
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    /// A client.
+    pub client: IdentificationServiceClient<Channel>,
+    /// A pool on its database, for checking what was written.
+    pub pool: sqlx::PgPool,
+    /// JetStream on the test's NATS.
+    pub jetstream: jetstream::Context,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    /// Builds and starts an identification service with `settings`.
+    ///
+    /// # Panics
+    /// When the service cannot start.
+    pub async fn spawn_with(settings: Settings) -> Self {
+        let app = Application::build(&settings)
+            .await
+            .expect("build the identification service");
+        let addr = app.grpc_addr().expect("grpc address");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(err) = app.run_until_stopped(stop).await {
+                panic!("service failed: {err}");
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let client = IdentificationServiceClient::connect(endpoint.clone())
+            .await
+            .expect("connect");
+        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).expect("options"))
+            .await
+            .expect("connect to the test database");
+        let nats = async_nats::connect(settings.nats.url.as_str())
+            .await
+            .expect("connect to NATS");
+        Self {
+            settings,
+            endpoint,
+            client,
+            pool,
+            jetstream: jetstream::new(nats),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Builds and starts an identification service of its own.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(settings()).await
+    }
+
+    /// Name of the service's JetStream stream.
+    #[must_use]
+    pub fn stream_name(&self) -> String {
+        format!("{}_IDENTIFICATION", self.settings.nats.stream_prefix)
+    }
+
+    /// Every message of the service's stream so far.
+    ///
+    /// # Panics
+    /// When JetStream fails.
+    pub async fn messages(&self) -> Vec<jetstream::message::StreamMessage> {
+        messages(&self.jetstream, &self.stream_name()).await
+    }
+
+    /// Waits until the stream holds at least `count` messages.
+    ///
+    /// # Panics
+    /// After 10 s.
+    pub async fn wait_for_messages(&self, count: usize) -> Vec<jetstream::message::StreamMessage> {
+        for _ in 0..200 {
+            let messages = self.messages().await;
+            if messages.len() >= count {
+                return messages;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {count} messages after 10 s");
+    }
+
+    /// Rows in a table of the service's database.
+    ///
+    /// # Panics
+    /// When the query fails.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = match table {
+            "events" => "SELECT count(*) FROM events",
+            "outbox" => "SELECT count(*) FROM outbox",
+            "commands" => "SELECT count(*) FROM commands",
+            "person_keys" => "SELECT count(*) FROM person_keys",
+            "audit_log" => "SELECT count(*) FROM audit_log",
+            "case_list" => "SELECT count(*) FROM case_list",
+            other => panic!("no count for {other}"),
+        };
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect("count")
+    }
+
+    /// Stops the service and drops its database and stream.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        self.pool.close().await;
+        let _ = self.jetstream.delete_stream(self.stream_name()).await;
+        let _ = nrm_kernel::db::drop_database(&self.settings.database).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Every message of `stream` so far, read directly by sequence.
+///
+/// # Panics
+/// When JetStream fails.
+pub async fn messages(js: &jetstream::Context, stream: &str) -> Vec<jetstream::message::StreamMessage> {
+    let Ok(mut stream) = js.get_stream(stream).await else {
+        return Vec::new();
+    };
+    let info = stream.info().await.expect("stream info").clone();
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return out;
+    }
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// A health check client's view of the service.
+///
+/// # Panics
+/// When the call fails.
+pub async fn health(endpoint: &str, service: &str) -> i32 {
+    let channel = Channel::from_shared(endpoint.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect health");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+/// A valid report of an adult woman exploited in Kazakhstan, with the given identifiers.
+#[must_use]
+pub fn report_request(
+    request_id: &str,
+    personal: nrm_proto::common::v1::PersonalIdentifiers,
+) -> nrm_proto::identification::v1::ReportPresumedVictimRequest {
+    use nrm_proto::common::v1 as common;
+    use nrm_proto::identification::v1 as pb;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    pb::ReportPresumedVictimRequest {
+        request_id: request_id.to_owned(),
+        found_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now).unwrap_or(0) - 86_400,
+            nanos: 0,
+        }),
+        found_country: "KZ".into(),
+        found_region: "ALA".into(),
+        country_of_exploitation: "KZ".into(),
+        exploitation_forms: vec![pb::ExploitationForm::Labour as i32],
+        means_of_control: vec![pb::MeansOfControl::DocumentRetention as i32],
+        recruitment_method: pb::RecruitmentMethod::JobOffer as i32,
+        recruiter_relationship: pb::RecruiterRelationship::Acquaintance as i32,
+        child: false,
+        gender: common::Gender::Female as i32,
+        age_years: Some(24),
+        age_band: 0,
+        citizenship: "KG".into(),
+        personal: Some(personal),
+    }
+}
+
+/// Identifiers of a made-up person.
+#[must_use]
+pub fn person(name: &str, passport: &str, phone: &str) -> nrm_proto::common::v1::PersonalIdentifiers {
+    use nrm_proto::common::v1 as common;
+    common::PersonalIdentifiers {
+        full_name: name.to_owned(),
+        date_of_birth: "2001-03-14".into(),
+        documents: vec![common::IdentityDocument {
+            r#type: common::DocumentType::Passport as i32,
+            number: passport.to_owned(),
+            issuing_country: "KG".into(),
+        }],
+        phone: phone.to_owned(),
+        address: "Bishkek, Chui 1".into(),
+    }
+}

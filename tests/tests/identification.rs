@@ -1,0 +1,492 @@
+//! The identification service over gRPC, against real NATS and PostgreSQL.
+
+use nrm_e2e::{TestApp, authorized, person, report_request, token};
+use nrm_kernel::auth::Role;
+use nrm_proto::common::v1::personal_data_view::View;
+use nrm_proto::identification::v1 as pb;
+use prost::Message as _;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+fn police() -> String {
+    token("kg-mvd", Role::Police, "officer-17")
+}
+
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+async fn report(app: &TestApp, request_id: &str) -> pb::ReportPresumedVictimResponse {
+    app.client
+        .clone()
+        .report_presumed_victim(authorized(
+            report_request(request_id, person("Aigul Asanova", "AC1234567", "+996 555 000 111")),
+            &police(),
+        ))
+        .await
+        .expect("report")
+        .into_inner()
+}
+
+async fn get(app: &TestApp, case_id: &str, personal: bool) -> Result<pb::Case, tonic::Status> {
+    app.client
+        .clone()
+        .get_case(authorized(
+            pb::GetCaseRequest {
+                case_id: case_id.to_owned(),
+                include_personal_data: personal,
+                purpose: if personal { "case review".into() } else { String::new() },
+            },
+            &police(),
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn screening(case_id: &str, version: u64) -> pb::CompleteScreeningRequest {
+    pb::CompleteScreeningRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        case_id: case_id.to_owned(),
+        expected_version: version,
+        indicators: vec![
+            pb::Indicator::DocumentsRetained as i32,
+            pb::Indicator::WagesWithheld as i32,
+        ],
+    }
+}
+
+fn decision(case_id: &str, version: u64, decision: pb::Decision) -> pb::DecideIdentificationRequest {
+    pb::DecideIdentificationRequest {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        case_id: case_id.to_owned(),
+        expected_version: version,
+        decision: decision as i32,
+        reason: pb::NotIdentifiedReason::InsufficientIndicators as i32,
+        non_punishment: decision == pb::Decision::Identified,
+        best_interests_assessed: false,
+    }
+}
+
+#[tokio::test]
+async fn a_case_goes_from_report_through_screening_to_identification() {
+    let app = TestApp::spawn().await;
+    let reported = report(&app, "r-1").await;
+    assert_eq!(reported.status, pb::CaseStatus::Reported as i32);
+    assert!(!reported.possible_duplicate);
+
+    let case = get(&app, &reported.case_id, false).await.unwrap();
+    assert_eq!(case.version, 1);
+    assert_eq!(case.reporting_agency, "kg-mvd");
+    assert!(matches!(case.personal.unwrap().view, Some(View::Withheld(_))));
+
+    let mut client = app.client.clone();
+    let screened = client
+        .complete_screening(authorized(screening(&reported.case_id, 1), &police()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(screened.version, 2);
+    let decided = client
+        .decide_identification(authorized(
+            decision(&reported.case_id, 2, pb::Decision::Identified),
+            &token("kg-prosecutor", Role::Prosecutor, "prosecutor-3"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decided.version, 3);
+
+    let case = get(&app, &reported.case_id, true).await.unwrap();
+    assert_eq!(case.status, pb::CaseStatus::Identified as i32);
+    assert!(case.non_punishment);
+    let decided_at = case.decided_at.unwrap().seconds;
+    assert_eq!(
+        case.reflection_period_ends_at.unwrap().seconds,
+        decided_at + 30 * 86_400
+    );
+    let Some(View::Identifiers(identifiers)) = case.personal.unwrap().view else {
+        panic!("the reporting agency reads the identifiers");
+    };
+    assert_eq!(identifiers.full_name, "Aigul Asanova");
+    // The read of personal data is in the audit trail, with its purpose.
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND purpose = 'case review' AND officer = 'officer-17'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+
+    // Every commit reaches NATS once, with the actor and the event types.
+    let messages = app.wait_for_messages(3).await;
+    assert_eq!(messages.len(), 3);
+    let last = nrm_proto::common::v1::EventCommit::decode(messages[2].payload.as_ref()).unwrap();
+    assert_eq!(last.events[0].event_type, "IdentificationDecided");
+    assert_eq!(
+        messages[2].headers.get("Nrm-Actor-Role").unwrap().as_str(),
+        "prosecutor"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_child_is_presumed_at_once_and_not_identified_only_after_best_interests() {
+    let app = TestApp::spawn().await;
+    let mut request = report_request("child-1", person("Child Name", "ID777777", ""));
+    request.child = true;
+    request.age_years = Some(15);
+    let mut client = app.client.clone();
+    let reported = client
+        .report_presumed_victim(authorized(request, &police()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reported.status, pb::CaseStatus::Presumed as i32);
+    client
+        .complete_screening(authorized(screening(&reported.case_id, 1), &police()))
+        .await
+        .unwrap();
+    let refused = client
+        .decide_identification(authorized(
+            decision(&reported.case_id, 2, pb::Decision::NotIdentified),
+            &police(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(
+        refused.get_details_precondition_failure().unwrap().violations[0].r#type,
+        "CHILD_BEST_INTERESTS_ASSESSMENT_REQUIRED"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_reports_name_every_field_and_write_nothing() {
+    let app = TestApp::spawn().await;
+    let mut request = report_request("", person("Name", "AB12345", "not a phone"));
+    request.citizenship = "XX".into();
+    request.exploitation_forms = vec![];
+    request.found_at = None;
+    let status = app
+        .client
+        .clone()
+        .report_presumed_victim(authorized(request, &police()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        [
+            "request_id",
+            "found_at",
+            "exploitation_forms",
+            "citizenship",
+            "personal.phone"
+        ]
+    );
+    for table in ["events", "outbox", "commands", "person_keys", "audit_log"] {
+        assert_eq!(app.count(table).await, 0, "{table} must stay empty");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothing() {
+    let app = TestApp::spawn().await;
+    let reported = report(&app, "r-order").await;
+    let mut client = app.client.clone();
+    let events_before = app.count("events").await;
+
+    // Deciding before screening.
+    let status = client
+        .decide_identification(authorized(
+            decision(&reported.case_id, 1, pb::Decision::Identified),
+            &police(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        status.get_details_precondition_failure().unwrap().violations[0].r#type,
+        "NOT_SCREENED"
+    );
+
+    // A stale expected version.
+    let status = client
+        .complete_screening(authorized(screening(&reported.case_id, 7), &police()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+
+    // An unknown case.
+    let status = client
+        .complete_screening(authorized(screening(&uuid::Uuid::now_v7().to_string(), 1), &police()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // A malformed case ID and a missing version are both named.
+    let mut bad = screening("not-a-uuid", 0);
+    bad.indicators = vec![0];
+    let status = client.complete_screening(authorized(bad, &police())).await.unwrap_err();
+    assert_eq!(bad_fields(&status), ["case_id", "expected_version", "indicators[0]"]);
+    assert_eq!(app.count("events").await, events_before);
+
+    // Deciding twice.
+    client
+        .complete_screening(authorized(screening(&reported.case_id, 1), &police()))
+        .await
+        .unwrap();
+    client
+        .decide_identification(authorized(
+            decision(&reported.case_id, 2, pb::Decision::Identified),
+            &police(),
+        ))
+        .await
+        .unwrap();
+    let status = client
+        .decide_identification(authorized(
+            decision(&reported.case_id, 3, pb::Decision::NotIdentified),
+            &police(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(app.count("events").await, events_before + 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_command_with_the_same_request_id_appends_nothing() {
+    let app = TestApp::spawn().await;
+    let first = report(&app, "retry-me").await;
+    let again = report(&app, "retry-me").await;
+    assert_eq!(first.case_id, again.case_id);
+    assert!(again.result.unwrap().replayed);
+    assert_eq!(app.count("events").await, 1);
+
+    // The same ID for a different command is refused.
+    let mut other = report_request("retry-me", person("Someone Else", "ZZ99999", ""));
+    other.citizenship = "TJ".into();
+    let status = app
+        .client
+        .clone()
+        .report_presumed_victim(authorized(other, &police()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    // Concurrent retries of one screening: one append, one answer.
+    let request = screening(&first.case_id, 1);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = app.client.clone();
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            client.complete_screening(authorized(request, &police())).await
+        }));
+    }
+    let mut versions = Vec::new();
+    for task in tasks {
+        versions.push(task.await.unwrap().expect("every retry succeeds").into_inner().version);
+    }
+    assert!(versions.iter().all(|v| *v == 2));
+    assert_eq!(app.count("events").await, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_report_of_the_same_person_is_flagged_without_revealing_the_first() {
+    let app = TestApp::spawn().await;
+    let first = report(&app, "dup-1").await;
+    let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
+    let second = app
+        .client
+        .clone()
+        .report_presumed_victim(authorized(
+            report_request("dup-2", person("ASANOVA  aigul", "ac-1234567", "")),
+            &ngo,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.possible_duplicate);
+    assert_ne!(first.case_id, second.case_id);
+    let encoded = second.encode_to_vec();
+    assert!(!String::from_utf8_lossy(&encoded).contains(&first.case_id));
+    // The NGO cannot read the police's case.
+    let status = app
+        .client
+        .clone()
+        .get_case(authorized(
+            pb::GetCaseRequest {
+                case_id: first.case_id.clone(),
+                ..Default::default()
+            },
+            &ngo,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn callers_without_a_valid_token_or_role_are_refused() {
+    let app = TestApp::spawn().await;
+    let request = report_request("auth-1", person("Name", "AB12345", ""));
+    let mut client = app.client.clone();
+    let status = client
+        .report_presumed_victim(tonic::Request::new(request.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client
+        .report_presumed_victim(authorized(request.clone(), "not.a.jwt"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client
+        .report_presumed_victim(authorized(request, &token("kg-moh", Role::Moh, "doctor-1")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(app.count("events").await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cases_are_listed_with_filters_and_pages() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(report(&app, &format!("list-{i}")).await.case_id);
+    }
+    let mut client = app.client.clone();
+    client
+        .complete_screening(authorized(screening(&ids[0], 1), &police()))
+        .await
+        .unwrap();
+    // The list is a projection: wait until it caught up.
+    let coordinator = token("kg-coordinator", Role::Coordinator, "coord-1");
+    let list = |status: i32, page_size: i32, page_token: String| pb::ListCasesRequest {
+        page_size,
+        page_token,
+        status,
+        ..Default::default()
+    };
+    for _ in 0..100 {
+        let presumed = client
+            .list_cases(authorized(
+                list(pb::CaseStatus::Presumed as i32, 10, String::new()),
+                &coordinator,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if presumed.cases.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let presumed = client
+        .list_cases(authorized(
+            list(pb::CaseStatus::Presumed as i32, 10, String::new()),
+            &coordinator,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(presumed.cases.len(), 1);
+    assert_eq!(presumed.cases[0].case_id, ids[0]);
+
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_cases(authorized(list(0, 2, page_token.clone()), &coordinator))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.cases.into_iter().map(|c| c.case_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each case once");
+
+    // A token used with other filters is refused, naming the field.
+    let first = client
+        .list_cases(authorized(list(0, 2, String::new()), &coordinator))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = client
+        .list_cases(authorized(
+            list(pb::CaseStatus::Reported as i32, 2, first.next_page_token),
+            &coordinator,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["page_token"]);
+
+    // An agency without a reader role sees only its own cases.
+    let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
+    let own = client
+        .list_cases(authorized(list(0, 50, String::new()), &ngo))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(own.cases.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_trace_context_of_a_call_travels_with_its_event() {
+    let app = TestApp::spawn().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = authorized(report_request("trace-1", person("Name", "AB12345", "")), &police());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    app.client.clone().report_presumed_victim(request).await.unwrap();
+    let messages = app.wait_for_messages(1).await;
+    let traceparent = messages[0]
+        .headers
+        .get("traceparent")
+        .expect("traceparent header")
+        .as_str();
+    assert!(traceparent.contains(trace_id), "{traceparent}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn health_is_serving_while_the_store_and_the_bus_answer() {
+    let app = TestApp::spawn().await;
+    let mut status = 0;
+    for _ in 0..50 {
+        status = nrm_e2e::health(&app.endpoint, nrm_identification::startup::SERVICE_NAME).await;
+        if status == tonic_health::ServingStatus::Serving as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    app.stop().await;
+}
