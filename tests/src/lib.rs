@@ -388,3 +388,65 @@ pub fn person(name: &str, passport: &str, phone: &str) -> nrm_proto::common::v1:
         address: "Bishkek, Chui 1".into(),
     }
 }
+
+/// A migrated database, a bus and the identification stream of their own,
+/// for testing the kernel's parts one at a time.
+pub struct Parts {
+    /// Their settings.
+    pub settings: Settings,
+    /// A pool on the database.
+    pub pool: sqlx::PgPool,
+    /// The bus.
+    pub bus: nrm_kernel::bus::Bus,
+    /// The stream.
+    pub stream: jetstream::stream::Stream,
+}
+
+impl Parts {
+    /// Creates them.
+    ///
+    /// # Panics
+    /// When a server refuses.
+    pub async fn new() -> Self {
+        let settings = settings();
+        let pool = nrm_kernel::db::connect_and_migrate(&settings.database, &nrm_identification::startup::MIGRATIONS)
+            .await
+            .expect("database");
+        let bus = nrm_kernel::bus::Bus::connect(&settings.nats).await.expect("bus");
+        let stream = bus.ensure_stream("identification").await.expect("stream");
+        Self {
+            settings,
+            pool,
+            bus,
+            stream,
+        }
+    }
+
+    /// A relay over the parts.
+    #[must_use]
+    pub fn relay(&self, store: &nrm_kernel::store::EventStore) -> nrm_kernel::relay::Relay {
+        nrm_kernel::relay::Relay::new(
+            self.pool.clone(),
+            self.bus.clone(),
+            self.stream.clone(),
+            store.appended_signal(),
+            nrm_kernel::relay::RelayConfig::new(nrm_identification::app::PAYLOAD_TYPE),
+        )
+    }
+
+    /// Every message in the stream so far.
+    pub async fn messages(&self) -> Vec<jetstream::message::StreamMessage> {
+        messages(self.bus.jetstream(), &self.bus.stream_name("identification")).await
+    }
+
+    /// Drops the database and the stream.
+    pub async fn drop_all(self) {
+        self.pool.close().await;
+        let _ = self
+            .bus
+            .jetstream()
+            .delete_stream(self.bus.stream_name("identification"))
+            .await;
+        let _ = nrm_kernel::db::drop_database(&self.settings.database).await;
+    }
+}
