@@ -179,6 +179,8 @@ pub struct TestApp {
     pub settings: Settings,
     /// `http://127.0.0.1:port`.
     pub endpoint: String,
+    /// `http://127.0.0.1:port/metrics`.
+    pub metrics_url: String,
     /// A client.
     pub client: IdentificationServiceClient<Channel>,
     /// A pool on its database, for checking what was written.
@@ -199,6 +201,7 @@ impl TestApp {
             .await
             .expect("build the identification service");
         let addr = app.grpc_addr().expect("grpc address");
+        let metrics_url = format!("http://{}/metrics", app.metrics_addr().expect("metrics address"));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -219,6 +222,7 @@ impl TestApp {
         Self {
             settings,
             endpoint,
+            metrics_url,
             client,
             pool,
             jetstream: jetstream::new(nats),
@@ -449,4 +453,53 @@ impl Parts {
             .await;
         let _ = nrm_kernel::db::drop_database(&self.settings.database).await;
     }
+}
+
+/// A binary of the workspace, built by `cargo test --workspace` beside the test binaries.
+///
+/// # Panics
+/// When it was not built.
+#[must_use]
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let path = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join(name))
+        .expect("target folder");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `make test` or `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// The environment variables that configure a service process like `settings`.
+#[must_use]
+pub fn service_env(settings: &Settings) -> Vec<(String, String)> {
+    use secrecy::ExposeSecret as _;
+    vec![
+        ("NRM_GRPC_ADDR".into(), settings.server.grpc_addr.to_string()),
+        ("NRM_METRICS_ADDR".into(), settings.server.metrics_addr.to_string()),
+        ("NRM_DATABASE__URL".into(), settings.database.url.clone()),
+        ("NRM_DATABASE__NAME".into(), settings.database.name.clone()),
+        ("NRM_NATS__URL".into(), settings.nats.url.clone()),
+        ("NRM_NATS__SUBJECT_PREFIX".into(), settings.nats.subject_prefix.clone()),
+        ("NRM_NATS__STREAM_PREFIX".into(), settings.nats.stream_prefix.clone()),
+        (
+            "NRM_AUTH__JWT_SECRET".into(),
+            settings.auth.jwt_secret.expose_secret().to_owned(),
+        ),
+        (
+            "NRM_SEALING__MASTER_KEY".into(),
+            settings.sealing.master_key.expose_secret().to_owned(),
+        ),
+        (
+            "NRM_SEALING__MATCH_KEY".into(),
+            settings.sealing.match_key.expose_secret().to_owned(),
+        ),
+        ("NRM_TELEMETRY__LOG".into(), "info".into()),
+    ]
 }

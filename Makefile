@@ -1,0 +1,55 @@
+# Köpür — developer entry points. `make` alone lists them.
+#   make run                 everything on this machine (Ctrl-C stops; data kept in .data)
+#   make test ARGS='...'     fmt check, clippy, tests on a private PostgreSQL + NATS
+# The scripts live in scripts/; they install what is missing (scripts/deps.sh).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Extra arguments for `cargo test --workspace` (make test) or scripts/bench.sh (make bench).
+ARGS ?=
+
+.PHONY: help run test bench lint fmt reset stack-up stack-down stack-status
+
+help:
+	@echo "Köpür — make targets:"
+	@echo "  make run           build (release), start PostgreSQL + NATS in .data and the services; Ctrl-C stops"
+	@echo "  make test          cargo fmt --check, clippy -D warnings, cargo test on a private stack (ARGS='...' for cargo test)"
+	@echo "  make bench         scripts/bench.sh (ARGS='...')"
+	@echo "  make lint          cargo fmt --check and cargo clippy -D warnings"
+	@echo "  make fmt           cargo fmt --all"
+	@echo "  make reset         delete everything in .data (databases, streams, keys, logs); make run must be stopped"
+	@echo "  make stack-up      start only PostgreSQL + NATS in .data (prints the URLs)"
+	@echo "  make stack-down    stop them (data kept)"
+	@echo "  make stack-status  what runs in .data"
+
+run:
+	bash scripts/run.sh
+
+test:
+	bash scripts/test.sh $(ARGS)
+
+bench:
+	bash scripts/bench.sh $(ARGS)
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+reset:
+	@if [ -e .data/run.lock ] && ! flock -n .data/run.lock true; then \
+		echo "make run is still running on .data: stop it (Ctrl-C) first" >&2; exit 1; \
+	fi
+	bash scripts/stack.sh reset .data
+
+stack-up:
+	bash scripts/stack.sh up .data
+
+stack-down:
+	bash scripts/stack.sh down .data
+
+stack-status:
+	@bash scripts/stack.sh status .data || true

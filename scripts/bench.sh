@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Köpür — what `make bench` runs:
+#   deps → cargo build --release -p nrm-bench → private stack in
+#   target/nrm-benchenv → target/release/nrm-bench [ARGS] → stack down.
+#
+# nrm-bench measures, on one PostgreSQL, the kernel's append path (1, 8, 32
+# clients) beside pgbench inserting the same rows (the raw ceiling), takes
+# the kernel's path apart at the highest client count, and times a gRPC
+# report until its event is on NATS. It prints a markdown table and writes it
+# to bench/results/<UTC date-time>.md and bench/results/latest.md.
+#
+# Arguments go to nrm-bench (`make bench ARGS='--seconds 5'`; see
+# `target/release/nrm-bench --help`); the same settings can come from the
+# environment: NRM_BENCH_SECONDS, NRM_BENCH_WARMUP, NRM_BENCH_CLIENTS,
+# NRM_BENCH_PAYLOAD_BYTES, NRM_BENCH_DIAGNOSE_SECONDS, NRM_BENCH_E2E_REPORTS,
+# NRM_BENCH_E2E_CONCURRENCY, NRM_BENCH_RESULTS_DIR, NRM_BENCH_PGBENCH.
+# When NRM_TEST_DATABASE_URL and NRM_TEST_NATS_URL are both set already,
+# those servers are used and no private stack is started.
+
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+cd "$REPO_ROOT"
+
+BENCHENV=target/nrm-benchenv
+# As root, PostgreSQL runs as the postgres user; when it cannot reach the
+# clone, the cluster lives under /tmp instead (see scripts/stack.sh).
+export NRM_STACK_PG_FALLBACK_ROOT=${NRM_STACK_PG_FALLBACK_ROOT:-/tmp}
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "deps (scripts/deps.sh)"
+bash "$SCRIPT_DIR/deps.sh"
+
+step "build (cargo build --release -p nrm-bench)"
+cargo build --release -p nrm-bench
+
+STACK_STARTED=0
+# shellcheck disable=SC2317 # called through the EXIT trap
+teardown() {
+    local rc=$?
+    trap '' INT TERM HUP
+    if ((STACK_STARTED)); then
+        step "stack down ($BENCHENV)"
+        bash "$SCRIPT_DIR/stack.sh" down "$BENCHENV" || { ((rc)) || rc=1; }
+    fi
+    exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+if [[ -n ${NRM_TEST_DATABASE_URL:-} && -n ${NRM_TEST_NATS_URL:-} ]]; then
+    step "using the given servers: NRM_TEST_DATABASE_URL=$NRM_TEST_DATABASE_URL NRM_TEST_NATS_URL=$NRM_TEST_NATS_URL"
+else
+    step "stack up ($BENCHENV)"
+    STACK_STARTED=1
+    bash "$SCRIPT_DIR/stack.sh" up "$BENCHENV" >/dev/null
+    # shellcheck source=/dev/null
+    . "$BENCHENV/stack.env"
+    export NRM_TEST_DATABASE_URL=$NRM_STACK_DATABASE_URL
+    export NRM_TEST_NATS_URL=$NRM_STACK_NATS_URL
+fi
+
+step "bench (target/release/nrm-bench${*:+ $*})"
+target/release/nrm-bench "$@"

@@ -1,0 +1,158 @@
+//! `nrmctl` as a user runs it, against a real identification service: the
+//! README's walk-through, step by step.
+
+use std::process::{Command, Output};
+
+use nrm_e2e::{JWT_SECRET, TestApp, binary};
+
+fn nrmctl(app: &TestApp, role: &str, args: &[&str]) -> Output {
+    Command::new(binary("nrmctl"))
+        .args(args)
+        .env("NRM_ENDPOINT", &app.endpoint)
+        .env("NRM_AUTH__JWT_SECRET", JWT_SECRET)
+        .env("NRM_AGENCY", "kg-mvd")
+        .env("NRM_ROLE", role)
+        .env("NRM_OFFICER", "officer-5")
+        .env("NRM_NATS__URL", &app.settings.nats.url)
+        .output()
+        .expect("run nrmctl")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "nrmctl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON output")
+}
+
+// nrmctl runs as a blocking child process while the service answers on other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_reports_screens_decides_reads_lists_and_watches_events_with_nrmctl() {
+    let app = TestApp::spawn().await;
+    let reported = json(&nrmctl(
+        &app,
+        "police",
+        &[
+            "--output",
+            "json",
+            "case",
+            "report",
+            "--found-country",
+            "KZ",
+            "--found-region",
+            "ALA",
+            "--exploitation-country",
+            "KZ",
+            "--form",
+            "labour",
+            "--control",
+            "document-retention",
+            "--gender",
+            "female",
+            "--age",
+            "24",
+            "--citizenship",
+            "KG",
+            "--name",
+            "Aigul Asanova",
+            "--passport",
+            "AC1234567:KG",
+        ],
+    ));
+    let case_id = reported["case_id"].as_str().expect("case_id").to_owned();
+    assert_eq!(reported["status"], "CASE_STATUS_REPORTED");
+
+    json(&nrmctl(
+        &app,
+        "police",
+        &[
+            "--output",
+            "json",
+            "case",
+            "screen",
+            &case_id,
+            "--version",
+            "1",
+            "--indicator",
+            "documents-retained",
+        ],
+    ));
+    json(&nrmctl(
+        &app,
+        "prosecutor",
+        &[
+            "--output",
+            "json",
+            "case",
+            "decide",
+            &case_id,
+            "--version",
+            "2",
+            "--decision",
+            "identified",
+            "--non-punishment",
+        ],
+    ));
+    let case = json(&nrmctl(
+        &app,
+        "police",
+        &[
+            "--output",
+            "json",
+            "case",
+            "get",
+            &case_id,
+            "--personal",
+            "--purpose",
+            "walk-through",
+        ],
+    ));
+    assert_eq!(case["status"], "CASE_STATUS_IDENTIFIED");
+    assert_eq!(case["personal"]["identifiers"]["full_name"], "Aigul Asanova");
+
+    // Bad input: the field is named, the exit code is 1.
+    let refused = nrmctl(&app, "police", &["case", "screen", &case_id, "--version", "1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("ABORTED"));
+
+    // The events, decoded as JSON.
+    let stream = app.stream_name();
+    let watched = nrmctl(
+        &app,
+        "police",
+        &["events", "watch", "--stream", &stream, "--from-start", "--count", "3"],
+    );
+    assert!(watched.status.success(), "{}", String::from_utf8_lossy(&watched.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let text = serde_json::to_string(&lines).unwrap();
+    for event in [
+        "presumed_victim_reported",
+        "screening_completed",
+        "identification_decided",
+    ] {
+        assert!(text.contains(event), "{event} in the watched events");
+    }
+    assert!(!text.contains("Aigul"), "events carry sealed identifiers only");
+
+    // The list is a projection: it catches up within moments.
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..100 {
+        listed = json(&nrmctl(
+            &app,
+            "police",
+            &["--output", "json", "case", "list", "--status", "identified"],
+        ));
+        if listed["cases"].as_array().is_some_and(|c| c.len() == 1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed["cases"][0]["case_id"], case_id.as_str());
+    app.stop().await;
+}

@@ -1,0 +1,113 @@
+//! The identification service as its own process: killed between commit and
+//! publish, restarted, stopped with SIGTERM.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nrm_e2e::{authorized, binary, messages, person, report_request, service_env, settings, token};
+use nrm_kernel::auth::Role;
+use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
+
+/// Starts the binary and returns it with the gRPC address from its log.
+fn start(extra: &[(&str, &str)], settings: &nrm_identification::config::Settings) -> (Child, String) {
+    let mut command = Command::new(binary("identification"));
+    command
+        .envs(service_env(settings))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start the service");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent && line.contains("identification service listening") {
+                let addr = line
+                    .split("\"grpc\":\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or_default()
+                    .to_owned();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the service starts");
+    (child, format!("http://{addr}"))
+}
+
+async fn stream_messages(settings: &nrm_identification::config::Settings) -> usize {
+    let nats = async_nats::connect(settings.nats.url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    messages(&js, &format!("{}_IDENTIFICATION", settings.nats.stream_prefix))
+        .await
+        .len()
+}
+
+#[tokio::test]
+async fn a_service_killed_after_commit_and_before_publish_publishes_exactly_once_after_restart() {
+    let settings = settings();
+    // Relay off: the command commits, the event waits in the outbox.
+    let (mut child, endpoint) = start(&[("NRM_RELAY__ENABLED", "false")], &settings);
+    let mut client = IdentificationServiceClient::connect(endpoint).await.unwrap();
+    let reported = client
+        .report_presumed_victim(authorized(
+            report_request("crash-1", person("Name Surname", "AB12345", "")),
+            &token("kg-mvd", Role::Police, "officer-1"),
+        ))
+        .await
+        .expect("the command is acknowledged")
+        .into_inner();
+    assert_eq!(stream_messages(&settings).await, 0);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (mut child, endpoint) = start(&[], &settings);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stream_messages(&settings).await == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stream_messages(&settings).await, 1, "published exactly once");
+
+    // The acknowledged case survived the kill.
+    let mut client = IdentificationServiceClient::connect(endpoint).await.unwrap();
+    let case = client
+        .get_case(authorized(
+            nrm_proto::identification::v1::GetCaseRequest {
+                case_id: reported.case_id,
+                ..Default::default()
+            },
+            &token("kg-mvd", Role::Police, "officer-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(case.version, 1);
+
+    // SIGTERM stops it cleanly.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the service did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
+    let nats = async_nats::connect(settings.nats.url.as_str()).await.unwrap();
+    let _ = async_nats::jetstream::new(nats)
+        .delete_stream(format!("{}_IDENTIFICATION", settings.nats.stream_prefix))
+        .await;
+    let _ = nrm_kernel::db::drop_database(&settings.database).await;
+}
