@@ -1,6 +1,8 @@
 //! `nrmctl` as a user runs it, against a real identification service: the
 //! README's walk-through, step by step.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use std::process::{Command, Output};
 
 use nrm_e2e::{JWT_SECRET, TestApp, binary};

@@ -1,5 +1,7 @@
 //! The identification service over gRPC, against real NATS and PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use nrm_e2e::{TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::personal_data_view::View;

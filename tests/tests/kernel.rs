@@ -1,6 +1,8 @@
 //! The kernel's guarantees, each against the real servers: one winner per
 //! version, nothing skipped, nothing published twice, redelivery harmless.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;

@@ -4,6 +4,8 @@
 //! This file is its own test process so that it can capture every log line
 //! and span of the service at debug level.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 

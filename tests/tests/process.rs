@@ -1,6 +1,8 @@
 //! The identification service as its own process: killed between commit and
 //! publish, restarted, stopped with SIGTERM.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
