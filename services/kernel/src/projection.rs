@@ -19,8 +19,11 @@ use prost::Message as _;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+use tracing::Instrument as _;
+
 use crate::bus::{self, Bus, BusError};
 use crate::store::EventMetadata;
+use crate::telemetry;
 use nrm_proto::common::v1::EventCommit;
 
 /// A read model (or a reaction) fed by one subject filter of one stream.
@@ -210,7 +213,17 @@ impl<P: Projection> ProjectionRunner<P> {
             commit: EventCommit::decode(message.payload.as_ref())?,
             metadata: bus::metadata_from_headers(message.headers.as_ref()),
         };
-        self.projection.apply(&mut tx, &delivery).await?;
+        // The handler's span continues the trace of the command that caused the events.
+        let span = tracing::info_span!(
+            "projection.apply",
+            projection = self.projection.name(),
+            stream_id = %delivery.commit.stream_id,
+            stream_sequence
+        );
+        if let Some(metadata) = &delivery.metadata {
+            telemetry::continue_trace(&span, metadata);
+        }
+        self.projection.apply(&mut tx, &delivery).instrument(span).await?;
         sqlx::query(
             "INSERT INTO projection_checkpoints (projection, stream_sequence) VALUES ($1, $2)
              ON CONFLICT (projection) DO UPDATE SET stream_sequence = EXCLUDED.stream_sequence, updated_at = now()",

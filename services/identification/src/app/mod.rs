@@ -41,6 +41,8 @@ pub const REPORTERS: &[Role] = &[
 pub const SCREENERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService];
 /// Roles of the competent authority: decide, review, erase.
 pub const DECIDERS: &[Role] = &[Role::Police, Role::Prosecutor];
+/// Roles that may erase a person's identifiers.
+pub const ERASERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::Coordinator];
 /// Roles that see every case (coded fields).
 pub const CASE_READERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService, Role::Coordinator];
 
@@ -78,6 +80,40 @@ impl From<DomainError> for AppError {
                 id: String::new(),
             },
             other => AppError::precondition(other.code(), "case", other.to_string()),
+        }
+    }
+}
+
+/// The fields every command on an existing case carries.
+struct Target {
+    request_id: Option<String>,
+    case_id: Option<CaseId>,
+    /// `None`: act on the current version.
+    expected_version: Option<u64>,
+}
+
+impl Target {
+    /// Parses them, recording violations; `expected_version: None` for commands without one.
+    fn parse(v: &mut Violations, request_id: &str, case_id: &str, expected_version: Option<u64>) -> Self {
+        Self {
+            request_id: v.check(parse::request_id(request_id)),
+            case_id: v.check(CaseId::parse("case_id", case_id)),
+            expected_version: expected_version.and_then(|e| v.check(parse::expected_version(e))),
+        }
+    }
+
+    /// `INVALID_ARGUMENT` naming every violation of the request, or the target.
+    fn finish(self, v: Violations) -> Result<Self, AppError> {
+        if v.is_empty() { Ok(self) } else { Err(v.into_error()) }
+    }
+
+    fn command(self, method: &'static str, command: Command) -> CaseCommand {
+        CaseCommand {
+            method,
+            request_id: self.request_id.unwrap_or_default(),
+            case_id: self.case_id.unwrap_or_default(),
+            expected_version: self.expected_version,
+            command,
         }
     }
 }
@@ -385,30 +421,15 @@ impl Identification {
     ) -> Result<CommandResult, AppError> {
         ctx.caller.require("screen a case", SCREENERS)?;
         let mut v = Violations::new();
-        let request_id = v.check(parse::request_id(&req.request_id));
-        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
-        let expected = v.check(parse::expected_version(req.expected_version));
+        let target = Target::parse(&mut v, &req.request_id, &req.case_id, Some(req.expected_version));
         let indicators = parse::indicators(&req.indicators, &mut v);
-        let (Some(request_id), Some(case_id), Some(expected)) = (request_id, case_id, expected) else {
-            return Err(v.into_error());
-        };
-        v.finish(|| ())?;
+        let target = target.finish(v)?;
         let command = Command::CompleteScreening {
             indicators,
             now: parse::timestamp(Utc::now()),
         };
-        self.on_case(
-            ctx,
-            req,
-            CaseCommand {
-                method: "CompleteScreening",
-                request_id,
-                case_id,
-                expected_version: Some(expected),
-                command,
-            },
-        )
-        .await
+        self.on_case(ctx, req, target.command("CompleteScreening", command))
+            .await
     }
 
     /// Records the formal decision.
@@ -423,14 +444,9 @@ impl Identification {
     ) -> Result<CommandResult, AppError> {
         ctx.caller.require("decide identification", DECIDERS)?;
         let mut v = Violations::new();
-        let request_id = v.check(parse::request_id(&req.request_id));
-        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
-        let expected = v.check(parse::expected_version(req.expected_version));
+        let target = Target::parse(&mut v, &req.request_id, &req.case_id, Some(req.expected_version));
         let (decision, reason) = parse::decision(req, &mut v);
-        let (Some(request_id), Some(case_id), Some(expected), true) = (request_id, case_id, expected, v.is_empty())
-        else {
-            return Err(v.into_error());
-        };
+        let target = target.finish(v)?;
         let command = Command::Decide {
             decision,
             reason,
@@ -439,18 +455,8 @@ impl Identification {
             now: parse::timestamp(Utc::now()),
             reflection_days: self.reflection_days,
         };
-        self.on_case(
-            ctx,
-            req,
-            CaseCommand {
-                method: "DecideIdentification",
-                request_id,
-                case_id,
-                expected_version: Some(expected),
-                command,
-            },
-        )
-        .await
+        self.on_case(ctx, req, target.command("DecideIdentification", command))
+            .await
     }
 
     /// Reopens a decision.
@@ -461,30 +467,14 @@ impl Identification {
     pub async fn review(&self, ctx: &CallContext, req: &pb::RequestReviewRequest) -> Result<CommandResult, AppError> {
         ctx.caller.require("request a review", DECIDERS)?;
         let mut v = Violations::new();
-        let request_id = v.check(parse::request_id(&req.request_id));
-        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
-        let expected = v.check(parse::expected_version(req.expected_version));
+        let target = Target::parse(&mut v, &req.request_id, &req.case_id, Some(req.expected_version));
         let reason = v.check(parse::review_reason(req.reason));
-        let (Some(request_id), Some(case_id), Some(expected), Some(reason)) = (request_id, case_id, expected, reason)
-        else {
-            return Err(v.into_error());
-        };
+        let target = target.finish(v)?;
         let command = Command::RequestReview {
-            reason,
+            reason: reason.unwrap_or(pb::ReviewReason::Unspecified),
             now: parse::timestamp(Utc::now()),
         };
-        self.on_case(
-            ctx,
-            req,
-            CaseCommand {
-                method: "RequestReview",
-                request_id,
-                case_id,
-                expected_version: Some(expected),
-                command,
-            },
-        )
-        .await
+        self.on_case(ctx, req, target.command("RequestReview", command)).await
     }
 
     /// Erases the person's identifiers by deleting their key.
@@ -497,29 +487,13 @@ impl Identification {
         ctx: &CallContext,
         req: &pb::ErasePersonalDataRequest,
     ) -> Result<CommandResult, AppError> {
-        let mut erasers = DECIDERS.to_vec();
-        erasers.push(Role::Coordinator);
-        ctx.caller.require("erase personal data", &erasers)?;
+        ctx.caller.require("erase personal data", ERASERS)?;
         let mut v = Violations::new();
-        let request_id = v.check(parse::request_id(&req.request_id));
-        let case_id = v.check(CaseId::parse("case_id", &req.case_id));
-        let (Some(request_id), Some(case_id)) = (request_id, case_id) else {
-            return Err(v.into_error());
-        };
+        let target = Target::parse(&mut v, &req.request_id, &req.case_id, None).finish(v)?;
         let command = Command::ErasePersonalData {
             now: parse::timestamp(Utc::now()),
         };
-        self.on_case(
-            ctx,
-            req,
-            CaseCommand {
-                method: "ErasePersonalData",
-                request_id,
-                case_id,
-                expected_version: None,
-                command,
-            },
-        )
-        .await
+        self.on_case(ctx, req, target.command("ErasePersonalData", command))
+            .await
     }
 }
