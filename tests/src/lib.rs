@@ -90,12 +90,12 @@ pub fn env() -> &'static TestEnv {
 /// only when `TEST_LOG=1`.
 fn init_logs() {
     let log = if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
-        "info"
+        std::env::var("TEST_LOG_FILTER").unwrap_or_else(|_| "info".into())
     } else {
-        "off"
+        "off".into()
     };
     let settings = TelemetrySettings {
-        log: log.into(),
+        log,
         log_format: "text".into(),
     };
     if let Ok(guard) =
@@ -436,6 +436,28 @@ impl Parts {
             store.appended_signal(),
             nrm_kernel::relay::RelayConfig::new(nrm_identification::app::PAYLOAD_TYPE),
         )
+    }
+
+    /// Runs relay rounds until the outbox is empty (10 s at most). One round
+    /// may publish nothing while a transaction anywhere in the cluster is
+    /// older than the outbox rows (the relay waits for it), so tests poll.
+    ///
+    /// # Panics
+    /// When the outbox is not empty after 10 s.
+    pub async fn publish_all(&self, relay: &mut nrm_kernel::relay::Relay) -> usize {
+        let mut published = 0;
+        for _ in 0..400 {
+            published += relay.publish_round().await.expect("relay round");
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&self.pool)
+                .await
+                .expect("outbox count");
+            if left == 0 {
+                return published;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the outbox did not empty within 10 s");
     }
 
     /// Every message in the stream so far.

@@ -139,11 +139,7 @@ async fn transactions_committing_in_reverse_order_are_both_published() {
     );
 
     first.commit().await.unwrap();
-    let mut published = 0;
-    for _ in 0..10 {
-        published += relay.publish_round().await.unwrap();
-    }
-    assert_eq!(published, 2);
+    assert_eq!(parts.publish_all(&mut relay).await, 2);
     let messages = parts.messages().await;
     let streams: Vec<&str> = messages
         .iter()
@@ -165,7 +161,7 @@ async fn a_commit_published_before_a_crash_is_not_published_again_even_after_the
             .fetch_one(&parts.pool)
             .await
             .unwrap();
-    assert_eq!(parts.relay(&store).publish_round().await.unwrap(), 1);
+    assert_eq!(parts.publish_all(&mut parts.relay(&store)).await, 1);
     assert_eq!(parts.messages().await.len(), 1);
 
     // The relay "crashed" after the acknowledgement and before deleting the
@@ -188,7 +184,7 @@ async fn a_commit_published_before_a_crash_is_not_published_again_even_after_the
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A relay starting after the crash checks the stream first.
-    assert_eq!(parts.relay(&store).publish_round().await.unwrap(), 1);
+    assert_eq!(parts.publish_all(&mut parts.relay(&store)).await, 1);
     assert_eq!(parts.messages().await.len(), 1, "the commit is on NATS exactly once");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(&parts.pool)
@@ -210,9 +206,9 @@ async fn a_redelivered_message_leaves_the_read_model_unchanged() {
     let parts = Parts::new().await;
     let store = EventStore::new(parts.pool.clone());
     append_case(&parts, &store, Uuid::now_v7()).await;
-    parts.relay(&store).publish_round().await.unwrap();
+    parts.publish_all(&mut parts.relay(&store)).await;
     let runner = ProjectionRunner::new(
-        parts.pool.clone(),
+        EventStore::new(parts.pool.clone()),
         parts.bus.clone(),
         parts.stream.clone(),
         parts.bus.context_subjects("identification"),
@@ -248,11 +244,10 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_original() {
     for _ in 0..5 {
         append_case(&parts, &store, Uuid::now_v7()).await;
     }
-    let mut relay = parts.relay(&store);
-    while relay.publish_round().await.unwrap() > 0 {}
+    parts.publish_all(&mut parts.relay(&store)).await;
     let runner = || {
         ProjectionRunner::new(
-            parts.pool.clone(),
+            EventStore::new(parts.pool.clone()),
             parts.bus.clone(),
             parts.stream.clone(),
             parts.bus.context_subjects("identification"),
@@ -279,5 +274,88 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_original() {
     assert!(case_list(&parts).await.is_empty());
     catch_up(&parts, runner()).await;
     assert_eq!(case_list(&parts).await, original);
+    parts.drop_all().await;
+}
+
+/// Appends one event to the timer's aggregate when it fires.
+struct Overdue {
+    subject: String,
+}
+
+impl nrm_kernel::timers::TimerHandler for Overdue {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["test.overdue"]
+    }
+
+    async fn fire(
+        &self,
+        uow: &mut nrm_kernel::store::UnitOfWork,
+        timer: &nrm_kernel::timers::Timer,
+    ) -> Result<(), anyhow::Error> {
+        let case_id: Uuid = timer.aggregate_id.parse()?;
+        uow.append(
+            &format!("case-{case_id}"),
+            0,
+            &[reported(case_id)],
+            &metadata(),
+            &self.subject,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_due_timer_fires_exactly_once_across_runners_and_restarts() {
+    use chrono::Utc;
+    use nrm_kernel::timers::{self, TimerRunner};
+
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    let (due, later, cancelled) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let mut conn = parts.pool.acquire().await.unwrap();
+    let past = Utc::now() - chrono::Duration::seconds(1);
+    timers::schedule(&mut conn, "test.overdue", &due.to_string(), past, b"")
+        .await
+        .unwrap();
+    timers::schedule(&mut conn, "test.overdue", &cancelled.to_string(), past, b"")
+        .await
+        .unwrap();
+    timers::schedule(
+        &mut conn,
+        "test.overdue",
+        &later.to_string(),
+        Utc::now() + chrono::Duration::hours(1),
+        b"",
+    )
+    .await
+    .unwrap();
+    assert!(
+        timers::cancel(&mut conn, "test.overdue", &cancelled.to_string())
+            .await
+            .unwrap()
+    );
+    drop(conn);
+
+    let runner = || {
+        TimerRunner::new(
+            store.clone(),
+            Overdue {
+                subject: parts.bus.subject("identification", "case", "timers"),
+            },
+            Duration::from_millis(50),
+        )
+    };
+    // Two runners at once, as two replicas of a service would be.
+    let (a, b) = (runner(), runner());
+    let (fired_a, fired_b) = tokio::join!(a.fire_due(), b.fire_due());
+    assert_eq!(fired_a.unwrap() + fired_b.unwrap(), 1);
+    // A runner started later (after a restart) finds nothing more to fire.
+    assert_eq!(runner().fire_due().await.unwrap(), 0);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&parts.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 1, "only the due, uncancelled timer had an effect");
     parts.drop_all().await;
 }

@@ -5,6 +5,7 @@
 use anyhow::Context as _;
 use chrono::DateTime;
 use nrm_kernel::projection::{Delivery, Projection};
+use nrm_kernel::store::UnitOfWork;
 use nrm_proto::identification::v1 as pb;
 use pb::identification_event::Event;
 use prost::Message as _;
@@ -20,7 +21,8 @@ impl Projection for CaseList {
         "identification_case_list"
     }
 
-    async fn apply(&self, conn: &mut PgConnection, delivery: &Delivery) -> Result<(), anyhow::Error> {
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        let conn = uow.conn();
         for committed in &delivery.commit.events {
             let event = pb::IdentificationEvent::decode(committed.payload.as_slice())
                 .with_context(|| format!("event {} does not decode", committed.event_id))?

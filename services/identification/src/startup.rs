@@ -68,7 +68,13 @@ impl Application {
                 RelayConfig::new(PAYLOAD_TYPE),
             )
         });
-        let case_list = ProjectionRunner::new(pool, bus.clone(), stream, bus.context_subjects(CONTEXT), CaseList);
+        let case_list = ProjectionRunner::new(
+            store.clone(),
+            bus.clone(),
+            stream,
+            bus.context_subjects(CONTEXT),
+            CaseList,
+        );
         let app = Identification::new(
             store,
             bus.clone(),

@@ -21,6 +21,7 @@
 //!   metadata and event headers.
 //! - [`server`]: gRPC plumbing every service shares: health, reflection,
 //!   metrics endpoint, graceful shutdown.
+//! - [`timers`]: durable deadlines that fire exactly once.
 //! - [`audit`]: the append-only access log.
 
 pub mod audit;
@@ -36,5 +37,6 @@ pub mod server;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod timers;
 
 pub use error::{AppError, FieldViolation};

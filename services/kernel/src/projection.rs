@@ -2,6 +2,12 @@
 //! writes its effects and its stream position in one PostgreSQL transaction,
 //! and acknowledges only after the commit.
 //!
+//! A *projection* writes a read model through [`UnitOfWork::conn`]. A
+//! *reaction* (a service acting on another service's events) appends its own
+//! events through [`UnitOfWork::append`] in the same transaction as the
+//! checkpoint, so a redelivered event holds no second bed and sends no second
+//! escalation.
+//!
 //! Delivery is at-least-once (a message acknowledged in the last ~100 ms
 //! before a crash comes again, and a slow handler sees redeliveries). The
 //! checkpoint makes the effect exactly-once: a message at or below the stored
@@ -16,13 +22,13 @@ use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt as _;
 use prost::Message as _;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument as _;
 
 use crate::bus::{self, Bus, BusError};
-use crate::store::EventMetadata;
+use crate::store::{EventMetadata, EventStore, UnitOfWork};
 use crate::telemetry;
 use nrm_proto::common::v1::EventCommit;
 
@@ -31,10 +37,10 @@ pub trait Projection: Send + Sync + 'static {
     /// Stable name: the checkpoint key and the durable consumer's name.
     fn name(&self) -> &'static str;
 
-    /// Applies one commit inside the transaction that will also store the checkpoint.
+    /// Applies one commit inside the unit of work that will also store the checkpoint.
     fn apply(
         &self,
-        conn: &mut PgConnection,
+        uow: &mut UnitOfWork,
         delivery: &Delivery,
     ) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
 
@@ -66,7 +72,7 @@ pub enum Outcome {
 
 /// Runs one projection on one stream.
 pub struct ProjectionRunner<P> {
-    pool: PgPool,
+    store: EventStore,
     bus: Bus,
     stream: Stream,
     filter_subject: String,
@@ -75,9 +81,9 @@ pub struct ProjectionRunner<P> {
 
 impl<P: Projection> ProjectionRunner<P> {
     /// A runner for `projection`, fed by `filter_subject` of `stream`.
-    pub fn new(pool: PgPool, bus: Bus, stream: Stream, filter_subject: String, projection: P) -> Self {
+    pub fn new(store: EventStore, bus: Bus, stream: Stream, filter_subject: String, projection: P) -> Self {
         Self {
-            pool,
+            store,
             bus,
             stream,
             filter_subject,
@@ -196,11 +202,11 @@ impl<P: Projection> ProjectionRunner<P> {
             .info()
             .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
         let stream_sequence = info.stream_sequence;
-        let mut tx = self.pool.begin().await?;
+        let mut uow = self.store.begin().await?;
         let checkpoint: Option<i64> =
             sqlx::query_scalar("SELECT stream_sequence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
                 .bind(self.projection.name())
-                .fetch_optional(&mut *tx)
+                .fetch_optional(uow.conn())
                 .await?;
         let sequence = i64::try_from(stream_sequence)?;
         if checkpoint.is_some_and(|c| sequence <= c) {
@@ -223,16 +229,16 @@ impl<P: Projection> ProjectionRunner<P> {
         if let Some(metadata) = &delivery.metadata {
             telemetry::continue_trace(&span, metadata);
         }
-        self.projection.apply(&mut tx, &delivery).instrument(span).await?;
+        self.projection.apply(&mut uow, &delivery).instrument(span).await?;
         sqlx::query(
             "INSERT INTO projection_checkpoints (projection, stream_sequence) VALUES ($1, $2)
              ON CONFLICT (projection) DO UPDATE SET stream_sequence = EXCLUDED.stream_sequence, updated_at = now()",
         )
         .bind(self.projection.name())
         .bind(sequence)
-        .execute(&mut *tx)
+        .execute(uow.conn())
         .await?;
-        tx.commit().await?;
+        uow.commit().await?;
         metrics::counter!("nrm_projection_applied_total", "projection" => self.projection.name()).increment(1);
         Ok(Outcome::Applied)
     }
@@ -243,7 +249,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// # Errors
     /// When the database or JetStream fails.
     pub async fn rebuild(&self) -> Result<(), anyhow::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.store.pool().begin().await?;
         self.projection.reset(&mut tx).await?;
         sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
             .bind(self.projection.name())

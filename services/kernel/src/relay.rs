@@ -12,7 +12,9 @@
 //! - **Nothing skipped.** Rows are read only from transactions older than
 //!   every transaction still running (`pg_snapshot_xmin`), ordered by
 //!   (transaction, row): a transaction that took an early ID but commits late
-//!   is waited for, not passed over.
+//!   is waited for, not passed over. The horizon is cluster-wide: a long
+//!   transaction in any database of the cluster delays publishing (it never
+//!   loses anything); keep transactions short.
 //! - **Order per aggregate.** One round sends at most one commit per subject,
 //!   and the next round starts only when the round was acknowledged, so a
 //!   subject's messages are stored in version order.
