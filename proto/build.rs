@@ -9,6 +9,8 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "nrm/common/v1/common.proto",
     "nrm/identification/v1/identification.proto",
+    "nrm/referral/v1/referral.proto",
+    "nrm/shelter/v1/shelter.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`common::v1`]: sealed personal data, shared enums, command results.
 //! - [`identification::v1`]: the identification service and its events.
+//! - [`referral::v1`]: consents, referrals, the rehabilitation plan.
+//! - [`shelter::v1`]: shelters, beds, holds, admissions.
 //! - [`FILE_DESCRIPTOR_SET`]: every file's descriptor, for gRPC reflection and
 //!   for decoding events to JSON.
 
@@ -26,5 +28,21 @@ pub mod identification {
     /// `nrm.identification.v1`
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/nrm.identification.v1.rs"));
+    }
+}
+
+/// `nrm.referral.*`
+pub mod referral {
+    /// `nrm.referral.v1`
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/nrm.referral.v1.rs"));
+    }
+}
+
+/// `nrm.shelter.*`
+pub mod shelter {
+    /// `nrm.shelter.v1`
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/nrm.shelter.v1.rs"));
     }
 }

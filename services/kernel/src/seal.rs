@@ -1,6 +1,6 @@
 //! Personal data at rest and in transit: sealed under a per-person key.
 //!
-//! Each person gets a random 256-bit key, stored only wrapped by the master
+//! Each person (and each shelter, whose address is personal-safety data) gets a random 256-bit key, stored only wrapped by the master
 //! key (XChaCha20-Poly1305, the person ID as associated data) in the
 //! `person_keys` table of the service that holds the person's identifiers.
 //! Events and messages carry only [`SealedData`]. Deleting the person's key
@@ -21,7 +21,9 @@ use sha2::Sha256;
 use sqlx::{PgConnection, PgPool, Row};
 use unicode_normalization::UnicodeNormalization as _;
 
-use crate::ids::PersonId;
+use uuid::Uuid;
+
+use crate::ids::{PersonId, ShelterId};
 use nrm_proto::common::v1::{PersonalIdentifiers, SealedData};
 
 const KEY_VERSION: u32 = 1;
@@ -33,8 +35,8 @@ pub enum SealError {
     #[error("key store: {0}")]
     Database(#[from] sqlx::Error),
     /// A ciphertext or wrapped key does not verify: wrong key or tampering.
-    #[error("sealed data of person {0} do not verify")]
-    Corrupt(PersonId),
+    #[error("sealed data of {0} do not verify")]
+    Corrupt(Uuid),
 }
 
 /// The master key wrapping every per-person key.
@@ -55,9 +57,28 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
-/// One person's data key.
-pub struct PersonKey {
-    person_id: PersonId,
+/// Whose data a key seals: a person, or a shelter (whose address is
+/// personal-safety data).
+pub trait KeyOwner: Copy {
+    /// The UUID the key is stored under.
+    fn key_owner(self) -> Uuid;
+}
+
+impl KeyOwner for PersonId {
+    fn key_owner(self) -> Uuid {
+        self.as_uuid()
+    }
+}
+
+impl KeyOwner for ShelterId {
+    fn key_owner(self) -> Uuid {
+        self.as_uuid()
+    }
+}
+
+/// One owner's data key (a person's, or a shelter's).
+pub struct DataKey {
+    owner: Uuid,
     cipher: XChaCha20Poly1305,
 }
 
@@ -67,16 +88,17 @@ fn random_nonce() -> [u8; 24] {
     nonce
 }
 
-impl PersonKey {
-    /// Creates a key for `person_id` and stores it wrapped, in the caller's transaction.
+impl DataKey {
+    /// Creates a key for `owner` and stores it wrapped, in the caller's transaction.
     ///
     /// # Errors
     /// [`SealError::Database`].
-    pub async fn create(conn: &mut PgConnection, master: &MasterKey, person_id: PersonId) -> Result<Self, SealError> {
+    pub async fn create(conn: &mut PgConnection, master: &MasterKey, owner: impl KeyOwner) -> Result<Self, SealError> {
+        let owner_id = owner.key_owner();
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         let nonce = random_nonce();
-        let aad = person_id.as_uuid();
+        let aad = owner_id;
         let wrapped = master
             .0
             .encrypt(
@@ -86,27 +108,28 @@ impl PersonKey {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| SealError::Corrupt(person_id))?;
+            .map_err(|_| SealError::Corrupt(owner_id))?;
         sqlx::query("INSERT INTO person_keys (person_id, key_version, nonce, wrapped_key) VALUES ($1, $2, $3, $4)")
-            .bind(person_id.as_uuid())
+            .bind(owner_id)
             .bind(i32::try_from(KEY_VERSION).unwrap_or(1))
             .bind(nonce.as_slice())
             .bind(wrapped)
             .execute(conn)
             .await?;
         Ok(Self {
-            person_id,
+            owner: owner_id,
             cipher: XChaCha20Poly1305::new(&key.into()),
         })
     }
 
-    /// Loads the key of `person_id`; `None` when it was deleted (erased).
+    /// Loads the key of `owner`; `None` when it was deleted (erased).
     ///
     /// # Errors
     /// [`SealError::Corrupt`] when the wrapped key does not verify under the master key.
-    pub async fn load(pool: &PgPool, master: &MasterKey, person_id: PersonId) -> Result<Option<Self>, SealError> {
+    pub async fn load(pool: &PgPool, master: &MasterKey, owner: impl KeyOwner) -> Result<Option<Self>, SealError> {
+        let owner_id = owner.key_owner();
         let Some(row) = sqlx::query("SELECT nonce, wrapped_key FROM person_keys WHERE person_id = $1")
-            .bind(person_id.as_uuid())
+            .bind(owner_id)
             .fetch_optional(pool)
             .await?
         else {
@@ -115,9 +138,9 @@ impl PersonKey {
         let nonce: Vec<u8> = row.get("nonce");
         let wrapped: Vec<u8> = row.get("wrapped_key");
         if nonce.len() != 24 {
-            return Err(SealError::Corrupt(person_id));
+            return Err(SealError::Corrupt(owner_id));
         }
-        let aad = person_id.as_uuid();
+        let aad = owner_id;
         let key = master
             .0
             .decrypt(
@@ -127,22 +150,23 @@ impl PersonKey {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| SealError::Corrupt(person_id))?;
-        let key: [u8; 32] = key.try_into().map_err(|_| SealError::Corrupt(person_id))?;
+            .map_err(|_| SealError::Corrupt(owner_id))?;
+        let key: [u8; 32] = key.try_into().map_err(|_| SealError::Corrupt(owner_id))?;
         Ok(Some(Self {
-            person_id,
+            owner: owner_id,
             cipher: XChaCha20Poly1305::new(&key.into()),
         }))
     }
 
-    /// Deletes the key of `person_id`: everything sealed under it is erased.
+    /// Deletes the key of `owner`: everything sealed under it is erased.
     /// Returns whether a key was there.
     ///
     /// # Errors
     /// [`SealError::Database`].
-    pub async fn shred(conn: &mut PgConnection, person_id: PersonId) -> Result<bool, SealError> {
+    pub async fn shred(conn: &mut PgConnection, owner: impl KeyOwner) -> Result<bool, SealError> {
+        let owner_id = owner.key_owner();
         let deleted = sqlx::query("DELETE FROM person_keys WHERE person_id = $1")
-            .bind(person_id.as_uuid())
+            .bind(owner_id)
             .execute(conn)
             .await?
             .rows_affected();
@@ -156,7 +180,7 @@ impl PersonKey {
     #[must_use]
     pub fn seal(&self, identifiers: &PersonalIdentifiers) -> SealedData {
         let nonce = random_nonce();
-        let aad = self.person_id.as_uuid();
+        let aad = self.owner;
         let ciphertext = self
             .cipher
             .encrypt(
@@ -168,7 +192,7 @@ impl PersonKey {
             )
             .unwrap_or_default();
         SealedData {
-            person_id: self.person_id.to_string(),
+            person_id: self.owner.to_string(),
             key_version: KEY_VERSION,
             nonce: nonce.to_vec(),
             ciphertext,
@@ -181,9 +205,9 @@ impl PersonKey {
     /// [`SealError::Corrupt`] when the data were not sealed under this key or were altered.
     pub fn open(&self, sealed: &SealedData) -> Result<PersonalIdentifiers, SealError> {
         if sealed.nonce.len() != 24 {
-            return Err(SealError::Corrupt(self.person_id));
+            return Err(SealError::Corrupt(self.owner));
         }
-        let aad = self.person_id.as_uuid();
+        let aad = self.owner;
         let plain = self
             .cipher
             .decrypt(
@@ -193,8 +217,8 @@ impl PersonKey {
                     aad: aad.as_bytes(),
                 },
             )
-            .map_err(|_| SealError::Corrupt(self.person_id))?;
-        PersonalIdentifiers::decode(plain.as_slice()).map_err(|_| SealError::Corrupt(self.person_id))
+            .map_err(|_| SealError::Corrupt(self.owner))?;
+        PersonalIdentifiers::decode(plain.as_slice()).map_err(|_| SealError::Corrupt(self.owner))
     }
 }
 
@@ -314,12 +338,12 @@ mod tests {
     #[test]
     fn sealed_data_open_only_with_the_persons_key() {
         let id = PersonId::new();
-        let key = PersonKey {
-            person_id: id,
+        let key = DataKey {
+            owner: id.as_uuid(),
             cipher: XChaCha20Poly1305::new(&[7u8; 32].into()),
         };
-        let other = PersonKey {
-            person_id: id,
+        let other = DataKey {
+            owner: id.as_uuid(),
             cipher: XChaCha20Poly1305::new(&[8u8; 32].into()),
         };
         let identifiers = PersonalIdentifiers {

@@ -12,7 +12,7 @@ use nrm_kernel::auth::{Caller, Role};
 use nrm_kernel::bus::Bus;
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
-use nrm_kernel::seal::{MasterKey, MatchHasher, PersonKey};
+use nrm_kernel::seal::{DataKey, MasterKey, MatchHasher};
 use nrm_kernel::store::{EventMetadata, EventStore, NewEvent, UnitOfWork};
 use nrm_kernel::{audit, telemetry};
 use nrm_proto::common::v1::CommandResult;
@@ -266,7 +266,7 @@ impl Identification {
         let person_id = PersonId::new();
         tracing::Span::current().record("case_id", tracing::field::display(case_id));
         let mut uow = self.store.begin().await?;
-        let person_key = PersonKey::create(uow.conn(), &self.master, person_id)
+        let person_key = DataKey::create(uow.conn(), &self.master, person_id)
             .await
             .map_err(|e| AppError::Internal(e.to_string()))?;
         let match_keys = self.hasher.match_keys(&valid.personal);
@@ -382,7 +382,7 @@ impl Identification {
                 .as_ref()
                 .and_then(|r| PersonId::parse("person_id", &r.person_id).ok())
                 .ok_or_else(|| AppError::Internal("case without person".into()))?;
-            PersonKey::shred(uow.conn(), person_id)
+            DataKey::shred(uow.conn(), person_id)
                 .await
                 .map_err(|e| AppError::Internal(e.to_string()))?;
             sqlx::query("DELETE FROM match_keys WHERE case_id = $1")

@@ -8,7 +8,7 @@ use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
 use nrm_kernel::error::{AppError, FieldViolation, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
-use nrm_kernel::seal::PersonKey;
+use nrm_kernel::seal::DataKey;
 use nrm_proto::common::v1 as common;
 use nrm_proto::identification::v1 as pb;
 use prost_types::Timestamp;
@@ -112,7 +112,7 @@ impl Identification {
             purpose,
         )
         .await?;
-        let key = PersonKey::load(self.store().pool(), &self.master, person_id)
+        let key = DataKey::load(self.store().pool(), &self.master, person_id)
             .await
             .map_err(|e| AppError::Internal(e.to_string()))?;
         let (Some(key), Some(sealed)) = (key, report.personal.as_ref()) else {
