@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Köpür — what `make test` (and so CI) runs:
 #   deps → cargo fmt --check → cargo clippy -D warnings → private stack in
-#   target/nrm-testenv → cargo test --workspace [ARGS] → stack down.
+#   target/nrm-testenv → cargo build --bins → cargo test --workspace
+#   --no-fail-fast [ARGS] → stack down.
 #
 # Extra arguments go to `cargo test --workspace`, e.g.
 #   make test ARGS='-p nrm-kernel -- --nocapture'
@@ -71,7 +72,12 @@ else
     export NRM_TEST_NATS_MONITOR_URL=$NRM_STACK_NATS_MONITOR_URL
 fi
 
-step "tests (cargo test --workspace${*:+ $*})"
+# The end-to-end tests run the service and nrmctl binaries as a user would;
+# `cargo test` builds a package's binaries only for that package's own tests.
+step "binaries (cargo build --workspace --bins)"
+cargo build --workspace --bins
+
+step "tests (cargo test --workspace --no-fail-fast${*:+ $*})"
 rc=0
-cargo test --workspace "$@" || rc=$?
+cargo test --workspace --no-fail-fast "$@" || rc=$?
 exit "$rc"

@@ -492,7 +492,7 @@ pub fn binary(name: &str) -> PathBuf {
         .expect("target folder");
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `make test` or `cargo test --workspace`",
+        "{} is missing: build it first (`cargo build --workspace --bins`; `make test` does)",
         path.display()
     );
     path

@@ -528,3 +528,208 @@ async fn reflection_lists_the_service_for_grpcurl() {
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
     app.stop().await;
 }
+
+/// Publishes referral-service events on the test's subjects, as the referral
+/// service would: a kernel event store and relay on a scratch database.
+struct ReferralEvents {
+    settings: nrm_identification::config::Settings,
+    store: nrm_kernel::store::EventStore,
+    relay: nrm_kernel::relay::Relay,
+    bus: nrm_kernel::bus::Bus,
+}
+
+impl ReferralEvents {
+    async fn new(app: &TestApp) -> Self {
+        let mut settings = app.settings.clone();
+        settings.database.name = format!("{}_referral", settings.database.name);
+        let pool = nrm_kernel::db::connect_and_migrate(&settings.database, &nrm_identification::startup::MIGRATIONS)
+            .await
+            .unwrap();
+        let bus = nrm_kernel::bus::Bus::connect(&settings.nats).await.unwrap();
+        let stream = bus.ensure_stream("referral").await.unwrap();
+        let store = nrm_kernel::store::EventStore::new(pool.clone());
+        let relay = nrm_kernel::relay::Relay::new(
+            pool,
+            bus.clone(),
+            stream,
+            store.appended_signal(),
+            nrm_kernel::relay::RelayConfig::new("nrm.referral.v1.ReferralEvent"),
+        );
+        Self {
+            settings,
+            store,
+            relay,
+            bus,
+        }
+    }
+
+    async fn publish(&mut self, stream_id: &str, events: Vec<nrm_proto::referral::v1::referral_event::Event>) {
+        let new_events: Vec<nrm_kernel::store::NewEvent> = events
+            .into_iter()
+            .map(|event| nrm_kernel::store::NewEvent {
+                event_type: "ReferralEvent".into(),
+                schema_version: 1,
+                payload: nrm_proto::referral::v1::ReferralEvent { event: Some(event) }.encode_to_vec(),
+            })
+            .collect();
+        let version = self.store.read_stream(stream_id).await.unwrap().len() as u64;
+        let metadata = nrm_kernel::store::EventMetadata {
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: uuid::Uuid::now_v7(),
+            actor: nrm_kernel::store::Actor {
+                agency: "kg-mvd".into(),
+                role: "police".into(),
+                officer: "officer-17".into(),
+            },
+            traceparent: None,
+            tracestate: None,
+        };
+        let mut uow = self.store.begin().await.unwrap();
+        uow.append(
+            stream_id,
+            version,
+            &new_events,
+            &metadata,
+            &self.bus.subject("referral", "referral", stream_id),
+        )
+        .await
+        .unwrap();
+        uow.commit().await.unwrap();
+        while self.relay.publish_round().await.unwrap() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn drop_all(self) {
+        self.store.pool().close().await;
+        let _ = self
+            .bus
+            .jetstream()
+            .delete_stream(self.bus.stream_name("referral"))
+            .await;
+        let _ = nrm_kernel::db::drop_database(&self.settings.database).await;
+    }
+}
+
+#[tokio::test]
+async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_after_withdrawal() {
+    use nrm_proto::referral::v1 as rf;
+    use rf::referral_event::Event as R;
+
+    let app = TestApp::spawn().await;
+    let reported = report(&app, "grant-1").await;
+    let msd = token("kg-msd", Role::Msd, "social-worker-4");
+    let read = |purpose: &str| pb::GetPersonalDataRequest {
+        person_id: reported.person_id.clone(),
+        purpose: purpose.to_owned(),
+    };
+    let mut client = app.client.clone();
+    // Without a referral: nothing.
+    let status = client
+        .get_personal_data(authorized(read("rehabilitation"), &msd))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let mut events = ReferralEvents::new(&app).await;
+    let consent_id = uuid::Uuid::now_v7().to_string();
+    let referral_id = uuid::Uuid::now_v7().to_string();
+    events
+        .publish(
+            &format!("consent-{consent_id}"),
+            vec![R::ConsentRecorded(rf::ConsentRecorded {
+                consent_id: consent_id.clone(),
+                person_id: reported.person_id.clone(),
+                recipient_agency: "kg-msd".into(),
+                purposes: vec![rf::ServiceKind::Shelter as i32],
+                data_categories: vec![rf::DataCategory::Name as i32, rf::DataCategory::Phone as i32],
+                ..Default::default()
+            })],
+        )
+        .await;
+    events
+        .publish(
+            &format!("referral-{referral_id}"),
+            vec![
+                R::ReferralCreated(rf::ReferralCreated {
+                    referral_id: referral_id.clone(),
+                    person_id: reported.person_id.clone(),
+                    receiving_agency: "kg-msd".into(),
+                    consent_id: consent_id.clone(),
+                    ..Default::default()
+                }),
+                R::ReferralAccepted(rf::ReferralAccepted {
+                    referral_id: referral_id.clone(),
+                    person_id: reported.person_id.clone(),
+                    receiving_agency: "kg-msd".into(),
+                    ..Default::default()
+                }),
+            ],
+        )
+        .await;
+
+    // The grant arrives through NATS: wait for it.
+    let mut granted = None;
+    for _ in 0..200 {
+        match client.get_personal_data(authorized(read("rehabilitation"), &msd)).await {
+            Ok(response) => {
+                granted = Some(response.into_inner());
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(25)).await,
+        }
+    }
+    let granted = granted.expect("MSD may read after accepting under consent");
+    let Some(View::Identifiers(identifiers)) = granted.personal.unwrap().view else {
+        panic!("identifiers");
+    };
+    assert_eq!(identifiers.full_name, "Aigul Asanova");
+    assert_eq!(identifiers.phone, "+996 555 000 111");
+    assert!(
+        identifiers.documents.is_empty(),
+        "documents are not covered by the consent"
+    );
+    assert!(
+        identifiers.address.is_empty(),
+        "the address is not covered by the consent"
+    );
+    assert_eq!(granted.consent_id, consent_id);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND agency = 'kg-msd' AND purpose = 'rehabilitation'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+    // MoH, without a referral, still cannot.
+    let status = client
+        .get_personal_data(authorized(read("treatment"), &token("kg-moh", Role::Moh, "doctor-1")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // The person withdraws consent: MSD can no longer read.
+    events
+        .publish(
+            &format!("consent-{consent_id}"),
+            vec![R::ConsentWithdrawn(rf::ConsentWithdrawn {
+                consent_id: consent_id.clone(),
+                person_id: reported.person_id.clone(),
+                recipient_agency: "kg-msd".into(),
+                ..Default::default()
+            })],
+        )
+        .await;
+    let mut denied = false;
+    for _ in 0..200 {
+        if let Err(status) = client.get_personal_data(authorized(read("rehabilitation"), &msd)).await {
+            assert_eq!(status.code(), Code::PermissionDenied);
+            denied = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(denied, "withdrawal removes the data from MSD's view");
+    events.drop_all().await;
+    app.stop().await;
+}

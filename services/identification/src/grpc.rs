@@ -94,6 +94,14 @@ impl IdentificationService for IdentificationGrpc {
         reply(self.app.get_case(&ctx, request.get_ref()).await)
     }
 
+    async fn get_personal_data(
+        &self,
+        request: Request<pb::GetPersonalDataRequest>,
+    ) -> Result<Response<pb::GetPersonalDataResponse>, Status> {
+        let ctx = self.context(&request)?;
+        reply(self.app.get_personal_data(&ctx, request.get_ref()).await)
+    }
+
     async fn list_cases(
         &self,
         request: Request<pb::ListCasesRequest>,

@@ -1,6 +1,10 @@
-//! The `case_list` read model: coded fields of every case, for listing with
-//! filters. Fed by the kernel's projection runner from the service's own
-//! stream; can be dropped and rebuilt by replaying.
+//! Read models, fed by the kernel's projection runner; each can be dropped
+//! and rebuilt by replaying.
+//!
+//! - [`CaseList`]: coded fields of every case, for listing with filters
+//!   (from the service's own stream).
+//! - [`ReferralAccess`]: consents and accepted referrals (from the referral
+//!   service's stream), deciding who else may read a person's identifiers.
 
 use anyhow::Context as _;
 use chrono::DateTime;
@@ -87,4 +91,94 @@ impl Projection for CaseList {
         sqlx::query("TRUNCATE case_list").execute(conn).await?;
         Ok(())
     }
+}
+
+/// What other agencies may read, from the referral service's events:
+/// consents and the referrals they rest on. `GetPersonalData` checks it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReferralAccess;
+
+fn timestamp(t: Option<prost_types::Timestamp>) -> Option<DateTime<chrono::Utc>> {
+    t.and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+}
+
+impl Projection for ReferralAccess {
+    fn name(&self) -> &'static str {
+        "identification_referral_access"
+    }
+
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        use nrm_proto::referral::v1 as rf;
+        use rf::referral_event::Event as R;
+        let conn = uow.conn();
+        for committed in &delivery.commit.events {
+            let event = rf::ReferralEvent::decode(committed.payload.as_slice())
+                .with_context(|| format!("referral event {} does not decode", committed.event_id))?
+                .event;
+            match event {
+                Some(R::ConsentRecorded(c)) => {
+                    sqlx::query(
+                        "INSERT INTO consents (consent_id, person_id, recipient_agency, data_categories, expires_at)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consent_id) DO NOTHING",
+                    )
+                    .bind(c.consent_id.parse::<Uuid>()?)
+                    .bind(c.person_id.parse::<Uuid>()?)
+                    .bind(&c.recipient_agency)
+                    .bind(&c.data_categories)
+                    .bind(timestamp(c.expires_at))
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Some(R::ConsentWithdrawn(c)) => {
+                    sqlx::query("UPDATE consents SET withdrawn = true WHERE consent_id = $1")
+                        .bind(c.consent_id.parse::<Uuid>()?)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Some(R::ReferralCreated(r)) => {
+                    sqlx::query(
+                        "INSERT INTO referrals (referral_id, person_id, receiving_agency, consent_id, state)
+                         VALUES ($1, $2, $3, $4, 'pending') ON CONFLICT (referral_id) DO NOTHING",
+                    )
+                    .bind(r.referral_id.parse::<Uuid>()?)
+                    .bind(r.person_id.parse::<Uuid>()?)
+                    .bind(&r.receiving_agency)
+                    .bind(r.consent_id.parse::<Uuid>()?)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Some(R::ReferralRedirected(r)) => {
+                    sqlx::query(
+                        "UPDATE referrals SET receiving_agency = $2, consent_id = $3, state = 'pending' WHERE referral_id = $1",
+                    )
+                    .bind(r.referral_id.parse::<Uuid>()?)
+                    .bind(&r.receiving_agency)
+                    .bind(r.consent_id.parse::<Uuid>()?)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Some(R::ReferralAccepted(r)) => set_state(conn, &r.referral_id, "accepted").await?,
+                Some(R::ReferralDeclined(r)) => set_state(conn, &r.referral_id, "ended").await?,
+                Some(R::ReferralClosed(r)) => set_state(conn, &r.referral_id, "ended").await?,
+                Some(R::ReferralCancelled(r)) => set_state(conn, &r.referral_id, "ended").await?,
+                Some(_) => {}
+                None => anyhow::bail!("referral event {} is empty", committed.event_id),
+            }
+        }
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query("TRUNCATE consents, referrals").execute(conn).await?;
+        Ok(())
+    }
+}
+
+async fn set_state(conn: &mut PgConnection, referral_id: &str, state: &str) -> Result<(), anyhow::Error> {
+    sqlx::query("UPDATE referrals SET state = $2 WHERE referral_id = $1")
+        .bind(referral_id.parse::<Uuid>()?)
+        .bind(state)
+        .execute(conn)
+        .await?;
+    Ok(())
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{CONTEXT, Identification, PAYLOAD_TYPE};
 use crate::config::Settings;
 use crate::grpc::IdentificationGrpc;
-use crate::projections::CaseList;
+use crate::projections::{CaseList, ReferralAccess};
 
 /// Name of the gRPC service, as reported by health checks.
 pub const SERVICE_NAME: &str = "nrm.identification.v1.IdentificationService";
@@ -37,6 +37,7 @@ pub struct Application {
     auth: Authenticator,
     relay: Option<Relay>,
     case_list: ProjectionRunner<CaseList>,
+    referral_access: ProjectionRunner<ReferralAccess>,
 }
 
 impl Application {
@@ -75,6 +76,15 @@ impl Application {
             bus.context_subjects(CONTEXT),
             CaseList,
         );
+        // Consents and referrals arrive from the referral service's stream.
+        let referral_stream = bus.ensure_stream("referral").await?;
+        let referral_access = ProjectionRunner::new(
+            store.clone(),
+            bus.clone(),
+            referral_stream,
+            bus.context_subjects("referral"),
+            ReferralAccess,
+        );
         let app = Identification::new(
             store,
             bus.clone(),
@@ -96,6 +106,7 @@ impl Application {
             auth,
             relay,
             case_list,
+            referral_access,
         })
     }
 
@@ -139,6 +150,7 @@ impl Application {
             None => tracing::warn!("relay disabled (NRM_RELAY__ENABLED=false): events stay in the outbox"),
         }
         background.spawn(self.case_list.run(tasks.clone()));
+        background.spawn(self.referral_access.run(tasks.clone()));
         background.spawn(server::watch_health(
             health,
             SERVICE_NAME,

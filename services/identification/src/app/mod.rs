@@ -275,6 +275,11 @@ impl Identification {
                 .bind(&match_keys)
                 .fetch_all(&mut *uow.conn())
                 .await?;
+        sqlx::query("INSERT INTO persons (person_id, case_id) VALUES ($1, $2)")
+            .bind(person_id.as_uuid())
+            .bind(case_id.as_uuid())
+            .execute(&mut *uow.conn())
+            .await?;
         sqlx::query("INSERT INTO match_keys (match_key, case_id) SELECT k, $2 FROM UNNEST($1::bytea[]) AS k ON CONFLICT DO NOTHING")
             .bind(&match_keys)
             .bind(case_id.as_uuid())

@@ -122,6 +122,83 @@ impl Identification {
         Ok(common::personal_data_view::View::Identifiers(identifiers))
     }
 
+    /// The identifiers of a person that the caller's agency may read under a
+    /// consent (after accepting a referral), restricted to the consented
+    /// categories, and recorded in the audit trail.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`; `PERMISSION_DENIED` without an accepted referral
+    /// under an active consent; `NOT_FOUND` for an unknown person.
+    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    pub async fn get_personal_data(
+        &self,
+        ctx: &CallContext,
+        req: &pb::GetPersonalDataRequest,
+    ) -> Result<pb::GetPersonalDataResponse, AppError> {
+        let mut v = Violations::new();
+        let person_id = v.check(PersonId::parse("person_id", &req.person_id));
+        let purpose = req.purpose.trim();
+        if purpose.is_empty() || purpose.len() > 200 {
+            v.add(
+                "purpose",
+                "is required (at most 200 characters): why the identifiers are read",
+            );
+        }
+        let Some(person_id) = person_id else {
+            return Err(v.into_error());
+        };
+        v.finish(|| ())?;
+        let grant = sqlx::query(
+            "SELECT c.consent_id, c.data_categories FROM referrals r
+             JOIN consents c ON c.consent_id = r.consent_id
+             WHERE r.person_id = $1 AND r.receiving_agency = $2 AND r.state = 'accepted'
+               AND c.person_id = $1 AND c.recipient_agency = $2 AND NOT c.withdrawn
+               AND (c.expires_at IS NULL OR c.expires_at > now())
+             ORDER BY c.consent_id LIMIT 1",
+        )
+        .bind(person_id.as_uuid())
+        .bind(&ctx.caller.actor.agency)
+        .fetch_optional(self.store().pool())
+        .await?
+        .ok_or_else(|| {
+            AppError::PermissionDenied(
+                "the agency has no accepted referral of this person under an active consent".into(),
+            )
+        })?;
+        let consent_id: Uuid = grant.get("consent_id");
+        let categories: Vec<i32> = grant.get("data_categories");
+        let case_id: Uuid = sqlx::query_scalar("SELECT case_id FROM persons WHERE person_id = $1")
+            .bind(person_id.as_uuid())
+            .fetch_optional(self.store().pool())
+            .await?
+            .ok_or_else(|| AppError::NotFound {
+                kind: "person",
+                id: person_id.to_string(),
+            })?;
+        let case_id = CaseId::from_uuid(case_id);
+        let case = self.load(case_id).await?;
+        let report = case
+            .report
+            .clone()
+            .ok_or_else(|| AppError::Internal("person without report".into()))?;
+        let view = if case.erased {
+            common::personal_data_view::View::Erased(common::Erased {})
+        } else {
+            match self.open_personal(ctx, case_id, &report, purpose).await? {
+                common::personal_data_view::View::Identifiers(all) => {
+                    common::personal_data_view::View::Identifiers(only_categories(all, &categories))
+                }
+                other => other,
+            }
+        };
+        Ok(pb::GetPersonalDataResponse {
+            person_id: person_id.to_string(),
+            personal: Some(common::PersonalDataView { view: Some(view) }),
+            data_categories: categories,
+            consent_id: consent_id.to_string(),
+        })
+    }
+
     /// Cases matching the filters, newest first, a page at a time.
     ///
     /// # Errors
@@ -261,6 +338,23 @@ impl Identification {
             _ => String::new(),
         };
         Ok(pb::ListCasesResponse { cases, next_page_token })
+    }
+}
+
+/// The identifiers of the consented categories; the rest stays empty.
+fn only_categories(all: common::PersonalIdentifiers, categories: &[i32]) -> common::PersonalIdentifiers {
+    use nrm_proto::referral::v1::DataCategory as C;
+    let has = |c: C| categories.contains(&(c as i32));
+    common::PersonalIdentifiers {
+        full_name: if has(C::Name) { all.full_name } else { String::new() },
+        date_of_birth: if has(C::DateOfBirth) {
+            all.date_of_birth
+        } else {
+            String::new()
+        },
+        documents: if has(C::Documents) { all.documents } else { Vec::new() },
+        phone: if has(C::Phone) { all.phone } else { String::new() },
+        address: if has(C::Address) { all.address } else { String::new() },
     }
 }
 
