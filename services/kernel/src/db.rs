@@ -71,8 +71,12 @@ pub async fn connect_and_migrate(
         }
         tracing::info!(database = %settings.name, "created database");
     }
+    // No ping before each use (a round trip per command); a broken connection
+    // fails its statement, the command answers UNAVAILABLE and the client
+    // retries with the same request ID.
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await?;
