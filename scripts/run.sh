@@ -24,7 +24,7 @@
 # NRM_REFERRAL_GRPC_ADDR) for any one service.
 #
 # Files: .data/logs/<service>.log, .data/run/<service>.pid, .data/nrmctl.env
-# (NRM_ENDPOINT, NRM_AUTH__JWT_SECRET and NRM_NATS__URL for the CLI:
+# (NRM_ENDPOINT, NRM_<SERVICE>_ENDPOINT for the others, NRM_AUTH__JWT_SECRET and NRM_NATS__URL for the CLI:
 #  `set -a; . .data/nrmctl.env; set +a`).
 # NRM_RUN_BUILD=0 skips the build (binaries already in target/release).
 # NRM_RUN_FOLLOW_LOGS=0/1 turns following the logs in the terminal off/on
@@ -40,8 +40,8 @@ cd "$REPO_ROOT"
 # binary is target/release/<name>, its database is <name>.
 SERVICES=(
     identification:50051
-    # referral:50052
-    # shelter:50053
+    referral:50052
+    shelter:50053
     # repatriation:50054
     # casepath:50055
 )
@@ -348,6 +348,11 @@ main() {
         umask 077
         {
             env_line NRM_ENDPOINT "http://$(addr_host "${SVC_GRPC[$first]}"):$(addr_port "${SVC_GRPC[$first]}")"
+            # NRM_REFERRAL_ENDPOINT, NRM_SHELTER_ENDPOINT, … for every further service
+            for entry in "${SERVICES[@]:1}"; do
+                local svc=${entry%%:*}
+                env_line "NRM_${svc^^}_ENDPOINT" "http://$(addr_host "${SVC_GRPC[$svc]}"):$(addr_port "${SVC_GRPC[$svc]}")"
+            done
             env_line NRM_AUTH__JWT_SECRET "$JWT_SECRET"
             # for `nrmctl events watch`
             env_line NRM_NATS__URL "$NATS_URL"

@@ -11,6 +11,9 @@
 //! - [`TestEnv`]: where the servers are.
 //! - [`TestApp`]: an identification service on port 0 with its own database
 //!   and subjects, and a client with tokens for any role.
+//! - [`ReferralApp`]: a referral service beside an identification service
+//!   (same subjects, its own database), which can be stopped and restarted.
+//! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -524,4 +527,531 @@ pub fn service_env(settings: &Settings) -> Vec<(String, String)> {
         ),
         ("NRM_TELEMETRY__LOG".into(), "info".into()),
     ]
+}
+
+/// Settings of a shelter service with its own database and subjects; its
+/// expiry timers are looked at every 100 ms.
+#[must_use]
+pub fn shelter_settings() -> nrm_shelter::config::Settings {
+    let base = settings();
+    nrm_shelter::config::Settings {
+        server: base.server,
+        database: DatabaseSettings {
+            max_connections: 16,
+            ..base.database
+        },
+        nats: base.nats,
+        relay: base.relay,
+        auth: base.auth,
+        sealing: nrm_shelter::config::SealingSettings {
+            master_key: base.sealing.master_key,
+        },
+        telemetry: base.telemetry,
+        shelter: nrm_shelter::config::ShelterSettings {
+            hold_minutes_default: 1440,
+            timer_poll_millis: 100,
+        },
+    }
+}
+
+/// A running shelter service.
+pub struct ShelterApp {
+    /// Its settings (database, subjects).
+    pub settings: nrm_shelter::config::Settings,
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    /// A client.
+    pub client: nrm_proto::shelter::v1::shelter_service_client::ShelterServiceClient<Channel>,
+    /// A pool on its database, for checking what was written.
+    pub pool: sqlx::PgPool,
+    /// JetStream on the test's NATS.
+    pub jetstream: jetstream::Context,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ShelterApp {
+    /// Builds and starts a shelter service with `settings`.
+    ///
+    /// # Panics
+    /// When the service cannot start.
+    pub async fn spawn_with(settings: nrm_shelter::config::Settings) -> Self {
+        let app = nrm_shelter::startup::Application::build(&settings)
+            .await
+            .expect("build the shelter service");
+        let addr = app.grpc_addr().expect("grpc address");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(err) = app.run_until_stopped(stop).await {
+                panic!("service failed: {err}");
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let client = nrm_proto::shelter::v1::shelter_service_client::ShelterServiceClient::connect(endpoint.clone())
+            .await
+            .expect("connect");
+        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).expect("options"))
+            .await
+            .expect("connect to the test database");
+        let nats = async_nats::connect(settings.nats.url.as_str())
+            .await
+            .expect("connect to NATS");
+        Self {
+            settings,
+            endpoint,
+            client,
+            pool,
+            jetstream: jetstream::new(nats),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Builds and starts a shelter service of its own.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(shelter_settings()).await
+    }
+
+    /// Name of a context's JetStream stream in this test's space.
+    #[must_use]
+    pub fn stream_name(&self, context: &str) -> String {
+        format!("{}_{}", self.settings.nats.stream_prefix, context.to_ascii_uppercase())
+    }
+
+    /// Every message of the shelter stream so far.
+    pub async fn messages(&self) -> Vec<jetstream::message::StreamMessage> {
+        messages(&self.jetstream, &self.stream_name("shelter")).await
+    }
+
+    /// Rows in a table of the service's database.
+    ///
+    /// # Panics
+    /// When the query fails.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = match table {
+            "events" => "SELECT count(*) FROM events",
+            "outbox" => "SELECT count(*) FROM outbox",
+            "commands" => "SELECT count(*) FROM commands",
+            "person_keys" => "SELECT count(*) FROM person_keys",
+            "audit_log" => "SELECT count(*) FROM audit_log",
+            "timers" => "SELECT count(*) FROM timers",
+            "free_capacity" => "SELECT count(*) FROM free_capacity",
+            other => panic!("no count for {other}"),
+        };
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect("count")
+    }
+
+    /// Stops the service and drops its database and streams.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        self.pool.close().await;
+        for context in ["shelter", "referral"] {
+            let _ = self.jetstream.delete_stream(self.stream_name(context)).await;
+        }
+        let _ = nrm_kernel::db::drop_database(&self.settings.database).await;
+    }
+}
+
+impl Drop for ShelterApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Settings of a referral service beside the identification service
+/// configured by `identification`: the same NATS subjects and streams (so it
+/// learns that service's persons), a database of its own.
+#[must_use]
+pub fn referral_settings(identification: &Settings) -> nrm_referral::config::Settings {
+    nrm_referral::config::Settings {
+        server: ServerSettings {
+            grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        },
+        database: DatabaseSettings {
+            url: identification.database.url.clone(),
+            name: format!("test_{}", unique()),
+            max_connections: 8,
+        },
+        nats: identification.nats.clone(),
+        relay: RelaySettings::default(),
+        auth: identification.auth.clone(),
+        telemetry: TelemetrySettings::default(),
+        referral: nrm_referral::config::ReferralSettings::default(),
+    }
+}
+
+/// A running referral service.
+pub struct ReferralApp {
+    /// Its settings (database, subjects, deadlines).
+    pub settings: nrm_referral::config::Settings,
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    /// A client.
+    pub client: nrm_proto::referral::v1::referral_service_client::ReferralServiceClient<Channel>,
+    /// A pool on its database, for checking what was written.
+    pub pool: sqlx::PgPool,
+    /// JetStream on the test's NATS.
+    pub jetstream: jetstream::Context,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ReferralApp {
+    /// Builds and starts a referral service with `settings`.
+    ///
+    /// # Panics
+    /// When the service cannot start.
+    pub async fn spawn_with(settings: nrm_referral::config::Settings) -> Self {
+        let app = nrm_referral::startup::Application::build(&settings)
+            .await
+            .expect("build the referral service");
+        let addr = app.grpc_addr().expect("grpc address");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(err) = app.run_until_stopped(stop).await {
+                panic!("service failed: {err}");
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let client = nrm_proto::referral::v1::referral_service_client::ReferralServiceClient::connect(endpoint.clone())
+            .await
+            .expect("connect");
+        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).expect("options"))
+            .await
+            .expect("connect to the test database");
+        let nats = async_nats::connect(settings.nats.url.as_str())
+            .await
+            .expect("connect to NATS");
+        Self {
+            settings,
+            endpoint,
+            client,
+            pool,
+            jetstream: jetstream::new(nats),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Builds and starts a referral service beside `identification`.
+    pub async fn spawn_beside(identification: &TestApp) -> Self {
+        Self::spawn_with(referral_settings(&identification.settings)).await
+    }
+
+    /// Stops the service and keeps its database; returns its settings.
+    pub async fn halt(mut self) -> nrm_referral::config::Settings {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+        self.pool.close().await;
+        self.settings.clone()
+    }
+
+    /// Stops the service and starts a new one on the same database.
+    pub async fn restart(self) -> Self {
+        let settings = self.halt().await;
+        Self::spawn_with(settings).await
+    }
+
+    /// Name of the stream of `context` in this test's subject space.
+    #[must_use]
+    pub fn stream_name(&self, context: &str) -> String {
+        format!("{}_{}", self.settings.nats.stream_prefix, context.to_ascii_uppercase())
+    }
+
+    /// Events stored so far, of one type or (with `None`) of any.
+    ///
+    /// # Panics
+    /// When the query fails.
+    pub async fn count_events(&self, event_type: Option<&str>) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE $1::text IS NULL OR event_type = $1")
+            .bind(event_type)
+            .fetch_one(&self.pool)
+            .await
+            .expect("count events")
+    }
+
+    /// Waits until the persons projection knows `person_id` with `status`
+    /// (an `nrm.identification.v1.CaseStatus`).
+    ///
+    /// # Panics
+    /// After 10 s.
+    pub async fn wait_for_person(&self, person_id: &str, status: i32) {
+        let id: uuid::Uuid = person_id.parse().expect("person ID");
+        for _ in 0..200 {
+            let found: Option<i32> = sqlx::query_scalar("SELECT status FROM persons WHERE person_id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .expect("persons");
+            if found == Some(status) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the referral service did not learn person {person_id} with status {status} within 10 s");
+    }
+
+    /// Stops the service and drops its database and the streams it made.
+    pub async fn stop(self) {
+        let js = self.jetstream.clone();
+        let streams = [self.stream_name("referral"), self.stream_name("shelter")];
+        let settings = self.halt().await;
+        for stream in streams {
+            let _ = js.delete_stream(stream).await;
+        }
+        let _ = nrm_kernel::db::drop_database(&settings.database).await;
+    }
+}
+
+impl Drop for ReferralApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Stands in for the shelter service on the bus: an event store on a
+/// scratch database and a relay to the shelter stream of a test's subject
+/// space, so tests can publish `nrm.shelter.v1.ShelterEvent`s as the
+/// shelter service would.
+pub struct ShelterFeed {
+    database: DatabaseSettings,
+    /// A pool on the scratch database.
+    pub pool: sqlx::PgPool,
+    /// The bus.
+    pub bus: nrm_kernel::bus::Bus,
+    store: nrm_kernel::store::EventStore,
+    relay: nrm_kernel::relay::Relay,
+}
+
+impl ShelterFeed {
+    /// A feed into the shelter stream of `nats`'s subject space.
+    ///
+    /// # Panics
+    /// When a server refuses.
+    pub async fn new(nats: &NatsSettings) -> Self {
+        let database = DatabaseSettings {
+            url: env().database_url.clone(),
+            name: format!("test_{}", unique()),
+            max_connections: 4,
+        };
+        let pool = nrm_kernel::db::connect_and_migrate(&database, &nrm_referral::startup::MIGRATIONS)
+            .await
+            .expect("database");
+        let bus = nrm_kernel::bus::Bus::connect(nats).await.expect("bus");
+        let stream = bus.ensure_stream("shelter").await.expect("stream");
+        let store = nrm_kernel::store::EventStore::new(pool.clone());
+        let relay = nrm_kernel::relay::Relay::new(
+            pool.clone(),
+            bus.clone(),
+            stream,
+            store.appended_signal(),
+            nrm_kernel::relay::RelayConfig::new("nrm.shelter.v1.ShelterEvent"),
+        );
+        Self {
+            database,
+            pool,
+            bus,
+            store,
+            relay,
+        }
+    }
+
+    /// Appends `events` to the stream `{aggregate}-{id}` (published on the
+    /// subject of that aggregate instance) and publishes them.
+    ///
+    /// # Panics
+    /// When the store or the relay fails, or the outbox does not empty within 10 s.
+    pub async fn publish(
+        &mut self,
+        aggregate: &str,
+        id: &str,
+        events: &[nrm_proto::shelter::v1::shelter_event::Event],
+    ) {
+        use prost::Message as _;
+        let stream_id = format!("{aggregate}-{id}");
+        let version = self.store.read_stream(&stream_id).await.expect("read").len() as u64;
+        let new_events: Vec<nrm_kernel::store::NewEvent> = events
+            .iter()
+            .map(|event| {
+                use nrm_proto::shelter::v1::shelter_event::Event;
+                let event_type = match event {
+                    Event::BedHeld(_) => "BedHeld",
+                    Event::NoBedAvailable(_) => "NoBedAvailable",
+                    _ => "Other",
+                };
+                nrm_kernel::store::NewEvent {
+                    event_type: event_type.into(),
+                    schema_version: 1,
+                    payload: nrm_proto::shelter::v1::ShelterEvent {
+                        event: Some(event.clone()),
+                    }
+                    .encode_to_vec(),
+                }
+            })
+            .collect();
+        let metadata = nrm_kernel::store::EventMetadata {
+            correlation_id: uuid::Uuid::now_v7(),
+            causation_id: uuid::Uuid::now_v7(),
+            actor: nrm_kernel::store::Actor {
+                agency: "kg-shelter-1".into(),
+                role: "shelter".into(),
+                officer: "operator-1".into(),
+            },
+            traceparent: None,
+            tracestate: None,
+        };
+        let mut uow = self.store.begin().await.expect("begin");
+        uow.append(
+            &stream_id,
+            version,
+            &new_events,
+            &metadata,
+            &self.bus.subject("shelter", aggregate, id),
+        )
+        .await
+        .expect("append");
+        uow.commit().await.expect("commit");
+        for _ in 0..400 {
+            self.relay.publish_round().await.expect("relay round");
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&self.pool)
+                .await
+                .expect("outbox count");
+            if left == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the shelter outbox did not empty within 10 s");
+    }
+
+    /// Drops the scratch database.
+    pub async fn drop_all(self) {
+        self.pool.close().await;
+        let _ = nrm_kernel::db::drop_database(&self.database).await;
+    }
+}
+
+/// A service binary running as its own process, as in production.
+pub struct ServiceProcess {
+    name: &'static str,
+    env: Vec<(String, String)>,
+    child: std::process::Child,
+    /// `http://127.0.0.1:port` of its gRPC server.
+    pub endpoint: String,
+}
+
+impl ServiceProcess {
+    /// Starts `target/debug/<name>` with `env` and waits until it logs that it listens.
+    ///
+    /// # Panics
+    /// When it does not start within 30 s.
+    #[must_use]
+    pub fn start(name: &'static str, env: Vec<(String, String)>) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new(binary(name))
+            .envs(env.iter().cloned())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let marker = format!("{name} service listening");
+        std::thread::spawn(move || {
+            let mut sent = false;
+            // Keep reading so the child never blocks on a full pipe.
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains(&marker) {
+                    let addr = line
+                        .split("\"grpc\":\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{name} did not start within 30 s"));
+        Self {
+            name,
+            env,
+            child,
+            endpoint: format!("http://{addr}"),
+        }
+    }
+
+    /// SIGKILL, then start again with the same settings (and a new port).
+    #[must_use]
+    pub fn kill_and_restart(mut self) -> Self {
+        self.kill();
+        Self::start(self.name, std::mem::take(&mut self.env))
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A gRPC channel to it.
+    ///
+    /// # Panics
+    /// When it does not answer.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Environment of a service process named `service` sharing `base`'s
+/// servers, keys and subjects, with its own database.
+#[must_use]
+pub fn process_env(base: &Settings, service: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = service_env(base)
+        .into_iter()
+        .filter(|(k, _)| k != "NRM_DATABASE__NAME")
+        .collect();
+    env.push(("NRM_DATABASE__NAME".into(), format!("{}_{service}", base.database.name)));
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    env
+}
+
+/// Drops the databases and streams `process_env` made for `services`.
+pub async fn drop_processes_data(base: &Settings, services: &[&str]) {
+    let nats = async_nats::connect(base.nats.url.as_str())
+        .await
+        .expect("connect to NATS");
+    let js = jetstream::new(nats);
+    for context in ["identification", "referral", "shelter"] {
+        let _ = js
+            .delete_stream(format!("{}_{}", base.nats.stream_prefix, context.to_ascii_uppercase()))
+            .await;
+    }
+    for service in services {
+        let mut database = base.database.clone();
+        database.name = format!("{}_{service}", base.database.name);
+        let _ = nrm_kernel::db::drop_database(&database).await;
+    }
 }

@@ -1,0 +1,282 @@
+//! Command handling and queries: load the aggregate, decide, append — with
+//! idempotency (request keys, fingerprints, replay), permissions, the audit
+//! trail, and the service's own tables (consents, open referrals, timers)
+//! written in the same transaction as the events.
+//!
+//! # Layout
+//! - this module: the application, shared plumbing (replay, loading, errors).
+//! - [`consents`]: recording and withdrawing consents.
+//! - [`referrals`]: creating and answering referrals; what timers and reactions do to them.
+//! - [`plans`]: the individual rehabilitation plan.
+//! - [`queries`]: reading a referral or a plan, the inbox.
+
+pub mod consents;
+pub mod plans;
+pub mod queries;
+pub mod referrals;
+
+use nrm_kernel::auth::{Caller, Role};
+use nrm_kernel::bus::Bus;
+use nrm_kernel::error::AppError;
+use nrm_kernel::ids::PersonId;
+use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
+use nrm_kernel::telemetry;
+use nrm_proto::referral::v1 as pb;
+use pb::referral_event::Event;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use crate::domain::referral::Deadlines;
+use crate::domain::{self, DomainError, PersonFacts, PersonStatus};
+
+/// Full protobuf name of the events this service publishes.
+pub const PAYLOAD_TYPE: &str = "nrm.referral.v1.ReferralEvent";
+/// Name of the bounded context in subjects and stream names.
+pub const CONTEXT: &str = "referral";
+/// Kind of the timer that marks an unanswered referral overdue.
+pub const ANSWER_DUE: &str = "referral.answer_due";
+
+/// Roles that record and withdraw consents and make referrals.
+pub const REFERRERS: &[Role] = &[
+    Role::Police,
+    Role::Prosecutor,
+    Role::BorderService,
+    Role::Ngo,
+    Role::Iom,
+    Role::Msd,
+    Role::Moh,
+    Role::Coordinator,
+];
+/// Roles that keep the rehabilitation plan.
+pub const PLANNERS: &[Role] = &[Role::Msd, Role::Coordinator];
+
+/// Policy of the service, from settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Answer deadlines by urgency.
+    pub deadlines: Deadlines,
+    /// Refer persons found not identified too.
+    pub allow_not_identified: bool,
+}
+
+/// Who calls, and the call's correlation.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// The verified caller.
+    pub caller: Caller,
+    /// From `x-correlation-id` metadata, or new.
+    pub correlation_id: Uuid,
+}
+
+impl CallContext {
+    fn metadata(&self) -> EventMetadata {
+        let (traceparent, tracestate) = telemetry::current_trace_context();
+        EventMetadata {
+            correlation_id: self.correlation_id,
+            causation_id: Uuid::now_v7(),
+            actor: self.caller.actor.clone(),
+            traceparent,
+            tracestate,
+        }
+    }
+
+    fn request_key(&self, request_id: &str) -> String {
+        format!("{}:{request_id}", self.caller.actor.agency)
+    }
+
+    fn agency(&self) -> &str {
+        &self.caller.actor.agency
+    }
+}
+
+/// Metadata of events the service appends on its own (timers, reactions):
+/// the service is the actor; the correlation continues the cause's.
+fn system_metadata(officer: &str, cause: Option<&EventMetadata>) -> EventMetadata {
+    let (traceparent, tracestate) = telemetry::current_trace_context();
+    EventMetadata {
+        correlation_id: cause.map_or_else(Uuid::now_v7, |m| m.correlation_id),
+        causation_id: cause.map_or_else(Uuid::now_v7, |m| m.causation_id),
+        actor: Actor {
+            agency: "nrm".into(),
+            role: "system".into(),
+            officer: officer.into(),
+        },
+        traceparent,
+        tracestate,
+    }
+}
+
+/// Maps a domain error on aggregate `kind` with ID `id` to the application error.
+fn rejected(kind: &'static str, id: impl ToString) -> impl FnOnce(DomainError) -> AppError {
+    move |err| match err {
+        DomainError::NotFound(kind) => AppError::NotFound {
+            kind,
+            id: id.to_string(),
+        },
+        DomainError::GoalNotFound => AppError::NotFound {
+            kind: "goal",
+            id: String::new(),
+        },
+        DomainError::NotReceivingAgency | DomainError::NotReferringAgency => {
+            AppError::PermissionDenied(format!("{err} ({})", err.code()))
+        }
+        other => AppError::precondition(other.code(), format!("{kind}/{}", id.to_string()), other.to_string()),
+    }
+}
+
+fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
+    let mut hash = Sha256::new();
+    hash.update(method.as_bytes());
+    hash.update(request.encode_to_vec());
+    hash.finalize().to_vec()
+}
+
+fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|event| NewEvent {
+            event_type: domain::event_type(event).to_owned(),
+            schema_version: 1,
+            payload: pb::ReferralEvent {
+                event: Some(event.clone()),
+            }
+            .encode_to_vec(),
+        })
+        .collect()
+}
+
+/// Decodes a stored or published payload.
+///
+/// # Errors
+/// When the bytes are not a `ReferralEvent` with an event inside.
+pub fn decode_event(payload: &[u8]) -> Result<Event, AppError> {
+    pb::ReferralEvent::decode(payload)
+        .ok()
+        .and_then(|e| e.event)
+        .ok_or_else(|| AppError::Internal("stored event does not decode".into()))
+}
+
+/// The referral application.
+#[derive(Clone, Debug)]
+pub struct Referrals {
+    store: EventStore,
+    bus: Bus,
+    policy: Policy,
+}
+
+impl Referrals {
+    /// The application over its store.
+    #[must_use]
+    pub fn new(store: EventStore, bus: Bus, policy: Policy) -> Self {
+        Self { store, bus, policy }
+    }
+
+    /// The event store.
+    #[must_use]
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    fn subject(&self, aggregate: &str, id: &impl ToString) -> String {
+        self.bus.subject(CONTEXT, aggregate, &id.to_string())
+    }
+
+    /// Folds a stream with `evolve`.
+    async fn fold<S: Default>(&self, stream_id: &str, evolve: fn(S, &Event) -> S) -> Result<S, AppError> {
+        let events = self.store.read_stream(stream_id).await?;
+        events.iter().try_fold(S::default(), |state, recorded| {
+            Ok(evolve(state, &decode_event(&recorded.payload)?))
+        })
+    }
+
+    /// Folds a stream with `evolve`, reading inside `uow` (so it sees what
+    /// the unit of work appended so far).
+    async fn fold_in<S: Default>(
+        uow: &mut UnitOfWork,
+        stream_id: &str,
+        evolve: fn(S, &Event) -> S,
+    ) -> Result<S, AppError> {
+        let payloads: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT payload FROM events WHERE stream_id = $1 ORDER BY version")
+                .bind(stream_id)
+                .fetch_all(uow.conn())
+                .await?;
+        payloads.iter().try_fold(S::default(), |state, payload| {
+            Ok(evolve(state, &decode_event(payload)?))
+        })
+    }
+
+    /// What identification has told us of a person (`None`: not known yet).
+    async fn person(&self, person_id: PersonId) -> Result<Option<PersonFacts>, AppError> {
+        let row = sqlx::query("SELECT case_id, status, child FROM persons WHERE person_id = $1")
+            .bind(person_id.as_uuid())
+            .fetch_optional(self.store.pool())
+            .await?;
+        Ok(row.map(|r| PersonFacts {
+            case_id: r.get::<Uuid, _>("case_id").to_string(),
+            status: PersonStatus::from_case_status(r.get("status")),
+            child: r.get("child"),
+        }))
+    }
+
+    /// The first answer to a request, if it ran before.
+    async fn replay<R: Message + Default>(&self, key: &str, fingerprint: &[u8]) -> Result<Option<R>, AppError> {
+        let Some(stored) = self.store.find_command(key).await? else {
+            return Ok(None);
+        };
+        if stored.fingerprint != fingerprint {
+            return Err(AppError::RequestIdReused);
+        }
+        R::decode(stored.response.as_slice())
+            .map(Some)
+            .map_err(|e| AppError::Internal(format!("stored response does not decode: {e}")))
+    }
+
+    /// Records the answer and commits; a concurrent twin that won returns its answer.
+    async fn finish<R: Message + Default>(
+        &self,
+        mut uow: UnitOfWork,
+        key: &str,
+        fingerprint: &[u8],
+        response: R,
+    ) -> Result<R, AppError> {
+        match uow.record_command(key, fingerprint, &response.encode_to_vec()).await {
+            Ok(()) => {
+                uow.commit().await?;
+                Ok(response)
+            }
+            Err(StoreError::DuplicateRequest) => {
+                drop(uow);
+                self.replay(key, fingerprint)
+                    .await?
+                    .ok_or_else(|| AppError::Internal("twin request vanished".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Runs `attempt` again (up to three times) when it lost a race for a stream
+/// version; for commands that carry no expected version.
+async fn retry_on_conflict<T, F, Fut>(mut attempt: F) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AppError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match attempt().await {
+            Err(AppError::Conflict { .. }) if tries < 3 => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Sets `replayed` on a stored answer.
+fn replayed(mut result: nrm_proto::common::v1::CommandResult) -> nrm_proto::common::v1::CommandResult {
+    result.replayed = true;
+    result
+}

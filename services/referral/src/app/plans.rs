@@ -1,0 +1,236 @@
+//! The individual rehabilitation plan (MSD and the national coordinator):
+//! goals, follow-ups, goals met. Plan commands carry no expected version:
+//! they act on the plan as it stands, retrying when they lose a race.
+
+use chrono::Utc;
+use nrm_kernel::audit;
+use nrm_kernel::error::AppError;
+use nrm_kernel::ids::PersonId;
+use nrm_proto::common::v1::CommandResult;
+use nrm_proto::referral::v1 as pb;
+use prost::Message;
+
+use super::{CallContext, PLANNERS, Referrals, fingerprint, rejected, replayed, retry_on_conflict, to_new_events};
+use crate::domain::parse;
+use crate::domain::plan::{self, Command, Plan};
+use crate::domain::{DomainError, GoalId};
+
+impl Referrals {
+    /// The person's plan folded from its events.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub async fn load_plan(&self, person_id: PersonId) -> Result<Plan, AppError> {
+        self.fold(&plan::stream_id(person_id), plan::evolve).await
+    }
+
+    /// Appends the events of `command` to the person's plan as it stands now.
+    async fn on_plan_once(
+        &self,
+        ctx: &CallContext,
+        key: &str,
+        fp: &[u8],
+        method: &'static str,
+        person_id: PersonId,
+        command: &Command,
+    ) -> Result<CommandResult, AppError> {
+        let state = self.load_plan(person_id).await?;
+        let events = plan::decide(&state, command).map_err(rejected(plan::NAME, person_id))?;
+        let mut uow = self.store.begin().await?;
+        let appended = uow
+            .append(
+                &plan::stream_id(person_id),
+                state.version,
+                &to_new_events(&events),
+                &ctx.metadata(),
+                &self.subject(plan::NAME, &person_id),
+            )
+            .await?;
+        audit::record(uow.conn(), &ctx.caller.actor, method, &person_id.to_string(), "command").await?;
+        let response = CommandResult {
+            aggregate_id: person_id.to_string(),
+            version: appended.version,
+            event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
+            replayed: false,
+        };
+        self.finish(uow, key, fp, response).await
+    }
+
+    /// Replays a stored answer, or runs the command (again on a lost race).
+    async fn on_plan(
+        &self,
+        ctx: &CallContext,
+        request: &impl Message,
+        method: &'static str,
+        request_id: &str,
+        person_id: PersonId,
+        command: Command,
+    ) -> Result<CommandResult, AppError> {
+        let key = ctx.request_key(request_id);
+        let fp = fingerprint(method, request);
+        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
+            return Ok(replayed(previous));
+        }
+        let result = retry_on_conflict(|| self.on_plan_once(ctx, &key, &fp, method, person_id, &command)).await;
+        match result {
+            // A twin of this request may have acted first: answer as it did.
+            Err(AppError::FailedPrecondition { .. } | AppError::Conflict { .. }) => {
+                match self.replay::<CommandResult>(&key, &fp).await? {
+                    Some(previous) => Ok(replayed(previous)),
+                    None => result,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Adds a goal to the person's plan.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `FAILED_PRECONDITION` (`UNKNOWN_PERSON`).
+    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    pub async fn add_goal(
+        &self,
+        ctx: &CallContext,
+        req: &pb::AddPlanGoalRequest,
+    ) -> Result<pb::AddPlanGoalResponse, AppError> {
+        ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
+        let (target, (kind, due_at)) = parse::add_goal(req, Utc::now())?;
+        let key = ctx.request_key(&target.request_id);
+        let fp = fingerprint("AddPlanGoal", req);
+        if let Some(mut previous) = self.replay::<pb::AddPlanGoalResponse>(&key, &fp).await? {
+            if let Some(r) = previous.result.as_mut() {
+                r.replayed = true;
+            }
+            return Ok(previous);
+        }
+        let person_known = self.person(target.person_id).await?.is_some();
+        let goal_id = GoalId::new();
+        let command = Command::AddGoal {
+            person_id: target.person_id.to_string(),
+            goal_id: goal_id.to_string(),
+            kind,
+            due_at,
+            person_known,
+        };
+        retry_on_conflict(|| async {
+            let state = self.load_plan(target.person_id).await?;
+            let events = plan::decide(&state, &command).map_err(rejected(plan::NAME, target.person_id))?;
+            let mut uow = self.store.begin().await?;
+            let appended = uow
+                .append(
+                    &plan::stream_id(target.person_id),
+                    state.version,
+                    &to_new_events(&events),
+                    &ctx.metadata(),
+                    &self.subject(plan::NAME, &target.person_id),
+                )
+                .await?;
+            audit::record(
+                uow.conn(),
+                &ctx.caller.actor,
+                "AddPlanGoal",
+                &target.person_id.to_string(),
+                "command",
+            )
+            .await?;
+            let response = pb::AddPlanGoalResponse {
+                goal_id: goal_id.to_string(),
+                result: Some(CommandResult {
+                    aggregate_id: target.person_id.to_string(),
+                    version: appended.version,
+                    event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
+                    replayed: false,
+                }),
+            };
+            self.finish(uow, &key, &fp, response).await
+        })
+        .await
+    }
+
+    /// Records a follow-up of a goal.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND` (goal),
+    /// `FAILED_PRECONDITION` (`GOAL_ALREADY_MET`).
+    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    pub async fn follow_up(
+        &self,
+        ctx: &CallContext,
+        req: &pb::RecordFollowUpRequest,
+    ) -> Result<CommandResult, AppError> {
+        ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
+        let (target, (goal_id, followed_up_at, status_code)) = parse::follow_up(req, Utc::now())?;
+        let command = Command::RecordFollowUp {
+            person_id: target.person_id.to_string(),
+            goal_id: goal_id.to_string(),
+            followed_up_at,
+            status_code,
+        };
+        self.on_plan(
+            ctx,
+            req,
+            "RecordFollowUp",
+            &target.request_id,
+            target.person_id,
+            command,
+        )
+        .await
+    }
+
+    /// Marks a goal met.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND` (goal),
+    /// `FAILED_PRECONDITION` (`GOAL_ALREADY_MET`).
+    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    pub async fn goal_met(&self, ctx: &CallContext, req: &pb::MarkGoalMetRequest) -> Result<CommandResult, AppError> {
+        ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
+        let (target, goal_id) = parse::goal_met(req)?;
+        let command = Command::MarkGoalMet {
+            person_id: target.person_id.to_string(),
+            goal_id: goal_id.to_string(),
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_plan(ctx, req, "MarkGoalMet", &target.request_id, target.person_id, command)
+            .await
+    }
+
+    /// The person's plan.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND` (no plan yet).
+    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    pub async fn get_plan(&self, ctx: &CallContext, req: &pb::GetPlanRequest) -> Result<pb::Plan, AppError> {
+        ctx.caller.require("read a rehabilitation plan", PLANNERS)?;
+        let person_id = PersonId::parse("person_id", &req.person_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
+        let state = self.load_plan(person_id).await?;
+        if state.version == 0 {
+            return Err(rejected(plan::NAME, person_id)(DomainError::NotFound(plan::NAME)));
+        }
+        Ok(pb::Plan {
+            person_id: person_id.to_string(),
+            goals: state
+                .goals
+                .iter()
+                .map(|g| pb::PlanGoal {
+                    goal_id: g.goal_id.clone(),
+                    kind: g.kind,
+                    due_at: g.due_at,
+                    met: g.met,
+                    follow_ups: g
+                        .follow_ups
+                        .iter()
+                        .map(|(at, code)| {
+                            let at = parse::to_datetime(at)
+                                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                                .unwrap_or_default();
+                            format!("{at} {code}")
+                        })
+                        .collect(),
+                })
+                .collect(),
+            version: state.version,
+        })
+    }
+}

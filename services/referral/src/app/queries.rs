@@ -1,0 +1,214 @@
+//! Reading one referral (from its events, so it is always current) and the
+//! inbox (from the `inbox` read model, a few milliseconds behind).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use nrm_kernel::auth::Role;
+use nrm_kernel::error::{AppError, FieldViolation, Violations};
+use nrm_kernel::ids::ReferralId;
+use nrm_proto::referral::v1 as pb;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::{Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::{CallContext, Referrals};
+use crate::domain::referral::Referral;
+
+/// Default and largest page sizes (AIP-158).
+const DEFAULT_PAGE_SIZE: i32 = 50;
+const MAX_PAGE_SIZE: i32 = 500;
+
+/// Where the next page starts, and which filters it belongs to.
+#[derive(Debug, Serialize, Deserialize)]
+struct PageToken {
+    /// `created_at` of the last referral returned, microseconds since the epoch.
+    t: i64,
+    /// Its referral ID.
+    id: Uuid,
+    /// Hash of the filters (and the caller's scope) the token was made for.
+    f: String,
+}
+
+/// The referral as its readers see it (coded fields only).
+#[must_use]
+pub fn view(state: &Referral) -> pb::Referral {
+    let created = state.created.clone().unwrap_or_default();
+    pb::Referral {
+        referral_id: created.referral_id,
+        person_id: created.person_id,
+        case_id: created.case_id,
+        referring_agency: created.referring_agency,
+        receiving_agency: state.receiving_agency.clone(),
+        services: created.services,
+        urgency: created.urgency,
+        status: state.status.to_proto() as i32,
+        consent_id: state.consent_id.clone(),
+        shelter_need: created.shelter_need,
+        created_at: created.created_at,
+        answer_due_at: state.answer_due_at,
+        overdue: state.overdue,
+        decline_reason: state.decline_reason,
+        services_delivered: state.services_delivered.clone(),
+        outcome: state.outcome,
+        shelter_id: state.shelter_id.clone(),
+        hold_id: state.hold_id.clone(),
+        nearest_regions_with_beds: state.nearest_regions_with_beds.clone(),
+        version: state.version,
+    }
+}
+
+impl Referrals {
+    /// One referral, for its referring agency, its receiving agency and the national coordinator.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`.
+    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    pub async fn get_referral(
+        &self,
+        ctx: &CallContext,
+        req: &pb::GetReferralRequest,
+    ) -> Result<pb::Referral, AppError> {
+        let referral_id =
+            ReferralId::parse("referral_id", &req.referral_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
+        let state = self.load_referral(referral_id).await?;
+        let Some(created) = &state.created else {
+            return Err(AppError::NotFound {
+                kind: "referral",
+                id: referral_id.to_string(),
+            });
+        };
+        let agency = ctx.agency();
+        if ctx.caller.role != Role::Coordinator
+            && agency != created.referring_agency
+            && agency != state.receiving_agency
+        {
+            return Err(AppError::PermissionDenied(
+                "only the referring agency, the receiving agency and the national coordinator may read a referral"
+                    .into(),
+            ));
+        }
+        Ok(view(&state))
+    }
+
+    /// The caller's inbox: the referrals its agency receives (the national
+    /// coordinator: every overdue referral), newest first, a page at a time.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` for a bad page size, filter or token.
+    #[tracing::instrument(skip_all)]
+    pub async fn list_inbox(
+        &self,
+        ctx: &CallContext,
+        req: &pb::ListInboxRequest,
+    ) -> Result<pb::ListInboxResponse, AppError> {
+        let mut v = Violations::new();
+        if req.page_size < 0 {
+            v.add("page_size", "must not be negative");
+        }
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.clamp(1, MAX_PAGE_SIZE),
+        };
+        if req.status != 0 && pb::ReferralStatus::try_from(req.status).is_err() {
+            v.add("status", "is not a known value");
+        }
+        if req.urgency != 0 && pb::Urgency::try_from(req.urgency).is_err() {
+            v.add("urgency", "is not a known value");
+        }
+        let coordinator = ctx.caller.role == Role::Coordinator;
+        // The coordinator sees every overdue referral; everyone else their agency's.
+        let agency = (!coordinator).then(|| ctx.agency().to_owned());
+        let overdue_only = req.overdue_only || coordinator;
+        let filter_hash = {
+            let mut h = Sha256::new();
+            h.update(format!("{:?}|{}|{}|{}", agency, req.status, req.urgency, overdue_only));
+            hex_prefix(&h.finalize())
+        };
+        let cursor = if req.page_token.is_empty() {
+            None
+        } else {
+            match decode_token(&req.page_token) {
+                Some(token) if token.f == filter_hash => Some(token),
+                Some(_) => {
+                    v.push(FieldViolation::new(
+                        "page_token",
+                        "was made for other filters; start again without it",
+                    ));
+                    None
+                }
+                None => {
+                    v.push(FieldViolation::new(
+                        "page_token",
+                        "is not a token from a previous response",
+                    ));
+                    None
+                }
+            }
+        };
+        v.finish(|| ())?;
+
+        let mut q: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT referral_id, created_at, view FROM inbox WHERE true");
+        if let Some(agency) = &agency {
+            q.push(" AND receiving_agency = ").push_bind(agency.clone());
+        }
+        if req.status != 0 {
+            q.push(" AND status = ").push_bind(req.status);
+        }
+        if req.urgency != 0 {
+            q.push(" AND urgency = ").push_bind(req.urgency);
+        }
+        if overdue_only {
+            q.push(" AND overdue");
+        }
+        if let Some(c) = &cursor {
+            let t = DateTime::from_timestamp_micros(c.t).unwrap_or_default();
+            q.push(" AND (created_at, referral_id) < (")
+                .push_bind(t)
+                .push(", ")
+                .push_bind(c.id)
+                .push(")");
+        }
+        q.push(" ORDER BY created_at DESC, referral_id DESC LIMIT ")
+            .push_bind(i64::from(page_size) + 1);
+        let rows = q.build().fetch_all(self.store().pool()).await?;
+        let limit = usize::try_from(page_size).unwrap_or(0);
+        let more = rows.len() > limit;
+        let mut referrals = Vec::with_capacity(rows.len().min(limit));
+        let mut last: Option<(DateTime<Utc>, Uuid)> = None;
+        for row in rows.iter().take(limit) {
+            let bytes: Vec<u8> = row.get("view");
+            let referral = pb::Referral::decode(bytes.as_slice())
+                .map_err(|e| AppError::Internal(format!("inbox row does not decode: {e}")))?;
+            last = Some((row.get("created_at"), row.get("referral_id")));
+            referrals.push(referral);
+        }
+        let next_page_token = match (more, last) {
+            (true, Some((t, id))) => encode_token(&PageToken {
+                t: t.timestamp_micros(),
+                id,
+                f: filter_hash,
+            }),
+            _ => String::new(),
+        };
+        Ok(pb::ListInboxResponse {
+            referrals,
+            next_page_token,
+        })
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_token(token: &PageToken) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(token).unwrap_or_default())
+}
+
+fn decode_token(text: &str) -> Option<PageToken> {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(text).ok()?).ok()
+}

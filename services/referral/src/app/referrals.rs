@@ -1,0 +1,451 @@
+//! Creating and answering referrals, and what timers and reactions do to
+//! them. Every append to a referral also keeps, in the same transaction, the
+//! `open_referrals` row (which consent an open referral rests on) and the
+//! answer timer (scheduled on creation and redirection, cancelled once the
+//! referral no longer awaits an answer).
+
+use chrono::Utc;
+use nrm_kernel::audit;
+use nrm_kernel::error::AppError;
+use nrm_kernel::ids::ReferralId;
+use nrm_kernel::store::{EventMetadata, UnitOfWork};
+use nrm_kernel::timers;
+use nrm_proto::common::v1::CommandResult;
+use nrm_proto::referral::v1 as pb;
+use pb::referral_event::Event;
+use prost::Message;
+
+use super::{
+    ANSWER_DUE, CallContext, REFERRERS, Referrals, fingerprint, rejected, replayed, system_metadata, to_new_events,
+};
+use crate::domain::parse::{self, Target};
+use crate::domain::referral::{self, Command, Referral};
+use crate::domain::{ConsentGap, ConsentId, DomainError};
+
+/// A validated command on an existing referral.
+struct Call {
+    /// The RPC, for fingerprints and the audit trail.
+    method: &'static str,
+    target: Target,
+    command: Command,
+    /// A consent the command rests on, locked against withdrawal while it commits.
+    consent: Option<ConsentId>,
+}
+
+impl Referrals {
+    /// The referral folded from its events.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub async fn load_referral(&self, referral_id: ReferralId) -> Result<Referral, AppError> {
+        self.fold(&referral::stream_id(referral_id), referral::evolve).await
+    }
+
+    /// Appends `events` to a referral standing at `before`, and keeps its
+    /// consent link and answer timer in step; returns the new event IDs.
+    pub(crate) async fn append_referral(
+        &self,
+        uow: &mut UnitOfWork,
+        referral_id: ReferralId,
+        before: &Referral,
+        events: &[Event],
+        metadata: &EventMetadata,
+    ) -> Result<Vec<String>, AppError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let appended = uow
+            .append(
+                &referral::stream_id(referral_id),
+                before.version,
+                &to_new_events(events),
+                metadata,
+                &self.subject(referral::NAME, &referral_id),
+            )
+            .await?;
+        let after = events.iter().fold(before.clone(), referral::evolve);
+        if after.status.is_open() {
+            let consent_id = ConsentId::parse("consent_id", &after.consent_id)
+                .map_err(|_| AppError::Internal("referral without a consent".into()))?;
+            sqlx::query(
+                "INSERT INTO open_referrals (referral_id, consent_id) VALUES ($1, $2)
+                 ON CONFLICT (referral_id) DO UPDATE SET consent_id = EXCLUDED.consent_id",
+            )
+            .bind(referral_id.as_uuid())
+            .bind(consent_id.as_uuid())
+            .execute(uow.conn())
+            .await?;
+        } else {
+            sqlx::query("DELETE FROM open_referrals WHERE referral_id = $1")
+                .bind(referral_id.as_uuid())
+                .execute(uow.conn())
+                .await?;
+        }
+        let deadline_set = events
+            .iter()
+            .any(|e| matches!(e, Event::ReferralCreated(_) | Event::ReferralRedirected(_)));
+        let due = after.answer_due_at.as_ref().and_then(parse::to_datetime);
+        match due {
+            Some(due) if deadline_set && after.status.awaits_answer() => {
+                timers::schedule(uow.conn(), ANSWER_DUE, &referral_id.to_string(), due, &[]).await?;
+            }
+            _ if !after.status.awaits_answer() => {
+                timers::cancel(uow.conn(), ANSWER_DUE, &referral_id.to_string()).await?;
+            }
+            _ => {}
+        }
+        Ok(appended.event_ids.iter().map(ToString::to_string).collect())
+    }
+
+    /// Refers a person to an agency under a consent.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED`,
+    /// `FAILED_PRECONDITION` (`UNKNOWN_PERSON`, `NOT_IDENTIFIED`, `CASE_MISMATCH`, `NO_CONSENT`).
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
+    pub async fn create_referral(
+        &self,
+        ctx: &CallContext,
+        req: &pb::CreateReferralRequest,
+    ) -> Result<pb::CreateReferralResponse, AppError> {
+        ctx.caller.require("make a referral", REFERRERS)?;
+        let valid = parse::create_referral(req, Utc::now())?;
+        let key = ctx.request_key(&valid.request_id);
+        let fp = fingerprint("CreateReferral", req);
+        if let Some(mut previous) = self.replay::<pb::CreateReferralResponse>(&key, &fp).await? {
+            if let Some(r) = previous.result.as_mut() {
+                r.replayed = true;
+            }
+            return Ok(previous);
+        }
+        let referral_id = ReferralId::new();
+        tracing::Span::current().record("referral_id", tracing::field::display(referral_id));
+        let person = self.person(valid.person_id).await?;
+        let consent = self.load_consent(valid.consent_id).await?;
+        let mut created = valid.referral;
+        created.referral_id = referral_id.to_string();
+        ctx.agency().clone_into(&mut created.referring_agency);
+        let command = Command::Create {
+            referral: Box::new(created),
+            person,
+            consent: Box::new(consent),
+            allow_not_identified: self.policy.allow_not_identified,
+            deadlines: self.policy.deadlines,
+        };
+        let events = referral::decide(&Referral::default(), &command).map_err(rejected(referral::NAME, referral_id))?;
+        let mut uow = self.store.begin().await?;
+        if !self.lock_consent(&mut uow, valid.consent_id).await? {
+            return Err(rejected(referral::NAME, referral_id)(DomainError::NoConsent(
+                ConsentGap::Withdrawn,
+            )));
+        }
+        let event_ids = self
+            .append_referral(&mut uow, referral_id, &Referral::default(), &events, &ctx.metadata())
+            .await?;
+        audit::record(
+            uow.conn(),
+            &ctx.caller.actor,
+            "CreateReferral",
+            &referral_id.to_string(),
+            "command",
+        )
+        .await?;
+        let state = events.iter().fold(Referral::default(), referral::evolve);
+        let response = pb::CreateReferralResponse {
+            referral_id: referral_id.to_string(),
+            answer_due_at: state.answer_due_at,
+            result: Some(CommandResult {
+                aggregate_id: referral_id.to_string(),
+                version: state.version,
+                event_ids,
+                replayed: false,
+            }),
+        };
+        self.finish(uow, &key, &fp, response).await
+    }
+
+    /// Runs a command on an existing referral, or answers as its first run did.
+    async fn on_referral(
+        &self,
+        ctx: &CallContext,
+        request: &impl Message,
+        call: Call,
+    ) -> Result<CommandResult, AppError> {
+        let key = ctx.request_key(&call.target.request_id);
+        let fp = fingerprint(call.method, request);
+        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
+            return Ok(replayed(previous));
+        }
+        match self.on_referral_once(ctx, &key, &fp, call).await {
+            // A twin of this request may have moved the referral on first: answer as it did.
+            Err(err @ (AppError::Conflict { .. } | AppError::FailedPrecondition { .. })) => {
+                match self.replay::<CommandResult>(&key, &fp).await? {
+                    Some(previous) => Ok(replayed(previous)),
+                    None => Err(err),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn on_referral_once(
+        &self,
+        ctx: &CallContext,
+        key: &str,
+        fp: &[u8],
+        call: Call,
+    ) -> Result<CommandResult, AppError> {
+        let Call {
+            method,
+            target,
+            command,
+            consent,
+        } = call;
+        let referral_id = target.referral_id;
+        let state = self.load_referral(referral_id).await?;
+        if state.version == 0 {
+            return Err(AppError::NotFound {
+                kind: referral::NAME,
+                id: referral_id.to_string(),
+            });
+        }
+        if target.expected_version != state.version {
+            return Err(AppError::Conflict {
+                stream_id: referral::stream_id(referral_id),
+                expected: target.expected_version,
+                actual: state.version,
+            });
+        }
+        let events = referral::decide(&state, &command).map_err(rejected(referral::NAME, referral_id))?;
+        let mut uow = self.store.begin().await?;
+        if let Some(consent_id) = consent
+            && !self.lock_consent(&mut uow, consent_id).await?
+        {
+            return Err(rejected(referral::NAME, referral_id)(DomainError::NoConsent(
+                ConsentGap::Withdrawn,
+            )));
+        }
+        let event_ids = self
+            .append_referral(&mut uow, referral_id, &state, &events, &ctx.metadata())
+            .await?;
+        audit::record(
+            uow.conn(),
+            &ctx.caller.actor,
+            method,
+            &referral_id.to_string(),
+            "command",
+        )
+        .await?;
+        let response = CommandResult {
+            aggregate_id: referral_id.to_string(),
+            version: state.version + events.len() as u64,
+            event_ids,
+            replayed: false,
+        };
+        self.finish(uow, key, fp, response).await
+    }
+
+    /// The receiver accepts.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
+    /// `FAILED_PRECONDITION` (`NOT_AWAITING_ANSWER`), `ABORTED`.
+    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    pub async fn accept(&self, ctx: &CallContext, req: &pb::AcceptReferralRequest) -> Result<CommandResult, AppError> {
+        let target = parse::accept(req)?;
+        let command = Command::Accept {
+            agency: ctx.agency().to_owned(),
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_referral(
+            ctx,
+            req,
+            Call {
+                method: "AcceptReferral",
+                target,
+                command,
+                consent: None,
+            },
+        )
+        .await
+    }
+
+    /// The receiver declines, with a reason.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
+    /// `FAILED_PRECONDITION` (`NOT_AWAITING_ANSWER`), `ABORTED`.
+    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    pub async fn decline(
+        &self,
+        ctx: &CallContext,
+        req: &pb::DeclineReferralRequest,
+    ) -> Result<CommandResult, AppError> {
+        let (target, reason) = parse::decline(req)?;
+        let command = Command::Decline {
+            agency: ctx.agency().to_owned(),
+            reason,
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_referral(
+            ctx,
+            req,
+            Call {
+                method: "DeclineReferral",
+                target,
+                command,
+                consent: None,
+            },
+        )
+        .await
+    }
+
+    /// The referrer sends a declined referral to another agency, under a consent covering it.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the referrer),
+    /// `FAILED_PRECONDITION` (`NOT_DECLINED`, `SAME_AGENCY`, `NO_CONSENT`), `ABORTED`.
+    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    pub async fn redirect(
+        &self,
+        ctx: &CallContext,
+        req: &pb::RedirectReferralRequest,
+    ) -> Result<CommandResult, AppError> {
+        let (target, (receiving_agency, consent_id)) = parse::redirect(req)?;
+        let consent = self.load_consent(consent_id).await?;
+        let command = Command::Redirect {
+            agency: ctx.agency().to_owned(),
+            receiving_agency,
+            consent_id: consent_id.to_string(),
+            consent: Box::new(consent),
+            now: parse::timestamp(Utc::now()),
+            deadlines: self.policy.deadlines,
+        };
+        self.on_referral(
+            ctx,
+            req,
+            Call {
+                method: "RedirectReferral",
+                target,
+                command,
+                consent: Some(consent_id),
+            },
+        )
+        .await
+    }
+
+    /// The receiver records a service delivered.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
+    /// `FAILED_PRECONDITION` (`NOT_ACCEPTED`, `SERVICE_NOT_REFERRED`), `ABORTED`.
+    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    pub async fn service_delivered(
+        &self,
+        ctx: &CallContext,
+        req: &pb::RecordServiceDeliveredRequest,
+    ) -> Result<CommandResult, AppError> {
+        let (target, delivery) = parse::service_delivered(req, Utc::now())?;
+        let command = Command::RecordServiceDelivered {
+            agency: ctx.agency().to_owned(),
+            kind: delivery.kind,
+            delivered_at: delivery.delivered_at,
+            provider: delivery.provider,
+        };
+        self.on_referral(
+            ctx,
+            req,
+            Call {
+                method: "RecordServiceDelivered",
+                target,
+                command,
+                consent: None,
+            },
+        )
+        .await
+    }
+
+    /// The receiver closes the referral with an outcome.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
+    /// `FAILED_PRECONDITION` (`NOT_ACCEPTED`), `ABORTED`.
+    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    pub async fn close(&self, ctx: &CallContext, req: &pb::CloseReferralRequest) -> Result<CommandResult, AppError> {
+        let (target, outcome) = parse::close(req)?;
+        let command = Command::Close {
+            agency: ctx.agency().to_owned(),
+            outcome,
+            now: parse::timestamp(Utc::now()),
+        };
+        self.on_referral(
+            ctx,
+            req,
+            Call {
+                method: "CloseReferral",
+                target,
+                command,
+                consent: None,
+            },
+        )
+        .await
+    }
+
+    /// The answer deadline of a referral passed: marks it overdue (escalated
+    /// to the national coordinator) unless it was answered; inside the
+    /// timer's unit of work.
+    ///
+    /// # Errors
+    /// When the store fails (the timer then stays pending).
+    pub async fn answer_due(&self, uow: &mut UnitOfWork, referral_id: ReferralId) -> Result<bool, AppError> {
+        let state = Self::fold_in(uow, &referral::stream_id(referral_id), referral::evolve).await?;
+        let command = Command::MarkOverdue {
+            now: parse::timestamp(Utc::now()),
+        };
+        let events = match referral::decide(&state, &command) {
+            Ok(events) => events,
+            Err(DomainError::NotFound(_)) => {
+                tracing::warn!(referral_id = %referral_id, "answer timer for an unknown referral");
+                return Ok(false);
+            }
+            Err(err) => return Err(AppError::Internal(err.to_string())),
+        };
+        let metadata = system_metadata("answer-timer", None);
+        let ids = self
+            .append_referral(uow, referral_id, &state, &events, &metadata)
+            .await?;
+        if !ids.is_empty() {
+            tracing::info!(referral_id = %referral_id, "referral overdue: escalated to the national coordinator");
+        }
+        Ok(!ids.is_empty())
+    }
+
+    /// Records the shelter service's answer to a referral's shelter need,
+    /// inside the reaction's unit of work; nothing when it was recorded
+    /// before or the referral is not ours.
+    ///
+    /// # Errors
+    /// When the store fails or another writer moved the referral on (the message is then retried).
+    pub async fn record_placement(
+        &self,
+        uow: &mut UnitOfWork,
+        referral_id: ReferralId,
+        command: Command,
+        cause: Option<&EventMetadata>,
+    ) -> Result<bool, AppError> {
+        let state = Self::fold_in(uow, &referral::stream_id(referral_id), referral::evolve).await?;
+        let events = match referral::decide(&state, &command) {
+            Ok(events) => events,
+            Err(DomainError::NotFound(_)) => {
+                tracing::warn!(referral_id = %referral_id, "shelter answer for an unknown referral; ignored");
+                return Ok(false);
+            }
+            Err(err) => return Err(AppError::Internal(err.to_string())),
+        };
+        let metadata = system_metadata("shelter-reaction", cause);
+        let ids = self
+            .append_referral(uow, referral_id, &state, &events, &metadata)
+            .await?;
+        Ok(!ids.is_empty())
+    }
+}

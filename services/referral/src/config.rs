@@ -1,0 +1,86 @@
+//! Settings of the referral service, from `NRM_*` environment variables.
+
+use nrm_kernel::settings::{
+    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings,
+};
+use serde::Deserialize;
+
+/// Everything the service reads at start.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Listening addresses (`NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`).
+    #[serde(flatten)]
+    pub server: ServerSettings,
+    /// The service's own database (`NRM_DATABASE__*`; name default `referral`).
+    #[serde(default)]
+    pub database: DatabaseSettings,
+    /// NATS (`NRM_NATS__*`).
+    #[serde(default)]
+    pub nats: NatsSettings,
+    /// The outbox relay (`NRM_RELAY__*`).
+    #[serde(default)]
+    pub relay: RelaySettings,
+    /// Token verification (`NRM_AUTH__*`).
+    pub auth: AuthSettings,
+    /// Logs (`NRM_TELEMETRY__*`).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+    /// Rules of referral (`NRM_REFERRAL__*`).
+    #[serde(default)]
+    pub referral: ReferralSettings,
+}
+
+/// Country rules of referral.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReferralSettings {
+    /// Seconds to answer an urgent referral (`NRM_REFERRAL__URGENT_DEADLINE_SECONDS`, default 86400).
+    #[serde(default = "default_urgent")]
+    pub urgent_deadline_seconds: u64,
+    /// Seconds to answer a normal referral (`NRM_REFERRAL__NORMAL_DEADLINE_SECONDS`, default 259200).
+    #[serde(default = "default_normal")]
+    pub normal_deadline_seconds: u64,
+    /// Refer persons found not identified too (`NRM_REFERRAL__ALLOW_NOT_IDENTIFIED`, default false).
+    #[serde(default)]
+    pub allow_not_identified: bool,
+    /// How often due deadlines are looked for, in milliseconds
+    /// (`NRM_REFERRAL__TIMER_POLL_MS`, default 250).
+    #[serde(default = "default_poll")]
+    pub timer_poll_ms: u64,
+}
+
+impl Default for ReferralSettings {
+    fn default() -> Self {
+        Self {
+            urgent_deadline_seconds: default_urgent(),
+            normal_deadline_seconds: default_normal(),
+            allow_not_identified: false,
+            timer_poll_ms: default_poll(),
+        }
+    }
+}
+
+fn default_urgent() -> u64 {
+    86_400
+}
+
+fn default_normal() -> u64 {
+    259_200
+}
+
+fn default_poll() -> u64 {
+    250
+}
+
+impl Settings {
+    /// Reads the settings from the environment.
+    ///
+    /// # Errors
+    /// Names the missing or malformed variable.
+    pub fn from_env() -> Result<Self, Box<figment::Error>> {
+        let mut settings: Self = nrm_kernel::settings::from_env()?;
+        if settings.database.name.is_empty() {
+            "referral".clone_into(&mut settings.database.name);
+        }
+        Ok(settings)
+    }
+}

@@ -1,0 +1,287 @@
+//! The pure aggregates of the referral context: consents, referrals and the
+//! individual rehabilitation plan.
+//!
+//! Each aggregate has `decide(&state, &command)` (the events a command
+//! causes, or why it cannot happen) and `evolve(state, &event)`. No clock,
+//! database or network in here: the time, the consent a referral rests on
+//! and what is known about the person arrive in the command.
+//!
+//! # Layout
+//! - this module: typed IDs of this context, the domain error, event names, time helpers.
+//! - [`consent`]: a person's purpose-bound consent to share with one agency.
+//! - [`referral`]: a referral from one agency to another, its answer and its services.
+//! - [`plan`]: the individual rehabilitation plan of a person.
+//! - [`parse`]: validating constructors from requests, naming offending fields.
+
+pub mod consent;
+pub mod parse;
+pub mod plan;
+pub mod referral;
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+use nrm_kernel::error::FieldViolation;
+use nrm_proto::referral::v1 as pb;
+use pb::referral_event::Event;
+use prost_types::Timestamp;
+use uuid::Uuid;
+
+/// Declares a typed UUIDv7 identifier of this context (the kernel's registry
+/// holds the kinds shared between contexts).
+macro_rules! typed_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// The kind's name, used in stream IDs and messages.
+            pub const KIND: &'static str = $kind;
+
+            /// A new, time-ordered ID.
+            #[must_use]
+            pub fn new() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            /// Wraps an existing UUID (from storage).
+            #[must_use]
+            pub const fn from_uuid(id: Uuid) -> Self {
+                Self(id)
+            }
+
+            /// The UUID inside.
+            #[must_use]
+            pub const fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+
+            /// Parses a request field; names the field when it is not a UUID.
+            ///
+            /// # Errors
+            /// A [`FieldViolation`] on `field` when the text is empty or not a UUID.
+            pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
+                if text.trim().is_empty() {
+                    return Err(FieldViolation::new(field, "is required"));
+                }
+                Uuid::from_str(text.trim())
+                    .map(Self)
+                    .map_err(|_| FieldViolation::new(field, concat!("must be a ", $kind, " ID (a UUID)")))
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+typed_id!(
+    /// A recorded consent.
+    ConsentId,
+    "consent"
+);
+typed_id!(
+    /// A goal of a rehabilitation plan.
+    GoalId,
+    "goal"
+);
+
+/// Why a consent does not let a referral go to an agency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentGap {
+    /// No consent with that ID was recorded.
+    Unknown,
+    /// The consent was withdrawn.
+    Withdrawn,
+    /// The consent has expired.
+    Expired,
+    /// The consent is another person's.
+    OtherPerson,
+    /// The consent names another recipient agency.
+    OtherRecipient,
+    /// The consent does not cover a service asked for.
+    ServiceNotCovered(i32),
+}
+
+impl fmt::Display for ConsentGap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsentGap::Unknown => f.write_str("no consent with this ID was recorded"),
+            ConsentGap::Withdrawn => f.write_str("the consent was withdrawn"),
+            ConsentGap::Expired => f.write_str("the consent has expired"),
+            ConsentGap::OtherPerson => f.write_str("the consent was given for another person"),
+            ConsentGap::OtherRecipient => f.write_str("the consent does not name the receiving agency"),
+            ConsentGap::ServiceNotCovered(kind) => {
+                let name = pb::ServiceKind::try_from(*kind).map_or("UNKNOWN", |k| k.as_str_name());
+                write!(f, "the consent does not cover the service {name}")
+            }
+        }
+    }
+}
+
+/// Why a command cannot happen in an aggregate's state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// The addressed aggregate does not exist.
+    #[error("the {0} does not exist")]
+    NotFound(&'static str),
+    /// The aggregate exists already.
+    #[error("the {0} exists already")]
+    AlreadyExists(&'static str),
+    /// A child's consent given by the child.
+    #[error("a child's consent must be given by a guardian or a best-interests decision")]
+    ChildNeedsGuardian,
+    /// Withdrawing twice.
+    #[error("the consent was already withdrawn")]
+    AlreadyWithdrawn,
+    /// The consent does not allow the referral.
+    #[error("no valid consent for this referral: {0}")]
+    NoConsent(ConsentGap),
+    /// The person is not known to the mechanism.
+    #[error("the person is not known from identification")]
+    UnknownPerson,
+    /// The person was found not identified (and policy refuses referrals then).
+    #[error("the person was found not identified")]
+    NotIdentified,
+    /// The case named is not the person's case.
+    #[error("the case is not the person's identification case")]
+    CaseMismatch,
+    /// The caller's agency is not the receiving agency.
+    #[error("only the receiving agency may do this")]
+    NotReceivingAgency,
+    /// The caller's agency is not the referring agency.
+    #[error("only the referring agency may do this")]
+    NotReferringAgency,
+    /// Accepting or declining a referral that awaits no answer.
+    #[error("the referral awaits no answer (it was answered, closed or cancelled)")]
+    NotAwaitingAnswer,
+    /// Delivering services to or closing a referral that is not accepted.
+    #[error("the referral is not accepted")]
+    NotAccepted,
+    /// Redirecting a referral that was not declined.
+    #[error("only a declined referral can be redirected")]
+    NotDeclined,
+    /// Redirecting to the agency that declined.
+    #[error("the referral must be redirected to another agency")]
+    SameAgency,
+    /// Recording a service that was not asked for.
+    #[error("the service was not asked for in this referral")]
+    ServiceNotReferred,
+    /// The goal does not belong to the plan.
+    #[error("the plan has no such goal")]
+    GoalNotFound,
+    /// Marking a goal met twice, or following up a met goal.
+    #[error("the goal was already met")]
+    GoalAlreadyMet,
+}
+
+impl DomainError {
+    /// Stable code of the rule.
+    #[must_use]
+    pub const fn code(&self) -> &'static str {
+        match self {
+            DomainError::NotFound(_) | DomainError::GoalNotFound => "NOT_FOUND",
+            DomainError::AlreadyExists(_) => "ALREADY_EXISTS",
+            DomainError::ChildNeedsGuardian => "CHILD_NEEDS_GUARDIAN",
+            DomainError::AlreadyWithdrawn => "ALREADY_WITHDRAWN",
+            DomainError::NoConsent(_) => "NO_CONSENT",
+            DomainError::UnknownPerson => "UNKNOWN_PERSON",
+            DomainError::NotIdentified => "NOT_IDENTIFIED",
+            DomainError::CaseMismatch => "CASE_MISMATCH",
+            DomainError::NotReceivingAgency => "NOT_RECEIVING_AGENCY",
+            DomainError::NotReferringAgency => "NOT_REFERRING_AGENCY",
+            DomainError::NotAwaitingAnswer => "NOT_AWAITING_ANSWER",
+            DomainError::NotAccepted => "NOT_ACCEPTED",
+            DomainError::NotDeclined => "NOT_DECLINED",
+            DomainError::SameAgency => "SAME_AGENCY",
+            DomainError::ServiceNotReferred => "SERVICE_NOT_REFERRED",
+            DomainError::GoalAlreadyMet => "GOAL_ALREADY_MET",
+        }
+    }
+}
+
+/// What the referral service knows of a person, from identification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonFacts {
+    /// The person's identification case.
+    pub case_id: String,
+    /// The case's status.
+    pub status: PersonStatus,
+    /// Under 18 (or possibly).
+    pub child: bool,
+}
+
+/// Status of a person's identification, as far as referrals care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonStatus {
+    /// Reported, not yet screened.
+    Reported,
+    /// Presumed a victim.
+    Presumed,
+    /// Formally identified.
+    Identified,
+    /// Formally not identified.
+    NotIdentified,
+}
+
+impl PersonStatus {
+    /// From `nrm.identification.v1.CaseStatus`.
+    #[must_use]
+    pub fn from_case_status(status: i32) -> Self {
+        use nrm_proto::identification::v1::CaseStatus;
+        match CaseStatus::try_from(status) {
+            Ok(CaseStatus::Presumed) => PersonStatus::Presumed,
+            Ok(CaseStatus::Identified) => PersonStatus::Identified,
+            Ok(CaseStatus::NotIdentified) => PersonStatus::NotIdentified,
+            _ => PersonStatus::Reported,
+        }
+    }
+}
+
+/// Orders two timestamps.
+#[must_use]
+pub fn compare(a: &Timestamp, b: &Timestamp) -> Ordering {
+    (a.seconds, a.nanos).cmp(&(b.seconds, b.nanos))
+}
+
+/// `t` plus `seconds`.
+#[must_use]
+pub fn add_seconds(t: &Timestamp, seconds: u64) -> Timestamp {
+    Timestamp {
+        seconds: t.seconds.saturating_add(i64::try_from(seconds).unwrap_or(i64::MAX)),
+        nanos: t.nanos,
+    }
+}
+
+/// Name of an event's variant, as stored and as sent in headers.
+#[must_use]
+pub fn event_type(event: &Event) -> &'static str {
+    match event {
+        Event::ConsentRecorded(_) => "ConsentRecorded",
+        Event::ConsentWithdrawn(_) => "ConsentWithdrawn",
+        Event::ReferralCreated(_) => "ReferralCreated",
+        Event::ReferralAccepted(_) => "ReferralAccepted",
+        Event::ReferralDeclined(_) => "ReferralDeclined",
+        Event::ReferralRedirected(_) => "ReferralRedirected",
+        Event::ReferralOverdue(_) => "ReferralOverdue",
+        Event::ServiceDelivered(_) => "ServiceDelivered",
+        Event::ReferralClosed(_) => "ReferralClosed",
+        Event::ReferralCancelled(_) => "ReferralCancelled",
+        Event::BedHoldRecorded(_) => "BedHoldRecorded",
+        Event::NoBedRecorded(_) => "NoBedRecorded",
+        Event::PlanGoalAdded(_) => "PlanGoalAdded",
+        Event::FollowUpRecorded(_) => "FollowUpRecorded",
+        Event::GoalMet(_) => "GoalMet",
+    }
+}

@@ -1,0 +1,89 @@
+//! Settings of the shelter service, from `NRM_*` environment variables.
+
+use nrm_kernel::settings::{
+    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings,
+};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Everything the service reads at start.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Listening addresses (`NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`).
+    #[serde(flatten)]
+    pub server: ServerSettings,
+    /// The service's own database (`NRM_DATABASE__*`, name default `shelter`).
+    #[serde(default)]
+    pub database: DatabaseSettings,
+    /// NATS (`NRM_NATS__*`).
+    #[serde(default)]
+    pub nats: NatsSettings,
+    /// The outbox relay (`NRM_RELAY__*`).
+    #[serde(default)]
+    pub relay: RelaySettings,
+    /// Token verification (`NRM_AUTH__*`).
+    pub auth: AuthSettings,
+    /// The key that seals shelter addresses (`NRM_SEALING__*`).
+    pub sealing: SealingSettings,
+    /// Logs (`NRM_TELEMETRY__*`).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+    /// Rules of bed holds (`NRM_SHELTER__*`).
+    #[serde(default)]
+    pub shelter: ShelterSettings,
+}
+
+/// Keys of the shelter service. Only the master key: shelters need no
+/// duplicate detection, so `NRM_SEALING__MATCH_KEY` is not read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SealingSettings {
+    /// Master key wrapping every shelter's data key, base64 of 32 bytes
+    /// (`NRM_SEALING__MASTER_KEY`, required).
+    pub master_key: SecretString,
+}
+
+/// Rules of bed holds.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShelterSettings {
+    /// How long a hold lasts when the request leaves `hold_minutes` at 0, and
+    /// for the beds the placement reaction holds
+    /// (`NRM_SHELTER__HOLD_MINUTES_DEFAULT`, default 1440 = 24 h, at most 10080).
+    #[serde(default = "default_hold_minutes")]
+    pub hold_minutes_default: u32,
+    /// How often the expiry timers are looked at, in milliseconds
+    /// (`NRM_SHELTER__TIMER_POLL_MILLIS`, default 1000): a hold expires at
+    /// most this late.
+    #[serde(default = "default_timer_poll_millis")]
+    pub timer_poll_millis: u64,
+}
+
+impl Default for ShelterSettings {
+    fn default() -> Self {
+        Self {
+            hold_minutes_default: default_hold_minutes(),
+            timer_poll_millis: default_timer_poll_millis(),
+        }
+    }
+}
+
+fn default_hold_minutes() -> u32 {
+    1440
+}
+
+fn default_timer_poll_millis() -> u64 {
+    1000
+}
+
+impl Settings {
+    /// Reads the settings from the environment.
+    ///
+    /// # Errors
+    /// Names the missing or malformed variable.
+    pub fn from_env() -> Result<Self, Box<figment::Error>> {
+        let mut settings: Self = nrm_kernel::settings::from_env()?;
+        if settings.database.name.is_empty() {
+            "shelter".clone_into(&mut settings.database.name);
+        }
+        Ok(settings)
+    }
+}

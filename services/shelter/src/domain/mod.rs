@@ -1,0 +1,628 @@
+//! The shelter: a pure aggregate.
+//!
+//! `decide(&shelter, &command)` answers with the events the command causes
+//! (or why it cannot happen); `evolve(shelter, &event)` folds an event into
+//! the state. No clock, database or network in here: the time, the new hold's
+//! ID and its expiry arrive in the command.
+//!
+//! The rule that matters most: a bed is held only while one is free, where
+//! `free(category) = capacity − held − admitted`. The application appends
+//! with the expected stream version, so two callers deciding on the same
+//! state cannot both take the last bed.
+//!
+//! # Layout
+//! - this module: state, commands, `decide`, `evolve`, domain errors.
+//! - [`parse`]: validating constructors from requests, naming offending fields.
+//! - [`regions`]: region centroids and the nearest regions with a free bed.
+
+pub mod parse;
+pub mod regions;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use nrm_kernel::error::FieldViolation;
+use nrm_kernel::ids::{ReferralId, ShelterId};
+use nrm_proto::shelter::v1 as pb;
+use pb::shelter_event::Event;
+use prost_types::Timestamp;
+use uuid::Uuid;
+
+/// Stable name of the aggregate, used in stream IDs and subjects.
+pub const NAME: &str = "shelter";
+/// Name of the placement streams (one per referral the reaction found no bed for).
+pub const PLACEMENT: &str = "placement";
+
+/// Stream ID of a shelter.
+#[must_use]
+pub fn stream_id(shelter_id: ShelterId) -> String {
+    format!("{NAME}-{shelter_id}")
+}
+
+/// Stream ID of a referral's placement attempts.
+#[must_use]
+pub fn placement_stream_id(referral_id: ReferralId) -> String {
+    format!("{PLACEMENT}-{referral_id}")
+}
+
+/// A bed hold. (Not in the kernel's registry of kinds: holds never leave the
+/// shelter context except as text on its events.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HoldId(Uuid);
+
+impl HoldId {
+    /// A new, time-ordered ID.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The UUID inside.
+    #[must_use]
+    pub const fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+
+    /// Parses a request field; names the field when it is not a UUID.
+    ///
+    /// # Errors
+    /// A [`FieldViolation`] on `field` when the text is empty or not a UUID.
+    pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
+        if text.trim().is_empty() {
+            return Err(FieldViolation::new(field, "is required"));
+        }
+        Uuid::from_str(text.trim())
+            .map(Self)
+            .map_err(|_| FieldViolation::new(field, "must be a hold ID (a UUID)"))
+    }
+}
+
+impl Default for HoldId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a hold stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldStatus {
+    /// A bed is kept for the referral until the hold expires.
+    Held,
+    /// The person was admitted: the bed is occupied.
+    Admitted,
+    /// The person left: the bed is free again.
+    Discharged,
+    /// Released before it expired: the bed is free again.
+    Released,
+    /// Expired without an admission: the bed is free again.
+    Expired,
+}
+
+impl HoldStatus {
+    /// Whether the hold takes a bed.
+    #[must_use]
+    pub const fn takes_a_bed(self) -> bool {
+        matches!(self, HoldStatus::Held | HoldStatus::Admitted)
+    }
+}
+
+/// One hold, as folded from its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hold {
+    /// Bed category (`pb::BedCategory` value).
+    pub category: i32,
+    /// The referral the bed is for.
+    pub referral_id: String,
+    /// Where it stands.
+    pub status: HoldStatus,
+    /// When it expires unless the person is admitted.
+    pub expires_at: Timestamp,
+}
+
+/// The state of one shelter, folded from its events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Shelter {
+    /// Number of events so far (0: the shelter does not exist).
+    pub version: u64,
+    /// The registration, as recorded (the address sealed).
+    pub registered: Option<pb::ShelterRegistered>,
+    /// Beds per category (`pb::BedCategory` value).
+    pub capacity: BTreeMap<i32, u32>,
+    /// Every hold, by hold ID.
+    pub holds: BTreeMap<String, Hold>,
+}
+
+impl Shelter {
+    /// The shelter's ID as recorded ("" before registration).
+    #[must_use]
+    pub fn shelter_id(&self) -> &str {
+        self.registered.as_ref().map_or("", |r| r.shelter_id.as_str())
+    }
+
+    /// The shelter's region ("" before registration).
+    #[must_use]
+    pub fn region(&self) -> &str {
+        self.registered.as_ref().map_or("", |r| r.region.as_str())
+    }
+
+    /// The agency that runs the shelter ("" before registration).
+    #[must_use]
+    pub fn operator_agency(&self) -> &str {
+        self.registered.as_ref().map_or("", |r| r.operator_agency.as_str())
+    }
+
+    /// Beds of `category` held or occupied.
+    #[must_use]
+    pub fn occupied(&self, category: i32) -> u32 {
+        let taken = self
+            .holds
+            .values()
+            .filter(|h| h.category == category && h.status.takes_a_bed())
+            .count();
+        u32::try_from(taken).unwrap_or(u32::MAX)
+    }
+
+    /// Beds of `category` neither held nor occupied.
+    #[must_use]
+    pub fn free(&self, category: i32) -> u32 {
+        self.capacity
+            .get(&category)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(self.occupied(category))
+    }
+
+    /// The hold that takes a bed for `referral_id`, if any.
+    #[must_use]
+    pub fn active_hold_for(&self, referral_id: &str) -> Option<(&str, &Hold)> {
+        self.holds
+            .iter()
+            .find(|(_, h)| h.referral_id == referral_id && h.status.takes_a_bed())
+            .map(|(id, h)| (id.as_str(), h))
+    }
+}
+
+/// What a caller (or the service itself) asks of a shelter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Register the shelter. The application seals the address first.
+    Register {
+        /// The registration with the sealed address.
+        registered: Box<pb::ShelterRegistered>,
+    },
+    /// Set the beds of one category.
+    ChangeCapacity {
+        /// The category.
+        category: pb::BedCategory,
+        /// The new number of beds.
+        beds: u32,
+    },
+    /// Hold a bed for a referral.
+    HoldBed {
+        /// The new hold's ID.
+        hold_id: HoldId,
+        /// The category.
+        category: pb::BedCategory,
+        /// The referral the bed is for.
+        referral_id: ReferralId,
+        /// When the hold expires unless the person is admitted.
+        expires_at: Timestamp,
+    },
+    /// Release a hold before it expires.
+    ReleaseHold {
+        /// The hold.
+        hold_id: HoldId,
+    },
+    /// Admit the person a hold was for.
+    Admit {
+        /// The hold.
+        hold_id: HoldId,
+        /// Now.
+        now: Timestamp,
+    },
+    /// Discharge an admitted person.
+    Discharge {
+        /// The hold.
+        hold_id: HoldId,
+        /// Now.
+        now: Timestamp,
+    },
+    /// The hold's expiry timer fired.
+    ExpireHold {
+        /// The hold.
+        hold_id: HoldId,
+    },
+}
+
+/// Why a command cannot happen in the shelter's state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// The shelter does not exist.
+    #[error("the shelter does not exist")]
+    NotFound,
+    /// A registration for this shelter ID exists already.
+    #[error("the shelter was already registered")]
+    AlreadyRegistered,
+    /// Fewer beds than are held or occupied.
+    #[error("the capacity cannot go below the beds held or occupied ({occupied})")]
+    CapacityBelowOccupancy {
+        /// Beds of the category held or occupied.
+        occupied: u32,
+    },
+    /// No bed of the category is free.
+    #[error("no bed of the category is free")]
+    NoBedFree,
+    /// The referral already holds (or occupies) a bed here.
+    #[error("the referral already holds a bed in this shelter")]
+    AlreadyHeld,
+    /// Releasing a hold that is not held.
+    #[error("the hold is not held (unknown, admitted, released or expired)")]
+    NotHeld,
+    /// Admitting without a held, unexpired hold.
+    #[error("admission needs a held, unexpired hold")]
+    AdmitWithoutHold,
+    /// Discharging someone not admitted.
+    #[error("only an admitted person can be discharged")]
+    NotAdmitted,
+}
+
+impl DomainError {
+    /// Stable code of the rule.
+    #[must_use]
+    pub const fn code(&self) -> &'static str {
+        match self {
+            DomainError::NotFound => "NOT_FOUND",
+            DomainError::AlreadyRegistered => "ALREADY_REGISTERED",
+            DomainError::CapacityBelowOccupancy { .. } => "CAPACITY_BELOW_OCCUPANCY",
+            DomainError::NoBedFree => "NO_BED_FREE",
+            DomainError::AlreadyHeld => "ALREADY_HELD",
+            DomainError::NotHeld => "NOT_HELD",
+            DomainError::AdmitWithoutHold => "ADMIT_WITHOUT_HOLD",
+            DomainError::NotAdmitted => "NOT_ADMITTED",
+        }
+    }
+}
+
+fn before(a: &Timestamp, b: &Timestamp) -> bool {
+    (a.seconds, a.nanos) < (b.seconds, b.nanos)
+}
+
+/// The events `command` causes in `shelter`.
+///
+/// # Errors
+/// A [`DomainError`] when the command does not fit the shelter's state.
+pub fn decide(shelter: &Shelter, command: &Command) -> Result<Vec<Event>, DomainError> {
+    let shelter_id = shelter.shelter_id().to_owned();
+    let hold = |hold_id: &HoldId| shelter.holds.get(&hold_id.to_string());
+    match command {
+        Command::Register { registered } => {
+            if shelter.registered.is_some() {
+                return Err(DomainError::AlreadyRegistered);
+            }
+            Ok(vec![Event::ShelterRegistered((**registered).clone())])
+        }
+        _ if shelter.registered.is_none() => Err(DomainError::NotFound),
+        Command::ChangeCapacity { category, beds } => {
+            let occupied = shelter.occupied(*category as i32);
+            if *beds < occupied {
+                return Err(DomainError::CapacityBelowOccupancy { occupied });
+            }
+            Ok(vec![Event::CapacityChanged(pb::CapacityChanged {
+                shelter_id,
+                category: *category as i32,
+                beds: *beds,
+            })])
+        }
+        Command::HoldBed {
+            hold_id,
+            category,
+            referral_id,
+            expires_at,
+        } => {
+            let referral_id = referral_id.to_string();
+            if shelter.active_hold_for(&referral_id).is_some() {
+                return Err(DomainError::AlreadyHeld);
+            }
+            if shelter.free(*category as i32) == 0 {
+                return Err(DomainError::NoBedFree);
+            }
+            Ok(vec![Event::BedHeld(pb::BedHeld {
+                shelter_id,
+                hold_id: hold_id.to_string(),
+                category: *category as i32,
+                referral_id,
+                expires_at: Some(*expires_at),
+                region: shelter.region().to_owned(),
+            })])
+        }
+        Command::ReleaseHold { hold_id } => match hold(hold_id) {
+            Some(h) if h.status == HoldStatus::Held => Ok(vec![Event::HoldReleased(pb::HoldReleased {
+                shelter_id,
+                hold_id: hold_id.to_string(),
+                referral_id: h.referral_id.clone(),
+            })]),
+            _ => Err(DomainError::NotHeld),
+        },
+        Command::Admit { hold_id, now } => match hold(hold_id) {
+            Some(h) if h.status == HoldStatus::Held && before(now, &h.expires_at) => {
+                Ok(vec![Event::PersonAdmitted(pb::PersonAdmitted {
+                    shelter_id,
+                    hold_id: hold_id.to_string(),
+                    referral_id: h.referral_id.clone(),
+                    admitted_at: Some(*now),
+                })])
+            }
+            _ => Err(DomainError::AdmitWithoutHold),
+        },
+        Command::Discharge { hold_id, now } => match hold(hold_id) {
+            Some(h) if h.status == HoldStatus::Admitted => Ok(vec![Event::PersonDischarged(pb::PersonDischarged {
+                shelter_id,
+                hold_id: hold_id.to_string(),
+                referral_id: h.referral_id.clone(),
+                discharged_at: Some(*now),
+            })]),
+            _ => Err(DomainError::NotAdmitted),
+        },
+        // A timer that fires after a release or an admission changes nothing.
+        Command::ExpireHold { hold_id } => match hold(hold_id) {
+            Some(h) if h.status == HoldStatus::Held => Ok(vec![Event::HoldExpired(pb::HoldExpired {
+                shelter_id,
+                hold_id: hold_id.to_string(),
+                referral_id: h.referral_id.clone(),
+            })]),
+            _ => Ok(Vec::new()),
+        },
+    }
+}
+
+fn set_status(shelter: &mut Shelter, hold_id: &str, status: HoldStatus) {
+    if let Some(hold) = shelter.holds.get_mut(hold_id) {
+        hold.status = status;
+    }
+}
+
+/// The shelter after `event`.
+#[must_use]
+pub fn evolve(mut shelter: Shelter, event: &Event) -> Shelter {
+    shelter.version += 1;
+    match event {
+        Event::ShelterRegistered(registered) => {
+            shelter.capacity = registered.capacity.iter().map(|c| (c.category, c.beds)).collect();
+            shelter.registered = Some(registered.clone());
+        }
+        Event::CapacityChanged(changed) => {
+            shelter.capacity.insert(changed.category, changed.beds);
+        }
+        Event::BedHeld(held) => {
+            shelter.holds.insert(
+                held.hold_id.clone(),
+                Hold {
+                    category: held.category,
+                    referral_id: held.referral_id.clone(),
+                    status: HoldStatus::Held,
+                    expires_at: held.expires_at.unwrap_or_default(),
+                },
+            );
+        }
+        Event::HoldReleased(e) => set_status(&mut shelter, &e.hold_id, HoldStatus::Released),
+        Event::HoldExpired(e) => set_status(&mut shelter, &e.hold_id, HoldStatus::Expired),
+        Event::PersonAdmitted(e) => set_status(&mut shelter, &e.hold_id, HoldStatus::Admitted),
+        Event::PersonDischarged(e) => set_status(&mut shelter, &e.hold_id, HoldStatus::Discharged),
+        // Placement events live on their own streams, never on a shelter's.
+        Event::NoBedAvailable(_) => {}
+    }
+    shelter
+}
+
+/// Name of an event's variant, as stored and as sent in headers.
+#[must_use]
+pub fn event_type(event: &Event) -> &'static str {
+    match event {
+        Event::ShelterRegistered(_) => "ShelterRegistered",
+        Event::CapacityChanged(_) => "CapacityChanged",
+        Event::BedHeld(_) => "BedHeld",
+        Event::HoldReleased(_) => "HoldReleased",
+        Event::HoldExpired(_) => "HoldExpired",
+        Event::PersonAdmitted(_) => "PersonAdmitted",
+        Event::PersonDischarged(_) => "PersonDischarged",
+        Event::NoBedAvailable(_) => "NoBedAvailable",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::BedCategory::{Children, Women};
+
+    const NOW: Timestamp = Timestamp {
+        seconds: 1_790_000_000,
+        nanos: 0,
+    };
+    const LATER: Timestamp = Timestamp {
+        seconds: 1_790_086_400,
+        nanos: 0,
+    };
+
+    fn registered(women: u32) -> Event {
+        Event::ShelterRegistered(pb::ShelterRegistered {
+            shelter_id: "s1".into(),
+            code: "OSH-CC-2".into(),
+            region: "KG-O".into(),
+            capacity: vec![pb::BedCapacity {
+                category: Women as i32,
+                beds: women,
+            }],
+            operator_agency: "kg-ngo-1".into(),
+            ..Default::default()
+        })
+    }
+
+    fn given(events: &[Event]) -> Shelter {
+        events.iter().fold(Shelter::default(), evolve)
+    }
+
+    fn hold(hold_id: HoldId, referral_id: ReferralId) -> Command {
+        Command::HoldBed {
+            hold_id,
+            category: Women,
+            referral_id,
+            expires_at: LATER,
+        }
+    }
+
+    fn then(shelter: &Shelter, command: &Command) -> Event {
+        let mut events = decide(shelter, command).expect("the command succeeds");
+        assert_eq!(events.len(), 1);
+        events.remove(0)
+    }
+
+    #[test]
+    fn a_bed_is_held_while_one_is_free_and_never_beyond_capacity() {
+        let mut history = vec![registered(2)];
+        for _ in 0..2 {
+            let event = then(&given(&history), &hold(HoldId::new(), ReferralId::new()));
+            assert!(matches!(&event, Event::BedHeld(h) if h.region == "KG-O"));
+            history.push(event);
+        }
+        let full = given(&history);
+        assert_eq!(full.free(Women as i32), 0);
+        assert_eq!(
+            decide(&full, &hold(HoldId::new(), ReferralId::new())),
+            Err(DomainError::NoBedFree)
+        );
+        // A category the shelter has no beds of is never free.
+        let children = Command::HoldBed {
+            hold_id: HoldId::new(),
+            category: Children,
+            referral_id: ReferralId::new(),
+            expires_at: LATER,
+        };
+        assert_eq!(decide(&given(&[registered(2)]), &children), Err(DomainError::NoBedFree));
+    }
+
+    #[test]
+    fn one_referral_holds_one_bed_per_shelter() {
+        let referral = ReferralId::new();
+        let held = then(&given(&[registered(5)]), &hold(HoldId::new(), referral));
+        let shelter = given(&[registered(5), held]);
+        assert_eq!(
+            decide(&shelter, &hold(HoldId::new(), referral)),
+            Err(DomainError::AlreadyHeld)
+        );
+    }
+
+    #[test]
+    fn release_and_expiry_free_the_bed_and_expiry_after_release_changes_nothing() {
+        let hold_id = HoldId::new();
+        let held = then(&given(&[registered(1)]), &hold(hold_id, ReferralId::new()));
+        let shelter = given(&[registered(1), held.clone()]);
+        assert_eq!(shelter.free(Women as i32), 0);
+
+        let expired = then(&shelter, &Command::ExpireHold { hold_id });
+        assert_eq!(given(&[registered(1), held.clone(), expired]).free(Women as i32), 1);
+
+        let released = then(&shelter, &Command::ReleaseHold { hold_id });
+        let after_release = given(&[registered(1), held, released]);
+        assert_eq!(after_release.free(Women as i32), 1);
+        assert_eq!(decide(&after_release, &Command::ExpireHold { hold_id }), Ok(vec![]));
+        assert_eq!(
+            decide(&after_release, &Command::ReleaseHold { hold_id }),
+            Err(DomainError::NotHeld)
+        );
+    }
+
+    #[test]
+    fn admission_needs_a_held_unexpired_hold_and_discharge_happens_once() {
+        let hold_id = HoldId::new();
+        let base = given(&[registered(1)]);
+        assert_eq!(
+            decide(&base, &Command::Admit { hold_id, now: NOW }),
+            Err(DomainError::AdmitWithoutHold)
+        );
+        let held = then(&base, &hold(hold_id, ReferralId::new()));
+        let shelter = given(&[registered(1), held.clone()]);
+        // Past its expiry a hold admits no one, even before the timer fired.
+        assert_eq!(
+            decide(&shelter, &Command::Admit { hold_id, now: LATER }),
+            Err(DomainError::AdmitWithoutHold)
+        );
+        let admitted = then(&shelter, &Command::Admit { hold_id, now: NOW });
+        let inside = given(&[registered(1), held.clone(), admitted.clone()]);
+        assert_eq!(inside.free(Women as i32), 0, "an admitted person occupies the bed");
+        assert_eq!(decide(&inside, &Command::ExpireHold { hold_id }), Ok(vec![]));
+
+        let discharged = then(&inside, &Command::Discharge { hold_id, now: NOW });
+        let left = given(&[registered(1), held, admitted, discharged]);
+        assert_eq!(left.free(Women as i32), 1);
+        assert_eq!(
+            decide(&left, &Command::Discharge { hold_id, now: NOW }),
+            Err(DomainError::NotAdmitted)
+        );
+    }
+
+    #[test]
+    fn capacity_never_goes_below_the_beds_taken() {
+        let held = then(&given(&[registered(3)]), &hold(HoldId::new(), ReferralId::new()));
+        let shelter = given(&[registered(3), held]);
+        assert_eq!(
+            decide(
+                &shelter,
+                &Command::ChangeCapacity {
+                    category: Women,
+                    beds: 0
+                }
+            ),
+            Err(DomainError::CapacityBelowOccupancy { occupied: 1 })
+        );
+        let changed = then(
+            &shelter,
+            &Command::ChangeCapacity {
+                category: Women,
+                beds: 1,
+            },
+        );
+        assert_eq!(
+            given(&[registered(3), hold_event(&shelter), changed]).free(Women as i32),
+            0
+        );
+    }
+
+    fn hold_event(shelter: &Shelter) -> Event {
+        let (id, h) = shelter.holds.iter().next().expect("a hold");
+        Event::BedHeld(pb::BedHeld {
+            shelter_id: "s1".into(),
+            hold_id: id.clone(),
+            category: h.category,
+            referral_id: h.referral_id.clone(),
+            expires_at: Some(h.expires_at),
+            region: "KG-O".into(),
+        })
+    }
+
+    #[test]
+    fn commands_on_a_missing_shelter_are_not_found_and_registration_happens_once() {
+        assert_eq!(
+            decide(&Shelter::default(), &Command::ReleaseHold { hold_id: HoldId::new() }),
+            Err(DomainError::NotFound)
+        );
+        let Event::ShelterRegistered(r) = registered(1) else {
+            unreachable!()
+        };
+        assert_eq!(
+            decide(
+                &given(&[registered(1)]),
+                &Command::Register {
+                    registered: Box::new(r)
+                }
+            ),
+            Err(DomainError::AlreadyRegistered)
+        );
+    }
+}

@@ -1,0 +1,937 @@
+//! The shelter service over gRPC, against real NATS and PostgreSQL: never
+//! over-booked, holds that expire by themselves, refusals that write nothing,
+//! a sealed address, and beds held for accepted referrals.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
+use std::time::Duration;
+
+use nrm_e2e::{ShelterApp, authorized, env, token, unique};
+use nrm_kernel::auth::Role;
+use nrm_kernel::bus::Bus;
+use nrm_kernel::relay::{Relay, RelayConfig};
+use nrm_kernel::settings::DatabaseSettings;
+use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent};
+use nrm_proto::referral::v1 as referral;
+use nrm_proto::shelter::v1 as pb;
+use pb::BedCategory::{Children, Men, Women};
+use prost::Message as _;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+use uuid::Uuid;
+
+const OPERATOR: &str = "kg-ngo-sezim";
+
+/// The shelter's operator (an NGO running a crisis centre).
+fn operator() -> String {
+    token(OPERATOR, Role::Ngo, "officer-1")
+}
+
+/// A social worker of another agency.
+fn msd() -> String {
+    token("kg-msd", Role::Msd, "officer-2")
+}
+
+fn coordinator() -> String {
+    token("kg-coordinator", Role::Coordinator, "officer-3")
+}
+
+fn rid() -> String {
+    Uuid::now_v7().to_string()
+}
+
+fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+fn reason(status: &tonic::Status) -> String {
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    status
+        .get_details_precondition_failure()
+        .expect("precondition details")
+        .violations[0]
+        .r#type
+        .clone()
+}
+
+fn registration(region: &str, capacity: &[(pb::BedCategory, u32)], address: &str) -> pb::RegisterShelterRequest {
+    pb::RegisterShelterRequest {
+        request_id: rid(),
+        code: format!("CC-{}", &unique()[..6]),
+        region: region.to_owned(),
+        address: address.to_owned(),
+        capacity: capacity
+            .iter()
+            .map(|(category, beds)| pb::BedCapacity {
+                category: *category as i32,
+                beds: *beds,
+            })
+            .collect(),
+        services: vec![pb::OnSiteService::Psychological as i32],
+        wheelchair_accessible: true,
+    }
+}
+
+async fn register(app: &ShelterApp, region: &str, capacity: &[(pb::BedCategory, u32)]) -> String {
+    app.client
+        .clone()
+        .register_shelter(authorized(
+            registration(region, capacity, "Street 1, house 2"),
+            &operator(),
+        ))
+        .await
+        .expect("register")
+        .into_inner()
+        .shelter_id
+}
+
+fn hold_request(shelter_id: &str, category: pb::BedCategory, referral_id: &str) -> pb::HoldBedRequest {
+    pb::HoldBedRequest {
+        request_id: rid(),
+        shelter_id: shelter_id.to_owned(),
+        category: category as i32,
+        referral_id: referral_id.to_owned(),
+        hold_minutes: 60,
+    }
+}
+
+async fn hold(app: &ShelterApp, shelter_id: &str, category: pb::BedCategory) -> pb::HoldBedResponse {
+    app.client
+        .clone()
+        .hold_bed(authorized(hold_request(shelter_id, category, &rid()), &msd()))
+        .await
+        .expect("hold a bed")
+        .into_inner()
+}
+
+async fn free_capacity(app: &ShelterApp, region: &str, category: pb::BedCategory) -> Vec<pb::FreeCapacity> {
+    app.client
+        .clone()
+        .list_free_capacity(authorized(
+            pb::ListFreeCapacityRequest {
+                region: region.to_owned(),
+                category: category as i32,
+            },
+            &msd(),
+        ))
+        .await
+        .expect("list free capacity")
+        .into_inner()
+        .entries
+}
+
+/// Waits until the read model shows `free` beds of `category` in the shelter.
+async fn wait_free(app: &ShelterApp, shelter_id: &str, category: pb::BedCategory, free: u32) {
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = free_capacity(app, "", category)
+            .await
+            .into_iter()
+            .find(|e| e.shelter_id == shelter_id)
+            .map(|e| e.free);
+        if seen == Some(free) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("free beds of {category:?} in {shelter_id}: {seen:?}, expected {free} within 10 s");
+}
+
+/// Event types of a stream, in order.
+async fn event_types(app: &ShelterApp, stream_id: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM events WHERE stream_id = $1 ORDER BY version")
+        .bind(stream_id)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// The shelter events of a stream, decoded.
+async fn events(app: &ShelterApp, stream_id: &str) -> Vec<pb::shelter_event::Event> {
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM events WHERE stream_id = $1 ORDER BY version")
+        .bind(stream_id)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    payloads
+        .iter()
+        .map(|p| pb::ShelterEvent::decode(p.as_slice()).unwrap().event.unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn fifty_concurrent_holds_for_the_last_three_beds_give_exactly_three() {
+    let app = ShelterApp::spawn().await;
+    let shelter_id = register(&app, "KG-O", &[(Women, 3)]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut client = app.client.clone();
+        let request = hold_request(&shelter_id, Women, &rid());
+        tasks.push(tokio::spawn(async move {
+            client.hold_bed(authorized(request, &msd())).await
+        }));
+    }
+    let (mut held, mut no_bed) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => held += 1,
+            Err(status) if reason(&status) == "NO_BED_FREE" => no_bed += 1,
+            Err(status) => panic!("unexpected answer: {status:?}"),
+        }
+    }
+    assert_eq!((held, no_bed), (3, 47));
+    let types = event_types(&app, &format!("shelter-{shelter_id}")).await;
+    assert_eq!(types.iter().filter(|t| *t == "BedHeld").count(), 3);
+    assert_eq!(types.len(), 4, "registration and three holds, nothing else");
+    wait_free(&app, &shelter_id, Women, 0).await;
+    // One expiry timer per hold.
+    assert_eq!(app.count("timers").await, 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_hold_frees_its_bed_without_anyone_acting() {
+    let app = ShelterApp::spawn().await;
+    let shelter_id = register(&app, "KG-J", &[(Women, 1)]).await;
+    let held = hold(&app, &shelter_id, Women).await;
+    wait_free(&app, &shelter_id, Women, 0).await;
+    let due_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT due_at FROM timers WHERE kind = 'shelter.hold_expiry' AND aggregate_id = $1")
+            .bind(&held.hold_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        due_at.timestamp(),
+        held.expires_at.unwrap().seconds,
+        "due when the hold expires"
+    );
+
+    // An hour is long for a test: let the clock run out.
+    sqlx::query("UPDATE timers SET due_at = now() - interval '1 second' WHERE aggregate_id = $1")
+        .bind(&held.hold_id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    wait_free(&app, &shelter_id, Women, 1).await;
+    let types = event_types(&app, &format!("shelter-{shelter_id}")).await;
+    assert_eq!(types, ["ShelterRegistered", "BedHeld", "HoldExpired"]);
+    let fired: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT fired_at FROM timers WHERE aggregate_id = $1")
+            .bind(&held.hold_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(fired.is_some());
+
+    // The expired hold admits no one, and the bed can be held again.
+    let status = app
+        .client
+        .clone()
+        .admit(authorized(
+            pb::AdmitRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                hold_id: held.hold_id.clone(),
+            },
+            &operator(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "ADMIT_WITHOUT_HOLD");
+    let again = hold(&app, &shelter_id, Women).await;
+
+    // A released hold's timer is gone: it will never fire.
+    app.client
+        .clone()
+        .release_hold(authorized(
+            pb::ReleaseHoldRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                hold_id: again.hold_id.clone(),
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap();
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE aggregate_id = $1")
+        .bind(&again.hold_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    wait_free(&app, &shelter_id, Women, 1).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn refused_commands_say_why_and_write_nothing() {
+    let app = ShelterApp::spawn().await;
+    let shelter_id = register(&app, "KG-GB", &[(Women, 2), (Children, 1)]).await;
+    let mut client = app.client.clone();
+
+    // Admission without a hold.
+    let before = app.count("events").await;
+    let status = client
+        .admit(authorized(
+            pb::AdmitRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                hold_id: rid(),
+            },
+            &operator(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "ADMIT_WITHOUT_HOLD");
+    assert_eq!(app.count("events").await, before);
+
+    // A hold, an admission, a discharge; the second discharge is refused.
+    let referral_id = rid();
+    let first_hold = hold_request(&shelter_id, Women, &referral_id);
+    let held = client
+        .hold_bed(authorized(first_hold.clone(), &msd()))
+        .await
+        .unwrap()
+        .into_inner();
+    // A retry of the same request gets the same hold, and holds nothing more.
+    let events_after_hold = app.count("events").await;
+    let again = client
+        .hold_bed(authorized(first_hold, &msd()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.hold_id.as_str(), again.expires_at),
+        (held.hold_id.as_str(), held.expires_at)
+    );
+    assert!(again.result.unwrap().replayed);
+    assert_eq!(app.count("events").await, events_after_hold);
+    // The same referral cannot hold a second bed here.
+    let status = client
+        .hold_bed(authorized(hold_request(&shelter_id, Women, &referral_id), &msd()))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "ALREADY_HELD");
+    // Only the operator admits.
+    let admit = pb::AdmitRequest {
+        request_id: rid(),
+        shelter_id: shelter_id.clone(),
+        hold_id: held.hold_id.clone(),
+    };
+    let status = client.admit(authorized(admit.clone(), &msd())).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    client.admit(authorized(admit, &operator())).await.unwrap();
+    let discharge = |request_id: String| pb::DischargeRequest {
+        request_id,
+        shelter_id: shelter_id.clone(),
+        hold_id: held.hold_id.clone(),
+    };
+    let first = discharge(rid());
+    client.discharge(authorized(first.clone(), &operator())).await.unwrap();
+    // A retry of the same request answers as the first did.
+    let retried = client
+        .discharge(authorized(first, &operator()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retried.replayed);
+    let before = app.count("events").await;
+    let status = client
+        .discharge(authorized(discharge(rid()), &operator()))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "NOT_ADMITTED");
+    assert_eq!(app.count("events").await, before);
+
+    // Capacity below the beds taken.
+    let other = hold(&app, &shelter_id, Children).await;
+    assert!(!other.hold_id.is_empty());
+    let version = events(&app, &format!("shelter-{shelter_id}")).await.len() as u64;
+    let before = app.count("events").await;
+    let status = client
+        .change_capacity(authorized(
+            pb::ChangeCapacityRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                expected_version: version,
+                category: Children as i32,
+                beds: 0,
+            },
+            &operator(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "CAPACITY_BELOW_OCCUPANCY");
+    // A stale version is a conflict.
+    let status = client
+        .change_capacity(authorized(
+            pb::ChangeCapacityRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                expected_version: version - 1,
+                category: Children as i32,
+                beds: 4,
+            },
+            &operator(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert_eq!(app.count("events").await, before);
+    // Raising it is fine, and the read model follows.
+    client
+        .change_capacity(authorized(
+            pb::ChangeCapacityRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                expected_version: version,
+                category: Children as i32,
+                beds: 4,
+            },
+            &operator(),
+        ))
+        .await
+        .unwrap();
+    wait_free(&app, &shelter_id, Children, 3).await;
+    wait_free(&app, &shelter_id, Women, 2).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_names_its_fields_and_writes_nothing() {
+    let app = ShelterApp::spawn().await;
+    let mut client = app.client.clone();
+    let mut request = registration("Osh", &[(pb::BedCategory::Unspecified, 3), (Women, 10_001)], "");
+    request.request_id = String::new();
+    request.code = "Sunny house for women".into();
+    request.address = "x".repeat(301);
+    let status = client
+        .register_shelter(authorized(request, &operator()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        [
+            "request_id",
+            "code",
+            "region",
+            "address",
+            "capacity[0].category",
+            "capacity[1].beds"
+        ]
+    );
+    assert!(!status.message().contains("xxx"), "the value is never repeated");
+
+    let status = client
+        .hold_bed(authorized(
+            pb::HoldBedRequest {
+                request_id: rid(),
+                shelter_id: "not-a-uuid".into(),
+                category: 0,
+                referral_id: String::new(),
+                hold_minutes: 10_081,
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_fields(&status),
+        ["shelter_id", "category", "referral_id", "hold_minutes"]
+    );
+
+    let status = client
+        .change_capacity(authorized(
+            pb::ChangeCapacityRequest {
+                request_id: rid(),
+                shelter_id: rid(),
+                expected_version: 0,
+                category: 9,
+                beds: 20_000,
+            },
+            &operator(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["expected_version", "category", "beds"]);
+
+    let status = client
+        .release_hold(authorized(
+            pb::ReleaseHoldRequest {
+                request_id: String::new(),
+                shelter_id: rid(),
+                hold_id: "h-1".into(),
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["request_id", "hold_id"]);
+
+    let status = client
+        .list_free_capacity(authorized(
+            pb::ListFreeCapacityRequest {
+                region: "Osh region".into(),
+                category: 42,
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["region", "category"]);
+
+    // A role that runs no shelters cannot register one.
+    let status = client
+        .register_shelter(authorized(
+            registration("KG-O", &[(Women, 1)], ""),
+            &token("kg-mvd", Role::Police, "officer-9"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    for table in ["events", "outbox", "commands", "person_keys", "audit_log", "timers"] {
+        assert_eq!(app.count(table).await, 0, "{table} must stay empty");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_and_the_coordinator() {
+    const CANARY: &str = "Kurmanjan Datka 77 canary-address";
+    let app = ShelterApp::spawn().await;
+    let shelter_id = app
+        .client
+        .clone()
+        .register_shelter(authorized(registration("KG-O", &[(Women, 2)], CANARY), &operator()))
+        .await
+        .unwrap()
+        .into_inner()
+        .shelter_id;
+    hold(&app, &shelter_id, Women).await;
+
+    let get = |token: String| {
+        let mut client = app.client.clone();
+        let shelter_id = shelter_id.clone();
+        async move {
+            client
+                .get_shelter(authorized(pb::GetShelterRequest { shelter_id }, &token))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let own = get(operator()).await;
+    assert_eq!(own.address, CANARY);
+    assert_eq!(own.operator_agency, OPERATOR);
+    assert_eq!(own.free[0].beds, 1);
+    assert_eq!(get(coordinator()).await.address, CANARY);
+    let other = get(msd()).await;
+    assert_eq!(other.address, "", "another agency sees capacity, not the address");
+    assert_eq!(other.code, own.code);
+    // Every read is in the audit trail.
+    let reads: Vec<(String, String)> =
+        sqlx::query_as("SELECT agency, purpose FROM audit_log WHERE action = 'GetShelter' ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        reads,
+        [
+            (OPERATOR.to_owned(), "address".to_owned()),
+            ("kg-coordinator".to_owned(), "address".to_owned()),
+            ("kg-msd".to_owned(), "capacity".to_owned()),
+        ]
+    );
+
+    // Not in the clear in any stored event ...
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(payloads.len(), 2);
+    let needle = CANARY.as_bytes();
+    let contains = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(payloads.iter().all(|p| !contains(p)));
+    let metadata: Vec<String> = sqlx::query_scalar("SELECT metadata::text FROM events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert!(metadata.iter().all(|m| !m.contains("canary")));
+    // ... but sealed in the registration.
+    let Some(pb::shelter_event::Event::ShelterRegistered(registered)) =
+        events(&app, &format!("shelter-{shelter_id}")).await.into_iter().next()
+    else {
+        panic!("registration first");
+    };
+    let sealed = registered.address.unwrap();
+    assert_eq!(sealed.person_id, shelter_id, "sealed under the shelter's own key");
+    assert!(!sealed.ciphertext.is_empty());
+
+    // ... and in no NATS message.
+    let mut messages = Vec::new();
+    for _ in 0..200 {
+        messages = app.messages().await;
+        if messages.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(messages.len(), 2);
+    for message in &messages {
+        assert!(!contains(&message.payload));
+        for (name, values) in message.headers.iter() {
+            assert!(!name.to_string().contains("canary"));
+            assert!(values.iter().all(|v| !v.as_str().contains("canary")));
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn free_capacity_answers_by_region_and_category() {
+    let app = ShelterApp::spawn().await;
+    let osh = register(&app, "KG-O", &[(Women, 2), (Children, 1)]).await;
+    let bishkek = register(&app, "KG-GB", &[(Women, 3)]).await;
+    let osh_men = register(&app, "kg-o", &[(Men, 1)]).await;
+    wait_free(&app, &osh_men, Men, 1).await;
+    wait_free(&app, &bishkek, Women, 3).await;
+    wait_free(&app, &osh, Children, 1).await;
+
+    let women_in_osh = free_capacity(&app, "KG-O", Women).await;
+    assert_eq!(women_in_osh.len(), 1);
+    assert_eq!(
+        (women_in_osh[0].shelter_id.as_str(), women_in_osh[0].free),
+        (osh.as_str(), 2)
+    );
+    let mut in_osh: Vec<_> = free_capacity(&app, "kg-o", pb::BedCategory::Unspecified)
+        .await
+        .into_iter()
+        .map(|e| (e.shelter_id, e.category, e.free))
+        .collect();
+    in_osh.sort();
+    let mut expected = vec![
+        (osh.clone(), Women as i32, 2),
+        (osh.clone(), Children as i32, 1),
+        (osh_men.clone(), Men as i32, 1),
+    ];
+    expected.sort();
+    assert_eq!(in_osh, expected);
+    let women: Vec<_> = free_capacity(&app, "", Women)
+        .await
+        .into_iter()
+        .map(|e| (e.region, e.free))
+        .collect();
+    assert_eq!(
+        women,
+        [("KG-GB".to_owned(), 3), ("KG-O".to_owned(), 2)],
+        "most free first"
+    );
+    assert_eq!(free_capacity(&app, "", pb::BedCategory::Unspecified).await.len(), 4);
+    assert!(free_capacity(&app, "KG-Y", Women).await.is_empty());
+
+    // A hold shows within moments.
+    hold(&app, &bishkek, Women).await;
+    wait_free(&app, &bishkek, Women, 2).await;
+
+    app.stop().await;
+}
+
+/// The referral service's side of the bus, played by the kernel: an event
+/// store on a scratch database and a relay to the referral stream of the
+/// shelter service's NATS space.
+struct ReferralFeed {
+    database: DatabaseSettings,
+    store: EventStore,
+    relay: Relay,
+    bus: Bus,
+}
+
+impl ReferralFeed {
+    async fn new(app: &ShelterApp) -> Self {
+        let database = DatabaseSettings {
+            url: env().database_url.clone(),
+            name: format!("test_{}", unique()),
+            max_connections: 4,
+        };
+        let pool = nrm_kernel::db::connect_and_migrate(&database, &nrm_shelter::startup::MIGRATIONS)
+            .await
+            .unwrap();
+        let bus = Bus::connect(&app.settings.nats).await.unwrap();
+        let stream = bus.ensure_stream("referral").await.unwrap();
+        let store = EventStore::new(pool.clone());
+        let relay = Relay::new(
+            pool,
+            bus.clone(),
+            stream,
+            store.appended_signal(),
+            RelayConfig::new("nrm.referral.v1.ReferralEvent"),
+        );
+        Self {
+            database,
+            store,
+            relay,
+            bus,
+        }
+    }
+
+    /// Commits and publishes `ReferralAccepted` with a shelter need.
+    async fn accept(&mut self, referral_id: &str, category: pb::BedCategory, region: &str) {
+        let event = referral::ReferralEvent {
+            event: Some(referral::referral_event::Event::ReferralAccepted(
+                referral::ReferralAccepted {
+                    referral_id: referral_id.to_owned(),
+                    person_id: rid(),
+                    receiving_agency: "kg-msd".into(),
+                    shelter_need: Some(referral::ShelterNeed {
+                        category: category as i32,
+                        region: region.to_owned(),
+                    }),
+                    accepted_at: None,
+                },
+            )),
+        };
+        let metadata = EventMetadata {
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            actor: Actor {
+                agency: "kg-msd".into(),
+                role: "msd".into(),
+                officer: "officer-2".into(),
+            },
+            traceparent: None,
+            tracestate: None,
+        };
+        let mut uow = self.store.begin().await.unwrap();
+        uow.append(
+            &format!("referral-{referral_id}"),
+            0,
+            &[NewEvent {
+                event_type: "ReferralAccepted".into(),
+                schema_version: 1,
+                payload: event.encode_to_vec(),
+            }],
+            &metadata,
+            &self.bus.subject("referral", "referral", referral_id),
+        )
+        .await
+        .unwrap();
+        uow.commit().await.unwrap();
+        for _ in 0..400 {
+            self.relay.publish_round().await.unwrap();
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(self.store.pool())
+                .await
+                .unwrap();
+            if left == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the referral commit was not published");
+    }
+
+    /// Publishes the last message of the referral stream once more, as a
+    /// new message (another sequence, no de-duplication): a redelivery.
+    async fn redeliver_last(&self) -> u64 {
+        let stream = self
+            .bus
+            .jetstream()
+            .get_stream(self.bus.stream_name("referral"))
+            .await
+            .unwrap();
+        let last = stream
+            .get_raw_message(stream.cached_info().state.last_sequence)
+            .await
+            .unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in last.headers.iter() {
+            if name.to_string() != "Nats-Msg-Id" {
+                for value in values {
+                    headers.append(name.clone(), value.as_str());
+                }
+            }
+        }
+        self.bus
+            .jetstream()
+            .publish_with_headers(last.subject.clone(), headers, last.payload.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence
+    }
+
+    async fn drop_all(self) {
+        self.store.pool().close().await;
+        let _ = nrm_kernel::db::drop_database(&self.database).await;
+    }
+}
+
+/// Waits until the placement reaction has applied the referral stream up to `sequence`.
+async fn wait_placed(app: &ShelterApp, sequence: u64) {
+    for _ in 0..200 {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT stream_sequence FROM projection_checkpoints WHERE projection = 'shelter_placement'",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap();
+        if at.is_some_and(|s| u64::try_from(s).unwrap() >= sequence) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the placement reaction did not reach sequence {sequence} within 10 s");
+}
+
+/// The holds of a referral, as (shelter stream, hold ID).
+async fn holds_of(app: &ShelterApp, referral_id: &str) -> Vec<(String, String)> {
+    let rows: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT stream_id, payload FROM events WHERE event_type = 'BedHeld' ORDER BY global_position")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    rows.into_iter()
+        .filter_map(
+            |(stream_id, payload)| match pb::ShelterEvent::decode(payload.as_slice()).unwrap().event {
+                Some(pb::shelter_event::Event::BedHeld(h)) if h.referral_id == referral_id => {
+                    Some((stream_id, h.hold_id))
+                }
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+#[tokio::test]
+async fn an_accepted_referral_gets_a_bed_in_its_region_once_even_when_redelivered() {
+    let app = ShelterApp::spawn().await;
+    let small = register(&app, "KG-O", &[(Women, 1)]).await;
+    let large = register(&app, "KG-O", &[(Women, 2)]).await;
+    let elsewhere = register(&app, "KG-GB", &[(Women, 5)]).await;
+    wait_free(&app, &small, Women, 1).await;
+    wait_free(&app, &large, Women, 2).await;
+    wait_free(&app, &elsewhere, Women, 5).await;
+
+    let mut feed = ReferralFeed::new(&app).await;
+    let referral_id = rid();
+    feed.accept(&referral_id, Women, "KG-O").await;
+    wait_placed(&app, 1).await;
+    let holds = holds_of(&app, &referral_id).await;
+    assert_eq!(holds.len(), 1);
+    assert_eq!(
+        holds[0].0,
+        format!("shelter-{large}"),
+        "the shelter of the region with most beds free"
+    );
+    wait_free(&app, &large, Women, 1).await;
+    // The hold expires like any other.
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE aggregate_id = $1 AND fired_at IS NULL")
+        .bind(&holds[0].1)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(timers, 1);
+    // The hold is recorded as the reaction's, caused by the referral commit.
+    let actor: String =
+        sqlx::query_scalar("SELECT metadata->'actor'->>'officer' FROM events WHERE event_type = 'BedHeld'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, "shelter.placement");
+
+    // The same message again (a redelivery the checkpoint does not cover): no second bed.
+    let sequence = feed.redeliver_last().await;
+    assert_eq!(sequence, 2);
+    wait_placed(&app, sequence).await;
+    assert_eq!(holds_of(&app, &referral_id).await.len(), 1);
+    let placements: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id LIKE 'placement-%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(placements, 0);
+
+    // The BedHeld reaches NATS for the referral service to record.
+    let mut published = false;
+    for _ in 0..200 {
+        published = app.messages().await.iter().any(|m| {
+            nrm_proto::common::v1::EventCommit::decode(m.payload.as_ref())
+                .unwrap()
+                .events
+                .iter()
+                .any(|e| e.event_type == "BedHeld")
+        });
+        if published {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(published);
+    feed.drop_all().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_no_bed_free_in_the_region_no_bed_available_names_the_nearest_regions_with_one() {
+    let app = ShelterApp::spawn().await;
+    let full = register(&app, "KG-O", &[(Women, 1)]).await;
+    hold(&app, &full, Women).await;
+    let regions = [
+        ("KG-Y", Women, 1),
+        ("KG-GO", Women, 2),
+        ("KG-GB", Women, 1),
+        ("KG-T", Women, 0),    // no bed free
+        ("KG-J", Children, 3), // beds, but not for women
+    ];
+    let mut last = String::new();
+    for (region, category, beds) in regions {
+        last = register(&app, region, &[(category, beds)]).await;
+    }
+    wait_free(&app, &last, Children, 3).await;
+    wait_free(&app, &full, Women, 0).await;
+
+    let mut feed = ReferralFeed::new(&app).await;
+    let referral_id = rid();
+    feed.accept(&referral_id, Women, "KG-O").await;
+    wait_placed(&app, 1).await;
+    assert!(holds_of(&app, &referral_id).await.is_empty());
+    let placement = events(&app, &format!("placement-{referral_id}")).await;
+    assert_eq!(placement.len(), 1);
+    let pb::shelter_event::Event::NoBedAvailable(no_bed) = &placement[0] else {
+        panic!("expected NoBedAvailable, got {placement:?}");
+    };
+    assert_eq!(no_bed.region, "KG-O");
+    assert_eq!(no_bed.category, Women as i32);
+    assert_eq!(no_bed.nearest_regions_with_beds, ["KG-GO", "KG-GB", "KG-Y"]);
+
+    // Published on the placement subject for the referral service.
+    let subject = format!(
+        "{}.shelter.v1.placement.{referral_id}",
+        app.settings.nats.subject_prefix
+    );
+    let mut seen = false;
+    for _ in 0..200 {
+        seen = app.messages().await.iter().any(|m| m.subject.as_str() == subject);
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "NoBedAvailable on {subject}");
+
+    // Redelivered: no second NoBedAvailable.
+    let sequence = feed.redeliver_last().await;
+    wait_placed(&app, sequence).await;
+    assert_eq!(events(&app, &format!("placement-{referral_id}")).await.len(), 1);
+    feed.drop_all().await;
+    app.stop().await;
+}
