@@ -2,31 +2,26 @@
 //! subcommand builds its request from the options, calls, and prints the
 //! answer as text or proto3 JSON.
 
-use std::time::Duration;
-
-use anyhow::{Context, Result};
-use nrm_proto::common::v1::{
-    AgeBand, CommandResult, DocumentType, IdentityDocument, PersonalIdentifiers, personal_data_view,
-};
+use anyhow::Result;
+use nrm_proto::common::v1::{AgeBand, CommandResult, DocumentType, IdentityDocument, PersonalIdentifiers};
 use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
 use nrm_proto::identification::v1::{
     Case, CompleteScreeningRequest, DecideIdentificationRequest, ErasePersonalDataRequest, ExploitationForm,
     GetCaseRequest, ListCasesRequest, ListCasesResponse, ReportPresumedVictimRequest, ReportPresumedVictimResponse,
     RequestReviewRequest,
 };
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::{
-    CaseCommand, DecideArgs, EraseArgs, GetArgs, Global, ListArgs, NumberCountry, Output, ReportArgs, RequestId,
-    ReviewArgs, ScreenArgs,
+    CaseCommand, DecideArgs, EraseArgs, GetArgs, Global, ListArgs, NumberCountry, Output, ReportArgs, ReviewArgs,
+    ScreenArgs,
 };
-use crate::enums::{cli_name, cli_name_of, shown};
+use crate::enums::{cli_name, shown};
 use crate::output::{self, or_dash, print_fields, print_json, time};
-use crate::token;
+use crate::person::personal_fields;
+use crate::rpc::{self, AuthChannel};
 
-/// How long to wait for the connection to the service.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The identification client.
+type Client = IdentificationServiceClient<AuthChannel>;
 
 /// Runs a `case` subcommand.
 ///
@@ -34,7 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// When the service cannot be reached or refuses the call (a `tonic::Status`
 /// in the chain), or the output cannot be printed.
 pub async fn run(global: &Global, command: CaseCommand) -> Result<()> {
-    let mut client = Client::connect(global).await?;
+    let mut client = Client::new(rpc::connect(global, &global.endpoint).await?);
     match command {
         CaseCommand::Report(args) => report(&mut client, global.output, *args).await,
         CaseCommand::Screen(args) => screen(&mut client, global.output, args).await,
@@ -46,56 +41,8 @@ pub async fn run(global: &Global, command: CaseCommand) -> Result<()> {
     }
 }
 
-/// The identification client with the caller's bearer token.
-struct Client {
-    inner: IdentificationServiceClient<Channel>,
-    bearer: Option<MetadataValue<Ascii>>,
-}
-
-impl Client {
-    async fn connect(global: &Global) -> Result<Self> {
-        let bearer = token::bearer(global)?
-            .map(|token| format!("Bearer {token}").parse::<MetadataValue<Ascii>>())
-            .transpose()
-            .context("the token is not valid header text")?;
-        let channel = Endpoint::from_shared(global.endpoint.clone())
-            .with_context(|| format!("'{}' is not an endpoint URL", global.endpoint))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", global.endpoint))?;
-        Ok(Self {
-            inner: IdentificationServiceClient::new(channel),
-            bearer,
-        })
-    }
-
-    /// `message` as a request carrying the bearer token.
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(bearer) = &self.bearer {
-            request.metadata_mut().insert("authorization", bearer.clone());
-        }
-        request
-    }
-}
-
-/// The request ID given, or a fresh UUIDv7.
-fn request_id(request: RequestId) -> String {
-    request.request_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
-}
-
-/// In JSON mode stdout holds only the response; the request ID to retry
-/// with goes to stderr.
-fn note_request_id(output: Output, request_id: &str) {
-    if output == Output::Json {
-        eprintln!("request_id: {request_id}");
-    }
-}
-
 async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result<()> {
-    let request_id = request_id(args.request);
-    note_request_id(output, &request_id);
+    let request_id = rpc::request_id(args.request, output);
     let documents = documents(DocumentType::Passport, args.passports)
         .chain(documents(DocumentType::NationalId, args.national_ids))
         .chain(args.documents.into_iter().map(|(kind, doc)| document(kind, doc)))
@@ -109,7 +56,7 @@ async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result
     };
     let message = ReportPresumedVictimRequest {
         request_id: request_id.clone(),
-        found_at: Some(args.found_at.unwrap_or_else(now)),
+        found_at: Some(args.found_at.unwrap_or_else(rpc::now)),
         found_country: args.found_country.unwrap_or_default(),
         found_region: args.found_region.unwrap_or_default(),
         country_of_exploitation: args.exploitation_country.unwrap_or_default(),
@@ -124,8 +71,7 @@ async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result
         citizenship: args.citizenship.unwrap_or_default(),
         personal: (personal != PersonalIdentifiers::default()).then_some(personal),
     };
-    let request = client.request(message);
-    let response = client.inner.report_presumed_victim(request).await?.into_inner();
+    let response = client.report_presumed_victim(message).await?.into_inner();
     match output {
         Output::Json => print_json("nrm.identification.v1.ReportPresumedVictimResponse", &response),
         Output::Text => print_report(&response, &request_id),
@@ -133,16 +79,16 @@ async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result
 }
 
 fn print_report(response: &ReportPresumedVictimResponse, request_id: &str) -> Result<()> {
-    let result = response.result.clone().unwrap_or_default();
-    print_fields(&[
-        ("case_id", response.case_id.clone()),
-        ("person_id", response.person_id.clone()),
-        ("status", shown(response.status())),
-        ("possible_duplicate", response.possible_duplicate.to_string()),
-        ("version", result.version.to_string()),
-        ("replayed", result.replayed.to_string()),
-        ("request_id", request_id.to_owned()),
-    ])
+    rpc::print_created(
+        vec![
+            ("case_id", response.case_id.clone()),
+            ("person_id", response.person_id.clone()),
+            ("status", shown(response.status())),
+            ("possible_duplicate", response.possible_duplicate.to_string()),
+        ],
+        response.result.as_ref(),
+        request_id,
+    )
 }
 
 fn documents(kind: DocumentType, docs: Vec<NumberCountry>) -> impl Iterator<Item = IdentityDocument> {
@@ -157,31 +103,21 @@ fn document(kind: DocumentType, doc: NumberCountry) -> IdentityDocument {
     }
 }
 
-fn now() -> prost_types::Timestamp {
-    let now = chrono::Utc::now();
-    prost_types::Timestamp {
-        seconds: now.timestamp(),
-        nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
 async fn screen(client: &mut Client, output: Output, args: ScreenArgs) -> Result<()> {
-    let request_id = request_id(args.request);
-    note_request_id(output, &request_id);
-    let request = client.request(CompleteScreeningRequest {
+    let request_id = rpc::request_id(args.request, output);
+    let request = CompleteScreeningRequest {
         request_id: request_id.clone(),
         case_id: args.at.case_id,
         expected_version: args.at.expected_version,
         indicators: args.indicators.into_iter().map(Into::into).collect(),
-    });
-    let result = client.inner.complete_screening(request).await?.into_inner();
+    };
+    let result = client.complete_screening(request).await?.into_inner();
     print_result(output, &result, &request_id)
 }
 
 async fn decide(client: &mut Client, output: Output, args: DecideArgs) -> Result<()> {
-    let request_id = request_id(args.request);
-    note_request_id(output, &request_id);
-    let request = client.request(DecideIdentificationRequest {
+    let request_id = rpc::request_id(args.request, output);
+    let request = DecideIdentificationRequest {
         request_id: request_id.clone(),
         case_id: args.at.case_id,
         expected_version: args.at.expected_version,
@@ -189,56 +125,45 @@ async fn decide(client: &mut Client, output: Output, args: DecideArgs) -> Result
         reason: args.reason.map_or(0, Into::into),
         non_punishment: args.non_punishment,
         best_interests_assessed: args.best_interests_assessed,
-    });
-    let result = client.inner.decide_identification(request).await?.into_inner();
+    };
+    let result = client.decide_identification(request).await?.into_inner();
     print_result(output, &result, &request_id)
 }
 
 async fn review(client: &mut Client, output: Output, args: ReviewArgs) -> Result<()> {
-    let request_id = request_id(args.request);
-    note_request_id(output, &request_id);
-    let request = client.request(RequestReviewRequest {
+    let request_id = rpc::request_id(args.request, output);
+    let request = RequestReviewRequest {
         request_id: request_id.clone(),
         case_id: args.at.case_id,
         expected_version: args.at.expected_version,
         reason: args.reason.into(),
-    });
-    let result = client.inner.request_review(request).await?.into_inner();
+    };
+    let result = client.request_review(request).await?.into_inner();
     print_result(output, &result, &request_id)
 }
 
 async fn erase(client: &mut Client, output: Output, args: EraseArgs) -> Result<()> {
-    let request_id = request_id(args.request);
-    note_request_id(output, &request_id);
-    let request = client.request(ErasePersonalDataRequest {
+    let request_id = rpc::request_id(args.request, output);
+    let request = ErasePersonalDataRequest {
         request_id: request_id.clone(),
         case_id: args.case_id,
-    });
-    let result = client.inner.erase_personal_data(request).await?.into_inner();
+    };
+    let result = client.erase_personal_data(request).await?.into_inner();
     print_result(output, &result, &request_id)
 }
 
-/// Prints the answer of a command.
+/// Prints the answer of a command on a case.
 fn print_result(output: Output, result: &CommandResult, request_id: &str) -> Result<()> {
-    match output {
-        Output::Json => print_json("nrm.common.v1.CommandResult", result),
-        Output::Text => print_fields(&[
-            ("case_id", result.aggregate_id.clone()),
-            ("version", result.version.to_string()),
-            ("events", output::list(result.event_ids.iter().cloned())),
-            ("replayed", result.replayed.to_string()),
-            ("request_id", request_id.to_owned()),
-        ]),
-    }
+    rpc::print_result(output, result, "case_id", request_id)
 }
 
 async fn get(client: &mut Client, output: Output, args: GetArgs) -> Result<()> {
-    let request = client.request(GetCaseRequest {
+    let request = GetCaseRequest {
         case_id: args.case_id,
         include_personal_data: args.personal,
         purpose: args.purpose.unwrap_or_default(),
-    });
-    let case = client.inner.get_case(request).await?.into_inner();
+    };
+    let case = client.get_case(request).await?.into_inner();
     match output {
         Output::Json => print_json("nrm.identification.v1.Case", &case),
         Output::Text => print_case(&case),
@@ -289,32 +214,8 @@ fn print_case(case: &Case) -> Result<()> {
         ("possible_duplicate", case.possible_duplicate.to_string()),
         ("under_review", case.under_review.to_string()),
     ]);
-    match case.personal.as_ref().and_then(|p| p.view.as_ref()) {
-        None => fields.push(("personal", "-".to_owned())),
-        Some(personal_data_view::View::Withheld(withheld)) => {
-            fields.push(("personal", format!("withheld ({})", or_dash(&withheld.reason))));
-        }
-        Some(personal_data_view::View::Erased(_)) => fields.push(("personal", "erased".to_owned())),
-        Some(personal_data_view::View::Identifiers(ids)) => {
-            fields.extend([
-                ("name", or_dash(&ids.full_name)),
-                ("date_of_birth", or_dash(&ids.date_of_birth)),
-                ("documents", output::list(ids.documents.iter().map(describe_document))),
-                ("phone", or_dash(&ids.phone)),
-                ("address", or_dash(&ids.address)),
-            ]);
-        }
-    }
+    fields.extend(personal_fields(case.personal.as_ref()));
     print_fields(&fields)
-}
-
-fn describe_document(doc: &IdentityDocument) -> String {
-    format!(
-        "{}:{}:{}",
-        cli_name_of::<DocumentType>(doc.r#type),
-        doc.number,
-        doc.issuing_country
-    )
 }
 
 async fn list(client: &mut Client, output: Output, args: ListArgs) -> Result<()> {
@@ -329,8 +230,7 @@ async fn list(client: &mut Client, output: Output, args: ListArgs) -> Result<()>
     };
     let mut all = ListCasesResponse::default();
     loop {
-        let request = client.request(message.clone());
-        let page = client.inner.list_cases(request).await?.into_inner();
+        let page = client.list_cases(message.clone()).await?.into_inner();
         all.cases.extend(page.cases);
         all.next_page_token = page.next_page_token;
         if !args.all || all.next_page_token.is_empty() || all.next_page_token == message.page_token {

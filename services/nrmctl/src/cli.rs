@@ -12,6 +12,12 @@ use nrm_proto::identification::v1::{
 use crate::enums::{self, EnumParser};
 use crate::token::{parse_role, parse_ttl};
 
+pub mod referral;
+pub mod shelter;
+
+use referral::{ConsentCommand, PlanCommand, ReferralCommand};
+use shelter::ShelterCommand;
+
 /// Command-line client of Köpür, the national referral mechanism.
 ///
 /// Calls the services over gRPC, mints development tokens and watches the
@@ -32,7 +38,7 @@ pub struct Cli {
 /// Options of every command.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// gRPC endpoint of the service.
+    /// gRPC endpoint of the identification service (case, person).
     #[arg(
         long,
         global = true,
@@ -41,6 +47,26 @@ pub struct Global {
         default_value = "http://127.0.0.1:50051"
     )]
     pub endpoint: String,
+
+    /// gRPC endpoint of the referral service (consent, referral, plan).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_REFERRAL_ENDPOINT",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub referral_endpoint: String,
+
+    /// gRPC endpoint of the shelter service (shelter).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_SHELTER_ENDPOINT",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub shelter_endpoint: String,
 
     /// Bearer token (JWT) sent with every call.
     #[arg(
@@ -99,6 +125,21 @@ pub enum Command {
     /// Identification cases.
     #[command(subcommand)]
     Case(CaseCommand),
+    /// A person's identifiers, as far as a consent covers them.
+    #[command(subcommand)]
+    Person(PersonCommand),
+    /// Consents to share with an agency.
+    #[command(subcommand)]
+    Consent(ConsentCommand),
+    /// Referrals to service providers.
+    #[command(subcommand)]
+    Referral(ReferralCommand),
+    /// The individual rehabilitation plan.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Shelters, beds and holds.
+    #[command(subcommand)]
+    Shelter(ShelterCommand),
     /// Events on NATS JetStream.
     #[command(subcommand)]
     Events(EventsCommand),
@@ -355,6 +396,25 @@ pub struct ListArgs {
     pub all: bool,
 }
 
+/// A person's identifiers.
+#[derive(Debug, Subcommand)]
+pub enum PersonCommand {
+    /// Show the identifiers the caller's agency may read under a consent
+    /// (recorded in the access log).
+    Get(PersonGetArgs),
+}
+
+/// `person get`.
+#[derive(Debug, Args)]
+pub struct PersonGetArgs {
+    /// The person ID.
+    #[arg(value_name = "PERSON_ID")]
+    pub person_id: String,
+    /// Why the identifiers are read (recorded in the audit trail).
+    #[arg(long, value_name = "TEXT")]
+    pub purpose: String,
+}
+
 /// Events on NATS JetStream.
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -368,10 +428,11 @@ pub struct WatchArgs {
     /// NATS server.
     #[arg(long, env = "NRM_NATS__URL", default_value = "nats://127.0.0.1:14222")]
     pub nats_url: String,
-    /// JetStream stream.
+    /// JetStream stream: NRM_IDENTIFICATION, NRM_REFERRAL or NRM_SHELTER.
     #[arg(long, default_value = "NRM_IDENTIFICATION")]
     pub stream: String,
-    /// Only these subjects, e.g. 'nrm.identification.v1.case.>' [default: the whole stream].
+    /// Only these subjects, e.g. 'nrm.identification.v1.case.>', 'nrm.referral.v1.consent.>',
+    /// 'nrm.shelter.v1.shelter.>' [default: the whole stream].
     #[arg(long)]
     pub subject: Option<String>,
     /// Start at the first message of the stream instead of new ones.

@@ -13,6 +13,10 @@ use nrm_proto::identification::v1::{
     CaseStatus, Decision, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, RecruiterRelationship,
     RecruitmentMethod, ReviewReason,
 };
+use nrm_proto::referral::v1::{
+    ConsentGiver, DataCategory, DeclineReason, GoalKind, ReferralOutcome, ReferralStatus, ServiceKind, Urgency,
+};
+use nrm_proto::shelter::v1::{BedCategory, OnSiteService};
 
 /// A prost-generated enum whose value names share a prefix ending in `_`
 /// and whose zero value is `{PREFIX}UNSPECIFIED`.
@@ -38,18 +42,32 @@ macro_rules! proto_enums {
 }
 
 proto_enums!(
+    // common
     AgeBand,
+    DocumentType,
+    Gender,
+    // identification
     CaseStatus,
     Decision,
-    DocumentType,
     ExploitationForm,
-    Gender,
     Indicator,
     MeansOfControl,
     NotIdentifiedReason,
     RecruiterRelationship,
     RecruitmentMethod,
     ReviewReason,
+    // referral
+    ConsentGiver,
+    DataCategory,
+    DeclineReason,
+    GoalKind,
+    ReferralOutcome,
+    ReferralStatus,
+    ServiceKind,
+    Urgency,
+    // shelter
+    BedCategory,
+    OnSiteService,
 );
 
 /// The prefix shared by every value name of `E` (`EXPLOITATION_FORM_`).
@@ -177,6 +195,34 @@ mod tests {
         assert_eq!(parse::<AgeBand>("18-24"), Ok(AgeBand::AgeBand1824));
         assert_eq!(parse::<AgeBand>("50-plus"), Ok(AgeBand::AgeBand50Plus));
         assert_eq!(parse::<DocumentType>("national-id"), Ok(DocumentType::NationalId));
+    }
+
+    #[test]
+    fn referral_and_shelter_enums_read_their_kebab_names() {
+        assert_eq!(
+            parse::<ConsentGiver>("best-interests-decision"),
+            Ok(ConsentGiver::BestInterestsDecision)
+        );
+        assert_eq!(parse::<ServiceKind>("family-tracing"), Ok(ServiceKind::FamilyTracing));
+        assert_eq!(parse::<DataCategory>("date-of-birth"), Ok(DataCategory::DateOfBirth));
+        assert_eq!(parse::<Urgency>("urgent"), Ok(Urgency::Urgent));
+        assert_eq!(parse::<ReferralStatus>("pending"), Ok(ReferralStatus::Pending));
+        assert_eq!(parse::<DeclineReason>("no-capacity"), Ok(DeclineReason::NoCapacity));
+        assert_eq!(
+            parse::<ReferralOutcome>("services-completed"),
+            Ok(ReferralOutcome::ServicesCompleted)
+        );
+        assert_eq!(parse::<GoalKind>("legal-status"), Ok(GoalKind::LegalStatus));
+        assert_eq!(
+            parse::<BedCategory>("mothers-with-children"),
+            Ok(BedCategory::MothersWithChildren)
+        );
+        assert_eq!(parse::<OnSiteService>("child-care"), Ok(OnSiteService::ChildCare));
+        assert_eq!(
+            cli_names::<Urgency>(),
+            ["urgent", "normal"],
+            "the unspecified value is never offered"
+        );
     }
 
     #[test]

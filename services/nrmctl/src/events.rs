@@ -162,6 +162,8 @@ fn decode_commit(pool: &DescriptorPool, body: &[u8]) -> Result<Value> {
 mod tests {
     use nrm_proto::common::v1::{CommittedEvent, EventCommit};
     use nrm_proto::identification::v1::{IdentificationEvent, Indicator, ScreeningCompleted, identification_event};
+    use nrm_proto::referral::v1::{DeclineReason, ReferralDeclined, ReferralEvent, referral_event};
+    use nrm_proto::shelter::v1::{BedCategory, BedHeld, ShelterEvent, shelter_event};
     use prost::Message;
 
     use super::*;
@@ -211,6 +213,39 @@ mod tests {
         let payload = &line["commit"]["events"][0]["payload"];
         assert_eq!(payload["screening_completed"]["case_id"], "case-1");
         assert_eq!(payload["screening_completed"]["indicators"][0], "INDICATOR_ISOLATION");
+    }
+
+    #[test]
+    fn referral_and_shelter_payloads_decode_by_their_payload_type() {
+        let pool = descriptor_pool().expect("pool");
+        let event = ReferralEvent {
+            event: Some(referral_event::Event::ReferralDeclined(ReferralDeclined {
+                referral_id: "referral-1".into(),
+                receiving_agency: "kg-msd".into(),
+                reason: DeclineReason::NoCapacity.into(),
+                declined_at: None,
+            })),
+        };
+        let body = commit("nrm.referral.v1.ReferralEvent", event.encode_to_vec());
+        let line: Value = serde_json::from_str(&render(&pool, None, "s", None, &body)).expect("JSON");
+        let payload = &line["commit"]["events"][0]["payload"];
+        assert_eq!(payload["referral_declined"]["reason"], "DECLINE_REASON_NO_CAPACITY");
+
+        let event = ShelterEvent {
+            event: Some(shelter_event::Event::BedHeld(BedHeld {
+                shelter_id: "shelter-1".into(),
+                hold_id: "hold-1".into(),
+                category: BedCategory::Women.into(),
+                referral_id: "referral-1".into(),
+                expires_at: None,
+                region: "KG-O".into(),
+            })),
+        };
+        let body = commit("nrm.shelter.v1.ShelterEvent", event.encode_to_vec());
+        let line: Value = serde_json::from_str(&render(&pool, None, "s", None, &body)).expect("JSON");
+        let payload = &line["commit"]["events"][0]["payload"];
+        assert_eq!(payload["bed_held"]["hold_id"], "hold-1");
+        assert_eq!(payload["bed_held"]["category"], "BED_CATEGORY_WOMEN");
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //! - [`cli`]: the clap types.
 //! - [`enums`]: protobuf enums as kebab-case names (`--form forced-begging`).
 //! - [`token`]: `token mint` and the self-minted development token.
-//! - [`case`]: `case …`, the identification service.
+//! - [`rpc`]: what every gRPC command shares: the channel with the bearer
+//!   token, request IDs, command results.
+//! - [`case`], [`person`]: `case …` and `person get`, the identification service.
+//! - [`consent`], [`referral`], [`plan`]: the referral service.
+//! - [`shelter`]: `shelter …`, the shelter service.
 //! - [`events`]: `events watch`.
 //! - [`output`]: JSON through the descriptor pool, text, errors.
 
@@ -15,9 +19,15 @@ use clap::Parser;
 
 mod case;
 mod cli;
+mod consent;
 mod enums;
 mod events;
 mod output;
+mod person;
+mod plan;
+mod referral;
+mod rpc;
+mod shelter;
 mod token;
 
 use cli::{Cli, Command, EventsCommand, TokenCommand};
@@ -39,6 +49,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Token(TokenCommand::Mint(args)) => token::mint(&args),
         Command::Case(command) => case::run(&cli.global, command).await,
+        Command::Person(command) => person::run(&cli.global, command).await,
+        Command::Consent(command) => consent::run(&cli.global, command).await,
+        Command::Referral(command) => referral::run(&cli.global, command).await,
+        Command::Plan(command) => plan::run(&cli.global, command).await,
+        Command::Shelter(command) => shelter::run(&cli.global, command).await,
         Command::Events(EventsCommand::Watch(args)) => events::watch(args).await,
     }
 }
