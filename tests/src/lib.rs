@@ -549,7 +549,7 @@ pub fn shelter_settings() -> nrm_shelter::config::Settings {
         telemetry: base.telemetry,
         shelter: nrm_shelter::config::ShelterSettings {
             hold_minutes_default: 1440,
-            timer_poll_millis: 100,
+            timer_poll_ms: 100,
         },
     }
 }

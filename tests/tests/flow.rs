@@ -85,7 +85,7 @@ impl System {
         let referral = ServiceProcess::start("referral", process_env(&base, "referral", referral_extra));
         let shelter = ServiceProcess::start(
             "shelter",
-            process_env(&base, "shelter", &[("NRM_SHELTER__TIMER_POLL_MILLIS", "100")]),
+            process_env(&base, "shelter", &[("NRM_SHELTER__TIMER_POLL_MS", "100")]),
         );
         Self {
             base,

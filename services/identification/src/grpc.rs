@@ -2,14 +2,13 @@
 //! map back. No rules live here.
 
 use nrm_kernel::auth::Authenticator;
-use nrm_kernel::error::AppError;
+use nrm_kernel::grpc::{call_context, reply};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as pb;
 use pb::identification_service_server::IdentificationService;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use crate::app::{CallContext, Identification};
+use crate::app::Identification;
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -24,27 +23,6 @@ impl IdentificationGrpc {
     pub fn new(app: Identification, auth: Authenticator) -> Self {
         Self { app, auth }
     }
-
-    fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let caller = self.auth.verify(request.metadata())?;
-        let correlation_id = request
-            .metadata()
-            .get("x-correlation-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<Uuid>().ok())
-            .unwrap_or_else(Uuid::now_v7);
-        Ok(CallContext { caller, correlation_id })
-    }
-}
-
-fn reply<T>(result: Result<T, AppError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(value) => Ok(Response::new(value)),
-        Err(err) => {
-            metrics::counter!("nrm_grpc_errors_total", "code" => format!("{:?}", err.code())).increment(1);
-            Err(err.into())
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -53,7 +31,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ReportPresumedVictimRequest>,
     ) -> Result<Response<pb::ReportPresumedVictimResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.report(&ctx, request.get_ref()).await)
     }
 
@@ -61,7 +39,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::CompleteScreeningRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.screen(&ctx, request.get_ref()).await)
     }
 
@@ -69,7 +47,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::DecideIdentificationRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.decide(&ctx, request.get_ref()).await)
     }
 
@@ -77,7 +55,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::RequestReviewRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.review(&ctx, request.get_ref()).await)
     }
 
@@ -85,12 +63,12 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ErasePersonalDataRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.erase(&ctx, request.get_ref()).await)
     }
 
     async fn get_case(&self, request: Request<pb::GetCaseRequest>) -> Result<Response<pb::Case>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.get_case(&ctx, request.get_ref()).await)
     }
 
@@ -98,7 +76,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::GetPersonalDataRequest>,
     ) -> Result<Response<pb::GetPersonalDataResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.get_personal_data(&ctx, request.get_ref()).await)
     }
 
@@ -106,7 +84,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ListCasesRequest>,
     ) -> Result<Response<pb::ListCasesResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.list_cases(&ctx, request.get_ref()).await)
     }
 }

@@ -2,20 +2,20 @@
 //! the tests (on port 0).
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use nrm_kernel::auth::Authenticator;
 use nrm_kernel::bus::Bus;
+use nrm_kernel::db;
 use nrm_kernel::projection::ProjectionRunner;
 use nrm_kernel::relay::{Relay, RelayConfig};
 use nrm_kernel::seal::{MasterKey, MatchHasher};
+use nrm_kernel::server::{self, Background, Listeners};
 use nrm_kernel::settings::decode_key;
 use nrm_kernel::store::EventStore;
-use nrm_kernel::{db, server, telemetry};
 use nrm_proto::identification::v1::identification_service_server::IdentificationServiceServer;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 use crate::app::{CONTEXT, Identification, PAYLOAD_TYPE};
 use crate::config::Settings;
@@ -30,8 +30,7 @@ pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A built, not yet running, identification service.
 pub struct Application {
-    grpc: TcpListener,
-    metrics: TcpListener,
+    listeners: Listeners,
     app: Identification,
     bus: Bus,
     auth: Authenticator,
@@ -92,15 +91,9 @@ impl Application {
             hasher,
             settings.identification.reflection_days,
         );
-        let grpc = server::bind(settings.server.grpc_addr)
-            .await
-            .with_context(|| format!("binding gRPC to {}", settings.server.grpc_addr))?;
-        let metrics = server::bind(settings.server.metrics_addr)
-            .await
-            .with_context(|| format!("binding metrics to {}", settings.server.metrics_addr))?;
+        let listeners = Listeners::bind(&settings.server).await?;
         Ok(Self {
-            grpc,
-            metrics,
+            listeners,
             app,
             bus,
             auth,
@@ -115,7 +108,7 @@ impl Application {
     /// # Errors
     /// When the socket has no address.
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.grpc.local_addr()
+        self.listeners.grpc_addr()
     }
 
     /// Where `/metrics` listens.
@@ -123,7 +116,7 @@ impl Application {
     /// # Errors
     /// When the socket has no address.
     pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.metrics.local_addr()
+        self.listeners.metrics_addr()
     }
 
     /// The case list projection (tests rebuild it).
@@ -138,56 +131,23 @@ impl Application {
     /// # Errors
     /// When the gRPC server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
-        let (health, health_service) = tonic_health_reporter();
-        let (reflection_v1, reflection_v1alpha) = server::reflection();
-        let tasks = CancellationToken::new();
+        let mut background = Background::new();
+        background.spawn_relay(self.relay);
+        background.spawn(|stop| self.case_list.run(stop));
+        background.spawn(|stop| self.referral_access.run(stop));
         let pool = self.app.store().pool().clone();
-        let mut background = tokio::task::JoinSet::new();
-        match self.relay {
-            Some(relay) => {
-                background.spawn(relay.run(tasks.clone()));
-            }
-            None => tracing::warn!("relay disabled (NRM_RELAY__ENABLED=false): events stay in the outbox"),
-        }
-        background.spawn(self.case_list.run(tasks.clone()));
-        background.spawn(self.referral_access.run(tasks.clone()));
-        background.spawn(server::watch_health(
-            health,
+        let routes = Routes::new(IdentificationServiceServer::new(IdentificationGrpc::new(
+            self.app, self.auth,
+        )));
+        server::serve(
+            self.listeners,
             SERVICE_NAME,
+            routes,
             pool,
-            self.bus.clone(),
-            tasks.clone(),
-        ));
-        background.spawn(server::serve_metrics(self.metrics, tasks.clone()));
-
-        let service = IdentificationServiceServer::new(IdentificationGrpc::new(self.app, self.auth));
-        let result = tonic::transport::Server::builder()
-            .trace_fn(telemetry::grpc_span)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(self.grpc),
-                shutdown.cancelled_owned(),
-            )
-            .await;
-        tasks.cancel();
-        let drained = tokio::time::timeout(Duration::from_secs(10), async {
-            while background.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("background tasks did not stop within 10 s");
-        }
-        tracing::info!("stopped");
-        result.map_err(Into::into)
+            self.bus,
+            background,
+            shutdown,
+        )
+        .await
     }
-}
-
-fn tonic_health_reporter() -> (
-    tonic_health::server::HealthReporter,
-    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-) {
-    tonic_health::server::health_reporter()
 }

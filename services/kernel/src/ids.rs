@@ -92,6 +92,21 @@ typed_id!(
     "return"
 );
 typed_id!(
+    /// A person's purpose-bound consent to share with one agency (referral context).
+    ConsentId,
+    "consent"
+);
+typed_id!(
+    /// A goal of an individual rehabilitation plan (referral context).
+    GoalId,
+    "goal"
+);
+typed_id!(
+    /// A bed hold in a shelter (shelter context).
+    HoldId,
+    "hold"
+);
+typed_id!(
     /// A stored event.
     EventId,
     "event"

@@ -5,6 +5,8 @@
 //! - [`ids`]: typed UUIDv7 identifiers, one registry of kinds.
 //! - [`error`]: the transport-agnostic application error and its single
 //!   mapping to `tonic::Status` (with `google.rpc.BadRequest` details).
+//! - [`validate`]: request fields every service checks: request IDs,
+//!   expected versions, enum values, region codes, timestamps.
 //! - [`settings`]: typed settings from `NRM_*` environment variables.
 //! - [`db`]: connecting, creating and migrating a service's own database.
 //! - [`store`]: the PostgreSQL event store: optimistic appends, outbox rows and
@@ -17,6 +19,10 @@
 //! - [`seal`]: per-person keys, sealing of personal data, crypto-shredding, and
 //!   keyed hashes for duplicate detection.
 //! - [`auth`]: bearer JWTs naming agency, role and officer.
+//! - [`command`]: idempotent commands: the call context, request keys and
+//!   fingerprints, replaying and recording a command's answer.
+//! - [`grpc`]: around every RPC: the call context from the request, errors
+//!   counted and mapped on the way out.
 //! - [`telemetry`]: JSON logs, OpenTelemetry, W3C trace context in gRPC
 //!   metadata and event headers.
 //! - [`server`]: gRPC plumbing every service shares: health, reflection,
@@ -27,8 +33,10 @@
 pub mod audit;
 pub mod auth;
 pub mod bus;
+pub mod command;
 pub mod db;
 pub mod error;
+pub mod grpc;
 pub mod ids;
 pub mod projection;
 pub mod relay;
@@ -38,5 +46,6 @@ pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod timers;
+pub mod validate;
 
 pub use error::{AppError, FieldViolation};

@@ -2,14 +2,13 @@
 //! map back. No rules live here.
 
 use nrm_kernel::auth::Authenticator;
-use nrm_kernel::error::AppError;
+use nrm_kernel::grpc::{call_context, reply};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_service_server::ReferralService;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use crate::app::{CallContext, Referrals};
+use crate::app::Referrals;
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -24,27 +23,6 @@ impl ReferralGrpc {
     pub fn new(app: Referrals, auth: Authenticator) -> Self {
         Self { app, auth }
     }
-
-    fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let caller = self.auth.verify(request.metadata())?;
-        let correlation_id = request
-            .metadata()
-            .get("x-correlation-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<Uuid>().ok())
-            .unwrap_or_else(Uuid::now_v7);
-        Ok(CallContext { caller, correlation_id })
-    }
-}
-
-fn reply<T>(result: Result<T, AppError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(value) => Ok(Response::new(value)),
-        Err(err) => {
-            metrics::counter!("nrm_grpc_errors_total", "code" => format!("{:?}", err.code())).increment(1);
-            Err(err.into())
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -53,7 +31,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.record_consent(&ctx, request.get_ref()).await)
     }
 
@@ -61,7 +39,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::WithdrawConsentRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.withdraw_consent(&ctx, request.get_ref()).await)
     }
 
@@ -69,7 +47,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::CreateReferralRequest>,
     ) -> Result<Response<pb::CreateReferralResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.create_referral(&ctx, request.get_ref()).await)
     }
 
@@ -77,7 +55,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::AcceptReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.accept(&ctx, request.get_ref()).await)
     }
 
@@ -85,7 +63,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::DeclineReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.decline(&ctx, request.get_ref()).await)
     }
 
@@ -93,7 +71,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RedirectReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.redirect(&ctx, request.get_ref()).await)
     }
 
@@ -101,7 +79,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordServiceDeliveredRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.service_delivered(&ctx, request.get_ref()).await)
     }
 
@@ -109,7 +87,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::CloseReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.close(&ctx, request.get_ref()).await)
     }
 
@@ -117,7 +95,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::AddPlanGoalRequest>,
     ) -> Result<Response<pb::AddPlanGoalResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.add_goal(&ctx, request.get_ref()).await)
     }
 
@@ -125,22 +103,22 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordFollowUpRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.follow_up(&ctx, request.get_ref()).await)
     }
 
     async fn mark_goal_met(&self, request: Request<pb::MarkGoalMetRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.goal_met(&ctx, request.get_ref()).await)
     }
 
     async fn get_referral(&self, request: Request<pb::GetReferralRequest>) -> Result<Response<pb::Referral>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.get_referral(&ctx, request.get_ref()).await)
     }
 
     async fn get_plan(&self, request: Request<pb::GetPlanRequest>) -> Result<Response<pb::Plan>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.get_plan(&ctx, request.get_ref()).await)
     }
 
@@ -148,7 +126,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<pb::ListInboxResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.list_inbox(&ctx, request.get_ref()).await)
     }
 }

@@ -8,6 +8,7 @@
 use anyhow::Context as _;
 use nrm_kernel::projection::{Delivery, Projection};
 use nrm_kernel::store::UnitOfWork;
+use nrm_kernel::validate;
 use nrm_proto::identification::v1 as idpb;
 use nrm_proto::referral::v1 as pb;
 use prost::Message as _;
@@ -15,7 +16,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::app::{decode_event, queries};
-use crate::domain::{parse, referral};
+use crate::domain::referral;
 
 /// The persons read model, over the identification stream.
 #[derive(Debug, Clone, Copy, Default)]
@@ -126,7 +127,7 @@ impl Projection for Inbox {
         let created_at = created
             .created_at
             .as_ref()
-            .and_then(parse::to_datetime)
+            .and_then(validate::to_datetime)
             .context("referral without creation time")?;
         let view: pb::Referral = queries::view(&state);
         sqlx::query(

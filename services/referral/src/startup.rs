@@ -7,14 +7,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use nrm_kernel::auth::Authenticator;
 use nrm_kernel::bus::Bus;
+use nrm_kernel::db;
 use nrm_kernel::projection::ProjectionRunner;
 use nrm_kernel::relay::{Relay, RelayConfig};
+use nrm_kernel::server::{self, Background, Listeners};
 use nrm_kernel::store::EventStore;
 use nrm_kernel::timers::TimerRunner;
-use nrm_kernel::{db, server, telemetry};
 use nrm_proto::referral::v1::referral_service_server::ReferralServiceServer;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 use crate::app::{CONTEXT, PAYLOAD_TYPE, Policy, Referrals};
 use crate::config::Settings;
@@ -31,8 +32,7 @@ pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A built, not yet running, referral service.
 pub struct Application {
-    grpc: TcpListener,
-    metrics: TcpListener,
+    listeners: Listeners,
     app: Referrals,
     bus: Bus,
     auth: Authenticator,
@@ -103,15 +103,9 @@ impl Application {
             AnswerDue::new(app.clone()),
             Duration::from_millis(settings.referral.timer_poll_ms.max(10)),
         );
-        let grpc = server::bind(settings.server.grpc_addr)
-            .await
-            .with_context(|| format!("binding gRPC to {}", settings.server.grpc_addr))?;
-        let metrics = server::bind(settings.server.metrics_addr)
-            .await
-            .with_context(|| format!("binding metrics to {}", settings.server.metrics_addr))?;
+        let listeners = Listeners::bind(&settings.server).await?;
         Ok(Self {
-            grpc,
-            metrics,
+            listeners,
             app,
             bus,
             auth,
@@ -128,7 +122,7 @@ impl Application {
     /// # Errors
     /// When the socket has no address.
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.grpc.local_addr()
+        self.listeners.grpc_addr()
     }
 
     /// Where `/metrics` listens.
@@ -136,7 +130,7 @@ impl Application {
     /// # Errors
     /// When the socket has no address.
     pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.metrics.local_addr()
+        self.listeners.metrics_addr()
     }
 
     /// The application (tests drive reactions through it).
@@ -151,51 +145,23 @@ impl Application {
     /// # Errors
     /// When the gRPC server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let (reflection_v1, reflection_v1alpha) = server::reflection();
-        let tasks = CancellationToken::new();
+        let mut background = Background::new();
+        background.spawn_relay(self.relay);
+        background.spawn(|stop| self.persons.run(stop));
+        background.spawn(|stop| self.inbox.run(stop));
+        background.spawn(|stop| self.shelter_answers.run(stop));
+        background.spawn(|stop| self.timers.run(stop));
         let pool = self.app.store().pool().clone();
-        let mut background = tokio::task::JoinSet::new();
-        match self.relay {
-            Some(relay) => {
-                background.spawn(relay.run(tasks.clone()));
-            }
-            None => tracing::warn!("relay disabled (NRM_RELAY__ENABLED=false): events stay in the outbox"),
-        }
-        background.spawn(self.persons.run(tasks.clone()));
-        background.spawn(self.inbox.run(tasks.clone()));
-        background.spawn(self.shelter_answers.run(tasks.clone()));
-        background.spawn(self.timers.run(tasks.clone()));
-        background.spawn(server::watch_health(
-            health,
+        let routes = Routes::new(ReferralServiceServer::new(ReferralGrpc::new(self.app, self.auth)));
+        server::serve(
+            self.listeners,
             SERVICE_NAME,
+            routes,
             pool,
-            self.bus.clone(),
-            tasks.clone(),
-        ));
-        background.spawn(server::serve_metrics(self.metrics, tasks.clone()));
-
-        let service = ReferralServiceServer::new(ReferralGrpc::new(self.app, self.auth));
-        let result = tonic::transport::Server::builder()
-            .trace_fn(telemetry::grpc_span)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(self.grpc),
-                shutdown.cancelled_owned(),
-            )
-            .await;
-        tasks.cancel();
-        let drained = tokio::time::timeout(Duration::from_secs(10), async {
-            while background.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("background tasks did not stop within 10 s");
-        }
-        tracing::info!("stopped");
-        result.map_err(Into::into)
+            self.bus,
+            background,
+            shutdown,
+        )
+        .await
     }
 }

@@ -51,17 +51,17 @@ pub struct ShelterSettings {
     #[serde(default = "default_hold_minutes")]
     pub hold_minutes_default: u32,
     /// How often the expiry timers are looked at, in milliseconds
-    /// (`NRM_SHELTER__TIMER_POLL_MILLIS`, default 1000): a hold expires at
+    /// (`NRM_SHELTER__TIMER_POLL_MS`, default 1000): a hold expires at
     /// most this late.
-    #[serde(default = "default_timer_poll_millis")]
-    pub timer_poll_millis: u64,
+    #[serde(default = "default_timer_poll_ms")]
+    pub timer_poll_ms: u64,
 }
 
 impl Default for ShelterSettings {
     fn default() -> Self {
         Self {
             hold_minutes_default: default_hold_minutes(),
-            timer_poll_millis: default_timer_poll_millis(),
+            timer_poll_ms: default_timer_poll_ms(),
         }
     }
 }
@@ -70,7 +70,7 @@ fn default_hold_minutes() -> u32 {
     1440
 }
 
-fn default_timer_poll_millis() -> u64 {
+fn default_timer_poll_ms() -> u64 {
     1000
 }
 

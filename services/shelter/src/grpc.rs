@@ -2,14 +2,13 @@
 //! map back. No rules live here.
 
 use nrm_kernel::auth::Authenticator;
-use nrm_kernel::error::AppError;
+use nrm_kernel::grpc::{call_context, reply};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::shelter::v1 as pb;
 use pb::shelter_service_server::ShelterService;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use crate::app::{CallContext, Shelters};
+use crate::app::Shelters;
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -24,27 +23,6 @@ impl ShelterGrpc {
     pub fn new(app: Shelters, auth: Authenticator) -> Self {
         Self { app, auth }
     }
-
-    fn context<T>(&self, request: &Request<T>) -> Result<CallContext, Status> {
-        let caller = self.auth.verify(request.metadata())?;
-        let correlation_id = request
-            .metadata()
-            .get("x-correlation-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<Uuid>().ok())
-            .unwrap_or_else(Uuid::now_v7);
-        Ok(CallContext { caller, correlation_id })
-    }
-}
-
-fn reply<T>(result: Result<T, AppError>) -> Result<Response<T>, Status> {
-    match result {
-        Ok(value) => Ok(Response::new(value)),
-        Err(err) => {
-            metrics::counter!("nrm_grpc_errors_total", "code" => format!("{:?}", err.code())).increment(1);
-            Err(err.into())
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -53,7 +31,7 @@ impl ShelterService for ShelterGrpc {
         &self,
         request: Request<pb::RegisterShelterRequest>,
     ) -> Result<Response<pb::RegisterShelterResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.register(&ctx, request.get_ref()).await)
     }
 
@@ -61,32 +39,32 @@ impl ShelterService for ShelterGrpc {
         &self,
         request: Request<pb::ChangeCapacityRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.change_capacity(&ctx, request.get_ref()).await)
     }
 
     async fn hold_bed(&self, request: Request<pb::HoldBedRequest>) -> Result<Response<pb::HoldBedResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.hold_bed(&ctx, request.get_ref()).await)
     }
 
     async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.release_hold(&ctx, request.get_ref()).await)
     }
 
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.admit(&ctx, request.get_ref()).await)
     }
 
     async fn discharge(&self, request: Request<pb::DischargeRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.discharge(&ctx, request.get_ref()).await)
     }
 
     async fn get_shelter(&self, request: Request<pb::GetShelterRequest>) -> Result<Response<pb::Shelter>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.get_shelter(&ctx, request.get_ref()).await)
     }
 
@@ -94,7 +72,7 @@ impl ShelterService for ShelterGrpc {
         &self,
         request: Request<pb::ListFreeCapacityRequest>,
     ) -> Result<Response<pb::ListFreeCapacityResponse>, Status> {
-        let ctx = self.context(&request)?;
+        let ctx = call_context(&self.auth, &request)?;
         reply(self.app.list_free_capacity(&ctx, request.get_ref()).await)
     }
 }

@@ -17,19 +17,19 @@
 
 use anyhow::Context as _;
 use chrono::Utc;
-use nrm_kernel::audit;
-use nrm_kernel::ids::{ReferralId, ShelterId};
+use nrm_kernel::ids::{HoldId, ReferralId, ShelterId};
 use nrm_kernel::projection::{Delivery, Projection};
 use nrm_kernel::store::{EventMetadata, UnitOfWork};
 use nrm_kernel::timers::{Timer, TimerHandler};
+use nrm_kernel::{audit, validate};
 use nrm_proto::referral::v1 as referral;
 use nrm_proto::shelter::v1 as pb;
 use prost::Message as _;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, system_actor};
-use crate::domain::{self, Command, DomainError, HoldId, parse, regions};
+use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, system_actor, to_new_events};
+use crate::domain::{self, Command, DomainError, parse, regions};
 
 /// Full protobuf name of the referral service's events.
 pub const REFERRAL_PAYLOAD_TYPE: &str = "nrm.referral.v1.ReferralEvent";
@@ -95,7 +95,7 @@ impl Placement {
                 hold_id: HoldId::new(),
                 category,
                 referral_id,
-                expires_at: parse::timestamp(expires_at),
+                expires_at: validate::timestamp(expires_at),
             };
             match domain::decide(&shelter, &command) {
                 Ok(events) => {
@@ -147,11 +147,7 @@ impl Placement {
         uow.append(
             &stream_id,
             version,
-            &[nrm_kernel::store::NewEvent {
-                event_type: domain::event_type(&event).to_owned(),
-                schema_version: 1,
-                payload: pb::ShelterEvent { event: Some(event) }.encode_to_vec(),
-            }],
+            &to_new_events(&[event]),
             metadata,
             &self
                 .app

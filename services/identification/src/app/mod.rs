@@ -8,18 +8,19 @@
 pub mod queries;
 
 use chrono::Utc;
-use nrm_kernel::auth::{Caller, Role};
+use nrm_kernel::audit;
+use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
+use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::seal::{DataKey, MasterKey, MatchHasher};
-use nrm_kernel::store::{EventMetadata, EventStore, NewEvent, UnitOfWork};
-use nrm_kernel::{audit, telemetry};
+use nrm_kernel::store::{EventStore, NewEvent};
+use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as pb;
 use pb::identification_event::Event;
 use prost::Message;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::domain::{self, Case, Command, DomainError, parse};
@@ -46,32 +47,6 @@ pub const ERASERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::Coordinator
 /// Roles that see every case (coded fields).
 pub const CASE_READERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService, Role::Coordinator];
 
-/// Who calls, and the call's correlation.
-#[derive(Debug, Clone)]
-pub struct CallContext {
-    /// The verified caller.
-    pub caller: Caller,
-    /// From `x-correlation-id` metadata, or new.
-    pub correlation_id: Uuid,
-}
-
-impl CallContext {
-    fn metadata(&self) -> EventMetadata {
-        let (traceparent, tracestate) = telemetry::current_trace_context();
-        EventMetadata {
-            correlation_id: self.correlation_id,
-            causation_id: Uuid::now_v7(),
-            actor: self.caller.actor.clone(),
-            traceparent,
-            tracestate,
-        }
-    }
-
-    fn request_key(&self, request_id: &str) -> String {
-        format!("{}:{request_id}", self.caller.actor.agency)
-    }
-}
-
 impl From<DomainError> for AppError {
     fn from(err: DomainError) -> Self {
         match err {
@@ -96,9 +71,9 @@ impl Target {
     /// Parses them, recording violations; `expected_version: None` for commands without one.
     fn parse(v: &mut Violations, request_id: &str, case_id: &str, expected_version: Option<u64>) -> Self {
         Self {
-            request_id: v.check(parse::request_id(request_id)),
+            request_id: v.check(validate::request_id(request_id)),
             case_id: v.check(CaseId::parse("case_id", case_id)),
-            expected_version: expected_version.and_then(|e| v.check(parse::expected_version(e))),
+            expected_version: expected_version.and_then(|e| v.check(validate::expected_version(domain::NAME, e))),
         }
     }
 
@@ -139,25 +114,10 @@ pub struct Identification {
     reflection_days: u32,
 }
 
-fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
-    let mut hash = Sha256::new();
-    hash.update(method.as_bytes());
-    hash.update(request.encode_to_vec());
-    hash.finalize().to_vec()
-}
-
 fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
-    events
-        .iter()
-        .map(|event| NewEvent {
-            event_type: domain::event_type(event).to_owned(),
-            schema_version: 1,
-            payload: pb::IdentificationEvent {
-                event: Some(event.clone()),
-            }
-            .encode_to_vec(),
-        })
-        .collect()
+    command::new_events(events, domain::event_type, |event| pb::IdentificationEvent {
+        event: Some(event.clone()),
+    })
 }
 
 fn not_found(case_id: CaseId) -> AppError {
@@ -205,42 +165,6 @@ impl Identification {
         })
     }
 
-    /// The first answer to a request, if it ran before.
-    async fn replay<R: Message + Default>(&self, key: &str, fingerprint: &[u8]) -> Result<Option<R>, AppError> {
-        let Some(stored) = self.store.find_command(key).await? else {
-            return Ok(None);
-        };
-        if stored.fingerprint != fingerprint {
-            return Err(AppError::RequestIdReused);
-        }
-        R::decode(stored.response.as_slice())
-            .map(Some)
-            .map_err(|e| AppError::Internal(format!("stored response does not decode: {e}")))
-    }
-
-    /// Records the answer and commits; a concurrent twin that won returns its answer.
-    async fn finish<R: Message + Default>(
-        &self,
-        mut uow: UnitOfWork,
-        key: &str,
-        fingerprint: &[u8],
-        response: R,
-    ) -> Result<R, AppError> {
-        match uow.record_command(key, fingerprint, &response.encode_to_vec()).await {
-            Ok(()) => {
-                uow.commit().await?;
-                Ok(response)
-            }
-            Err(nrm_kernel::store::StoreError::DuplicateRequest) => {
-                drop(uow);
-                self.replay(key, fingerprint)
-                    .await?
-                    .ok_or_else(|| AppError::Internal("twin request vanished".into()))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Reports a presumed victim.
     ///
     /// # Errors
@@ -255,8 +179,8 @@ impl Identification {
         let now = Utc::now();
         let valid = parse::report(req, now)?;
         let key = ctx.request_key(&valid.request_id);
-        let fp = fingerprint("ReportPresumedVictim", req);
-        if let Some(mut previous) = self.replay::<pb::ReportPresumedVictimResponse>(&key, &fp).await? {
+        let fp = command::fingerprint("ReportPresumedVictim", req);
+        if let Some(mut previous) = command::replay::<pb::ReportPresumedVictimResponse>(&self.store, &key, &fp).await? {
             if let Some(r) = previous.result.as_mut() {
                 r.replayed = true;
             }
@@ -318,14 +242,9 @@ impl Identification {
             person_id: person_id.to_string(),
             status: state.status.to_proto() as i32,
             possible_duplicate: state.possible_duplicate,
-            result: Some(CommandResult {
-                aggregate_id: case_id.to_string(),
-                version: appended.version,
-                event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
-                replayed: false,
-            }),
+            result: Some(command::result(case_id, &appended)),
         };
-        self.finish(uow, &key, &fp, response).await
+        command::finish(&self.store, uow, &key, &fp, response).await
     }
 
     /// Runs a command on an existing case, or answers as its first run did.
@@ -336,20 +255,18 @@ impl Identification {
         call: CaseCommand,
     ) -> Result<CommandResult, AppError> {
         let key = ctx.request_key(&call.request_id);
-        let fp = fingerprint(call.method, request);
-        let replayed = |mut previous: CommandResult| {
-            previous.replayed = true;
-            previous
-        };
-        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
-            return Ok(replayed(previous));
+        let fp = command::fingerprint(call.method, request);
+        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+            return Ok(command::replayed(previous));
         }
         match self.on_case_once(ctx, &key, &fp, call).await {
             // A twin of this request may have moved the case on first: answer as it did.
-            Err(conflict @ AppError::Conflict { .. }) => match self.replay::<CommandResult>(&key, &fp).await? {
-                Some(previous) => Ok(replayed(previous)),
-                None => Err(conflict),
-            },
+            Err(conflict @ AppError::Conflict { .. }) => {
+                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+                    Some(previous) => Ok(command::replayed(previous)),
+                    None => Err(conflict),
+                }
+            }
             other => other,
         }
     }
@@ -405,13 +322,8 @@ impl Identification {
             )
             .await?;
         audit::record(uow.conn(), &ctx.caller.actor, method, &case_id.to_string(), "command").await?;
-        let response = CommandResult {
-            aggregate_id: case_id.to_string(),
-            version: appended.version,
-            event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
-            replayed: false,
-        };
-        self.finish(uow, key, fp, response).await
+        let response = command::result(case_id, &appended);
+        command::finish(&self.store, uow, key, fp, response).await
     }
 
     /// Records the screening.
@@ -431,7 +343,7 @@ impl Identification {
         let target = target.finish(v)?;
         let command = Command::CompleteScreening {
             indicators,
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_case(ctx, req, target.command("CompleteScreening", command))
             .await
@@ -457,7 +369,7 @@ impl Identification {
             reason,
             non_punishment: req.non_punishment,
             best_interests_assessed: req.best_interests_assessed,
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
             reflection_days: self.reflection_days,
         };
         self.on_case(ctx, req, target.command("DecideIdentification", command))
@@ -477,7 +389,7 @@ impl Identification {
         let target = target.finish(v)?;
         let command = Command::RequestReview {
             reason: reason.unwrap_or(pb::ReviewReason::Unspecified),
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_case(ctx, req, target.command("RequestReview", command)).await
     }
@@ -496,7 +408,7 @@ impl Identification {
         let mut v = Violations::new();
         let target = Target::parse(&mut v, &req.request_id, &req.case_id, None).finish(v)?;
         let command = Command::ErasePersonalData {
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_case(ctx, req, target.command("ErasePersonalData", command))
             .await

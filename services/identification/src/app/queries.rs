@@ -6,18 +6,19 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
+use nrm_kernel::command::CallContext;
 use nrm_kernel::error::{AppError, FieldViolation, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::seal::DataKey;
+use nrm_kernel::validate::{self, to_datetime};
 use nrm_proto::common::v1 as common;
 use nrm_proto::identification::v1 as pb;
-use prost_types::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{CASE_READERS, CallContext, Identification};
+use super::{CASE_READERS, Identification};
 use crate::domain::Case;
 
 /// Default and largest page sizes (AIP-158).
@@ -33,10 +34,6 @@ struct PageToken {
     id: Uuid,
     /// Hash of the filters the token was made for.
     f: String,
-}
-
-fn to_datetime(t: &Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
 }
 
 impl Identification {
@@ -322,7 +319,7 @@ impl Identification {
                 case_id: case_id.to_string(),
                 status: row.get("status"),
                 reporting_agency: row.get("reporting_agency"),
-                reported_at: Some(crate::domain::parse::timestamp(reported_at)),
+                reported_at: Some(validate::timestamp(reported_at)),
                 exploitation_forms: row.get("exploitation_forms"),
                 child: row.get("child"),
                 citizenship: row.get("citizenship"),

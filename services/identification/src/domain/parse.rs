@@ -4,9 +4,9 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use nrm_kernel::error::{FieldViolation, Violations};
+use nrm_kernel::validate::{enum_list, enum_value, request_id, required_enum, timestamp, to_datetime};
 use nrm_proto::common::v1 as common;
 use nrm_proto::identification::v1 as pb;
-use prost_types::Timestamp;
 
 /// ISO 3166-1 alpha-2 codes.
 const COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ \
@@ -16,29 +16,6 @@ KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF
 NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW \
 SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ \
 UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
-
-/// Most characters of a request ID.
-const MAX_REQUEST_ID: usize = 128;
-
-/// A client request ID: 1–128 printable ASCII characters.
-///
-/// # Errors
-/// A violation of `request_id`.
-pub fn request_id(text: &str) -> Result<String, FieldViolation> {
-    if text.is_empty() {
-        return Err(FieldViolation::new(
-            "request_id",
-            "is required: a client-chosen ID (a UUID is best) that makes retries safe",
-        ));
-    }
-    if text.len() > MAX_REQUEST_ID || !text.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(FieldViolation::new(
-            "request_id",
-            "must be 1-128 printable ASCII characters",
-        ));
-    }
-    Ok(text.to_owned())
-}
 
 /// An ISO 3166-1 alpha-2 country code, upper-cased.
 ///
@@ -55,43 +32,6 @@ pub fn country(field: &str, code: &str) -> Result<String, FieldViolation> {
         ))
     } else {
         Err(FieldViolation::new(field, "must be an ISO 3166-1 alpha-2 country code"))
-    }
-}
-
-/// A value of a protobuf enum, not `UNSPECIFIED` unless allowed.
-fn enum_value<E: TryFrom<i32>>(field: &str, value: i32, allow_unspecified: bool) -> Result<i32, FieldViolation> {
-    if value == 0 && !allow_unspecified {
-        return Err(FieldViolation::new(field, "is required"));
-    }
-    if value != 0 && E::try_from(value).is_err() {
-        return Err(FieldViolation::new(field, "is not a known value"));
-    }
-    Ok(value)
-}
-
-/// A list of enum values: each known and specified, none repeated.
-fn enum_list<E: TryFrom<i32>>(field: &str, values: &[i32], v: &mut Violations) -> Vec<i32> {
-    let mut out: Vec<i32> = Vec::with_capacity(values.len());
-    for (i, value) in values.iter().enumerate() {
-        match enum_value::<E>(&format!("{field}[{i}]"), *value, false) {
-            Ok(value) if out.contains(&value) => v.add(format!("{field}[{i}]"), "is repeated"),
-            Ok(value) => out.push(value),
-            Err(violation) => v.push(violation),
-        }
-    }
-    out
-}
-
-fn to_datetime(t: &Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-}
-
-/// The time as a protobuf timestamp.
-#[must_use]
-pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
     }
 }
 
@@ -273,21 +213,6 @@ pub fn report(req: &pb::ReportPresumedVictimRequest, now: DateTime<Utc>) -> Resu
     })
 }
 
-/// The expected version of a command on an existing case.
-///
-/// # Errors
-/// A violation of `expected_version`.
-pub fn expected_version(version: u64) -> Result<u64, FieldViolation> {
-    if version == 0 {
-        Err(FieldViolation::new(
-            "expected_version",
-            "is required: the case version you read (at least 1)",
-        ))
-    } else {
-        Ok(version)
-    }
-}
-
 /// Validated screening indicators.
 ///
 /// # Errors
@@ -303,8 +228,7 @@ pub fn indicators(values: &[i32], v: &mut Violations) -> Vec<i32> {
 /// has no reason, or non-punishment is set without identification.
 pub fn decision(req: &pb::DecideIdentificationRequest, v: &mut Violations) -> (pb::Decision, pb::NotIdentifiedReason) {
     let decision = v
-        .check(enum_value::<pb::Decision>("decision", req.decision, false))
-        .and_then(|d| pb::Decision::try_from(d).ok())
+        .check(required_enum::<pb::Decision>("decision", req.decision))
         .unwrap_or(pb::Decision::Unspecified);
     let reason = v
         .check(enum_value::<pb::NotIdentifiedReason>("reason", req.reason, true))
@@ -324,8 +248,7 @@ pub fn decision(req: &pb::DecideIdentificationRequest, v: &mut Violations) -> (p
 /// # Errors
 /// A violation of `reason`.
 pub fn review_reason(value: i32) -> Result<pb::ReviewReason, FieldViolation> {
-    enum_value::<pb::ReviewReason>("reason", value, false)
-        .and_then(|r| pb::ReviewReason::try_from(r).map_err(|_| FieldViolation::new("reason", "is not a known value")))
+    required_enum::<pb::ReviewReason>("reason", value)
 }
 
 #[cfg(test)]

@@ -4,16 +4,18 @@
 
 use chrono::Utc;
 use nrm_kernel::audit;
+use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::AppError;
-use nrm_kernel::ids::ReferralId;
+use nrm_kernel::ids::{ConsentId, ReferralId};
+use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use uuid::Uuid;
 
-use super::{CallContext, REFERRERS, Referrals, fingerprint, rejected, replayed, retry_on_conflict, to_new_events};
+use super::{REFERRERS, Referrals, rejected, retry_on_conflict, to_new_events};
 use crate::domain::consent::{self, Command, Consent};
+use crate::domain::parse;
 use crate::domain::referral as referral_domain;
-use crate::domain::{ConsentId, parse};
 
 /// Reason code of referrals cancelled by a withdrawn consent.
 pub const CONSENT_WITHDRAWN: &str = "CONSENT_WITHDRAWN";
@@ -41,8 +43,8 @@ impl Referrals {
         ctx.caller.require("record a consent", REFERRERS)?;
         let valid = parse::record_consent(req, Utc::now())?;
         let key = ctx.request_key(&valid.request_id);
-        let fp = fingerprint("RecordConsent", req);
-        if let Some(mut previous) = self.replay::<pb::RecordConsentResponse>(&key, &fp).await? {
+        let fp = command::fingerprint("RecordConsent", req);
+        if let Some(mut previous) = command::replay::<pb::RecordConsentResponse>(&self.store, &key, &fp).await? {
             if let Some(r) = previous.result.as_mut() {
                 r.replayed = true;
             }
@@ -87,14 +89,9 @@ impl Referrals {
         .await?;
         let response = pb::RecordConsentResponse {
             consent_id: consent_id.to_string(),
-            result: Some(CommandResult {
-                aggregate_id: consent_id.to_string(),
-                version: appended.version,
-                event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
-                replayed: false,
-            }),
+            result: Some(command::result(consent_id, &appended)),
         };
-        self.finish(uow, &key, &fp, response).await
+        command::finish(&self.store, uow, &key, &fp, response).await
     }
 
     /// Withdraws a consent and cancels every open referral under it, in one transaction.
@@ -110,16 +107,16 @@ impl Referrals {
         ctx.caller.require("withdraw a consent", REFERRERS)?;
         let valid = parse::withdraw_consent(req)?;
         let key = ctx.request_key(&valid.request_id);
-        let fp = fingerprint("WithdrawConsent", req);
-        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
-            return Ok(replayed(previous));
+        let fp = command::fingerprint("WithdrawConsent", req);
+        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+            return Ok(command::replayed(previous));
         }
         let result = retry_on_conflict(|| self.withdraw_once(ctx, &key, &fp, valid.consent_id)).await;
         match result {
             // A twin of this request may have withdrawn first: answer as it did.
             Err(AppError::FailedPrecondition { .. }) | Err(AppError::Conflict { .. }) => {
-                match self.replay::<CommandResult>(&key, &fp).await? {
-                    Some(previous) => Ok(replayed(previous)),
+                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+                    Some(previous) => Ok(command::replayed(previous)),
                     None => result,
                 }
             }
@@ -135,7 +132,7 @@ impl Referrals {
         consent_id: ConsentId,
     ) -> Result<CommandResult, AppError> {
         let state = self.load_consent(consent_id).await?;
-        let now = parse::timestamp(Utc::now());
+        let now = validate::timestamp(Utc::now());
         let events =
             consent::decide(&state, &Command::Withdraw { now }).map_err(rejected(consent::NAME, consent_id))?;
         let metadata = ctx.metadata();
@@ -193,7 +190,7 @@ impl Referrals {
             event_ids,
             replayed: false,
         };
-        self.finish(uow, key, fp, response).await
+        command::finish(&self.store, uow, key, fp, response).await
     }
 
     /// Whether the consent is still active inside `uow`, locking its row

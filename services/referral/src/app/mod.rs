@@ -15,16 +15,16 @@ pub mod plans;
 pub mod queries;
 pub mod referrals;
 
-use nrm_kernel::auth::{Caller, Role};
+use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
+use nrm_kernel::command;
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::PersonId;
-use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
+use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, UnitOfWork};
 use nrm_kernel::telemetry;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost::Message;
-use sha2::{Digest, Sha256};
 use sqlx::Row as _;
 use uuid::Uuid;
 
@@ -59,36 +59,6 @@ pub struct Policy {
     pub deadlines: Deadlines,
     /// Refer persons found not identified too.
     pub allow_not_identified: bool,
-}
-
-/// Who calls, and the call's correlation.
-#[derive(Debug, Clone)]
-pub struct CallContext {
-    /// The verified caller.
-    pub caller: Caller,
-    /// From `x-correlation-id` metadata, or new.
-    pub correlation_id: Uuid,
-}
-
-impl CallContext {
-    fn metadata(&self) -> EventMetadata {
-        let (traceparent, tracestate) = telemetry::current_trace_context();
-        EventMetadata {
-            correlation_id: self.correlation_id,
-            causation_id: Uuid::now_v7(),
-            actor: self.caller.actor.clone(),
-            traceparent,
-            tracestate,
-        }
-    }
-
-    fn request_key(&self, request_id: &str) -> String {
-        format!("{}:{request_id}", self.caller.actor.agency)
-    }
-
-    fn agency(&self) -> &str {
-        &self.caller.actor.agency
-    }
 }
 
 /// Metadata of events the service appends on its own (timers, reactions):
@@ -126,25 +96,10 @@ fn rejected(kind: &'static str, id: impl ToString) -> impl FnOnce(DomainError) -
     }
 }
 
-fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
-    let mut hash = Sha256::new();
-    hash.update(method.as_bytes());
-    hash.update(request.encode_to_vec());
-    hash.finalize().to_vec()
-}
-
 fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
-    events
-        .iter()
-        .map(|event| NewEvent {
-            event_type: domain::event_type(event).to_owned(),
-            schema_version: 1,
-            payload: pb::ReferralEvent {
-                event: Some(event.clone()),
-            }
-            .encode_to_vec(),
-        })
-        .collect()
+    command::new_events(events, domain::event_type, |event| pb::ReferralEvent {
+        event: Some(event.clone()),
+    })
 }
 
 /// Decodes a stored or published payload.
@@ -220,42 +175,6 @@ impl Referrals {
             child: r.get("child"),
         }))
     }
-
-    /// The first answer to a request, if it ran before.
-    async fn replay<R: Message + Default>(&self, key: &str, fingerprint: &[u8]) -> Result<Option<R>, AppError> {
-        let Some(stored) = self.store.find_command(key).await? else {
-            return Ok(None);
-        };
-        if stored.fingerprint != fingerprint {
-            return Err(AppError::RequestIdReused);
-        }
-        R::decode(stored.response.as_slice())
-            .map(Some)
-            .map_err(|e| AppError::Internal(format!("stored response does not decode: {e}")))
-    }
-
-    /// Records the answer and commits; a concurrent twin that won returns its answer.
-    async fn finish<R: Message + Default>(
-        &self,
-        mut uow: UnitOfWork,
-        key: &str,
-        fingerprint: &[u8],
-        response: R,
-    ) -> Result<R, AppError> {
-        match uow.record_command(key, fingerprint, &response.encode_to_vec()).await {
-            Ok(()) => {
-                uow.commit().await?;
-                Ok(response)
-            }
-            Err(StoreError::DuplicateRequest) => {
-                drop(uow);
-                self.replay(key, fingerprint)
-                    .await?
-                    .ok_or_else(|| AppError::Internal("twin request vanished".into()))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
 }
 
 /// Runs `attempt` again (up to three times) when it lost a race for a stream
@@ -273,10 +192,4 @@ where
             other => return other,
         }
     }
-}
-
-/// Sets `replayed` on a stored answer.
-fn replayed(mut result: nrm_proto::common::v1::CommandResult) -> nrm_proto::common::v1::CommandResult {
-    result.replayed = true;
-    result
 }

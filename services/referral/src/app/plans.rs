@@ -4,16 +4,18 @@
 
 use chrono::Utc;
 use nrm_kernel::audit;
+use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::AppError;
-use nrm_kernel::ids::PersonId;
+use nrm_kernel::ids::{GoalId, PersonId};
+use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use prost::Message;
 
-use super::{CallContext, PLANNERS, Referrals, fingerprint, rejected, replayed, retry_on_conflict, to_new_events};
+use super::{PLANNERS, Referrals, rejected, retry_on_conflict, to_new_events};
+use crate::domain::DomainError;
 use crate::domain::parse;
 use crate::domain::plan::{self, Command, Plan};
-use crate::domain::{DomainError, GoalId};
 
 impl Referrals {
     /// The person's plan folded from its events.
@@ -47,13 +49,8 @@ impl Referrals {
             )
             .await?;
         audit::record(uow.conn(), &ctx.caller.actor, method, &person_id.to_string(), "command").await?;
-        let response = CommandResult {
-            aggregate_id: person_id.to_string(),
-            version: appended.version,
-            event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
-            replayed: false,
-        };
-        self.finish(uow, key, fp, response).await
+        let response = command::result(person_id, &appended);
+        command::finish(&self.store, uow, key, fp, response).await
     }
 
     /// Replays a stored answer, or runs the command (again on a lost race).
@@ -67,16 +64,16 @@ impl Referrals {
         command: Command,
     ) -> Result<CommandResult, AppError> {
         let key = ctx.request_key(request_id);
-        let fp = fingerprint(method, request);
-        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
-            return Ok(replayed(previous));
+        let fp = command::fingerprint(method, request);
+        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+            return Ok(command::replayed(previous));
         }
         let result = retry_on_conflict(|| self.on_plan_once(ctx, &key, &fp, method, person_id, &command)).await;
         match result {
             // A twin of this request may have acted first: answer as it did.
             Err(AppError::FailedPrecondition { .. } | AppError::Conflict { .. }) => {
-                match self.replay::<CommandResult>(&key, &fp).await? {
-                    Some(previous) => Ok(replayed(previous)),
+                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+                    Some(previous) => Ok(command::replayed(previous)),
                     None => result,
                 }
             }
@@ -97,8 +94,8 @@ impl Referrals {
         ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
         let (target, (kind, due_at)) = parse::add_goal(req, Utc::now())?;
         let key = ctx.request_key(&target.request_id);
-        let fp = fingerprint("AddPlanGoal", req);
-        if let Some(mut previous) = self.replay::<pb::AddPlanGoalResponse>(&key, &fp).await? {
+        let fp = command::fingerprint("AddPlanGoal", req);
+        if let Some(mut previous) = command::replay::<pb::AddPlanGoalResponse>(&self.store, &key, &fp).await? {
             if let Some(r) = previous.result.as_mut() {
                 r.replayed = true;
             }
@@ -136,14 +133,9 @@ impl Referrals {
             .await?;
             let response = pb::AddPlanGoalResponse {
                 goal_id: goal_id.to_string(),
-                result: Some(CommandResult {
-                    aggregate_id: target.person_id.to_string(),
-                    version: appended.version,
-                    event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
-                    replayed: false,
-                }),
+                result: Some(command::result(target.person_id, &appended)),
             };
-            self.finish(uow, &key, &fp, response).await
+            command::finish(&self.store, uow, &key, &fp, response).await
         })
         .await
     }
@@ -190,7 +182,7 @@ impl Referrals {
         let command = Command::MarkGoalMet {
             person_id: target.person_id.to_string(),
             goal_id: goal_id.to_string(),
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_plan(ctx, req, "MarkGoalMet", &target.request_id, target.person_id, command)
             .await
@@ -222,7 +214,7 @@ impl Referrals {
                         .follow_ups
                         .iter()
                         .map(|(at, code)| {
-                            let at = parse::to_datetime(at)
+                            let at = validate::to_datetime(at)
                                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                                 .unwrap_or_default();
                             format!("{at} {code}")

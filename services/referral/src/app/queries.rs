@@ -5,6 +5,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use nrm_kernel::auth::Role;
+use nrm_kernel::command::CallContext;
 use nrm_kernel::error::{AppError, FieldViolation, Violations};
 use nrm_kernel::ids::ReferralId;
 use nrm_proto::referral::v1 as pb;
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{CallContext, Referrals};
+use super::Referrals;
 use crate::domain::referral::Referral;
 
 /// Default and largest page sizes (AIP-158).

@@ -6,21 +6,20 @@
 
 use chrono::Utc;
 use nrm_kernel::audit;
+use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::AppError;
-use nrm_kernel::ids::ReferralId;
+use nrm_kernel::ids::{ConsentId, ReferralId};
 use nrm_kernel::store::{EventMetadata, UnitOfWork};
-use nrm_kernel::timers;
+use nrm_kernel::{timers, validate};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost::Message;
 
-use super::{
-    ANSWER_DUE, CallContext, REFERRERS, Referrals, fingerprint, rejected, replayed, system_metadata, to_new_events,
-};
+use super::{ANSWER_DUE, REFERRERS, Referrals, rejected, system_metadata, to_new_events};
 use crate::domain::parse::{self, Target};
 use crate::domain::referral::{self, Command, Referral};
-use crate::domain::{ConsentGap, ConsentId, DomainError};
+use crate::domain::{ConsentGap, DomainError};
 
 /// A validated command on an existing referral.
 struct Call {
@@ -84,7 +83,7 @@ impl Referrals {
         let deadline_set = events
             .iter()
             .any(|e| matches!(e, Event::ReferralCreated(_) | Event::ReferralRedirected(_)));
-        let due = after.answer_due_at.as_ref().and_then(parse::to_datetime);
+        let due = after.answer_due_at.as_ref().and_then(validate::to_datetime);
         match due {
             Some(due) if deadline_set && after.status.awaits_answer() => {
                 timers::schedule(uow.conn(), ANSWER_DUE, &referral_id.to_string(), due, &[]).await?;
@@ -111,8 +110,8 @@ impl Referrals {
         ctx.caller.require("make a referral", REFERRERS)?;
         let valid = parse::create_referral(req, Utc::now())?;
         let key = ctx.request_key(&valid.request_id);
-        let fp = fingerprint("CreateReferral", req);
-        if let Some(mut previous) = self.replay::<pb::CreateReferralResponse>(&key, &fp).await? {
+        let fp = command::fingerprint("CreateReferral", req);
+        if let Some(mut previous) = command::replay::<pb::CreateReferralResponse>(&self.store, &key, &fp).await? {
             if let Some(r) = previous.result.as_mut() {
                 r.replayed = true;
             }
@@ -161,7 +160,7 @@ impl Referrals {
                 replayed: false,
             }),
         };
-        self.finish(uow, &key, &fp, response).await
+        command::finish(&self.store, uow, &key, &fp, response).await
     }
 
     /// Runs a command on an existing referral, or answers as its first run did.
@@ -172,15 +171,15 @@ impl Referrals {
         call: Call,
     ) -> Result<CommandResult, AppError> {
         let key = ctx.request_key(&call.target.request_id);
-        let fp = fingerprint(call.method, request);
-        if let Some(previous) = self.replay::<CommandResult>(&key, &fp).await? {
-            return Ok(replayed(previous));
+        let fp = command::fingerprint(call.method, request);
+        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+            return Ok(command::replayed(previous));
         }
         match self.on_referral_once(ctx, &key, &fp, call).await {
             // A twin of this request may have moved the referral on first: answer as it did.
             Err(err @ (AppError::Conflict { .. } | AppError::FailedPrecondition { .. })) => {
-                match self.replay::<CommandResult>(&key, &fp).await? {
-                    Some(previous) => Ok(replayed(previous)),
+                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+                    Some(previous) => Ok(command::replayed(previous)),
                     None => Err(err),
                 }
             }
@@ -242,7 +241,7 @@ impl Referrals {
             event_ids,
             replayed: false,
         };
-        self.finish(uow, key, fp, response).await
+        command::finish(&self.store, uow, key, fp, response).await
     }
 
     /// The receiver accepts.
@@ -255,7 +254,7 @@ impl Referrals {
         let target = parse::accept(req)?;
         let command = Command::Accept {
             agency: ctx.agency().to_owned(),
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_referral(
             ctx,
@@ -285,7 +284,7 @@ impl Referrals {
         let command = Command::Decline {
             agency: ctx.agency().to_owned(),
             reason,
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_referral(
             ctx,
@@ -318,7 +317,7 @@ impl Referrals {
             receiving_agency,
             consent_id: consent_id.to_string(),
             consent: Box::new(consent),
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
             deadlines: self.policy.deadlines,
         };
         self.on_referral(
@@ -376,7 +375,7 @@ impl Referrals {
         let command = Command::Close {
             agency: ctx.agency().to_owned(),
             outcome,
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         self.on_referral(
             ctx,
@@ -400,7 +399,7 @@ impl Referrals {
     pub async fn answer_due(&self, uow: &mut UnitOfWork, referral_id: ReferralId) -> Result<bool, AppError> {
         let state = Self::fold_in(uow, &referral::stream_id(referral_id), referral::evolve).await?;
         let command = Command::MarkOverdue {
-            now: parse::timestamp(Utc::now()),
+            now: validate::timestamp(Utc::now()),
         };
         let events = match referral::decide(&state, &command) {
             Ok(events) => events,

@@ -2,11 +2,12 @@
 //! best-interests decision's) consent to share with one recipient agency for
 //! named purposes, until it expires or is withdrawn.
 
+use nrm_kernel::ids::ConsentId;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost_types::Timestamp;
 
-use super::{ConsentGap, ConsentId, DomainError, compare};
+use super::{ConsentGap, DomainError, compare};
 
 /// Stable name of the aggregate, used in stream IDs and subjects.
 pub const NAME: &str = "consent";

@@ -7,7 +7,7 @@
 //! and what is known about the person arrive in the command.
 //!
 //! # Layout
-//! - this module: typed IDs of this context, the domain error, event names, time helpers.
+//! - this module: the domain error, event names, time helpers.
 //! - [`consent`]: a person's purpose-bound consent to share with one agency.
 //! - [`referral`]: a referral from one agency to another, its answer and its services.
 //! - [`plan`]: the individual rehabilitation plan of a person.
@@ -18,84 +18,11 @@ pub mod parse;
 pub mod plan;
 pub mod referral;
 
-use std::cmp::Ordering;
-use std::fmt;
-use std::str::FromStr;
-
-use nrm_kernel::error::FieldViolation;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost_types::Timestamp;
-use uuid::Uuid;
-
-/// Declares a typed UUIDv7 identifier of this context (the kernel's registry
-/// holds the kinds shared between contexts).
-macro_rules! typed_id {
-    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Uuid);
-
-        impl $name {
-            /// The kind's name, used in stream IDs and messages.
-            pub const KIND: &'static str = $kind;
-
-            /// A new, time-ordered ID.
-            #[must_use]
-            pub fn new() -> Self {
-                Self(Uuid::now_v7())
-            }
-
-            /// Wraps an existing UUID (from storage).
-            #[must_use]
-            pub const fn from_uuid(id: Uuid) -> Self {
-                Self(id)
-            }
-
-            /// The UUID inside.
-            #[must_use]
-            pub const fn as_uuid(&self) -> Uuid {
-                self.0
-            }
-
-            /// Parses a request field; names the field when it is not a UUID.
-            ///
-            /// # Errors
-            /// A [`FieldViolation`] on `field` when the text is empty or not a UUID.
-            pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
-                if text.trim().is_empty() {
-                    return Err(FieldViolation::new(field, "is required"));
-                }
-                Uuid::from_str(text.trim())
-                    .map(Self)
-                    .map_err(|_| FieldViolation::new(field, concat!("must be a ", $kind, " ID (a UUID)")))
-            }
-        }
-
-        impl Default for $name {
-            fn default() -> Self {
-                Self::new()
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.0.fmt(f)
-            }
-        }
-    };
-}
-
-typed_id!(
-    /// A recorded consent.
-    ConsentId,
-    "consent"
-);
-typed_id!(
-    /// A goal of a rehabilitation plan.
-    GoalId,
-    "goal"
-);
+use std::cmp::Ordering;
+use std::fmt;
 
 /// Why a consent does not let a referral go to an agency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,52 +4,16 @@
 
 use chrono::{DateTime, Utc};
 use nrm_kernel::error::{AppError, FieldViolation, Violations};
-use nrm_kernel::ids::{CaseId, PersonId, ReferralId};
+use nrm_kernel::ids::{CaseId, ConsentId, GoalId, PersonId, ReferralId};
+use nrm_kernel::validate::{self, enum_list, enum_value, request_id, required_enum, timestamp, to_datetime};
 use nrm_proto::referral::v1 as pb;
 use nrm_proto::shelter::v1 as shelter;
 use prost_types::Timestamp;
 
-use super::{ConsentId, GoalId};
+use super::referral;
 
-/// Most characters of a request ID.
-const MAX_REQUEST_ID: usize = 128;
 /// Tolerated clock skew of a caller's "when it happened" times.
 const SKEW_SECONDS: i64 = 300;
-
-/// A client request ID: 1–128 printable ASCII characters.
-///
-/// # Errors
-/// A violation of `request_id`.
-pub fn request_id(text: &str) -> Result<String, FieldViolation> {
-    if text.is_empty() {
-        return Err(FieldViolation::new(
-            "request_id",
-            "is required: a client-chosen ID (a UUID is best) that makes retries safe",
-        ));
-    }
-    if text.len() > MAX_REQUEST_ID || !text.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(FieldViolation::new(
-            "request_id",
-            "must be 1-128 printable ASCII characters",
-        ));
-    }
-    Ok(text.to_owned())
-}
-
-/// The expected version of a command on an existing referral.
-///
-/// # Errors
-/// A violation of `expected_version`.
-pub fn expected_version(version: u64) -> Result<u64, FieldViolation> {
-    if version == 0 {
-        Err(FieldViolation::new(
-            "expected_version",
-            "is required: the referral version you read (at least 1)",
-        ))
-    } else {
-        Ok(version)
-    }
-}
 
 /// An agency code as in tokens (`kg-msd`): 1–64 letters, digits, `-`, `_` or `.`.
 ///
@@ -72,57 +36,12 @@ pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
     Ok(text.to_owned())
 }
 
-/// A value of a protobuf enum, not `UNSPECIFIED` unless allowed.
-fn enum_value<E: TryFrom<i32>>(field: &str, value: i32, allow_unspecified: bool) -> Result<i32, FieldViolation> {
-    if value == 0 && !allow_unspecified {
-        return Err(FieldViolation::new(field, "is required"));
-    }
-    if value != 0 && E::try_from(value).is_err() {
-        return Err(FieldViolation::new(field, "is not a known value"));
-    }
-    Ok(value)
-}
-
-/// A required value of a protobuf enum, as the enum.
-fn required_enum<E: TryFrom<i32>>(field: &str, value: i32, v: &mut Violations) -> Option<E> {
-    v.check(enum_value::<E>(field, value, false))
-        .and_then(|value| E::try_from(value).ok())
-}
-
-/// A list of enum values: each known and specified, none repeated.
-fn enum_list<E: TryFrom<i32>>(field: &str, values: &[i32], v: &mut Violations) -> Vec<i32> {
-    let mut out: Vec<i32> = Vec::with_capacity(values.len());
-    for (i, value) in values.iter().enumerate() {
-        match enum_value::<E>(&format!("{field}[{i}]"), *value, false) {
-            Ok(value) if out.contains(&value) => v.add(format!("{field}[{i}]"), "is repeated"),
-            Ok(value) => out.push(value),
-            Err(violation) => v.push(violation),
-        }
-    }
-    out
-}
-
 /// A non-empty list of services.
 fn services(field: &str, values: &[i32], v: &mut Violations) -> Vec<i32> {
     if values.is_empty() {
         v.add(field, "is required: at least one service");
     }
     enum_list::<pb::ServiceKind>(field, values, v)
-}
-
-/// The time as a `DateTime`, if it is one.
-#[must_use]
-pub fn to_datetime(t: &Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-}
-
-/// The time as a protobuf timestamp.
-#[must_use]
-pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
 }
 
 /// A required time that has passed ("when it happened").
@@ -165,16 +84,9 @@ fn future_time(field: &str, t: Option<&Timestamp>, now: DateTime<Utc>, v: &mut V
 /// # Errors
 /// A violation of `field`.
 pub fn region(field: &str, text: &str) -> Result<String, FieldViolation> {
-    let upper = text.trim().to_ascii_uppercase();
-    let valid = upper.split_once('-').is_some_and(|(country, sub)| {
-        country.len() == 2
-            && country.chars().all(|c| c.is_ascii_uppercase())
-            && (1..=3).contains(&sub.len())
-            && sub.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
-    });
-    if valid {
-        Ok(upper)
-    } else if upper.is_empty() {
+    if let Some(code) = validate::region_code(text) {
+        Ok(code)
+    } else if text.trim().is_empty() {
         Err(FieldViolation::new(
             field,
             "is required: an ISO 3166-2 region code such as KG-O",
@@ -384,7 +296,7 @@ impl Target {
     pub fn parse(v: &mut Violations, request_id_text: &str, referral_id: &str, expected: u64) -> Option<Self> {
         let request_id = v.check(request_id(request_id_text));
         let referral_id = v.check(ReferralId::parse("referral_id", referral_id));
-        let expected_version = v.check(expected_version(expected));
+        let expected_version = v.check(validate::expected_version(referral::NAME, expected));
         Some(Self {
             request_id: request_id?,
             referral_id: referral_id?,
@@ -421,7 +333,7 @@ pub fn accept(req: &pb::AcceptReferralRequest) -> Result<Target, AppError> {
 pub fn decline(req: &pb::DeclineReferralRequest) -> Result<(Target, pb::DeclineReason), AppError> {
     let mut v = Violations::new();
     let target = Target::parse(&mut v, &req.request_id, &req.referral_id, req.expected_version);
-    let reason = required_enum::<pb::DeclineReason>("reason", req.reason, &mut v);
+    let reason = v.check(required_enum::<pb::DeclineReason>("reason", req.reason));
     finish(v, target, reason)
 }
 
@@ -458,7 +370,7 @@ pub fn service_delivered(
 ) -> Result<(Target, Delivery), AppError> {
     let mut v = Violations::new();
     let target = Target::parse(&mut v, &req.request_id, &req.referral_id, req.expected_version);
-    let kind = required_enum::<pb::ServiceKind>("kind", req.kind, &mut v);
+    let kind = v.check(required_enum::<pb::ServiceKind>("kind", req.kind));
     let delivered_at = past_time("delivered_at", req.delivered_at.as_ref(), now, &mut v);
     let provider = v.check(provider("provider", &req.provider));
     let delivery = match (kind, delivered_at, provider) {
@@ -479,7 +391,7 @@ pub fn service_delivered(
 pub fn close(req: &pb::CloseReferralRequest) -> Result<(Target, pb::ReferralOutcome), AppError> {
     let mut v = Violations::new();
     let target = Target::parse(&mut v, &req.request_id, &req.referral_id, req.expected_version);
-    let outcome = required_enum::<pb::ReferralOutcome>("outcome", req.outcome, &mut v);
+    let outcome = v.check(required_enum::<pb::ReferralOutcome>("outcome", req.outcome));
     finish(v, target, outcome)
 }
 
@@ -518,7 +430,7 @@ pub fn add_goal(
 ) -> Result<(PlanTarget, (pb::GoalKind, Option<Timestamp>)), AppError> {
     let mut v = Violations::new();
     let target = plan_target(&mut v, &req.request_id, &req.person_id);
-    let kind = required_enum::<pb::GoalKind>("kind", req.kind, &mut v);
+    let kind = v.check(required_enum::<pb::GoalKind>("kind", req.kind));
     let due_at = future_time("due_at", req.due_at.as_ref(), now, &mut v);
     finish_plan(v, target, kind.map(|k| (k, due_at)))
 }

@@ -19,23 +19,22 @@ pub mod queries;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use nrm_kernel::auth::{Caller, Role};
+use chrono::Utc;
+use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
+use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::{AppError, Violations};
-use nrm_kernel::ids::{ReferralId, ShelterId};
+use nrm_kernel::ids::{HoldId, ReferralId, ShelterId};
 use nrm_kernel::seal::{DataKey, MasterKey};
 use nrm_kernel::store::{Actor, Appended, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
-use nrm_kernel::{audit, telemetry, timers};
+use nrm_kernel::{audit, timers, validate};
 use nrm_proto::common::v1::{CommandResult, PersonalIdentifiers};
 use nrm_proto::shelter::v1 as pb;
 use pb::shelter_event::Event;
 use prost::Message;
 use rand::Rng as _;
-use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
-use crate::domain::{self, Command, DomainError, HoldId, Shelter, parse};
+use crate::domain::{self, Command, DomainError, Shelter, parse};
 
 /// Full protobuf name of the events this service publishes.
 pub const PAYLOAD_TYPE: &str = "nrm.shelter.v1.ShelterEvent";
@@ -61,32 +60,6 @@ pub const HOLDERS: &[Role] = &[
 /// How many times a command on the current version is decided again after
 /// another writer appended first.
 const MAX_ATTEMPTS: u32 = 20;
-
-/// Who calls, and the call's correlation.
-#[derive(Debug, Clone)]
-pub struct CallContext {
-    /// The verified caller.
-    pub caller: Caller,
-    /// From `x-correlation-id` metadata, or new.
-    pub correlation_id: Uuid,
-}
-
-impl CallContext {
-    fn metadata(&self) -> EventMetadata {
-        let (traceparent, tracestate) = telemetry::current_trace_context();
-        EventMetadata {
-            correlation_id: self.correlation_id,
-            causation_id: Uuid::now_v7(),
-            actor: self.caller.actor.clone(),
-            traceparent,
-            tracestate,
-        }
-    }
-
-    fn request_key(&self, request_id: &str) -> String {
-        format!("{}:{request_id}", self.caller.actor.agency)
-    }
-}
 
 /// The actor of what the service does by itself (timers, reactions).
 #[must_use]
@@ -116,6 +89,12 @@ trait Answer: Message + Default {
     fn answer(events: &[Event], result: CommandResult) -> Self;
     /// Marks the answer as the replay of the first one.
     fn mark_replayed(&mut self);
+}
+
+/// An answer marked as the replay of the first one.
+fn replayed<R: Answer>(mut answer: R) -> R {
+    answer.mark_replayed();
+    answer
 }
 
 impl Answer for CommandResult {
@@ -185,30 +164,11 @@ pub struct Shelters {
     hold_minutes_default: u32,
 }
 
-fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
-    let mut hash = Sha256::new();
-    hash.update(method.as_bytes());
-    hash.update(request.encode_to_vec());
-    hash.finalize().to_vec()
-}
-
-fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
-    events
-        .iter()
-        .map(|event| NewEvent {
-            event_type: domain::event_type(event).to_owned(),
-            schema_version: 1,
-            payload: pb::ShelterEvent {
-                event: Some(event.clone()),
-            }
-            .encode_to_vec(),
-        })
-        .collect()
-}
-
-fn to_datetime(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    let t = t?;
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+/// The events to append, as the store takes them.
+pub(crate) fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
+    command::new_events(events, domain::event_type, |event| pb::ShelterEvent {
+        event: Some(event.clone()),
+    })
 }
 
 fn not_found(shelter_id: ShelterId) -> AppError {
@@ -221,7 +181,7 @@ fn not_found(shelter_id: ShelterId) -> AppError {
 /// Parses the fields every command on a shelter carries, recording violations.
 fn target(v: &mut Violations, request_id: &str, shelter_id: &str) -> (Option<String>, Option<ShelterId>) {
     (
-        v.check(parse::request_id(request_id)),
+        v.check(validate::request_id(request_id)),
         v.check(ShelterId::parse("shelter_id", shelter_id)),
     )
 }
@@ -301,7 +261,11 @@ impl Shelters {
         for event in events {
             match event {
                 Event::BedHeld(held) => {
-                    let due = to_datetime(held.expires_at.as_ref()).unwrap_or_else(Utc::now);
+                    let due = held
+                        .expires_at
+                        .as_ref()
+                        .and_then(validate::to_datetime)
+                        .unwrap_or_else(Utc::now);
                     timers::schedule(
                         uow.conn(),
                         HOLD_EXPIRY,
@@ -323,41 +287,9 @@ impl Shelters {
         Ok(appended)
     }
 
-    /// The first answer to a request, if it ran before.
+    /// The first answer to a request, if it ran before, marked as replayed.
     async fn replay<R: Answer>(&self, key: &str, fingerprint: &[u8]) -> Result<Option<R>, AppError> {
-        let Some(stored) = self.store.find_command(key).await? else {
-            return Ok(None);
-        };
-        if stored.fingerprint != fingerprint {
-            return Err(AppError::RequestIdReused);
-        }
-        let mut answer =
-            R::decode(stored.response.as_slice()).map_err(|e| AppError::Internal(format!("stored response: {e}")))?;
-        answer.mark_replayed();
-        Ok(Some(answer))
-    }
-
-    /// Records the answer and commits; a concurrent twin that won returns its answer.
-    async fn finish<R: Answer>(
-        &self,
-        mut uow: UnitOfWork,
-        key: &str,
-        fingerprint: &[u8],
-        response: R,
-    ) -> Result<R, AppError> {
-        match uow.record_command(key, fingerprint, &response.encode_to_vec()).await {
-            Ok(()) => {
-                uow.commit().await?;
-                Ok(response)
-            }
-            Err(StoreError::DuplicateRequest) => {
-                drop(uow);
-                self.replay(key, fingerprint)
-                    .await?
-                    .ok_or_else(|| AppError::Internal("twin request vanished".into()))
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(command::replay::<R>(&self.store, key, fingerprint).await?.map(replayed))
     }
 
     /// Registers a shelter; the caller's agency operates it. The address is
@@ -374,7 +306,7 @@ impl Shelters {
         ctx.caller.require("register a shelter", OPERATORS)?;
         let valid = parse::registration(req)?;
         let key = ctx.request_key(&valid.request_id);
-        let fp = fingerprint("RegisterShelter", req);
+        let fp = command::fingerprint("RegisterShelter", req);
         if let Some(previous) = self.replay(&key, &fp).await? {
             return Ok(previous);
         }
@@ -417,8 +349,8 @@ impl Shelters {
             "command",
         )
         .await?;
-        let response = pb::RegisterShelterResponse::answer(&events, result(shelter_id, &appended));
-        self.finish(uow, &key, &fp, response).await
+        let response = pb::RegisterShelterResponse::answer(&events, command::result(shelter_id, &appended));
+        command::finish_with(&self.store, uow, &key, &fp, response, replayed).await
     }
 
     /// Runs a command on an existing shelter, or answers as its first run did.
@@ -429,7 +361,7 @@ impl Shelters {
         call: ShelterCall,
     ) -> Result<R, AppError> {
         let key = ctx.request_key(&call.request_id);
-        let fp = fingerprint(call.method, request);
+        let fp = command::fingerprint(call.method, request);
         if let Some(previous) = self.replay::<R>(&key, &fp).await? {
             return Ok(previous);
         }
@@ -495,8 +427,8 @@ impl Shelters {
             "command",
         )
         .await?;
-        let response = R::answer(&events, result(shelter_id, &appended));
-        self.finish(uow, key, fp, response).await
+        let response = R::answer(&events, command::result(shelter_id, &appended));
+        command::finish_with(&self.store, uow, key, fp, response, replayed).await
     }
 
     /// Sets the beds of one category; never below the beds held or occupied.
@@ -513,7 +445,7 @@ impl Shelters {
         ctx.caller.require("change a shelter's capacity", OPERATORS)?;
         let mut v = Violations::new();
         let (request_id, shelter_id) = target(&mut v, &req.request_id, &req.shelter_id);
-        let expected_version = v.check(parse::expected_version(req.expected_version));
+        let expected_version = v.check(validate::expected_version(domain::NAME, req.expected_version));
         let category = v.check(parse::category("category", req.category));
         let beds = v.check(parse::beds("beds", req.beds));
         let call = v.finish(|| ShelterCall {
@@ -553,7 +485,7 @@ impl Shelters {
                 hold_id: HoldId::new(),
                 category: category.unwrap_or_default(),
                 referral_id: referral_id.unwrap_or_default(),
-                expires_at: parse::timestamp(expires_at),
+                expires_at: validate::timestamp(expires_at),
             },
         })?;
         self.on_shelter(ctx, req, call).await
@@ -588,7 +520,7 @@ impl Shelters {
     #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id, hold_id = %req.hold_id))]
     pub async fn admit(&self, ctx: &CallContext, req: &pb::AdmitRequest) -> Result<CommandResult, AppError> {
         ctx.caller.require("admit a person", OPERATORS)?;
-        let now = parse::timestamp(Utc::now());
+        let now = validate::timestamp(Utc::now());
         let mut call = Self::hold_call("Admit", &req.request_id, &req.shelter_id, &req.hold_id, |hold_id| {
             Command::Admit { hold_id, now }
         })?;
@@ -604,7 +536,7 @@ impl Shelters {
     #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id, hold_id = %req.hold_id))]
     pub async fn discharge(&self, ctx: &CallContext, req: &pb::DischargeRequest) -> Result<CommandResult, AppError> {
         ctx.caller.require("discharge a person", OPERATORS)?;
-        let now = parse::timestamp(Utc::now());
+        let now = validate::timestamp(Utc::now());
         let mut call = Self::hold_call("Discharge", &req.request_id, &req.shelter_id, &req.hold_id, |hold_id| {
             Command::Discharge { hold_id, now }
         })?;
@@ -631,14 +563,5 @@ impl Shelters {
             operator_only: false,
             command: command(hold_id.unwrap_or_default()),
         })
-    }
-}
-
-fn result(shelter_id: ShelterId, appended: &Appended) -> CommandResult {
-    CommandResult {
-        aggregate_id: shelter_id.to_string(),
-        version: appended.version,
-        event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
-        replayed: false,
     }
 }

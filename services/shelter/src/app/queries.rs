@@ -5,6 +5,7 @@
 
 use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
+use nrm_kernel::command::CallContext;
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::ShelterId;
 use nrm_kernel::seal::DataKey;
@@ -12,7 +13,7 @@ use nrm_proto::shelter::v1 as pb;
 use sqlx::{Postgres, QueryBuilder, Row as _};
 use uuid::Uuid;
 
-use super::{CallContext, Shelters, not_found};
+use super::{Shelters, not_found};
 use crate::domain::{Shelter, parse};
 
 impl Shelters {

@@ -19,15 +19,11 @@ pub mod parse;
 pub mod regions;
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
-use nrm_kernel::error::FieldViolation;
-use nrm_kernel::ids::{ReferralId, ShelterId};
+use nrm_kernel::ids::{HoldId, ReferralId, ShelterId};
 use nrm_proto::shelter::v1 as pb;
 use pb::shelter_event::Event;
 use prost_types::Timestamp;
-use uuid::Uuid;
 
 /// Stable name of the aggregate, used in stream IDs and subjects.
 pub const NAME: &str = "shelter";
@@ -44,50 +40,6 @@ pub fn stream_id(shelter_id: ShelterId) -> String {
 #[must_use]
 pub fn placement_stream_id(referral_id: ReferralId) -> String {
     format!("{PLACEMENT}-{referral_id}")
-}
-
-/// A bed hold. (Not in the kernel's registry of kinds: holds never leave the
-/// shelter context except as text on its events.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HoldId(Uuid);
-
-impl HoldId {
-    /// A new, time-ordered ID.
-    #[must_use]
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// The UUID inside.
-    #[must_use]
-    pub const fn as_uuid(&self) -> Uuid {
-        self.0
-    }
-
-    /// Parses a request field; names the field when it is not a UUID.
-    ///
-    /// # Errors
-    /// A [`FieldViolation`] on `field` when the text is empty or not a UUID.
-    pub fn parse(field: &str, text: &str) -> Result<Self, FieldViolation> {
-        if text.trim().is_empty() {
-            return Err(FieldViolation::new(field, "is required"));
-        }
-        Uuid::from_str(text.trim())
-            .map(Self)
-            .map_err(|_| FieldViolation::new(field, "must be a hold ID (a UUID)"))
-    }
-}
-
-impl Default for HoldId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Display for HoldId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
 }
 
 /// Where a hold stands.

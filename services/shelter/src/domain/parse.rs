@@ -2,13 +2,10 @@
 //! every offending field named. Descriptions say what a valid value looks
 //! like and never repeat the value sent (an address is personal-safety data).
 
-use chrono::{DateTime, Utc};
 use nrm_kernel::error::{AppError, FieldViolation, Violations};
+use nrm_kernel::validate;
 use nrm_proto::shelter::v1 as pb;
-use prost_types::Timestamp;
 
-/// Most characters of a request ID.
-const MAX_REQUEST_ID: usize = 128;
 /// Most characters of a shelter code.
 const MAX_CODE: usize = 32;
 /// Most characters of an address.
@@ -18,42 +15,15 @@ pub const MAX_BEDS: u32 = 10_000;
 /// Longest hold: 7 days.
 pub const MAX_HOLD_MINUTES: u32 = 7 * 24 * 60;
 
-/// A client request ID: 1–128 printable ASCII characters.
-///
-/// # Errors
-/// A violation of `request_id`.
-pub fn request_id(text: &str) -> Result<String, FieldViolation> {
-    if text.is_empty() {
-        return Err(FieldViolation::new(
-            "request_id",
-            "is required: a client-chosen ID (a UUID is best) that makes retries safe",
-        ));
-    }
-    if text.len() > MAX_REQUEST_ID || !text.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(FieldViolation::new(
-            "request_id",
-            "must be 1-128 printable ASCII characters",
-        ));
-    }
-    Ok(text.to_owned())
-}
-
 /// An ISO 3166-2 region code (`KG-O`, `KG-GB`), upper-cased: two letters, a
 /// hyphen, one to three letters or digits.
 ///
 /// # Errors
 /// A violation of `field`.
 pub fn region(field: &str, text: &str) -> Result<String, FieldViolation> {
-    let upper = text.trim().to_ascii_uppercase();
-    let valid = upper.split_once('-').is_some_and(|(country, sub)| {
-        country.len() == 2
-            && country.chars().all(|c| c.is_ascii_uppercase())
-            && (1..=3).contains(&sub.len())
-            && sub.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
-    });
-    if valid {
-        Ok(upper)
-    } else if upper.is_empty() {
+    if let Some(code) = validate::region_code(text) {
+        Ok(code)
+    } else if text.trim().is_empty() {
         Err(FieldViolation::new(
             field,
             "is required: an ISO 3166-2 region code such as KG-O",
@@ -98,11 +68,7 @@ pub fn address(text: &str) -> Result<String, FieldViolation> {
 /// # Errors
 /// A violation of `field`.
 pub fn category(field: &str, value: i32) -> Result<pb::BedCategory, FieldViolation> {
-    match pb::BedCategory::try_from(value) {
-        Ok(pb::BedCategory::Unspecified) => Err(FieldViolation::new(field, "is required")),
-        Ok(category) => Ok(category),
-        Err(_) => Err(FieldViolation::new(field, "is not a known value")),
-    }
+    validate::required_enum(field, value)
 }
 
 /// An optional bed category filter: `UNSPECIFIED` means every category.
@@ -144,30 +110,6 @@ pub fn hold_minutes(value: u32, default: u32) -> Result<u32, FieldViolation> {
     }
 }
 
-/// The version the caller read.
-///
-/// # Errors
-/// A violation of `expected_version` when it is 0.
-pub fn expected_version(version: u64) -> Result<u64, FieldViolation> {
-    if version == 0 {
-        Err(FieldViolation::new(
-            "expected_version",
-            "is required: the shelter version you read (at least 1)",
-        ))
-    } else {
-        Ok(version)
-    }
-}
-
-/// The time as a protobuf timestamp.
-#[must_use]
-pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
 /// A validated `RegisterShelter` request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
@@ -193,7 +135,7 @@ pub struct Registration {
 /// `INVALID_ARGUMENT` with every violation.
 pub fn registration(req: &pb::RegisterShelterRequest) -> Result<Registration, AppError> {
     let mut v = Violations::new();
-    let request_id = v.check(request_id(&req.request_id));
+    let request_id = v.check(validate::request_id(&req.request_id));
     let code = v.check(code(&req.code));
     let region = v.check(region("region", &req.region));
     let address = v.check(address(&req.address));
@@ -215,15 +157,7 @@ pub fn registration(req: &pb::RegisterShelterRequest) -> Result<Registration, Ap
             }
         }
     }
-    let mut services: Vec<i32> = Vec::with_capacity(req.services.len());
-    for (i, service) in req.services.iter().enumerate() {
-        match pb::OnSiteService::try_from(*service) {
-            Ok(pb::OnSiteService::Unspecified) => v.add(format!("services[{i}]"), "is required"),
-            Err(_) => v.add(format!("services[{i}]"), "is not a known value"),
-            Ok(_) if services.contains(service) => v.add(format!("services[{i}]"), "is repeated"),
-            Ok(_) => services.push(*service),
-        }
-    }
+    let services = validate::enum_list::<pb::OnSiteService>("services", &req.services, &mut v);
     v.finish(|| Registration {
         request_id: request_id.unwrap_or_default(),
         code: code.unwrap_or_default(),

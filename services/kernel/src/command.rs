@@ -1,0 +1,206 @@
+//! Idempotent commands: who calls and with which correlation, the request
+//! key and fingerprint of a command, replaying the first answer to a retried
+//! request, and recording the answer in the command's unit of work.
+//!
+//! A command runs once per request key (the caller's agency and its
+//! `request_id`). Its answer is recorded in the same transaction as its
+//! events; a retry with the same request is answered from that record, a
+//! different request under the same key is refused.
+
+use nrm_proto::common::v1::CommandResult;
+use prost::Message;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::AppError;
+use crate::store::{Appended, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
+use crate::telemetry;
+
+/// Who calls, and the call's correlation.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// The verified caller.
+    pub caller: Caller,
+    /// From `x-correlation-id` metadata, or new.
+    pub correlation_id: Uuid,
+}
+
+impl CallContext {
+    /// Metadata of the events this call appends: the caller is the actor,
+    /// the call's correlation, a new causation, and the current trace context.
+    #[must_use]
+    pub fn metadata(&self) -> EventMetadata {
+        let (traceparent, tracestate) = telemetry::current_trace_context();
+        EventMetadata {
+            correlation_id: self.correlation_id,
+            causation_id: Uuid::now_v7(),
+            actor: self.caller.actor.clone(),
+            traceparent,
+            tracestate,
+        }
+    }
+
+    /// The key a command's answer is recorded under: request IDs are the
+    /// caller's agency's own, so two agencies never collide.
+    #[must_use]
+    pub fn request_key(&self, request_id: &str) -> String {
+        format!("{}:{request_id}", self.caller.actor.agency)
+    }
+
+    /// The caller's agency.
+    #[must_use]
+    pub fn agency(&self) -> &str {
+        &self.caller.actor.agency
+    }
+}
+
+/// The fingerprint of a request to `method`: a retry must carry the same one.
+#[must_use]
+pub fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
+    let mut hash = Sha256::new();
+    hash.update(method.as_bytes());
+    hash.update(request.encode_to_vec());
+    hash.finalize().to_vec()
+}
+
+/// The first answer to the request recorded under `key`, if it ran before.
+/// The answer comes back as it was recorded (`replayed` is not set).
+///
+/// # Errors
+/// [`AppError::RequestIdReused`] when the key was used for a request with
+/// another fingerprint; [`AppError::Internal`] when the stored answer does not
+/// decode as `R`; the store's errors.
+pub async fn replay<R: Message + Default>(
+    store: &EventStore,
+    key: &str,
+    fingerprint: &[u8],
+) -> Result<Option<R>, AppError> {
+    let Some(stored) = store.find_command(key).await? else {
+        return Ok(None);
+    };
+    if stored.fingerprint != fingerprint {
+        return Err(AppError::RequestIdReused);
+    }
+    R::decode(stored.response.as_slice())
+        .map(Some)
+        .map_err(|e| AppError::Internal(format!("stored response does not decode: {e}")))
+}
+
+/// Records `response` as the answer under `key` and commits `uow`. When a
+/// concurrent twin of the request recorded its answer first, `uow` is rolled
+/// back and the twin's answer returned as it was recorded.
+///
+/// # Errors
+/// As [`replay`], and the store's errors on recording or committing.
+pub async fn finish<R: Message + Default>(
+    store: &EventStore,
+    uow: UnitOfWork,
+    key: &str,
+    fingerprint: &[u8],
+    response: R,
+) -> Result<R, AppError> {
+    finish_with(store, uow, key, fingerprint, response, |twin| twin).await
+}
+
+/// As [`finish`], with the twin's answer passed through `replayed` (to mark it
+/// as a replay).
+///
+/// # Errors
+/// As [`finish`].
+pub async fn finish_with<R: Message + Default>(
+    store: &EventStore,
+    mut uow: UnitOfWork,
+    key: &str,
+    fingerprint: &[u8],
+    response: R,
+    replayed: impl FnOnce(R) -> R,
+) -> Result<R, AppError> {
+    match uow.record_command(key, fingerprint, &response.encode_to_vec()).await {
+        Ok(()) => {
+            uow.commit().await?;
+            Ok(response)
+        }
+        Err(StoreError::DuplicateRequest) => {
+            drop(uow);
+            replay(store, key, fingerprint)
+                .await?
+                .map(replayed)
+                .ok_or_else(|| AppError::Internal("twin request vanished".into()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The result of a command on `aggregate_id` that appended `appended`.
+#[must_use]
+pub fn result(aggregate_id: impl ToString, appended: &Appended) -> CommandResult {
+    CommandResult {
+        aggregate_id: aggregate_id.to_string(),
+        version: appended.version,
+        event_ids: appended.event_ids.iter().map(ToString::to_string).collect(),
+        replayed: false,
+    }
+}
+
+/// Marks a recorded result as the replay of the first answer.
+#[must_use]
+pub fn replayed(mut result: CommandResult) -> CommandResult {
+    result.replayed = true;
+    result
+}
+
+/// Events to append: each named by `event_type`, at schema version 1, its
+/// payload the encoded `envelope` of the event.
+pub fn new_events<E, M: Message>(
+    events: &[E],
+    event_type: impl Fn(&E) -> &'static str,
+    envelope: impl Fn(&E) -> M,
+) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|event| NewEvent {
+            event_type: event_type(event).to_owned(),
+            schema_version: 1,
+            payload: envelope(event).encode_to_vec(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_tell_methods_and_requests_apart() {
+        let a = CommandResult {
+            aggregate_id: "a".into(),
+            ..Default::default()
+        };
+        let b = CommandResult {
+            aggregate_id: "b".into(),
+            ..Default::default()
+        };
+        assert_eq!(fingerprint("Do", &a), fingerprint("Do", &a));
+        assert_ne!(fingerprint("Do", &a), fingerprint("Do", &b));
+        assert_ne!(fingerprint("Do", &a), fingerprint("Undo", &a));
+    }
+
+    #[test]
+    fn request_keys_belong_to_the_agency() {
+        let ctx = CallContext {
+            caller: Caller {
+                actor: crate::store::Actor {
+                    agency: "kg-msd".into(),
+                    role: "msd".into(),
+                    officer: "o-1".into(),
+                },
+                role: crate::auth::Role::Msd,
+            },
+            correlation_id: Uuid::now_v7(),
+        };
+        assert_eq!(ctx.request_key("r-1"), "kg-msd:r-1");
+        assert_eq!(ctx.agency(), "kg-msd");
+        assert_eq!(ctx.metadata().correlation_id, ctx.correlation_id);
+    }
+}
