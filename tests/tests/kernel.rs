@@ -359,3 +359,73 @@ async fn a_due_timer_fires_exactly_once_across_runners_and_restarts() {
     assert_eq!(events, 1, "only the due, uncancelled timer had an effect");
     parts.drop_all().await;
 }
+
+#[tokio::test]
+async fn a_command_appended_in_one_statement_writes_all_or_nothing() {
+    use nrm_kernel::store::{Append, Appended, AuditEntry, CommandRecord};
+
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    let case_id = Uuid::now_v7();
+    let stream_id = format!("case-{case_id}");
+    let subject = parts.bus.subject("identification", "case", &case_id.to_string());
+    let events = [reported(case_id)];
+    let metadata = metadata();
+    let append = |expected_version| Append {
+        stream_id: &stream_id,
+        expected_version,
+        events: &events,
+        metadata: &metadata,
+        subject: &subject,
+    };
+    let audit = AuditEntry {
+        action: "ReportPresumedVictim",
+        subject_id: &stream_id,
+        purpose: "command",
+    };
+    let record = |key| CommandRecord {
+        request_key: key,
+        fingerprint: b"fp",
+        response: b"answer",
+    };
+    let count = |table: &'static str| {
+        let pool = parts.pool.clone();
+        async move {
+            let sql = match table {
+                "events" => "SELECT count(*) FROM events",
+                "outbox" => "SELECT count(*) FROM outbox",
+                "commands" => "SELECT count(*) FROM commands",
+                _ => "SELECT count(*) FROM audit_log",
+            };
+            sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap()
+        }
+    };
+
+    let plan = Appended::plan(0, 1);
+    store
+        .append_command(&append(0), &plan, &record("kg-mvd:r-1"), Some(&audit))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_stream(&stream_id).await.unwrap()[0].event_id,
+        plan.event_ids[0]
+    );
+    for table in ["events", "outbox", "commands", "audit_log"] {
+        assert_eq!(count(table).await, 1, "{table}");
+    }
+
+    // A stale version writes nothing: no event, no answer, no audit entry.
+    let stale = store
+        .append_command(&append(0), &Appended::plan(0, 1), &record("kg-mvd:r-2"), Some(&audit))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict { .. })));
+    // A twin of an answered command writes nothing either.
+    let twin = store
+        .append_command(&append(1), &Appended::plan(1, 1), &record("kg-mvd:r-1"), Some(&audit))
+        .await;
+    assert!(matches!(twin, Err(StoreError::DuplicateRequest)));
+    for table in ["events", "outbox", "commands", "audit_log"] {
+        assert_eq!(count(table).await, 1, "{table} after the refusals");
+    }
+    parts.drop_all().await;
+}

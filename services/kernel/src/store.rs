@@ -158,6 +158,144 @@ pub struct Appended {
     pub commit_id: CommitId,
 }
 
+impl Appended {
+    /// What an append of `events` events at `expected_version` will write
+    /// when it succeeds: IDs chosen before it runs, so that a command's answer
+    /// can be recorded in the same statement.
+    #[must_use]
+    pub fn plan(expected_version: u64, events: usize) -> Self {
+        Self {
+            version: expected_version + events as u64,
+            event_ids: (0..events).map(|_| EventId::new()).collect(),
+            commit_id: CommitId::new(),
+        }
+    }
+}
+
+/// What to append: events to one stream at an expected version, published under one subject.
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    /// The stream.
+    pub stream_id: &'a str,
+    /// Its version as the caller read it (0: a new stream).
+    pub expected_version: u64,
+    /// The events.
+    pub events: &'a [NewEvent],
+    /// Their metadata.
+    pub metadata: &'a EventMetadata,
+    /// The subject their commit is published under.
+    pub subject: &'a str,
+}
+
+/// A command's first answer, recorded with its events.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandRecord<'a> {
+    /// Agency-scoped request key.
+    pub request_key: &'a str,
+    /// Hash of the command as received.
+    pub fingerprint: &'a [u8],
+    /// The encoded answer.
+    pub response: &'a [u8],
+}
+
+/// An audit-trail entry recorded with a command's events (the actor is the events').
+#[derive(Debug, Clone, Copy)]
+pub struct AuditEntry<'a> {
+    /// What was done (the RPC).
+    pub action: &'a str,
+    /// The aggregate concerned.
+    pub subject_id: &'a str,
+    /// Why.
+    pub purpose: &'a str,
+}
+
+/// The one statement of every append: events, outbox row and, when given, the
+/// command's answer and an audit entry, all or nothing.
+async fn append_statement<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    append: &Append<'_>,
+    plan: &Appended,
+    command: Option<&CommandRecord<'_>>,
+    audit: Option<&AuditEntry<'_>>,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let expected = i64::try_from(append.expected_version).unwrap_or(i64::MAX);
+    let actor = &append.metadata.actor;
+    let result = sqlx::query(
+        "WITH current AS (
+             SELECT coalesce(max(version), 0) AS v FROM events WHERE stream_id = $1
+         ), ins AS (
+             INSERT INTO events (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+             SELECT e.event_id, $1, $2 + e.ord, e.event_type, e.schema_version, e.payload, $6
+             FROM UNNEST($3::uuid[], $4::text[], $5::int4[], $7::bytea[])
+                  WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, ord), current
+             WHERE current.v = $2
+             RETURNING version
+         ), ob AS (
+             INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
+             SELECT $8, $1, min(version), max(version), $9 FROM ins HAVING count(*) > 0
+         ), cmd AS (
+             INSERT INTO commands (request_key, fingerprint, response)
+             SELECT $10, $11, $12 WHERE $10::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)
+         ), aud AS (
+             INSERT INTO audit_log (agency, role, officer, action, subject_id, purpose)
+             SELECT $13, $14, $15, $16, $17, $18 WHERE $16::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)
+         )
+         SELECT (SELECT v FROM current) AS current_version, (SELECT count(*) FROM ins) AS inserted",
+    )
+    .bind(append.stream_id)
+    .bind(expected)
+    .bind(plan.event_ids.iter().map(EventId::as_uuid).collect::<Vec<_>>())
+    .bind(append.events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
+    .bind(
+        append
+            .events
+            .iter()
+            .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
+            .collect::<Vec<_>>(),
+    )
+    .bind(Json(append.metadata))
+    .bind(append.events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
+    .bind(plan.commit_id.as_uuid())
+    .bind(append.subject)
+    .bind(command.map(|c| c.request_key))
+    .bind(command.map(|c| c.fingerprint))
+    .bind(command.map(|c| c.response))
+    .bind(&actor.agency)
+    .bind(&actor.role)
+    .bind(&actor.officer)
+    .bind(audit.map(|a| a.action))
+    .bind(audit.map(|a| a.subject_id))
+    .bind(audit.map(|a| a.purpose))
+    .fetch_one(executor)
+    .await;
+    let conflict = |actual: u64| StoreError::Conflict {
+        stream_id: append.stream_id.to_owned(),
+        expected: append.expected_version,
+        actual,
+    };
+    let outcome = match result {
+        Ok(row) => {
+            let current: i64 = row.get("current_version");
+            let inserted: i64 = row.get("inserted");
+            if current != expected || usize::try_from(inserted).ok() != Some(append.events.len()) {
+                Err(conflict(u64::try_from(current).unwrap_or_default()))
+            } else {
+                Ok(())
+            }
+        }
+        Err(sqlx::Error::Database(db)) if db.is_unique_violation() && db.constraint() == Some("commands_pkey") => {
+            Err(StoreError::DuplicateRequest)
+        }
+        // The winner's version is at least one past ours.
+        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Err(conflict(append.expected_version + 1)),
+        Err(e) => Err(e.into()),
+    };
+    let label = if outcome.is_ok() { "ok" } else { "conflict_or_error" };
+    metrics::histogram!("nrm_store_append_seconds", "outcome" => label).record(started.elapsed().as_secs_f64());
+    outcome
+}
+
 /// The event store of one service.
 #[derive(Clone, Debug)]
 pub struct EventStore {
@@ -220,6 +358,27 @@ impl EventStore {
         }))
     }
 
+    /// Appends a command's events with its first answer (and an audit entry)
+    /// in one statement, outside any transaction: one round trip, all or
+    /// nothing. The path for commands that write nothing else. `plan` (from
+    /// [`Appended::plan`]) fixes the IDs the answer was built with.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the stream is at another version;
+    /// [`StoreError::DuplicateRequest`] when a concurrent twin of the command
+    /// recorded its answer first. Nothing is written then.
+    pub async fn append_command(
+        &self,
+        append: &Append<'_>,
+        plan: &Appended,
+        command: &CommandRecord<'_>,
+        audit: Option<&AuditEntry<'_>>,
+    ) -> Result<(), StoreError> {
+        append_statement(&self.pool, append, plan, Some(command), audit).await?;
+        self.appended.notify_one();
+        Ok(())
+    }
+
     /// Starts a unit of work.
     ///
     /// # Errors
@@ -260,74 +419,17 @@ impl UnitOfWork {
         metadata: &EventMetadata,
         subject: &str,
     ) -> Result<Appended, StoreError> {
-        let started = Instant::now();
-        let event_ids: Vec<EventId> = events.iter().map(|_| EventId::new()).collect();
-        let commit_id = CommitId::new();
-        let expected = i64::try_from(expected_version).unwrap_or(i64::MAX);
-        let result = sqlx::query(
-            "WITH current AS (
-                 SELECT coalesce(max(version), 0) AS v FROM events WHERE stream_id = $1
-             ), ins AS (
-                 INSERT INTO events (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-                 SELECT e.event_id, $1, $2 + e.ord, e.event_type, e.schema_version, e.payload, $6
-                 FROM UNNEST($3::uuid[], $4::text[], $5::int4[], $7::bytea[])
-                      WITH ORDINALITY AS e(event_id, event_type, schema_version, payload, ord), current
-                 WHERE current.v = $2
-                 RETURNING version
-             ), ob AS (
-                 INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
-                 SELECT $8, $1, min(version), max(version), $9 FROM ins HAVING count(*) > 0
-             )
-             SELECT (SELECT v FROM current) AS current_version, (SELECT count(*) FROM ins) AS inserted",
-        )
-        .bind(stream_id)
-        .bind(expected)
-        .bind(event_ids.iter().map(EventId::as_uuid).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>())
-        .bind(
-            events
-                .iter()
-                .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
-                .collect::<Vec<_>>(),
-        )
-        .bind(Json(metadata))
-        .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
-        .bind(commit_id.as_uuid())
-        .bind(subject)
-        .fetch_one(&mut *self.tx)
-        .await;
-        let outcome = match result {
-            Ok(row) => {
-                let current: i64 = row.get("current_version");
-                let inserted: i64 = row.get("inserted");
-                if current != expected || usize::try_from(inserted).ok() != Some(events.len()) {
-                    Err(StoreError::Conflict {
-                        stream_id: stream_id.to_owned(),
-                        expected: expected_version,
-                        actual: u64::try_from(current).unwrap_or_default(),
-                    })
-                } else {
-                    self.wrote_events = true;
-                    Ok(Appended {
-                        version: expected_version + events.len() as u64,
-                        event_ids,
-                        commit_id,
-                    })
-                }
-            }
-            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                Err(StoreError::Conflict {
-                    stream_id: stream_id.to_owned(),
-                    expected: expected_version,
-                    // The winner's version is at least one past ours.
-                    actual: expected_version + 1,
-                })
-            }
-            Err(e) => Err(e.into()),
+        let append = Append {
+            stream_id,
+            expected_version,
+            events,
+            metadata,
+            subject,
         };
-        let label = if outcome.is_ok() { "ok" } else { "conflict_or_error" };
-        metrics::histogram!("nrm_store_append_seconds", "outcome" => label).record(started.elapsed().as_secs_f64());
-        outcome
+        let plan = Appended::plan(expected_version, events.len());
+        append_statement(&mut *self.tx, &append, &plan, None, None).await?;
+        self.wrote_events = true;
+        Ok(plan)
     }
 
     /// Records the first answer to a request key, in this transaction.

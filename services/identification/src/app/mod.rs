@@ -15,7 +15,7 @@ use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::seal::{DataKey, MasterKey, MatchHasher};
-use nrm_kernel::store::{EventStore, NewEvent};
+use nrm_kernel::store::{Append, Appended, AuditEntry, CommandRecord, EventStore, NewEvent, StoreError};
 use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as pb;
@@ -297,31 +297,58 @@ impl Identification {
             });
         }
         let events = domain::decide(&case, &command)?;
-        let mut uow = self.store.begin().await?;
-        if let Command::ErasePersonalData { .. } = command {
-            let person_id = case
-                .report
-                .as_ref()
-                .and_then(|r| PersonId::parse("person_id", &r.person_id).ok())
-                .ok_or_else(|| AppError::Internal("case without person".into()))?;
-            DataKey::shred(uow.conn(), person_id)
-                .await
-                .map_err(|e| AppError::Internal(e.to_string()))?;
-            sqlx::query("DELETE FROM match_keys WHERE case_id = $1")
-                .bind(case_id.as_uuid())
-                .execute(&mut *uow.conn())
-                .await?;
+        let stream_id = domain::stream_id(case_id);
+        let new_events = to_new_events(&events);
+        let metadata = ctx.metadata();
+        let subject = self.subject(case_id);
+        let append = Append {
+            stream_id: &stream_id,
+            expected_version: case.version,
+            events: &new_events,
+            metadata: &metadata,
+            subject: &subject,
+        };
+        let subject_id = case_id.to_string();
+        let audit = AuditEntry {
+            action: method,
+            subject_id: &subject_id,
+            purpose: "command",
+        };
+        if !matches!(command, Command::ErasePersonalData { .. }) {
+            // Events, answer and audit entry in one statement: one round trip.
+            let plan = Appended::plan(case.version, new_events.len());
+            let response = command::result(case_id, &plan);
+            let record = CommandRecord {
+                request_key: key,
+                fingerprint: fp,
+                response: &response.encode_to_vec(),
+            };
+            return match self.store.append_command(&append, &plan, &record, Some(&audit)).await {
+                Ok(()) => Ok(response),
+                Err(StoreError::DuplicateRequest) => command::replay(&self.store, key, fp)
+                    .await?
+                    .ok_or_else(|| AppError::Internal("twin request vanished".into())),
+                Err(e) => Err(e.into()),
+            };
         }
-        let appended = uow
-            .append(
-                &domain::stream_id(case_id),
-                case.version,
-                &to_new_events(&events),
-                &ctx.metadata(),
-                &self.subject(case_id),
-            )
+        // Erasure writes beside its event: the key and the match keys go with it.
+        let mut uow = self.store.begin().await?;
+        let person_id = case
+            .report
+            .as_ref()
+            .and_then(|r| PersonId::parse("person_id", &r.person_id).ok())
+            .ok_or_else(|| AppError::Internal("case without person".into()))?;
+        DataKey::shred(uow.conn(), person_id)
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))?;
+        sqlx::query("DELETE FROM match_keys WHERE case_id = $1")
+            .bind(case_id.as_uuid())
+            .execute(&mut *uow.conn())
             .await?;
-        audit::record(uow.conn(), &ctx.caller.actor, method, &case_id.to_string(), "command").await?;
+        let appended = uow
+            .append(&stream_id, case.version, &new_events, &metadata, &subject)
+            .await?;
+        audit::record(uow.conn(), &ctx.caller.actor, audit.action, &subject_id, audit.purpose).await?;
         let response = command::result(case_id, &appended);
         command::finish(&self.store, uow, key, fp, response).await
     }
