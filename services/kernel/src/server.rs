@@ -268,7 +268,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listeners.grpc),
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),
         )
         .await;

@@ -1,0 +1,442 @@
+//! The report: one markdown document, printed and written to `bench/results/`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+
+use crate::e2e::E2eResult;
+use crate::stats::{RunResult, ms};
+
+/// The share of the raw ceiling the kernel should reach at the highest client count.
+pub const AIM: f64 = 0.70;
+
+/// Where and how the run took place.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// When the run started.
+    pub started: DateTime<Utc>,
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// CPU model, from `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// Linux release.
+    pub os_release: String,
+    /// `SELECT version()`.
+    pub postgres: String,
+    /// `fsync`, `synchronous_commit`, `full_page_writes`, `wal_sync_method`, … as `name=value`.
+    pub postgres_settings: Vec<(String, String)>,
+    /// The NATS server's version (from its INFO).
+    pub nats: String,
+    /// The pgbench binary.
+    pub pgbench: String,
+    /// Measured seconds per run, warm-up seconds, payload bytes, pool size.
+    pub seconds: u64,
+    /// Warm-up seconds before each run.
+    pub warmup: u64,
+    /// Rounds each measurement is split into.
+    pub rounds: u64,
+    /// Payload bytes per event.
+    pub payload_bytes: usize,
+    /// Metadata JSON bytes per event.
+    pub metadata_bytes: usize,
+    /// Connections in the kernel's pool.
+    pub pool_size: usize,
+    /// Whether the kernel's pool pings every connection before handing it out.
+    pub pool_pings: bool,
+}
+
+/// One row of the main table.
+#[derive(Debug, Clone)]
+pub struct AppendRow {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// The kernel.
+    pub kernel: RunResult,
+    /// pgbench.
+    pub raw: RunResult,
+}
+
+impl AppendRow {
+    /// Kernel ops/s over raw ops/s.
+    #[must_use]
+    pub fn ratio(&self) -> f64 {
+        if self.raw.ops_per_sec > 0.0 {
+            self.kernel.ops_per_sec / self.raw.ops_per_sec
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One variant of the breakdown at the highest client count.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// What runs.
+    pub name: String,
+    /// Client–server round trips per operation.
+    pub round_trips: u32,
+    /// The result.
+    pub result: RunResult,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Where and how.
+    pub env: Environment,
+    /// Kernel against pgbench, per client count.
+    pub append: Vec<AppendRow>,
+    /// The breakdown (empty when skipped).
+    pub variants: Vec<Variant>,
+    /// Clients of the breakdown.
+    pub variant_clients: usize,
+    /// Seconds per breakdown run.
+    pub variant_seconds: u64,
+    /// `EXPLAIN ANALYZE` of the kernel's statement and of the raw one.
+    pub explains: Vec<(String, String)>,
+    /// End to end (empty when skipped).
+    pub e2e: Vec<E2eResult>,
+}
+
+fn ops(r: &RunResult) -> String {
+    format!("{:.0}", r.ops_per_sec)
+}
+
+fn cpu(r: &RunResult) -> (String, String, String) {
+    r.cpu.map_or_else(
+        || ("–".into(), "–".into(), "–".into()),
+        |c| {
+            (
+                format!("{:.0}", c.client_us),
+                format!("{:.0}", c.server_us),
+                format!("{:.0}", c.other_us),
+            )
+        },
+    )
+}
+
+/// Runs during which other processes took more than this share of the CPUs are flagged.
+const DISTURBED: f64 = 0.05;
+
+impl Report {
+    /// Whether the aim is met at the highest client count, and the ratio there.
+    #[must_use]
+    pub fn verdict(&self) -> Option<(usize, f64, bool)> {
+        let row = self.append.iter().max_by_key(|r| r.clients)?;
+        let ratio = row.ratio();
+        Some((row.clients, ratio, ratio >= AIM))
+    }
+
+    /// The runs during which other processes took a noticeable share of the CPUs.
+    #[must_use]
+    pub fn disturbed(&self) -> Vec<String> {
+        let cpus = self.env.cpus;
+        let mut runs: Vec<(String, &RunResult)> = Vec::new();
+        for row in &self.append {
+            runs.push((format!("kernel at {} clients", row.clients), &row.kernel));
+            runs.push((format!("raw at {} clients", row.clients), &row.raw));
+        }
+        for v in &self.variants {
+            runs.push((format!("\"{}\"", v.name), &v.result));
+        }
+        let mut seen = std::collections::HashSet::new();
+        runs.into_iter()
+            .filter_map(|(name, r)| {
+                let share = r.cpu?.other_share(r.ops_per_sec, cpus);
+                (share > DISTURBED && seen.insert(name.clone())).then(|| format!("{name} ({:.0}%)", share * 100.0))
+            })
+            .collect()
+    }
+
+    /// The report as markdown.
+    #[must_use]
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let env = &self.env;
+        let _ = writeln!(
+            out,
+            "# Köpür benchmark, {}\n",
+            env.started.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        self.write_environment(&mut out);
+        self.write_append(&mut out);
+        self.write_variants(&mut out);
+        self.write_e2e(&mut out);
+        self.write_explains(&mut out);
+        out
+    }
+
+    fn write_environment(&self, out: &mut String) {
+        let env = &self.env;
+        let _ = writeln!(out, "## Environment\n");
+        let _ = writeln!(
+            out,
+            "- machine: {} CPUs ({}), Linux {}",
+            env.cpus, env.cpu_model, env.os_release
+        );
+        let _ = writeln!(out, "- PostgreSQL: {}", env.postgres);
+        let settings: Vec<String> = env.postgres_settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(out, "- PostgreSQL settings: {}", settings.join(", "));
+        let _ = writeln!(out, "- nats-server: {}", env.nats);
+        let _ = writeln!(out, "- pgbench: {}", env.pgbench);
+        let _ = writeln!(
+            out,
+            "- runs: {} s measured per client count and side, in {} rounds taken in turn (kernel, raw, kernel, …) so that anything else on the machine falls on both alike; before each slice a CHECKPOINT, a wait for a quiet machine, and a warm-up ({} s the first time, 1 s after); event payload {} bytes, metadata JSON {} bytes; kernel pool {} connections, {} on acquire",
+            env.seconds,
+            env.rounds,
+            env.warmup,
+            env.payload_bytes,
+            env.metadata_bytes,
+            env.pool_size,
+            if env.pool_pings { "pinged" } else { "not pinged" }
+        );
+        let _ = writeln!(out);
+    }
+
+    fn write_append(&self, out: &mut String) {
+        if self.append.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "## Append path: the kernel against the raw PostgreSQL ceiling\n");
+        let _ = writeln!(
+            out,
+            "Kernel: a single-event command as the services run one on a case: `EventStore::append_command` on a new stream, writing the event, its outbox row, the command's answer and an audit entry in one autocommitted statement, on the pool `connect_and_migrate` builds.  \n\
+             Raw: pgbench (`-M prepared`, `-j` = min(clients, CPUs)) inserting the same four rows into `raw_events`, `raw_outbox`, `raw_commands` and `raw_audit_log` (`LIKE … INCLUDING ALL`: same columns, defaults and indexes), same sizes, UUIDv7 IDs like the kernel's (made by a SQL function), one autocommitted statement, same database and settings.  \n\
+             Latency in ms; ratio = kernel ops/s ÷ raw ops/s.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| clients | kernel ops/s | kernel p50 | kernel p99 | raw ops/s | raw p50 | raw p99 | kernel/raw | kernel CPU µs/op | raw CPU µs/op |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let own_cpu = |r: &RunResult| {
+            r.cpu
+                .map_or_else(|| "–".into(), |c| format!("{:.0}", c.client_us + c.server_us))
+        };
+        for row in &self.append {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} |",
+                row.clients,
+                ops(&row.kernel),
+                ms(row.kernel.p50_us),
+                ms(row.kernel.p99_us),
+                ops(&row.raw),
+                ms(row.raw.p50_us),
+                ms(row.raw.p99_us),
+                row.ratio() * 100.0,
+                own_cpu(&row.kernel),
+                own_cpu(&row.raw),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nCPU µs/op: the load generator's and PostgreSQL's CPU time per operation (client + server). Where the CPUs are saturated (\"CPUs busy\" below), throughput follows the inverse of this figure, and it is less disturbed than ops/s by other work on the machine."
+        );
+        let disturbed = self.disturbed();
+        if !disturbed.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nOther processes took more than {:.0}% of the CPUs during: {}. Those numbers are low by about that much; run again on a quiet machine.",
+                DISTURBED * 100.0,
+                disturbed.join(", ")
+            );
+        }
+        let errors: u64 = self.append.iter().map(|r| r.kernel.errors + r.raw.errors).sum();
+        if errors > 0 {
+            let _ = writeln!(out, "\n{errors} operations failed and are not counted.");
+        }
+        if let Some((clients, ratio, met)) = self.verdict() {
+            let _ = writeln!(
+                out,
+                "\n**Aim (kernel ≥ {:.0}% of raw at {clients} clients): {}** ({:.0}%).\n",
+                AIM * 100.0,
+                if met { "met" } else { "NOT met" },
+                ratio * 100.0
+            );
+        }
+    }
+
+    fn write_variants(&self, out: &mut String) {
+        if self.variants.is_empty() {
+            return;
+        }
+        let raw = self.variants.first().map_or(0.0, |v| v.result.ops_per_sec);
+        let _ = writeln!(
+            out,
+            "## Where the kernel's time goes ({} clients, {} s each)\n",
+            self.variant_clients, self.variant_seconds
+        );
+        let _ = writeln!(
+            out,
+            "All measured again, in turn, from the raw ceiling up to the kernel, one thing added per line, then the transaction path that commands writing more than their event take (% of this table's raw run); every line writes the same four rows. CPU per operation: \"client\" is the load generator (this process, or pgbench), \"server\" the PostgreSQL cluster (postmaster and backends), \"other\" the rest of the machine (should be near 0); \"CPUs busy\" is how busy all CPUs were: near 100% the run is CPU-bound, and every µs of CPU per operation, on either side, costs throughput. Round trips: the pool's ping on acquire (sqlx `test_before_acquire`, on by default), then the statements (and `BEGIN`, `COMMIT`).\n"
+        );
+        let _ = writeln!(
+            out,
+            "| variant | round trips | ops/s | % of raw | p50 | p99 | client CPU µs/op | server CPU µs/op | other CPU µs/op | CPUs busy |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for v in &self.variants {
+            let (client, server, other) = cpu(&v.result);
+            let share = if raw > 0.0 {
+                format!("{:.0}%", v.result.ops_per_sec / raw * 100.0)
+            } else {
+                "–".into()
+            };
+            let busy = v
+                .result
+                .cpu
+                .map_or_else(|| "–".into(), |c| format!("{:.0}%", c.busy_share * 100.0));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {client} | {server} | {other} | {busy} |",
+                v.name,
+                v.round_trips,
+                ops(&v.result),
+                share,
+                ms(v.result.p50_us),
+                ms(v.result.p99_us),
+            );
+        }
+        let _ = writeln!(out);
+        // Consecutive differences, in µs of wall time per operation at this concurrency.
+        let per_op = |r: &RunResult| {
+            if r.ops_per_sec > 0.0 { 1e6 / r.ops_per_sec } else { 0.0 }
+        };
+        if self.variants.len() >= 2 {
+            let _ = writeln!(
+                out,
+                "Cost of each step, as time per operation of the whole system (1 / throughput):\n"
+            );
+            for pair in self.variants.windows(2) {
+                let (lower, higher) = (&pair[0], &pair[1]);
+                let _ = writeln!(
+                    out,
+                    "- {} → {}: {:+.1} µs/op",
+                    lower.name,
+                    higher.name,
+                    per_op(&higher.result) - per_op(&lower.result)
+                );
+            }
+            let _ = writeln!(out);
+        }
+    }
+
+    fn write_e2e(&self, out: &mut String) {
+        if self.e2e.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "## End to end: gRPC report → event on NATS\n");
+        let _ = writeln!(
+            out,
+            "The identification service in this process; `ReportPresumedVictim` over gRPC (loopback) until the event arrives on a core NATS subscription to the service's subjects. The message reaches that subscription as the server routes it into the stream, so arrival = stored by JetStream; the relay's acknowledgement follows one hop later. nats-server {}{}. Latency in ms; reports/s from the first send to the last arrival.\n",
+            self.env.nats,
+            if nats_syncs_always(&self.env.nats) {
+                " with `sync_interval: always`"
+            } else {
+                " (before 2.10: JetStream writes without fsync; flushed every 2 min)"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "| reports in flight | reports | reports/s | RPC p50 | RPC p99 | to NATS p50 | to NATS p99 | missing |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &self.e2e {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                r.concurrency,
+                r.reports,
+                r.to_nats.ops_per_sec,
+                ms(r.rpc.p50_us),
+                ms(r.rpc.p99_us),
+                ms(r.to_nats.p50_us),
+                ms(r.to_nats.p99_us),
+                r.missing
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    fn write_explains(&self, out: &mut String) {
+        for (title, plan) in &self.explains {
+            let _ = writeln!(out, "### {title}\n\n```\n{plan}\n```\n");
+        }
+    }
+
+    /// Writes the report to `dir/<UTC date-time>.md` and `dir/latest.md`.
+    ///
+    /// # Errors
+    /// When the folder cannot be written.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let text = self.markdown();
+        let path = dir.join(format!("{}.md", self.env.started.format("%Y-%m-%dT%H%M%SZ")));
+        std::fs::write(&path, &text)?;
+        std::fs::write(dir.join("latest.md"), &text)?;
+        Ok(path)
+    }
+}
+
+/// Whether a NATS version string is 2.10 or later (the local stack then sets `sync_interval: always`).
+fn nats_syncs_always(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    major > 2 || (major == 2 && minor >= 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(ops_per_sec: f64) -> RunResult {
+        RunResult {
+            ops: 10,
+            ops_per_sec,
+            p50_us: 1500,
+            p99_us: 4000,
+            ..RunResult::default()
+        }
+    }
+
+    #[test]
+    fn the_verdict_is_taken_at_the_highest_client_count() {
+        let report = Report {
+            append: vec![
+                AppendRow {
+                    clients: 1,
+                    kernel: run(10.0),
+                    raw: run(100.0),
+                },
+                AppendRow {
+                    clients: 32,
+                    kernel: run(80.0),
+                    raw: run(100.0),
+                },
+            ],
+            ..Report::default()
+        };
+        let (clients, ratio, met) = report.verdict().unwrap();
+        assert_eq!(clients, 32);
+        assert!((ratio - 0.8).abs() < 1e-9);
+        assert!(met);
+        let md = report.markdown();
+        assert!(
+            md.contains("| 32 | 80 | 1.50 | 4.00 | 100 | 1.50 | 4.00 | 80% |"),
+            "{md}"
+        );
+        assert!(md.contains("met**"));
+    }
+
+    #[test]
+    fn nats_versions_compare() {
+        assert!(!nats_syncs_always("2.9.10"));
+        assert!(nats_syncs_always("2.10.0"));
+        assert!(nats_syncs_always("v2.11.3"));
+    }
+}
