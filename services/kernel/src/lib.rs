@@ -14,6 +14,7 @@
 //! - [`bus`]: NATS JetStream: server checks, streams created and verified, the
 //!   wire format of published commits.
 //! - [`relay`]: moves outbox rows to JetStream, exactly once downstream.
+//! - [`paging`]: AIP-158 page sizes and filter-bound page tokens.
 //! - [`projection`]: durable consumers that write a read model and their
 //!   position in one transaction.
 //! - [`seal`]: per-person keys, sealing of personal data, crypto-shredding, and
@@ -38,6 +39,7 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod ids;
+pub mod paging;
 pub mod projection;
 pub mod relay;
 pub mod seal;

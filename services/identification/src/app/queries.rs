@@ -1,40 +1,22 @@
 //! Reading one case (from its events, so it is always current) and listing
 //! cases (from the `case_list` read model, a few milliseconds behind).
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
 use nrm_kernel::command::CallContext;
-use nrm_kernel::error::{AppError, FieldViolation, Violations};
+use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
+use nrm_kernel::paging::{self, Cursor, Pager};
 use nrm_kernel::seal::DataKey;
 use nrm_kernel::validate::{self, to_datetime};
 use nrm_proto::common::v1 as common;
 use nrm_proto::identification::v1 as pb;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{CASE_READERS, Identification};
 use crate::domain::Case;
-
-/// Default and largest page sizes (AIP-158).
-const DEFAULT_PAGE_SIZE: i32 = 50;
-const MAX_PAGE_SIZE: i32 = 500;
-
-/// Where the next page starts, and which filters it belongs to.
-#[derive(Debug, Serialize, Deserialize)]
-struct PageToken {
-    /// `reported_at` of the last case returned, microseconds since the epoch.
-    t: i64,
-    /// Its case ID.
-    id: Uuid,
-    /// Hash of the filters the token was made for.
-    f: String,
-}
 
 impl Identification {
     /// One case as the caller may see it; with `include_personal_data`, the
@@ -208,13 +190,7 @@ impl Identification {
         req: &pb::ListCasesRequest,
     ) -> Result<pb::ListCasesResponse, AppError> {
         let mut v = Violations::new();
-        if req.page_size < 0 {
-            v.add("page_size", "must not be negative");
-        }
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
+        let page_size = paging::page_size(req.page_size, &mut v);
         if req.status != 0 && pb::CaseStatus::try_from(req.status).is_err() {
             v.add("status", "is not a known value");
         }
@@ -246,35 +222,11 @@ impl Identification {
                 ctx.caller.role
             )));
         };
-        let filter_hash = {
-            let mut h = Sha256::new();
-            h.update(format!(
-                "{}|{}|{}|{:?}|{:?}",
-                req.status, agency, req.exploitation_form, after, before
-            ));
-            hex_prefix(&h.finalize())
-        };
-        let cursor = if req.page_token.is_empty() {
-            None
-        } else {
-            match decode_token(&req.page_token) {
-                Some(token) if token.f == filter_hash => Some(token),
-                Some(_) => {
-                    v.push(FieldViolation::new(
-                        "page_token",
-                        "was made for other filters; start again without it",
-                    ));
-                    None
-                }
-                None => {
-                    v.push(FieldViolation::new(
-                        "page_token",
-                        "is not a token from a previous response",
-                    ));
-                    None
-                }
-            }
-        };
+        let pager = Pager::new(&format!(
+            "{}|{}|{}|{:?}|{:?}",
+            req.status, agency, req.exploitation_form, after, before
+        ));
+        let cursor = pager.cursor(&req.page_token, &mut v);
         v.finish(|| ())?;
 
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
@@ -298,7 +250,7 @@ impl Identification {
             q.push(" AND reported_at < ").push_bind(b);
         }
         if let Some(c) = &cursor {
-            let t = DateTime::from_timestamp_micros(c.t).unwrap_or_default();
+            let t = c.time;
             q.push(" AND (reported_at, case_id) < (")
                 .push_bind(t)
                 .push(", ")
@@ -326,14 +278,7 @@ impl Identification {
                 version: u64::try_from(row.get::<i64, _>("version")).unwrap_or_default(),
             });
         }
-        let next_page_token = match (more, last) {
-            (true, Some((t, id))) => encode_token(&PageToken {
-                t: t.timestamp_micros(),
-                id,
-                f: filter_hash,
-            }),
-            _ => String::new(),
-        };
+        let next_page_token = pager.next_token(more, last.map(|(time, id)| Cursor { time, id }));
         Ok(pb::ListCasesResponse { cases, next_page_token })
     }
 }
@@ -353,18 +298,6 @@ fn only_categories(all: common::PersonalIdentifiers, categories: &[i32]) -> comm
         phone: if has(C::Phone) { all.phone } else { String::new() },
         address: if has(C::Address) { all.address } else { String::new() },
     }
-}
-
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
-fn encode_token(token: &PageToken) -> String {
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(token).unwrap_or_default())
-}
-
-fn decode_token(text: &str) -> Option<PageToken> {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(text).ok()?).ok()
 }
 
 /// The case as the caller sees it.

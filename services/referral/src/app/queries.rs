@@ -1,37 +1,19 @@
 //! Reading one referral (from its events, so it is always current) and the
 //! inbox (from the `inbox` read model, a few milliseconds behind).
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use nrm_kernel::auth::Role;
 use nrm_kernel::command::CallContext;
-use nrm_kernel::error::{AppError, FieldViolation, Violations};
+use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::ReferralId;
+use nrm_kernel::paging::{self, Cursor, Pager};
 use nrm_proto::referral::v1 as pb;
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::Referrals;
 use crate::domain::referral::Referral;
-
-/// Default and largest page sizes (AIP-158).
-const DEFAULT_PAGE_SIZE: i32 = 50;
-const MAX_PAGE_SIZE: i32 = 500;
-
-/// Where the next page starts, and which filters it belongs to.
-#[derive(Debug, Serialize, Deserialize)]
-struct PageToken {
-    /// `created_at` of the last referral returned, microseconds since the epoch.
-    t: i64,
-    /// Its referral ID.
-    id: Uuid,
-    /// Hash of the filters (and the caller's scope) the token was made for.
-    f: String,
-}
 
 /// The referral as its readers see it (coded fields only).
 #[must_use]
@@ -106,13 +88,7 @@ impl Referrals {
         req: &pb::ListInboxRequest,
     ) -> Result<pb::ListInboxResponse, AppError> {
         let mut v = Violations::new();
-        if req.page_size < 0 {
-            v.add("page_size", "must not be negative");
-        }
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.clamp(1, MAX_PAGE_SIZE),
-        };
+        let page_size = paging::page_size(req.page_size, &mut v);
         if req.status != 0 && pb::ReferralStatus::try_from(req.status).is_err() {
             v.add("status", "is not a known value");
         }
@@ -123,32 +99,8 @@ impl Referrals {
         // The coordinator sees every overdue referral; everyone else their agency's.
         let agency = (!coordinator).then(|| ctx.agency().to_owned());
         let overdue_only = req.overdue_only || coordinator;
-        let filter_hash = {
-            let mut h = Sha256::new();
-            h.update(format!("{:?}|{}|{}|{}", agency, req.status, req.urgency, overdue_only));
-            hex_prefix(&h.finalize())
-        };
-        let cursor = if req.page_token.is_empty() {
-            None
-        } else {
-            match decode_token(&req.page_token) {
-                Some(token) if token.f == filter_hash => Some(token),
-                Some(_) => {
-                    v.push(FieldViolation::new(
-                        "page_token",
-                        "was made for other filters; start again without it",
-                    ));
-                    None
-                }
-                None => {
-                    v.push(FieldViolation::new(
-                        "page_token",
-                        "is not a token from a previous response",
-                    ));
-                    None
-                }
-            }
-        };
+        let pager = Pager::new(&format!("{:?}|{}|{}|{}", agency, req.status, req.urgency, overdue_only));
+        let cursor = pager.cursor(&req.page_token, &mut v);
         v.finish(|| ())?;
 
         let mut q: QueryBuilder<Postgres> =
@@ -166,7 +118,7 @@ impl Referrals {
             q.push(" AND overdue");
         }
         if let Some(c) = &cursor {
-            let t = DateTime::from_timestamp_micros(c.t).unwrap_or_default();
+            let t = c.time;
             q.push(" AND (created_at, referral_id) < (")
                 .push_bind(t)
                 .push(", ")
@@ -187,29 +139,10 @@ impl Referrals {
             last = Some((row.get("created_at"), row.get("referral_id")));
             referrals.push(referral);
         }
-        let next_page_token = match (more, last) {
-            (true, Some((t, id))) => encode_token(&PageToken {
-                t: t.timestamp_micros(),
-                id,
-                f: filter_hash,
-            }),
-            _ => String::new(),
-        };
+        let next_page_token = pager.next_token(more, last.map(|(time, id)| Cursor { time, id }));
         Ok(pb::ListInboxResponse {
             referrals,
             next_page_token,
         })
     }
-}
-
-fn hex_prefix(bytes: &[u8]) -> String {
-    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
-fn encode_token(token: &PageToken) -> String {
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(token).unwrap_or_default())
-}
-
-fn decode_token(text: &str) -> Option<PageToken> {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(text).ok()?).ok()
 }
