@@ -996,6 +996,7 @@ async fn bed_holds_and_missing_beds_are_recorded_on_the_referral_once() {
             nanos: 0,
         }),
         region: "KG-C".into(),
+        holder_agency: "kg-msd".into(),
     });
     let no_bed = shelter::shelter_event::Event::NoBedAvailable(shelter::NoBedAvailable {
         referral_id: unplaced.referral_id.clone(),

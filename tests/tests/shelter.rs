@@ -935,3 +935,47 @@ async fn with_no_bed_free_in_the_region_no_bed_available_names_the_nearest_regio
     feed.drop_all().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn only_the_agency_a_bed_is_held_for_the_operator_or_the_coordinator_may_release_it() {
+    let app = ShelterApp::spawn().await;
+    let shelter_id = register(&app, "KG-O", &[(pb::BedCategory::Women, 2)]).await;
+    // MSD holds a bed.
+    let held = hold(&app, &shelter_id, pb::BedCategory::Women).await;
+    let release = |who: String| {
+        let mut client = app.client.clone();
+        let request = pb::ReleaseHoldRequest {
+            request_id: rid(),
+            shelter_id: shelter_id.clone(),
+            hold_id: held.hold_id.clone(),
+        };
+        async move { client.release_hold(authorized(request, &who)).await }
+    };
+    let stream_id = format!("shelter-{shelter_id}");
+    let before = event_types(&app, &stream_id).await.len();
+    // Another agency that may hold beds may not release MSD's hold.
+    let status = release(token("kg-moh", Role::Moh, "doctor-1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(event_types(&app, &stream_id).await.len(), before, "nothing written");
+    // MSD may.
+    release(msd()).await.expect("the holder releases its hold");
+    assert_eq!(
+        event_types(&app, &stream_id).await.last().map(String::as_str),
+        Some("HoldReleased")
+    );
+    // The operator may release any hold of its shelter.
+    let second = hold(&app, &shelter_id, pb::BedCategory::Women).await;
+    app.client
+        .clone()
+        .release_hold(authorized(
+            pb::ReleaseHoldRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.clone(),
+                hold_id: second.hold_id,
+            },
+            &operator(),
+        ))
+        .await
+        .expect("the operator releases a hold");
+    app.stop().await;
+}

@@ -239,6 +239,7 @@ mod tests {
                 referral_id: "referral-1".into(),
                 expires_at: None,
                 region: "KG-O".into(),
+                holder_agency: "kg-msd".into(),
             })),
         };
         let body = commit("nrm.shelter.v1.ShelterEvent", event.encode_to_vec());

@@ -96,6 +96,7 @@ impl Placement {
                 category,
                 referral_id,
                 expires_at: validate::timestamp(expires_at),
+                holder_agency: accepted.receiving_agency.clone(),
             };
             match domain::decide(&shelter, &command) {
                 Ok(events) => {

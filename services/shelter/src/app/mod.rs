@@ -152,6 +152,8 @@ struct ShelterCall {
     expected_version: Option<u64>,
     /// Only the operating agency (or the coordinator) may do this.
     operator_only: bool,
+    /// The agency a hold is for may do this too (releasing its own hold).
+    holder_too: bool,
     command: Command,
 }
 
@@ -398,10 +400,11 @@ impl Shelters {
         if shelter.version == 0 {
             return Err(not_found(shelter_id));
         }
-        if call.operator_only
-            && shelter.operator_agency() != ctx.caller.actor.agency
-            && ctx.caller.role != Role::Coordinator
-        {
+        let operator = shelter.operator_agency() == ctx.caller.actor.agency || ctx.caller.role == Role::Coordinator;
+        let holder = call.holder_too
+            && matches!(&call.command, Command::ReleaseHold { hold_id }
+                if shelter.holds.get(&hold_id.to_string()).is_some_and(|h| h.holder_agency == ctx.caller.actor.agency));
+        if (call.operator_only || call.holder_too) && !operator && !holder {
             return Err(AppError::PermissionDenied(format!(
                 "only the operating agency or the coordinator may {}",
                 call.method
@@ -454,6 +457,7 @@ impl Shelters {
             shelter_id: shelter_id.unwrap_or_default(),
             expected_version,
             operator_only: true,
+            holder_too: false,
             command: Command::ChangeCapacity {
                 category: category.unwrap_or_default(),
                 beds: beds.unwrap_or_default(),
@@ -481,11 +485,13 @@ impl Shelters {
             shelter_id: shelter_id.unwrap_or_default(),
             expected_version: None,
             operator_only: false,
+            holder_too: false,
             command: Command::HoldBed {
                 hold_id: HoldId::new(),
                 category: category.unwrap_or_default(),
                 referral_id: referral_id.unwrap_or_default(),
                 expires_at: validate::timestamp(expires_at),
+                holder_agency: ctx.caller.actor.agency.clone(),
             },
         })?;
         self.on_shelter(ctx, req, call).await
@@ -502,13 +508,15 @@ impl Shelters {
         req: &pb::ReleaseHoldRequest,
     ) -> Result<CommandResult, AppError> {
         ctx.caller.require("release a hold", HOLDERS)?;
-        let call = Self::hold_call(
+        let mut call = Self::hold_call(
             "ReleaseHold",
             &req.request_id,
             &req.shelter_id,
             &req.hold_id,
             |hold_id| Command::ReleaseHold { hold_id },
         )?;
+        // Only the agency the bed is held for, the operator or the coordinator.
+        call.holder_too = true;
         self.on_shelter(ctx, req, call).await
     }
 
@@ -561,6 +569,7 @@ impl Shelters {
             shelter_id: shelter_id.unwrap_or_default(),
             expected_version: None,
             operator_only: false,
+            holder_too: false,
             command: command(hold_id.unwrap_or_default()),
         })
     }

@@ -76,6 +76,8 @@ pub struct Hold {
     pub status: HoldStatus,
     /// When it expires unless the person is admitted.
     pub expires_at: Timestamp,
+    /// The agency the bed is held for.
+    pub holder_agency: String,
 }
 
 /// The state of one shelter, folded from its events.
@@ -166,6 +168,8 @@ pub enum Command {
         referral_id: ReferralId,
         /// When the hold expires unless the person is admitted.
         expires_at: Timestamp,
+        /// The agency the bed is held for.
+        holder_agency: String,
     },
     /// Release a hold before it expires.
     ReleaseHold {
@@ -277,6 +281,7 @@ pub fn decide(shelter: &Shelter, command: &Command) -> Result<Vec<Event>, Domain
             category,
             referral_id,
             expires_at,
+            holder_agency,
         } => {
             let referral_id = referral_id.to_string();
             if shelter.active_hold_for(&referral_id).is_some() {
@@ -292,6 +297,7 @@ pub fn decide(shelter: &Shelter, command: &Command) -> Result<Vec<Event>, Domain
                 referral_id,
                 expires_at: Some(*expires_at),
                 region: shelter.region().to_owned(),
+                holder_agency: holder_agency.clone(),
             })])
         }
         Command::ReleaseHold { hold_id } => match hold(hold_id) {
@@ -360,6 +366,7 @@ pub fn evolve(mut shelter: Shelter, event: &Event) -> Shelter {
                     referral_id: held.referral_id.clone(),
                     status: HoldStatus::Held,
                     expires_at: held.expires_at.unwrap_or_default(),
+                    holder_agency: held.holder_agency.clone(),
                 },
             );
         }
@@ -426,6 +433,7 @@ mod tests {
             category: Women,
             referral_id,
             expires_at: LATER,
+            holder_agency: "kg-msd".into(),
         }
     }
 
@@ -455,6 +463,7 @@ mod tests {
             category: Children,
             referral_id: ReferralId::new(),
             expires_at: LATER,
+            holder_agency: "kg-msd".into(),
         };
         assert_eq!(decide(&given(&[registered(2)]), &children), Err(DomainError::NoBedFree));
     }
@@ -555,6 +564,7 @@ mod tests {
             referral_id: h.referral_id.clone(),
             expires_at: Some(h.expires_at),
             region: "KG-O".into(),
+            holder_agency: h.holder_agency.clone(),
         })
     }
 
