@@ -209,6 +209,24 @@ pub struct AuditEntry<'a> {
     pub purpose: &'a str,
 }
 
+/// Every event of a stream, in version order, through `executor`.
+async fn read_stream<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    stream_id: &str,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT global_position, event_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at
+         FROM events WHERE stream_id = $1 ORDER BY version",
+    )
+    .bind(stream_id)
+    .fetch_all(executor)
+    .await?;
+    rows.iter()
+        .map(RecordedEvent::from_row)
+        .collect::<Result<_, _>>()
+        .map_err(Into::into)
+}
+
 /// The one statement of every append: events, outbox row and, when given, the
 /// command's answer and an audit entry, all or nothing.
 async fn append_statement<'e>(
@@ -330,17 +348,7 @@ impl EventStore {
     /// # Errors
     /// [`StoreError::Database`].
     pub async fn read_stream(&self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT global_position, event_id, stream_id, version, event_type, schema_version, payload, metadata, recorded_at
-             FROM events WHERE stream_id = $1 ORDER BY version",
-        )
-        .bind(stream_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(RecordedEvent::from_row)
-            .collect::<Result<_, _>>()
-            .map_err(Into::into)
+        read_stream(&self.pool, stream_id).await
     }
 
     /// The first answer to a request key, if the command ran before.
@@ -403,6 +411,15 @@ impl UnitOfWork {
     /// The transaction's connection, for the service's own writes.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx
+    }
+
+    /// Every event of a stream, read in this transaction (on its connection,
+    /// so a command that holds a lock needs no second connection).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn read_stream(&mut self, stream_id: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+        read_stream(&mut *self.tx, stream_id).await
     }
 
     /// Appends `events` to `stream_id` if it stands at `expected_version`

@@ -3,10 +3,12 @@
 //! pure aggregate.
 //!
 //! Commands that act on the current version (`HoldBed`, `ReleaseHold`,
-//! `Admit`, `Discharge`) reload and decide again when another writer appended
-//! first, a bounded number of times with a little jitter: under contention
-//! the caller gets the bed or `NO_BED_FREE`, never `ABORTED`, and the
-//! expected-version append makes over-booking impossible. `ChangeCapacity`
+//! `Admit`, `Discharge`) queue per shelter on a transaction-scoped advisory
+//! lock, so under contention the caller gets the bed or `NO_BED_FREE`; a
+//! writer that takes no lock (the placement reaction, an expiry, a capacity
+//! change) can still move the shelter on first, and then the command reloads
+//! and decides again, a bounded number of times with a little jitter. The
+//! expected-version append makes over-booking impossible either way. `ChangeCapacity`
 //! names the version its caller read and gets `ABORTED` when it is stale.
 //!
 //! # Layout
@@ -157,6 +159,17 @@ struct ShelterCall {
     command: Command,
 }
 
+/// A shelter folded from its stored events.
+fn fold(events: &[nrm_kernel::store::RecordedEvent]) -> Result<Shelter, AppError> {
+    events.iter().try_fold(Shelter::default(), |shelter, recorded| {
+        let event = pb::ShelterEvent::decode(recorded.payload.as_slice())
+            .ok()
+            .and_then(|e| e.event)
+            .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))?;
+        Ok(domain::evolve(shelter, &event))
+    })
+}
+
 /// The shelter application.
 #[derive(Clone, Debug)]
 pub struct Shelters {
@@ -227,14 +240,15 @@ impl Shelters {
     /// # Errors
     /// When the store fails or an event does not decode.
     pub async fn load(&self, shelter_id: ShelterId) -> Result<Shelter, AppError> {
-        let events = self.store.read_stream(&domain::stream_id(shelter_id)).await?;
-        events.iter().try_fold(Shelter::default(), |shelter, recorded| {
-            let event = pb::ShelterEvent::decode(recorded.payload.as_slice())
-                .ok()
-                .and_then(|e| e.event)
-                .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))?;
-            Ok(domain::evolve(shelter, &event))
-        })
+        fold(&self.store.read_stream(&domain::stream_id(shelter_id)).await?)
+    }
+
+    /// The shelter folded from its events, read in `uow`.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub async fn load_in(&self, uow: &mut UnitOfWork, shelter_id: ShelterId) -> Result<Shelter, AppError> {
+        fold(&uow.read_stream(&domain::stream_id(shelter_id)).await?)
     }
 
     /// Appends `events` to the shelter's stream at `expected_version`, in
@@ -396,7 +410,18 @@ impl Shelters {
         call: &ShelterCall,
     ) -> Result<R, AppError> {
         let shelter_id = call.shelter_id;
-        let shelter = self.load(shelter_id).await?;
+        let mut uow = self.store.begin().await?;
+        if call.expected_version.is_none() {
+            // Commands on the current version queue per shelter instead of
+            // racing to append and retrying: under contention (many agencies
+            // asking one shelter for beds) every caller gets an answer, a bed
+            // or NO_BED_FREE. The lock ends with the transaction.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(domain::stream_id(shelter_id))
+                .execute(uow.conn())
+                .await?;
+        }
+        let shelter = self.load_in(&mut uow, shelter_id).await?;
         if shelter.version == 0 {
             return Err(not_found(shelter_id));
         }
@@ -418,7 +443,6 @@ impl Shelters {
             });
         }
         let events = domain::decide(&shelter, &call.command)?;
-        let mut uow = self.store.begin().await?;
         let appended = self
             .append(&mut uow, shelter_id, shelter.version, &events, &ctx.metadata())
             .await?;
