@@ -6,14 +6,21 @@
 # nrm-bench measures, on one PostgreSQL, the kernel's append path (1, 8, 32
 # clients) beside pgbench inserting the same rows (the raw ceiling), takes
 # the kernel's path apart at the highest client count, and times a gRPC
-# report until its event is on NATS. It prints a markdown table and writes it
+# report until its event is on NATS; then runs the shelter service in-process
+# for bed holds at 8 and 32 clients, a race of 32 clients for 50 beds (must
+# not over-book), ListFreeCapacity over 200 shelters, and accepted referral
+# (ReferralAccepted published by a kernel relay) → BedHeld on NATS at 100/s.
+# It prints a markdown table and writes it
 # to bench/results/<UTC date-time>.md and bench/results/latest.md.
 #
 # Arguments go to nrm-bench (`make bench ARGS='--seconds 5'`; see
 # `target/release/nrm-bench --help`); the same settings can come from the
 # environment: NRM_BENCH_SECONDS, NRM_BENCH_WARMUP, NRM_BENCH_CLIENTS,
 # NRM_BENCH_PAYLOAD_BYTES, NRM_BENCH_DIAGNOSE_SECONDS, NRM_BENCH_E2E_REPORTS,
-# NRM_BENCH_E2E_CONCURRENCY, NRM_BENCH_RESULTS_DIR, NRM_BENCH_PGBENCH.
+# NRM_BENCH_E2E_CONCURRENCY, NRM_BENCH_RESULTS_DIR, NRM_BENCH_PGBENCH,
+# NRM_BENCH_SHELTER_SECONDS, NRM_BENCH_SHELTER_CLIENTS, NRM_BENCH_RACE_BEDS,
+# NRM_BENCH_RACE_CLIENTS, NRM_BENCH_SHELTERS, NRM_BENCH_CAPACITY_CALLS,
+# NRM_BENCH_PLACEMENT_RATE, NRM_BENCH_PLACEMENT_SECONDS.
 # When NRM_TEST_DATABASE_URL and NRM_TEST_NATS_URL are both set already,
 # those servers are used and no private stack is started.
 

@@ -1,6 +1,9 @@
 //! `nrm-bench`: the kernel's append throughput and latency beside the raw
 //! PostgreSQL ceiling (pgbench, same rows, same server), and the latency from
-//! a gRPC report to its event on NATS. `make bench` runs it on a private stack
+//! a gRPC report to its event on NATS; then the shelter service's bed holds
+//! under contention (with a race for the last beds that must not
+//! over-book), its free-capacity query, and the latency from an accepted
+//! referral to the bed held ([`shelter`]). `make bench` runs it on a private stack
 //! (`scripts/bench.sh`); the servers come from `NRM_TEST_DATABASE_URL` and
 //! `NRM_TEST_NATS_URL`, as for the tests.
 //!
@@ -13,6 +16,7 @@ mod e2e;
 mod raw;
 mod report;
 mod service;
+mod shelter;
 mod stats;
 
 use std::path::PathBuf;
@@ -64,6 +68,35 @@ struct Args {
         default_value = "1,8"
     )]
     e2e_concurrency: Vec<usize>,
+    /// Seconds per shelter hold phase (0: skip the shelter sections' holds).
+    #[arg(long, env = "NRM_BENCH_SHELTER_SECONDS", default_value_t = 5)]
+    shelter_seconds: u64,
+    /// Clients of the shelter hold phases, comma-separated.
+    #[arg(
+        long,
+        env = "NRM_BENCH_SHELTER_CLIENTS",
+        value_delimiter = ',',
+        default_value = "8,32"
+    )]
+    shelter_clients: Vec<usize>,
+    /// Free beds the race is for (0: skip the race).
+    #[arg(long, env = "NRM_BENCH_RACE_BEDS", default_value_t = 50)]
+    race_beds: u32,
+    /// Clients racing for them.
+    #[arg(long, env = "NRM_BENCH_RACE_CLIENTS", default_value_t = 32)]
+    race_clients: usize,
+    /// Shelters registered for the free-capacity query (0: skip it).
+    #[arg(long, env = "NRM_BENCH_SHELTERS", default_value_t = 200)]
+    shelters: usize,
+    /// Sequential free-capacity calls.
+    #[arg(long, env = "NRM_BENCH_CAPACITY_CALLS", default_value_t = 2000)]
+    capacity_calls: usize,
+    /// Accepted referrals per second for the placement reaction (0: skip it).
+    #[arg(long, env = "NRM_BENCH_PLACEMENT_RATE", default_value_t = 100)]
+    placement_rate: u64,
+    /// Seconds of accepted referrals.
+    #[arg(long, env = "NRM_BENCH_PLACEMENT_SECONDS", default_value_t = 10)]
+    placement_seconds: u64,
     /// Seconds the whole run may wait, in total, for other processes to
     /// leave the CPUs before a measurement (runs disturbed anyway are flagged).
     #[arg(long, env = "NRM_BENCH_QUIET_WAIT", default_value_t = 30)]
@@ -87,6 +120,9 @@ async fn main() -> anyhow::Result<()> {
     let nats_url = std::env::var("NRM_TEST_NATS_URL").unwrap_or_default();
     if args.e2e_reports > 0 && nats_url.is_empty() {
         bail!("NRM_TEST_NATS_URL is not set: run `make bench` (scripts/bench.sh), or pass --e2e-reports 0");
+    }
+    if args.placement_rate > 1_000_000 {
+        bail!("--placement-rate is at most 1000000 a second");
     }
     let started = chrono::Utc::now();
     let clock = std::time::Instant::now();
@@ -207,6 +243,25 @@ async fn run(
             e2e::run(&settings.url, nats_url, args.e2e_reports, &args.e2e_concurrency).await?;
         report.env.nats = nats_version;
         report.e2e = results;
+    }
+
+    let shelter_plan = shelter::Plan {
+        hold_clients: args.shelter_clients.clone(),
+        hold_seconds: args.shelter_seconds,
+        race_beds: args.race_beds,
+        race_clients: args.race_clients,
+        shelters: args.shelters,
+        queries: args.capacity_calls,
+        placement_rate: args.placement_rate,
+        placement_seconds: args.placement_seconds,
+    };
+    let any_shelter = args.shelter_seconds > 0
+        || args.race_beds > 0
+        || (args.shelters > 0 && args.capacity_calls > 0)
+        || (args.placement_rate > 0 && args.placement_seconds > 0);
+    if any_shelter && !nats_url.is_empty() {
+        stats::wait_for_quiet(&mut plan.quiet_budget, 0.10).await;
+        report.shelter = Some(shelter::run(&settings.url, nats_url, &shelter_plan).await?);
     }
     Ok(report)
 }

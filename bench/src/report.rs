@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 
 use crate::e2e::E2eResult;
+use crate::shelter::ShelterResults;
 use crate::stats::{RunResult, ms};
 
 /// The share of the raw ceiling the kernel should reach at the highest client count.
@@ -97,6 +98,17 @@ pub struct Report {
     pub explains: Vec<(String, String)>,
     /// End to end (empty when skipped).
     pub e2e: Vec<E2eResult>,
+    /// The shelter service: holds, the race, free capacity, the placement reaction.
+    pub shelter: Option<ShelterResults>,
+}
+
+/// The free-capacity query's aim: p99 under this many µs.
+pub const QUERY_AIM_US: u64 = 5_000;
+/// The placement reaction's aim: p99 under this many µs.
+pub const PLACEMENT_AIM_US: u64 = 100_000;
+
+fn aim(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
 }
 
 fn ops(r: &RunResult) -> String {
@@ -163,6 +175,9 @@ impl Report {
         self.write_append(&mut out);
         self.write_variants(&mut out);
         self.write_e2e(&mut out);
+        if let Some(shelter) = &self.shelter {
+            write_shelter(&mut out, shelter);
+        }
         self.write_explains(&mut out);
         out
     }
@@ -377,6 +392,121 @@ impl Report {
         std::fs::write(&path, &text)?;
         std::fs::write(dir.join("latest.md"), &text)?;
         Ok(path)
+    }
+}
+
+fn write_shelter(out: &mut String, s: &ShelterResults) {
+    if !s.holds.is_empty() {
+        let _ = writeln!(out, "## Shelter: bed holds under contention\n");
+        let _ = writeln!(
+            out,
+            "The shelter service in this process; `HoldBed` over gRPC (loopback) on one shelter of 10000 women's beds (a new one per line), every hold for a referral of its own, {} s per line. All holds of a line go to one shelter's stream, so they are serialized by its version check (a conflict is retried inside the service). Latency in ms of successful holds; refused = FAILED_PRECONDITION, aborted = ABORTED (the service's own retries on a version conflict ran out).\n",
+            s.hold_seconds
+        );
+        let _ = writeln!(
+            out,
+            "| clients | holds | holds/s | p50 | p99 | refused | aborted | other errors |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for h in &s.holds {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                h.clients,
+                h.holds.ops,
+                h.holds.ops_per_sec,
+                ms(h.holds.p50_us),
+                ms(h.holds.p99_us),
+                h.failed_precondition,
+                h.aborted,
+                h.other_errors
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if let Some(r) = &s.race {
+        let _ = writeln!(
+            out,
+            "### Race for the last beds\n\n{} clients hold beds of a shelter with {} free, each until told none is free; then the shelter's `BedHeld` events are counted in its database.\n",
+            r.clients, r.beds
+        );
+        let _ = writeln!(
+            out,
+            "| free beds | clients | holds granted | BedHeld events | refused | aborted | other errors |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.beds, r.clients, r.successes, r.bed_held_events, r.failed_precondition, r.aborted, r.other_errors
+        );
+        let over = r.over_bookings();
+        let _ = writeln!(
+            out,
+            "**over-bookings: {over}**{}\n",
+            if over == 0 {
+                ""
+            } else {
+                " — the shelter gave more beds than it has"
+            }
+        );
+    }
+    if let Some(q) = &s.query {
+        let met = q.calls.ops > 0 && q.calls.p99_us < QUERY_AIM_US;
+        let _ = writeln!(out, "## Shelter: free-capacity query\n");
+        let _ = writeln!(
+            out,
+            "`ListFreeCapacity` over gRPC by region (the {} regions in turn) and women's beds, one call after another, with {} shelters registered (and those of the sections above). Latency in ms.\n",
+            q.regions, q.shelters
+        );
+        let _ = writeln!(out, "| shelters | calls | calls/s | entries per answer | p50 | p99 |");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.1} | {} | {} |\n",
+            q.shelters,
+            q.calls.ops,
+            q.calls.ops_per_sec,
+            q.entries,
+            ms(q.calls.p50_us),
+            ms(q.calls.p99_us)
+        );
+        let _ = writeln!(
+            out,
+            "**Aim (p99 under {} ms): {}** ({} ms).\n",
+            QUERY_AIM_US / 1000,
+            aim(met),
+            ms(q.calls.p99_us)
+        );
+    }
+    if let Some(p) = &s.placement {
+        let met = p.latency.ops > 0 && p.missing == 0 && p.latency.p99_us < PLACEMENT_AIM_US;
+        let _ = writeln!(out, "## Shelter: accepted referral → bed held\n");
+        let _ = writeln!(
+            out,
+            "The referral service's side played by the kernel (as `tests/tests/shelter.rs` does), not the referral service: `ReferralAccepted` with a need for a women's bed in a region with beds, committed to an event store on a scratch database and published to the referral stream by a kernel relay, {}/s; the shelter service's placement reaction holds a bed. Latency in ms from the relay's publish acknowledgement to `BedHeld` (matched by referral ID) on a core NATS subscription to the shelter subjects.\n",
+            p.rate
+        );
+        let _ = writeln!(out, "| referrals | asked /s | achieved /s | p50 | p99 | missing |");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} |\n",
+            p.referrals,
+            p.rate,
+            p.achieved_rate,
+            ms(p.latency.p50_us),
+            ms(p.latency.p99_us),
+            p.missing
+        );
+        let _ = writeln!(
+            out,
+            "**Aim (p99 under {} ms at {}/s, none missing): {}** ({} ms).\n",
+            PLACEMENT_AIM_US / 1000,
+            p.rate,
+            aim(met),
+            ms(p.latency.p99_us)
+        );
     }
 }
 

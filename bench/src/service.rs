@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// The HMAC secret of the benchmark's tokens.
-const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
+pub const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
 /// The tokens' issuer.
-const ISSUER: &str = "kopur";
+pub const ISSUER: &str = "kopur";
 
 /// A running identification service.
 pub struct Service {
