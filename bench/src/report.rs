@@ -400,7 +400,7 @@ fn write_shelter(out: &mut String, s: &ShelterResults) {
         let _ = writeln!(out, "## Shelter: bed holds under contention\n");
         let _ = writeln!(
             out,
-            "The shelter service in this process; `HoldBed` over gRPC (loopback) on one shelter of 10000 women's beds (a new one per line), every hold for a referral of its own, {} s per line. All holds of a line go to one shelter's stream, so they are serialized by its version check (a conflict is retried inside the service). Latency in ms of successful holds; refused = FAILED_PRECONDITION, aborted = ABORTED (the service's own retries on a version conflict ran out).\n",
+            "The shelter service in this process; `HoldBed` over gRPC (loopback) on one shelter of 10000 women's beds (a new one per line), every hold for a referral of its own, {} s per line. All holds of a line go to one shelter's stream, so they queue on the shelter's lock (and are serialized by its version check). Latency in ms of successful holds; refused = FAILED_PRECONDITION, aborted = ABORTED (the service's own retries on a version conflict ran out).\n",
             s.hold_seconds
         );
         let _ = writeln!(
