@@ -176,6 +176,49 @@ pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+/// A service started in this process: its address, a pool on its database,
+/// JetStream, and the handle that stops it.
+struct Started {
+    endpoint: String,
+    pool: sqlx::PgPool,
+    jetstream: jetstream::Context,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Started {
+    /// Runs `run` (a service's `run_until_stopped`) in a task and connects to
+    /// what the service listens on and writes to.
+    async fn run<F>(
+        addr: std::net::SocketAddr,
+        database: &DatabaseSettings,
+        nats_url: &str,
+        run: impl FnOnce(CancellationToken) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = Result<(), anyhow::Error>> + Send + 'static,
+    {
+        let shutdown = CancellationToken::new();
+        let running = run(shutdown.clone());
+        let task = tokio::spawn(async move {
+            if let Err(err) = running.await {
+                panic!("service failed: {err}");
+            }
+        });
+        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(database).expect("options"))
+            .await
+            .expect("connect to the test database");
+        let nats = async_nats::connect(nats_url).await.expect("connect to NATS");
+        Self {
+            endpoint: format!("http://{addr}"),
+            pool,
+            jetstream: jetstream::new(nats),
+            shutdown,
+            task,
+        }
+    }
+}
+
 /// A running identification service.
 pub struct TestApp {
     /// Its settings (database, subjects).
@@ -203,32 +246,28 @@ impl TestApp {
         let app = Application::build(&settings)
             .await
             .expect("build the identification service");
-        let addr = app.grpc_addr().expect("grpc address");
         let metrics_url = format!("http://{}/metrics", app.metrics_addr().expect("metrics address"));
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            if let Err(err) = app.run_until_stopped(stop).await {
-                panic!("service failed: {err}");
-            }
-        });
-        let endpoint = format!("http://{addr}");
+        let addr = app.grpc_addr().expect("grpc address");
+        let Started {
+            endpoint,
+            pool,
+            jetstream,
+            shutdown,
+            task,
+        } = Started::run(addr, &settings.database, &settings.nats.url, |stop| {
+            app.run_until_stopped(stop)
+        })
+        .await;
         let client = IdentificationServiceClient::connect(endpoint.clone())
             .await
             .expect("connect");
-        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).expect("options"))
-            .await
-            .expect("connect to the test database");
-        let nats = async_nats::connect(settings.nats.url.as_str())
-            .await
-            .expect("connect to NATS");
         Self {
             settings,
             endpoint,
             metrics_url,
             client,
             pool,
-            jetstream: jetstream::new(nats),
+            jetstream,
             shutdown,
             task: Some(task),
         }
@@ -580,29 +619,25 @@ impl ShelterApp {
             .await
             .expect("build the shelter service");
         let addr = app.grpc_addr().expect("grpc address");
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            if let Err(err) = app.run_until_stopped(stop).await {
-                panic!("service failed: {err}");
-            }
-        });
-        let endpoint = format!("http://{addr}");
+        let Started {
+            endpoint,
+            pool,
+            jetstream,
+            shutdown,
+            task,
+        } = Started::run(addr, &settings.database, &settings.nats.url, |stop| {
+            app.run_until_stopped(stop)
+        })
+        .await;
         let client = nrm_proto::shelter::v1::shelter_service_client::ShelterServiceClient::connect(endpoint.clone())
             .await
             .expect("connect");
-        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).expect("options"))
-            .await
-            .expect("connect to the test database");
-        let nats = async_nats::connect(settings.nats.url.as_str())
-            .await
-            .expect("connect to NATS");
         Self {
             settings,
             endpoint,
             client,
             pool,
-            jetstream: jetstream::new(nats),
+            jetstream,
             shutdown,
             task: Some(task),
         }
@@ -711,29 +746,25 @@ impl ReferralApp {
             .await
             .expect("build the referral service");
         let addr = app.grpc_addr().expect("grpc address");
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            if let Err(err) = app.run_until_stopped(stop).await {
-                panic!("service failed: {err}");
-            }
-        });
-        let endpoint = format!("http://{addr}");
+        let Started {
+            endpoint,
+            pool,
+            jetstream,
+            shutdown,
+            task,
+        } = Started::run(addr, &settings.database, &settings.nats.url, |stop| {
+            app.run_until_stopped(stop)
+        })
+        .await;
         let client = nrm_proto::referral::v1::referral_service_client::ReferralServiceClient::connect(endpoint.clone())
             .await
             .expect("connect");
-        let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).expect("options"))
-            .await
-            .expect("connect to the test database");
-        let nats = async_nats::connect(settings.nats.url.as_str())
-            .await
-            .expect("connect to NATS");
         Self {
             settings,
             endpoint,
             client,
             pool,
-            jetstream: jetstream::new(nats),
+            jetstream,
             shutdown,
             task: Some(task),
         }
