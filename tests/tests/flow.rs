@@ -232,6 +232,30 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
         .await
         .unwrap()
         .into_inner();
+    // Its beds show in the free-capacity read model (a few milliseconds later,
+    // longer on a busy machine) before anyone counts on them, as a caseworker
+    // would check `nrmctl shelter free` first.
+    eventually("the new shelter's beds show as free", || {
+        let mut shelter = shelter.clone();
+        async move {
+            let free = shelter
+                .list_free_capacity(authorized(
+                    sh::ListFreeCapacityRequest {
+                        region: "KG-C".into(),
+                        category: sh::BedCategory::Women as i32,
+                    },
+                    &as_(MSD),
+                ))
+                .await?
+                .into_inner();
+            if free.entries.iter().map(|e| e.free).sum::<u32>() == 2 {
+                Ok(())
+            } else {
+                Err(tonic::Status::not_found("not yet"))
+            }
+        }
+    })
+    .await;
 
     // Consent for MSD and MoH; urgent referral to MSD with a shelter need, normal one to MoH.
     let msd_consent = system
