@@ -13,6 +13,8 @@ use base64::Engine as _;
 use nrm_identification::config::{IdentificationSettings, Settings};
 use nrm_identification::startup::Application;
 use nrm_kernel::auth::{self, Role};
+use nrm_kernel::retry::RetryPolicy;
+use nrm_kernel::service::{CommonSettings, Service as _};
 use nrm_kernel::settings::{
     AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, SealingSettings, ServerSettings, TelemetrySettings,
 };
@@ -47,37 +49,40 @@ impl Service {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let key = |b: u8| SecretString::from(base64::engine::general_purpose::STANDARD.encode([b; 32]));
         let settings = Settings {
-            server: ServerSettings {
-                grpc_addr: "127.0.0.1:0".parse()?,
-                metrics_addr: "127.0.0.1:0".parse()?,
-            },
-            database: DatabaseSettings {
-                url: database_url.to_owned(),
-                name: format!("bench_e2e_{id}"),
-                max_connections: 8,
-            },
-            nats: NatsSettings {
-                url: nats_url.to_owned(),
-                subject_prefix: format!("b{id}"),
-                stream_prefix: format!("B{}", id.to_ascii_uppercase()),
-                replicas: 1,
-            },
-            relay: RelaySettings::default(),
-            auth: AuthSettings {
-                jwt_secret: SecretString::from(JWT_SECRET),
-                issuer: ISSUER.into(),
+            common: CommonSettings {
+                server: ServerSettings {
+                    grpc_addr: "127.0.0.1:0".parse()?,
+                    metrics_addr: "127.0.0.1:0".parse()?,
+                },
+                database: DatabaseSettings {
+                    url: database_url.to_owned(),
+                    name: format!("bench_e2e_{id}"),
+                    max_connections: 8,
+                },
+                nats: NatsSettings {
+                    url: nats_url.to_owned(),
+                    subject_prefix: format!("b{id}"),
+                    stream_prefix: format!("B{}", id.to_ascii_uppercase()),
+                    replicas: 1,
+                },
+                relay: RelaySettings::default(),
+                retry: RetryPolicy::default(),
+                auth: AuthSettings {
+                    jwt_secret: SecretString::from(JWT_SECRET),
+                    issuer: ISSUER.into(),
+                },
+                telemetry: TelemetrySettings::default(),
             },
             sealing: SealingSettings {
                 master_key: key(7),
                 match_key: key(9),
             },
-            telemetry: TelemetrySettings::default(),
             identification: IdentificationSettings::default(),
         };
         let app = Application::build(&settings)
             .await
             .context("build the identification service")?;
-        let addr = app.grpc_addr()?;
+        let addr = app.kit().grpc_addr()?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {

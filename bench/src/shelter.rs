@@ -23,6 +23,8 @@ use hdrhistogram::Histogram;
 use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
 use nrm_kernel::relay::{Relay, RelayConfig};
+use nrm_kernel::retry::RetryPolicy;
+use nrm_kernel::service::{CommonSettings, Service as _};
 use nrm_kernel::settings::{
     AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings,
 };
@@ -172,36 +174,39 @@ impl Service {
     async fn start(database_url: &str, nats_url: &str) -> anyhow::Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let settings = Settings {
-            server: ServerSettings {
-                grpc_addr: "127.0.0.1:0".parse()?,
-                metrics_addr: "127.0.0.1:0".parse()?,
-            },
-            database: DatabaseSettings {
-                url: database_url.to_owned(),
-                name: format!("bench_shelter_{id}"),
-                max_connections: 16,
-            },
-            nats: NatsSettings {
-                url: nats_url.to_owned(),
-                subject_prefix: format!("s{id}"),
-                stream_prefix: format!("S{}", id.to_ascii_uppercase()),
-                replicas: 1,
-            },
-            relay: RelaySettings::default(),
-            auth: AuthSettings {
-                jwt_secret: SecretString::from(JWT_SECRET),
-                issuer: ISSUER.into(),
+            common: CommonSettings {
+                server: ServerSettings {
+                    grpc_addr: "127.0.0.1:0".parse()?,
+                    metrics_addr: "127.0.0.1:0".parse()?,
+                },
+                database: DatabaseSettings {
+                    url: database_url.to_owned(),
+                    name: format!("bench_shelter_{id}"),
+                    max_connections: 16,
+                },
+                nats: NatsSettings {
+                    url: nats_url.to_owned(),
+                    subject_prefix: format!("s{id}"),
+                    stream_prefix: format!("S{}", id.to_ascii_uppercase()),
+                    replicas: 1,
+                },
+                relay: RelaySettings::default(),
+                retry: RetryPolicy::default(),
+                auth: AuthSettings {
+                    jwt_secret: SecretString::from(JWT_SECRET),
+                    issuer: ISSUER.into(),
+                },
+                telemetry: TelemetrySettings::default(),
             },
             sealing: SealingSettings {
                 master_key: SecretString::from(base64::engine::general_purpose::STANDARD.encode([7u8; 32])),
             },
-            telemetry: TelemetrySettings::default(),
             shelter: ShelterSettings::default(),
         };
         let app = Application::build(&settings)
             .await
             .context("build the shelter service")?;
-        let addr = app.grpc_addr()?;
+        let addr = app.kit().grpc_addr()?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -528,12 +533,12 @@ impl Feed {
             .await
             .context("create the referral feed's database")?;
         let bus = Bus::connect(&service.settings.nats).await?;
-        let stream = bus.ensure_stream("referral").await?;
+        bus.ensure_stream("referral").await?;
         let store = EventStore::new(pool.clone());
         let relay = Relay::new(
             pool,
             bus.clone(),
-            stream,
+            "referral",
             store.appended_signal(),
             RelayConfig::new("nrm.referral.v1.ReferralEvent"),
         );

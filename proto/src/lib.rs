@@ -3,12 +3,14 @@
 //! renumbered.
 //!
 //! # Layout
-//! - [`common::v1`]: sealed personal data, shared enums, command results.
+//! - [`common::v1`]: sealed personal data, shared enums, command results;
+//!   the operator's service every service serves.
 //! - [`identification::v1`]: the identification service and its events.
 //! - [`referral::v1`]: consents, referrals, the rehabilitation plan.
 //! - [`shelter::v1`]: shelters, beds, holds, admissions.
 //! - [`FILE_DESCRIPTOR_SET`]: every file's descriptor, for gRPC reflection and
-//!   for decoding events to JSON.
+//!   for decoding events to JSON; each service's reflection lists only the
+//!   services it serves.
 
 #![allow(missing_docs, clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 

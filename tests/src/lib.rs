@@ -15,6 +15,7 @@
 //!   (same subjects, its own database), which can be stopped and restarted.
 //! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
 
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -25,6 +26,8 @@ use base64::Engine as _;
 use nrm_identification::config::{IdentificationSettings, Settings};
 use nrm_identification::startup::Application;
 use nrm_kernel::auth::{self, Role};
+use nrm_kernel::retry::RetryPolicy;
+use nrm_kernel::service::{CommonSettings, Service as _};
 use nrm_kernel::settings::{
     AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, SealingSettings, ServerSettings, TelemetrySettings,
 };
@@ -32,6 +35,7 @@ use nrm_proto::identification::v1::identification_service_client::Identification
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
 
 /// Where the real servers are.
 #[derive(Debug, Clone)]
@@ -125,31 +129,34 @@ pub fn settings() -> Settings {
     let id = unique();
     let key = |b: u8| SecretString::from(base64::engine::general_purpose::STANDARD.encode([b; 32]));
     Settings {
-        server: ServerSettings {
-            grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
-            metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
-        },
-        database: DatabaseSettings {
-            url: env.database_url.clone(),
-            name: format!("test_{id}"),
-            max_connections: 8,
-        },
-        nats: NatsSettings {
-            url: env.nats_url.clone(),
-            subject_prefix: format!("t{id}"),
-            stream_prefix: format!("T{}", id.to_ascii_uppercase()),
-            replicas: 1,
-        },
-        relay: RelaySettings::default(),
-        auth: AuthSettings {
-            jwt_secret: SecretString::from(JWT_SECRET),
-            issuer: "kopur".into(),
+        common: CommonSettings {
+            server: ServerSettings {
+                grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+                metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            },
+            database: DatabaseSettings {
+                url: env.database_url.clone(),
+                name: format!("test_{id}"),
+                max_connections: 8,
+            },
+            nats: NatsSettings {
+                url: env.nats_url.clone(),
+                subject_prefix: format!("t{id}"),
+                stream_prefix: format!("T{}", id.to_ascii_uppercase()),
+                replicas: 1,
+            },
+            relay: RelaySettings::default(),
+            retry: RetryPolicy::default(),
+            auth: AuthSettings {
+                jwt_secret: SecretString::from(JWT_SECRET),
+                issuer: "kopur".into(),
+            },
+            telemetry: TelemetrySettings::default(),
         },
         sealing: SealingSettings {
             master_key: key(7),
             match_key: key(9),
         },
-        telemetry: TelemetrySettings::default(),
         identification: IdentificationSettings::default(),
     }
 }
@@ -246,8 +253,8 @@ impl TestApp {
         let app = Application::build(&settings)
             .await
             .expect("build the identification service");
-        let metrics_url = format!("http://{}/metrics", app.metrics_addr().expect("metrics address"));
-        let addr = app.grpc_addr().expect("grpc address");
+        let metrics_url = format!("http://{}/metrics", app.kit().metrics_addr().expect("metrics address"));
+        let addr = app.kit().grpc_addr().expect("grpc address");
         let Started {
             endpoint,
             pool,
@@ -474,7 +481,7 @@ impl Parts {
         nrm_kernel::relay::Relay::new(
             self.pool.clone(),
             self.bus.clone(),
-            self.stream.clone(),
+            "identification",
             store.appended_signal(),
             nrm_kernel::relay::RelayConfig::new(nrm_identification::app::PAYLOAD_TYPE),
         )
@@ -574,18 +581,16 @@ pub fn service_env(settings: &Settings) -> Vec<(String, String)> {
 pub fn shelter_settings() -> nrm_shelter::config::Settings {
     let base = settings();
     nrm_shelter::config::Settings {
-        server: base.server,
-        database: DatabaseSettings {
-            max_connections: 16,
-            ..base.database
+        common: CommonSettings {
+            database: DatabaseSettings {
+                max_connections: 16,
+                ..base.common.database
+            },
+            ..base.common
         },
-        nats: base.nats,
-        relay: base.relay,
-        auth: base.auth,
         sealing: nrm_shelter::config::SealingSettings {
             master_key: base.sealing.master_key,
         },
-        telemetry: base.telemetry,
         shelter: nrm_shelter::config::ShelterSettings {
             hold_minutes_default: 1440,
             timer_poll_ms: 100,
@@ -618,7 +623,7 @@ impl ShelterApp {
         let app = nrm_shelter::startup::Application::build(&settings)
             .await
             .expect("build the shelter service");
-        let addr = app.grpc_addr().expect("grpc address");
+        let addr = app.kit().grpc_addr().expect("grpc address");
         let Started {
             endpoint,
             pool,
@@ -703,19 +708,19 @@ impl Drop for ShelterApp {
 #[must_use]
 pub fn referral_settings(identification: &Settings) -> nrm_referral::config::Settings {
     nrm_referral::config::Settings {
-        server: ServerSettings {
-            grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
-            metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+        common: CommonSettings {
+            server: ServerSettings {
+                grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+                metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+            },
+            database: DatabaseSettings {
+                url: identification.database.url.clone(),
+                name: format!("test_{}", unique()),
+                max_connections: 8,
+            },
+            relay: RelaySettings::default(),
+            ..identification.common.clone()
         },
-        database: DatabaseSettings {
-            url: identification.database.url.clone(),
-            name: format!("test_{}", unique()),
-            max_connections: 8,
-        },
-        nats: identification.nats.clone(),
-        relay: RelaySettings::default(),
-        auth: identification.auth.clone(),
-        telemetry: TelemetrySettings::default(),
         referral: nrm_referral::config::ReferralSettings::default(),
     }
 }
@@ -745,7 +750,7 @@ impl ReferralApp {
         let app = nrm_referral::startup::Application::build(&settings)
             .await
             .expect("build the referral service");
-        let addr = app.grpc_addr().expect("grpc address");
+        let addr = app.kit().grpc_addr().expect("grpc address");
         let Started {
             endpoint,
             pool,
@@ -877,12 +882,12 @@ impl ShelterFeed {
             .await
             .expect("database");
         let bus = nrm_kernel::bus::Bus::connect(nats).await.expect("bus");
-        let stream = bus.ensure_stream("shelter").await.expect("stream");
+        bus.ensure_stream("shelter").await.expect("stream");
         let store = nrm_kernel::store::EventStore::new(pool.clone());
         let relay = nrm_kernel::relay::Relay::new(
             pool.clone(),
             bus.clone(),
-            stream,
+            "shelter",
             store.appended_signal(),
             nrm_kernel::relay::RelayConfig::new("nrm.shelter.v1.ShelterEvent"),
         );

@@ -546,12 +546,12 @@ impl ReferralEvents {
             .await
             .unwrap();
         let bus = nrm_kernel::bus::Bus::connect(&settings.nats).await.unwrap();
-        let stream = bus.ensure_stream("referral").await.unwrap();
+        bus.ensure_stream("referral").await.unwrap();
         let store = nrm_kernel::store::EventStore::new(pool.clone());
         let relay = nrm_kernel::relay::Relay::new(
             pool,
             bus.clone(),
-            stream,
+            "referral",
             store.appended_signal(),
             nrm_kernel::relay::RelayConfig::new("nrm.referral.v1.ReferralEvent"),
         );

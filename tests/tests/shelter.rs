@@ -666,12 +666,12 @@ impl ReferralFeed {
             .await
             .unwrap();
         let bus = Bus::connect(&app.settings.nats).await.unwrap();
-        let stream = bus.ensure_stream("referral").await.unwrap();
+        bus.ensure_stream("referral").await.unwrap();
         let store = EventStore::new(pool.clone());
         let relay = Relay::new(
             pool,
             bus.clone(),
-            stream,
+            "referral",
             store.appended_signal(),
             RelayConfig::new("nrm.referral.v1.ReferralEvent"),
         );

@@ -2,21 +2,8 @@
 
 use nrm_identification::config::Settings;
 use nrm_identification::startup::Application;
-use nrm_kernel::{server, telemetry};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::from_env().map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
-    let _telemetry = telemetry::init("identification", &settings.telemetry)?;
-    tracing::info!(config = ?settings, "effective configuration");
-    let app = Application::build(&settings).await?;
-    tracing::info!(grpc = %app.grpc_addr()?, metrics = %app.metrics_addr()?, "identification service listening");
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        trigger.cancel();
-    });
-    app.run_until_stopped(shutdown).await
+    nrm_kernel::service::main(|settings: Settings| async move { Application::build(&settings).await }).await
 }

@@ -41,11 +41,13 @@ pub enum Role {
     Shelter,
     /// National coordinator: sees every case.
     Coordinator,
+    /// Operators of the deployment: parked items, refilling the bus; no case data.
+    Operator,
 }
 
 impl Role {
     /// Every role, for help texts.
-    pub const ALL: [Role; 10] = [
+    pub const ALL: [Role; 11] = [
         Role::Police,
         Role::Prosecutor,
         Role::BorderService,
@@ -56,6 +58,7 @@ impl Role {
         Role::Moh,
         Role::Shelter,
         Role::Coordinator,
+        Role::Operator,
     ];
 
     /// The role's code in tokens and events.
@@ -72,6 +75,7 @@ impl Role {
             Role::Moh => "moh",
             Role::Shelter => "shelter",
             Role::Coordinator => "coordinator",
+            Role::Operator => "operator",
         }
     }
 }

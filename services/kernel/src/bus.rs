@@ -7,6 +7,8 @@
 //! per aggregate instance, so the relay can ask the stream what it already
 //! holds for a stream ID.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -68,6 +70,29 @@ pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     settings: NatsSettings,
+    connections: Arc<AtomicU64>,
+}
+
+/// Which stream a sequence number counts in: its name and when the server
+/// created it. A stream deleted and created again has another identity, and
+/// its sequence numbers mean other messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamIdentity {
+    /// The stream's name.
+    pub name: String,
+    /// Its creation time, in nanoseconds since the Unix epoch.
+    pub created: i64,
+}
+
+impl StreamIdentity {
+    /// The identity of a stream as the server describes it.
+    #[must_use]
+    pub fn of(info: &stream::Info) -> Self {
+        Self {
+            name: info.config.name.clone(),
+            created: i64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+        }
+    }
 }
 
 impl Bus {
@@ -76,18 +101,37 @@ impl Bus {
     /// # Errors
     /// [`BusError::Connect`] when the server cannot be reached.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
+        let connections = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&connections);
+        // The server may be down at start: the client keeps trying in the
+        // background, commands are taken meanwhile and wait in the outbox.
         let client = async_nats::ConnectOptions::new()
             .name("kopur")
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            tracing::info!("NATS connected");
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                }
+            })
             .connect(settings.url.as_str())
             .await
             .map_err(|source| BusError::Connect {
                 url: settings.url.clone(),
                 source,
             })?;
-        // With retry_on_initial_connect the first server info arrives asynchronously.
-        for _ in 0..50 {
+        // With retry_on_initial_connect the first server info arrives
+        // asynchronously; a server that is down is not waited for long.
+        for _ in 0..20 {
             if !client.server_info().version.is_empty() {
                 break;
             }
@@ -97,6 +141,7 @@ impl Bus {
             jetstream: jetstream::new(client.clone()),
             client,
             settings: settings.clone(),
+            connections,
         };
         tracing::info!(server_version = %bus.server_version(), sync_always_supported = bus.supports_sync_always(), "connected to NATS");
         Ok(bus)
@@ -132,6 +177,13 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// How many times the client has (re)connected: a change means the
+    /// server may have restarted, and lost what it had not yet written.
+    #[must_use]
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
     /// Name of a context's stream: `{STREAM_PREFIX}_{CONTEXT}`.
     #[must_use]
     pub fn stream_name(&self, context: &str) -> String {
@@ -163,6 +215,9 @@ impl Bus {
     /// [`BusError::ConfigMismatch`] when the server's stream differs;
     /// [`BusError::JetStream`] when JetStream refuses.
     pub async fn ensure_stream(&self, context: &str) -> Result<stream::Stream, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::JetStream("not connected to NATS".into()));
+        }
         let wanted = stream::Config {
             name: self.stream_name(context),
             subjects: vec![self.context_subjects(context)],

@@ -219,11 +219,11 @@ impl From<AppError> for tonic::Status {
 
 impl From<sqlx::Error> for AppError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::Unavailable(err.to_string())
-            }
-            other => Self::Internal(other.to_string()),
+        // A restarting or unreachable PostgreSQL is retryable, never INTERNAL.
+        if crate::retry::is_transient_sqlx(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.to_string())
         }
     }
 }

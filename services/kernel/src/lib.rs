@@ -13,7 +13,11 @@
 //!   idempotent command records in one transaction.
 //! - [`bus`]: NATS JetStream: server checks, streams created and verified, the
 //!   wire format of published commits.
-//! - [`relay`]: moves outbox rows to JetStream, exactly once downstream.
+//! - [`relay`]: moves outbox rows to JetStream, exactly once downstream, in
+//!   version order per aggregate; refills the bus from the store.
+//! - [`retry`]: the one retry policy, and which errors are transient.
+//! - [`operator`]: the operator's service every service serves: parked
+//!   items, retries, refilling the bus.
 //! - [`paging`]: AIP-158 page sizes and filter-bound page tokens.
 //! - [`projection`]: durable consumers that write a read model and their
 //!   position in one transaction.
@@ -28,6 +32,8 @@
 //!   metadata and event headers.
 //! - [`server`]: gRPC plumbing every service shares: health, reflection,
 //!   metrics endpoint, graceful shutdown.
+//! - [`service`]: how every service starts: common settings, the kit of
+//!   store, bus, auth, listeners and background tasks, and `main`.
 //! - [`timers`]: durable deadlines that fire exactly once.
 //! - [`audit`]: the append-only access log.
 
@@ -39,11 +45,14 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod ids;
+pub mod operator;
 pub mod paging;
 pub mod projection;
 pub mod relay;
+pub mod retry;
 pub mod seal;
 pub mod server;
+pub mod service;
 pub mod settings;
 pub mod store;
 pub mod telemetry;

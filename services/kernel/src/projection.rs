@@ -1,6 +1,5 @@
-//! Projections and reactions: durable JetStream consumers whose handler
-//! writes its effects and its stream position in one PostgreSQL transaction,
-//! and acknowledges only after the commit.
+//! Projections and reactions: consumers of a context's stream whose handler
+//! writes its effects and its stream position in one PostgreSQL transaction.
 //!
 //! A *projection* writes a read model through [`UnitOfWork::conn`]. A
 //! *reaction* (a service acting on another service's events) appends its own
@@ -8,43 +7,82 @@
 //! checkpoint, so a redelivered event holds no second bed and sends no second
 //! escalation.
 //!
-//! Delivery is at-least-once (a message acknowledged in the last ~100 ms
-//! before a crash comes again, and a slow handler sees redeliveries). The
-//! checkpoint makes the effect exactly-once: a message at or below the stored
-//! sequence changes nothing. Messages are handled one at a time in stream
-//! order; a failing handler is retried in place, never skipped, so the
-//! checkpoint only ever covers messages that were applied.
+//! What holds, and how (DESIGN.md §7):
+//! - **Strict stream order, nothing skipped.** Each runner reads the whole
+//!   context stream through an ordered consumer started at checkpoint + 1
+//!   (one message in flight, no acknowledgements, recreated by the client on
+//!   any gap it sees), and applies a message only when it is the one right
+//!   after the checkpoint. A later one (a delivery lost on a reconnect)
+//!   moves nothing: the consumer is placed at checkpoint + 1 again. Only a
+//!   sequence the stream no longer holds at all is passed over.
+//! - **Exactly once.** The checkpoint row is locked in the handler's
+//!   transaction, so two replicas of a service apply each message once: the
+//!   second finds it at or below the checkpoint.
+//! - **A recreated stream is noticed.** Beside the sequence the checkpoint
+//!   keeps the stream's identity (name and creation time) and the commit ID
+//!   of the message at the checkpoint. A stream deleted and created again, or
+//!   one that lost its tail and was refilled, no longer matches: the read
+//!   model is rebuilt.
+//! - **Rebuilds are atomic.** A rebuild resets the read model and replays the
+//!   stream in one transaction: readers see the old model until the new one
+//!   is complete, and an interrupted rebuild leaves the old one. (The
+//!   transaction holds back the relay's horizon while it runs.) A reaction
+//!   has no read model: on a new stream it starts from the first message
+//!   again and its idempotence keeps effects single.
+//! - **Nothing stuck behind one bad message.** A failing handler is retried
+//!   with growing back-off ([`RetryPolicy`]); transient database faults are
+//!   retried as long as they last and count nothing; after the policy's
+//!   attempts the message is parked (`parked_messages`, a metric and a log
+//!   line with its IDs) and the checkpoint moves on. An operator lists and
+//!   retries parked messages (`nrmctl ops parked`, `nrmctl ops retry`).
 
 use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::{self, stream::Stream};
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use futures::StreamExt as _;
 use prost::Message as _;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 use tokio_util::sync::CancellationToken;
-
 use tracing::Instrument as _;
+use uuid::Uuid;
 
-use crate::bus::{self, Bus, BusError};
+use crate::bus::{self, Bus, StreamIdentity};
+use crate::retry::{self, RetryPolicy};
 use crate::store::{EventMetadata, EventStore, UnitOfWork};
 use crate::telemetry;
 use nrm_proto::common::v1::EventCommit;
 
-/// A read model (or a reaction) fed by one subject filter of one stream.
+/// How often a consuming runner looks for parked messages an operator asked to retry.
+const PARKED_POLL: Duration = Duration::from_secs(1);
+
+/// Longest an error text kept with a parked item.
+const MAX_ERROR_TEXT: usize = 500;
+
+/// A read model (or a reaction) fed by one context's stream.
 pub trait Projection: Send + Sync + 'static {
-    /// Stable name: the checkpoint key and the durable consumer's name.
+    /// Whether this is a read model, rebuilt atomically by a reset and a full
+    /// replay in one transaction. A reaction (`false`) has no read model: its
+    /// effects are events, which stay; on a new stream it starts again from
+    /// the first message, one transaction per message, and relies on its own
+    /// idempotence (a commit acted on once, by commit ID or by state).
+    const READ_MODEL: bool = true;
+
+    /// Stable name: the checkpoint key.
     fn name(&self) -> &'static str;
 
-    /// Applies one commit inside the unit of work that will also store the checkpoint.
+    /// Applies one commit inside the unit of work that will also store the
+    /// checkpoint. Commits the projection has no use for are ignored here.
     fn apply(
         &self,
         uow: &mut UnitOfWork,
         delivery: &Delivery,
     ) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
 
-    /// Empties the read model before a rebuild.
+    /// Empties the read model before a rebuild (a reaction, whose effects
+    /// are events, keeps them and relies on its own idempotence).
     fn reset(&self, conn: &mut PgConnection) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
 }
 
@@ -68,203 +106,596 @@ pub enum Outcome {
     Applied,
     /// The message was at or below the checkpoint: nothing changed.
     AlreadyApplied,
+    /// The message kept failing: it is parked and the checkpoint moved past it.
+    Parked,
 }
 
-/// Runs one projection on one stream.
+/// Why a runner stops consuming and starts again from its checkpoint.
+#[derive(Debug, thiserror::Error)]
+enum Restart {
+    /// A message came that is not the one after the checkpoint.
+    #[error("gap: expected sequence {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+    /// The checkpoint counts in another stream (a rebuild happened elsewhere).
+    #[error("the checkpoint counts in another stream")]
+    OtherStream,
+    /// The NATS connection was re-established.
+    #[error("NATS reconnected")]
+    Reconnected,
+}
+
+/// The stored checkpoint of one runner.
+#[derive(Debug, Clone, Default)]
+struct Checkpoint {
+    sequence: u64,
+    identity: Option<StreamIdentity>,
+    commit_id: Option<Uuid>,
+}
+
+/// A raw message, from a consumer or read by sequence.
+struct Raw<'a> {
+    sequence: u64,
+    subject: &'a str,
+    headers: Option<&'a HeaderMap>,
+    payload: &'a [u8],
+}
+
+impl Raw<'_> {
+    fn commit_id(&self) -> Option<Uuid> {
+        self.headers
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .and_then(|v| v.as_str().parse().ok())
+    }
+
+    fn delivery(&self) -> Result<Delivery, anyhow::Error> {
+        Ok(Delivery {
+            stream_sequence: self.sequence,
+            subject: self.subject.to_owned(),
+            commit: EventCommit::decode(self.payload)?,
+            metadata: bus::metadata_from_headers(self.headers),
+        })
+    }
+}
+
+/// Runs one projection on one context's stream.
 pub struct ProjectionRunner<P> {
     store: EventStore,
     bus: Bus,
-    stream: Stream,
-    filter_subject: String,
+    context: &'static str,
     projection: P,
+    retry: RetryPolicy,
 }
 
 impl<P: Projection> ProjectionRunner<P> {
-    /// A runner for `projection`, fed by `filter_subject` of `stream`.
-    pub fn new(store: EventStore, bus: Bus, stream: Stream, filter_subject: String, projection: P) -> Self {
+    /// A runner for `projection`, fed by the whole stream of `context`.
+    pub fn new(store: EventStore, bus: Bus, context: &'static str, projection: P) -> Self {
         Self {
             store,
             bus,
-            stream,
-            filter_subject,
+            context,
             projection,
+            retry: RetryPolicy::default(),
         }
     }
 
-    fn consumer_name(&self) -> String {
-        self.bus.consumer_name(self.projection.name())
+    /// The same runner with another retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
-    /// Creates (or finds) the durable consumer and checks that the server
-    /// applied the configuration asked for.
-    ///
-    /// # Errors
-    /// [`BusError::ConfigMismatch`] when the server's consumer differs (for
-    /// example a filter the server ignored).
-    pub async fn ensure_consumer(&self) -> Result<consumer::Consumer<pull::Config>, BusError> {
-        let wanted = pull::Config {
-            durable_name: Some(self.consumer_name()),
-            filter_subject: self.filter_subject.clone(),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 1000,
-            ..Default::default()
-        };
-        let mut consumer = self
-            .stream
-            .get_or_create_consumer(&self.consumer_name(), wanted.clone())
-            .await
-            .map_err(|e| BusError::JetStream(e.to_string()))?;
-        let applied = consumer
-            .info()
-            .await
-            .map_err(|e| BusError::JetStream(e.to_string()))?
-            .config
-            .clone();
-        let checks = [
-            ("durable_name", applied.durable_name == wanted.durable_name),
-            ("filter_subject", applied.filter_subject == wanted.filter_subject),
-            ("ack_policy", applied.ack_policy == wanted.ack_policy),
-            ("deliver_policy", applied.deliver_policy == wanted.deliver_policy),
-        ];
-        if let Some((field, _)) = checks.iter().find(|(_, same)| !same) {
-            return Err(BusError::ConfigMismatch {
-                what: "consumer",
-                name: self.consumer_name(),
-                server_version: self.bus.server_version(),
-                difference: (*field).to_owned(),
-            });
-        }
-        Ok(consumer)
+    /// The projection's name.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        self.projection.name()
     }
 
-    /// Consumes until `shutdown`, reconnecting after errors.
+    /// Consumes until `shutdown`, starting again from the checkpoint after errors.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut failures = 0;
         while !shutdown.is_cancelled() {
             match self.consume(&shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
-                    tracing::warn!(projection = self.projection.name(), error = %err, "projection consumer failed; retrying");
+                    let restart = err.downcast_ref::<Restart>().is_some();
+                    failures = if restart { 0 } else { failures + 1 };
+                    let backoff = if restart {
+                        Duration::ZERO
+                    } else {
+                        self.retry.delay(failures)
+                    };
+                    if let Some(Restart::Gap { .. }) = err.downcast_ref::<Restart>() {
+                        metrics::counter!("nrm_projection_gaps_total", "projection" => self.name()).increment(1);
+                    }
+                    tracing::warn!(projection = self.name(), error = %err, backoff_ms = backoff.as_millis() as u64, "projection consumer restarts from its checkpoint");
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
     }
 
+    /// The stream, created when missing, with its identity.
+    async fn stream(&self) -> Result<(Stream, StreamIdentity), anyhow::Error> {
+        let mut stream = self.bus.ensure_stream(self.context).await?;
+        let identity = StreamIdentity::of(stream.info().await?);
+        Ok((stream, identity))
+    }
+
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), anyhow::Error> {
-        let consumer = self.ensure_consumer().await?;
+        let connections = self.bus.connections();
+        let (stream, identity) = self.stream().await?;
+        let checkpoint = read_checkpoint(self.store.pool(), self.name()).await?;
+        if !still_valid(&stream, &identity, checkpoint.as_ref()).await? {
+            self.rebuild_on(&stream, &identity).await?;
+        }
+        let start = read_checkpoint(self.store.pool(), self.name())
+            .await?
+            .map_or(0, |c| c.sequence)
+            + 1;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: self.bus.context_subjects(self.context),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+                ..Default::default()
+            })
+            .await?;
         let mut messages = consumer.messages().await?;
+        let mut parked_poll = tokio::time::interval(PARKED_POLL);
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
+                _ = parked_poll.tick() => {
+                    if self.bus.connections() != connections {
+                        return Err(Restart::Reconnected.into());
+                    }
+                    self.retry_requested(&stream).await?;
+                    continue;
+                }
                 next = messages.next() => next,
             };
             let Some(message) = next else {
                 anyhow::bail!("message stream ended");
             };
             let message = message?;
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match self.handle(&message).await {
-                    Ok(_) => break,
-                    Err(err) => {
-                        metrics::counter!("nrm_projection_errors_total", "projection" => self.projection.name())
-                            .increment(1);
-                        tracing::error!(projection = self.projection.name(), error = %err, "projection handler failed; retrying the same message");
-                        tokio::select! {
-                            () = shutdown.cancelled() => return Ok(()),
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
+            let info = message
+                .info()
+                .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
+            let raw = Raw {
+                sequence: info.stream_sequence,
+                subject: message.subject.as_str(),
+                headers: message.headers.as_ref(),
+                payload: message.payload.as_ref(),
+            };
+            self.handle_with_retries(&stream, &identity, &raw, shutdown).await?;
+        }
+    }
+
+    /// Applies one message (retrying, then parking it) unless the checkpoint
+    /// already covers it. Returns early on shutdown.
+    async fn handle_with_retries(
+        &self,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        raw: &Raw<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, anyhow::Error> {
+        let mut failures = 0;
+        let mut transient = 0;
+        loop {
+            let err = match self.handle_raw(stream, identity, raw, None).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(err) if err.downcast_ref::<Restart>().is_some() => return Err(err),
+                Err(err) => err,
+            };
+            let delay = if retry::is_transient(&err) {
+                transient += 1;
+                tracing::warn!(projection = self.name(), stream_sequence = raw.sequence, error = %err, "database unavailable; retrying the message");
+                self.retry.delay(transient)
+            } else {
+                failures += 1;
+                metrics::counter!("nrm_projection_errors_total", "projection" => self.name()).increment(1);
+                if self.retry.exhausted(failures) {
+                    return self.handle_raw(stream, identity, raw, Some((failures, &err))).await;
                 }
-            }
-            if let Err(err) = message.ack().await {
-                // The effect is committed; a redelivery will be skipped.
-                tracing::warn!(projection = self.projection.name(), error = %err, "ack failed");
+                tracing::error!(projection = self.name(), stream_sequence = raw.sequence, attempt = failures, error = %err, "projection handler failed; retrying the message");
+                self.retry.delay(failures)
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(anyhow::anyhow!("shutdown while retrying")),
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    /// Applies one message unless the checkpoint already covers it. Does not acknowledge.
+    /// Applies one message unless the checkpoint already covers it. Does not
+    /// acknowledge (the ordered consumer needs none). For tests: `message`
+    /// from any consumer of the runner's stream.
     ///
     /// # Errors
-    /// When the message cannot be decoded, the handler fails or the database
-    /// fails; nothing is written then.
-    pub async fn handle(&self, message: &jetstream::Message) -> Result<Outcome, anyhow::Error> {
+    /// When the message is not the one after the checkpoint, cannot be
+    /// decoded, the handler fails or the database fails; nothing is written then.
+    pub async fn handle(&self, message: &async_nats::jetstream::Message) -> Result<Outcome, anyhow::Error> {
         let info = message
             .info()
             .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
-        let stream_sequence = info.stream_sequence;
+        let raw = Raw {
+            sequence: info.stream_sequence,
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            payload: message.payload.as_ref(),
+        };
+        let (stream, identity) = self.stream().await?;
+        self.handle_raw(&stream, &identity, &raw, None).await
+    }
+
+    /// One attempt at one message; with `park`, sets it aside instead.
+    async fn handle_raw(
+        &self,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        raw: &Raw<'_>,
+        park: Option<(u32, &anyhow::Error)>,
+    ) -> Result<Outcome, anyhow::Error> {
         let mut uow = self.store.begin().await?;
-        let checkpoint: Option<i64> =
-            sqlx::query_scalar("SELECT stream_sequence FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
-                .bind(self.projection.name())
-                .fetch_optional(uow.conn())
-                .await?;
-        let sequence = i64::try_from(stream_sequence)?;
-        if checkpoint.is_some_and(|c| sequence <= c) {
-            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.projection.name()).increment(1);
+        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        // A checkpoint that never counted anything takes this stream's identity.
+        let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
+        if !fresh && checkpoint.identity.as_ref() != Some(identity) {
+            return Err(Restart::OtherStream.into());
+        }
+        if raw.sequence <= checkpoint.sequence {
+            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name()).increment(1);
             return Ok(Outcome::AlreadyApplied);
         }
-        let delivery = Delivery {
-            stream_sequence,
-            subject: message.subject.to_string(),
-            commit: EventCommit::decode(message.payload.as_ref())?,
-            metadata: bus::metadata_from_headers(message.headers.as_ref()),
+        let expected = checkpoint.sequence + 1;
+        if raw.sequence > expected {
+            // Only sequences the stream no longer holds may be passed over.
+            for missing in expected..raw.sequence {
+                match stream.get_raw_message(missing).await {
+                    Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+                    _ => {
+                        return Err(Restart::Gap {
+                            expected,
+                            got: raw.sequence,
+                        }
+                        .into());
+                    }
+                }
+            }
+            tracing::warn!(
+                projection = self.name(),
+                from = expected,
+                to = raw.sequence - 1,
+                "sequences deleted from the stream passed over"
+            );
+        }
+        let outcome = if let Some((attempts, err)) = park {
+            park_message(uow.conn(), self.name(), identity, raw, attempts, err).await?;
+            metrics::counter!("nrm_projection_parked_total", "projection" => self.name()).increment(1);
+            tracing::error!(projection = self.name(), stream = %identity.name, stream_sequence = raw.sequence, commit_id = ?raw.commit_id(), attempts, error = %err, "message parked: the handler kept failing");
+            Outcome::Parked
+        } else {
+            self.apply(&mut uow, raw).await?;
+            Outcome::Applied
         };
-        // The handler's span continues the trace of the command that caused the events.
+        write_checkpoint(uow.conn(), self.name(), raw.sequence, identity, raw.commit_id()).await?;
+        uow.commit().await?;
+        if outcome == Outcome::Applied {
+            metrics::counter!("nrm_projection_applied_total", "projection" => self.name()).increment(1);
+        }
+        Ok(outcome)
+    }
+
+    /// Decodes and applies one message in `uow`, in the span of the command
+    /// that caused it.
+    async fn apply(&self, uow: &mut UnitOfWork, raw: &Raw<'_>) -> Result<(), anyhow::Error> {
+        let delivery = raw.delivery()?;
         let span = tracing::info_span!(
             "projection.apply",
-            projection = self.projection.name(),
+            projection = self.name(),
             stream_id = %delivery.commit.stream_id,
-            stream_sequence
+            stream_sequence = raw.sequence
         );
         if let Some(metadata) = &delivery.metadata {
             telemetry::continue_trace(&span, metadata);
         }
-        self.projection.apply(&mut uow, &delivery).instrument(span).await?;
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, stream_sequence) VALUES ($1, $2)
-             ON CONFLICT (projection) DO UPDATE SET stream_sequence = EXCLUDED.stream_sequence, updated_at = now()",
-        )
-        .bind(self.projection.name())
-        .bind(sequence)
-        .execute(uow.conn())
-        .await?;
-        uow.commit().await?;
-        metrics::counter!("nrm_projection_applied_total", "projection" => self.projection.name()).increment(1);
-        Ok(Outcome::Applied)
+        self.projection.apply(uow, &delivery).instrument(span).await
     }
 
-    /// Drops the read model, its checkpoint and the durable consumer, so the
-    /// next [`run`](Self::run) replays the stream from its first message.
-    ///
-    /// # Errors
-    /// When the database or JetStream fails.
-    pub async fn rebuild(&self) -> Result<(), anyhow::Error> {
-        let mut tx = self.store.pool().begin().await?;
-        self.projection.reset(&mut tx).await?;
-        sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1")
-            .bind(self.projection.name())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        match self.stream.delete_consumer(&self.consumer_name()).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => return Err(e.into()),
+    /// Retries the parked messages an operator asked for, one transaction each.
+    async fn retry_requested(&self, stream: &Stream) -> Result<(), anyhow::Error> {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT stream_sequence FROM parked_messages WHERE projection = $1 AND retry_requested ORDER BY stream_sequence",
+        )
+        .bind(self.name())
+        .fetch_all(self.store.pool())
+        .await?;
+        for sequence in sequences {
+            let message = stream.get_raw_message(u64::try_from(sequence)?).await;
+            let mut uow = self.store.begin().await?;
+            let result = match &message {
+                Ok(m) => {
+                    let raw = Raw {
+                        sequence: m.sequence,
+                        subject: m.subject.as_str(),
+                        headers: Some(&m.headers),
+                        payload: m.payload.as_ref(),
+                    };
+                    self.apply(&mut uow, &raw).await
+                }
+                Err(e) => Err(anyhow::anyhow!("message no longer in the stream: {e}")),
+            };
+            match result {
+                Ok(()) => {
+                    sqlx::query("DELETE FROM parked_messages WHERE projection = $1 AND stream_sequence = $2")
+                        .bind(self.name())
+                        .bind(sequence)
+                        .execute(uow.conn())
+                        .await?;
+                    uow.commit().await?;
+                    tracing::info!(
+                        projection = self.name(),
+                        stream_sequence = sequence,
+                        "parked message applied on retry"
+                    );
+                }
+                Err(err) if retry::is_transient(&err) => return Err(err),
+                Err(err) => {
+                    drop(uow);
+                    sqlx::query(
+                        "UPDATE parked_messages SET attempts = attempts + 1, last_error = $3, retry_requested = false
+                         WHERE projection = $1 AND stream_sequence = $2",
+                    )
+                    .bind(self.name())
+                    .bind(sequence)
+                    .bind(error_text(&err))
+                    .execute(self.store.pool())
+                    .await?;
+                    tracing::error!(projection = self.name(), stream_sequence = sequence, error = %err, "parked message failed again on retry");
+                }
+            }
         }
-        tracing::info!(
-            projection = self.projection.name(),
-            "projection reset; it will replay from the start"
-        );
         Ok(())
     }
+
+    /// Rebuilds the read model from the current stream, atomically: reset
+    /// and full replay in one transaction.
+    ///
+    /// # Errors
+    /// When the database or JetStream fails; the old read model stays then.
+    pub async fn rebuild(&self) -> Result<(), anyhow::Error> {
+        let (stream, identity) = self.stream().await?;
+        self.rebuild_on(&stream, &identity).await
+    }
+
+    async fn rebuild_on(&self, stream: &Stream, identity: &StreamIdentity) -> Result<(), anyhow::Error> {
+        let mut uow = self.store.begin().await?;
+        if !P::READ_MODEL {
+            lock_checkpoint(uow.conn(), self.name()).await?;
+            sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
+                .bind(self.name())
+                .execute(uow.conn())
+                .await?;
+            write_checkpoint(uow.conn(), self.name(), 0, identity, None).await?;
+            uow.commit().await?;
+            tracing::info!(projection = self.name(), stream = %identity.name, "reaction starts from the first message of the stream");
+            return Ok(());
+        }
+        let last = stream.get_info().await?.state.last_sequence;
+        lock_checkpoint(uow.conn(), self.name()).await?;
+        tracing::info!(projection = self.name(), stream = %identity.name, last_sequence = last, "rebuilding the read model from the stream");
+        self.projection.reset(uow.conn()).await?;
+        sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
+            .bind(self.name())
+            .execute(uow.conn())
+            .await?;
+        let mut at = (0, None);
+        if last > 0 {
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: self.bus.context_subjects(self.context),
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await?;
+            let mut messages = consumer.messages().await?;
+            while let Some(message) = messages.next().await {
+                let message = message?;
+                let sequence = message
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?
+                    .stream_sequence;
+                let raw = Raw {
+                    sequence,
+                    subject: message.subject.as_str(),
+                    headers: message.headers.as_ref(),
+                    payload: message.payload.as_ref(),
+                };
+                self.apply_in_rebuild(&mut uow, identity, &raw).await?;
+                at = (sequence, raw.commit_id());
+                if sequence >= last {
+                    break;
+                }
+            }
+        }
+        write_checkpoint(uow.conn(), self.name(), at.0, identity, at.1).await?;
+        uow.commit().await?;
+        metrics::counter!("nrm_projection_rebuilds_total", "projection" => self.name()).increment(1);
+        tracing::info!(projection = self.name(), stream_sequence = at.0, "read model rebuilt");
+        Ok(())
+    }
+
+    /// One message of a rebuild, under a savepoint: retried, then parked,
+    /// without losing the rest of the rebuild.
+    async fn apply_in_rebuild(
+        &self,
+        uow: &mut UnitOfWork,
+        identity: &StreamIdentity,
+        raw: &Raw<'_>,
+    ) -> Result<(), anyhow::Error> {
+        let mut failures = 0;
+        loop {
+            sqlx::query("SAVEPOINT nrm_message").execute(uow.conn()).await?;
+            match self.apply(uow, raw).await {
+                Ok(()) => {
+                    sqlx::query("RELEASE SAVEPOINT nrm_message").execute(uow.conn()).await?;
+                    return Ok(());
+                }
+                Err(err) if retry::is_transient(&err) => return Err(err),
+                Err(err) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT nrm_message")
+                        .execute(uow.conn())
+                        .await?;
+                    failures += 1;
+                    if self.retry.exhausted(failures) {
+                        park_message(uow.conn(), self.name(), identity, raw, failures, &err).await?;
+                        metrics::counter!("nrm_projection_parked_total", "projection" => self.name()).increment(1);
+                        tracing::error!(projection = self.name(), stream_sequence = raw.sequence, error = %err, "message parked during a rebuild");
+                        return Ok(());
+                    }
+                    tokio::time::sleep(self.retry.delay(failures)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `checkpoint` counts in `stream` as it is now: same identity, and
+/// the message at the checkpoint is still the one that was applied.
+async fn still_valid(
+    stream: &Stream,
+    identity: &StreamIdentity,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<bool, anyhow::Error> {
+    let Some(checkpoint) = checkpoint else {
+        return Ok(false);
+    };
+    if checkpoint.identity.as_ref() != Some(identity) {
+        return Ok(false);
+    }
+    if checkpoint.sequence == 0 {
+        return Ok(true);
+    }
+    match stream.get_raw_message(checkpoint.sequence).await {
+        Ok(message) => {
+            let at = message
+                .headers
+                .get("Nats-Msg-Id")
+                .and_then(|v| v.as_str().parse::<Uuid>().ok());
+            Ok(at == checkpoint.commit_id)
+        }
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {
+            // Deleted from a stream that still holds later messages: fine;
+            // beyond its end: the stream lost its tail.
+            Ok(stream.get_info().await?.state.last_sequence > checkpoint.sequence)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn checkpoint_from_row(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error> {
+    let name: Option<String> = row.try_get("stream_name")?;
+    let created: Option<i64> = row.try_get("stream_created")?;
+    Ok(Checkpoint {
+        sequence: u64::try_from(row.try_get::<i64, _>("stream_sequence")?).unwrap_or(0),
+        identity: name
+            .zip(created)
+            .map(|(name, created)| StreamIdentity { name, created }),
+        commit_id: row.try_get("commit_id")?,
+    })
+}
+
+async fn read_checkpoint(pool: &sqlx::PgPool, projection: &str) -> Result<Option<Checkpoint>, anyhow::Error> {
+    let row = sqlx::query(
+        "SELECT stream_sequence, stream_name, stream_created, commit_id FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.as_ref().map(checkpoint_from_row).transpose()?)
+}
+
+/// Locks the runner's checkpoint row for this transaction (creating an empty
+/// one first), so replicas take turns.
+async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<Checkpoint, anyhow::Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, stream_sequence) VALUES ($1, 0) ON CONFLICT (projection) DO NOTHING",
+    )
+    .bind(projection)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query(
+        "SELECT stream_sequence, stream_name, stream_created, commit_id FROM projection_checkpoints
+         WHERE projection = $1 FOR UPDATE",
+    )
+    .bind(projection)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(checkpoint_from_row(&row)?)
+}
+
+async fn write_checkpoint(
+    conn: &mut PgConnection,
+    projection: &str,
+    sequence: u64,
+    identity: &StreamIdentity,
+    commit_id: Option<Uuid>,
+) -> Result<(), anyhow::Error> {
+    sqlx::query(
+        "UPDATE projection_checkpoints
+         SET stream_sequence = $2, stream_name = $3, stream_created = $4, commit_id = $5, updated_at = now()
+         WHERE projection = $1",
+    )
+    .bind(projection)
+    .bind(i64::try_from(sequence)?)
+    .bind(&identity.name)
+    .bind(identity.created)
+    .bind(commit_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn park_message(
+    conn: &mut PgConnection,
+    projection: &str,
+    identity: &StreamIdentity,
+    raw: &Raw<'_>,
+    attempts: u32,
+    err: &anyhow::Error,
+) -> Result<(), anyhow::Error> {
+    sqlx::query(
+        "INSERT INTO parked_messages (projection, stream_sequence, stream_name, subject, commit_id, attempts, last_error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (projection, stream_sequence) DO UPDATE
+         SET attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, parked_at = now(), retry_requested = false",
+    )
+    .bind(projection)
+    .bind(i64::try_from(raw.sequence)?)
+    .bind(&identity.name)
+    .bind(raw.subject)
+    .bind(raw.commit_id())
+    .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+    .bind(error_text(err))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An error as kept with a parked item: the chain, shortened. Handlers'
+/// errors carry IDs and codes only.
+pub(crate) fn error_text(err: &anyhow::Error) -> String {
+    let mut text = format!("{err:#}");
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }

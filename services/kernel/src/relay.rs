@@ -1,25 +1,39 @@
-//! The outbox relay: moves committed events from PostgreSQL to JetStream.
+//! The outbox relay: moves committed events from PostgreSQL to JetStream,
+//! and refills JetStream from the event store when it lost messages.
 //!
 //! Guarantees, and how:
 //! - **Nothing lost.** An outbox row is deleted only after JetStream
-//!   acknowledged its message; a crash before that publishes it again.
+//!   acknowledged its message; a crash before that publishes it again. The
+//!   service takes commands while NATS is down: they wait in the outbox.
 //! - **Nothing duplicated downstream.** Every message carries `Nats-Msg-Id`
 //!   (the commit ID), which JetStream de-duplicates within its window. Rows
-//!   that may have been sent before (everything pending when the relay
-//!   starts, and every row of a failed round) are first checked against the
-//!   last message the stream holds for their subject, so a republish after a
-//!   longer outage than the window is skipped too (DESIGN.md §7).
+//!   that may have been sent before (everything pending when the relay is
+//!   elected, and every row of a failed round) are first checked against the
+//!   stream: the commit is taken as published only when the stream holds
+//!   that very version of its subject, never because it holds a later one
+//!   (DESIGN.md §7).
 //! - **Nothing skipped.** Rows are read only from transactions older than
 //!   every transaction still running (`pg_snapshot_xmin`), ordered by
-//!   (transaction, row): a transaction that took an early ID but commits late
-//!   is waited for, not passed over. The horizon is cluster-wide: a long
-//!   transaction in any database of the cluster delays publishing (it never
-//!   loses anything); keep transactions short.
-//! - **Order per aggregate.** One round sends at most one commit per subject,
-//!   and the next round starts only when the round was acknowledged, so a
-//!   subject's messages are stored in version order.
-//! - **One relay per database.** A session advisory lock elects the relay;
-//!   other instances wait.
+//!   (transaction, row), so commits reach the bus in causal order across
+//!   aggregates. The horizon is cluster-wide: a long transaction in any
+//!   database of the cluster delays publishing (it never loses anything).
+//! - **Version order per aggregate.** A row is published only when no row of
+//!   the same stream with a lower version waits, whatever transaction IDs
+//!   they carry (a timer or a reaction may take its transaction ID before a
+//!   user command and append the later version), and one round sends at most
+//!   one commit per stream; the next round starts when the round was
+//!   acknowledged.
+//! - **One leader.** A session advisory lock elects the relay; the lock's
+//!   session is checked before every round, so a relay that lost it (its
+//!   connection dropped, the server restarted) stops before another is elected
+//!   and publishes nothing beside it.
+//! - **The store refills the bus** ([`refill`]). On election, and after every
+//!   reconnection to NATS, the relay compares the stream with the `commits`
+//!   table: when the stream holds fewer messages than the store has
+//!   published, every aggregate whose last version on the stream is behind the
+//!   store gets its missing commits back in the outbox, and goes out again in
+//!   order under the original commit IDs. Operators run the full comparison
+//!   on demand (`nrmctl ops refill`).
 //! - **Prompt.** Commits in this process wake the relay at once; commits by
 //!   other processes are found by polling.
 
@@ -29,19 +43,26 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind, Stream};
+use futures::StreamExt as _;
 use futures::future::join_all;
 use prost::Message as _;
+use rand::Rng as _;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, Bus};
+use crate::retry::RetryPolicy;
 use crate::store::RecordedEvent;
 use nrm_proto::common::v1::{CommittedEvent, EventCommit};
 
 /// Key of the advisory lock that elects the relay.
 const RELAY_LOCK_KEY: i64 = 0x6b6f_7075_725f_7231; // "kopur_r1"
+
+/// How long the lease check may take before the lease counts as lost.
+const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the relay behaves.
 #[derive(Debug, Clone)]
@@ -52,6 +73,12 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// How often to look for commits of other processes.
     pub poll_interval: Duration,
+    /// Back-off between failed rounds.
+    pub retry: RetryPolicy,
+    /// Fault injection for the fault suite: the probability that the process
+    /// aborts after JetStream acknowledged a round and before its outbox rows
+    /// are deleted (`NRM_RELAY__FAULT_ABORT_AFTER_ACK`, default 0).
+    pub fault_abort_after_ack: f64,
 }
 
 impl RelayConfig {
@@ -62,6 +89,8 @@ impl RelayConfig {
             payload_type,
             batch_size: 256,
             poll_interval: Duration::from_millis(250),
+            retry: RetryPolicy::default(),
+            fault_abort_after_ack: 0.0,
         }
     }
 }
@@ -75,6 +104,9 @@ pub enum RelayError {
     /// NATS failed or refused.
     #[error("publish: {0}")]
     Publish(String),
+    /// The relay's lease on the database is gone.
+    #[error("relay lease lost")]
+    LeaseLost,
 }
 
 /// One outbox row with its events.
@@ -89,11 +121,12 @@ struct PendingCommit {
     events: Vec<RecordedEvent>,
 }
 
-/// Publishes a service's outbox.
+/// Publishes a service's outbox to its context's stream.
 pub struct Relay {
     pool: PgPool,
     bus: Bus,
-    stream: Stream,
+    context: &'static str,
+    stream: Option<Stream>,
     appended: Arc<Notify>,
     config: RelayConfig,
     /// Rows with an ID up to this may have been sent before: check first.
@@ -101,13 +134,15 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A relay for `stream`, woken by `appended`.
+    /// A relay publishing to `context`'s stream, woken by `appended`. NATS
+    /// need not be reachable yet.
     #[must_use]
-    pub fn new(pool: PgPool, bus: Bus, stream: Stream, appended: Arc<Notify>, config: RelayConfig) -> Self {
+    pub fn new(pool: PgPool, bus: Bus, context: &'static str, appended: Arc<Notify>, config: RelayConfig) -> Self {
         Self {
             pool,
             bus,
-            stream,
+            context,
+            stream: None,
             appended,
             config,
             check_upto: i64::MAX,
@@ -116,18 +151,19 @@ impl Relay {
 
     /// Runs until `shutdown`: waits to be elected, then publishes.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut failures = 0;
         while !shutdown.is_cancelled() {
             match self.lead(&shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
+                    failures += 1;
+                    let backoff = self.config.retry.delay(failures);
                     metrics::counter!("nrm_relay_errors_total").increment(1);
                     tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "relay round failed; retrying");
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -149,14 +185,46 @@ impl Relay {
                 () = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
-        tracing::info!("relay elected for this database");
+        metrics::gauge!("nrm_relay_leader").set(1.0);
+        let result = self.publish_as_leader(&mut lock_conn, shutdown).await;
+        metrics::gauge!("nrm_relay_leader").set(0.0);
+        result
+    }
+
+    async fn publish_as_leader(
+        &mut self,
+        lock_conn: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        tracing::info!(context = self.context, "relay elected for this database");
         // Anything pending now may have been sent by a previous relay.
         self.check_upto = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox")
             .fetch_one(&self.pool)
             .await?;
+        // The stream must exist (it may have been deleted, or NATS wiped) and
+        // hold what the store has published.
+        self.stream = None;
+        let connections = self.bus.connections();
+        let stream = self.stream().await?.clone();
+        let report = refill(&self.pool, &stream, false).await?;
+        if report.requeued > 0 {
+            tracing::warn!(
+                context = self.context,
+                aggregates = report.aggregates_behind,
+                commits = report.requeued,
+                "the stream lacked commits of the store: published again"
+            );
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
+            }
+            check_lease(lock_conn).await?;
+            if self.bus.connections() != connections {
+                // The server may have restarted and lost its unsynced tail.
+                return Err(RelayError::Publish(
+                    "NATS reconnected; checking the stream again".into(),
+                ));
             }
             let published = self.publish_round().await?;
             if published == 0 {
@@ -165,10 +233,23 @@ impl Relay {
                     () = self.appended.notified() => {}
                     () = tokio::time::sleep(self.config.poll_interval) => {}
                 }
-                // Keep the lock session alive and detect its loss.
-                sqlx::query("SELECT 1").execute(&mut lock_conn).await?;
             }
         }
+    }
+
+    /// The context's stream, created when missing.
+    async fn stream(&mut self) -> Result<&Stream, RelayError> {
+        if self.stream.is_none() {
+            let stream = self
+                .bus
+                .ensure_stream(self.context)
+                .await
+                .map_err(|e| RelayError::Publish(e.to_string()))?;
+            self.stream = Some(stream);
+        }
+        self.stream
+            .as_ref()
+            .ok_or_else(|| RelayError::Publish("no stream".into()))
     }
 
     /// Publishes one round; returns how many commits left the outbox.
@@ -181,11 +262,23 @@ impl Relay {
         if batch.is_empty() {
             return Ok(0);
         }
+        let result = self.publish_batch(&batch).await;
+        if result.is_err() {
+            // Whatever this round sent may be on the stream: check before resending.
+            self.check_upto = self.check_upto.max(batch.iter().map(|c| c.id).max().unwrap_or(0));
+            // The stream may be gone (deleted, NATS wiped): find it again.
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn publish_batch(&mut self, batch: &[PendingCommit]) -> Result<usize, RelayError> {
         let started = Instant::now();
+        let stream = self.stream().await?.clone();
         let mut done: Vec<i64> = Vec::with_capacity(batch.len());
         let mut to_send: Vec<&PendingCommit> = Vec::with_capacity(batch.len());
-        for commit in &batch {
-            if commit.id <= self.check_upto && self.already_published(commit).await? {
+        for commit in batch {
+            if commit.id <= self.check_upto && holds_commit(&stream, &commit.subject, commit.last_version).await? {
                 metrics::counter!("nrm_relay_already_published_total").increment(1);
                 done.push(commit.id);
             } else {
@@ -220,6 +313,15 @@ impl Relay {
                 Err(e) => failure = Some(e),
             }
         }
+        if self.config.fault_abort_after_ack > 0.0
+            && !done.is_empty()
+            && rand::thread_rng().gen_bool(self.config.fault_abort_after_ack.min(1.0))
+        {
+            // Fault injection: the crash window between JetStream's
+            // acknowledgement and the outbox delete.
+            eprintln!("relay: fault injection: abort after the acknowledgement, before the outbox delete");
+            std::process::abort();
+        }
         sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind(&done)
             .execute(&self.pool)
@@ -227,53 +329,40 @@ impl Relay {
         metrics::counter!("nrm_relay_published_total").increment(done.len() as u64);
         metrics::histogram!("nrm_relay_round_seconds").record(started.elapsed().as_secs_f64());
         if let Some(err) = failure {
-            self.check_upto = self.check_upto.max(batch.iter().map(|c| c.id).max().unwrap_or(0));
             return Err(RelayError::Publish(err));
         }
         Ok(done.len())
     }
 
-    /// Whether the stream already holds this commit: the last message on its
-    /// subject is at or past the commit's last version.
-    async fn already_published(&self, commit: &PendingCommit) -> Result<bool, RelayError> {
-        match self.stream.get_last_raw_message_by_subject(&commit.subject).await {
-            Ok(message) => {
-                let version = message
-                    .headers
-                    .get(bus::HEADER_STREAM_VERSION)
-                    .and_then(|v| v.as_str().parse::<i64>().ok())
-                    .unwrap_or(0);
-                Ok(version >= commit.last_version)
-            }
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(e) => Err(RelayError::Publish(e.to_string())),
-        }
-    }
-
-    /// Reads the next commits that are safe to publish, at most one per subject.
+    /// Reads the next commits that are safe to publish: below the horizon,
+    /// and the lowest waiting version of their stream (so at most one per
+    /// stream).
     async fn read_batch(&self) -> Result<Vec<PendingCommit>, RelayError> {
         let rows = sqlx::query(
-            "SELECT id, commit_id, stream_id, first_version, last_version, subject FROM outbox
-             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
-             ORDER BY tx_id, id LIMIT $1",
+            "SELECT o.id, o.commit_id, o.stream_id, o.first_version, o.last_version, o.subject FROM outbox o
+             WHERE o.tx_id < pg_snapshot_xmin(pg_current_snapshot())
+               AND NOT EXISTS (
+                   SELECT 1 FROM outbox p WHERE p.stream_id = o.stream_id AND p.first_version < o.first_version
+               )
+             ORDER BY o.tx_id, o.id LIMIT $1",
         )
         .bind(self.config.batch_size)
         .fetch_all(&self.pool)
         .await?;
-        let mut subjects = HashSet::new();
+        let mut streams = HashSet::new();
         let mut batch = Vec::with_capacity(rows.len());
         for row in rows {
-            let subject: String = row.get("subject");
-            if !subjects.insert(subject.clone()) {
-                break;
+            let stream_id: String = row.get("stream_id");
+            if !streams.insert(stream_id.clone()) {
+                continue;
             }
             batch.push(PendingCommit {
                 id: row.get("id"),
                 commit_id: row.get("commit_id"),
-                stream_id: row.get("stream_id"),
+                stream_id,
                 first_version: row.get("first_version"),
                 last_version: row.get("last_version"),
-                subject,
+                subject: row.get("subject"),
                 events: Vec::new(),
             });
         }
@@ -286,7 +375,7 @@ impl Relay {
              FROM events e
              JOIN UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS r(stream_id, first_version, last_version)
                ON e.stream_id = r.stream_id AND e.version BETWEEN r.first_version AND r.last_version
-             ORDER BY e.global_position",
+             ORDER BY e.stream_id, e.version",
         )
         .bind(batch.iter().map(|c| c.stream_id.clone()).collect::<Vec<_>>())
         .bind(batch.iter().map(|c| c.first_version).collect::<Vec<_>>())
@@ -337,4 +426,152 @@ impl Relay {
         };
         (headers, body.encode_to_vec())
     }
+}
+
+/// Whether the lease's session is alive (and so still holds the lock): a
+/// session advisory lock is lost only with its session.
+async fn check_lease(lock_conn: &mut PgConnection) -> Result<(), RelayError> {
+    match tokio::time::timeout(LEASE_CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(&mut *lock_conn)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "relay lease lost");
+            Err(RelayError::LeaseLost)
+        }
+        Err(_) => Err(RelayError::LeaseLost),
+    }
+}
+
+/// The version a message carries (`Nrm-Stream-Version`), 0 when it has none.
+fn message_version(message: &StreamMessage) -> i64 {
+    message
+        .headers
+        .get(bus::HEADER_STREAM_VERSION)
+        .and_then(|v| v.as_str().parse::<i64>().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `stream` holds the commit ending at `last_version` of `subject`.
+/// The last message of the subject answers most checks; a later version
+/// there is no proof, so then the subject's messages are searched.
+async fn holds_commit(stream: &Stream, subject: &str, last_version: i64) -> Result<bool, RelayError> {
+    let last = match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(false),
+        Err(e) => return Err(RelayError::Publish(e.to_string())),
+    };
+    let version = message_version(&last);
+    if version <= last_version {
+        return Ok(version == last_version);
+    }
+    let mut sequence = 1;
+    while sequence <= last.sequence {
+        match stream.get_first_raw_message_by_subject(subject, sequence).await {
+            Ok(message) => {
+                if message_version(&message) == last_version {
+                    return Ok(true);
+                }
+                sequence = message.sequence + 1;
+            }
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => break,
+            Err(e) => return Err(RelayError::Publish(e.to_string())),
+        }
+    }
+    Ok(false)
+}
+
+/// What a comparison of the stream with the store found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefillReport {
+    /// Messages in the stream.
+    pub stream_messages: u64,
+    /// Commits the store has published (in `commits`, not in the outbox).
+    pub published_commits: u64,
+    /// Aggregates compared one by one (0 when the counts agreed and the check was not full).
+    pub aggregates_checked: u64,
+    /// Aggregates whose last version on the stream was behind the store.
+    pub aggregates_behind: u64,
+    /// Commits put back in the outbox.
+    pub requeued: u64,
+}
+
+/// Compares `stream` with the store and puts back in the outbox every
+/// commit the stream lacks: per aggregate, those after the last version the
+/// stream holds for its subject. The relay then publishes them in version
+/// order under their original commit IDs. Unless `full`, the aggregates are
+/// compared only when the stream holds fewer messages than the store has
+/// published (what a deleted stream, a wiped server or a lost unsynced tail
+/// leaves).
+///
+/// # Errors
+/// [`RelayError`] when PostgreSQL or JetStream fails; nothing half-done
+/// matters then, the next run compares again.
+pub async fn refill(pool: &PgPool, stream: &Stream, full: bool) -> Result<RefillReport, RelayError> {
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| RelayError::Publish(e.to_string()))?;
+    let published: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commits c WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.commit_id = c.commit_id)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut report = RefillReport {
+        stream_messages: info.state.messages,
+        published_commits: u64::try_from(published).unwrap_or(0),
+        ..RefillReport::default()
+    };
+    if !full && report.stream_messages >= report.published_commits {
+        return Ok(report);
+    }
+    let heads = sqlx::query(
+        "SELECT DISTINCT ON (stream_id) stream_id, subject, last_version FROM commits
+         ORDER BY stream_id, last_version DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    let heads: Vec<(String, String, i64)> = heads
+        .iter()
+        .map(|r| (r.get("stream_id"), r.get("subject"), r.get("last_version")))
+        .collect();
+    report.aggregates_checked = heads.len() as u64;
+    let behind: Vec<Result<Option<(String, i64)>, RelayError>> = futures::stream::iter(heads)
+        .map(|(stream_id, subject, store_version)| async move {
+            let on_bus = match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(message) => message_version(&message),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
+                Err(e) => return Err(RelayError::Publish(e.to_string())),
+            };
+            Ok((on_bus < store_version).then_some((stream_id, on_bus)))
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut stream_ids = Vec::new();
+    let mut after = Vec::new();
+    for item in behind {
+        if let Some((stream_id, on_bus)) = item? {
+            stream_ids.push(stream_id);
+            after.push(on_bus);
+        }
+    }
+    report.aggregates_behind = stream_ids.len() as u64;
+    if stream_ids.is_empty() {
+        return Ok(report);
+    }
+    let requeued = sqlx::query(
+        "INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
+         SELECT c.commit_id, c.stream_id, c.first_version, c.last_version, c.subject
+         FROM commits c JOIN UNNEST($1::text[], $2::bigint[]) AS b(stream_id, on_bus)
+           ON c.stream_id = b.stream_id AND c.last_version > b.on_bus
+         ORDER BY c.stream_id, c.first_version
+         ON CONFLICT (commit_id) DO NOTHING",
+    )
+    .bind(&stream_ids)
+    .bind(&after)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    report.requeued = requeued;
+    metrics::counter!("nrm_relay_refilled_total").increment(requeued);
+    Ok(report)
 }

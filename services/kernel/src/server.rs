@@ -18,7 +18,6 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::bus::Bus;
-use crate::relay::Relay;
 use crate::settings::ServerSettings;
 use crate::telemetry;
 
@@ -72,31 +71,54 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Reflection services (v1 and v1alpha, for older `grpcurl`) over every Köpür proto.
+/// Name of the operator's service, which every service serves.
+pub const OPERATOR_SERVICE: &str = "nrm.common.v1.OperatorService";
+/// Name of the gRPC health service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// Health entry of the service's database: `SERVING` while it answers.
+pub const HEALTH_DATABASE: &str = "nrm.kernel.database";
+/// Health entry of the bus: `SERVING` while NATS is connected. When it is
+/// not, the service still takes commands; their events wait in the outbox.
+pub const HEALTH_BUS: &str = "nrm.kernel.nats";
+
+/// Reflection services (v1 and v1alpha, for older `grpcurl`) that list
+/// exactly `services` (what the server serves, besides reflection itself) and
+/// can describe every Köpür type and `google.rpc`'s error details, so that
+/// `grpcurl` prints `BadRequest` field violations.
 ///
 /// # Panics
-/// Never with the descriptor set built into `nrm-proto`.
+/// Never with the descriptor sets built into `nrm-proto`, `tonic-health` and `tonic-types`.
 #[must_use]
 #[allow(clippy::type_complexity)]
-pub fn reflection() -> (
+pub fn reflection(
+    services: &[&str],
+) -> (
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
     tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
 ) {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nrm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nrm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
+    };
+    let v1 = builder()
         .build_v1()
-        .unwrap_or_else(|e| unreachable!("descriptor set is built in: {e}"));
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nrm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .unwrap_or_else(|e| unreachable!("descriptor sets are built in: {e}"));
+    let v1alpha = builder()
         .build_v1alpha()
-        .unwrap_or_else(|e| unreachable!("descriptor set is built in: {e}"));
+        .unwrap_or_else(|e| unreachable!("descriptor sets are built in: {e}"));
     (v1, v1alpha)
 }
 
-/// Keeps `service`'s health (and the server's overall health, `""`) at
-/// `SERVING` while PostgreSQL and NATS answer, `NOT_SERVING` otherwise.
+/// Keeps the health of `service` (and the server's overall health, `""`) at
+/// `SERVING` while PostgreSQL answers: the service takes commands then, also
+/// while NATS is down. [`HEALTH_DATABASE`] and [`HEALTH_BUS`] say which of the
+/// two is degraded; so do the gauge `nrm_dependency_up` and a log line at each change.
 pub async fn watch_health(
     reporter: HealthReporter,
     service: &'static str,
@@ -109,29 +131,50 @@ pub async fn watch_health(
         let db_ok = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&pool))
             .await
             .is_ok_and(|r| r.is_ok());
-        let status = if db_ok && bus.is_connected() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        let nats_ok = bus.is_connected();
+        metrics::gauge!("nrm_dependency_up", "dependency" => "database").set(f64::from(u8::from(db_ok)));
+        metrics::gauge!("nrm_dependency_up", "dependency" => "nats").set(f64::from(u8::from(nats_ok)));
+        let status = |ok: bool| {
+            if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
         };
-        if last != Some(status) {
-            tracing::info!(
-                database = db_ok,
-                nats = bus.is_connected(),
-                serving = status == ServingStatus::Serving,
-                "health changed"
-            );
-            reporter.set_service_status(service, status).await;
-            reporter.set_service_status("", status).await;
-            last = Some(status);
+        if last != Some((db_ok, nats_ok)) {
+            if db_ok && nats_ok {
+                tracing::info!(database = db_ok, nats = nats_ok, "health: serving");
+            } else {
+                tracing::warn!(
+                    database = db_ok,
+                    nats = nats_ok,
+                    "health: degraded{}{}",
+                    if db_ok {
+                        ""
+                    } else {
+                        "; the database does not answer: commands fail with UNAVAILABLE"
+                    },
+                    if nats_ok {
+                        ""
+                    } else {
+                        "; NATS is unreachable: events wait in the outbox"
+                    }
+                );
+            }
+            reporter.set_service_status(service, status(db_ok)).await;
+            reporter.set_service_status("", status(db_ok)).await;
+            reporter.set_service_status(HEALTH_DATABASE, status(db_ok)).await;
+            reporter.set_service_status(HEALTH_BUS, status(nats_ok)).await;
+            last = Some((db_ok, nats_ok));
         }
         tokio::select! {
             () = shutdown.cancelled() => {
-                reporter.set_service_status(service, ServingStatus::NotServing).await;
-                reporter.set_service_status("", ServingStatus::NotServing).await;
+                for name in [service, "", HEALTH_DATABASE, HEALTH_BUS] {
+                    reporter.set_service_status(name, ServingStatus::NotServing).await;
+                }
                 return;
             }
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -221,15 +264,6 @@ impl Background {
         self.tasks.spawn(run(self.stop.clone()));
     }
 
-    /// Spawns the relay; without one (`NRM_RELAY__ENABLED=false`) warns that
-    /// events stay in the outbox.
-    pub fn spawn_relay(&mut self, relay: Option<Relay>) {
-        match relay {
-            Some(relay) => self.spawn(|stop| relay.run(stop)),
-            None => tracing::warn!("relay disabled (NRM_RELAY__ENABLED=false): events stay in the outbox"),
-        }
-    }
-
     /// Cancels the stop token and waits up to [`DRAIN_TIMEOUT`] for every task to end.
     async fn stop(mut self) {
         self.stop.cancel();
@@ -242,15 +276,18 @@ impl Background {
 }
 
 /// Serves `routes` (the service's own gRPC services) on `listeners` beside
-/// health (of `service_name`, watched on `pool` and `bus`), reflection and
-/// `/metrics`, with `background` running, until `shutdown` is cancelled; then
-/// lets calls in flight finish and stops the background tasks.
+/// health (of `service_name`, watched on `pool` and `bus`), reflection
+/// listing `reflected`, and `/metrics`, with `background` running, until
+/// `shutdown` is cancelled; then lets calls in flight finish and stops the
+/// background tasks. Services start through [`crate::service::Kit::serve`].
 ///
 /// # Errors
 /// When the gRPC server fails.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listeners: Listeners,
     service_name: &'static str,
+    reflected: &[&str],
     routes: Routes,
     pool: PgPool,
     bus: Bus,
@@ -258,7 +295,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), anyhow::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = reflection();
+    let (reflection_v1, reflection_v1alpha) = reflection(reflected);
     background.spawn(|stop| watch_health(health, service_name, pool, bus, stop));
     background.spawn(|stop| serve_metrics(listeners.metrics, stop));
     let result = tonic::transport::Server::builder()

@@ -150,11 +150,20 @@ pub struct RelaySettings {
     /// run as a separate process).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Fault injection, for the fault suite only: the probability (0 to 1)
+    /// that the process aborts after JetStream acknowledged a publish round
+    /// and before its outbox rows are deleted
+    /// (`NRM_RELAY__FAULT_ABORT_AFTER_ACK`, default 0: never).
+    #[serde(default)]
+    pub fault_abort_after_ack: f64,
 }
 
 impl Default for RelaySettings {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            fault_abort_after_ack: 0.0,
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The PostgreSQL event store.
 //!
 //! A command's effects are written in one [`UnitOfWork`]: its events (with
-//! the expected stream version checked), one outbox row for the relay, the
+//! the expected stream version checked), one outbox row for the relay, one
+//! row in `commits` (kept, so the store can refill the bus), the
 //! command's first answer under its request key, and whatever the service
 //! writes beside them (a person's key, a lookup table). Either all of it
 //! commits or none of it does.
@@ -132,7 +133,9 @@ impl From<StoreError> for AppError {
                 expected,
                 actual,
             },
-            StoreError::DuplicateRequest => AppError::Internal("request key recorded concurrently".into()),
+            // A twin of the request is being recorded: retrying with the same
+            // request ID returns the answer it recorded.
+            StoreError::DuplicateRequest => AppError::Unavailable("request key recorded concurrently".into()),
             StoreError::Database(e) => e.into(),
         }
     }
@@ -251,6 +254,9 @@ async fn append_statement<'e>(
              RETURNING version
          ), ob AS (
              INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
+             SELECT $8, $1, min(version), max(version), $9 FROM ins HAVING count(*) > 0
+         ), cm AS (
+             INSERT INTO commits (commit_id, stream_id, first_version, last_version, subject)
              SELECT $8, $1, min(version), max(version), $9 FROM ins HAVING count(*) > 0
          ), cmd AS (
              INSERT INTO commands (request_key, fingerprint, response)

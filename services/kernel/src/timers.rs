@@ -7,6 +7,16 @@
 //! it fired: after a crash it fires again only if its effects were not
 //! committed, so it fires exactly once, whatever restarts in between. Several
 //! runners may poll the same database (`FOR UPDATE SKIP LOCKED`).
+//!
+//! Due is decided by the database's clock (`due_at <= now()`), and a
+//! handler's effect uses the timer's [`Timer::due_at`], never the clock of the
+//! machine it runs on, which may disagree.
+//!
+//! A handler that fails is retried with growing back-off ([`RetryPolicy`])
+//! while the other due timers go on; after the policy's attempts the timer is
+//! parked (`parked_at`, a metric and a log line with its IDs) until an
+//! operator retries it (`nrmctl ops retry`). A transient database fault
+//! counts no attempt.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::projection::error_text;
+use crate::retry::{self, RetryPolicy};
 use crate::store::{EventStore, UnitOfWork};
 
 /// A due timer, as its handler sees it.
@@ -47,7 +59,8 @@ pub async fn schedule(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO timers (id, kind, aggregate_id, due_at, payload) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (kind, aggregate_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, fired_at = NULL",
+         ON CONFLICT (kind, aggregate_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
+             fired_at = NULL, attempts = 0, next_attempt_at = NULL, parked_at = NULL, last_error = NULL",
     )
     .bind(Uuid::now_v7())
     .bind(kind)
@@ -87,6 +100,7 @@ pub struct TimerRunner<H> {
     store: EventStore,
     handler: H,
     poll_interval: Duration,
+    retry: RetryPolicy,
 }
 
 impl<H: TimerHandler> TimerRunner<H> {
@@ -96,35 +110,57 @@ impl<H: TimerHandler> TimerRunner<H> {
             store,
             handler,
             poll_interval,
+            retry: RetryPolicy::default(),
         }
+    }
+
+    /// The same runner with another retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// Fires due timers until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures = 0;
         loop {
-            match self.fire_due().await {
-                Ok(fired) if fired > 0 => continue,
-                Ok(_) => {}
-                Err(err) => tracing::warn!(error = %err, "timer round failed; retrying"),
-            }
+            let pause = match self.fire_due().await {
+                Ok(fired) if fired > 0 => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => {
+                    failures = 0;
+                    self.poll_interval
+                }
+                Err(err) => {
+                    failures += 1;
+                    tracing::warn!(error = %err, "timer round failed; retrying");
+                    self.retry.delay(failures).max(self.poll_interval)
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.poll_interval) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }
 
-    /// Fires every timer due now, one transaction each; returns how many fired.
+    /// Fires every timer due now, one transaction each; returns how many
+    /// fired. A timer whose handler fails is put back with a later attempt
+    /// time (or parked) and the others go on.
     ///
     /// # Errors
-    /// When the database or a handler fails; that timer stays pending.
+    /// When the database fails (the round stops; the timers stay pending).
     pub async fn fire_due(&self) -> Result<usize, anyhow::Error> {
         let mut fired = 0;
         loop {
             let mut uow = self.store.begin().await?;
             let Some(row) = sqlx::query(
-                "SELECT id, kind, aggregate_id, due_at, payload FROM timers
-                 WHERE fired_at IS NULL AND due_at <= now() AND kind = ANY($1)
+                "SELECT id, kind, aggregate_id, due_at, payload, attempts FROM timers
+                 WHERE fired_at IS NULL AND parked_at IS NULL AND due_at <= now() AND kind = ANY($1)
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
                  ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED",
             )
             .bind(self.handler.kinds())
@@ -140,15 +176,54 @@ impl<H: TimerHandler> TimerRunner<H> {
                 due_at: row.get("due_at"),
                 payload: row.get("payload"),
             };
+            let attempts: i32 = row.get("attempts");
             let span = tracing::info_span!("timer.fire", kind = %timer.kind, aggregate_id = %timer.aggregate_id);
-            self.handler.fire(&mut uow, &timer).instrument(span).await?;
-            sqlx::query("UPDATE timers SET fired_at = now() WHERE id = $1")
-                .bind(timer.id)
-                .execute(uow.conn())
-                .await?;
-            uow.commit().await?;
-            metrics::counter!("nrm_timers_fired_total", "kind" => timer.kind.clone()).increment(1);
-            fired += 1;
+            match self.handler.fire(&mut uow, &timer).instrument(span).await {
+                Ok(()) => {
+                    sqlx::query("UPDATE timers SET fired_at = now() WHERE id = $1")
+                        .bind(timer.id)
+                        .execute(uow.conn())
+                        .await?;
+                    uow.commit().await?;
+                    metrics::counter!("nrm_timers_fired_total", "kind" => timer.kind.clone()).increment(1);
+                    fired += 1;
+                }
+                Err(err) => {
+                    drop(uow);
+                    if retry::is_transient(&err) {
+                        return Err(err);
+                    }
+                    self.failed(&timer, u32::try_from(attempts).unwrap_or(0) + 1, &err)
+                        .await?;
+                }
+            }
         }
+    }
+
+    /// Records a failed attempt: a later attempt time, or parked.
+    async fn failed(&self, timer: &Timer, attempts: u32, err: &anyhow::Error) -> Result<(), anyhow::Error> {
+        let park = self.retry.exhausted(attempts);
+        let delay_ms = i64::try_from(self.retry.delay(attempts).as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "UPDATE timers SET attempts = $2, last_error = $3,
+                 next_attempt_at = now() + make_interval(secs => $4::double precision / 1000),
+                 parked_at = CASE WHEN $5 THEN now() END
+             WHERE id = $1 AND fired_at IS NULL",
+        )
+        .bind(timer.id)
+        .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
+        .bind(error_text(err))
+        .bind(delay_ms)
+        .bind(park)
+        .execute(self.store.pool())
+        .await?;
+        metrics::counter!("nrm_timers_failed_total", "kind" => timer.kind.clone()).increment(1);
+        if park {
+            metrics::counter!("nrm_timers_parked_total", "kind" => timer.kind.clone()).increment(1);
+            tracing::error!(timer_id = %timer.id, kind = %timer.kind, aggregate_id = %timer.aggregate_id, attempts, error = %err, "timer parked: its handler kept failing");
+        } else {
+            tracing::warn!(timer_id = %timer.id, kind = %timer.kind, aggregate_id = %timer.aggregate_id, attempts, error = %err, "timer failed; tried again later");
+        }
+        Ok(())
     }
 }

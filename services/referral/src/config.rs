@@ -1,34 +1,21 @@
 //! Settings of the referral service, from `NRM_*` environment variables.
 
-use nrm_kernel::settings::{
-    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings,
-};
+use nrm_kernel::service::CommonSettings;
 use serde::Deserialize;
 
 /// Everything the service reads at start.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
-    /// Listening addresses (`NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`).
+    /// What every service reads: addresses, database (name default
+    /// `referral`), NATS, relay, retries, tokens, logs.
     #[serde(flatten)]
-    pub server: ServerSettings,
-    /// The service's own database (`NRM_DATABASE__*`; name default `referral`).
-    #[serde(default)]
-    pub database: DatabaseSettings,
-    /// NATS (`NRM_NATS__*`).
-    #[serde(default)]
-    pub nats: NatsSettings,
-    /// The outbox relay (`NRM_RELAY__*`).
-    #[serde(default)]
-    pub relay: RelaySettings,
-    /// Token verification (`NRM_AUTH__*`).
-    pub auth: AuthSettings,
-    /// Logs (`NRM_TELEMETRY__*`).
-    #[serde(default)]
-    pub telemetry: TelemetrySettings,
+    pub common: CommonSettings,
     /// Rules of referral (`NRM_REFERRAL__*`).
     #[serde(default)]
     pub referral: ReferralSettings,
 }
+
+nrm_kernel::service_settings!(Settings, "referral");
 
 /// Country rules of referral.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,18 +56,4 @@ fn default_normal() -> u64 {
 
 fn default_poll() -> u64 {
     250
-}
-
-impl Settings {
-    /// Reads the settings from the environment.
-    ///
-    /// # Errors
-    /// Names the missing or malformed variable.
-    pub fn from_env() -> Result<Self, Box<figment::Error>> {
-        let mut settings: Self = nrm_kernel::settings::from_env()?;
-        if settings.database.name.is_empty() {
-            "referral".clone_into(&mut settings.database.name);
-        }
-        Ok(settings)
-    }
 }

@@ -38,6 +38,8 @@ impl ShelterAnswers {
 }
 
 impl Projection for ShelterAnswers {
+    const READ_MODEL: bool = false;
+
     fn name(&self) -> &'static str {
         "referral_shelter_answers"
     }
@@ -110,7 +112,7 @@ impl TimerHandler for AnswerDue {
             tracing::warn!(timer_id = %timer.id, "answer timer without a referral ID; dropped");
             return Ok(());
         };
-        self.app.answer_due(uow, referral_id).await?;
+        self.app.answer_due(uow, referral_id, timer.due_at).await?;
         Ok(())
     }
 }

@@ -1,25 +1,17 @@
 //! Building and running the service: the same code runs in `main` and in
-//! the tests (on port 0).
+//! the tests (on port 0). What every service does at start is the kernel's
+//! ([`nrm_kernel::service`]); this names what referral owns.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use nrm_kernel::auth::Authenticator;
-use nrm_kernel::bus::Bus;
-use nrm_kernel::db;
-use nrm_kernel::projection::ProjectionRunner;
-use nrm_kernel::relay::{Relay, RelayConfig};
-use nrm_kernel::server::{self, Background, Listeners};
-use nrm_kernel::store::EventStore;
-use nrm_kernel::timers::TimerRunner;
+use nrm_kernel::service::{Kit, Service, ServiceSpec};
 use nrm_proto::referral::v1::referral_service_server::ReferralServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::app::{CONTEXT, PAYLOAD_TYPE, Policy, Referrals};
 use crate::config::Settings;
-use crate::domain::referral::{self, Deadlines};
+use crate::domain::referral::Deadlines;
 use crate::grpc::ReferralGrpc;
 use crate::projections::{Inbox, Persons};
 use crate::reactions::{AnswerDue, ShelterAnswers};
@@ -30,45 +22,30 @@ pub const SERVICE_NAME: &str = "nrm.referral.v1.ReferralService";
 /// The migrations of the referral service's own tables.
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// What the kernel needs to know of the service.
+pub const SPEC: ServiceSpec = ServiceSpec {
+    grpc_service: SERVICE_NAME,
+    context: CONTEXT,
+    payload_type: PAYLOAD_TYPE,
+    migrations: &MIGRATIONS,
+};
+
 /// A built, not yet running, referral service.
 pub struct Application {
-    listeners: Listeners,
+    kit: Kit,
     app: Referrals,
-    bus: Bus,
-    auth: Authenticator,
-    relay: Option<Relay>,
-    persons: ProjectionRunner<Persons>,
-    inbox: ProjectionRunner<Inbox>,
-    shelter_answers: ProjectionRunner<ShelterAnswers>,
-    timers: TimerRunner<AnswerDue>,
 }
 
 impl Application {
     /// Connects to PostgreSQL (creating and migrating the database) and NATS
-    /// (creating the referral stream, and finding or creating the
-    /// identification and shelter streams it reads), and binds the listeners.
+    /// (in the background when it is down), and binds the listeners. The
+    /// service reads its own stream (the inbox), identification's (persons)
+    /// and shelter's (answers to shelter needs), and fires answer deadlines.
     ///
     /// # Errors
-    /// When the database, NATS or a port cannot be had.
+    /// When the database or a port cannot be had.
     pub async fn build(settings: &Settings) -> Result<Self, anyhow::Error> {
-        let auth = Authenticator::new(&settings.auth.jwt_secret, &settings.auth.issuer);
-        let pool = db::connect_and_migrate(&settings.database, &MIGRATIONS)
-            .await
-            .context("preparing the database")?;
-        let bus = Bus::connect(&settings.nats).await?;
-        let stream = bus.ensure_stream(CONTEXT).await?;
-        let identification = bus.ensure_stream("identification").await?;
-        let shelter = bus.ensure_stream("shelter").await?;
-        let store = EventStore::new(pool.clone());
-        let relay = settings.relay.enabled.then(|| {
-            Relay::new(
-                pool.clone(),
-                bus.clone(),
-                stream.clone(),
-                store.appended_signal(),
-                RelayConfig::new(PAYLOAD_TYPE),
-            )
-        });
+        let mut kit = Kit::build(SPEC, settings).await?;
         let policy = Policy {
             deadlines: Deadlines {
                 urgent_seconds: settings.referral.urgent_deadline_seconds,
@@ -76,61 +53,15 @@ impl Application {
             },
             allow_not_identified: settings.referral.allow_not_identified,
         };
-        let app = Referrals::new(store.clone(), bus.clone(), policy);
-        let persons = ProjectionRunner::new(
-            store.clone(),
-            bus.clone(),
-            identification,
-            bus.context_subjects("identification"),
-            Persons,
-        );
-        let inbox = ProjectionRunner::new(
-            store.clone(),
-            bus.clone(),
-            stream,
-            bus.subject(CONTEXT, referral::NAME, "*"),
-            Inbox,
-        );
-        let shelter_answers = ProjectionRunner::new(
-            store.clone(),
-            bus.clone(),
-            shelter,
-            bus.context_subjects("shelter"),
-            ShelterAnswers::new(app.clone()),
-        );
-        let timers = TimerRunner::new(
-            store,
+        let app = Referrals::new(kit.store().clone(), kit.bus().clone(), policy);
+        kit.project("identification", Persons);
+        kit.project(CONTEXT, Inbox);
+        kit.project("shelter", ShelterAnswers::new(app.clone()));
+        kit.fire_timers(
             AnswerDue::new(app.clone()),
             Duration::from_millis(settings.referral.timer_poll_ms.max(10)),
         );
-        let listeners = Listeners::bind(&settings.server).await?;
-        Ok(Self {
-            listeners,
-            app,
-            bus,
-            auth,
-            relay,
-            persons,
-            inbox,
-            shelter_answers,
-            timers,
-        })
-    }
-
-    /// Where gRPC listens.
-    ///
-    /// # Errors
-    /// When the socket has no address.
-    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listeners.grpc_addr()
-    }
-
-    /// Where `/metrics` listens.
-    ///
-    /// # Errors
-    /// When the socket has no address.
-    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listeners.metrics_addr()
+        Ok(Self { kit, app })
     }
 
     /// The application (tests drive reactions through it).
@@ -138,30 +69,18 @@ impl Application {
     pub fn app(&self) -> &Referrals {
         &self.app
     }
+}
 
-    /// Serves until `shutdown` is cancelled, then stops the relay, the
-    /// projections, the reaction and the timers, and lets calls in flight finish.
-    ///
-    /// # Errors
-    /// When the gRPC server fails.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
-        let mut background = Background::new();
-        background.spawn_relay(self.relay);
-        background.spawn(|stop| self.persons.run(stop));
-        background.spawn(|stop| self.inbox.run(stop));
-        background.spawn(|stop| self.shelter_answers.run(stop));
-        background.spawn(|stop| self.timers.run(stop));
-        let pool = self.app.store().pool().clone();
-        let routes = Routes::new(ReferralServiceServer::new(ReferralGrpc::new(self.app, self.auth)));
-        server::serve(
-            self.listeners,
-            SERVICE_NAME,
-            routes,
-            pool,
-            self.bus,
-            background,
-            shutdown,
-        )
-        .await
+impl Service for Application {
+    fn kit(&self) -> &Kit {
+        &self.kit
+    }
+
+    async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
+        let routes = Routes::new(ReferralServiceServer::new(ReferralGrpc::new(
+            self.app,
+            self.kit.auth().clone(),
+        )));
+        self.kit.serve(routes, shutdown).await
     }
 }

@@ -1,37 +1,24 @@
 //! Settings of the shelter service, from `NRM_*` environment variables.
 
-use nrm_kernel::settings::{
-    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings,
-};
+use nrm_kernel::service::CommonSettings;
 use secrecy::SecretString;
 use serde::Deserialize;
 
 /// Everything the service reads at start.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
-    /// Listening addresses (`NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`).
+    /// What every service reads: addresses, database (name default
+    /// `shelter`), NATS, relay, retries, tokens, logs.
     #[serde(flatten)]
-    pub server: ServerSettings,
-    /// The service's own database (`NRM_DATABASE__*`, name default `shelter`).
-    #[serde(default)]
-    pub database: DatabaseSettings,
-    /// NATS (`NRM_NATS__*`).
-    #[serde(default)]
-    pub nats: NatsSettings,
-    /// The outbox relay (`NRM_RELAY__*`).
-    #[serde(default)]
-    pub relay: RelaySettings,
-    /// Token verification (`NRM_AUTH__*`).
-    pub auth: AuthSettings,
+    pub common: CommonSettings,
     /// The key that seals shelter addresses (`NRM_SEALING__*`).
     pub sealing: SealingSettings,
-    /// Logs (`NRM_TELEMETRY__*`).
-    #[serde(default)]
-    pub telemetry: TelemetrySettings,
     /// Rules of bed holds (`NRM_SHELTER__*`).
     #[serde(default)]
     pub shelter: ShelterSettings,
 }
+
+nrm_kernel::service_settings!(Settings, "shelter");
 
 /// Keys of the shelter service. Only the master key: shelters need no
 /// duplicate detection, so `NRM_SEALING__MATCH_KEY` is not read.
@@ -72,18 +59,4 @@ fn default_hold_minutes() -> u32 {
 
 fn default_timer_poll_ms() -> u64 {
     1000
-}
-
-impl Settings {
-    /// Reads the settings from the environment.
-    ///
-    /// # Errors
-    /// Names the missing or malformed variable.
-    pub fn from_env() -> Result<Self, Box<figment::Error>> {
-        let mut settings: Self = nrm_kernel::settings::from_env()?;
-        if settings.database.name.is_empty() {
-            "shelter".clone_into(&mut settings.database.name);
-        }
-        Ok(settings)
-    }
 }

@@ -170,6 +170,8 @@ async fn stream_version(conn: &mut PgConnection, stream_id: &str) -> Result<u64,
 }
 
 impl Projection for Placement {
+    const READ_MODEL: bool = false;
+
     fn name(&self) -> &'static str {
         "shelter_placement"
     }

@@ -396,10 +396,17 @@ impl Referrals {
     ///
     /// # Errors
     /// When the store fails (the timer then stays pending).
-    pub async fn answer_due(&self, uow: &mut UnitOfWork, referral_id: ReferralId) -> Result<bool, AppError> {
+    pub async fn answer_due(
+        &self,
+        uow: &mut UnitOfWork,
+        referral_id: ReferralId,
+        due_at: chrono::DateTime<Utc>,
+    ) -> Result<bool, AppError> {
         let state = Self::fold_in(uow, &referral::stream_id(referral_id), referral::evolve).await?;
+        // The timer's due time, never this machine's clock: a clock behind
+        // the database's would find the referral not yet due and lose the escalation.
         let command = Command::MarkOverdue {
-            now: validate::timestamp(Utc::now()),
+            now: validate::timestamp(due_at),
         };
         let events = match referral::decide(&state, &command) {
             Ok(events) => events,

@@ -1,0 +1,204 @@
+//! The operator's service (`nrm.common.v1.OperatorService`), served by every
+//! service beside its own: the messages and timers the kernel parked, a
+//! retry of one of them, and refilling the service's stream from its event
+//! store. Only the `operator` role may call it; every call is audited. It
+//! reads and writes kernel tables only: no case data.
+
+use sqlx::{PgPool, Row};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::audit;
+use crate::auth::{Authenticator, Role};
+use crate::bus::Bus;
+use crate::error::AppError;
+use crate::grpc::{call_context, reply};
+use crate::relay;
+use crate::validate;
+use nrm_proto::common::v1 as pb;
+use pb::operator_service_server::OperatorService;
+
+/// The tonic service of one service's kernel tables and stream.
+#[derive(Debug, Clone)]
+pub struct OperatorGrpc {
+    pool: PgPool,
+    bus: Bus,
+    context: &'static str,
+    auth: Authenticator,
+}
+
+impl OperatorGrpc {
+    /// Serves the kernel tables in `pool` and the stream of `context`.
+    #[must_use]
+    pub fn new(pool: PgPool, bus: Bus, context: &'static str, auth: Authenticator) -> Self {
+        Self {
+            pool,
+            bus,
+            context,
+            auth,
+        }
+    }
+
+    /// Verifies the caller is an operator and audits the call.
+    async fn operator<T>(&self, request: &Request<T>, action: &str, subject: &str) -> Result<(), Status> {
+        let ctx = call_context(&self.auth, request)?;
+        ctx.caller.require(action, &[Role::Operator])?;
+        let mut conn = self.pool.acquire().await.map_err(AppError::from)?;
+        audit::record(&mut conn, &ctx.caller.actor, action, subject, "operations")
+            .await
+            .map_err(AppError::from)?;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<pb::ListParkedResponse, AppError> {
+        let messages = sqlx::query(
+            "SELECT projection, stream_sequence, stream_name, commit_id, attempts, last_error, parked_at, retry_requested
+             FROM parked_messages ORDER BY parked_at, projection, stream_sequence",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let timers = sqlx::query(
+            "SELECT id, kind, aggregate_id, attempts, last_error, parked_at FROM timers
+             WHERE parked_at IS NOT NULL AND fired_at IS NULL ORDER BY parked_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(messages.len() + timers.len());
+        for row in &messages {
+            items.push(pb::ParkedItem {
+                kind: pb::ParkedKind::Message as i32,
+                owner: row.get("projection"),
+                item_id: row.get::<i64, _>("stream_sequence").to_string(),
+                source: row.get("stream_name"),
+                commit_id: row
+                    .get::<Option<Uuid>, _>("commit_id")
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
+                attempts: u32::try_from(row.get::<i32, _>("attempts")).unwrap_or(0),
+                last_error: row.get("last_error"),
+                parked_at: Some(validate::timestamp(row.get("parked_at"))),
+                retry_requested: row.get("retry_requested"),
+            });
+        }
+        for row in &timers {
+            items.push(pb::ParkedItem {
+                kind: pb::ParkedKind::Timer as i32,
+                owner: row.get("kind"),
+                item_id: row.get::<Uuid, _>("id").to_string(),
+                source: row.get("aggregate_id"),
+                commit_id: String::new(),
+                attempts: u32::try_from(row.get::<i32, _>("attempts")).unwrap_or(0),
+                last_error: row.get::<Option<String>, _>("last_error").unwrap_or_default(),
+                parked_at: row.get::<Option<_>, _>("parked_at").map(validate::timestamp),
+                retry_requested: false,
+            });
+        }
+        metrics::gauge!("nrm_parked_items").set(items.len() as f64);
+        Ok(pb::ListParkedResponse { items })
+    }
+
+    async fn retry(&self, request: &pb::RetryParkedRequest) -> Result<pb::RetryParkedResponse, AppError> {
+        let kind = pb::ParkedKind::try_from(request.kind).unwrap_or(pb::ParkedKind::Unspecified);
+        // The parsed ID, never the raw text, goes into an answer.
+        let (updated, id) = match kind {
+            pb::ParkedKind::Message => {
+                let sequence: i64 = request
+                    .item_id
+                    .parse()
+                    .map_err(|_| AppError::invalid("item_id", "must be the stream sequence of a parked message"))?;
+                let updated = sqlx::query(
+                    "UPDATE parked_messages SET retry_requested = true WHERE projection = $1 AND stream_sequence = $2",
+                )
+                .bind(&request.owner)
+                .bind(sequence)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                (updated, sequence.to_string())
+            }
+            pb::ParkedKind::Timer => {
+                let id: Uuid = request
+                    .item_id
+                    .parse()
+                    .map_err(|_| AppError::invalid("item_id", "must be the ID of a parked timer"))?;
+                let updated = sqlx::query(
+                    "UPDATE timers SET parked_at = NULL, attempts = 0, next_attempt_at = NULL
+                     WHERE id = $1 AND kind = $2 AND parked_at IS NOT NULL AND fired_at IS NULL",
+                )
+                .bind(id)
+                .bind(&request.owner)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                (updated, id.to_string())
+            }
+            pb::ParkedKind::Unspecified => {
+                return Err(AppError::invalid(
+                    "kind",
+                    "must be PARKED_KIND_MESSAGE or PARKED_KIND_TIMER",
+                ));
+            }
+        };
+        if updated == 0 {
+            return Err(AppError::NotFound {
+                kind: "parked item",
+                id,
+            });
+        }
+        Ok(pb::RetryParkedResponse {})
+    }
+
+    async fn refill(&self) -> Result<pb::RefillStreamResponse, AppError> {
+        let stream = self
+            .bus
+            .ensure_stream(self.context)
+            .await
+            .map_err(|e| AppError::Unavailable(e.to_string()))?;
+        let report = relay::refill(&self.pool, &stream, true).await.map_err(|e| match e {
+            relay::RelayError::Database(db) => AppError::from(db),
+            other => AppError::Unavailable(other.to_string()),
+        })?;
+        tracing::info!(
+            context = self.context,
+            aggregates_checked = report.aggregates_checked,
+            aggregates_behind = report.aggregates_behind,
+            requeued = report.requeued,
+            "stream compared with the store"
+        );
+        Ok(pb::RefillStreamResponse {
+            stream: self.bus.stream_name(self.context),
+            stream_messages: report.stream_messages,
+            published_commits: report.published_commits,
+            aggregates_checked: report.aggregates_checked,
+            aggregates_behind: report.aggregates_behind,
+            requeued: report.requeued,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl OperatorService for OperatorGrpc {
+    async fn list_parked(
+        &self,
+        request: Request<pb::ListParkedRequest>,
+    ) -> Result<Response<pb::ListParkedResponse>, Status> {
+        self.operator(&request, "ListParked", self.context).await?;
+        reply(self.list().await)
+    }
+
+    async fn retry_parked(
+        &self,
+        request: Request<pb::RetryParkedRequest>,
+    ) -> Result<Response<pb::RetryParkedResponse>, Status> {
+        self.operator(&request, "RetryParked", self.context).await?;
+        reply(self.retry(request.get_ref()).await)
+    }
+
+    async fn refill_stream(
+        &self,
+        request: Request<pb::RefillStreamRequest>,
+    ) -> Result<Response<pb::RefillStreamResponse>, Status> {
+        self.operator(&request, "RefillStream", self.context).await?;
+        reply(self.refill().await)
+    }
+}
