@@ -350,18 +350,27 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
     })
     .await;
     assert_eq!(held.shelter_id, registered.shelter_id);
-    let free = shelter
-        .list_free_capacity(authorized(
-            sh::ListFreeCapacityRequest {
-                region: "KG-C".into(),
-                category: sh::BedCategory::Women as i32,
-            },
-            &as_(MSD),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(free.entries.iter().map(|e| e.free).sum::<u32>(), 1);
+    // The free-capacity read model follows the shelter stream a moment later.
+    eventually("the held bed no longer shows as free", || {
+        let mut shelter = shelter.clone();
+        async move {
+            let free = shelter
+                .list_free_capacity(authorized(
+                    sh::ListFreeCapacityRequest {
+                        region: "KG-C".into(),
+                        category: sh::BedCategory::Women as i32,
+                    },
+                    &as_(MSD),
+                ))
+                .await?
+                .into_inner();
+            match free.entries.iter().map(|e| e.free).sum::<u32>() {
+                1 => Ok(()),
+                n => Err(tonic::Status::failed_precondition(format!("{n} free"))),
+            }
+        }
+    })
+    .await;
 
     // MSD now reads the identifiers the consent covers.
     let ident = system.identification().await;

@@ -261,6 +261,12 @@ impl<P: Projection> ProjectionRunner<P> {
                 anyhow::bail!("message stream ended");
             };
             let message = message?;
+            // After a reconnection the server may have lost (and since
+            // refilled) its unsynced tail: check the checkpoint against the
+            // stream before applying anything more.
+            if self.bus.connections() != connections {
+                return Err(Restart::Reconnected.into());
+            }
             let info = message
                 .info()
                 .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;

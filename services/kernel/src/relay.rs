@@ -153,9 +153,14 @@ impl Relay {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut failures = 0;
         while !shutdown.is_cancelled() {
+            let started = Instant::now();
             match self.lead(&shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
+                    // A leadership that lasted starts the back-off afresh.
+                    if started.elapsed() > Duration::from_secs(30) {
+                        failures = 0;
+                    }
                     failures += 1;
                     let backoff = self.config.retry.delay(failures);
                     metrics::counter!("nrm_relay_errors_total").increment(1);
@@ -277,8 +282,23 @@ impl Relay {
         let stream = self.stream().await?.clone();
         let mut done: Vec<i64> = Vec::with_capacity(batch.len());
         let mut to_send: Vec<&PendingCommit> = Vec::with_capacity(batch.len());
+        // Rows that may have been sent before are checked against the stream, pipelined.
+        let suspects: Vec<&PendingCommit> = batch.iter().filter(|c| c.id <= self.check_upto).collect();
+        let verdicts = join_all(
+            suspects
+                .iter()
+                .map(|commit| holds_commit(&stream, &commit.subject, commit.last_version)),
+        )
+        .await;
+        let mut published = HashSet::new();
+        for (commit, verdict) in suspects.into_iter().zip(verdicts) {
+            if verdict? {
+                published.insert(commit.id);
+            }
+        }
+        // The rest go out in the batch's (transaction) order.
         for commit in batch {
-            if commit.id <= self.check_upto && holds_commit(&stream, &commit.subject, commit.last_version).await? {
+            if published.contains(&commit.id) {
                 metrics::counter!("nrm_relay_already_published_total").increment(1);
                 done.push(commit.id);
             } else {

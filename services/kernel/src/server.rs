@@ -101,7 +101,11 @@ pub fn reflection(
             .register_encoded_file_descriptor_set(nrm_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
-        for service in services {
+        let reflection = [
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        for service in services.iter().chain(&reflection) {
             builder = builder.with_service_name(*service);
         }
         builder

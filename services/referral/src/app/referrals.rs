@@ -404,9 +404,11 @@ impl Referrals {
     ) -> Result<bool, AppError> {
         let state = Self::fold_in(uow, &referral::stream_id(referral_id), referral::evolve).await?;
         // The timer's due time, never this machine's clock: a clock behind
-        // the database's would find the referral not yet due and lose the escalation.
+        // the database's would find the referral not yet due and lose the
+        // escalation. The database keeps microseconds, the deadline may carry
+        // nanoseconds: the timer stands for the whole microsecond.
         let command = Command::MarkOverdue {
-            now: validate::timestamp(due_at),
+            now: validate::timestamp(due_at + chrono::Duration::nanoseconds(999)),
         };
         let events = match referral::decide(&state, &command) {
             Ok(events) => events,

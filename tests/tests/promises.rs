@@ -1,0 +1,760 @@
+//! The kernel's promises under faults (issue 8), each against the real
+//! servers and each able to fail when its promise is broken:
+//! version order per aggregate whatever the transaction IDs, no event skipped
+//! after a lost delivery, replicas applying each message once and in order,
+//! the crash window between JetStream's acknowledgement and the outbox delete
+//! at process level, poison timers and messages parked without delaying the
+//! others, the event store refilling a deleted stream, a service taking
+//! commands while NATS is down, and reflection listing what is served.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
+use std::future::Future;
+use std::os::unix::process::ExitStatusExt as _;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use nrm_e2e::{Parts, ServiceProcess, TestApp, authorized, person, process_env, report_request, settings, token};
+use nrm_identification::projections::CaseList;
+use nrm_kernel::auth::Role;
+use nrm_kernel::projection::{Delivery, Outcome, Projection, ProjectionRunner};
+use nrm_kernel::retry::RetryPolicy;
+use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, UnitOfWork};
+use nrm_proto::common::v1 as common;
+use nrm_proto::common::v1::operator_service_client::OperatorServiceClient;
+use nrm_proto::identification::v1 as pb;
+use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
+use prost::Message as _;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+fn metadata() -> EventMetadata {
+    EventMetadata {
+        correlation_id: Uuid::now_v7(),
+        causation_id: Uuid::now_v7(),
+        actor: Actor {
+            agency: "kg-mvd".into(),
+            role: "police".into(),
+            officer: "officer-1".into(),
+        },
+        traceparent: None,
+        tracestate: None,
+    }
+}
+
+fn reported(case_id: Uuid) -> NewEvent {
+    NewEvent {
+        event_type: "PresumedVictimReported".into(),
+        schema_version: 1,
+        payload: pb::IdentificationEvent {
+            event: Some(pb::identification_event::Event::PresumedVictimReported(
+                pb::PresumedVictimReported {
+                    case_id: case_id.to_string(),
+                    person_id: Uuid::now_v7().to_string(),
+                    reporting_agency: "kg-mvd".into(),
+                    reported_at: Some(prost_types::Timestamp {
+                        seconds: 1_790_000_000,
+                        nanos: 0,
+                    }),
+                    citizenship: "KG".into(),
+                    status: pb::CaseStatus::Reported as i32,
+                    ..Default::default()
+                },
+            )),
+        }
+        .encode_to_vec(),
+    }
+}
+
+async fn append_case(parts: &Parts, store: &EventStore, case_id: Uuid) {
+    let mut uow = store.begin().await.unwrap();
+    uow.append(
+        &format!("case-{case_id}"),
+        0,
+        &[reported(case_id)],
+        &metadata(),
+        &parts.bus.subject("identification", "case", &case_id.to_string()),
+    )
+    .await
+    .unwrap();
+    uow.commit().await.unwrap();
+}
+
+/// Polls `check` until it holds, for at most `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scalar(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+async fn case_list(pool: &sqlx::PgPool) -> Vec<(Uuid, i32, i64)> {
+    sqlx::query_as("SELECT case_id, status, version FROM case_list ORDER BY case_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Versions on the bus of one subject, in stream order.
+async fn versions_on(parts: &Parts, stream_id: &str) -> Vec<u64> {
+    parts
+        .messages()
+        .await
+        .iter()
+        .filter(|m| m.headers.get("Nrm-Stream-Id").map(|v| v.as_str()) == Some(stream_id))
+        .map(|m| m.headers.get("Nrm-Stream-Version").unwrap().as_str().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_timer_and_a_command_on_one_aggregate_reach_the_bus_in_version_order_across_a_relay_restart() {
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    let case_id = Uuid::now_v7();
+    let stream_id = format!("case-{case_id}");
+    let subject = parts.bus.subject("identification", "case", &case_id.to_string());
+    append_case(&parts, &store, case_id).await;
+    parts.publish_all(&mut parts.relay(&store)).await;
+
+    // A timer's transaction takes its transaction ID first (as one does
+    // that locks its timer row before it reads the stream)...
+    let mut timer = store.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(timer.conn())
+        .await
+        .unwrap();
+    // ...a user command appends version 2 and commits...
+    let mut command = store.begin().await.unwrap();
+    command
+        .append(&stream_id, 1, &[reported(case_id)], &metadata(), &subject)
+        .await
+        .unwrap();
+    command.commit().await.unwrap();
+    // ...and the timer, reading the stream now, appends version 3 under its older ID.
+    assert_eq!(timer.read_stream(&stream_id).await.unwrap().len(), 2);
+    timer
+        .append(&stream_id, 2, &[reported(case_id)], &metadata(), &subject)
+        .await
+        .unwrap();
+    timer.commit().await.unwrap();
+    let by_transaction: Vec<i64> =
+        sqlx::query_scalar("SELECT last_version FROM outbox ORDER BY tx_id::text::bigint, id")
+            .fetch_all(&parts.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        by_transaction,
+        [3, 2],
+        "the premise: transaction order is the reverse of version order"
+    );
+
+    // One round of one relay, then a restarted relay.
+    let mut first = parts.relay(&store);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first.publish_round().await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "a first round publishes");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    drop(first);
+    parts.publish_all(&mut parts.relay(&store)).await;
+    assert_eq!(versions_on(&parts, &stream_id).await, [1, 2, 3]);
+    parts.drop_all().await;
+}
+
+#[tokio::test]
+async fn a_projection_that_misses_a_delivery_moves_nothing_past_it_and_ends_like_a_rebuild() {
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    for _ in 0..3 {
+        append_case(&parts, &store, Uuid::now_v7()).await;
+    }
+    parts.publish_all(&mut parts.relay(&store)).await;
+    let runner = || ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", CaseList);
+    let consumer = parts
+        .stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("lossy".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let first = messages.next().await.unwrap().unwrap();
+    assert_eq!(runner().handle(&first).await.unwrap(), Outcome::Applied);
+    let _lost = messages.next().await.unwrap().unwrap();
+    let third = messages.next().await.unwrap().unwrap();
+    assert!(
+        runner().handle(&third).await.is_err(),
+        "the message after a lost one is not applied"
+    );
+    let checkpoint = scalar(
+        &parts.pool,
+        "SELECT stream_sequence FROM projection_checkpoints WHERE projection = 'identification_case_list'",
+    )
+    .await;
+    assert_eq!(checkpoint, 1, "the checkpoint stays before the lost message");
+    assert_eq!(case_list(&parts.pool).await.len(), 1);
+
+    // The runner goes on from the checkpoint and gets every case.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(runner().run(shutdown.clone()));
+    eventually("the runner catches up", Duration::from_secs(15), || async {
+        case_list(&parts.pool).await.len() == 3
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    let live = case_list(&parts.pool).await;
+    runner().rebuild().await.unwrap();
+    assert_eq!(case_list(&parts.pool).await, live, "the same read model as a rebuild");
+    parts.drop_all().await;
+}
+
+/// A read model that keeps one row per message it applied, in the order applied.
+struct Journal;
+
+impl Projection for Journal {
+    fn name(&self) -> &'static str {
+        "test_journal"
+    }
+
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        sqlx::query("INSERT INTO test_journal (stream_sequence) VALUES ($1)")
+            .bind(i64::try_from(delivery.stream_sequence)?)
+            .execute(uow.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query("DELETE FROM test_journal").execute(conn).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_of_a_projection_apply_every_message_once_and_in_stream_order() {
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    sqlx::query("CREATE TABLE test_journal (applied BIGSERIAL PRIMARY KEY, stream_sequence BIGINT NOT NULL)")
+        .execute(&parts.pool)
+        .await
+        .unwrap();
+    let mut relay = parts.relay(&store);
+    for _ in 0..40 {
+        append_case(&parts, &store, Uuid::now_v7()).await;
+    }
+    parts.publish_all(&mut relay).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let replicas: Vec<_> = (0..2)
+        .map(|_| {
+            let runner = ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", Journal);
+            tokio::spawn(runner.run(shutdown.clone()))
+        })
+        .collect();
+    // More messages while both replicas run.
+    for _ in 0..40 {
+        append_case(&parts, &store, Uuid::now_v7()).await;
+    }
+    parts.publish_all(&mut relay).await;
+    let last = parts.stream.clone().info().await.unwrap().state.last_sequence;
+    assert_eq!(last, 80);
+    eventually("both replicas catch up", Duration::from_secs(20), || async {
+        scalar(
+            &parts.pool,
+            "SELECT coalesce(max(stream_sequence), 0) FROM test_journal",
+        )
+        .await
+            == 80
+    })
+    .await;
+    shutdown.cancel();
+    for replica in replicas {
+        replica.await.unwrap();
+    }
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT stream_sequence FROM test_journal ORDER BY applied")
+        .fetch_all(&parts.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied,
+        (1..=80).collect::<Vec<i64>>(),
+        "each message once, in stream order"
+    );
+    parts.drop_all().await;
+}
+
+#[tokio::test]
+async fn a_service_killed_between_the_acknowledgement_and_the_outbox_delete_publishes_its_commit_once() {
+    let base = settings();
+    let database = {
+        let mut d = base.database.clone();
+        d.name = format!("{}_identification", base.database.name);
+        d
+    };
+    // The relay aborts the process right after JetStream acknowledged.
+    let mut service = ServiceProcess::start(
+        "identification",
+        process_env(&base, "identification", &[("NRM_RELAY__FAULT_ABORT_AFTER_ACK", "1")]),
+    );
+    let mut client = IdentificationServiceClient::new(service.channel().await);
+    client
+        .report_presumed_victim(authorized(
+            report_request("window-1", person("Test Person", "AB1234567", "")),
+            &token("kg-mvd", Role::Police, "officer-1"),
+        ))
+        .await
+        .expect("the command is acknowledged");
+    let exit = service
+        .wait_exit(Duration::from_secs(20))
+        .expect("the relay aborts the process");
+    assert_eq!(exit.signal(), Some(6), "SIGABRT in the crash window, got {exit}");
+
+    let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&database).unwrap())
+        .await
+        .unwrap();
+    let nats = async_nats::connect(base.nats.url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let stream = format!("{}_IDENTIFICATION", base.nats.stream_prefix);
+    // The crash fell in the window: on the stream, and still in the outbox.
+    assert_eq!(nrm_e2e::messages(&js, &stream).await.len(), 1);
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM outbox").await, 1);
+
+    let service = ServiceProcess::start("identification", process_env(&base, "identification", &[]));
+    eventually(
+        "the restarted relay settles the row",
+        Duration::from_secs(20),
+        || async { scalar(&pool, "SELECT count(*) FROM outbox").await == 0 },
+    )
+    .await;
+    let messages = nrm_e2e::messages(&js, &stream).await;
+    assert_eq!(messages.len(), 1, "the commit is on the stream exactly once");
+    drop(service);
+    pool.close().await;
+    nrm_e2e::drop_processes_data(&base, &["identification"]).await;
+}
+
+/// Fails for the aggregate `poison`, appends an event for any other.
+struct Picky {
+    subject: String,
+}
+
+impl nrm_kernel::timers::TimerHandler for Picky {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["test.picky"]
+    }
+
+    async fn fire(&self, uow: &mut UnitOfWork, timer: &nrm_kernel::timers::Timer) -> Result<(), anyhow::Error> {
+        let case_id: Uuid = timer
+            .aggregate_id
+            .parse()
+            .map_err(|_| anyhow::anyhow!("timer {}: not a case", timer.id))?;
+        uow.append(
+            &format!("case-{case_id}"),
+            0,
+            &[reported(case_id)],
+            &metadata(),
+            &self.subject,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_poison_timer_is_parked_and_does_not_delay_the_timers_after_it() {
+    use chrono::Utc;
+    use nrm_kernel::timers::{self, TimerRunner};
+
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    let mut conn = parts.pool.acquire().await.unwrap();
+    timers::schedule(
+        &mut conn,
+        "test.picky",
+        "poison",
+        Utc::now() - chrono::Duration::seconds(10),
+        b"",
+    )
+    .await
+    .unwrap();
+    let good = Uuid::now_v7();
+    timers::schedule(
+        &mut conn,
+        "test.picky",
+        &good.to_string(),
+        Utc::now() - chrono::Duration::seconds(1),
+        b"",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let runner = TimerRunner::new(
+        store.clone(),
+        Picky {
+            subject: parts.bus.subject("identification", "case", "timers"),
+        },
+        Duration::from_millis(20),
+    )
+    .with_retry(RetryPolicy {
+        attempts: 3,
+        first_ms: 50,
+        max_ms: 50,
+    });
+    // The first round meets the poison timer first (it is due earlier) and
+    // still fires the good one.
+    assert_eq!(runner.fire_due().await.unwrap(), 1);
+    assert_eq!(scalar(&parts.pool, "SELECT count(*) FROM events").await, 1);
+    eventually("the poison timer is parked", Duration::from_secs(10), || async {
+        runner.fire_due().await.unwrap();
+        scalar(&parts.pool, "SELECT count(*) FROM timers WHERE parked_at IS NOT NULL").await == 1
+    })
+    .await;
+    let (attempts, error): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM timers WHERE aggregate_id = 'poison'")
+            .fetch_one(&parts.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 3);
+    assert!(error.contains("not a case"), "{error}");
+    assert_eq!(
+        runner.fire_due().await.unwrap(),
+        0,
+        "a parked timer is not tried again by itself"
+    );
+    assert_eq!(scalar(&parts.pool, "SELECT count(*) FROM events").await, 1);
+    parts.drop_all().await;
+}
+
+fn quick_retries(mut settings: nrm_identification::config::Settings) -> nrm_identification::config::Settings {
+    settings.retry = RetryPolicy {
+        attempts: 3,
+        first_ms: 20,
+        max_ms: 50,
+    };
+    settings
+}
+
+async fn operator(app: &TestApp) -> OperatorServiceClient<tonic::transport::Channel> {
+    OperatorServiceClient::connect(app.endpoint.clone()).await.unwrap()
+}
+
+async fn report(app: &TestApp, request_id: &str) -> String {
+    app.client
+        .clone()
+        .report_presumed_victim(authorized(
+            report_request(request_id, person("Test Person", "AB7654321", "")),
+            &token("kg-mvd", Role::Police, "officer-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .case_id
+}
+
+#[tokio::test]
+async fn a_poison_message_is_parked_listed_and_retried_and_the_messages_after_it_go_on() {
+    let app = TestApp::spawn_with(quick_retries(settings())).await;
+    report(&app, "before-poison").await;
+    eventually("the first case is listed", Duration::from_secs(10), || async {
+        app.count("case_list").await == 1
+    })
+    .await;
+    // A message that no handler can decode, on a case's subject.
+    let subject = format!(
+        "{}.identification.v1.case.{}",
+        app.settings.nats.subject_prefix,
+        Uuid::now_v7()
+    );
+    app.jetstream
+        .publish(subject, b"\xff\xff not a commit".as_slice().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    report(&app, "after-poison").await;
+    eventually(
+        "the case after the poison message is listed",
+        Duration::from_secs(15),
+        || async { app.count("case_list").await == 2 },
+    )
+    .await;
+
+    let as_operator = || token("kg-ops", Role::Operator, "operator-1");
+    let parked = operator(&app)
+        .await
+        .list_parked(authorized(common::ListParkedRequest {}, &as_operator()))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let item = &parked[0];
+    assert_eq!(item.kind, common::ParkedKind::Message as i32);
+    assert_eq!(item.owner, "identification_case_list");
+    assert_eq!(item.attempts, 3);
+    assert_eq!(item.item_id, "2");
+
+    // A retry that fails again keeps it parked, with one more attempt.
+    operator(&app)
+        .await
+        .retry_parked(authorized(
+            common::RetryParkedRequest {
+                kind: item.kind,
+                owner: item.owner.clone(),
+                item_id: item.item_id.clone(),
+            },
+            &as_operator(),
+        ))
+        .await
+        .unwrap();
+    eventually("the retry ran", Duration::from_secs(10), || async {
+        scalar(&app.pool, "SELECT attempts::bigint FROM parked_messages").await == 4
+    })
+    .await;
+
+    // Only operators.
+    let denied = operator(&app)
+        .await
+        .list_parked(authorized(
+            common::ListParkedRequest {},
+            &token("kg-mvd", Role::Police, "officer-1"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_stream_is_refilled_from_the_event_store_and_the_read_model_converges() {
+    let app = TestApp::spawn().await;
+    for n in 0..5 {
+        report(&app, &format!("refill-{n}")).await;
+    }
+    app.wait_for_messages(5).await;
+    eventually("the cases are listed", Duration::from_secs(10), || async {
+        app.count("case_list").await == 5
+    })
+    .await;
+    let before = case_list(&app.pool).await;
+    let commits: Vec<String> = app
+        .messages()
+        .await
+        .iter()
+        .map(|m| m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned())
+        .collect();
+
+    // JetStream loses everything.
+    app.jetstream.delete_stream(app.stream_name()).await.unwrap();
+
+    // On demand: an operator asks the service to compare and refill.
+    let refilled = operator(&app)
+        .await
+        .refill_stream(authorized(
+            common::RefillStreamRequest {},
+            &token("kg-ops", Role::Operator, "operator-1"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((refilled.aggregates_behind, refilled.requeued), (5, 5), "{refilled:?}");
+    let again = app.wait_for_messages(5).await;
+    let mut republished: Vec<String> = again
+        .iter()
+        .map(|m| m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned())
+        .collect();
+    let mut original = commits.clone();
+    republished.sort();
+    original.sort();
+    assert_eq!(
+        republished, original,
+        "the same commits, under their original IDs, once each"
+    );
+    // The projection noticed the new stream and rebuilt from it.
+    eventually("the read model converges", Duration::from_secs(20), || async {
+        case_list(&app.pool).await == before
+    })
+    .await;
+    let rebuilt = scalar(
+        &app.pool,
+        "SELECT stream_sequence FROM projection_checkpoints WHERE projection = 'identification_case_list'",
+    )
+    .await;
+    assert_eq!(rebuilt, 5, "the checkpoint counts in the new stream");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_service_started_while_nats_is_down_takes_commands_and_publishes_them_when_nats_is_back() {
+    use nrm_kernel::server::{HEALTH_BUS, HEALTH_DATABASE};
+    use nrm_kernel::service::Service as _;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    // A NATS server of this test's own, started and stopped by the project's script.
+    let dir = nrm_e2e::workspace_root()
+        .join("target")
+        .join(format!("nrm-natsdown-{}", nrm_e2e::unique()));
+    let stack = |verb: &str| {
+        let status = std::process::Command::new("bash")
+            .arg(nrm_e2e::workspace_root().join("scripts").join("stack.sh"))
+            .arg(verb)
+            .arg(&dir)
+            .env("NRM_STACK_PG_FALLBACK_ROOT", "/tmp")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "stack.sh {verb}");
+    };
+    stack("up");
+    let env = std::fs::read_to_string(dir.join("stack.env")).unwrap();
+    let nats_url = env
+        .lines()
+        .find_map(|l| l.strip_prefix("NRM_STACK_NATS_URL="))
+        .unwrap()
+        .to_owned();
+    stack("down");
+
+    let mut settings = settings();
+    settings.nats.url = nats_url.clone();
+    let app = nrm_identification::startup::Application::build(&settings)
+        .await
+        .expect("the service starts without NATS");
+    let endpoint = format!("http://{}", app.kit().grpc_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let mut client = IdentificationServiceClient::connect(endpoint.clone()).await.unwrap();
+    client
+        .report_presumed_victim(authorized(
+            report_request("nats-down-1", person("Test Person", "AB1111111", "")),
+            &token("kg-mvd", Role::Police, "officer-1"),
+        ))
+        .await
+        .expect("a command is taken while NATS is down");
+    let status = |service: &'static str| {
+        let endpoint = endpoint.clone();
+        async move { nrm_e2e::health(&endpoint, service).await }
+    };
+    eventually("health says what is degraded", Duration::from_secs(10), || async {
+        status(HEALTH_BUS).await == ServingStatus::NotServing as i32
+            && status(HEALTH_DATABASE).await == ServingStatus::Serving as i32
+            && status(nrm_identification::startup::SERVICE_NAME).await == ServingStatus::Serving as i32
+    })
+    .await;
+    let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM outbox").await,
+        1,
+        "the event waits in the outbox"
+    );
+
+    stack("up");
+    eventually(
+        "the outbox drains once NATS is back",
+        Duration::from_secs(30),
+        || async { scalar(&pool, "SELECT count(*) FROM outbox").await == 0 },
+    )
+    .await;
+    let nats = async_nats::connect(nats_url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let stream = format!("{}_IDENTIFICATION", settings.nats.stream_prefix);
+    assert_eq!(nrm_e2e::messages(&js, &stream).await.len(), 1);
+    eventually("health is whole again", Duration::from_secs(10), || async {
+        status(HEALTH_BUS).await == ServingStatus::Serving as i32
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    pool.close().await;
+    stack("reset");
+    let _ = nrm_kernel::db::drop_database(&settings.database).await;
+}
+
+/// The services a server's reflection lists.
+async fn reflected(endpoint: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("google.rpc.BadRequest".into()),
+    ]
+    .map(|r| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r),
+    });
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("a list of services");
+    };
+    let Some(MessageResponse::FileDescriptorResponse(file)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("google.rpc.BadRequest is described, so grpcurl can print field violations");
+    };
+    assert!(!file.file_descriptor_proto.is_empty());
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn each_service_reflects_exactly_what_it_serves() {
+    let expected = |own: &str| {
+        let mut names: Vec<String> = [
+            own,
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "nrm.common.v1.OperatorService",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        names.sort();
+        names
+    };
+    let identification = TestApp::spawn().await;
+    let referral = nrm_e2e::ReferralApp::spawn_beside(&identification).await;
+    let shelter = nrm_e2e::ShelterApp::spawn().await;
+    assert_eq!(
+        reflected(&identification.endpoint).await,
+        expected("nrm.identification.v1.IdentificationService")
+    );
+    assert_eq!(
+        reflected(&referral.endpoint).await,
+        expected("nrm.referral.v1.ReferralService")
+    );
+    assert_eq!(
+        reflected(&shelter.endpoint).await,
+        expected("nrm.shelter.v1.ShelterService")
+    );
+    shelter.stop().await;
+    referral.stop().await;
+    identification.stop().await;
+}
