@@ -140,7 +140,30 @@ struct Raw<'a> {
     payload: &'a [u8],
 }
 
-impl Raw<'_> {
+impl<'a> Raw<'a> {
+    /// A message delivered by a consumer.
+    fn delivered(message: &'a async_nats::jetstream::Message) -> Result<Self, anyhow::Error> {
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
+        Ok(Self {
+            sequence: info.stream_sequence,
+            subject: message.subject.as_str(),
+            headers: message.headers.as_ref(),
+            payload: message.payload.as_ref(),
+        })
+    }
+
+    /// A message read from the stream by its sequence.
+    fn stored(message: &'a async_nats::jetstream::message::StreamMessage) -> Self {
+        Self {
+            sequence: message.sequence,
+            subject: message.subject.as_str(),
+            headers: Some(&message.headers),
+            payload: message.payload.as_ref(),
+        }
+    }
+
     fn commit_id(&self) -> Option<Uuid> {
         self.headers
             .and_then(|h| h.get("Nats-Msg-Id"))
@@ -267,15 +290,7 @@ impl<P: Projection> ProjectionRunner<P> {
             if self.bus.connections() != connections {
                 return Err(Restart::Reconnected.into());
             }
-            let info = message
-                .info()
-                .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
-            let raw = Raw {
-                sequence: info.stream_sequence,
-                subject: message.subject.as_str(),
-                headers: message.headers.as_ref(),
-                payload: message.payload.as_ref(),
-            };
+            let raw = Raw::delivered(&message)?;
             self.handle_with_retries(&stream, &identity, &raw, shutdown).await?;
         }
     }
@@ -325,15 +340,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// When the message is not the one after the checkpoint, cannot be
     /// decoded, the handler fails or the database fails; nothing is written then.
     pub async fn handle(&self, message: &async_nats::jetstream::Message) -> Result<Outcome, anyhow::Error> {
-        let info = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?;
-        let raw = Raw {
-            sequence: info.stream_sequence,
-            subject: message.subject.as_str(),
-            headers: message.headers.as_ref(),
-            payload: message.payload.as_ref(),
-        };
+        let raw = Raw::delivered(message)?;
         let (stream, identity) = self.stream().await?;
         self.handle_raw(&stream, &identity, &raw, None).await
     }
@@ -424,15 +431,7 @@ impl<P: Projection> ProjectionRunner<P> {
             let message = stream.get_raw_message(u64::try_from(sequence)?).await;
             let mut uow = self.store.begin().await?;
             let result = match &message {
-                Ok(m) => {
-                    let raw = Raw {
-                        sequence: m.sequence,
-                        subject: m.subject.as_str(),
-                        headers: Some(&m.headers),
-                        payload: m.payload.as_ref(),
-                    };
-                    self.apply(&mut uow, &raw).await
-                }
+                Ok(m) => self.apply(&mut uow, &Raw::stored(m)).await,
                 Err(e) => Err(anyhow::anyhow!("message no longer in the stream: {e}")),
             };
             match result {
@@ -511,16 +510,8 @@ impl<P: Projection> ProjectionRunner<P> {
             let mut messages = consumer.messages().await?;
             while let Some(message) = messages.next().await {
                 let message = message?;
-                let sequence = message
-                    .info()
-                    .map_err(|e| anyhow::anyhow!("not a JetStream message: {e}"))?
-                    .stream_sequence;
-                let raw = Raw {
-                    sequence,
-                    subject: message.subject.as_str(),
-                    headers: message.headers.as_ref(),
-                    payload: message.payload.as_ref(),
-                };
+                let raw = Raw::delivered(&message)?;
+                let sequence = raw.sequence;
                 self.apply_in_rebuild(&mut uow, identity, &raw).await?;
                 at = (sequence, raw.commit_id());
                 if sequence >= last {
