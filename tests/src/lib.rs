@@ -14,7 +14,9 @@
 //! - [`ReferralApp`]: a referral service beside an identification service
 //!   (same subjects, its own database), which can be stopped and restarted.
 //! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
+//! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
 
+pub mod faults;
 
 use std::path::PathBuf;
 use std::process::Command;
