@@ -9,12 +9,13 @@ SHELL := /bin/bash
 # Extra arguments for `cargo test --workspace` (make test) or scripts/bench.sh (make bench).
 ARGS ?=
 
-.PHONY: help run test bench lint fmt reset stack-up stack-down stack-status
+.PHONY: help run test test-faults bench lint fmt reset stack-up stack-down stack-status
 
 help:
 	@echo "Köpür — make targets:"
 	@echo "  make run           build (release), start PostgreSQL + NATS in .data and the services; Ctrl-C stops"
 	@echo "  make test          cargo fmt --check, clippy -D warnings, cargo test on a private stack (ARGS='...' for cargo test)"
+	@echo "  make test-faults   the full fault suite: 10,000+ commands through 20+ kills and restarts (minutes)"
 	@echo "  make bench         scripts/bench.sh (ARGS='...')"
 	@echo "  make lint          cargo fmt --check and cargo clippy -D warnings"
 	@echo "  make fmt           cargo fmt --all"
@@ -28,6 +29,9 @@ run:
 
 test:
 	bash scripts/test.sh $(ARGS)
+
+test-faults:
+	bash scripts/test-faults.sh $(ARGS)
 
 bench:
 	bash scripts/bench.sh $(ARGS)
