@@ -71,5 +71,6 @@ else
     export NRM_TEST_NATS_URL=$NRM_STACK_NATS_URL
 fi
 
-step "bench (target/release/nrm-bench${*:+ $*})"
-target/release/nrm-bench "$@"
+BENCH_BIN=${CARGO_TARGET_DIR:-target}/release/nrm-bench
+step "bench ($BENCH_BIN${*:+ $*})"
+"$BENCH_BIN" "$@"

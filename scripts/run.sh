@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Köpür — what `make run` runs: everything on this machine, in the foreground.
 #
-#   deps → cargo build --release --bins → private stack in .data
-#   (scripts/stack.sh) → keys in .data/secrets → the services → banner →
-#   wait. Ctrl-C (or SIGTERM) stops the services (SIGTERM, up to 10 s each),
-#   then the stack; the data stay in .data (`make reset` deletes them).
+#   deps → cargo build --release of the services and nrmctl → private stack
+#   in .data (scripts/stack.sh) → keys in .data/secrets → the services →
+#   banner → wait. Ctrl-C (or SIGTERM) stops the services (SIGTERM, up to
+#   10 s each), then the stack; the data stay in .data (`make reset` deletes
+#   them).
 #
 # Release build: the services run as they would in production, and the first
-# build is the only slow one.
+# build is the only slow one. It builds only what runs here: the package
+# nrm-<name> of every entry in SERVICES, and nrmctl (not nrm-bench, nor the
+# tests).
+#
+# As root, PostgreSQL runs as the `postgres` user; when that user cannot reach
+# .data (a clone under /root, mode 700), the cluster lives in
+# /var/lib/kopur/nrm-stack-<hash of .data's path>, linked from .data
+# (scripts/stack.sh; `make reset` deletes it too).
 #
 # Each service gets:
 #   NRM_GRPC_ADDR       127.0.0.1:<first free from its port in SERVICES>
@@ -37,7 +45,8 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 cd "$REPO_ROOT"
 
 # The services, in start order: name:preferred gRPC port. One line each; the
-# binary is target/release/<name>, its database is <name>.
+# package is nrm-<name> (services/<name>/Cargo.toml), its binary
+# target/release/<name>, its database <name>.
 SERVICES=(
     identification:50051
     referral:50052
@@ -46,6 +55,8 @@ SERVICES=(
     # casepath:50055
 )
 METRICS_PORT_START=9464
+# Built besides the services' packages: the CLI the banner points to.
+EXTRA_PACKAGES=(nrmctl)
 
 DATA_DIR=.data
 BIN_DIR=${CARGO_TARGET_DIR:-target}/release
@@ -283,6 +294,10 @@ banner() {
         pid_list+=" $name=${SVC_PID[$name]}"
     done
     printf '  %-18s %s   (logs/, secrets/, nrmctl.env)\n' "Data folder" "$REPO_ROOT/$DATA_DIR"
+    if [[ -L $DATA_DIR/pgdata ]]; then
+        printf '  %-18s %s   (linked from %s/pgdata: postgres cannot reach %s)\n' \
+            "PostgreSQL data" "$(readlink "$DATA_DIR/pgdata")" "$DATA_DIR" "$DATA_DIR"
+    fi
     printf '  %-18s Ctrl-C here (data kept); then `make reset` deletes all data\n' "Stop / reset"
     printf '\n  Try it:\n'
     printf '    set -a; . %s/nrmctl.env; set +a\n' "$DATA_DIR"
@@ -293,6 +308,7 @@ banner() {
 }
 
 main() {
+    local entry name
     step "deps (scripts/deps.sh)"
     bash "$SCRIPT_DIR/deps.sh"
 
@@ -306,8 +322,16 @@ main() {
     if [[ ${NRM_RUN_BUILD:-1} == 0 ]]; then
         step "build skipped (NRM_RUN_BUILD=0): using $BIN_DIR"
     else
-        step "build (cargo build --release --bins)"
-        cargo build --release --bins
+        local -a build=(cargo build --release)
+        for entry in "${SERVICES[@]}"; do
+            build+=(-p "nrm-${entry%%:*}")
+        done
+        for name in "${EXTRA_PACKAGES[@]}"; do
+            build+=(-p "$name")
+        done
+        build+=(--bins)
+        step "build (${build[*]})"
+        "${build[@]}"
     fi
 
     trap cleanup EXIT
@@ -325,7 +349,7 @@ main() {
     mkdir -p "$LOG_DIR" "$PID_DIR"
 
     step "services"
-    local entry name follow=${NRM_RUN_FOLLOW_LOGS:-}
+    local follow=${NRM_RUN_FOLLOW_LOGS:-}
     [[ -n $follow ]] || { [[ -t 1 ]] && follow=1 || follow=0; }
     if [[ $follow == 1 ]]; then
         local -a logs=()

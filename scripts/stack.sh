@@ -30,12 +30,18 @@
 #
 # Root: initdb and postgres refuse to run as root (CI runs as root). As root,
 # the cluster runs as `postgres` (created by Debian's package), or as a system
-# user `nrm-postgres` created here when `postgres` does not exist. That user
-# must be able to reach DIR: every parent folder needs the x bit for it;
-# otherwise `up` fails and says what to chmod, unless NRM_STACK_PG_FALLBACK_ROOT
-# names a folder (scripts/test.sh: /tmp) where the cluster then lives, in
-# nrm-stack-<hash of DIR>, with symlinks pgdata, pgrun, postgres.log in DIR
-# (`reset` deletes both).
+# user `nrm-postgres` created here when `postgres` does not exist. When that
+# user cannot reach DIR (a parent folder without the x bit for it: a clone
+# under /root, mode 700, or a folder made by mktemp -d), the cluster lives in
+# ROOT/nrm-stack-<hash of DIR's path> instead (owned by that user, mode 700;
+# its file stack-dir names DIR), and DIR holds the symlinks pgdata, pgrun and
+# postgres.log to it; `reset` deletes both. ROOT is NRM_STACK_PG_FALLBACK_ROOT,
+# by default /var/lib/kopur, which outlives reboots and tmp cleaners (`make
+# run`'s data); scripts/test.sh and scripts/bench.sh set /tmp (throwaway
+# data). Set it to '' to fail instead, with the chmod that would let the user
+# reach DIR. A cluster there that DIR no longer links to (DIR was deleted
+# without `reset`, and its keys and NATS data with it) is deleted when DIR is
+# set up again, as it would have been inside DIR.
 #
 # Ports: first free from 15432 (PostgreSQL), 14222 (NATS), 18222 (NATS
 # monitoring); NRM_STACK_PG_PORT, NRM_STACK_NATS_PORT, NRM_STACK_NATS_HTTP_PORT
@@ -52,6 +58,10 @@ PG_PORT_START=${NRM_STACK_PG_PORT:-15432}
 NATS_PORT_START=${NRM_STACK_NATS_PORT:-14222}
 NATS_HTTP_PORT_START=${NRM_STACK_NATS_HTTP_PORT:-18222}
 PG_SUPERUSER=nrm
+# Root only, when the PostgreSQL user cannot reach DIR: where the cluster goes
+# (see the header). Unset: the default; set to '': no fallback.
+PG_FALLBACK_ROOT_DEFAULT=/var/lib/kopur
+PG_FALLBACK_ROOT=${NRM_STACK_PG_FALLBACK_ROOT-$PG_FALLBACK_ROOT_DEFAULT}
 START_TIMEOUT=60 # seconds, each server
 
 log() { printf 'stack: %s\n' "$*" >&2; }
@@ -258,23 +268,43 @@ first_blocking_folder() {
 }
 
 # Root, and the PostgreSQL user cannot reach DIR (a parent folder is mode 700,
-# e.g. under /root or made by mktemp -d): fail and say what to chmod, or, when
-# NRM_STACK_PG_FALLBACK_ROOT names a folder (scripts/test.sh sets /tmp), keep
-# the cluster there, in nrm-stack-<hash of DIR>, with symlinks in DIR.
+# e.g. under /root or made by mktemp -d): keep the cluster in
+# PG_FALLBACK_ROOT/nrm-stack-<hash of DIR>, with symlinks in DIR, or fail and
+# say what to chmod when PG_FALLBACK_ROOT is ''.
 pg_relocate_or_die() {
-    local blocked
+    local blocked why
     blocked=$(first_blocking_folder "$DIR")
     [[ -n $blocked ]] || return 0
-    if [[ -z ${NRM_STACK_PG_FALLBACK_ROOT:-} ]]; then
-        die "PostgreSQL runs as '$PG_USER' (initdb and postgres refuse root) and cannot reach $DIR: '$blocked' is not searchable by that user (mode $(stat -c %A "$blocked")). Run 'chmod o+x $blocked' (search only, not read), or use a stack folder elsewhere, or set NRM_STACK_PG_FALLBACK_ROOT=/tmp to keep the cluster outside DIR."
+    why="'$blocked' is mode $(stat -c %A "$blocked")"
+    if [[ -z $PG_FALLBACK_ROOT ]]; then
+        die "PostgreSQL runs as '$PG_USER' (initdb and postgres refuse root) and cannot reach $DIR: $why, not searchable by that user. Run 'chmod o+x $blocked' (search only, not read), or use a stack folder elsewhere, or leave NRM_STACK_PG_FALLBACK_ROOT unset (cluster in $PG_FALLBACK_ROOT_DEFAULT) or set it to a folder for the cluster."
     fi
     if [[ -e $DIR/pgdata && ! -L $DIR/pgdata ]]; then
-        die "$DIR/pgdata exists but '$PG_USER' cannot reach it ('$blocked' is mode $(stat -c %A "$blocked")): run 'chmod o+x $blocked', or 'scripts/stack.sh reset $DIR'"
+        die "$DIR/pgdata exists but '$PG_USER' cannot reach it ($why): run 'chmod o+x $blocked', or 'scripts/stack.sh reset $DIR'"
     fi
-    local home
-    home=$(cd "$NRM_STACK_PG_FALLBACK_ROOT" && pwd -P)/nrm-stack-$(printf '%s' "$DIR" | sha256sum | cut -c1-12)
-    mkdir -p "$home"
-    chmod 755 "$home"
+    local root home owner
+    if [[ ! -d $PG_FALLBACK_ROOT ]]; then
+        (umask 022 && mkdir -p -- "$PG_FALLBACK_ROOT") ||
+            die "cannot create $PG_FALLBACK_ROOT for the PostgreSQL cluster of $DIR: set NRM_STACK_PG_FALLBACK_ROOT to a folder '$PG_USER' can reach"
+    fi
+    root=$(cd -- "$PG_FALLBACK_ROOT" && pwd -P)
+    pg_user_can -x "$root" ||
+        die "'$PG_USER' cannot reach $root either (NRM_STACK_PG_FALLBACK_ROOT): $(first_blocking_folder "$root") is mode $(stat -c %A "$(first_blocking_folder "$root")")"
+    home=$root/nrm-stack-$(printf '%s' "$DIR" | sha256sum | cut -c1-12)
+    [[ ! -L $home ]] || die "$home is a symlink: not keeping a cluster there"
+    if [[ -e $home ]]; then
+        owner=$(stat -c %U "$home")
+        [[ -d $home && ($owner == root || $owner == "$PG_USER") ]] ||
+            die "$home exists and is not a folder of root or '$PG_USER' (owner $owner): not keeping a cluster there"
+        # Not an orphan when DIR links to it (it just lost its permissions).
+        if [[ $(readlink -- "$DIR/pgdata" 2>/dev/null || true) != "$home/pgdata" ]]; then
+            pg_remove_orphan "$home"
+        fi
+    fi
+    mkdir -p -- "$home"
+    chown "$PG_USER:" "$home"
+    chmod 700 "$home"
+    printf '%s\n' "$DIR" >"$home/stack-dir"
     ln -sfn "$home/pgdata" "$DIR/pgdata"
     ln -sfn "$home/pgrun" "$DIR/pgrun"
     ln -sfn "$home/postgres.log" "$DIR/postgres.log"
@@ -282,7 +312,28 @@ pg_relocate_or_die() {
     PGDATA_DIR=$home/pgdata
     PGRUN_DIR=$home/pgrun
     PG_LOG=$home/postgres.log
-    log "'$PG_USER' cannot reach $DIR ('$blocked' is mode $(stat -c %A "$blocked")): the cluster lives in $home (symlinks in $DIR)"
+    log "'$PG_USER' cannot reach $DIR ($why): the cluster lives in $home (symlinks in $DIR)"
+}
+
+# pg_remove_orphan HOME: HOME (for DIR, which does not link to it) holds a
+# cluster of an earlier DIR that was deleted without `reset`: its keys and
+# NATS data are gone, so delete it as well rather than start with half the
+# old state.
+pg_remove_orphan() {
+    local home=$1 was="" pid
+    [[ -e $home/pgdata || -e $home/postgres.log ]] || return 0
+    [[ -r $home/stack-dir ]] && was=$(<"$home/stack-dir")
+    if [[ -n $was && $was != "$DIR" ]]; then
+        die "$home belongs to the stack folder $was, not $DIR (same hash): move one of them"
+    fi
+    if [[ -r $home/pgdata/postmaster.pid ]]; then
+        pid=$(head -n1 "$home/pgdata/postmaster.pid")
+        if alive "$pid" postgres; then
+            die "a PostgreSQL server (pid $pid) still runs from $home, the cluster of an earlier $DIR that was deleted without 'scripts/stack.sh reset': stop it ('cd / && runuser -u $(stat -c %U "$home/pgdata") -- $PG_BIN/pg_ctl -D $home/pgdata stop') and run this again"
+        fi
+    fi
+    log "deleting the PostgreSQL cluster in $home: it belongs to an earlier $DIR, deleted without 'scripts/stack.sh reset' (its keys and NATS data went with it)"
+    rm -rf -- "$home/pgdata" "$home/pgrun" "$home/postgres.log" "$home/stack-dir"
 }
 
 pg_prepare_dirs() {
@@ -579,6 +630,11 @@ cmd_reset() {
     stop_all
     if [[ $PG_HOME != "$DIR" && $(basename "$PG_HOME") == nrm-stack-* ]]; then
         rm -rf -- "$PG_HOME"
+        log "deleted $PG_HOME (the cluster of $DIR)"
+        # The default root goes too once it is empty (not /tmp, nor a given one).
+        if [[ $(dirname "$PG_HOME") == "$PG_FALLBACK_ROOT_DEFAULT" ]]; then
+            rmdir -- "$PG_FALLBACK_ROOT_DEFAULT" 2>/dev/null || true
+        fi
     fi
     rm -rf -- "$DIR"
     log "stack in $DIR deleted"
