@@ -10,11 +10,13 @@ use nrm_proto::identification::v1::{
 };
 
 use crate::enums::{self, EnumParser};
-use crate::token::{parse_role, parse_ttl};
+use crate::token::{RoleParser, parse_ttl};
 
+pub mod ops;
 pub mod referral;
 pub mod shelter;
 
+use ops::OpsCommand;
 use referral::{ConsentCommand, PlanCommand, ReferralCommand};
 use shelter::ShelterCommand;
 
@@ -89,7 +91,7 @@ pub struct Global {
     pub as_agency: String,
 
     /// Role of the self-minted token.
-    #[arg(long, global = true, help_heading = "Global options", env = "NRM_ROLE", default_value = "police", value_parser = parse_role)]
+    #[arg(long, global = true, help_heading = "Global options", env = "NRM_ROLE", default_value = "police", value_parser = RoleParser)]
     pub as_role: Role,
 
     /// Officer (pseudonymous ID) of the self-minted token.
@@ -143,6 +145,9 @@ pub enum Command {
     /// Events on NATS JetStream.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Operations (role operator): parked messages and timers, refilling a stream.
+    #[command(subcommand)]
+    Ops(OpsCommand),
 }
 
 /// Bearer tokens.
@@ -158,8 +163,8 @@ pub struct MintArgs {
     /// Agency code, e.g. kg-mvd.
     #[arg(long)]
     pub agency: String,
-    /// Role: police, prosecutor, border-service, ngo, iom, consulate, msd, moh, shelter, coordinator.
-    #[arg(long, value_parser = parse_role)]
+    /// Role of the token.
+    #[arg(long, value_parser = RoleParser)]
     pub role: Role,
     /// Pseudonymous officer ID (never a name).
     #[arg(long)]

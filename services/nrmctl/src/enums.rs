@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::ErrorKind;
-use nrm_proto::common::v1::{AgeBand, DocumentType, Gender};
+use nrm_proto::common::v1::{AgeBand, DocumentType, Gender, ParkedKind};
 use nrm_proto::identification::v1::{
     CaseStatus, Decision, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, RecruiterRelationship,
     RecruitmentMethod, ReviewReason,
@@ -46,6 +46,7 @@ proto_enums!(
     AgeBand,
     DocumentType,
     Gender,
+    ParkedKind,
     // identification
     CaseStatus,
     Decision,
@@ -218,6 +219,7 @@ mod tests {
             Ok(BedCategory::MothersWithChildren)
         );
         assert_eq!(parse::<OnSiteService>("child-care"), Ok(OnSiteService::ChildCare));
+        assert_eq!(cli_names::<ParkedKind>(), ["message", "timer"]);
         assert_eq!(
             cli_names::<Urgency>(),
             ["urgent", "normal"],

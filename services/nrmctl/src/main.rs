@@ -11,6 +11,7 @@
 //! - [`consent`], [`referral`], [`plan`]: the referral service.
 //! - [`shelter`]: `shelter …`, the shelter service.
 //! - [`events`]: `events watch`.
+//! - [`ops`]: `ops …`, the operator's service on every service.
 //! - [`output`]: JSON through the descriptor pool, text, errors.
 
 use std::process::ExitCode;
@@ -22,6 +23,7 @@ mod cli;
 mod consent;
 mod enums;
 mod events;
+mod ops;
 mod output;
 mod person;
 mod plan;
@@ -55,6 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(command) => plan::run(&cli.global, command).await,
         Command::Shelter(command) => shelter::run(&cli.global, command).await,
         Command::Events(EventsCommand::Watch(args)) => events::watch(args).await,
+        Command::Ops(command) => ops::run(&cli.global, command).await,
     }
 }
 

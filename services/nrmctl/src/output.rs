@@ -154,13 +154,19 @@ pub fn list(names: impl IntoIterator<Item = String>) -> String {
     or_dash(&names.into_iter().collect::<Vec<_>>().join(","))
 }
 
-/// Prints an error to stderr: for a gRPC status its code, message and field
-/// violations; otherwise the error and its causes.
+/// Prints an error to stderr: for a gRPC status its code, message, field
+/// violations and failed preconditions; otherwise the error and its causes.
 pub fn print_error(error: &anyhow::Error) {
+    eprint!("{}", describe_error(error));
+}
+
+/// The text [`print_error`] prints: `error: …` and detail lines, ending
+/// with a newline.
+pub fn describe_error(error: &anyhow::Error) -> String {
     let status = error.chain().find_map(|cause| cause.downcast_ref::<tonic::Status>());
     match status {
-        Some(status) => eprint!("{}", describe_status(status)),
-        None => eprintln!("error: {}", causes(error)),
+        Some(status) => describe_status(status),
+        None => format!("error: {}\n", causes(error)),
     }
 }
 
@@ -180,7 +186,8 @@ fn causes(error: &anyhow::Error) -> String {
     text
 }
 
-/// `error: CODE: message` and one `  field: description` line per violation.
+/// `error: CODE: message`, one `  field: description` line per field
+/// violation and one `  reason: RULE (subject)` line per failed precondition.
 fn describe_status(status: &tonic::Status) -> String {
     let mut text = format!("error: {}", code_name(status.code()));
     if !status.message().is_empty() {
@@ -190,6 +197,15 @@ fn describe_status(status: &tonic::Status) -> String {
     if let Some(bad_request) = status.get_details_bad_request() {
         for violation in bad_request.field_violations {
             let _ = writeln!(text, "  {}: {}", violation.field, violation.description);
+        }
+    }
+    if let Some(failure) = status.get_details_precondition_failure() {
+        for violation in failure.violations {
+            let _ = write!(text, "  reason: {}", violation.r#type);
+            if !violation.subject.is_empty() {
+                let _ = write!(text, " ({})", violation.subject);
+            }
+            text.push('\n');
         }
     }
     text
@@ -232,6 +248,26 @@ mod tests {
             "no message, no colon"
         );
         assert_eq!(code_name(tonic::Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+    }
+
+    #[test]
+    fn a_failed_precondition_shows_its_rule() {
+        let details =
+            ErrorDetails::with_precondition_failure_violation("NO_CONSENT", "referral/r-1", "no consent covers it");
+        let status =
+            tonic::Status::with_error_details(tonic::Code::FailedPrecondition, "no consent covers it", details);
+        assert_eq!(
+            describe_status(&status),
+            "error: FAILED_PRECONDITION: no consent covers it\n  reason: NO_CONSENT (referral/r-1)\n"
+        );
+        assert_eq!(
+            describe_error(
+                &anyhow::Error::new(tonic::Status::permission_denied("role police may not ListParked"))
+                    .context("calling referral")
+            ),
+            "error: PERMISSION_DENIED: role police may not ListParked\n",
+            "the status, wherever it is in the chain"
+        );
     }
 
     #[test]

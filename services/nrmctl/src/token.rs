@@ -1,9 +1,12 @@
 //! Bearer tokens: `token mint`, and the short-lived development token nrmctl
 //! makes for itself when no `--token` is given but the signing key is at hand.
 
+use std::ffi::OsStr;
 use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::error::ErrorKind;
 use nrm_kernel::auth::{self, Role};
 use secrecy::SecretString;
 
@@ -74,6 +77,40 @@ fn sign(secret: &SecretString, agency: &str, role: Role, officer: &str, ttl_seco
 /// A message listing the roles.
 pub fn parse_role(text: &str) -> Result<Role, String> {
     Role::from_str(&text.trim().to_ascii_lowercase().replace('-', "_"))
+        .map_err(|_| format!("unknown role '{}'; one of: {}", text.trim(), role_names().join(", ")))
+}
+
+/// Every role's command-line name (`border-service`), from [`Role::ALL`].
+fn role_names() -> Vec<String> {
+    Role::ALL.iter().map(|role| role.as_str().replace('_', "-")).collect()
+}
+
+/// The clap value parser of `--as-role` and `token mint --role`: every
+/// role of the kernel is listed in `--help`, so a new role shows up there
+/// by itself.
+#[derive(Debug, Clone, Copy)]
+pub struct RoleParser;
+
+impl TypedValueParser for RoleParser {
+    type Value = Role;
+
+    fn parse_ref(&self, cmd: &clap::Command, arg: Option<&clap::Arg>, value: &OsStr) -> Result<Role, clap::Error> {
+        let text = value
+            .to_str()
+            .ok_or_else(|| clap::Error::new(ErrorKind::InvalidUtf8).with_cmd(cmd))?;
+        parse_role(text).map_err(|message| {
+            let arg = arg.map_or_else(|| "value".to_owned(), ToString::to_string);
+            clap::Error::raw(
+                ErrorKind::InvalidValue,
+                format!("invalid value for '{arg}': {message}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(role_names().into_iter().map(PossibleValue::new)))
+    }
 }
 
 /// Parses a lifetime such as `90s`, `30m`, `8h`, `1d`, `2w` or `1h30m` into
@@ -155,6 +192,27 @@ mod tests {
     fn roles_accept_dashes_for_underscores() {
         assert_eq!(parse_role("border-service"), Ok(Role::BorderService));
         assert_eq!(parse_role("Police"), Ok(Role::Police));
-        assert!(parse_role("mayor").is_err());
+        assert_eq!(parse_role("operator"), Ok(Role::Operator));
+        let err = parse_role("mayor").expect_err("no such role");
+        assert!(err.contains("border-service"), "{err}");
+        assert!(err.ends_with("coordinator, operator"), "{err}");
+    }
+
+    #[test]
+    fn the_help_lists_every_role_of_the_kernel() {
+        use clap::CommandFactory;
+
+        let mut cli = crate::cli::Cli::command();
+        let help = cli
+            .find_subcommand_mut("token")
+            .and_then(|token| token.find_subcommand_mut("mint"))
+            .expect("token mint")
+            .render_help()
+            .to_string();
+        for role in role_names() {
+            assert!(help.contains(&role), "{role} missing from:\n{help}");
+        }
+        let help = crate::cli::Cli::command().render_long_help().to_string();
+        assert!(help.contains("coordinator, operator"), "{help}");
     }
 }

@@ -1,0 +1,159 @@
+//! The clap types of the operator's commands: `ops …`, the
+//! `nrm.common.v1.OperatorService` every service serves beside its own
+//! (callable by the `operator` role only).
+
+use clap::{Args, Subcommand, ValueEnum};
+use nrm_proto::common::v1::ParkedKind;
+
+use crate::enums::EnumParser;
+
+/// Operations: parked messages and timers, refilling a stream from its store.
+#[derive(Debug, Subcommand)]
+pub enum OpsCommand {
+    /// List the messages and timers whose handler kept failing and were parked.
+    Parked(ParkedArgs),
+    /// Ask for one parked message or timer to be tried again.
+    Retry(RetryArgs),
+    /// Compare each service's stream with its event store and publish again,
+    /// in order, the commits the stream lacks.
+    Refill(RefillArgs),
+}
+
+/// A Köpür service, reached at its global endpoint option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    /// The identification service (--endpoint).
+    Identification,
+    /// The referral service (--referral-endpoint).
+    Referral,
+    /// The shelter service (--shelter-endpoint).
+    Shelter,
+}
+
+impl Service {
+    /// Every service, in the order answers are printed.
+    pub const ALL: [Service; 3] = [Service::Identification, Service::Referral, Service::Shelter];
+
+    /// The service's name as on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Service::Identification => "identification",
+            Service::Referral => "referral",
+            Service::Shelter => "shelter",
+        }
+    }
+}
+
+/// One service, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Services {
+    /// The identification service (--endpoint).
+    Identification,
+    /// The referral service (--referral-endpoint).
+    Referral,
+    /// The shelter service (--shelter-endpoint).
+    Shelter,
+    /// Each of the three.
+    All,
+}
+
+impl Services {
+    /// The services chosen.
+    pub fn list(self) -> Vec<Service> {
+        match self {
+            Services::Identification => vec![Service::Identification],
+            Services::Referral => vec![Service::Referral],
+            Services::Shelter => vec![Service::Shelter],
+            Services::All => Service::ALL.to_vec(),
+        }
+    }
+}
+
+/// `ops parked`.
+#[derive(Debug, Args)]
+pub struct ParkedArgs {
+    /// The services to ask.
+    #[arg(long, value_enum, default_value_t = Services::All)]
+    pub service: Services,
+}
+
+/// `ops retry`.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The service that parked the item.
+    #[arg(long, value_enum)]
+    pub service: Service,
+    /// What was parked.
+    #[arg(long, value_parser = EnumParser::<ParkedKind>::new())]
+    pub kind: ParkedKind,
+    /// The projection or reaction (a message), the timer's kind (a timer), as `ops parked` lists it.
+    #[arg(long, value_name = "NAME")]
+    pub owner: String,
+    /// The item ID as `ops parked` lists it: the stream sequence (a message) or the timer ID (a timer).
+    #[arg(long = "item", value_name = "ID")]
+    pub item_id: String,
+}
+
+/// `ops refill`.
+#[derive(Debug, Args)]
+pub struct RefillArgs {
+    /// The services whose stream is compared with their store.
+    #[arg(long, value_enum, default_value_t = Services::All)]
+    pub service: Services,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn parked_and_refill_ask_every_service_unless_told() {
+        let cli = Cli::try_parse_from(["nrmctl", "ops", "parked"]).expect("valid command line");
+        let Command::Ops(OpsCommand::Parked(parked)) = cli.command else {
+            panic!("not ops parked");
+        };
+        assert_eq!(parked.service.list(), Service::ALL);
+        let cli = Cli::try_parse_from(["nrmctl", "ops", "refill", "--service", "shelter"]).expect("valid command line");
+        let Command::Ops(OpsCommand::Refill(refill)) = cli.command else {
+            panic!("not ops refill");
+        };
+        assert_eq!(refill.service.list(), [Service::Shelter]);
+    }
+
+    #[test]
+    fn a_retry_names_one_service_kind_owner_and_item() {
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "ops",
+            "retry",
+            "--service",
+            "referral",
+            "--kind",
+            "timer",
+            "--owner",
+            "referral_deadline",
+            "--item",
+            "0190-…",
+        ])
+        .expect("valid command line");
+        let Command::Ops(OpsCommand::Retry(retry)) = cli.command else {
+            panic!("not ops retry");
+        };
+        assert_eq!((retry.service, retry.kind), (Service::Referral, ParkedKind::Timer));
+        assert_eq!(
+            (retry.owner.as_str(), retry.item_id.as_str()),
+            ("referral_deadline", "0190-…")
+        );
+        for bad in [
+            ["--service", "all", "--kind", "message"],
+            ["--service", "referral", "--kind", "unspecified"],
+        ] {
+            let mut args = vec!["nrmctl", "ops", "retry", "--owner", "o", "--item", "1"];
+            args.extend(bad);
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?} should be refused");
+        }
+    }
+}
