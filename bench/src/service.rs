@@ -64,6 +64,7 @@ impl Service {
                     subject_prefix: format!("b{id}"),
                     stream_prefix: format!("B{}", id.to_ascii_uppercase()),
                     replicas: 1,
+                    duplicate_window_seconds: 120,
                 },
                 relay: RelaySettings::default(),
                 retry: RetryPolicy::default(),

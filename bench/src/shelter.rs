@@ -189,6 +189,7 @@ impl Service {
                     subject_prefix: format!("s{id}"),
                     stream_prefix: format!("S{}", id.to_ascii_uppercase()),
                     replicas: 1,
+                    duplicate_window_seconds: 120,
                 },
                 relay: RelaySettings::default(),
                 retry: RetryPolicy::default(),

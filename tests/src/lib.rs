@@ -146,6 +146,7 @@ pub fn settings() -> Settings {
                 subject_prefix: format!("t{id}"),
                 stream_prefix: format!("T{}", id.to_ascii_uppercase()),
                 replicas: 1,
+                duplicate_window_seconds: 120,
             },
             relay: RelaySettings::default(),
             retry: RetryPolicy::default(),

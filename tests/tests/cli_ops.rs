@@ -147,6 +147,7 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
         app.settings.nats.subject_prefix,
         uuid::Uuid::now_v7()
     );
+    let poison_subject = subject.clone();
     app.jetstream
         .publish(subject, b"not a commit".as_slice().into())
         .await
@@ -180,6 +181,7 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
             "owner",
             "item_id",
             "source",
+            "subject",
             "commit_id",
             "attempts",
             "parked_at",
@@ -191,19 +193,20 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
     let row = &rows(&listed)[..];
     assert_eq!(row.len(), 1, "{listed}");
     assert_eq!(
-        row[0][..7],
+        row[0][..8],
         [
             "identification",
             "message",
             "identification_case_list",
             "2",
             &app.stream_name(),
+            &poison_subject,
             "-",
             "3"
         ],
         "{listed}"
     );
-    assert_eq!(row[0][8], "false", "{listed}");
+    assert_eq!(row[0][9], "false", "{listed}");
 
     // A retry: asked, then run by the projection's runner; it fails again,
     // so the item stays parked with one more attempt.
@@ -296,13 +299,31 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
             "published_commits": "1",
             "aggregates_checked": "1",
             "aggregates_behind": "0",
+            "missing": "0",
             "requeued": "0",
         })
     );
 
-    // JetStream loses the stream: the refill requeues the commit, the relay
-    // publishes it again under its original commit ID.
+    // JetStream loses the stream: a dry run counts what is missing and puts
+    // nothing back; the refill requeues the commit, the relay publishes it
+    // again under its original commit ID.
     app.jetstream.delete_stream(app.stream_name()).await.unwrap();
+    let counted = json(&nrmctl(
+        &app,
+        "operator",
+        &[
+            "--output",
+            "json",
+            "ops",
+            "refill",
+            "--service",
+            "identification",
+            "--dry-run",
+        ],
+    ));
+    assert_eq!(counted["identification"]["missing"], "1", "{counted}");
+    assert_eq!(counted["identification"]["requeued"], "0", "{counted}");
+    assert_eq!(app.count("outbox").await, 0, "a dry run puts nothing back");
     let refilled = stdout(&nrmctl(
         &app,
         "operator",
@@ -318,6 +339,7 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
             "published_commits",
             "aggregates_checked",
             "aggregates_behind",
+            "missing",
             "requeued"
         ],
         "{refilled}"
@@ -325,7 +347,7 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
     let counts = &rows(&refilled)[0];
     assert_eq!(
         counts[..],
-        ["identification", &app.stream_name(), "0", "1", "1", "1", "1"],
+        ["identification", &app.stream_name(), "0", "1", "1", "1", "1", "1"],
         "{refilled}"
     );
     assert!(refilled.contains("the relay publishes them"), "{refilled}");

@@ -562,7 +562,7 @@ async fn a_deleted_stream_is_refilled_from_the_event_store_and_the_read_model_co
     let refilled = operator(&app)
         .await
         .refill_stream(authorized(
-            common::RefillStreamRequest {},
+            common::RefillStreamRequest { dry_run: false },
             &token("kg-ops", Role::Operator, "operator-1"),
         ))
         .await
@@ -757,4 +757,67 @@ async fn each_service_reflects_exactly_what_it_serves() {
     shelter.stop().await;
     referral.stop().await;
     identification.stop().await;
+}
+
+#[tokio::test]
+async fn a_commit_deleted_from_the_stream_inside_the_duplicate_window_is_published_again_not_taken_as_a_duplicate() {
+    use nrm_kernel::relay::{RefillMode, Relay, RelayConfig, refill};
+
+    let mut settings = settings();
+    // A short window, so that the test can wait it out.
+    settings.nats.duplicate_window_seconds = 3;
+    let pool = nrm_kernel::db::connect_and_migrate(&settings.database, &nrm_identification::startup::MIGRATIONS)
+        .await
+        .unwrap();
+    let bus = nrm_kernel::bus::Bus::connect(&settings.nats).await.unwrap();
+    let stream = bus.ensure_stream("identification").await.unwrap();
+    let store = EventStore::new(pool.clone());
+    let mut relay = Relay::new(
+        pool.clone(),
+        bus.clone(),
+        "identification",
+        store.appended_signal(),
+        RelayConfig::new(nrm_identification::app::PAYLOAD_TYPE),
+    );
+    let case_id = Uuid::now_v7();
+    let mut uow = store.begin().await.unwrap();
+    uow.append(
+        &format!("case-{case_id}"),
+        0,
+        &[reported(case_id)],
+        &metadata(),
+        &bus.subject("identification", "case", &case_id.to_string()),
+    )
+    .await
+    .unwrap();
+    uow.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scalar(&pool, "SELECT count(*) FROM outbox").await > 0 {
+        assert!(Instant::now() < deadline, "published");
+        relay.publish_round().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let js = bus.jetstream();
+    let name = bus.stream_name("identification");
+    assert_eq!(nrm_e2e::messages(js, &name).await.len(), 1);
+
+    // The message is deleted at once, while JetStream still remembers its ID.
+    stream.delete_message(1).await.unwrap();
+    let report = refill(&pool, &stream, RefillMode::Full).await.unwrap();
+    assert_eq!((report.missing, report.requeued), (1, 1));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scalar(&pool, "SELECT count(*) FROM outbox").await > 0 {
+        assert!(Instant::now() < deadline, "published again after the window");
+        relay.publish_round().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let messages = nrm_e2e::messages(js, &name).await;
+    assert_eq!(messages.len(), 1, "the commit is back on the stream");
+    assert_eq!(
+        messages[0].headers.get("Nrm-Stream-Id").unwrap().as_str(),
+        format!("case-{case_id}")
+    );
+    pool.close().await;
+    let _ = js.delete_stream(&name).await;
+    let _ = nrm_kernel::db::drop_database(&settings.database).await;
 }

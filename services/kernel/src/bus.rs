@@ -224,7 +224,7 @@ impl Bus {
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             num_replicas: self.settings.replicas,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: Duration::from_secs(self.settings.duplicate_window_seconds),
             description: Some(format!("Köpür {context} events")),
             ..Default::default()
         };
@@ -255,6 +255,85 @@ impl Bus {
             });
         }
         Ok(stream)
+    }
+}
+
+/// How long a [`Replay`] waits for the next message before it takes the
+/// stream as read (messages deleted meanwhile are never delivered).
+const REPLAY_IDLE: Duration = Duration::from_secs(5);
+
+/// Every message a stream holds when the replay starts, in stream order,
+/// through an ordered consumer (rebuilds, full comparisons with the store).
+pub struct Replay {
+    messages: Option<jetstream::consumer::pull::Ordered>,
+    remaining: u64,
+    last: u64,
+}
+
+impl Replay {
+    /// Starts reading `stream` (`filter`: its subjects), bodies too unless `headers_only`.
+    ///
+    /// # Errors
+    /// [`BusError::JetStream`] when the stream or the consumer cannot be had.
+    pub async fn start(stream: &stream::Stream, filter: String, headers_only: bool) -> Result<Self, BusError> {
+        let state = stream
+            .get_info()
+            .await
+            .map_err(|e| BusError::JetStream(e.to_string()))?
+            .state;
+        if state.messages == 0 {
+            return Ok(Self {
+                messages: None,
+                remaining: 0,
+                last: state.last_sequence,
+            });
+        }
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                headers_only,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::JetStream(e.to_string()))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::JetStream(e.to_string()))?;
+        Ok(Self {
+            messages: Some(messages),
+            remaining: state.messages,
+            last: state.last_sequence,
+        })
+    }
+
+    /// The next message, or `None` once every message held at the start was
+    /// delivered (or none came for a while: the rest was deleted meanwhile).
+    ///
+    /// # Errors
+    /// [`BusError::JetStream`] when the consumer fails.
+    pub async fn next(&mut self) -> Result<Option<jetstream::Message>, BusError> {
+        let Some(messages) = self.messages.as_mut() else {
+            return Ok(None);
+        };
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        match tokio::time::timeout(REPLAY_IDLE, futures::StreamExt::next(messages)).await {
+            Err(_) | Ok(None) => {
+                self.remaining = 0;
+                Ok(None)
+            }
+            Ok(Some(Err(e))) => Err(BusError::JetStream(e.to_string())),
+            Ok(Some(Ok(message))) => {
+                self.remaining -= 1;
+                if message.info().is_ok_and(|i| i.stream_sequence >= self.last) {
+                    self.remaining = 0;
+                }
+                Ok(Some(message))
+            }
+        }
     }
 }
 

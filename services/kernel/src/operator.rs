@@ -52,7 +52,8 @@ impl OperatorGrpc {
 
     async fn list(&self) -> Result<pb::ListParkedResponse, AppError> {
         let messages = sqlx::query(
-            "SELECT projection, stream_sequence, stream_name, commit_id, attempts, last_error, parked_at, retry_requested
+            "SELECT projection, stream_sequence, stream_name, subject, commit_id, attempts, last_error, parked_at,
+                    retry_requested
              FROM parked_messages ORDER BY parked_at, projection, stream_sequence",
         )
         .fetch_all(&self.pool)
@@ -78,6 +79,7 @@ impl OperatorGrpc {
                 last_error: row.get("last_error"),
                 parked_at: Some(validate::timestamp(row.get("parked_at"))),
                 retry_requested: row.get("retry_requested"),
+                subject: row.get("subject"),
             });
         }
         for row in &timers {
@@ -91,9 +93,9 @@ impl OperatorGrpc {
                 last_error: row.get::<Option<String>, _>("last_error").unwrap_or_default(),
                 parked_at: row.get::<Option<_>, _>("parked_at").map(validate::timestamp),
                 retry_requested: false,
+                subject: String::new(),
             });
         }
-        metrics::gauge!("nrm_parked_items").set(items.len() as f64);
         Ok(pb::ListParkedResponse { items })
     }
 
@@ -148,13 +150,18 @@ impl OperatorGrpc {
         Ok(pb::RetryParkedResponse {})
     }
 
-    async fn refill(&self) -> Result<pb::RefillStreamResponse, AppError> {
+    async fn refill(&self, request: &pb::RefillStreamRequest) -> Result<pb::RefillStreamResponse, AppError> {
+        let mode = if request.dry_run {
+            relay::RefillMode::DryRun
+        } else {
+            relay::RefillMode::Full
+        };
         let stream = self
             .bus
             .ensure_stream(self.context)
             .await
             .map_err(|e| AppError::Unavailable(e.to_string()))?;
-        let report = relay::refill(&self.pool, &stream, true).await.map_err(|e| match e {
+        let report = relay::refill(&self.pool, &stream, mode).await.map_err(|e| match e {
             relay::RelayError::Database(db) => AppError::from(db),
             other => AppError::Unavailable(other.to_string()),
         })?;
@@ -162,7 +169,9 @@ impl OperatorGrpc {
             context = self.context,
             aggregates_checked = report.aggregates_checked,
             aggregates_behind = report.aggregates_behind,
+            missing = report.missing,
             requeued = report.requeued,
+            dry_run = request.dry_run,
             "stream compared with the store"
         );
         Ok(pb::RefillStreamResponse {
@@ -172,6 +181,7 @@ impl OperatorGrpc {
             aggregates_checked: report.aggregates_checked,
             aggregates_behind: report.aggregates_behind,
             requeued: report.requeued,
+            missing: report.missing,
         })
     }
 }
@@ -199,6 +209,6 @@ impl OperatorService for OperatorGrpc {
         request: Request<pb::RefillStreamRequest>,
     ) -> Result<Response<pb::RefillStreamResponse>, Status> {
         self.operator(&request, "RefillStream", self.context).await?;
-        reply(self.refill().await)
+        reply(self.refill(request.get_ref()).await)
     }
 }

@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::bus::{self, Bus, StreamIdentity};
+use crate::bus::{self, Bus, Replay, StreamIdentity};
 use crate::retry::{self, RetryPolicy};
 use crate::store::{EventMetadata, EventStore, UnitOfWork};
 use crate::telemetry;
@@ -490,34 +490,19 @@ impl<P: Projection> ProjectionRunner<P> {
             tracing::info!(projection = self.name(), stream = %identity.name, "reaction starts from the first message of the stream");
             return Ok(());
         }
-        let last = stream.get_info().await?.state.last_sequence;
+        let mut replay = Replay::start(stream, self.bus.context_subjects(self.context), false).await?;
         lock_checkpoint(uow.conn(), self.name()).await?;
-        tracing::info!(projection = self.name(), stream = %identity.name, last_sequence = last, "rebuilding the read model from the stream");
+        tracing::info!(projection = self.name(), stream = %identity.name, "rebuilding the read model from the stream");
         self.projection.reset(uow.conn()).await?;
         sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
             .bind(self.name())
             .execute(uow.conn())
             .await?;
         let mut at = (0, None);
-        if last > 0 {
-            let consumer = stream
-                .create_consumer(pull::OrderedConfig {
-                    filter_subject: self.bus.context_subjects(self.context),
-                    deliver_policy: DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await?;
-            let mut messages = consumer.messages().await?;
-            while let Some(message) = messages.next().await {
-                let message = message?;
-                let raw = Raw::delivered(&message)?;
-                let sequence = raw.sequence;
-                self.apply_in_rebuild(&mut uow, identity, &raw).await?;
-                at = (sequence, raw.commit_id());
-                if sequence >= last {
-                    break;
-                }
-            }
+        while let Some(message) = replay.next().await? {
+            let raw = Raw::delivered(&message)?;
+            self.apply_in_rebuild(&mut uow, identity, &raw).await?;
+            at = (raw.sequence, raw.commit_id());
         }
         write_checkpoint(uow.conn(), self.name(), at.0, identity, at.1).await?;
         uow.commit().await?;

@@ -33,7 +33,10 @@
 //!   published, every aggregate whose last version on the stream is behind the
 //!   store gets its missing commits back in the outbox, and goes out again in
 //!   order under the original commit IDs. Operators run the full comparison
-//!   on demand (`nrmctl ops refill`).
+//!   on demand (`nrmctl ops refill`), which also finds holes in the middle of
+//!   an aggregate's history. A commit JetStream de-duplicates is taken as
+//!   published only when the stream holds it (the ID outlives a deleted
+//!   message for the duplicate window).
 //! - **Prompt.** Commits in this process wake the relay at once; commits by
 //!   other processes are found by polling.
 
@@ -53,7 +56,7 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, Bus};
+use crate::bus::{self, Bus, Replay};
 use crate::retry::RetryPolicy;
 use crate::store::RecordedEvent;
 use nrm_proto::common::v1::{CommittedEvent, EventCommit};
@@ -211,7 +214,7 @@ impl Relay {
         self.stream = None;
         let connections = self.bus.connections();
         let stream = self.stream().await?.clone();
-        let report = refill(&self.pool, &stream, false).await?;
+        let report = refill(&self.pool, &stream, RefillMode::Quick).await?;
         if report.requeued > 0 {
             tracing::warn!(
                 context = self.context,
@@ -324,12 +327,18 @@ impl Relay {
         let mut failure = None;
         for (commit, ack) in to_send.iter().zip(acks) {
             match ack {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        metrics::counter!("nrm_relay_deduplicated_total").increment(1);
+                Ok(ack) if ack.duplicate => {
+                    metrics::counter!("nrm_relay_deduplicated_total").increment(1);
+                    // JetStream remembers the message ID for its window even
+                    // when the message itself is gone (deleted, or lost and
+                    // refilled): count it published only if the stream holds it.
+                    if holds_commit(&stream, &commit.subject, commit.last_version).await? {
+                        done.push(commit.id);
+                    } else {
+                        tracing::warn!(stream_id = %commit.stream_id, version = commit.last_version, "deduplicated by JetStream but not on the stream; published again once the duplicate window has passed");
                     }
-                    done.push(commit.id);
                 }
+                Ok(_) => done.push(commit.id),
                 Err(e) => failure = Some(e),
             }
         }
@@ -499,6 +508,24 @@ async fn holds_commit(stream: &Stream, subject: &str, last_version: i64) -> Resu
     Ok(false)
 }
 
+/// How much [`refill`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefillMode {
+    /// What a relay does on election and after a reconnection: when the
+    /// stream holds fewer messages than the store has published, compare the
+    /// last version of every aggregate and put back what follows it. This
+    /// finds what a deleted stream, a wiped server or a lost unsynced tail
+    /// leaves; it trusts the message count otherwise (only the service
+    /// publishes on its subjects).
+    Quick,
+    /// What an operator asks for: read the headers of every message and put
+    /// back every commit the stream lacks, holes in the middle of an
+    /// aggregate's history included (those arrive after later versions).
+    Full,
+    /// As [`RefillMode::Full`], but only count: nothing is put back.
+    DryRun,
+}
+
 /// What a comparison of the stream with the store found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefillReport {
@@ -506,26 +533,24 @@ pub struct RefillReport {
     pub stream_messages: u64,
     /// Commits the store has published (in `commits`, not in the outbox).
     pub published_commits: u64,
-    /// Aggregates compared one by one (0 when the counts agreed and the check was not full).
+    /// Aggregates compared (0 when a quick check found the counts in agreement).
     pub aggregates_checked: u64,
-    /// Aggregates whose last version on the stream was behind the store.
+    /// Aggregates the stream lacks commits of.
     pub aggregates_behind: u64,
-    /// Commits put back in the outbox.
+    /// Commits the stream lacks.
+    pub missing: u64,
+    /// Commits put back in the outbox (0 on a dry run).
     pub requeued: u64,
 }
 
 /// Compares `stream` with the store and puts back in the outbox every
-/// commit the stream lacks: per aggregate, those after the last version the
-/// stream holds for its subject. The relay then publishes them in version
-/// order under their original commit IDs. Unless `full`, the aggregates are
-/// compared only when the stream holds fewer messages than the store has
-/// published (what a deleted stream, a wiped server or a lost unsynced tail
-/// leaves).
+/// commit the stream lacks (see [`RefillMode`]); the relay then publishes
+/// them in version order under their original commit IDs.
 ///
 /// # Errors
 /// [`RelayError`] when PostgreSQL or JetStream fails; nothing half-done
 /// matters then, the next run compares again.
-pub async fn refill(pool: &PgPool, stream: &Stream, full: bool) -> Result<RefillReport, RelayError> {
+pub async fn refill(pool: &PgPool, stream: &Stream, mode: RefillMode) -> Result<RefillReport, RelayError> {
     let info = stream
         .get_info()
         .await
@@ -540,20 +565,57 @@ pub async fn refill(pool: &PgPool, stream: &Stream, full: bool) -> Result<Refill
         published_commits: u64::try_from(published).unwrap_or(0),
         ..RefillReport::default()
     };
-    if !full && report.stream_messages >= report.published_commits {
+    let missing = match mode {
+        RefillMode::Quick if report.stream_messages >= report.published_commits => return Ok(report),
+        RefillMode::Quick => missing_tails(pool, stream, &mut report).await?,
+        RefillMode::Full | RefillMode::DryRun => {
+            missing_anywhere(pool, stream, &mut report).await?
+        }
+    };
+    report.missing = missing.len() as u64;
+    report.aggregates_behind = missing
+        .iter()
+        .map(|(stream_id, _)| stream_id)
+        .collect::<HashSet<_>>()
+        .len() as u64;
+    if missing.is_empty() || mode == RefillMode::DryRun {
         return Ok(report);
     }
+    let (stream_ids, versions): (Vec<String>, Vec<i64>) = missing.into_iter().unzip();
+    report.requeued = sqlx::query(
+        "INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
+         SELECT c.commit_id, c.stream_id, c.first_version, c.last_version, c.subject
+         FROM commits c JOIN UNNEST($1::text[], $2::bigint[]) AS m(stream_id, last_version)
+           ON c.stream_id = m.stream_id AND c.last_version = m.last_version
+         ORDER BY c.stream_id, c.first_version
+         ON CONFLICT (commit_id) DO NOTHING",
+    )
+    .bind(&stream_ids)
+    .bind(&versions)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    metrics::counter!("nrm_relay_refilled_total").increment(report.requeued);
+    Ok(report)
+}
+
+/// Per aggregate, the commits after the last version the stream holds for its subject.
+async fn missing_tails(
+    pool: &PgPool,
+    stream: &Stream,
+    report: &mut RefillReport,
+) -> Result<Vec<(String, i64)>, RelayError> {
     let heads = sqlx::query(
         "SELECT DISTINCT ON (stream_id) stream_id, subject, last_version FROM commits
          ORDER BY stream_id, last_version DESC",
     )
     .fetch_all(pool)
     .await?;
+    report.aggregates_checked = heads.len() as u64;
     let heads: Vec<(String, String, i64)> = heads
         .iter()
         .map(|r| (r.get("stream_id"), r.get("subject"), r.get("last_version")))
         .collect();
-    report.aggregates_checked = heads.len() as u64;
     let behind: Vec<Result<Option<(String, i64)>, RelayError>> = futures::stream::iter(heads)
         .map(|(stream_id, subject, store_version)| async move {
             let on_bus = match stream.get_last_raw_message_by_subject(&subject).await {
@@ -566,32 +628,74 @@ pub async fn refill(pool: &PgPool, stream: &Stream, full: bool) -> Result<Refill
         .buffer_unordered(64)
         .collect()
         .await;
-    let mut stream_ids = Vec::new();
+    let mut ids = Vec::new();
     let mut after = Vec::new();
     for item in behind {
         if let Some((stream_id, on_bus)) = item? {
-            stream_ids.push(stream_id);
+            ids.push(stream_id);
             after.push(on_bus);
         }
     }
-    report.aggregates_behind = stream_ids.len() as u64;
-    if stream_ids.is_empty() {
-        return Ok(report);
-    }
-    let requeued = sqlx::query(
-        "INSERT INTO outbox (commit_id, stream_id, first_version, last_version, subject)
-         SELECT c.commit_id, c.stream_id, c.first_version, c.last_version, c.subject
-         FROM commits c JOIN UNNEST($1::text[], $2::bigint[]) AS b(stream_id, on_bus)
+    let rows = sqlx::query(
+        "SELECT c.stream_id, c.last_version FROM commits c
+         JOIN UNNEST($1::text[], $2::bigint[]) AS b(stream_id, on_bus)
            ON c.stream_id = b.stream_id AND c.last_version > b.on_bus
-         ORDER BY c.stream_id, c.first_version
-         ON CONFLICT (commit_id) DO NOTHING",
+         WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.commit_id = c.commit_id)",
     )
-    .bind(&stream_ids)
+    .bind(&ids)
     .bind(&after)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    report.requeued = requeued;
-    metrics::counter!("nrm_relay_refilled_total").increment(requeued);
-    Ok(report)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("stream_id"), r.get("last_version")))
+        .collect())
+}
+
+/// Every published commit whose (aggregate, version) no message of the stream carries.
+async fn missing_anywhere(
+    pool: &PgPool,
+    stream: &Stream,
+    report: &mut RefillReport,
+) -> Result<Vec<(String, i64)>, RelayError> {
+    let mut on_bus: HashSet<(String, i64)> = HashSet::new();
+    let filter = stream
+        .cached_info()
+        .config
+        .subjects
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let mut replay = Replay::start(stream, filter, true)
+        .await
+        .map_err(|e| RelayError::Publish(e.to_string()))?;
+    while let Some(message) = replay.next().await.map_err(|e| RelayError::Publish(e.to_string()))? {
+        if let Some(headers) = message.headers.as_ref()
+            && let (Some(id), Some(version)) = (
+                headers.get(bus::HEADER_STREAM_ID),
+                headers
+                    .get(bus::HEADER_STREAM_VERSION)
+                    .and_then(|v| v.as_str().parse::<i64>().ok()),
+            )
+        {
+            on_bus.insert((id.as_str().to_owned(), version));
+        }
+    }
+    let commits = sqlx::query(
+        "SELECT c.stream_id, c.last_version FROM commits c
+         WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.commit_id = c.commit_id)",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut aggregates = HashSet::new();
+    let mut missing = Vec::new();
+    for row in &commits {
+        let key: (String, i64) = (row.get("stream_id"), row.get("last_version"));
+        aggregates.insert(key.0.clone());
+        if !on_bus.contains(&key) {
+            missing.push(key);
+        }
+    }
+    report.aggregates_checked = aggregates.len() as u64;
+    Ok(missing)
 }

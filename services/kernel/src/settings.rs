@@ -112,6 +112,10 @@ pub struct NatsSettings {
     /// Stream replicas (`NRM_NATS__REPLICAS`, default 1; 3 on a cluster).
     #[serde(default = "default_replicas")]
     pub replicas: usize,
+    /// JetStream's de-duplication window of the streams the service creates
+    /// (`NRM_NATS__DUPLICATE_WINDOW_SECONDS`, default 120).
+    #[serde(default = "default_duplicate_window_seconds")]
+    pub duplicate_window_seconds: u64,
 }
 
 impl Default for NatsSettings {
@@ -121,6 +125,7 @@ impl Default for NatsSettings {
             subject_prefix: default_subject_prefix(),
             stream_prefix: default_stream_prefix(),
             replicas: default_replicas(),
+            duplicate_window_seconds: default_duplicate_window_seconds(),
         }
     }
 }
@@ -139,6 +144,10 @@ fn default_stream_prefix() -> String {
 
 fn default_replicas() -> usize {
     1
+}
+
+fn default_duplicate_window_seconds() -> u64 {
+    120
 }
 
 /// The outbox relay.

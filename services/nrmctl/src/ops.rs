@@ -33,7 +33,7 @@ pub async fn run(global: &Global, command: OpsCommand) -> Result<()> {
     match command {
         OpsCommand::Parked(args) => parked(global, &args.service.list()).await,
         OpsCommand::Retry(args) => retry(global, args).await,
-        OpsCommand::Refill(args) => refill(global, &args.service.list()).await,
+        OpsCommand::Refill(args) => refill(global, &args.service.list(), args.dry_run).await,
     }
 }
 
@@ -162,6 +162,7 @@ fn print_parked(answered: &[(Service, ListParkedResponse)]) -> Result<()> {
             "owner",
             "item_id",
             "source",
+            "subject",
             "commit_id",
             "attempts",
             "parked_at",
@@ -179,6 +180,7 @@ fn parked_row(service: Service, item: &ParkedItem) -> Vec<String> {
         or_dash(&item.owner),
         or_dash(&item.item_id),
         or_dash(&item.source),
+        or_dash(&item.subject),
         or_dash(&item.commit_id),
         item.attempts.to_string(),
         time(item.parked_at.as_ref()),
@@ -231,9 +233,9 @@ async fn retry(global: &Global, args: RetryArgs) -> Result<()> {
 
 /// `ops refill`: each service asked compares its stream with its store and
 /// requeues what the stream lacks.
-async fn refill(global: &Global, services: &[Service]) -> Result<()> {
+async fn refill(global: &Global, services: &[Service], dry_run: bool) -> Result<()> {
     let answers = ask(global, services, |mut client| async move {
-        client.refill_stream(RefillStreamRequest {}).await
+        client.refill_stream(RefillStreamRequest { dry_run }).await
     })
     .await;
     let (answered, failed) = settle(answers);
@@ -258,6 +260,7 @@ fn print_refilled(answered: &[(Service, RefillStreamResponse)]) -> Result<()> {
                 r.published_commits.to_string(),
                 r.aggregates_checked.to_string(),
                 r.aggregates_behind.to_string(),
+                r.missing.to_string(),
                 r.requeued.to_string(),
             ]
         })
@@ -270,6 +273,7 @@ fn print_refilled(answered: &[(Service, RefillStreamResponse)]) -> Result<()> {
             "published_commits",
             "aggregates_checked",
             "aggregates_behind",
+            "missing",
             "requeued",
         ],
         &rows,
@@ -321,6 +325,7 @@ mod tests {
                 nanos: 0,
             }),
             retry_requested: false,
+            subject: "nrm.identification.v1.case.0197".into(),
         };
         assert_eq!(
             parked_row(Service::Identification, &item),
@@ -330,6 +335,7 @@ mod tests {
                 "identification_case_list",
                 "7",
                 "NRM_IDENTIFICATION",
+                "nrm.identification.v1.case.0197",
                 "-",
                 "3",
                 "2025-03-01T08:30:00Z",

@@ -100,6 +100,9 @@ pub struct RefillArgs {
     /// The services whose stream is compared with their store.
     #[arg(long, value_enum, default_value_t = Services::All)]
     pub service: Services,
+    /// Only compare and count what the stream lacks; put nothing back.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[cfg(test)]
