@@ -298,8 +298,8 @@ impl FaultKind {
         FaultKind::RelayAbort,
     ];
 
-    /// The kinds the injector picks from (a relay abort happens by itself;
-    /// a kill without NATS comes with a NATS kill).
+    /// The kinds the injector causes (a relay abort happens by itself; a
+    /// kill while NATS is down is counted with that NATS kill).
     fn injected(self) -> bool {
         matches!(
             self,
@@ -782,8 +782,11 @@ impl Services {
                     };
                     let pid = running.take().map_or(0, |r| r.pid);
                     if status.signal() == Some(6) {
-                        let probe =
-                            !self.faults_over.load(Ordering::SeqCst) && self.dedupe_probe.swap(false, Ordering::SeqCst);
+                        // Not identification's relay: with it off no case reaches the
+                        // referral service, and the load would stand still.
+                        let probe = service != Service::Identification
+                            && !self.faults_over.load(Ordering::SeqCst)
+                            && self.dedupe_probe.swap(false, Ordering::SeqCst);
                         let note = if probe {
                             if let Ok(mut off) = self.relay_off.lock() {
                                 *off = Some((service, Instant::now() + DEDUPE_PROBE));
@@ -841,6 +844,16 @@ impl Services {
     }
 }
 
+/// What the injector does next.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    Kill(Service),
+    Nats,
+    /// NATS down, and meanwhile a service SIGKILLed and started again.
+    NatsAndKill,
+    Postgres,
+}
+
 /// Injects faults at seeded random moments until `stop`.
 ///
 /// # Errors
@@ -852,18 +865,26 @@ pub(crate) async fn inject(
     mut rng: Rng,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    // The first five faults are one of each kind, in a random order.
-    let mut first: Vec<FaultKind> = FaultKind::ALL.into_iter().filter(|k| k.injected()).collect();
+    // The first six faults are one of each kind, in a random order.
+    let mut first = vec![
+        Pick::Kill(Service::Identification),
+        Pick::Kill(Service::Referral),
+        Pick::Kill(Service::Shelter),
+        Pick::Nats,
+        Pick::NatsAndKill,
+        Pick::Postgres,
+    ];
     for i in (1..first.len()).rev() {
         let j = usize::try_from(rng.below(i as u64 + 1)).unwrap_or(0);
         first.swap(i, j);
     }
     let weights = [
-        (FaultKind::Kill(Service::Identification), 2),
-        (FaultKind::Kill(Service::Referral), 3),
-        (FaultKind::Kill(Service::Shelter), 3),
-        (FaultKind::KillNats, 3),
-        (FaultKind::RestartPostgres, 2),
+        (Pick::Kill(Service::Identification), 2),
+        (Pick::Kill(Service::Referral), 3),
+        (Pick::Kill(Service::Shelter), 3),
+        (Pick::Nats, 2),
+        (Pick::NatsAndKill, 1),
+        (Pick::Postgres, 2),
     ];
     loop {
         let gap = rng.between(plan.fault_gap.0, plan.fault_gap.1);
@@ -871,31 +892,33 @@ pub(crate) async fn inject(
             () = stop.cancelled() => return Ok(()),
             () = tokio::time::sleep(gap) => {}
         }
-        let kind = first.pop().unwrap_or_else(|| *rng.weighted(&weights));
-        match kind {
-            FaultKind::Kill(service) => services.kill(service, kind).await?,
-            FaultKind::KillNats => {
+        let pick = first.pop().unwrap_or_else(|| *rng.weighted(&weights));
+        match pick {
+            Pick::Kill(service) => services.kill(service, FaultKind::Kill(service)).await?,
+            Pick::Nats | Pick::NatsAndKill => {
                 let pid = stack.kill_nats().await?;
                 let down = rng.between(Duration::from_millis(300), Duration::from_millis(3000));
-                services
-                    .faults
-                    .record(kind, format!("(pid {pid}, down {} ms)", down.as_millis()));
+                services.faults.record(
+                    FaultKind::KillNats,
+                    format!("(pid {pid}, down {} ms)", down.as_millis()),
+                );
                 let outage = Instant::now();
-                if rng.chance(0.5) {
+                if let Pick::NatsAndKill = pick {
                     let service = Service::ALL[usize::try_from(rng.below(3)).unwrap_or(0)];
                     kill_without_nats(&services, service).await;
                 }
                 tokio::time::sleep(down.saturating_sub(outage.elapsed())).await;
                 stack.up().await?;
             }
-            FaultKind::RestartPostgres => {
+            Pick::Postgres => {
                 stack.stop_postgres_immediately().await?;
                 let down = rng.between(Duration::from_millis(0), Duration::from_millis(1500));
-                services.faults.record(kind, format!("(down {} ms)", down.as_millis()));
+                services
+                    .faults
+                    .record(FaultKind::RestartPostgres, format!("(down {} ms)", down.as_millis()));
                 tokio::time::sleep(down).await;
                 stack.up().await?;
             }
-            FaultKind::KillWithoutNats(_) | FaultKind::RelayAbort => {}
         }
     }
 }

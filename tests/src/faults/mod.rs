@@ -73,7 +73,7 @@ impl Plan {
         Self {
             form: "short",
             commands: 700,
-            faults: 5,
+            faults: 6,
             workers: 12,
             fault_gap: (Duration::from_secs(3), Duration::from_secs(6)),
             max_load: Duration::from_secs(75),
@@ -327,4 +327,26 @@ async fn drive(
     .await;
     watcher.abort();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generator_repeats_for_a_seed_and_spreads_evenly() {
+        let mut a = Rng::new(42).fork(2);
+        let mut b = Rng::new(42).fork(2);
+        assert_eq!(a.next_u64(), b.next_u64());
+        let mut heads = 0;
+        for _ in 0..10_000 {
+            if a.chance(0.5) {
+                heads += 1;
+            }
+            let d = a.between(Duration::from_millis(300), Duration::from_millis(3000));
+            assert!((300..=3000).contains(&d.as_millis()));
+            assert!(a.below(3) < 3);
+        }
+        assert!((4_500..5_500).contains(&heads), "{heads} of 10,000");
+    }
 }
