@@ -15,6 +15,8 @@
 //!   (same subjects, its own database), which can be stopped and restarted.
 //! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
 //! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
+//! - [`tables`]: every table of a service's database, snapshotted when the
+//!   service is quiescent, for tests that a refused command writes nothing.
 
 pub mod faults;
 
@@ -38,6 +40,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub mod tables;
 
 /// Where the real servers are.
 #[derive(Debug, Clone)]
