@@ -114,10 +114,28 @@ async fn a_user_reports_screens_decides_reads_lists_and_watches_events_with_nrmc
     assert_eq!(case["status"], "CASE_STATUS_IDENTIFIED");
     assert_eq!(case["personal"]["identifiers"]["full_name"], "Aigul Asanova");
 
-    // Bad input: the field is named, the exit code is 1.
+    // A stale version: the command is refused (ABORTED), the exit code is 1,
+    // and nothing is written.
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let refused = nrmctl(&app, "police", &["case", "screen", &case_id, "--version", "1"]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("ABORTED"));
+    tables
+        .assert_unchanged_since(&before, "nrmctl screening at a stale version")
+        .await;
+
+    // Bad input: the field is named, the exit code is 1, and nothing is written.
+    let invalid = nrmctl(&app, "police", &["case", "screen", "not-a-case", "--version", "3"]);
+    assert_eq!(invalid.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("case_id"),
+        "{stderr}"
+    );
+    tables
+        .assert_unchanged_since(&before, "nrmctl screening with a malformed case ID")
+        .await;
 
     // The events, decoded as JSON.
     let stream = app.stream_name();

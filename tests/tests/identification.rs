@@ -155,6 +155,8 @@ async fn a_child_is_presumed_at_once_and_not_identified_only_after_best_interest
         .complete_screening(authorized(screening(&reported.case_id, 1), &police()))
         .await
         .unwrap();
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let refused = client
         .decide_identification(authorized(
             decision(&reported.case_id, 2, pb::Decision::NotIdentified),
@@ -167,12 +169,20 @@ async fn a_child_is_presumed_at_once_and_not_identified_only_after_best_interest
         refused.get_details_precondition_failure().unwrap().violations[0].r#type,
         "CHILD_BEST_INTERESTS_ASSESSMENT_REQUIRED"
     );
+    tables
+        .assert_unchanged_since(
+            &before,
+            "a child found not identified without a best-interests assessment",
+        )
+        .await;
     app.stop().await;
 }
 
 #[tokio::test]
 async fn invalid_reports_name_every_field_and_write_nothing() {
     let app = TestApp::spawn().await;
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let mut request = report_request("", person("Name", "AB12345", "not a phone"));
     request.citizenship = "XX".into();
     request.exploitation_forms = vec![];
@@ -193,9 +203,7 @@ async fn invalid_reports_name_every_field_and_write_nothing() {
             "personal.phone"
         ]
     );
-    for table in ["events", "outbox", "commands", "person_keys", "audit_log"] {
-        assert_eq!(app.count(table).await, 0, "{table} must stay empty");
-    }
+    tables.assert_unchanged_since(&before, "an invalid report").await;
     app.stop().await;
 }
 
@@ -204,7 +212,8 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
     let app = TestApp::spawn().await;
     let reported = report(&app, "r-order").await;
     let mut client = app.client.clone();
-    let events_before = app.count("events").await;
+    let tables = app.tables();
+    let before = tables.snapshot().await;
 
     // Deciding before screening.
     let status = client
@@ -219,6 +228,9 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         status.get_details_precondition_failure().unwrap().violations[0].r#type,
         "NOT_SCREENED"
     );
+    tables
+        .assert_unchanged_since(&before, "deciding before screening")
+        .await;
 
     // A stale expected version.
     let status = client
@@ -226,6 +238,9 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
+    tables
+        .assert_unchanged_since(&before, "screening at a stale expected version")
+        .await;
 
     // An unknown case.
     let status = client
@@ -233,13 +248,27 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    tables
+        .assert_unchanged_since(&before, "screening an unknown case")
+        .await;
 
     // A malformed case ID and a missing version are both named.
     let mut bad = screening("not-a-uuid", 0);
     bad.indicators = vec![0];
     let status = client.complete_screening(authorized(bad, &police())).await.unwrap_err();
     assert_eq!(bad_fields(&status), ["case_id", "expected_version", "indicators[0]"]);
-    assert_eq!(app.count("events").await, events_before);
+    tables.assert_unchanged_since(&before, "a malformed screening").await;
+
+    // A role that may not screen.
+    let status = client
+        .complete_screening(authorized(
+            screening(&reported.case_id, 1),
+            &token("kg-ngo-sezim", Role::Ngo, "worker-2"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    tables.assert_unchanged_since(&before, "screening by an NGO").await;
 
     // Deciding twice.
     client
@@ -253,6 +282,8 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         ))
         .await
         .unwrap();
+    let decided = tables.snapshot().await;
+    assert_eq!(decided.rows("events"), before.rows("events") + 2);
     let status = client
         .decide_identification(authorized(
             decision(&reported.case_id, 3, pb::Decision::NotIdentified),
@@ -261,18 +292,35 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(app.count("events").await, events_before + 2);
+    tables.assert_unchanged_since(&decided, "deciding twice").await;
     app.stop().await;
 }
 
 #[tokio::test]
 async fn a_retried_command_with_the_same_request_id_appends_nothing() {
     let app = TestApp::spawn().await;
-    let first = report(&app, "retry-me").await;
-    let again = report(&app, "retry-me").await;
+    // One request sent twice (a request built again a second later would
+    // carry another `found_at`: another command under the same ID).
+    let request = report_request("retry-me", person("Aigul Asanova", "AC1234567", "+996 555 000 111"));
+    let send = || {
+        let mut client = app.client.clone();
+        let request = request.clone();
+        async move {
+            client
+                .report_presumed_victim(authorized(request, &police()))
+                .await
+                .expect("report")
+                .into_inner()
+        }
+    };
+    let first = send().await;
+    let tables = app.tables();
+    let before = tables.snapshot().await;
+    let again = send().await;
     assert_eq!(first.case_id, again.case_id);
     assert!(again.result.unwrap().replayed);
-    assert_eq!(app.count("events").await, 1);
+    tables.assert_unchanged_since(&before, "a retried report").await;
+    assert_eq!(before.rows("events"), 1);
 
     // The same ID for a different command is refused.
     let mut other = report_request("retry-me", person("Someone Else", "ZZ99999", ""));
@@ -284,6 +332,9 @@ async fn a_retried_command_with_the_same_request_id_appends_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
+    tables
+        .assert_unchanged_since(&before, "another report under a used request ID")
+        .await;
 
     // Concurrent retries of one screening: one append, one answer.
     let request = screening(&first.case_id, 1);
@@ -324,6 +375,8 @@ async fn a_second_report_of_the_same_person_is_flagged_without_revealing_the_fir
     let encoded = second.encode_to_vec();
     assert!(!String::from_utf8_lossy(&encoded).contains(&first.case_id));
     // The NGO cannot read the police's case.
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let status = app
         .client
         .clone()
@@ -337,12 +390,17 @@ async fn a_second_report_of_the_same_person_is_flagged_without_revealing_the_fir
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    tables
+        .assert_unchanged_since(&before, "the NGO's refused read of the police's case")
+        .await;
     app.stop().await;
 }
 
 #[tokio::test]
 async fn callers_without_a_valid_token_or_role_are_refused() {
     let app = TestApp::spawn().await;
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let request = report_request("auth-1", person("Name", "AB12345", ""));
     let mut client = app.client.clone();
     let status = client
@@ -350,17 +408,21 @@ async fn callers_without_a_valid_token_or_role_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    tables.assert_unchanged_since(&before, "a report without a token").await;
     let status = client
         .report_presumed_victim(authorized(request.clone(), "not.a.jwt"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    tables
+        .assert_unchanged_since(&before, "a report with a bad token")
+        .await;
     let status = client
         .report_presumed_victim(authorized(request, &token("kg-moh", Role::Moh, "doctor-1")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(app.count("events").await, 0);
+    tables.assert_unchanged_since(&before, "a report by MoH").await;
     app.stop().await;
 }
 
@@ -624,12 +686,17 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
         purpose: purpose.to_owned(),
     };
     let mut client = app.client.clone();
-    // Without a referral: nothing.
+    // Without a referral: nothing, and a refused read is no read in the audit trail.
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let status = client
         .get_personal_data(authorized(read("rehabilitation"), &msd))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    tables
+        .assert_unchanged_since(&before, "MSD's refused read without a referral")
+        .await;
 
     let mut events = ReferralEvents::new(&app).await;
     let consent_id = uuid::Uuid::now_v7().to_string();
@@ -702,11 +769,15 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
     .unwrap();
     assert_eq!(audited, 1);
     // MoH, without a referral, still cannot.
+    let before = tables.snapshot().await;
     let status = client
         .get_personal_data(authorized(read("treatment"), &token("kg-moh", Role::Moh, "doctor-1")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    tables
+        .assert_unchanged_since(&before, "MoH's refused read without a referral")
+        .await;
 
     // The person withdraws consent: MSD can no longer read.
     events

@@ -86,7 +86,10 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
         .unwrap()
         .into_inner();
 
-    // An invalid request carrying the canaries: its error names fields, never values.
+    // An invalid request carrying the canaries: its error names fields, never
+    // values, and it writes nothing (no sealed copy, no key, no match keys).
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let mut invalid = report_request("pii-2", canary());
     invalid.citizenship = PASSPORT.into();
     invalid.found_region = NAME.into();
@@ -97,6 +100,9 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(leaks(status.message().as_bytes()).is_empty(), "error message leaks");
     assert!(leaks(status.details()).is_empty(), "error details leak");
+    tables
+        .assert_unchanged_since(&before, "an invalid report carrying the canaries")
+        .await;
 
     client
         .complete_screening(authorized(
