@@ -250,17 +250,6 @@ async fn wait_for_referral(app: &ReferralApp, referral_id: &str, done: impl Fn(&
     panic!("referral {referral_id} did not reach the expected state within 10 s");
 }
 
-/// Everything that a refused command must leave untouched (the outbox empties on its own).
-async fn written(app: &ReferralApp) -> (i64, i64, i64) {
-    let count =
-        |sql: &'static str| async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&app.pool).await.unwrap() };
-    (
-        count("SELECT count(*) FROM events").await,
-        count("SELECT (SELECT count(*) FROM commands) + (SELECT count(*) FROM audit_log)").await,
-        count("SELECT (SELECT count(*) FROM timers) + (SELECT count(*) FROM open_referrals) + (SELECT count(*) FROM consents)").await,
-    )
-}
-
 #[tokio::test]
 async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_with_a_plan() {
     let id = TestApp::spawn().await;
@@ -457,8 +446,11 @@ async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_wit
         goal_id: goal.goal_id.clone(),
     };
     client.mark_goal_met(authorized(met(rid()), &msd())).await.unwrap();
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let twice = client.mark_goal_met(authorized(met(rid()), &msd())).await.unwrap_err();
     assert_eq!(precondition(&twice), "GOAL_ALREADY_MET");
+    tables.assert_unchanged_since(&before, "marking a goal met twice").await;
     let plan = client
         .get_plan(authorized(
             pb::GetPlanRequest {
@@ -567,7 +559,8 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .decline_referral(authorized(decline(&referral.referral_id, 1), &msd()))
         .await
         .unwrap();
-    let before = written(&app).await;
+    let tables = app.tables();
+    let before = tables.snapshot().await;
 
     // Accept after decline.
     let status = client
@@ -575,6 +568,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NOT_AWAITING_ANSWER");
+    tables
+        .assert_unchanged_since(&before, "accepting a declined referral")
+        .await;
     // A referral to an agency the consent does not name.
     let status = client
         .create_referral(authorized(
@@ -591,6 +587,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
+    tables
+        .assert_unchanged_since(&before, "a referral to an agency the consent does not name")
+        .await;
     // A service the consent does not cover.
     let status = client
         .create_referral(authorized(
@@ -607,6 +606,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
+    tables
+        .assert_unchanged_since(&before, "a referral for a service the consent does not cover")
+        .await;
     // An unknown person.
     let status = client
         .create_referral(authorized(
@@ -623,6 +625,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "UNKNOWN_PERSON");
+    tables
+        .assert_unchanged_since(&before, "a referral of an unknown person")
+        .await;
     // A person found not identified (the default policy refuses).
     let status = client
         .create_referral(authorized(
@@ -639,6 +644,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NOT_IDENTIFIED");
+    tables
+        .assert_unchanged_since(&before, "a referral of a person found not identified")
+        .await;
     // A child's own consent (identification knows the person is a child).
     let status = client
         .record_consent(authorized(
@@ -648,22 +656,32 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "CHILD_NEEDS_GUARDIAN");
+    tables.assert_unchanged_since(&before, "a child's own consent").await;
     // The wrong agency, a stale version, an unknown referral, an unknown consent, bad fields.
     let status = client
         .decline_referral(authorized(decline(&referral.referral_id, 2), &moh()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    tables
+        .assert_unchanged_since(&before, "a decline by an agency the referral is not for")
+        .await;
     let status = client
         .accept_referral(authorized(accept(&referral.referral_id, 1), &msd()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
+    tables
+        .assert_unchanged_since(&before, "an acceptance at a stale expected version")
+        .await;
     let status = client
         .accept_referral(authorized(accept(&rid(), 1), &msd()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    tables
+        .assert_unchanged_since(&before, "accepting an unknown referral")
+        .await;
     let status = client
         .withdraw_consent(authorized(
             pb::WithdrawConsentRequest {
@@ -675,6 +693,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    tables
+        .assert_unchanged_since(&before, "withdrawing an unknown consent")
+        .await;
     let mut bad = referral_request(
         "case",
         &person_id,
@@ -690,6 +711,7 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         bad_fields(&status),
         ["request_id", "case_id", "receiving_agency", "urgency", "shelter_need"]
     );
+    tables.assert_unchanged_since(&before, "an invalid referral").await;
     let status = client
         .record_follow_up(authorized(
             pb::RecordFollowUpRequest {
@@ -704,6 +726,7 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["followed_up_at", "status_code"]);
+    tables.assert_unchanged_since(&before, "an invalid follow-up").await;
     // A role that may not refer.
     let status = client
         .create_referral(authorized(
@@ -720,8 +743,9 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-
-    assert_eq!(written(&app).await, before, "a refused command writes nothing");
+    tables
+        .assert_unchanged_since(&before, "a referral by a role that may not refer")
+        .await;
     app.stop().await;
     id.stop().await;
 }
@@ -790,8 +814,11 @@ async fn an_unanswered_referral_is_escalated_once_even_across_a_restart() {
         .unwrap();
 
     // The service stops while the deadline passes, and starts again on the same database.
+    let due = waiting.answer_due_at.unwrap().seconds;
     let settings = app.halt().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    while chrono::Utc::now().timestamp() <= due {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let app = ReferralApp::spawn_with(settings).await;
     let overdue = wait_for_referral(&app, &waiting.referral_id, |r| r.overdue).await;
     assert_eq!(overdue.status, pb::ReferralStatus::Pending as i32);
@@ -814,18 +841,29 @@ async fn an_unanswered_referral_is_escalated_once_even_across_a_restart() {
     let later = refer(&app, urgent()).await;
     wait_for_referral(&app, &later.referral_id, |r| r.overdue).await;
 
-    // Restarted again: nothing fires twice.
+    // Restarted again: nothing fires twice. No timer is left unfired (none
+    // could fire again), and once the restarted service is quiescent every
+    // table is as before the restart.
+    let unfired = |app: &ReferralApp| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM timers WHERE fired_at IS NULL")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let before = app.tables().snapshot().await;
+    assert_eq!(unfired(&app).await, 0);
     let app = app.restart().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.tables()
+        .assert_unchanged_since(&before, "a restart after every deadline fired")
+        .await;
     assert_eq!(overdue_events(&app, &waiting.referral_id).await, 1);
     assert_eq!(overdue_events(&app, &later.referral_id).await, 1);
     assert_eq!(overdue_events(&app, &answered.referral_id).await, 0);
     assert_eq!(app.count_events(Some("ReferralOverdue")).await, 2);
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE fired_at IS NULL")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(pending, 0);
+    assert_eq!(unfired(&app).await, 0);
     app.stop().await;
     id.stop().await;
 }
@@ -903,12 +941,16 @@ async fn withdrawing_consent_cancels_open_referrals_in_the_same_transaction_and_
         .unwrap()
         .into_inner();
     assert!(again.replayed);
-    let events = app.count_events(None).await;
+    let tables = app.tables();
+    let before = tables.snapshot().await;
     let status = client
         .create_referral(authorized(request(), &police()))
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
+    tables
+        .assert_unchanged_since(&before, "a referral under a withdrawn consent")
+        .await;
     let status = client
         .withdraw_consent(authorized(
             pb::WithdrawConsentRequest {
@@ -920,7 +962,9 @@ async fn withdrawing_consent_cancels_open_referrals_in_the_same_transaction_and_
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "ALREADY_WITHDRAWN");
-    assert_eq!(app.count_events(None).await, events);
+    tables
+        .assert_unchanged_since(&before, "withdrawing a consent twice")
+        .await;
     app.stop().await;
     id.stop().await;
 }
@@ -932,11 +976,11 @@ async fn counts(app: &ReferralApp) -> (i64, i64) {
     )
 }
 
-/// Waits until the shelter answers consumer has been handed every message of the shelter stream and acknowledged it.
+/// Waits until the shelter answers reaction has applied every message of the
+/// shelter stream (its checkpoint at the stream's last sequence), and the
+/// service is quiescent.
 async fn wait_for_shelter_answers(app: &ReferralApp) {
-    use async_nats::jetstream::consumer::pull;
     let stream = app.stream_name("shelter");
-    let consumer = format!("{}_referral_shelter_answers", app.settings.nats.stream_prefix);
     for _ in 0..200 {
         let last = app
             .jetstream
@@ -948,19 +992,19 @@ async fn wait_for_shelter_answers(app: &ReferralApp) {
             .unwrap()
             .state
             .last_sequence;
-        if let Ok(mut c) = app
-            .jetstream
-            .get_consumer_from_stream::<pull::Config, _, _>(&consumer, &stream)
-            .await
-        {
-            let info = c.info().await.unwrap();
-            if info.delivered.stream_sequence >= last && info.num_ack_pending == 0 && info.num_pending == 0 {
-                return;
-            }
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT stream_sequence FROM projection_checkpoints WHERE projection = 'referral_shelter_answers'",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap();
+        if at.is_some_and(|at| u64::try_from(at).unwrap() >= last) {
+            app.tables().wait_until_quiescent().await;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the shelter answers were not consumed within 10 s");
+    panic!("the shelter answers were not applied within 10 s");
 }
 
 #[tokio::test]
@@ -1019,37 +1063,33 @@ async fn bed_holds_and_missing_beds_are_recorded_on_the_referral_once() {
     wait_for_shelter_answers(&app).await;
     assert_eq!(counts(&app).await, (1, 1));
 
-    // The same answers published again (a shelter service retrying) record nothing.
+    // The same answers published again (a shelter service retrying) record
+    // nothing: the reaction's checkpoint moves on, no other table changes.
+    let before = app.tables().snapshot().await;
     feed.publish("shelter", &shelter_id, std::slice::from_ref(&bed_held))
         .await;
     feed.publish("placement", &unplaced.referral_id, std::slice::from_ref(&no_bed))
         .await;
     wait_for_shelter_answers(&app).await;
+    app.tables()
+        .assert_changed_only_since(&before, &["projection_checkpoints"], "the same answers published again")
+        .await;
     assert_eq!(counts(&app).await, (1, 1));
 
-    // Every message delivered again (the consumer lost while the service was down): the checkpoint skips them.
-    let consumer = format!("{}_referral_shelter_answers", app.settings.nats.stream_prefix);
-    let settings = app.halt().await;
-    let js = async_nats::jetstream::new(async_nats::connect(settings.nats.url.as_str()).await.unwrap());
-    let stream_name = format!("{}_SHELTER", settings.nats.stream_prefix);
-    js.get_stream(&stream_name)
-        .await
-        .unwrap()
-        .delete_consumer(&consumer)
-        .await
-        .unwrap();
-    let app = ReferralApp::spawn_with(settings).await;
+    // A restart: the reaction goes on after its checkpoint, nothing changes.
+    let before = app.tables().snapshot().await;
+    let app = app.restart().await;
     wait_for_shelter_answers(&app).await;
+    app.tables()
+        .assert_unchanged_since(&before, "a restart of the referral service")
+        .await;
     assert_eq!(counts(&app).await, (1, 1));
 
-    // Even without the checkpoint, a hold already recorded is not recorded again.
+    // Without its checkpoint the reaction starts again from the stream's
+    // first message: a hold already recorded is not recorded again, only the
+    // checkpoint is written anew.
+    let before = app.tables().snapshot().await;
     let settings = app.halt().await;
-    js.get_stream(&stream_name)
-        .await
-        .unwrap()
-        .delete_consumer(&consumer)
-        .await
-        .unwrap();
     let pool = sqlx::PgPool::connect_with(nrm_kernel::db::connect_options(&settings.database).unwrap())
         .await
         .unwrap();
@@ -1060,6 +1100,13 @@ async fn bed_holds_and_missing_beds_are_recorded_on_the_referral_once() {
     pool.close().await;
     let app = ReferralApp::spawn_with(settings).await;
     wait_for_shelter_answers(&app).await;
+    app.tables()
+        .assert_changed_only_since(
+            &before,
+            &["projection_checkpoints"],
+            "the shelter answers applied again without a checkpoint",
+        )
+        .await;
     assert_eq!(counts(&app).await, (1, 1));
     feed.drop_all().await;
     app.stop().await;
