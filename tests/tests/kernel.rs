@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use futures::StreamExt as _;
 use nrm_e2e::Parts;
+use nrm_e2e::tables::TableSnapshot;
 use nrm_identification::projections::CaseList;
 use nrm_kernel::projection::{Outcome, ProjectionRunner};
 use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, StoreError};
@@ -149,8 +150,11 @@ async fn transactions_committing_in_reverse_order_are_both_published() {
     parts.drop_all().await;
 }
 
+/// The state a relay crash between JetStream's acknowledgement and the
+/// outbox delete leaves behind, rebuilt in place (the row put back): no
+/// process dies here (`process.rs` and the fault suite kill one for real).
 #[tokio::test]
-async fn a_commit_published_before_a_crash_is_not_published_again_even_after_the_dedup_window() {
+async fn a_commit_already_on_the_stream_is_not_published_again_when_its_outbox_row_is_back() {
     let parts = Parts::new().await;
     let store = EventStore::new(parts.pool.clone());
     let case_id = Uuid::now_v7();
@@ -164,8 +168,8 @@ async fn a_commit_published_before_a_crash_is_not_published_again_even_after_the
     assert_eq!(parts.publish_all(&mut parts.relay(&store)).await, 1);
     assert_eq!(parts.messages().await.len(), 1);
 
-    // The relay "crashed" after the acknowledgement and before deleting the
-    // row: put the row back, under another message ID, so that JetStream's
+    // As if the relay had died after the acknowledgement and before deleting
+    // the row: put the row back, under another message ID, so that JetStream's
     // de-duplication (`Nats-Msg-Id`, which holds only for its window) cannot
     // catch the republish: only the relay's check of the stream can.
     sqlx::query(
@@ -180,7 +184,7 @@ async fn a_commit_published_before_a_crash_is_not_published_again_even_after_the
     .await
     .unwrap();
 
-    // A relay starting after the crash checks the stream first.
+    // A new relay (as after a restart) checks the stream first.
     assert_eq!(parts.publish_all(&mut parts.relay(&store)).await, 1);
     assert_eq!(parts.messages().await.len(), 1, "the commit is on NATS exactly once");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
@@ -315,7 +319,7 @@ impl nrm_kernel::timers::TimerHandler for Overdue {
 }
 
 #[tokio::test]
-async fn a_due_timer_fires_exactly_once_across_runners_and_restarts() {
+async fn a_due_timer_fires_exactly_once_across_concurrent_runners_and_a_later_one() {
     use chrono::Utc;
     use nrm_kernel::timers::{self, TimerRunner};
 
@@ -359,7 +363,7 @@ async fn a_due_timer_fires_exactly_once_across_runners_and_restarts() {
     let (a, b) = (runner(), runner());
     let (fired_a, fired_b) = tokio::join!(a.fire_due(), b.fire_due());
     assert_eq!(fired_a.unwrap() + fired_b.unwrap(), 1);
-    // A runner started later (after a restart) finds nothing more to fire.
+    // A runner started later (as after a restart) finds nothing more to fire.
     assert_eq!(runner().fire_due().await.unwrap(), 0);
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&parts.pool)
@@ -397,19 +401,6 @@ async fn a_command_appended_in_one_statement_writes_all_or_nothing() {
         fingerprint: b"fp",
         response: b"answer",
     };
-    let count = |table: &'static str| {
-        let pool = parts.pool.clone();
-        async move {
-            let sql = match table {
-                "events" => "SELECT count(*) FROM events",
-                "outbox" => "SELECT count(*) FROM outbox",
-                "commands" => "SELECT count(*) FROM commands",
-                _ => "SELECT count(*) FROM audit_log",
-            };
-            sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap()
-        }
-    };
-
     let plan = Appended::plan(0, 1);
     store
         .append_command(&append(0), &plan, &record("kg-mvd:r-1"), Some(&audit))
@@ -419,22 +410,26 @@ async fn a_command_appended_in_one_statement_writes_all_or_nothing() {
         store.read_stream(&stream_id).await.unwrap()[0].event_id,
         plan.event_ids[0]
     );
+    let written = TableSnapshot::take(&parts.pool).await;
     for table in ["events", "outbox", "commands", "audit_log"] {
-        assert_eq!(count(table).await, 1, "{table}");
+        assert_eq!(written.rows(table), 1, "{table}");
     }
 
-    // A stale version writes nothing: no event, no answer, no audit entry.
+    // A stale version writes nothing: no event, no answer, no audit entry, in no table.
     let stale = store
         .append_command(&append(0), &Appended::plan(0, 1), &record("kg-mvd:r-2"), Some(&audit))
         .await;
     assert!(matches!(stale, Err(StoreError::Conflict { .. })));
+    TableSnapshot::take(&parts.pool)
+        .await
+        .assert_unchanged_since(&written, "an append at a stale version");
     // A twin of an answered command writes nothing either.
     let twin = store
         .append_command(&append(1), &Appended::plan(1, 1), &record("kg-mvd:r-1"), Some(&audit))
         .await;
     assert!(matches!(twin, Err(StoreError::DuplicateRequest)));
-    for table in ["events", "outbox", "commands", "audit_log"] {
-        assert_eq!(count(table).await, 1, "{table} after the refusals");
-    }
+    TableSnapshot::take(&parts.pool)
+        .await
+        .assert_unchanged_since(&written, "a twin of an answered command");
     parts.drop_all().await;
 }
