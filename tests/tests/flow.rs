@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use nrm_e2e::tables::ServiceTables;
 use nrm_e2e::{ServiceProcess, authorized, drop_processes_data, person, process_env, report_request, settings, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::personal_data_view::View;
@@ -105,6 +106,13 @@ impl System {
 
     async fn shelter(&self) -> ShelterServiceClient<Channel> {
         ShelterServiceClient::new(self.shelter.channel().await)
+    }
+
+    /// Every table of the referral process's database.
+    async fn referral_tables(&self) -> ServiceTables {
+        let mut database = self.base.database.clone();
+        database.name = format!("{}_referral", self.base.database.name);
+        ServiceTables::referral(&database, &self.base.nats.url).await
     }
 
     /// Reports, screens and identifies a person; returns (case_id, person_id).
@@ -477,6 +485,8 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
         ))
         .await
         .unwrap();
+    let tables = system.referral_tables().await;
+    let before = tables.snapshot().await;
     let accept_declined = referral
         .accept_referral(authorized(
             rf::AcceptReferralRequest {
@@ -489,6 +499,9 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
         .await
         .unwrap_err();
     assert_eq!(precondition(&accept_declined), "NOT_AWAITING_ANSWER");
+    tables
+        .assert_unchanged_since(&before, "accepting a declined referral")
+        .await;
     referral
         .redirect_referral(authorized(
             rf::RedirectReferralRequest {
@@ -575,6 +588,7 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(denied.expect("MoH loses access").code(), Code::PermissionDenied);
+    let before = tables.snapshot().await;
     let refused = referral
         .create_referral(authorized(
             rf::CreateReferralRequest {
@@ -592,6 +606,10 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
         .await
         .unwrap_err();
     assert_eq!(precondition(&refused), "NO_CONSENT");
+    tables
+        .assert_unchanged_since(&before, "a referral under a withdrawn consent")
+        .await;
+    tables.close().await;
     system.stop().await;
 }
 
@@ -615,9 +633,17 @@ async fn an_unanswered_referral_is_escalated_once_even_when_the_referral_service
         })
         .await;
 
-    // The referral service dies while the deadline runs, and comes back after it passed.
+    // The referral service dies (SIGKILL) while the deadline runs, and comes back after it passed.
+    let due = created.answer_due_at.unwrap().seconds;
     system.referral.kill();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        <= u64::try_from(due).unwrap()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     system.referral = system.referral.kill_and_restart();
 
     let escalated = eventually("the overdue referral reaches the coordinator", || async {
@@ -644,9 +670,19 @@ async fn an_unanswered_referral_is_escalated_once_even_when_the_referral_service
     assert_eq!(escalated.referrals[0].referral_id, created.referral_id);
     assert!(escalated.referrals[0].overdue);
 
-    // Exactly one escalation on the bus, also after another restart.
+    // Exactly one escalation on the bus, also after another SIGKILL and
+    // restart: once the restarted service is quiescent (its outbox empty, no
+    // due timer unfired) and no timer is left unfired at all, nothing more
+    // can be published.
     system.referral = system.referral.kill_and_restart();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tables = system.referral_tables().await;
+    tables.wait_until_quiescent().await;
+    let unfired: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE fired_at IS NULL")
+        .fetch_one(tables.pool())
+        .await
+        .unwrap();
+    assert_eq!(unfired, 0, "no deadline is left to fire");
+    tables.close().await;
     let nats = async_nats::connect(system.base.nats.url.as_str()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
     let messages = nrm_e2e::messages(&js, &format!("{}_REFERRAL", system.base.nats.stream_prefix)).await;

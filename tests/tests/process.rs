@@ -7,6 +7,7 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nrm_e2e::tables::ServiceTables;
 use nrm_e2e::{authorized, binary, messages, person, report_request, service_env, settings, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
@@ -66,16 +67,21 @@ async fn a_service_killed_after_commit_and_before_publish_publishes_exactly_once
         .expect("the command is acknowledged")
         .into_inner();
     assert_eq!(stream_messages(&settings).await, 0);
+    let tables = ServiceTables::identification(&settings.database, &settings.nats.url).await;
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(tables.pool())
+        .await
+        .unwrap();
+    assert_eq!(waiting, 1, "the commit waits in the outbox when the process dies");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
     let (mut child, endpoint) = start(&[], &settings);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while stream_messages(&settings).await == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The restarted relay is done once the outbox is empty (a row goes only
+    // after JetStream acknowledged it): nothing more will be published.
+    tables.wait_until_quiescent().await;
     assert_eq!(stream_messages(&settings).await, 1, "published exactly once");
+    tables.close().await;
 
     // The acknowledged case survived the kill.
     let mut client = IdentificationServiceClient::connect(endpoint).await.unwrap();
