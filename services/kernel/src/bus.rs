@@ -7,8 +7,7 @@
 //! per aggregate instance, so the relay can ask the stream what it already
 //! holds for a stream ID.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -50,6 +49,9 @@ pub enum BusError {
     /// The server refused a JetStream request.
     #[error("JetStream: {0}")]
     JetStream(String),
+    /// The stream does not exist (yet): its service creates it.
+    #[error("stream {0} does not exist yet")]
+    NoStream(String),
     /// The server created something other than what was asked for.
     #[error("NATS server {server_version} applied a different {what} configuration for {name}: {difference}")]
     ConfigMismatch {
@@ -70,7 +72,6 @@ pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     settings: NatsSettings,
-    connections: Arc<AtomicU64>,
 }
 
 /// Which stream a sequence number counts in: its name and when the server
@@ -101,8 +102,6 @@ impl Bus {
     /// # Errors
     /// [`BusError::Connect`] when the server cannot be reached.
     pub async fn connect(settings: &NatsSettings) -> Result<Self, BusError> {
-        let connections = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&connections);
         // The server may be down at start: the client keeps trying in the
         // background, commands are taken meanwhile and wait in the outbox.
         let client = async_nats::ConnectOptions::new()
@@ -110,23 +109,17 @@ impl Bus {
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .event_callback(move |event| {
-                let counter = Arc::clone(&counter);
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            tracing::info!("NATS connected");
-                        }
-                        async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
-                        other => tracing::info!(event = %other, "NATS event"),
-                    }
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                    other => tracing::info!(event = %other, "NATS event"),
                 }
             })
             .connect(settings.url.as_str())
             .await
             .map_err(|source| BusError::Connect {
-                url: settings.url.clone(),
+                url: crate::settings::redacted_url(&settings.url),
                 source,
             })?;
         // With retry_on_initial_connect the first server info arrives
@@ -141,7 +134,6 @@ impl Bus {
             jetstream: jetstream::new(client.clone()),
             client,
             settings: settings.clone(),
-            connections,
         };
         tracing::info!(server_version = %bus.server_version(), sync_always_supported = bus.supports_sync_always(), "connected to NATS");
         Ok(bus)
@@ -178,10 +170,35 @@ impl Bus {
     }
 
     /// How many times the client has (re)connected: a change means the
-    /// server may have restarted, and lost what it had not yet written.
+    /// server may have restarted, and lost what it had not yet written. (The
+    /// client counts it as it connects, before anything is sent again.)
     #[must_use]
     pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::SeqCst)
+        self.client.statistics().connects.load(Ordering::SeqCst)
+    }
+
+    /// The context's stream as it is, without creating it: consumers wait
+    /// for the service that owns a stream to create it (and to refill it),
+    /// instead of creating an empty one in its place.
+    ///
+    /// # Errors
+    /// [`BusError::NoStream`] while it does not exist; [`BusError::JetStream`]
+    /// when JetStream cannot be asked.
+    pub async fn find_stream(&self, context: &str) -> Result<stream::Stream, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::JetStream("not connected to NATS".into()));
+        }
+        let name = self.stream_name(context);
+        match self.jetstream.get_stream(&name).await {
+            Ok(stream) => Ok(stream),
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(err)
+                    if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Err(BusError::NoStream(name))
+            }
+            Err(e) => Err(BusError::JetStream(e.to_string())),
+        }
     }
 
     /// Name of a context's stream: `{STREAM_PREFIX}_{CONTEXT}`.
@@ -258,8 +275,8 @@ impl Bus {
     }
 }
 
-/// How long a [`Replay`] waits for the next message before it takes the
-/// stream as read (messages deleted meanwhile are never delivered).
+/// How long a [`Replay`] waits for the next message before it fails (a
+/// message deleted meanwhile is never delivered: the next attempt counts anew).
 const REPLAY_IDLE: Duration = Duration::from_secs(5);
 
 /// Every message a stream holds when the replay starts, in stream order,
@@ -309,7 +326,7 @@ impl Replay {
     }
 
     /// The next message, or `None` once every message held at the start was
-    /// delivered (or none came for a while: the rest was deleted meanwhile).
+    /// delivered.
     ///
     /// # Errors
     /// [`BusError::JetStream`] when the consumer fails.
@@ -321,10 +338,13 @@ impl Replay {
             return Ok(None);
         }
         match tokio::time::timeout(REPLAY_IDLE, futures::StreamExt::next(messages)).await {
-            Err(_) | Ok(None) => {
-                self.remaining = 0;
-                Ok(None)
-            }
+            // Silence before every message held at the start came: fail
+            // rather than take the rest as missing (or as not there).
+            Err(_) => Err(BusError::JetStream(format!(
+                "replay: no message for {REPLAY_IDLE:?} with {} still to come",
+                self.remaining
+            ))),
+            Ok(None) => Err(BusError::JetStream("replay: the consumer ended".into())),
             Ok(Some(Err(e))) => Err(BusError::JetStream(e.to_string())),
             Ok(Some(Ok(message))) => {
                 self.remaining -= 1;

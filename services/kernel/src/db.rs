@@ -62,7 +62,20 @@ pub async fn connect_and_migrate(
 ) -> Result<PgPool, DbError> {
     let options = connect_options(settings)?;
     let url = options.to_url_lossy().to_string();
-    if !Postgres::database_exists(&url).await? {
+    // A server still recovering (after a crash or an immediate restart) is
+    // waited for, a minute at most, instead of failing the start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let exists = loop {
+        match Postgres::database_exists(&url).await {
+            Ok(exists) => break exists,
+            Err(e) if crate::retry::is_transient_sqlx(&e) && std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "PostgreSQL not ready; waiting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if !exists {
         // Two processes may race to create it; the loser sees "already exists".
         if let Err(err) = Postgres::create_database(&url).await
             && !Postgres::database_exists(&url).await?

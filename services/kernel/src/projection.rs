@@ -29,6 +29,11 @@
 //!   transaction holds back the relay's horizon while it runs.) A reaction
 //!   has no read model: on a new stream it starts from the first message
 //!   again and its idempotence keeps effects single.
+//! - **An aggregate never moves back.** Per source aggregate the runner
+//!   keeps the last version it applied (`projection_versions`, in the same
+//!   transaction): a commit at or below it (a hole refilled after later
+//!   versions, a reaction replaying a recreated stream, a redelivery) changes
+//!   nothing, so a closed referral is never "accepted" again.
 //! - **Nothing stuck behind one bad message.** A failing handler is retried
 //!   with growing back-off ([`RetryPolicy`]); transient database faults are
 //!   retried as long as they last and count nothing; after the policy's
@@ -36,11 +41,12 @@
 //!   line with its IDs) and the checkpoint moves on. An operator lists and
 //!   retries parked messages (`nrmctl ops parked`, `nrmctl ops retry`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -49,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::bus::{self, Bus, Replay, StreamIdentity};
+use crate::bus::{self, Bus, BusError, Replay, StreamIdentity};
 use crate::retry::{self, RetryPolicy};
 use crate::store::{EventMetadata, EventStore, UnitOfWork};
 use crate::telemetry;
@@ -122,6 +128,9 @@ enum Restart {
     /// The NATS connection was re-established.
     #[error("NATS reconnected")]
     Reconnected,
+    /// The stream does not exist yet (its service creates it).
+    #[error("the stream does not exist yet")]
+    NoStream,
 }
 
 /// The stored checkpoint of one runner.
@@ -223,10 +232,10 @@ impl<P: Projection> ProjectionRunner<P> {
                 Err(err) => {
                     let restart = err.downcast_ref::<Restart>().is_some();
                     failures = if restart { 0 } else { failures + 1 };
-                    let backoff = if restart {
-                        Duration::ZERO
-                    } else {
-                        self.retry.delay(failures)
+                    let backoff = match err.downcast_ref::<Restart>() {
+                        Some(Restart::NoStream) => PARKED_POLL,
+                        Some(_) => Duration::ZERO,
+                        None => self.retry.delay(failures),
                     };
                     if let Some(Restart::Gap { .. }) = err.downcast_ref::<Restart>() {
                         metrics::counter!("nrm_projection_gaps_total", "projection" => self.name()).increment(1);
@@ -241,32 +250,81 @@ impl<P: Projection> ProjectionRunner<P> {
         }
     }
 
-    /// The stream, created when missing, with its identity.
+    /// The stream with its identity. A runner never creates a stream: the
+    /// service that owns it does (and refills it), so a missing stream is
+    /// waited for rather than replaced by an empty one.
     async fn stream(&self) -> Result<(Stream, StreamIdentity), anyhow::Error> {
-        let mut stream = self.bus.ensure_stream(self.context).await?;
+        let mut stream = match self.bus.find_stream(self.context).await {
+            Ok(stream) => stream,
+            Err(BusError::NoStream(name)) => {
+                // A runner that never started says which stream it waits for.
+                sqlx::query(
+                    "INSERT INTO projection_checkpoints (projection, stream_sequence, stream_name) VALUES ($1, 0, $2)
+                     ON CONFLICT (projection) DO UPDATE SET stream_name = EXCLUDED.stream_name
+                     WHERE projection_checkpoints.stream_sequence = 0 AND projection_checkpoints.stream_created IS NULL",
+                )
+                .bind(self.name())
+                .bind(&name)
+                .execute(self.store.pool())
+                .await?;
+                return Err(Restart::NoStream.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let identity = StreamIdentity::of(stream.info().await?);
         Ok((stream, identity))
+    }
+
+    /// A consumer of the whole stream from `start`, one this runner owns: no
+    /// acknowledgements (the checkpoint is the position), and an error, not a
+    /// silent re-creation, when the stream or the consumer goes away.
+    async fn consumer(&self, stream: &Stream, start: u64) -> Result<pull::Stream, anyhow::Error> {
+        let wanted = pull::Config {
+            filter_subject: self.bus.context_subjects(self.context),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(wanted.clone()).await?;
+        let applied = &consumer.cached_info().config;
+        let checks = [
+            ("filter_subject", applied.filter_subject == wanted.filter_subject),
+            ("ack_policy", applied.ack_policy == wanted.ack_policy),
+            ("deliver_policy", applied.deliver_policy == wanted.deliver_policy),
+        ];
+        if let Some((field, _)) = checks.iter().find(|(_, same)| !same) {
+            return Err(BusError::ConfigMismatch {
+                what: "consumer",
+                name: self.name().to_owned(),
+                server_version: self.bus.server_version(),
+                difference: (*field).to_owned(),
+            }
+            .into());
+        }
+        Ok(consumer.messages().await?)
     }
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), anyhow::Error> {
         let connections = self.bus.connections();
         let (stream, identity) = self.stream().await?;
         let checkpoint = read_checkpoint(self.store.pool(), self.name()).await?;
+        if let Some(legacy) = checkpoint.as_ref().filter(|c| c.identity.is_none() && c.sequence > 0) {
+            // Written before checkpoints kept their stream's identity: this
+            // stream, as long as it still reaches that far.
+            if stream.get_info().await?.state.last_sequence >= legacy.sequence {
+                adopt_identity(self.store.pool(), self.name(), &identity).await?;
+            }
+        }
+        let checkpoint = read_checkpoint(self.store.pool(), self.name()).await?;
         if !still_valid(&stream, &identity, checkpoint.as_ref()).await? {
-            self.rebuild_on(&stream, &identity).await?;
+            self.rebuild_on(&stream, &identity, false).await?;
         }
         let start = read_checkpoint(self.store.pool(), self.name())
             .await?
             .map_or(0, |c| c.sequence)
             + 1;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.bus.context_subjects(self.context),
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
+        let mut messages = self.consumer(&stream, start).await?;
         let mut parked_poll = tokio::time::interval(PARKED_POLL);
         loop {
             let next = tokio::select! {
@@ -275,7 +333,11 @@ impl<P: Projection> ProjectionRunner<P> {
                     if self.bus.connections() != connections {
                         return Err(Restart::Reconnected.into());
                     }
-                    self.retry_requested(&stream).await?;
+                    // A stream deleted and created again under the same name.
+                    if StreamIdentity::of(&stream.get_info().await?) != identity {
+                        return Err(Restart::OtherStream.into());
+                    }
+                    self.retry_requested(&stream, &identity).await?;
                     continue;
                 }
                 next = messages.next() => next,
@@ -404,9 +466,35 @@ impl<P: Projection> ProjectionRunner<P> {
     }
 
     /// Decodes and applies one message in `uow`, in the span of the command
-    /// that caused it.
+    /// that caused it, unless its aggregate is already past it: a commit at
+    /// or below the last version applied for its aggregate changes nothing.
     async fn apply(&self, uow: &mut UnitOfWork, raw: &Raw<'_>) -> Result<(), anyhow::Error> {
         let delivery = raw.delivery()?;
+        let last = delivery.commit.events.iter().map(|e| e.version).max();
+        if let Some(last) = last {
+            let applied: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM projection_versions WHERE projection = $1 AND stream_id = $2 FOR UPDATE",
+            )
+            .bind(self.name())
+            .bind(&delivery.commit.stream_id)
+            .fetch_optional(uow.conn())
+            .await?;
+            let last = i64::try_from(last)?;
+            if applied.is_some_and(|v| last <= v) {
+                metrics::counter!("nrm_projection_stale_total", "projection" => self.name()).increment(1);
+                tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied = ?applied, stream_sequence = raw.sequence, "commit older than its aggregate's last applied version: skipped");
+                return Ok(());
+            }
+            sqlx::query(
+                "INSERT INTO projection_versions (projection, stream_id, version) VALUES ($1, $2, $3)
+                 ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version",
+            )
+            .bind(self.name())
+            .bind(&delivery.commit.stream_id)
+            .bind(last)
+            .execute(uow.conn())
+            .await?;
+        }
         let span = tracing::info_span!(
             "projection.apply",
             projection = self.name(),
@@ -419,17 +507,45 @@ impl<P: Projection> ProjectionRunner<P> {
         self.projection.apply(uow, &delivery).instrument(span).await
     }
 
-    /// Retries the parked messages an operator asked for, one transaction each.
-    async fn retry_requested(&self, stream: &Stream) -> Result<(), anyhow::Error> {
-        let sequences: Vec<i64> = sqlx::query_scalar(
+    /// Retries the parked messages an operator asked for. A read model is
+    /// rebuilt (reset and full replay in one transaction): applying one old
+    /// message out of order could undo what later ones did (a consent
+    /// withdrawn after it was recorded); the replay applies it in its place,
+    /// and parks it again if it still fails. A reaction applies the message
+    /// itself, one transaction each, under a lock on the parked row, so two
+    /// replicas never both do.
+    async fn retry_requested(&self, stream: &Stream, identity: &StreamIdentity) -> Result<(), anyhow::Error> {
+        let requested: Vec<i64> = sqlx::query_scalar(
             "SELECT stream_sequence FROM parked_messages WHERE projection = $1 AND retry_requested ORDER BY stream_sequence",
         )
         .bind(self.name())
         .fetch_all(self.store.pool())
         .await?;
-        for sequence in sequences {
-            let message = stream.get_raw_message(u64::try_from(sequence)?).await;
+        if requested.is_empty() {
+            return Ok(());
+        }
+        if P::READ_MODEL {
+            tracing::info!(
+                projection = self.name(),
+                parked = requested.len(),
+                "retrying parked messages by a rebuild"
+            );
+            return self.rebuild_on(stream, identity, true).await;
+        }
+        for sequence in requested {
             let mut uow = self.store.begin().await?;
+            let locked: Option<i64> = sqlx::query_scalar(
+                "SELECT stream_sequence FROM parked_messages
+                 WHERE projection = $1 AND stream_sequence = $2 AND retry_requested FOR UPDATE SKIP LOCKED",
+            )
+            .bind(self.name())
+            .bind(sequence)
+            .fetch_optional(uow.conn())
+            .await?;
+            if locked.is_none() {
+                continue;
+            }
+            let message = stream.get_raw_message(u64::try_from(sequence)?).await;
             let result = match &message {
                 Ok(m) => self.apply(&mut uow, &Raw::stored(m)).await,
                 Err(e) => Err(anyhow::anyhow!("message no longer in the stream: {e}")),
@@ -474,10 +590,10 @@ impl<P: Projection> ProjectionRunner<P> {
     /// When the database or JetStream fails; the old read model stays then.
     pub async fn rebuild(&self) -> Result<(), anyhow::Error> {
         let (stream, identity) = self.stream().await?;
-        self.rebuild_on(&stream, &identity).await
+        self.rebuild_on(&stream, &identity, true).await
     }
 
-    async fn rebuild_on(&self, stream: &Stream, identity: &StreamIdentity) -> Result<(), anyhow::Error> {
+    async fn rebuild_on(&self, stream: &Stream, identity: &StreamIdentity, force: bool) -> Result<(), anyhow::Error> {
         let mut uow = self.store.begin().await?;
         if !P::READ_MODEL {
             lock_checkpoint(uow.conn(), self.name()).await?;
@@ -492,8 +608,37 @@ impl<P: Projection> ProjectionRunner<P> {
         }
         let mut replay = Replay::start(stream, self.bus.context_subjects(self.context), false).await?;
         lock_checkpoint(uow.conn(), self.name()).await?;
+        let requested: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE projection = $1 AND retry_requested")
+                .bind(self.name())
+                .fetch_one(uow.conn())
+                .await?;
+        // Another replica may have rebuilt while this one waited for the lock.
+        let current = read_checkpoint_in(uow.conn(), self.name()).await?;
+        if !force && requested == 0 && still_valid(stream, identity, current.as_ref()).await? {
+            return Ok(());
+        }
+        // A retried message starts a fresh round of attempts on top of its count.
+        let earlier: HashMap<u64, u32> = sqlx::query_as::<_, (i64, i32)>(
+            "SELECT stream_sequence, attempts FROM parked_messages WHERE projection = $1 AND retry_requested",
+        )
+        .bind(self.name())
+        .fetch_all(uow.conn())
+        .await?
+        .into_iter()
+        .map(|(sequence, attempts)| {
+            (
+                u64::try_from(sequence).unwrap_or(0),
+                u32::try_from(attempts).unwrap_or(0),
+            )
+        })
+        .collect();
         tracing::info!(projection = self.name(), stream = %identity.name, "rebuilding the read model from the stream");
         self.projection.reset(uow.conn()).await?;
+        sqlx::query("DELETE FROM projection_versions WHERE projection = $1")
+            .bind(self.name())
+            .execute(uow.conn())
+            .await?;
         sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
             .bind(self.name())
             .execute(uow.conn())
@@ -501,7 +646,8 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut at = (0, None);
         while let Some(message) = replay.next().await? {
             let raw = Raw::delivered(&message)?;
-            self.apply_in_rebuild(&mut uow, identity, &raw).await?;
+            let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
+            self.apply_in_rebuild(&mut uow, identity, &raw, before).await?;
             at = (raw.sequence, raw.commit_id());
         }
         write_checkpoint(uow.conn(), self.name(), at.0, identity, at.1).await?;
@@ -518,6 +664,7 @@ impl<P: Projection> ProjectionRunner<P> {
         uow: &mut UnitOfWork,
         identity: &StreamIdentity,
         raw: &Raw<'_>,
+        earlier_attempts: u32,
     ) -> Result<(), anyhow::Error> {
         let mut failures = 0;
         loop {
@@ -534,7 +681,15 @@ impl<P: Projection> ProjectionRunner<P> {
                         .await?;
                     failures += 1;
                     if self.retry.exhausted(failures) {
-                        park_message(uow.conn(), self.name(), identity, raw, failures, &err).await?;
+                        park_message(
+                            uow.conn(),
+                            self.name(),
+                            identity,
+                            raw,
+                            earlier_attempts + failures,
+                            &err,
+                        )
+                        .await?;
                         metrics::counter!("nrm_projection_parked_total", "projection" => self.name()).increment(1);
                         tracing::error!(projection = self.name(), stream_sequence = raw.sequence, error = %err, "message parked during a rebuild");
                         return Ok(());
@@ -592,13 +747,34 @@ fn checkpoint_from_row(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::
 }
 
 async fn read_checkpoint(pool: &sqlx::PgPool, projection: &str) -> Result<Option<Checkpoint>, anyhow::Error> {
+    let mut conn = pool.acquire().await?;
+    read_checkpoint_in(&mut conn, projection).await
+}
+
+async fn read_checkpoint_in(conn: &mut PgConnection, projection: &str) -> Result<Option<Checkpoint>, anyhow::Error> {
     let row = sqlx::query(
         "SELECT stream_sequence, stream_name, stream_created, commit_id FROM projection_checkpoints WHERE projection = $1",
     )
     .bind(projection)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await?;
     Ok(row.as_ref().map(checkpoint_from_row).transpose()?)
+}
+
+/// Gives a checkpoint written before checkpoints kept an identity the
+/// identity of `stream`.
+async fn adopt_identity(pool: &sqlx::PgPool, projection: &str, identity: &StreamIdentity) -> Result<(), anyhow::Error> {
+    sqlx::query(
+        "UPDATE projection_checkpoints SET stream_name = $2, stream_created = $3
+         WHERE projection = $1 AND stream_name IS NULL",
+    )
+    .bind(projection)
+    .bind(&identity.name)
+    .bind(identity.created)
+    .execute(pool)
+    .await?;
+    tracing::info!(projection, stream = %identity.name, "checkpoint of an earlier version takes the stream's identity");
+    Ok(())
 }
 
 /// Locks the runner's checkpoint row for this transaction (creating an empty

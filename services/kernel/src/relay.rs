@@ -56,7 +56,7 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, Bus, Replay};
+use crate::bus::{self, Bus, Replay, StreamIdentity};
 use crate::retry::RetryPolicy;
 use crate::store::RecordedEvent;
 use nrm_proto::common::v1::{CommittedEvent, EventCommit};
@@ -129,7 +129,7 @@ pub struct Relay {
     pool: PgPool,
     bus: Bus,
     context: &'static str,
-    stream: Option<Stream>,
+    stream: Option<(Stream, StreamIdentity)>,
     appended: Arc<Notify>,
     config: RelayConfig,
     /// Rows with an ID up to this may have been sent before: check first.
@@ -248,15 +248,17 @@ impl Relay {
     /// The context's stream, created when missing.
     async fn stream(&mut self) -> Result<&Stream, RelayError> {
         if self.stream.is_none() {
-            let stream = self
+            let mut stream = self
                 .bus
                 .ensure_stream(self.context)
                 .await
                 .map_err(|e| RelayError::Publish(e.to_string()))?;
-            self.stream = Some(stream);
+            let identity = StreamIdentity::of(stream.info().await.map_err(|e| RelayError::Publish(e.to_string()))?);
+            self.stream = Some((stream, identity));
         }
         self.stream
             .as_ref()
+            .map(|(stream, _)| stream)
             .ok_or_else(|| RelayError::Publish("no stream".into()))
     }
 
@@ -283,6 +285,18 @@ impl Relay {
     async fn publish_batch(&mut self, batch: &[PendingCommit]) -> Result<usize, RelayError> {
         let started = Instant::now();
         let stream = self.stream().await?.clone();
+        // A stream deleted and created again meanwhile lacks what was
+        // published before: fail the round, so that the relay is elected
+        // anew and refills it first.
+        let now = StreamIdentity::of(
+            &stream
+                .get_info()
+                .await
+                .map_err(|e| RelayError::Publish(e.to_string()))?,
+        );
+        if self.stream.as_ref().is_some_and(|(_, identity)| *identity != now) {
+            return Err(RelayError::Publish("the stream was created anew".into()));
+        }
         let mut done: Vec<i64> = Vec::with_capacity(batch.len());
         let mut to_send: Vec<&PendingCommit> = Vec::with_capacity(batch.len());
         // Rows that may have been sent before are checked against the stream, pipelined.
@@ -568,9 +582,7 @@ pub async fn refill(pool: &PgPool, stream: &Stream, mode: RefillMode) -> Result<
     let missing = match mode {
         RefillMode::Quick if report.stream_messages >= report.published_commits => return Ok(report),
         RefillMode::Quick => missing_tails(pool, stream, &mut report).await?,
-        RefillMode::Full | RefillMode::DryRun => {
-            missing_anywhere(pool, stream, &mut report).await?
-        }
+        RefillMode::Full | RefillMode::DryRun => missing_anywhere(pool, stream, &mut report).await?,
     };
     report.missing = missing.len() as u64;
     report.aggregates_behind = missing

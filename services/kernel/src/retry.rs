@@ -84,8 +84,13 @@ pub fn is_transient_sqlx(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 57P01-03: the server shutting down,
             // crashed or starting; 53300: too many connections; 40001/40P01:
-            // serialisation failure and deadlock.
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+            // serialisation failure and deadlock; 25006: a read-only
+            // transaction (a replica, during a failover).
+            code.starts_with("08")
+                || matches!(
+                    &*code,
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "25006"
+                )
         }),
         _ => false,
     }
@@ -99,6 +104,10 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
             || cause
                 .downcast_ref::<crate::store::StoreError>()
                 .is_some_and(|e| matches!(e, crate::store::StoreError::Database(db) if is_transient_sqlx(db)))
+            // The application's errors keep only the text of a database fault.
+            || cause
+                .downcast_ref::<crate::error::AppError>()
+                .is_some_and(|e| matches!(e, crate::error::AppError::Unavailable(_)))
     })
 }
 
@@ -125,5 +134,7 @@ mod tests {
         assert!(is_transient(&anyhow::Error::from(io).context("applying")));
         assert!(!is_transient(&anyhow::anyhow!("event does not decode")));
         assert!(!is_transient(&anyhow::Error::from(sqlx::Error::RowNotFound)));
+        let unavailable = crate::error::AppError::from(sqlx::Error::PoolTimedOut);
+        assert!(is_transient(&anyhow::Error::from(unavailable)));
     }
 }

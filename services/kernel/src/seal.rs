@@ -39,6 +39,16 @@ pub enum SealError {
     Corrupt(Uuid),
 }
 
+impl From<SealError> for crate::error::AppError {
+    fn from(err: SealError) -> Self {
+        match err {
+            // A restarting database is retryable (UNAVAILABLE), never INTERNAL.
+            SealError::Database(db) => db.into(),
+            corrupt @ SealError::Corrupt(_) => Self::Internal(corrupt.to_string()),
+        }
+    }
+}
+
 /// The master key wrapping every per-person key.
 #[derive(Clone)]
 pub struct MasterKey(XChaCha20Poly1305);

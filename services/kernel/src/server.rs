@@ -299,6 +299,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), anyhow::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Known, and not serving, before the first call can ask.
+    for name in [service_name, "", HEALTH_DATABASE, HEALTH_BUS] {
+        health.set_service_status(name, ServingStatus::NotServing).await;
+    }
     let (reflection_v1, reflection_v1alpha) = reflection(reflected);
     background.spawn(|stop| watch_health(health, service_name, pool, bus, stop));
     background.spawn(|stop| serve_metrics(listeners.metrics, stop));

@@ -190,9 +190,7 @@ impl Identification {
         let person_id = PersonId::new();
         tracing::Span::current().record("case_id", tracing::field::display(case_id));
         let mut uow = self.store.begin().await?;
-        let person_key = DataKey::create(uow.conn(), &self.master, person_id)
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))?;
+        let person_key = DataKey::create(uow.conn(), &self.master, person_id).await?;
         let match_keys = self.hasher.match_keys(&valid.personal);
         let matching: Vec<Uuid> =
             sqlx::query_scalar("SELECT DISTINCT case_id FROM match_keys WHERE match_key = ANY($1)")
@@ -338,9 +336,7 @@ impl Identification {
             .as_ref()
             .and_then(|r| PersonId::parse("person_id", &r.person_id).ok())
             .ok_or_else(|| AppError::Internal("case without person".into()))?;
-        DataKey::shred(uow.conn(), person_id)
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))?;
+        DataKey::shred(uow.conn(), person_id).await?;
         sqlx::query("DELETE FROM match_keys WHERE case_id = $1")
             .bind(case_id.as_uuid())
             .execute(&mut *uow.conn())

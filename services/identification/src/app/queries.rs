@@ -91,9 +91,7 @@ impl Identification {
             purpose,
         )
         .await?;
-        let key = DataKey::load(self.store().pool(), &self.master, person_id)
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))?;
+        let key = DataKey::load(self.store().pool(), &self.master, person_id).await?;
         let (Some(key), Some(sealed)) = (key, report.personal.as_ref()) else {
             return Ok(common::personal_data_view::View::Erased(common::Erased {}));
         };

@@ -332,9 +332,7 @@ impl Shelters {
         let address = if valid.address.is_empty() {
             None
         } else {
-            let data_key = DataKey::create(uow.conn(), &self.master, shelter_id)
-                .await
-                .map_err(|e| AppError::Internal(e.to_string()))?;
+            let data_key = DataKey::create(uow.conn(), &self.master, shelter_id).await?;
             Some(data_key.seal(&PersonalIdentifiers {
                 address: valid.address,
                 ..Default::default()

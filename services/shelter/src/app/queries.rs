@@ -46,9 +46,7 @@ impl Shelters {
         drop(conn);
         let address = match (&registered.address, may_see_address) {
             (Some(sealed), true) => {
-                let key = DataKey::load(self.store().pool(), &self.master, shelter_id)
-                    .await
-                    .map_err(|e| AppError::Internal(e.to_string()))?;
+                let key = DataKey::load(self.store().pool(), &self.master, shelter_id).await?;
                 match key {
                     Some(key) => key.open(sealed).map_err(|e| AppError::Internal(e.to_string()))?.address,
                     // The shelter's key was deleted: the address is gone.
