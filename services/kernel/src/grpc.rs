@@ -5,7 +5,7 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Role};
 use crate::command::CallContext;
 use crate::error::AppError;
 
@@ -19,6 +19,28 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 /// # Errors
 /// `UNAUTHENTICATED` when the token is missing or does not verify.
 pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
+    let context = verified(auth, request)?;
+    // The operator role reaches the operator's service only, whatever agency
+    // its token names: it reads no case, person, referral or shelter.
+    if context.caller.role == Role::Operator {
+        metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
+        return Err(
+            AppError::PermissionDenied("the operator role may call nrm.common.v1.OperatorService only".into()).into(),
+        );
+    }
+    Ok(context)
+}
+
+/// The context of a call to the operator's service: any verified caller (the
+/// service itself checks the role, so that a refused attempt is audited).
+///
+/// # Errors
+/// `UNAUTHENTICATED` when the token is missing or does not verify.
+pub fn operator_call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
+    verified(auth, request)
+}
+
+fn verified<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
     let caller = auth.verify(request.metadata())?;
     let correlation_id = request
         .metadata()

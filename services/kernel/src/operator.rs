@@ -12,7 +12,7 @@ use crate::audit;
 use crate::auth::{Authenticator, Role};
 use crate::bus::Bus;
 use crate::error::AppError;
-use crate::grpc::{call_context, reply};
+use crate::grpc::{operator_call_context, reply};
 use crate::relay;
 use crate::validate;
 use nrm_proto::common::v1 as pb;
@@ -39,14 +39,24 @@ impl OperatorGrpc {
         }
     }
 
-    /// Verifies the caller is an operator and audits the call.
+    /// Verifies the caller is an operator; audits the call, a refused one
+    /// too, with what it concerned (`subject`: parsed values only).
     async fn operator<T>(&self, request: &Request<T>, action: &str, subject: &str) -> Result<(), Status> {
-        let ctx = call_context(&self.auth, request)?;
-        ctx.caller.require(action, &[Role::Operator])?;
+        let ctx = operator_call_context(&self.auth, request)?;
+        let allowed = ctx.caller.require(action, &[Role::Operator]);
+        let recorded = if allowed.is_ok() {
+            action.to_owned()
+        } else {
+            format!("{action}:denied")
+        };
         let mut conn = self.pool.acquire().await.map_err(AppError::from)?;
-        audit::record(&mut conn, &ctx.caller.actor, action, subject, "operations")
+        audit::record(&mut conn, &ctx.caller.actor, &recorded, subject, "operations")
             .await
             .map_err(AppError::from)?;
+        if let Err(denied) = allowed {
+            tracing::warn!(action, agency = %ctx.caller.actor.agency, role = %ctx.caller.role, "operator's service refused");
+            return reply::<()>(Err(denied)).map(|_| ());
+        }
         Ok(())
     }
 
@@ -200,7 +210,8 @@ impl OperatorService for OperatorGrpc {
         &self,
         request: Request<pb::RetryParkedRequest>,
     ) -> Result<Response<pb::RetryParkedResponse>, Status> {
-        self.operator(&request, "RetryParked", self.context).await?;
+        let subject = retried_item(self.context, request.get_ref());
+        self.operator(&request, "RetryParked", &subject).await?;
         reply(self.retry(request.get_ref()).await)
     }
 
@@ -208,7 +219,35 @@ impl OperatorService for OperatorGrpc {
         &self,
         request: Request<pb::RefillStreamRequest>,
     ) -> Result<Response<pb::RefillStreamResponse>, Status> {
-        self.operator(&request, "RefillStream", self.context).await?;
+        let subject = format!(
+            "{}/{}",
+            self.context,
+            if request.get_ref().dry_run { "dry-run" } else { "refill" }
+        );
+        self.operator(&request, "RefillStream", &subject).await?;
         reply(self.refill(request.get_ref()).await)
     }
+}
+
+/// What a retry concerns, for the audit trail: the context, the kind, the
+/// owner when it is a plain name, and the parsed item ID; never raw text.
+fn retried_item(context: &str, request: &pb::RetryParkedRequest) -> String {
+    let kind = pb::ParkedKind::try_from(request.kind).map_or("unknown", |k| k.as_str_name());
+    let owner = if request.owner.len() <= 64
+        && request
+            .owner
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
+        request.owner.as_str()
+    } else {
+        "?"
+    };
+    let item = request
+        .item_id
+        .parse::<i64>()
+        .map(|n| n.to_string())
+        .or_else(|_| request.item_id.parse::<Uuid>().map(|u| u.to_string()))
+        .unwrap_or_else(|_| "?".into());
+    format!("{context}/{kind}/{owner}/{item}")
 }

@@ -161,6 +161,12 @@ impl Kit {
             listeners,
             tasks: Vec::new(),
         };
+        if settings.relay.fault_abort_after_ack > 0.0 {
+            tracing::warn!(
+                probability = settings.relay.fault_abort_after_ack,
+                "NRM_RELAY__FAULT_ABORT_AFTER_ACK is set: the relay aborts the process at random (fault injection, for the fault suite only)"
+            );
+        }
         if settings.relay.enabled {
             let relay = Relay::new(
                 kit.store.pool().clone(),

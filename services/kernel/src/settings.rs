@@ -98,7 +98,7 @@ impl fmt::Debug for DatabaseSettings {
 }
 
 /// The NATS server and the subject space of this deployment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct NatsSettings {
     /// `NRM_NATS__URL`, default `nats://127.0.0.1:14222`.
     #[serde(default = "default_nats_url")]
@@ -127,6 +127,32 @@ impl Default for NatsSettings {
             replicas: default_replicas(),
             duplicate_window_seconds: default_duplicate_window_seconds(),
         }
+    }
+}
+
+impl fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSettings")
+            .field("url", &redacted_url(&self.url))
+            .field("subject_prefix", &self.subject_prefix)
+            .field("stream_prefix", &self.stream_prefix)
+            .field("replicas", &self.replicas)
+            .field("duplicate_window_seconds", &self.duplicate_window_seconds)
+            .finish()
+    }
+}
+
+/// A server URL without what may be a secret: user information (a user and
+/// password, or a token) and the query.
+#[must_use]
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.split_once('?').map_or(rest, |(host, _)| host);
+    if scheme.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{scheme}://{rest}")
     }
 }
 
@@ -243,4 +269,20 @@ pub fn decode_key(name: &str, key: &SecretString) -> Result<[u8; 32], String> {
         .decode(key.expose_secret().trim())
         .map_err(|_| format!("{name} is not valid base64"))?;
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("{name} must decode to 32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nats_url_prints_without_its_credentials() {
+        let settings = NatsSettings {
+            url: "nats://natsuser:natspass@10.0.0.5:4222?token=abc".into(),
+            ..NatsSettings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(printed.contains("nats://10.0.0.5:4222"), "{printed}");
+        assert!(!printed.contains("natspass") && !printed.contains("natsuser") && !printed.contains("abc"));
+    }
 }
