@@ -19,7 +19,7 @@ help:
 	@echo "  make bench         scripts/bench.sh (ARGS='...')"
 	@echo "  make lint          cargo fmt --check and cargo clippy -D warnings"
 	@echo "  make fmt           cargo fmt --all"
-	@echo "  make reset         delete everything in .data (databases, streams, keys, logs); make run must be stopped"
+	@echo "  make reset         delete everything in .data (databases, streams, keys, logs), and as root its cluster under /var/lib/kopur; make run must be stopped"
 	@echo "  make stack-up      start only PostgreSQL + NATS in .data (prints the URLs)"
 	@echo "  make stack-down    stop them (data kept)"
 	@echo "  make stack-status  what runs in .data"

@@ -15,10 +15,12 @@
 //!   (same subjects, its own database), which can be stopped and restarted.
 //! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
 //! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
+//! - [`fixtures`]: events written straight into a kernel store.
 //! - [`tables`]: every table of a service's database, snapshotted when the
 //!   service is quiescent, for tests that a refused command writes nothing.
 
 pub mod faults;
+pub mod fixtures;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -65,6 +65,31 @@ where
     panic!("{what} did not happen within 15 s: {last:?}");
 }
 
+/// Waits until the free-capacity read model shows `beds` free women's beds in
+/// KG-C: it follows the shelter stream a moment later (longer on a busy machine).
+async fn wait_for_free_women_beds(shelter: &ShelterServiceClient<Channel>, beds: u32, what: &str) {
+    eventually(what, || {
+        let mut shelter = shelter.clone();
+        async move {
+            let free = shelter
+                .list_free_capacity(authorized(
+                    sh::ListFreeCapacityRequest {
+                        region: "KG-C".into(),
+                        category: sh::BedCategory::Women as i32,
+                    },
+                    &as_(MSD),
+                ))
+                .await?
+                .into_inner();
+            match free.entries.iter().map(|e| e.free).sum::<u32>() {
+                n if n == beds => Ok(()),
+                n => Err(tonic::Status::failed_precondition(format!("{n} free"))),
+            }
+        }
+    })
+    .await;
+}
+
 fn precondition(status: &tonic::Status) -> String {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     status.get_details_precondition_failure().unwrap().violations[0]
@@ -243,27 +268,7 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
     // Its beds show in the free-capacity read model (a few milliseconds later,
     // longer on a busy machine) before anyone counts on them, as a caseworker
     // would check `nrmctl shelter free` first.
-    eventually("the new shelter's beds show as free", || {
-        let mut shelter = shelter.clone();
-        async move {
-            let free = shelter
-                .list_free_capacity(authorized(
-                    sh::ListFreeCapacityRequest {
-                        region: "KG-C".into(),
-                        category: sh::BedCategory::Women as i32,
-                    },
-                    &as_(MSD),
-                ))
-                .await?
-                .into_inner();
-            if free.entries.iter().map(|e| e.free).sum::<u32>() == 2 {
-                Ok(())
-            } else {
-                Err(tonic::Status::not_found("not yet"))
-            }
-        }
-    })
-    .await;
+    wait_for_free_women_beds(&shelter, 2, "the new shelter's beds show as free").await;
 
     // Consent for MSD and MoH; urgent referral to MSD with a shelter need, normal one to MoH.
     let msd_consent = system
@@ -359,26 +364,7 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
     .await;
     assert_eq!(held.shelter_id, registered.shelter_id);
     // The free-capacity read model follows the shelter stream a moment later.
-    eventually("the held bed no longer shows as free", || {
-        let mut shelter = shelter.clone();
-        async move {
-            let free = shelter
-                .list_free_capacity(authorized(
-                    sh::ListFreeCapacityRequest {
-                        region: "KG-C".into(),
-                        category: sh::BedCategory::Women as i32,
-                    },
-                    &as_(MSD),
-                ))
-                .await?
-                .into_inner();
-            match free.entries.iter().map(|e| e.free).sum::<u32>() {
-                1 => Ok(()),
-                n => Err(tonic::Status::failed_precondition(format!("{n} free"))),
-            }
-        }
-    })
-    .await;
+    wait_for_free_women_beds(&shelter, 1, "the held bed no longer shows as free").await;
 
     // MSD now reads the identifiers the consent covers.
     let ident = system.identification().await;

@@ -8,67 +8,12 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use futures::StreamExt as _;
 use nrm_e2e::Parts;
+use nrm_e2e::fixtures::{append_case, metadata, reported};
 use nrm_e2e::tables::TableSnapshot;
 use nrm_identification::projections::CaseList;
 use nrm_kernel::projection::{Outcome, ProjectionRunner};
-use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, StoreError};
-use nrm_proto::identification::v1 as pb;
-use prost::Message as _;
+use nrm_kernel::store::{EventStore, StoreError};
 use uuid::Uuid;
-
-fn metadata() -> EventMetadata {
-    EventMetadata {
-        correlation_id: Uuid::now_v7(),
-        causation_id: Uuid::now_v7(),
-        actor: Actor {
-            agency: "kg-mvd".into(),
-            role: "police".into(),
-            officer: "officer-1".into(),
-        },
-        traceparent: None,
-        tracestate: None,
-    }
-}
-
-/// A report event of a new case, as the identification service writes it.
-fn reported(case_id: Uuid) -> NewEvent {
-    NewEvent {
-        event_type: "PresumedVictimReported".into(),
-        schema_version: 1,
-        payload: pb::IdentificationEvent {
-            event: Some(pb::identification_event::Event::PresumedVictimReported(
-                pb::PresumedVictimReported {
-                    case_id: case_id.to_string(),
-                    person_id: Uuid::now_v7().to_string(),
-                    reporting_agency: "kg-mvd".into(),
-                    reported_at: Some(prost_types::Timestamp {
-                        seconds: 1_790_000_000,
-                        nanos: 0,
-                    }),
-                    exploitation_forms: vec![pb::ExploitationForm::Labour as i32],
-                    citizenship: "KG".into(),
-                    status: pb::CaseStatus::Reported as i32,
-                    ..Default::default()
-                },
-            )),
-        }
-        .encode_to_vec(),
-    }
-}
-
-async fn append_case(parts: &Parts, store: &EventStore, case_id: Uuid) {
-    let mut uow = store.begin().await.unwrap();
-    uow.append(
-        &format!("case-{case_id}"),
-        0,
-        &[reported(case_id)],
-        &metadata(),
-        &parts.bus.subject("identification", "case", &case_id.to_string()),
-    )
-    .await
-    .unwrap();
-    uow.commit().await.unwrap();
-}
 
 #[tokio::test]
 async fn of_concurrent_appends_at_one_version_exactly_one_wins() {

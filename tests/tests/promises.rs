@@ -14,71 +14,19 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use nrm_e2e::fixtures::{append_case, metadata, reported};
 use nrm_e2e::{Parts, ServiceProcess, TestApp, authorized, person, process_env, report_request, settings, token};
 use nrm_identification::projections::CaseList;
 use nrm_kernel::auth::Role;
 use nrm_kernel::projection::{Delivery, Outcome, Projection, ProjectionRunner};
 use nrm_kernel::retry::RetryPolicy;
-use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, UnitOfWork};
+use nrm_kernel::store::{EventStore, UnitOfWork};
 use nrm_proto::common::v1 as common;
 use nrm_proto::common::v1::operator_service_client::OperatorServiceClient;
 use nrm_proto::identification::v1 as pb;
 use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
-use prost::Message as _;
 use sqlx::PgConnection;
 use uuid::Uuid;
-
-fn metadata() -> EventMetadata {
-    EventMetadata {
-        correlation_id: Uuid::now_v7(),
-        causation_id: Uuid::now_v7(),
-        actor: Actor {
-            agency: "kg-mvd".into(),
-            role: "police".into(),
-            officer: "officer-1".into(),
-        },
-        traceparent: None,
-        tracestate: None,
-    }
-}
-
-fn reported(case_id: Uuid) -> NewEvent {
-    NewEvent {
-        event_type: "PresumedVictimReported".into(),
-        schema_version: 1,
-        payload: pb::IdentificationEvent {
-            event: Some(pb::identification_event::Event::PresumedVictimReported(
-                pb::PresumedVictimReported {
-                    case_id: case_id.to_string(),
-                    person_id: Uuid::now_v7().to_string(),
-                    reporting_agency: "kg-mvd".into(),
-                    reported_at: Some(prost_types::Timestamp {
-                        seconds: 1_790_000_000,
-                        nanos: 0,
-                    }),
-                    citizenship: "KG".into(),
-                    status: pb::CaseStatus::Reported as i32,
-                    ..Default::default()
-                },
-            )),
-        }
-        .encode_to_vec(),
-    }
-}
-
-async fn append_case(parts: &Parts, store: &EventStore, case_id: Uuid) {
-    let mut uow = store.begin().await.unwrap();
-    uow.append(
-        &format!("case-{case_id}"),
-        0,
-        &[reported(case_id)],
-        &metadata(),
-        &parts.bus.subject("identification", "case", &case_id.to_string()),
-    )
-    .await
-    .unwrap();
-    uow.commit().await.unwrap();
-}
 
 /// Polls `check` until it holds, for at most `within`.
 async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)

@@ -1,0 +1,70 @@
+//! Events written straight into a kernel event store, for the tests of the
+//! kernel itself (no service in between).
+
+use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent};
+use nrm_proto::identification::v1 as pb;
+use prost::Message as _;
+use uuid::Uuid;
+
+use crate::Parts;
+
+/// Metadata of a police officer's command.
+#[must_use]
+pub fn metadata() -> EventMetadata {
+    EventMetadata {
+        correlation_id: Uuid::now_v7(),
+        causation_id: Uuid::now_v7(),
+        actor: Actor {
+            agency: "kg-mvd".into(),
+            role: "police".into(),
+            officer: "officer-1".into(),
+        },
+        traceparent: None,
+        tracestate: None,
+    }
+}
+
+/// A report event of a new case, as the identification service writes it.
+#[must_use]
+pub fn reported(case_id: Uuid) -> NewEvent {
+    NewEvent {
+        event_type: "PresumedVictimReported".into(),
+        schema_version: 1,
+        payload: pb::IdentificationEvent {
+            event: Some(pb::identification_event::Event::PresumedVictimReported(
+                pb::PresumedVictimReported {
+                    case_id: case_id.to_string(),
+                    person_id: Uuid::now_v7().to_string(),
+                    reporting_agency: "kg-mvd".into(),
+                    reported_at: Some(prost_types::Timestamp {
+                        seconds: 1_790_000_000,
+                        nanos: 0,
+                    }),
+                    exploitation_forms: vec![pb::ExploitationForm::Labour as i32],
+                    citizenship: "KG".into(),
+                    status: pb::CaseStatus::Reported as i32,
+                    ..Default::default()
+                },
+            )),
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// Appends a new case (version 1 of `case-<case_id>`) in a transaction of its own.
+///
+/// # Panics
+/// When the store fails.
+pub async fn append_case(parts: &Parts, store: &EventStore, case_id: Uuid) {
+    let mut uow = store.begin().await.expect("begin");
+    uow.append(
+        &format!("case-{case_id}"),
+        0,
+        &[reported(case_id)],
+        &metadata(),
+        &parts.bus.subject("identification", "case", &case_id.to_string()),
+    )
+    .await
+    .expect("append a case");
+    uow.commit().await.expect("commit");
+}
