@@ -1,7 +1,8 @@
-//! Events written straight into a kernel event store, for the tests of the
-//! kernel itself (no service in between).
+//! Events written straight into a kernel event store, and a timer handler
+//! that writes them, for the tests of the kernel itself (no service in between).
 
-use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent};
+use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, UnitOfWork};
+use nrm_kernel::timers::{Timer, TimerHandler};
 use nrm_proto::identification::v1 as pb;
 use prost::Message as _;
 use uuid::Uuid;
@@ -67,4 +68,36 @@ pub async fn append_case(parts: &Parts, store: &EventStore, case_id: Uuid) {
     .await
     .expect("append a case");
     uow.commit().await.expect("commit");
+}
+
+/// Kind of the timers [`CaseTimer`] fires.
+pub const CASE_TIMER: &str = "test.case";
+
+/// Fires [`CASE_TIMER`] timers: appends a new case named by the timer's
+/// aggregate ID, and fails for an aggregate ID that is no UUID.
+pub struct CaseTimer {
+    /// The subject the cases are published under.
+    pub subject: String,
+}
+
+impl TimerHandler for CaseTimer {
+    fn kinds(&self) -> &'static [&'static str] {
+        &[CASE_TIMER]
+    }
+
+    async fn fire(&self, uow: &mut UnitOfWork, timer: &Timer) -> Result<(), anyhow::Error> {
+        let case_id: Uuid = timer
+            .aggregate_id
+            .parse()
+            .map_err(|_| anyhow::anyhow!("timer {}: not a case", timer.id))?;
+        uow.append(
+            &format!("case-{case_id}"),
+            0,
+            &[reported(case_id)],
+            &metadata(),
+            &self.subject,
+        )
+        .await?;
+        Ok(())
+    }
 }

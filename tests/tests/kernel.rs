@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use futures::StreamExt as _;
 use nrm_e2e::Parts;
-use nrm_e2e::fixtures::{append_case, metadata, reported};
+use nrm_e2e::fixtures::{CASE_TIMER, CaseTimer, append_case, metadata, reported};
 use nrm_e2e::tables::TableSnapshot;
 use nrm_identification::projections::CaseList;
 use nrm_kernel::projection::{Outcome, ProjectionRunner};
@@ -235,34 +235,6 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_original() {
     parts.drop_all().await;
 }
 
-/// Appends one event to the timer's aggregate when it fires.
-struct Overdue {
-    subject: String,
-}
-
-impl nrm_kernel::timers::TimerHandler for Overdue {
-    fn kinds(&self) -> &'static [&'static str] {
-        &["test.overdue"]
-    }
-
-    async fn fire(
-        &self,
-        uow: &mut nrm_kernel::store::UnitOfWork,
-        timer: &nrm_kernel::timers::Timer,
-    ) -> Result<(), anyhow::Error> {
-        let case_id: Uuid = timer.aggregate_id.parse()?;
-        uow.append(
-            &format!("case-{case_id}"),
-            0,
-            &[reported(case_id)],
-            &metadata(),
-            &self.subject,
-        )
-        .await?;
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_due_timer_fires_exactly_once_across_concurrent_runners_and_a_later_one() {
     use chrono::Utc;
@@ -273,15 +245,15 @@ async fn a_due_timer_fires_exactly_once_across_concurrent_runners_and_a_later_on
     let (due, later, cancelled) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let mut conn = parts.pool.acquire().await.unwrap();
     let past = Utc::now() - chrono::Duration::seconds(1);
-    timers::schedule(&mut conn, "test.overdue", &due.to_string(), past, b"")
+    timers::schedule(&mut conn, CASE_TIMER, &due.to_string(), past, b"")
         .await
         .unwrap();
-    timers::schedule(&mut conn, "test.overdue", &cancelled.to_string(), past, b"")
+    timers::schedule(&mut conn, CASE_TIMER, &cancelled.to_string(), past, b"")
         .await
         .unwrap();
     timers::schedule(
         &mut conn,
-        "test.overdue",
+        CASE_TIMER,
         &later.to_string(),
         Utc::now() + chrono::Duration::hours(1),
         b"",
@@ -289,7 +261,7 @@ async fn a_due_timer_fires_exactly_once_across_concurrent_runners_and_a_later_on
     .await
     .unwrap();
     assert!(
-        timers::cancel(&mut conn, "test.overdue", &cancelled.to_string())
+        timers::cancel(&mut conn, CASE_TIMER, &cancelled.to_string())
             .await
             .unwrap()
     );
@@ -298,7 +270,7 @@ async fn a_due_timer_fires_exactly_once_across_concurrent_runners_and_a_later_on
     let runner = || {
         TimerRunner::new(
             store.clone(),
-            Overdue {
+            CaseTimer {
                 subject: parts.bus.subject("identification", "case", "timers"),
             },
             Duration::from_millis(50),

@@ -14,7 +14,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use nrm_e2e::fixtures::{append_case, metadata, reported};
+use nrm_e2e::fixtures::{CASE_TIMER, CaseTimer, append_case, metadata, reported};
 use nrm_e2e::{Parts, ServiceProcess, TestApp, authorized, person, process_env, report_request, settings, token};
 use nrm_identification::projections::CaseList;
 use nrm_kernel::auth::Role;
@@ -300,33 +300,6 @@ async fn a_service_killed_between_the_acknowledgement_and_the_outbox_delete_publ
     nrm_e2e::drop_processes_data(&base, &["identification"]).await;
 }
 
-/// Fails for the aggregate `poison`, appends an event for any other.
-struct Picky {
-    subject: String,
-}
-
-impl nrm_kernel::timers::TimerHandler for Picky {
-    fn kinds(&self) -> &'static [&'static str] {
-        &["test.picky"]
-    }
-
-    async fn fire(&self, uow: &mut UnitOfWork, timer: &nrm_kernel::timers::Timer) -> Result<(), anyhow::Error> {
-        let case_id: Uuid = timer
-            .aggregate_id
-            .parse()
-            .map_err(|_| anyhow::anyhow!("timer {}: not a case", timer.id))?;
-        uow.append(
-            &format!("case-{case_id}"),
-            0,
-            &[reported(case_id)],
-            &metadata(),
-            &self.subject,
-        )
-        .await?;
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_poison_timer_is_parked_and_does_not_delay_the_timers_after_it() {
     use chrono::Utc;
@@ -337,7 +310,7 @@ async fn a_poison_timer_is_parked_and_does_not_delay_the_timers_after_it() {
     let mut conn = parts.pool.acquire().await.unwrap();
     timers::schedule(
         &mut conn,
-        "test.picky",
+        CASE_TIMER,
         "poison",
         Utc::now() - chrono::Duration::seconds(10),
         b"",
@@ -347,7 +320,7 @@ async fn a_poison_timer_is_parked_and_does_not_delay_the_timers_after_it() {
     let good = Uuid::now_v7();
     timers::schedule(
         &mut conn,
-        "test.picky",
+        CASE_TIMER,
         &good.to_string(),
         Utc::now() - chrono::Duration::seconds(1),
         b"",
@@ -357,7 +330,7 @@ async fn a_poison_timer_is_parked_and_does_not_delay_the_timers_after_it() {
     drop(conn);
     let runner = TimerRunner::new(
         store.clone(),
-        Picky {
+        CaseTimer {
             subject: parts.bus.subject("identification", "case", "timers"),
         },
         Duration::from_millis(20),
