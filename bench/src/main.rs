@@ -3,15 +3,19 @@
 //! a gRPC report to its event on NATS; then the shelter service's bed holds
 //! under contention (with a race for the last beds that must not
 //! over-book), its free-capacity query, and the latency from an accepted
-//! referral to the bed held ([`shelter`]). `make bench` runs it on a private stack
+//! referral to the bed held ([`shelter`]); last the catch-up after an outage:
+//! the relay emptying a backlog of commits, and a projection runner
+//! following a stream it is behind ([`catchup`]). `make bench` runs it on a private stack
 //! (`scripts/bench.sh`); the servers come from `NRM_TEST_DATABASE_URL` and
 //! `NRM_TEST_NATS_URL`, as for the tests.
 //!
 //! Modules: [`append`] drives the kernel, [`raw`] drives pgbench, [`e2e`]
 //! times the service end to end ([`service`] starts it), [`stats`] keeps
 //! histograms and CPU time, [`report`] prints and writes the result.
+//! `--only` runs some sections alone.
 
 mod append;
+mod catchup;
 mod e2e;
 mod raw;
 mod report;
@@ -23,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use nrm_kernel::settings::DatabaseSettings;
 use nrm_kernel::store::EventStore;
 use sqlx::PgPool;
@@ -33,10 +37,28 @@ use crate::append::Workload;
 use crate::report::{AppendRow, Environment, Report, Variant};
 use crate::stats::RunResult;
 
+/// A part of the benchmark, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// The kernel's append path beside pgbench, and its breakdown.
+    Append,
+    /// gRPC report → event on NATS.
+    E2e,
+    /// The shelter service: holds, the race, free capacity, accepted referral → bed held.
+    Shelter,
+    /// The relay's catch-up from a backlog in the outbox.
+    Relay,
+    /// A projection runner's catch-up (rebuild, live, after an outage).
+    Projection,
+}
+
 /// Benchmark of Köpür's append path and of report → NATS latency.
 #[derive(Debug, Parser)]
 #[command(name = "nrm-bench", version)]
 struct Args {
+    /// Run only these sections, comma-separated (default: all).
+    #[arg(long, env = "NRM_BENCH_ONLY", value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
     /// Measured seconds per client count, for the kernel and for pgbench each
     /// (split into `--rounds` slices of whole seconds).
     #[arg(long, env = "NRM_BENCH_SECONDS", default_value_t = 10)]
@@ -97,6 +119,12 @@ struct Args {
     /// Seconds of accepted referrals.
     #[arg(long, env = "NRM_BENCH_PLACEMENT_SECONDS", default_value_t = 10)]
     placement_seconds: u64,
+    /// Commits in each backlog of the catch-up sections (0: skip them).
+    #[arg(long, env = "NRM_BENCH_CATCHUP_COMMITS", default_value_t = 10_000)]
+    catchup_commits: usize,
+    /// Aggregates the relay's concentrated backlog is spread over (0: skip that backlog).
+    #[arg(long, env = "NRM_BENCH_CATCHUP_HOT_AGGREGATES", default_value_t = 100)]
+    catchup_hot_aggregates: usize,
     /// Seconds the whole run may wait, in total, for other processes to
     /// leave the CPUs before a measurement (runs disturbed anyway are flagged).
     #[arg(long, env = "NRM_BENCH_QUIET_WAIT", default_value_t = 30)]
@@ -104,6 +132,13 @@ struct Args {
     /// Where the markdown results go.
     #[arg(long, env = "NRM_BENCH_RESULTS_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     results_dir: PathBuf,
+}
+
+impl Args {
+    /// Whether `section` is to run.
+    fn runs(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
 }
 
 #[tokio::main]
@@ -118,8 +153,12 @@ async fn main() -> anyhow::Result<()> {
         );
     };
     let nats_url = std::env::var("NRM_TEST_NATS_URL").unwrap_or_default();
-    if args.e2e_reports > 0 && nats_url.is_empty() {
+    if args.e2e_reports > 0 && args.runs(Section::E2e) && nats_url.is_empty() {
         bail!("NRM_TEST_NATS_URL is not set: run `make bench` (scripts/bench.sh), or pass --e2e-reports 0");
+    }
+    let catchup = args.catchup_commits > 0 && (args.runs(Section::Relay) || args.runs(Section::Projection));
+    if catchup && nats_url.is_empty() {
+        bail!("NRM_TEST_NATS_URL is not set: run `make bench` (scripts/bench.sh), or pass --catchup-commits 0");
     }
     if args.placement_rate > 1_000_000 {
         bail!("--placement-rate is at most 1000000 a second");
@@ -167,30 +206,18 @@ async fn run(
     started: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<Report> {
     let warmup = Duration::from_secs(args.warmup);
-    let measure = Duration::from_secs(args.seconds);
-    let max_clients = args.clients.iter().copied().max().unwrap_or(1);
     let mut env = environment(pool, args, started).await?;
-    let server_major: Option<u32> = sqlx::query_scalar::<_, String>("SHOW server_version_num")
-        .fetch_one(pool)
-        .await
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .map(|n| n / 10_000);
-    let pgbench_bin = raw::find_pgbench(server_major)?;
-    env.pgbench = pgbench_bin.display().to_string();
-    raw::create_tables(pool).await?;
-    let raw_sql = raw::insert_sql(args.payload_bytes);
-    let script = work_dir.join("raw.sql");
-    std::fs::write(&script, format!("-- nrm-bench: one raw append\n{raw_sql};\n"))?;
-    let uri = raw::database_uri(&settings.url, &settings.name);
-    let pgbench = raw::Pgbench {
-        binary: &pgbench_bin,
-        uri: &uri,
-        script: &script,
-        log_dir: work_dir,
-    };
-
-    let kernel = Workload::Command(EventStore::new(pool.clone()));
+    env.sections = [
+        Section::Append,
+        Section::E2e,
+        Section::Shelter,
+        Section::Relay,
+        Section::Projection,
+    ]
+    .into_iter()
+    .filter(|&section| args.runs(section))
+    .filter_map(|section| section.to_possible_value().map(|v| v.get_name().to_owned()))
+    .collect();
     let mut report = Report {
         env,
         ..Report::default()
@@ -202,38 +229,11 @@ async fn run(
         first_warmup: warmup,
         quiet_budget: Duration::from_secs(args.quiet_wait),
     };
-    for &clients in &args.clients {
-        let contenders = [
-            ("kernel append", Contender::Sqlx(kernel.clone())),
-            ("raw (pgbench)", Contender::Pgbench(&pgbench)),
-        ];
-        let mut results = plan.round_robin(&contenders, clients, measure).await?.into_iter();
-        report.append.push(AppendRow {
-            clients,
-            kernel: results.next().unwrap_or_default(),
-            raw: results.next().unwrap_or_default(),
-        });
+    if args.runs(Section::Append) {
+        append_section(args, settings, &mut plan, work_dir, &mut report).await?;
     }
 
-    if args.diagnose_seconds > 0 {
-        report.variant_clients = max_clients;
-        report.variant_seconds = args.diagnose_seconds;
-        report.variants = breakdown(args, settings, &mut plan, &raw_sql, &pgbench, max_clients).await?;
-        report.explains = vec![
-            (
-                "EXPLAIN ANALYZE of the kernel's append statement (rolled back; third of three)".into(),
-                append::explain_kernel_append(pool, args.payload_bytes)
-                    .await
-                    .unwrap_or_else(|err| format!("not available: {err:#}")),
-            ),
-            (
-                "EXPLAIN ANALYZE of the raw statement (rolled back; third of three)".into(),
-                explain(pool, &raw_sql).await?,
-            ),
-        ];
-    }
-
-    if args.e2e_reports > 0 {
+    if args.e2e_reports > 0 && args.runs(Section::E2e) {
         stats::wait_for_quiet(&mut plan.quiet_budget, 0.10).await;
         eprintln!(
             "bench: end to end, {} reports at {:?} in flight",
@@ -259,11 +259,86 @@ async fn run(
         || args.race_beds > 0
         || (args.shelters > 0 && args.capacity_calls > 0)
         || (args.placement_rate > 0 && args.placement_seconds > 0);
-    if any_shelter && !nats_url.is_empty() {
+    if any_shelter && args.runs(Section::Shelter) && !nats_url.is_empty() {
         stats::wait_for_quiet(&mut plan.quiet_budget, 0.10).await;
         report.shelter = Some(shelter::run(&settings.url, nats_url, &shelter_plan).await?);
     }
+
+    let catchup_plan = catchup::Plan {
+        commits: args.catchup_commits,
+        hot_aggregates: args.catchup_hot_aggregates,
+        relay: args.runs(Section::Relay),
+        projection: args.runs(Section::Projection),
+    };
+    if catchup_plan.commits > 0 && (catchup_plan.relay || catchup_plan.projection) {
+        report.catchup = Some(catchup::run(&settings.url, nats_url, &catchup_plan, &mut plan.quiet_budget).await?);
+    }
     Ok(report)
+}
+
+/// The kernel's append path beside pgbench at every client count, then its breakdown.
+async fn append_section(
+    args: &Args,
+    settings: &DatabaseSettings,
+    plan: &mut Plan<'_>,
+    work_dir: &std::path::Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let pool = plan.pool;
+    let measure = Duration::from_secs(args.seconds);
+    let max_clients = args.clients.iter().copied().max().unwrap_or(1);
+    let server_major: Option<u32> = sqlx::query_scalar::<_, String>("SHOW server_version_num")
+        .fetch_one(pool)
+        .await
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map(|n| n / 10_000);
+    let pgbench_bin = raw::find_pgbench(server_major)?;
+    report.env.pgbench = pgbench_bin.display().to_string();
+    raw::create_tables(pool).await?;
+    let raw_sql = raw::insert_sql(args.payload_bytes);
+    let script = work_dir.join("raw.sql");
+    std::fs::write(&script, format!("-- nrm-bench: one raw append\n{raw_sql};\n"))?;
+    let uri = raw::database_uri(&settings.url, &settings.name);
+    let pgbench = raw::Pgbench {
+        binary: &pgbench_bin,
+        uri: &uri,
+        script: &script,
+        log_dir: work_dir,
+    };
+
+    let kernel = Workload::Command(EventStore::new(pool.clone()));
+    for &clients in &args.clients {
+        let contenders = [
+            ("kernel append", Contender::Sqlx(kernel.clone())),
+            ("raw (pgbench)", Contender::Pgbench(&pgbench)),
+        ];
+        let mut results = plan.round_robin(&contenders, clients, measure).await?.into_iter();
+        report.append.push(AppendRow {
+            clients,
+            kernel: results.next().unwrap_or_default(),
+            raw: results.next().unwrap_or_default(),
+        });
+    }
+
+    if args.diagnose_seconds > 0 {
+        report.variant_clients = max_clients;
+        report.variant_seconds = args.diagnose_seconds;
+        report.variants = breakdown(args, settings, plan, &raw_sql, &pgbench, max_clients).await?;
+        report.explains = vec![
+            (
+                "EXPLAIN ANALYZE of the kernel's append statement (rolled back; third of three)".into(),
+                append::explain_kernel_append(pool, args.payload_bytes)
+                    .await
+                    .unwrap_or_else(|err| format!("not available: {err:#}")),
+            ),
+            (
+                "EXPLAIN ANALYZE of the raw statement (rolled back; third of three)".into(),
+                explain(pool, &raw_sql).await?,
+            ),
+        ];
+    }
+    Ok(())
 }
 
 /// The kernel's path taken apart at the highest client count, from the raw
@@ -483,6 +558,7 @@ async fn environment(
         metadata_bytes,
         pool_size: args.clients.iter().copied().max().unwrap_or(1),
         pool_pings: pool.options().get_test_before_acquire(),
+        sections: Vec::new(),
     })
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
+use crate::catchup::{CatchUpResults, Cpu, Start};
 use crate::e2e::E2eResult;
 use crate::shelter::ShelterResults;
 use crate::stats::{RunResult, ms};
@@ -45,6 +46,8 @@ pub struct Environment {
     pub pool_size: usize,
     /// Whether the kernel's pool pings every connection before handing it out.
     pub pool_pings: bool,
+    /// The sections asked for (`--only`), all when it was not given.
+    pub sections: Vec<String>,
 }
 
 /// One row of the main table.
@@ -100,6 +103,8 @@ pub struct Report {
     pub e2e: Vec<E2eResult>,
     /// The shelter service: holds, the race, free capacity, the placement reaction.
     pub shelter: Option<ShelterResults>,
+    /// The relay's and a projection runner's catch-up after an outage.
+    pub catchup: Option<CatchUpResults>,
 }
 
 /// The free-capacity query's aim: p99 under this many µs.
@@ -178,6 +183,9 @@ impl Report {
         if let Some(shelter) = &self.shelter {
             write_shelter(&mut out, shelter);
         }
+        if let Some(catchup) = &self.catchup {
+            write_catchup(&mut out, catchup, env.cpus);
+        }
         self.write_explains(&mut out);
         out
     }
@@ -194,7 +202,16 @@ impl Report {
         let settings: Vec<String> = env.postgres_settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "- PostgreSQL settings: {}", settings.join(", "));
         let _ = writeln!(out, "- nats-server: {}", env.nats);
-        let _ = writeln!(out, "- pgbench: {}", env.pgbench);
+        if !env.pgbench.is_empty() {
+            let _ = writeln!(out, "- pgbench: {}", env.pgbench);
+        }
+        if !env.sections.is_empty() {
+            let _ = writeln!(out, "- sections run: {}", env.sections.join(", "));
+        }
+        if self.append.is_empty() {
+            let _ = writeln!(out);
+            return;
+        }
         let _ = writeln!(
             out,
             "- runs: {} s measured per client count and side, in {} rounds taken in turn (kernel, raw, kernel, …) so that anything else on the machine falls on both alike; before each slice a CHECKPOINT, a wait for a quiet machine, and a warm-up ({} s the first time, 1 s after); event payload {} bytes, metadata JSON {} bytes; kernel pool {} connections, {} on acquire",
@@ -506,6 +523,176 @@ fn write_shelter(out: &mut String, s: &ShelterResults) {
             p.rate,
             aim(met),
             ms(p.latency.p99_us)
+        );
+    }
+}
+
+/// CPU µs per item as table cells: this process, PostgreSQL, NATS, the rest.
+fn cpu_cells(cpu: Option<&Cpu>) -> String {
+    cpu.map_or_else(
+        || "– | – | – | –".into(),
+        |c| {
+            format!(
+                "{:.0} | {:.0} | {} | {:.0}",
+                c.this_process_us,
+                c.postgres_us,
+                if c.nats_found {
+                    format!("{:.0}", c.nats_us)
+                } else {
+                    "–".into()
+                },
+                c.rest_us
+            )
+        },
+    )
+}
+
+fn secs(d: std::time::Duration) -> String {
+    format!("{:.2}", d.as_secs_f64())
+}
+
+fn millis(d: std::time::Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+fn write_catchup(out: &mut String, c: &CatchUpResults, cpus: usize) {
+    let mut disturbed = Vec::new();
+    if !c.relay.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Relay: catch-up after an outage
+"
+        );
+        let _ = writeln!(
+            out,
+            "A backlog waits in the outbox of a scratch database migrated like the identification service's: single-event commands committed by `append_command` ({} writers), interleaved across aggregates, a `PresumedVictimReported` ({} bytes) opening each case and `ScreeningCompleted` ({} bytes) after it; then `VACUUM ANALYZE` of the outbox, commits and events (as autovacuum leaves them during a long outage) and a CHECKPOINT. A kernel relay (`Relay::run` in a task, default `RelayConfig`: batches of 256) publishes it to a stream of its own; times are from the start until the outbox is empty (polled every 20 ms); the stream then holds every commit.\n\n- **relay elected onto it**: the outage of NATS or of the relay's process. No relay ran while the backlog formed; the relay starts on it: election, the stream check (refill), then rounds. Every row pending at the election may have been sent before, so before publishing it the relay asks the stream for its subject's last message (a JetStream request per row; pipelined within a round).\n- **relay leading, held back by an open transaction**: the same backlog forms behind a transaction that stays open (the relay publishes only below the oldest running transaction), with the relay elected and idle; the time is from that transaction's end (and a wake-up, as the next commit would give). No row is checked against the stream: the difference to the row above is the cost of those checks (and of the election).\n- **few aggregates**: order per aggregate lets a round carry one commit of each aggregate, so a backlog on few aggregates takes at least as many rounds as it has commits per aggregate.\n\nRounds, and the time in their publish step (the checks, publish, acknowledgements, outbox delete), are the relay's `nrm_relay_round_seconds`; the rest of a round's time is reading the batch and its events, and the lease check. CPU µs per commit: this process (the relay), the PostgreSQL cluster, the nats-server, and the rest of the machine.\n",
+            crate::catchup::WRITERS,
+            c.report_bytes,
+            c.screening_bytes
+        );
+        let _ = writeln!(
+            out,
+            "| backlog | commits | first round done, ms | caught up, s | commits/s | rounds | commits/round | publish step ms/round | rest ms/round | relay CPU µs/commit | PostgreSQL | NATS | rest of machine |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &c.relay {
+            let rounds = r.rounds.max(1) as f64;
+            let publish_ms = r.publish.as_secs_f64() * 1000.0 / rounds;
+            let rest_ms = (r.elapsed.saturating_sub(r.first_round).as_secs_f64() * 1000.0
+                - r.publish.as_secs_f64() * 1000.0 * (rounds - 1.0) / rounds)
+                .max(0.0)
+                / (rounds - 1.0).max(1.0);
+            let _ = writeln!(
+                out,
+                "| {} aggregates × {}, {} | {} | {} | {} | {:.0} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                r.aggregates,
+                r.per_aggregate,
+                if r.held_back {
+                    "relay leading, held back by an open transaction"
+                } else {
+                    "relay elected onto it"
+                },
+                r.commits,
+                millis(r.first_round),
+                secs(r.elapsed),
+                r.rate(),
+                r.rounds,
+                r.commits as f64 / rounds,
+                publish_ms,
+                rest_ms,
+                cpu_cells(r.cpu.as_ref())
+            );
+            if let Some(cpu) = &r.cpu {
+                let share = cpu.rest_share(r.rate(), cpus);
+                if share > DISTURBED {
+                    disturbed.push(format!(
+                        "relay, {} aggregates × {}{} ({:.0}%)",
+                        r.aggregates,
+                        r.per_aggregate,
+                        if r.held_back { ", held back" } else { "" },
+                        share * 100.0
+                    ));
+                }
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "\"rest ms/round\": (caught up − first round done − the publish steps after the first) ÷ (rounds − 1), taking every publish step as long as the mean: reading the next batch and its events, the lease check (and the 20 ms granularity of the poll)."
+        );
+        if let Some(l) = &c.lookups {
+            let _ = writeln!(
+                out,
+                "\nThe relay takes every row pending at its election for possibly sent before, and asks the stream for the last message of its subject before publishing it. One such look-up (`get_last_raw_message_by_subject`, a JetStream API request), {} in a row for subjects the stream lacks: p50 {} ms, p99 {} ms.",
+                l.count,
+                ms(l.p50_us),
+                ms(l.p99_us)
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if !c.projection.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Projection: catch-up
+"
+        );
+        let _ = writeln!(
+            out,
+            "The identification service's `CaseList` read model (one `INSERT … ON CONFLICT DO NOTHING` into `case_list` per report) in a kernel `ProjectionRunner` (`run` in a task, consuming the whole context stream in order), on a scratch database of its own, fed by the stream the spread relay run filled (one `PresumedVictimReported` per message); done when its checkpoint (`projection_checkpoints.stream_sequence`) reaches the stream's last sequence (polled every 20 ms).\n\n\
+- **rebuild**: no checkpoint, so the runner rebuilds: it resets the read model and replays the whole stream in one transaction (a savepoint per message), then writes the checkpoint once; the read model is current when that transaction commits.\n\
+- **live**: a valid checkpoint (this stream's identity) at sequence 0, so the runner consumes from sequence 1 as it does after any stop: one transaction per message (lock the checkpoint row, apply, move the checkpoint, commit).\n\
+- **after an outage**: the whole recovery in one database, as a service runs it: the runner current and idle on the empty stream, the backlog committed to the outbox with no relay running; then a relay starts, and the time is from its start until the runner's checkpoint reaches the end (the relay's own time to an empty outbox beside it). The runner follows the relay message by message, as live.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| path | messages | first message applied, ms | caught up, s | messages/s | relay done, s | case_list rows | CPU µs/message: this process | PostgreSQL | NATS | rest of machine |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for p in &c.projection {
+            let name = match p.start {
+                Start::Rebuild => "rebuild (no checkpoint)",
+                Start::Live => "live (checkpoint at 0)",
+                Start::Outage => "after an outage (relay and runner)",
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                p.messages,
+                p.first_applied.map_or_else(|| "–".into(), millis),
+                secs(p.elapsed),
+                p.rate(),
+                p.relay_elapsed.map_or_else(|| "–".into(), secs),
+                p.rows,
+                cpu_cells(p.cpu.as_ref())
+            );
+            if let Some(cpu) = &p.cpu {
+                let share = cpu.rest_share(p.rate(), cpus);
+                if share > DISTURBED {
+                    disturbed.push(format!("projection, {name} ({:.0}%)", share * 100.0));
+                }
+            }
+        }
+        let _ = writeln!(out);
+        if let Some((p50, p99)) = c.commit_us {
+            let _ = writeln!(
+                out,
+                "The live path commits once per message. A commit on this server just before the live run (one-row `INSERT`s, autocommitted, one after another): p50 {} ms, p99 {} ms.\n",
+                ms(p50),
+                ms(p99)
+            );
+        }
+    }
+    if !disturbed.is_empty() || !c.busy_at_start.is_empty() {
+        let _ = writeln!(
+            out,
+            "Other processes took more than {:.0}% of the CPUs during: {}. Those numbers are low; run again on a quiet machine.\n",
+            DISTURBED * 100.0,
+            if disturbed.is_empty() {
+                "the start of some of these runs (the wait for quiet ran out)".to_owned()
+            } else {
+                disturbed.join(", ")
+            }
         );
     }
 }

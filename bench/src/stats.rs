@@ -282,6 +282,52 @@ fn server_ticks(postmaster: u32) -> u64 {
         .sum()
 }
 
+/// CPU time (user + system) of one process so far, µs; 0 when it cannot be read.
+#[must_use]
+pub fn process_cpu_us(pid: u32) -> f64 {
+    proc_stat(pid).map_or(0.0, |s| (s.utime + s.stime) as f64 * 1e6 / clock_ticks_per_sec() as f64)
+}
+
+/// The process listening on TCP `port` (of this machine), found through
+/// `/proc/net/tcp{,6}` and the processes' open sockets.
+#[must_use]
+pub fn listening_pid(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st … inode (field 10); 0A = LISTEN.
+            let (Some(local), Some(state), Some(inode)) = (fields.get(1), fields.get(3), fields.get(9)) else {
+                continue;
+            };
+            let listening_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && listening_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+                })
+            })
+        })
+}
+
 fn machine_busy_ticks() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().find(|l| l.starts_with("cpu "))?;
