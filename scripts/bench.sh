@@ -9,7 +9,12 @@
 # report until its event is on NATS; then runs the shelter service in-process
 # for bed holds at 8 and 32 clients, a race of 32 clients for 50 beds (must
 # not over-book), ListFreeCapacity over 200 shelters, and accepted referral
-# (ReferralAccepted published by a kernel relay) → BedHeld on NATS at 100/s.
+# (ReferralAccepted published by a kernel relay) → BedHeld on NATS at 100/s;
+# then the relay's catch-up after an outage (10,000 commits spread over many
+# aggregates, and concentrated on 100) and a projection runner's catch-up
+# (rebuild, live, after an outage). `--only relay,projection` (or
+# NRM_BENCH_ONLY) runs some sections; NRM_BENCH_CATCHUP_COMMITS and
+# NRM_BENCH_CATCHUP_HOT_AGGREGATES size the catch-up backlogs.
 # It prints a markdown table and writes it
 # to bench/results/<UTC date-time>.md and bench/results/latest.md.
 #
