@@ -101,3 +101,14 @@ impl TimerHandler for CaseTimer {
         Ok(())
     }
 }
+
+/// The identification service's case list read model: (case, status, version), by case.
+///
+/// # Panics
+/// When the query fails.
+pub async fn case_list(pool: &sqlx::PgPool) -> Vec<(Uuid, i32, i64)> {
+    sqlx::query_as("SELECT case_id, status, version FROM case_list ORDER BY case_id")
+        .fetch_all(pool)
+        .await
+        .expect("read the case list")
+}

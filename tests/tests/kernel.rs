@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use futures::StreamExt as _;
 use nrm_e2e::Parts;
-use nrm_e2e::fixtures::{CASE_TIMER, CaseTimer, append_case, metadata, reported};
+use nrm_e2e::fixtures::{CASE_TIMER, CaseTimer, append_case, case_list, metadata, reported};
 use nrm_e2e::tables::TableSnapshot;
 use nrm_identification::projections::CaseList;
 use nrm_kernel::projection::{Outcome, ProjectionRunner};
@@ -140,13 +140,6 @@ async fn a_commit_already_on_the_stream_is_not_published_again_when_its_outbox_r
     parts.drop_all().await;
 }
 
-async fn case_list(parts: &Parts) -> Vec<(Uuid, i32, i64)> {
-    sqlx::query_as("SELECT case_id, status, version FROM case_list ORDER BY case_id")
-        .fetch_all(&parts.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_redelivered_message_leaves_the_read_model_unchanged() {
     let parts = Parts::new().await;
@@ -173,7 +166,7 @@ async fn a_redelivered_message_leaves_the_read_model_unchanged() {
 
     let first = messages.next().await.unwrap().unwrap();
     assert_eq!(runner.handle(&first).await.unwrap(), Outcome::Applied);
-    let after_first = case_list(&parts).await;
+    let after_first = case_list(&parts.pool).await;
     assert_eq!(after_first.len(), 1);
 
     // Ask the server to deliver it again, as after a crash before the ack.
@@ -187,7 +180,7 @@ async fn a_redelivered_message_leaves_the_read_model_unchanged() {
     assert_eq!(info.delivered, 2, "a real redelivery");
     assert_eq!(runner.handle(&again).await.unwrap(), Outcome::AlreadyApplied);
     again.ack().await.unwrap();
-    assert_eq!(case_list(&parts).await, after_first);
+    assert_eq!(case_list(&parts.pool).await, after_first);
     parts.drop_all().await;
 }
 
@@ -210,14 +203,14 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_original() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(runner().run(shutdown.clone()));
     for _ in 0..200 {
-        if case_list(&parts).await.len() == 5 {
+        if case_list(&parts.pool).await.len() == 5 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     shutdown.cancel();
     task.await.unwrap();
-    let original = case_list(&parts).await;
+    let original = case_list(&parts.pool).await;
     assert_eq!(original.len(), 5);
 
     // Damage the read model; a rebuild replays the stream and restores it, in one go.
@@ -231,7 +224,7 @@ async fn a_projection_rebuilt_from_the_stream_equals_the_original() {
         .await
         .unwrap();
     runner().rebuild().await.unwrap();
-    assert_eq!(case_list(&parts).await, original);
+    assert_eq!(case_list(&parts.pool).await, original);
     parts.drop_all().await;
 }
 

@@ -14,7 +14,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use nrm_e2e::fixtures::{CASE_TIMER, CaseTimer, append_case, metadata, reported};
+use nrm_e2e::fixtures::{CASE_TIMER, CaseTimer, append_case, case_list, metadata, reported};
 use nrm_e2e::{Parts, ServiceProcess, TestApp, authorized, person, process_env, report_request, settings, token};
 use nrm_identification::projections::CaseList;
 use nrm_kernel::auth::Role;
@@ -43,13 +43,6 @@ where
 
 async fn scalar(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
-async fn case_list(pool: &sqlx::PgPool) -> Vec<(Uuid, i32, i64)> {
-    sqlx::query_as("SELECT case_id, status, version FROM case_list ORDER BY case_id")
-        .fetch_all(pool)
-        .await
-        .unwrap()
 }
 
 /// Versions on the bus of one subject, in stream order.
