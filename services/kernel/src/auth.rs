@@ -27,8 +27,10 @@ pub enum Role {
     Prosecutor,
     /// Border service: report, screen.
     BorderService,
-    /// NGOs and hotlines: report presumed victims.
+    /// NGOs: report presumed victims.
     Ngo,
+    /// Hotlines: report presumed victims, and nothing more.
+    Hotline,
     /// IOM offices: report; repatriation.
     Iom,
     /// Consulates (MFA): repatriation.
@@ -41,23 +43,27 @@ pub enum Role {
     Shelter,
     /// National coordinator: sees every case.
     Coordinator,
+    /// Auditors: read the audit trail, and nothing else.
+    Auditor,
     /// Operators of the deployment: parked items, refilling the bus; no case data.
     Operator,
 }
 
 impl Role {
     /// Every role, for help texts.
-    pub const ALL: [Role; 11] = [
+    pub const ALL: [Role; 13] = [
         Role::Police,
         Role::Prosecutor,
         Role::BorderService,
         Role::Ngo,
+        Role::Hotline,
         Role::Iom,
         Role::Consulate,
         Role::Msd,
         Role::Moh,
         Role::Shelter,
         Role::Coordinator,
+        Role::Auditor,
         Role::Operator,
     ];
 
@@ -69,12 +75,14 @@ impl Role {
             Role::Prosecutor => "prosecutor",
             Role::BorderService => "border_service",
             Role::Ngo => "ngo",
+            Role::Hotline => "hotline",
             Role::Iom => "iom",
             Role::Consulate => "consulate",
             Role::Msd => "msd",
             Role::Moh => "moh",
             Role::Shelter => "shelter",
             Role::Coordinator => "coordinator",
+            Role::Auditor => "auditor",
             Role::Operator => "operator",
         }
     }

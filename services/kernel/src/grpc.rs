@@ -22,10 +22,10 @@ pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<Cal
     let context = verified(auth, request)?;
     // The operator role reaches the operator's service only, whatever agency
     // its token names: it reads no case, person, referral or shelter.
-    if context.caller.role == Role::Operator {
+    if matches!(context.caller.role, Role::Operator | Role::Auditor) {
         metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
         return Err(
-            AppError::PermissionDenied("the operator role may call nrm.common.v1.OperatorService only".into()).into(),
+            AppError::PermissionDenied("the operator and auditor roles may call their own services only".into()).into(),
         );
     }
     Ok(context)
