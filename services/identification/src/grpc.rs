@@ -1,8 +1,8 @@
-//! The gRPC face of the service: authenticate, map, call the application,
+//! The gRPC face of the service: take the caller the gate admitted, call the application,
 //! map back. No rules live here.
 
-use nrm_kernel::auth::Authenticator;
-use nrm_kernel::grpc::{call_context, reply};
+use nrm_kernel::gate;
+use nrm_kernel::grpc::reply;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as pb;
 use pb::identification_service_server::IdentificationService;
@@ -14,14 +14,13 @@ use crate::app::Identification;
 #[derive(Debug, Clone)]
 pub struct IdentificationGrpc {
     app: Identification,
-    auth: Authenticator,
 }
 
 impl IdentificationGrpc {
-    /// Serves `app`, verifying callers with `auth`.
+    /// Serves `app`.
     #[must_use]
-    pub fn new(app: Identification, auth: Authenticator) -> Self {
-        Self { app, auth }
+    pub fn new(app: Identification) -> Self {
+        Self { app }
     }
 }
 
@@ -31,7 +30,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ReportPresumedVictimRequest>,
     ) -> Result<Response<pb::ReportPresumedVictimResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.report(&ctx, request.get_ref()).await)
     }
 
@@ -39,7 +38,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::CompleteScreeningRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.screen(&ctx, request.get_ref()).await)
     }
 
@@ -47,7 +46,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::DecideIdentificationRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.decide(&ctx, request.get_ref()).await)
     }
 
@@ -55,7 +54,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::RequestReviewRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.review(&ctx, request.get_ref()).await)
     }
 
@@ -63,12 +62,12 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ErasePersonalDataRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.erase(&ctx, request.get_ref()).await)
     }
 
     async fn get_case(&self, request: Request<pb::GetCaseRequest>) -> Result<Response<pb::Case>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.get_case(&ctx, request.get_ref()).await)
     }
 
@@ -76,7 +75,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::GetPersonalDataRequest>,
     ) -> Result<Response<pb::GetPersonalDataResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.get_personal_data(&ctx, request.get_ref()).await)
     }
 
@@ -84,7 +83,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ListCasesRequest>,
     ) -> Result<Response<pb::ListCasesResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.list_cases(&ctx, request.get_ref()).await)
     }
 }

@@ -68,10 +68,7 @@ impl Service for Application {
     }
 
     async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
-        let routes = Routes::new(IdentificationServiceServer::new(IdentificationGrpc::new(
-            self.app,
-            self.kit.auth().clone(),
-        )));
+        let routes = Routes::new(IdentificationServiceServer::new(IdentificationGrpc::new(self.app)));
         self.kit.serve(routes, shutdown).await
     }
 }

@@ -7,6 +7,8 @@
 //! events; a retry with the same request is answered from that record, a
 //! different request under the same key is refused.
 
+use std::sync::{Arc, Mutex};
+
 use nrm_proto::common::v1::CommandResult;
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -14,19 +16,73 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::AppError;
+use crate::permissions::{self, Permit, Standing};
 use crate::store::{Appended, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
 use crate::telemetry;
 
-/// Who calls, and the call's correlation.
+/// Who calls, with which permission, and the call's correlation.
 #[derive(Debug, Clone)]
 pub struct CallContext {
     /// The verified caller.
     pub caller: Caller,
     /// From `x-correlation-id` metadata, or new.
     pub correlation_id: Uuid,
+    /// The caller's role's row of the permission matrix for this RPC.
+    permit: Permit,
+    /// What the call concerns, for the audit entry of a refusal.
+    concerns: Arc<Mutex<String>>,
 }
 
 impl CallContext {
+    /// The context of a call by `caller` that the gate admitted with `permit`.
+    #[must_use]
+    pub fn new(caller: Caller, correlation_id: Uuid, permit: Permit) -> Self {
+        Self {
+            caller,
+            correlation_id,
+            permit,
+            concerns: Arc::default(),
+        }
+    }
+
+    /// The caller's permission for this RPC.
+    #[must_use]
+    pub fn permit(&self) -> &Permit {
+        &self.permit
+    }
+
+    /// The caller's permission for `part` of this RPC (`personal data`).
+    ///
+    /// # Errors
+    /// [`AppError::PermissionDenied`] when the role has none.
+    pub fn part(&self, part: &str) -> Result<Permit, AppError> {
+        let row = self.permit.permission();
+        permissions::permit(row.service, row.method, Some(part), self.caller.role)
+    }
+
+    /// Fails unless the caller's agency stands in one of its permit's scopes
+    /// to the record the call concerns.
+    ///
+    /// # Errors
+    /// [`AppError::PermissionDenied`].
+    pub fn check(&self, standing: &Standing<'_>) -> Result<(), AppError> {
+        self.permit.check(self.agency(), standing)
+    }
+
+    /// Records what the call concerns (a parsed ID, never request text), for
+    /// the audit entry the gate writes if the call is refused.
+    pub fn concerns(&self, subject: impl std::fmt::Display) {
+        if let Ok(mut concerns) = self.concerns.lock() {
+            *concerns = subject.to_string();
+        }
+    }
+
+    /// What the call concerns, as recorded (empty: nothing yet).
+    #[must_use]
+    pub fn concerned(&self) -> String {
+        self.concerns.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
     /// Metadata of the events this call appends: the caller is the actor,
     /// the call's correlation, a new causation, and the current trace context.
     #[must_use]
@@ -188,17 +244,17 @@ mod tests {
 
     #[test]
     fn request_keys_belong_to_the_agency() {
-        let ctx = CallContext {
-            caller: Caller {
-                actor: crate::store::Actor {
-                    agency: "kg-msd".into(),
-                    role: "msd".into(),
-                    officer: "o-1".into(),
-                },
-                role: crate::auth::Role::Msd,
+        let caller = Caller {
+            actor: crate::store::Actor {
+                agency: "kg-msd".into(),
+                role: "msd".into(),
+                officer: "o-1".into(),
             },
-            correlation_id: Uuid::now_v7(),
+            role: crate::auth::Role::Msd,
         };
+        let permit =
+            permissions::permit(permissions::REFERRAL, "AcceptReferral", None, crate::auth::Role::Msd).unwrap();
+        let ctx = CallContext::new(caller, Uuid::now_v7(), permit);
         assert_eq!(ctx.request_key("r-1"), "kg-msd:r-1");
         assert_eq!(ctx.agency(), "kg-msd");
         assert_eq!(ctx.metadata().correlation_id, ctx.correlation_id);

@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::audit;
-use crate::auth::{Authenticator, Role};
 use crate::bus::Bus;
 use crate::error::AppError;
-use crate::grpc::{operator_call_context, reply};
+use crate::gate;
+use crate::grpc::reply;
 use crate::relay;
 use crate::validate;
 use nrm_proto::common::v1 as pb;
@@ -24,39 +24,24 @@ pub struct OperatorGrpc {
     pool: PgPool,
     bus: Bus,
     context: &'static str,
-    auth: Authenticator,
 }
 
 impl OperatorGrpc {
     /// Serves the kernel tables in `pool` and the stream of `context`.
     #[must_use]
-    pub fn new(pool: PgPool, bus: Bus, context: &'static str, auth: Authenticator) -> Self {
-        Self {
-            pool,
-            bus,
-            context,
-            auth,
-        }
+    pub fn new(pool: PgPool, bus: Bus, context: &'static str) -> Self {
+        Self { pool, bus, context }
     }
 
-    /// Verifies the caller is an operator; audits the call, a refused one
-    /// too, with what it concerned (`subject`: parsed values only).
+    /// Audits the call with what it concerned (`subject`: parsed values
+    /// only). The gate let only the operator role through, and audited the
+    /// refused attempts.
     async fn operator<T>(&self, request: &Request<T>, action: &str, subject: &str) -> Result<(), Status> {
-        let ctx = operator_call_context(&self.auth, request)?;
-        let allowed = ctx.caller.require(action, &[Role::Operator]);
-        let recorded = if allowed.is_ok() {
-            action.to_owned()
-        } else {
-            format!("{action}:denied")
-        };
+        let ctx = gate::context(request)?;
         let mut conn = self.pool.acquire().await.map_err(AppError::from)?;
-        audit::record(&mut conn, &ctx.caller.actor, &recorded, subject, "operations")
+        audit::record(&mut conn, &ctx.caller.actor, action, subject, "operations")
             .await
             .map_err(AppError::from)?;
-        if let Err(denied) = allowed {
-            tracing::warn!(action, agency = %ctx.caller.actor.agency, role = %ctx.caller.role, "operator's service refused");
-            return reply::<()>(Err(denied)).map(|_| ());
-        }
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::bus::Bus;
+use crate::gate::Gate;
 use crate::settings::ServerSettings;
 use crate::telemetry;
 
@@ -279,7 +280,8 @@ impl Background {
     }
 }
 
-/// Serves `routes` (the service's own gRPC services) on `listeners` beside
+/// Serves `routes` (the service's own gRPC services), every call through
+/// `gate`, on `listeners` beside
 /// health (of `service_name`, watched on `pool` and `bus`), reflection
 /// listing `reflected`, and `/metrics`, with `background` running, until
 /// `shutdown` is cancelled; then lets calls in flight finish and stops the
@@ -293,6 +295,7 @@ pub async fn serve(
     service_name: &'static str,
     reflected: &[&str],
     routes: Routes,
+    gate: Gate,
     pool: PgPool,
     bus: Bus,
     mut background: Background,
@@ -308,6 +311,7 @@ pub async fn serve(
     background.spawn(|stop| serve_metrics(listeners.metrics, stop));
     let result = tonic::transport::Server::builder()
         .trace_fn(telemetry::grpc_span)
+        .layer(gate.layer())
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)

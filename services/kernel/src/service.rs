@@ -31,6 +31,7 @@ use tonic::service::Routes;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::db;
+use crate::gate::Gate;
 use crate::operator::OperatorGrpc;
 use crate::projection::{Projection, ProjectionRunner};
 use crate::relay::{Relay, RelayConfig};
@@ -264,18 +265,15 @@ impl Kit {
         for task in self.tasks {
             background.spawn(task);
         }
-        let operator = OperatorGrpc::new(
-            self.store.pool().clone(),
-            self.bus.clone(),
-            self.spec.context,
-            self.auth.clone(),
-        );
+        let operator = OperatorGrpc::new(self.store.pool().clone(), self.bus.clone(), self.spec.context);
+        let gate = Gate::new(self.auth.clone(), self.store.pool().clone());
         let routes = routes.add_service(OperatorServiceServer::new(operator));
         server::serve(
             self.listeners,
             self.spec.grpc_service,
             &[self.spec.grpc_service, OPERATOR_SERVICE, HEALTH_SERVICE],
             routes,
+            gate,
             self.store.pool().clone(),
             self.bus,
             background,

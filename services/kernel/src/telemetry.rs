@@ -120,7 +120,8 @@ impl Extractor for HeaderExtractor<'_> {
 /// Used as tonic's `trace_fn`.
 #[must_use]
 pub fn grpc_span(request: &http::Request<()>) -> Span {
-    let method = request.uri().path().to_owned();
+    // Only a known RPC is named: the path is the caller's text.
+    let method = crate::gate::Path::label(request.uri().path());
     let span = tracing::info_span!("grpc", otel.name = %method, rpc.method = %method, otel.kind = "server");
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
     let _ = span.set_parent(parent);

@@ -148,6 +148,16 @@ pub enum Command {
     /// Operations (role operator): parked messages and timers, refilling a stream.
     #[command(subcommand)]
     Ops(OpsCommand),
+    /// The permission matrix: every RPC, every role, on which records.
+    Permissions(PermissionsArgs),
+}
+
+/// `permissions`.
+#[derive(Debug, Args)]
+pub struct PermissionsArgs {
+    /// Only what this role may do, one RPC per line.
+    #[arg(long, value_parser = crate::token::parse_role)]
+    pub role: Option<nrm_kernel::auth::Role>,
 }
 
 /// Bearer tokens.

@@ -58,6 +58,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Shelter(command) => shelter::run(&cli.global, command).await,
         Command::Events(EventsCommand::Watch(args)) => events::watch(args).await,
         Command::Ops(command) => ops::run(&cli.global, command).await,
+        Command::Permissions(args) => {
+            permissions(&args);
+            Ok(())
+        }
     }
 }
 
@@ -67,4 +71,20 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
         .chain()
         .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Prints the permission matrix, or one role's part of it.
+fn permissions(args: &cli::PermissionsArgs) {
+    use nrm_kernel::permissions::{MATRIX, markdown};
+    match args.role {
+        None => print!("{}", markdown()),
+        Some(role) => {
+            for permission in MATRIX {
+                if let Some(scopes) = permission.scopes(role) {
+                    let scopes: Vec<_> = scopes.iter().map(|s| s.as_str()).collect();
+                    println!("{:<60} {}", permission.name(), scopes.join(", "));
+                }
+            }
+        }
+    }
 }

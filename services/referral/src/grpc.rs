@@ -1,8 +1,8 @@
-//! The gRPC face of the service: authenticate, map, call the application,
+//! The gRPC face of the service: take the caller the gate admitted, call the application,
 //! map back. No rules live here.
 
-use nrm_kernel::auth::Authenticator;
-use nrm_kernel::grpc::{call_context, reply};
+use nrm_kernel::gate;
+use nrm_kernel::grpc::reply;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_service_server::ReferralService;
@@ -14,14 +14,13 @@ use crate::app::Referrals;
 #[derive(Debug, Clone)]
 pub struct ReferralGrpc {
     app: Referrals,
-    auth: Authenticator,
 }
 
 impl ReferralGrpc {
-    /// Serves `app`, verifying callers with `auth`.
+    /// Serves `app`.
     #[must_use]
-    pub fn new(app: Referrals, auth: Authenticator) -> Self {
-        Self { app, auth }
+    pub fn new(app: Referrals) -> Self {
+        Self { app }
     }
 }
 
@@ -31,7 +30,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.record_consent(&ctx, request.get_ref()).await)
     }
 
@@ -39,7 +38,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::WithdrawConsentRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.withdraw_consent(&ctx, request.get_ref()).await)
     }
 
@@ -47,7 +46,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::CreateReferralRequest>,
     ) -> Result<Response<pb::CreateReferralResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.create_referral(&ctx, request.get_ref()).await)
     }
 
@@ -55,7 +54,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::AcceptReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.accept(&ctx, request.get_ref()).await)
     }
 
@@ -63,7 +62,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::DeclineReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.decline(&ctx, request.get_ref()).await)
     }
 
@@ -71,7 +70,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RedirectReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.redirect(&ctx, request.get_ref()).await)
     }
 
@@ -79,7 +78,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordServiceDeliveredRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.service_delivered(&ctx, request.get_ref()).await)
     }
 
@@ -87,7 +86,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::CloseReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.close(&ctx, request.get_ref()).await)
     }
 
@@ -95,7 +94,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::AddPlanGoalRequest>,
     ) -> Result<Response<pb::AddPlanGoalResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.add_goal(&ctx, request.get_ref()).await)
     }
 
@@ -103,22 +102,22 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordFollowUpRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.follow_up(&ctx, request.get_ref()).await)
     }
 
     async fn mark_goal_met(&self, request: Request<pb::MarkGoalMetRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.goal_met(&ctx, request.get_ref()).await)
     }
 
     async fn get_referral(&self, request: Request<pb::GetReferralRequest>) -> Result<Response<pb::Referral>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.get_referral(&ctx, request.get_ref()).await)
     }
 
     async fn get_plan(&self, request: Request<pb::GetPlanRequest>) -> Result<Response<pb::Plan>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.get_plan(&ctx, request.get_ref()).await)
     }
 
@@ -126,7 +125,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<pb::ListInboxResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = gate::context(&request)?;
         reply(self.app.list_inbox(&ctx, request.get_ref()).await)
     }
 }

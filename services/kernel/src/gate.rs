@@ -1,0 +1,255 @@
+//! The gate every call passes before any handler runs: a tower layer around
+//! the whole gRPC server (health and reflection excepted). It
+//!
+//! - verifies the bearer token (`UNAUTHENTICATED` otherwise),
+//! - finds the RPC's row in the permission matrix and refuses a role that is
+//!   not in it (`PERMISSION_DENIED`; an RPC without a row is refused too),
+//! - hands the handler the verified [`CallContext`] with its [`Permit`], which
+//!   the application checks against the record once it has loaded it,
+//! - writes the audit entry of every refused attempt: refused here, or
+//!   refused by the application (`PERMISSION_DENIED`, `FAILED_PRECONDITION`),
+//!   with what the attempt concerned as the application recorded it
+//!   ([`CallContext::concerns`]): parsed IDs only, never the request's text.
+//!
+//! A handler cannot forget the check: the caller reaches it only through
+//! [`context`].
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use tonic::{Code, Request, Status};
+use uuid::Uuid;
+
+use crate::audit;
+use crate::auth::Authenticator;
+use crate::command::CallContext;
+use crate::error::AppError;
+use crate::grpc::CORRELATION_ID;
+use crate::permissions;
+use crate::store::Actor;
+
+/// RPCs every caller reaches without a token: health and reflection.
+const OPEN: [&str; 4] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// What a request path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Health or reflection.
+    Open(&'static str),
+    /// An RPC of the matrix: its service and method.
+    Rpc(&'static str, &'static str),
+    /// Anything else; the caller's text is never repeated.
+    Unknown,
+}
+
+impl Path {
+    /// Classifies `path` (`/nrm.shelter.v1.ShelterService/HoldBed`).
+    #[must_use]
+    pub fn of(path: &str) -> Path {
+        if let Some(open) = OPEN.iter().find(|p| **p == path) {
+            return Path::Open(open);
+        }
+        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+            return Path::Unknown;
+        };
+        permissions::MATRIX
+            .iter()
+            .find(|p| p.part.is_none() && p.service == service && p.method == method)
+            .map_or(Path::Unknown, |p| Path::Rpc(p.service, p.method))
+    }
+
+    /// The path as telemetry may name it: a known one, or `unknown`.
+    #[must_use]
+    pub fn label(path: &str) -> String {
+        match Path::of(path) {
+            Path::Open(p) => p.to_owned(),
+            Path::Rpc(service, method) => format!("/{service}/{method}"),
+            Path::Unknown => "unknown".to_owned(),
+        }
+    }
+}
+
+/// The verified caller of a call that passed the gate.
+///
+/// # Errors
+/// `INTERNAL` when the request did not pass the gate (a server built
+/// without it): nothing is served unchecked.
+pub fn context<T>(request: &Request<T>) -> Result<CallContext, Status> {
+    request
+        .extensions()
+        .get::<CallContext>()
+        .cloned()
+        .ok_or_else(|| AppError::Internal("call did not pass the gate".into()).into())
+}
+
+/// Verifies and admits calls, and audits refusals in `pool`.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    auth: Authenticator,
+    pool: PgPool,
+}
+
+impl Gate {
+    /// A gate verifying with `auth` and auditing in `pool`.
+    #[must_use]
+    pub fn new(auth: Authenticator, pool: PgPool) -> Self {
+        Self { auth, pool }
+    }
+
+    /// The tower layer of this gate.
+    #[must_use]
+    pub fn layer(self) -> GateLayer {
+        GateLayer(Arc::new(self))
+    }
+
+    /// The context of a call to `service`/`method` with `headers`.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` or `PERMISSION_DENIED`, after auditing the attempt.
+    async fn admit(
+        &self,
+        headers: &http::HeaderMap,
+        service: &'static str,
+        method: &'static str,
+    ) -> Result<CallContext, Status> {
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        let correlation_id = metadata
+            .get(CORRELATION_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Uuid>().ok())
+            .unwrap_or_else(Uuid::now_v7);
+        let caller = match self.auth.verify(&metadata) {
+            Ok(caller) => caller,
+            Err(refused) => {
+                metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);
+                let nobody = Actor {
+                    agency: String::new(),
+                    role: String::new(),
+                    officer: String::new(),
+                };
+                self.audit(&nobody, method, "unauthenticated", "").await;
+                return Err(refused.into());
+            }
+        };
+        match permissions::permit(service, method, None, caller.role) {
+            Ok(permit) => Ok(CallContext::new(caller, correlation_id, permit)),
+            Err(refused) => {
+                metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
+                tracing::warn!(rpc = method, role = %caller.role, "refused by the permission matrix");
+                self.audit(&caller.actor, method, "denied", "").await;
+                Err(refused.into())
+            }
+        }
+    }
+
+    /// Audits a refused attempt; a failure to audit is logged (the call is
+    /// refused anyway).
+    async fn audit(&self, actor: &Actor, method: &str, outcome: &str, subject: &str) {
+        let action = format!("{method}:{outcome}");
+        let written = async {
+            let mut conn = self.pool.acquire().await?;
+            audit::record(&mut conn, actor, &action, subject, "refused").await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, rpc = method, "could not audit a refused call");
+        }
+    }
+}
+
+/// The gate as a tower layer (see [`Gate::layer`]).
+#[derive(Debug, Clone)]
+pub struct GateLayer(Arc<Gate>);
+
+impl<S> tower::Layer<S> for GateLayer {
+    type Service = GateService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GateService {
+            inner,
+            gate: self.0.clone(),
+        }
+    }
+}
+
+/// The gate around the server's routes.
+#[derive(Debug, Clone)]
+pub struct GateService<S> {
+    inner: S,
+    gate: Arc<Gate>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GateService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone waits for readiness; the ready one serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            let (service, method) = match Path::of(request.uri().path()) {
+                Path::Open(_) => return inner.call(request).await,
+                Path::Rpc(service, method) => (service, method),
+                Path::Unknown => {
+                    let refused = AppError::PermissionDenied("no permission is defined for this call".into());
+                    return Ok(Status::from(refused).into_http());
+                }
+            };
+            let ctx = match gate.admit(request.headers(), service, method).await {
+                Ok(ctx) => ctx,
+                Err(status) => return Ok(status.into_http()),
+            };
+            request.extensions_mut().insert(ctx.clone());
+            let response = inner.call(request).await?;
+            let outcome = match Status::from_header_map(response.headers()).map(|s| s.code()) {
+                Some(Code::PermissionDenied) => Some("denied"),
+                Some(Code::FailedPrecondition) => Some("refused"),
+                _ => None,
+            };
+            if let Some(outcome) = outcome {
+                let subject = ctx.concerned();
+                gate.audit(&ctx.caller.actor, method, outcome, &subject).await;
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_named_only_when_known() {
+        assert_eq!(
+            Path::of("/nrm.shelter.v1.ShelterService/HoldBed"),
+            Path::Rpc(permissions::SHELTER, "HoldBed")
+        );
+        assert_eq!(Path::of("/grpc.health.v1.Health/Check"), Path::Open(OPEN[0]));
+        assert_eq!(Path::of("/grpc.health.v1.Health/Aigerim-Bekova"), Path::Unknown);
+        assert_eq!(Path::of("/nrm.shelter.v1.ShelterService/Aigerim"), Path::Unknown);
+        assert_eq!(Path::label("/Aigerim/Bekova"), "unknown");
+        assert_eq!(Path::of(""), Path::Unknown);
+    }
+}
