@@ -199,7 +199,7 @@ pub const MATRIX: &[Permission] = &[
         part: None,
         summary: "the identifiers a consent shares with the caller's agency (consented categories only, audited)",
         grants: grants![Msd => CONSENTED, Moh => CONSENTED, Ngo => HOLDER_OR_CONSENTED,
-            Iom => HOLDER_OR_CONSENTED, Shelter => CONSENTED, Consulate => HOLDER_OR_CONSENTED],
+            Iom => HOLDER_OR_CONSENTED, Shelter => CONSENTED, Consulate => HOLDERS],
     },
     // --- referral ----------------------------------------------------------
     Permission {
@@ -661,5 +661,17 @@ mod tests {
                 p.name()
             );
         }
+    }
+
+    #[test]
+    fn the_readme_reproduces_the_matrix() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+        let start = readme.find("<!-- permissions:begin -->\n").unwrap() + "<!-- permissions:begin -->\n".len();
+        let end = readme.find("<!-- permissions:end -->").unwrap();
+        assert_eq!(
+            &readme[start..end],
+            markdown(),
+            "README.md's permission matrix differs from the code: paste `nrmctl permissions` between the markers"
+        );
     }
 }
