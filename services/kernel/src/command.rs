@@ -14,10 +14,14 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::audit;
 use crate::auth::Caller;
 use crate::error::AppError;
 use crate::permissions::{self, Permit, Standing};
-use crate::store::{Appended, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
+use crate::retry;
+use crate::store::{
+    Append, Appended, AuditEntry, CommandRecord, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork,
+};
 use crate::telemetry;
 
 /// Who calls, with which permission, and the call's correlation.
@@ -185,6 +189,219 @@ pub async fn finish_with<R: Message + Default>(
                 .ok_or_else(|| AppError::Internal("twin request vanished".into()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// An answer a command gives, and gives again, marked, to a retry.
+pub trait Answer: Message + Default {
+    /// Marks the answer as the replay of the first one.
+    fn mark_replayed(&mut self);
+}
+
+impl Answer for CommandResult {
+    fn mark_replayed(&mut self) {
+        self.replayed = true;
+    }
+}
+
+fn marked<R: Answer>(mut answer: R) -> R {
+    answer.mark_replayed();
+    answer
+}
+
+/// A command as the caller sent it: its RPC, its request ID, the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a, M> {
+    /// The RPC (`AcceptReferral`): the fingerprint's and the audit entry's name.
+    pub method: &'static str,
+    /// The caller's request ID (already validated).
+    pub request_id: &'a str,
+    /// The request as received, for the fingerprint.
+    pub message: &'a M,
+}
+
+/// What a command does when another writer appended to its stream first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// The caller named the version it decided on: answer `ABORTED`.
+    Refuse,
+    /// The command is decided on the current version: decide again, up to
+    /// [`crate::retry::CONFLICTS`]'s attempts.
+    Retry,
+}
+
+impl OnConflict {
+    /// `Refuse` when the caller named a version, `Retry` otherwise.
+    #[must_use]
+    pub fn unless_versioned(expected_version: Option<u64>) -> Self {
+        if expected_version.is_some() {
+            OnConflict::Refuse
+        } else {
+            OnConflict::Retry
+        }
+    }
+}
+
+/// What one attempt of a command decided, in its unit of work.
+#[derive(Debug)]
+pub struct Decided<R> {
+    /// The answer to the caller.
+    pub answer: R,
+    /// What the audit entry names: the aggregate the command concerned.
+    pub subject: String,
+}
+
+/// What one attempt of a command that only appends decided: the kernel
+/// writes events, outbox row, answer and audit entry in one statement.
+pub struct Planned<R> {
+    /// The stream.
+    pub stream_id: String,
+    /// Its version as the attempt read it.
+    pub expected_version: u64,
+    /// The events.
+    pub events: Vec<NewEvent>,
+    /// The subject their commit is published under.
+    pub subject: String,
+    /// What the audit entry names.
+    pub audit_subject: String,
+    /// The answer, made from what the append will write.
+    pub answer: Box<dyn FnOnce(&Appended) -> R + Send>,
+}
+
+/// The one command path: a retried request is answered as its first run
+/// was; otherwise `attempt` decides in a new unit of work, the kernel records
+/// the audit entry and the answer there and commits; a conflict with another
+/// writer is refused or decided again (`on_conflict`), and a concurrent twin
+/// of the request that committed first is answered as it was. The caller has
+/// parsed the request and the gate has checked the role; `attempt` loads the
+/// record, checks the permit's scope, decides and appends.
+///
+/// # Errors
+/// What `attempt` returns; [`AppError::RequestIdReused`] for a request ID
+/// used for another request; the store's errors.
+pub async fn run<M: Message, R: Answer>(
+    store: &EventStore,
+    ctx: &CallContext,
+    request: Request<'_, M>,
+    on_conflict: OnConflict,
+    mut attempt: impl AsyncFnMut(&mut UnitOfWork) -> Result<Decided<R>, AppError>,
+) -> Result<R, AppError> {
+    let key = ctx.request_key(request.request_id);
+    let fp = fingerprint(request.method, request.message);
+    if let Some(previous) = replay::<R>(store, &key, &fp).await? {
+        return Ok(marked(previous));
+    }
+    let mut failures = 0;
+    loop {
+        let mut uow = store.begin().await?;
+        let outcome = match attempt(&mut uow).await {
+            Ok(decided) => {
+                audit::record(
+                    uow.conn(),
+                    &ctx.caller.actor,
+                    request.method,
+                    &decided.subject,
+                    "command",
+                )
+                .await?;
+                finish_with(store, uow, &key, &fp, decided.answer, marked).await
+            }
+            Err(e) => Err(e),
+        };
+        match again(store, &key, &fp, on_conflict, &mut failures, request.method, outcome).await? {
+            Some(answer) => return Ok(answer),
+            None => continue,
+        }
+    }
+}
+
+/// [`run`] for a command that writes nothing but its events: the events,
+/// outbox row, answer and audit entry go in one autocommitted statement.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_append<M: Message, R: Answer>(
+    store: &EventStore,
+    ctx: &CallContext,
+    request: Request<'_, M>,
+    on_conflict: OnConflict,
+    mut attempt: impl AsyncFnMut() -> Result<Planned<R>, AppError>,
+) -> Result<R, AppError> {
+    let key = ctx.request_key(request.request_id);
+    let fp = fingerprint(request.method, request.message);
+    if let Some(previous) = replay::<R>(store, &key, &fp).await? {
+        return Ok(marked(previous));
+    }
+    let metadata = ctx.metadata();
+    let mut failures = 0;
+    loop {
+        let outcome = match attempt().await {
+            Ok(planned) => {
+                let plan = Appended::plan(planned.expected_version, planned.events.len());
+                let answer = (planned.answer)(&plan);
+                let response = answer.encode_to_vec();
+                let append = Append {
+                    stream_id: &planned.stream_id,
+                    expected_version: planned.expected_version,
+                    events: &planned.events,
+                    metadata: &metadata,
+                    subject: &planned.subject,
+                };
+                let record = CommandRecord {
+                    request_key: &key,
+                    fingerprint: &fp,
+                    response: &response,
+                };
+                let audit = AuditEntry {
+                    action: request.method,
+                    subject_id: &planned.audit_subject,
+                    purpose: "command",
+                };
+                match store.append_command(&append, &plan, &record, Some(&audit)).await {
+                    Ok(()) => Ok(answer),
+                    Err(StoreError::DuplicateRequest) => replay(store, &key, &fp)
+                        .await?
+                        .map(marked)
+                        .ok_or_else(|| AppError::Internal("twin request vanished".into())),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match again(store, &key, &fp, on_conflict, &mut failures, request.method, outcome).await? {
+            Some(answer) => return Ok(answer),
+            None => continue,
+        }
+    }
+}
+
+/// After an attempt: its answer; on a conflict, a twin's answer if one
+/// committed first, or `None` to decide again after a pause, or the conflict.
+async fn again<R: Answer>(
+    store: &EventStore,
+    key: &str,
+    fp: &[u8],
+    on_conflict: OnConflict,
+    failures: &mut u32,
+    method: &'static str,
+    outcome: Result<R, AppError>,
+) -> Result<Option<R>, AppError> {
+    match outcome {
+        Ok(answer) => Ok(Some(answer)),
+        Err(conflict @ AppError::Conflict { .. }) => {
+            // A twin of this request may have moved the aggregate on first: answer as it did.
+            if let Some(previous) = replay::<R>(store, key, fp).await? {
+                return Ok(Some(marked(previous)));
+            }
+            *failures += 1;
+            if on_conflict == OnConflict::Refuse || retry::CONFLICTS.exhausted(*failures) {
+                return Err(conflict);
+            }
+            metrics::counter!("nrm_command_retries_total", "method" => method).increment(1);
+            tokio::time::sleep(retry::CONFLICTS.jittered(*failures)).await;
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -50,7 +50,27 @@ fn default_max_ms() -> u64 {
     10_000
 }
 
+/// How a command decided on the current version is decided again after
+/// another writer appended first: at once, with a short random pause that
+/// grows, up to 20 attempts.
+pub const CONFLICTS: RetryPolicy = RetryPolicy {
+    attempts: 20,
+    first_ms: 1,
+    max_ms: 50,
+};
+
 impl RetryPolicy {
+    /// [`RetryPolicy::delay`] with full jitter: a random pause up to it, so
+    /// that writers that collided do not collide again.
+    #[must_use]
+    pub fn jittered(&self, failures: u32) -> Duration {
+        use rand::Rng as _;
+        let ceiling = u64::try_from(self.delay(failures).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        Duration::from_micros(rand::thread_rng().gen_range(1..=ceiling))
+    }
+
     /// The back-off after `failures` failures (1 for the first): doubling
     /// from the first back-off up to the longest.
     #[must_use]

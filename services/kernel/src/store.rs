@@ -32,6 +32,19 @@ pub struct Actor {
     pub officer: String,
 }
 
+impl Actor {
+    /// The service acting by itself (a timer, a reaction): agency and role
+    /// `system`, and as officer what acted (`shelter.placement`).
+    #[must_use]
+    pub fn system(task: &str) -> Self {
+        Self {
+            agency: "system".into(),
+            role: "system".into(),
+            officer: task.to_owned(),
+        }
+    }
+}
+
 /// Metadata stored with every event and carried in every published message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
@@ -47,6 +60,23 @@ pub struct EventMetadata {
     /// W3C `tracestate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
+}
+
+impl EventMetadata {
+    /// Metadata of what the service appends by itself ([`Actor::system`]):
+    /// the correlation and causation continue the cause's, when there is one;
+    /// the trace is the current span's.
+    #[must_use]
+    pub fn system(task: &str, cause: Option<&EventMetadata>) -> Self {
+        let (traceparent, tracestate) = crate::telemetry::current_trace_context();
+        Self {
+            correlation_id: cause.map_or_else(Uuid::now_v7, |m| m.correlation_id),
+            causation_id: cause.map_or_else(Uuid::now_v7, |m| m.causation_id),
+            actor: Actor::system(task),
+            traceparent,
+            tracestate,
+        }
+    }
 }
 
 /// An event about to be appended.
