@@ -195,7 +195,7 @@ mod tests {
         assert_eq!(parse_role("operator"), Ok(Role::Operator));
         let err = parse_role("mayor").expect_err("no such role");
         assert!(err.contains("border-service"), "{err}");
-        assert!(err.ends_with("coordinator, operator"), "{err}");
+        assert!(err.ends_with("coordinator, auditor, operator"), "{err}");
     }
 
     #[test]
@@ -213,6 +213,6 @@ mod tests {
             assert!(help.contains(&role), "{role} missing from:\n{help}");
         }
         let help = crate::cli::Cli::command().render_long_help().to_string();
-        assert!(help.contains("coordinator, operator"), "{help}");
+        assert!(help.contains("coordinator, auditor, operator"), "{help}");
     }
 }
