@@ -20,8 +20,8 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 /// `UNAUTHENTICATED` when the token is missing or does not verify.
 pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
     let context = verified(auth, request)?;
-    // The operator role reaches the operator's service only, whatever agency
-    // its token names: it reads no case, person, referral or shelter.
+    // The operator and auditor roles reach their own services only, whatever
+    // agency their token names: they read no case, person, referral or shelter.
     if matches!(context.caller.role, Role::Operator | Role::Auditor) {
         metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
         return Err(AppError::PermissionDenied(
@@ -32,8 +32,9 @@ pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<Cal
     Ok(context)
 }
 
-/// The context of a call to the operator's service: any verified caller (the
-/// service itself checks the role, so that a refused attempt is audited).
+/// The context of a call to the operator's or the auditor's service: any
+/// verified caller (the service itself checks the role, so that a refused
+/// attempt is audited).
 ///
 /// # Errors
 /// `UNAUTHENTICATED` when the token is missing or does not verify.

@@ -8,15 +8,19 @@ use sqlx::{PgPool, Row};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::audit;
+use crate::audit::{self, Entry, Outcome};
 use crate::auth::{Authenticator, Role};
 use crate::bus::Bus;
 use crate::error::AppError;
 use crate::grpc::{operator_call_context, reply};
 use crate::relay;
+use crate::store::Actor;
 use crate::validate;
 use nrm_proto::common::v1 as pb;
 use pb::operator_service_server::OperatorService;
+
+/// The purpose recorded for the operator's calls.
+const PURPOSE: &str = "operations";
 
 /// The tonic service of one service's kernel tables and stream.
 #[derive(Debug, Clone)]
@@ -39,20 +43,33 @@ impl OperatorGrpc {
         }
     }
 
-    /// Verifies the caller is an operator; audits the call, a refused one
-    /// too, with what it concerned (`subject`: parsed values only).
+    /// Verifies the caller is an operator; audits the call, a refused or
+    /// unauthenticated one too, with what it concerned (`subject`: parsed values only).
     async fn operator<T>(&self, request: &Request<T>, action: &str, subject: &str) -> Result<(), Status> {
-        let ctx = operator_call_context(&self.auth, request)?;
-        let allowed = ctx.caller.require(action, &[Role::Operator]);
-        let recorded = if allowed.is_ok() {
-            action.to_owned()
-        } else {
-            format!("{action}:denied")
+        let ctx = match operator_call_context(&self.auth, request) {
+            Ok(ctx) => ctx,
+            Err(status) => {
+                let nobody = Actor {
+                    agency: "-".into(),
+                    role: "-".into(),
+                    officer: "-".into(),
+                };
+                let entry = Entry::new(&nobody, action, subject, PURPOSE).outcome(Outcome::Unauthenticated);
+                let mut conn = self.pool.acquire().await.map_err(AppError::from)?;
+                audit::append(&mut conn, &entry).await.map_err(AppError::from)?;
+                return Err(status);
+            }
         };
+        // The auditor too is refused here: it reads the audit and nothing else.
+        let allowed = ctx.caller.require(action, &[Role::Operator]);
+        let (recorded, outcome) = if allowed.is_ok() {
+            (action.to_owned(), Outcome::Ok)
+        } else {
+            (format!("{action}:denied"), Outcome::Denied)
+        };
+        let entry = Entry::new(&ctx.caller.actor, &recorded, subject, PURPOSE).outcome(outcome);
         let mut conn = self.pool.acquire().await.map_err(AppError::from)?;
-        audit::record(&mut conn, &ctx.caller.actor, &recorded, subject, "operations")
-            .await
-            .map_err(AppError::from)?;
+        audit::append(&mut conn, &entry).await.map_err(AppError::from)?;
         if let Err(denied) = allowed {
             tracing::warn!(action, agency = %ctx.caller.actor.agency, role = %ctx.caller.role, "operator's service refused");
             return reply::<()>(Err(denied)).map(|_| ());
