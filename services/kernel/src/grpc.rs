@@ -25,7 +25,7 @@ pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<Cal
     if matches!(context.caller.role, Role::Operator | Role::Auditor) {
         metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
         return Err(AppError::PermissionDenied(
-            "the operator and auditor roles may call their own services only".into(),
+            "the operator and auditor roles may call their own services only (nrm.common.v1.OperatorService, nrm.common.v1.AuditService)".into(),
         )
         .into());
     }
