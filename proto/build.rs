@@ -9,6 +9,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "nrm/common/v1/common.proto",
     "nrm/common/v1/operator.proto",
+    "nrm/common/v1/audit.proto",
     "nrm/identification/v1/identification.proto",
     "nrm/referral/v1/referral.proto",
     "nrm/shelter/v1/shelter.proto",

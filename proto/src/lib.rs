@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`common::v1`]: sealed personal data, shared enums, command results;
-//!   the operator's service every service serves.
+//!   the operator's and the auditor's services every service serves.
 //! - [`identification::v1`]: the identification service and its events.
 //! - [`referral::v1`]: consents, referrals, the rehabilitation plan.
 //! - [`shelter::v1`]: shelters, beds, holds, admissions.

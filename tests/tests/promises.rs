@@ -673,6 +673,7 @@ async fn each_service_reflects_exactly_what_it_serves() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
+            "nrm.common.v1.AuditService",
             "nrm.common.v1.OperatorService",
         ]
         .map(str::to_owned)

@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
-use crate::audit;
+use crate::audit::{self, Entry, Outcome};
 use crate::auth::Authenticator;
 use crate::command::CallContext;
 use crate::error::AppError;
@@ -89,6 +89,15 @@ pub fn context<T>(request: &Request<T>) -> Result<CallContext, Status> {
         .ok_or_else(|| AppError::Internal("call did not pass the gate".into()).into())
 }
 
+/// The actor of a call without a valid token.
+fn unauthenticated() -> Actor {
+    Actor {
+        agency: "-".into(),
+        role: "-".into(),
+        officer: "-".into(),
+    }
+}
+
 /// Verifies and admits calls, and audits refusals in `pool`.
 #[derive(Debug, Clone)]
 pub struct Gate {
@@ -129,12 +138,8 @@ impl Gate {
             Ok(caller) => caller,
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);
-                let nobody = Actor {
-                    agency: String::new(),
-                    role: String::new(),
-                    officer: String::new(),
-                };
-                self.audit(&nobody, method, "unauthenticated", "").await;
+                self.audit(&unauthenticated(), method, Outcome::Unauthenticated, "")
+                    .await;
                 return Err(refused.into());
             }
         };
@@ -143,7 +148,7 @@ impl Gate {
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
                 tracing::warn!(rpc = method, role = %caller.role, "refused by the permission matrix");
-                self.audit(&caller.actor, method, "denied", "").await;
+                self.audit(&caller.actor, method, Outcome::Denied, "").await;
                 Err(refused.into())
             }
         }
@@ -151,11 +156,15 @@ impl Gate {
 
     /// Audits a refused attempt; a failure to audit is logged (the call is
     /// refused anyway).
-    async fn audit(&self, actor: &Actor, method: &str, outcome: &str, subject: &str) {
-        let action = format!("{method}:{outcome}");
+    async fn audit(&self, actor: &Actor, method: &str, outcome: Outcome, subject: &str) {
+        let action = format!("{method}:{}", outcome.as_str());
         let written = async {
             let mut conn = self.pool.acquire().await?;
-            audit::record(&mut conn, actor, &action, subject, "refused").await
+            audit::append(
+                &mut conn,
+                &Entry::new(actor, &action, subject, "refused").outcome(outcome),
+            )
+            .await
         }
         .await;
         if let Err(e) = written {
@@ -223,8 +232,8 @@ where
             request.extensions_mut().insert(ctx.clone());
             let response = inner.call(request).await?;
             let outcome = match Status::from_header_map(response.headers()).map(|s| s.code()) {
-                Some(Code::PermissionDenied) => Some("denied"),
-                Some(Code::FailedPrecondition) => Some("refused"),
+                Some(Code::PermissionDenied) => Some(Outcome::Denied),
+                Some(Code::FailedPrecondition) => Some(Outcome::Refused),
                 _ => None,
             };
             if let Some(outcome) = outcome {

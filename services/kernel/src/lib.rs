@@ -18,6 +18,8 @@
 //! - [`retry`]: the one retry policy, and which errors are transient.
 //! - [`operator`]: the operator's service every service serves: parked
 //!   items, retries, refilling the bus.
+//! - [`auditor`]: the auditor's service every service serves: the audit
+//!   chain verified, entries listed by person or subject.
 //! - [`paging`]: AIP-158 page sizes and filter-bound page tokens.
 //! - [`projection`]: durable consumers that write a read model and their
 //!   position in one transaction.
@@ -35,9 +37,11 @@
 //! - [`service`]: how every service starts: common settings, the kit of
 //!   store, bus, auth, listeners and background tasks, and `main`.
 //! - [`timers`]: durable deadlines that fire exactly once.
-//! - [`audit`]: the append-only access log.
+//! - [`audit`]: the tamper-evident access log: entries chained by hash,
+//!   appended in the caller's transaction, verified.
 
 pub mod audit;
+pub mod auditor;
 pub mod auth;
 pub mod bus;
 pub mod command;

@@ -74,6 +74,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Name of the operator's service, which every service serves.
 pub const OPERATOR_SERVICE: &str = "nrm.common.v1.OperatorService";
+/// Name of the auditor's service, which every service serves.
+pub const AUDIT_SERVICE: &str = "nrm.common.v1.AuditService";
 /// Name of the gRPC health service.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// Health entry of the service's database: `SERVING` while it answers.

@@ -1,7 +1,8 @@
 //! How every service starts, once: the settings they all read, the
 //! database, store, bus, token verification and listeners they all build,
 //! the background tasks (relay, projections, reactions, timers), and the
-//! gRPC server with health, reflection, the operator's service and
+//! gRPC server with health, reflection, the operator's and the auditor's
+//! services and
 //! `/metrics`. A service differs only in what it owns: its migrations, its
 //! stream, its projections and timers, its gRPC service.
 //!
@@ -28,6 +29,7 @@ use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::auditor::AuditGrpc;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::db;
@@ -36,11 +38,12 @@ use crate::operator::OperatorGrpc;
 use crate::projection::{Projection, ProjectionRunner};
 use crate::relay::{Relay, RelayConfig};
 use crate::retry::RetryPolicy;
-use crate::server::{self, Background, HEALTH_SERVICE, Listeners, OPERATOR_SERVICE};
+use crate::server::{self, AUDIT_SERVICE, Background, HEALTH_SERVICE, Listeners, OPERATOR_SERVICE};
 use crate::settings::{AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings};
 use crate::store::EventStore;
 use crate::telemetry;
 use crate::timers::{TimerHandler, TimerRunner};
+use nrm_proto::common::v1::audit_service_server::AuditServiceServer;
 use nrm_proto::common::v1::operator_service_server::OperatorServiceServer;
 
 /// The settings every service reads, flattened into each service's own
@@ -254,7 +257,8 @@ impl Kit {
     }
 
     /// Serves `routes` (the service's own gRPC service) beside health,
-    /// reflection of what is served, the operator's service and `/metrics`,
+    /// reflection of what is served, the operator's and the auditor's
+    /// services and `/metrics`,
     /// with the background tasks running, until `shutdown` is cancelled;
     /// then lets calls in flight finish and stops the tasks.
     ///
@@ -266,12 +270,15 @@ impl Kit {
             background.spawn(task);
         }
         let operator = OperatorGrpc::new(self.store.pool().clone(), self.bus.clone(), self.spec.context);
+        let auditor = AuditGrpc::new(self.store.pool().clone(), self.spec.context);
         let gate = Gate::new(self.auth.clone(), self.store.pool().clone());
-        let routes = routes.add_service(OperatorServiceServer::new(operator));
+        let routes = routes
+            .add_service(OperatorServiceServer::new(operator))
+            .add_service(AuditServiceServer::new(auditor));
         server::serve(
             self.listeners,
             self.spec.grpc_service,
-            &[self.spec.grpc_service, OPERATOR_SERVICE, HEALTH_SERVICE],
+            &[self.spec.grpc_service, OPERATOR_SERVICE, AUDIT_SERVICE, HEALTH_SERVICE],
             routes,
             gate,
             self.store.pool().clone(),

@@ -12,10 +12,12 @@ use nrm_proto::identification::v1::{
 use crate::enums::{self, EnumParser};
 use crate::token::{RoleParser, parse_ttl};
 
+pub mod audit;
 pub mod ops;
 pub mod referral;
 pub mod shelter;
 
+use audit::AuditCommand;
 use ops::OpsCommand;
 use referral::{ConsentCommand, PlanCommand, ReferralCommand};
 use shelter::ShelterCommand;
@@ -148,6 +150,9 @@ pub enum Command {
     /// Operations (role operator): parked messages and timers, refilling a stream.
     #[command(subcommand)]
     Ops(OpsCommand),
+    /// The audit trail (role auditor): chains verified, who read a person's records.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// The permission matrix: every RPC, every role, on which records.
     Permissions(PermissionsArgs),
 }

@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::ErrorKind;
-use nrm_proto::common::v1::{AgeBand, DocumentType, Gender, ParkedKind};
+use nrm_proto::common::v1::{AgeBand, ChainBreak, DocumentType, Gender, ParkedKind};
 use nrm_proto::identification::v1::{
     CaseStatus, Decision, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, RecruiterRelationship,
     RecruitmentMethod, ReviewReason,
@@ -47,6 +47,7 @@ proto_enums!(
     DocumentType,
     Gender,
     ParkedKind,
+    ChainBreak,
     // identification
     CaseStatus,
     Decision,

@@ -12,12 +12,14 @@
 //! - [`shelter`]: `shelter …`, the shelter service.
 //! - [`events`]: `events watch`.
 //! - [`ops`]: `ops …`, the operator's service on every service.
+//! - [`audit`]: `audit …`, the auditor's service on every service.
 //! - [`output`]: JSON through the descriptor pool, text, errors.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+mod audit;
 mod case;
 mod cli;
 mod consent;
@@ -62,6 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             permissions(&args);
             Ok(())
         }
+        Command::Audit(command) => audit::run(&cli.global, command).await,
     }
 }
 

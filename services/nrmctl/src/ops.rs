@@ -38,7 +38,7 @@ pub async fn run(global: &Global, command: OpsCommand) -> Result<()> {
 }
 
 /// The endpoint option of `service`.
-fn endpoint(global: &Global, service: Service) -> &str {
+pub(crate) fn endpoint(global: &Global, service: Service) -> &str {
     match service {
         Service::Identification => &global.endpoint,
         Service::Referral => &global.referral_endpoint,
@@ -46,19 +46,20 @@ fn endpoint(global: &Global, service: Service) -> &str {
     }
 }
 
-/// Connects to each of `services` and makes the call `call`, all at once;
-/// the answers in the order of `services`.
-async fn ask<T, F, Fut>(global: &Global, services: &[Service], call: F) -> Vec<(Service, Result<T>)>
+/// Connects to each of `services` and makes the call `call` (given the
+/// service and a channel to it), all at once; the answers in the order of
+/// `services`.
+pub(crate) async fn ask<T, F, Fut>(global: &Global, services: &[Service], call: F) -> Vec<(Service, Result<T>)>
 where
-    F: Fn(Client) -> Fut,
+    F: Fn(Service, AuthChannel) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let calls = services.iter().map(|&service| {
         let call = &call;
         async move {
             let answer = async {
-                let client = Client::new(rpc::connect(global, endpoint(global, service)).await?);
-                Ok(call(client).await?.into_inner())
+                let channel = rpc::connect(global, endpoint(global, service)).await?;
+                Ok(call(service, channel).await?.into_inner())
             }
             .await;
             (service, answer)
@@ -68,9 +69,9 @@ where
 }
 
 /// The services that answered, with their answers, and those that did not.
-type Settled<T> = (Vec<(Service, T)>, Vec<(Service, anyhow::Error)>);
+pub(crate) type Settled<T> = (Vec<(Service, T)>, Vec<(Service, anyhow::Error)>);
 
-fn settle<T>(answers: Vec<(Service, Result<T>)>) -> Settled<T> {
+pub(crate) fn settle<T>(answers: Vec<(Service, Result<T>)>) -> Settled<T> {
     let mut answered = Vec::new();
     let mut failed = Vec::new();
     for (service, answer) in answers {
@@ -85,7 +86,7 @@ fn settle<T>(answers: Vec<(Service, Result<T>)>) -> Settled<T> {
 /// Ok when every service answered. One service asked: its error, printed
 /// by `main` as any other. Several: each error on stderr with the
 /// service's name (`error: referral: UNAVAILABLE: …`), then a summary.
-fn finish(asked: usize, mut failed: Vec<(Service, anyhow::Error)>) -> Result<()> {
+pub(crate) fn finish(asked: usize, mut failed: Vec<(Service, anyhow::Error)>) -> Result<()> {
     if failed.is_empty() {
         return Ok(());
     }
@@ -116,7 +117,7 @@ fn named_error(service: Service, error: &anyhow::Error) -> String {
 
 /// Prints one JSON object whose keys are the services and whose values are
 /// their answers as proto3 JSON (fields in `.proto` order).
-fn print_by_service(full_name: &str, answers: &[(Service, impl prost::Message)]) -> Result<()> {
+pub(crate) fn print_by_service(full_name: &str, answers: &[(Service, impl prost::Message)]) -> Result<()> {
     let mut out = String::from("{");
     for (i, (service, message)) in answers.iter().enumerate() {
         let json = output::to_pretty_json(full_name, message)?;
@@ -129,8 +130,8 @@ fn print_by_service(full_name: &str, answers: &[(Service, impl prost::Message)])
 
 /// `ops parked`: one line per parked item of every service asked.
 async fn parked(global: &Global, services: &[Service]) -> Result<()> {
-    let answers = ask(global, services, |mut client| async move {
-        client.list_parked(ListParkedRequest {}).await
+    let answers = ask(global, services, |_, channel| async move {
+        Client::new(channel).list_parked(ListParkedRequest {}).await
     })
     .await;
     let (answered, failed) = settle(answers);
@@ -234,8 +235,10 @@ async fn retry(global: &Global, args: RetryArgs) -> Result<()> {
 /// `ops refill`: each service asked compares its stream with its store and
 /// requeues what the stream lacks.
 async fn refill(global: &Global, services: &[Service], dry_run: bool) -> Result<()> {
-    let answers = ask(global, services, |mut client| async move {
-        client.refill_stream(RefillStreamRequest { dry_run }).await
+    let answers = ask(global, services, |_, channel| async move {
+        Client::new(channel)
+            .refill_stream(RefillStreamRequest { dry_run })
+            .await
     })
     .await;
     let (answered, failed) = settle(answers);
