@@ -31,7 +31,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ReportPresumedVictimRequest>,
     ) -> Result<Response<pb::ReportPresumedVictimResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.report(&ctx, request.get_ref()).await)
     }
 
@@ -39,7 +39,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::CompleteScreeningRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.screen(&ctx, request.get_ref()).await)
     }
 
@@ -47,7 +47,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::DecideIdentificationRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.decide(&ctx, request.get_ref()).await)
     }
 
@@ -55,7 +55,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::RequestReviewRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.review(&ctx, request.get_ref()).await)
     }
 
@@ -63,12 +63,12 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ErasePersonalDataRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.erase(&ctx, request.get_ref()).await)
     }
 
     async fn get_case(&self, request: Request<pb::GetCaseRequest>) -> Result<Response<pb::Case>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.get_case(&ctx, request.get_ref()).await)
     }
 
@@ -76,7 +76,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::GetPersonalDataRequest>,
     ) -> Result<Response<pb::GetPersonalDataResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.get_personal_data(&ctx, request.get_ref()).await)
     }
 
@@ -84,7 +84,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::ListCasesRequest>,
     ) -> Result<Response<pb::ListCasesResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.list_cases(&ctx, request.get_ref()).await)
     }
 }

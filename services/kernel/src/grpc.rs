@@ -18,8 +18,8 @@ pub const CORRELATION_ID: &str = "x-correlation-id";
 ///
 /// # Errors
 /// `UNAUTHENTICATED` when the token is missing or does not verify.
-pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
-    let context = verified(auth, request)?;
+pub async fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
+    let context = verified(auth, request).await?;
     // The operator role reaches the operator's service only, whatever agency
     // its token names: it reads no case, person, referral or shelter.
     if matches!(context.caller.role, Role::Operator | Role::Auditor) {
@@ -36,12 +36,12 @@ pub fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<Cal
 ///
 /// # Errors
 /// `UNAUTHENTICATED` when the token is missing or does not verify.
-pub fn operator_call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
-    verified(auth, request)
+pub async fn operator_call_context<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
+    verified(auth, request).await
 }
 
-fn verified<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
-    let caller = auth.verify(request.metadata())?;
+async fn verified<T>(auth: &Authenticator, request: &Request<T>) -> Result<CallContext, Status> {
+    let caller = auth.verify(request.metadata()).await?;
     let correlation_id = request
         .metadata()
         .get(CORRELATION_ID)

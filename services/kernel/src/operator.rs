@@ -42,7 +42,7 @@ impl OperatorGrpc {
     /// Verifies the caller is an operator; audits the call, a refused one
     /// too, with what it concerned (`subject`: parsed values only).
     async fn operator<T>(&self, request: &Request<T>, action: &str, subject: &str) -> Result<(), Status> {
-        let ctx = operator_call_context(&self.auth, request)?;
+        let ctx = operator_call_context(&self.auth, request).await?;
         let allowed = ctx.caller.require(action, &[Role::Operator]);
         let recorded = if allowed.is_ok() {
             action.to_owned()

@@ -31,7 +31,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordConsentRequest>,
     ) -> Result<Response<pb::RecordConsentResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.record_consent(&ctx, request.get_ref()).await)
     }
 
@@ -39,7 +39,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::WithdrawConsentRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.withdraw_consent(&ctx, request.get_ref()).await)
     }
 
@@ -47,7 +47,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::CreateReferralRequest>,
     ) -> Result<Response<pb::CreateReferralResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.create_referral(&ctx, request.get_ref()).await)
     }
 
@@ -55,7 +55,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::AcceptReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.accept(&ctx, request.get_ref()).await)
     }
 
@@ -63,7 +63,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::DeclineReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.decline(&ctx, request.get_ref()).await)
     }
 
@@ -71,7 +71,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RedirectReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.redirect(&ctx, request.get_ref()).await)
     }
 
@@ -79,7 +79,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordServiceDeliveredRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.service_delivered(&ctx, request.get_ref()).await)
     }
 
@@ -87,7 +87,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::CloseReferralRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.close(&ctx, request.get_ref()).await)
     }
 
@@ -95,7 +95,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::AddPlanGoalRequest>,
     ) -> Result<Response<pb::AddPlanGoalResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.add_goal(&ctx, request.get_ref()).await)
     }
 
@@ -103,22 +103,22 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::RecordFollowUpRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.follow_up(&ctx, request.get_ref()).await)
     }
 
     async fn mark_goal_met(&self, request: Request<pb::MarkGoalMetRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.goal_met(&ctx, request.get_ref()).await)
     }
 
     async fn get_referral(&self, request: Request<pb::GetReferralRequest>) -> Result<Response<pb::Referral>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.get_referral(&ctx, request.get_ref()).await)
     }
 
     async fn get_plan(&self, request: Request<pb::GetPlanRequest>) -> Result<Response<pb::Plan>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.get_plan(&ctx, request.get_ref()).await)
     }
 
@@ -126,7 +126,7 @@ impl ReferralService for ReferralGrpc {
         &self,
         request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<pb::ListInboxResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.list_inbox(&ctx, request.get_ref()).await)
     }
 }

@@ -31,7 +31,7 @@ impl ShelterService for ShelterGrpc {
         &self,
         request: Request<pb::RegisterShelterRequest>,
     ) -> Result<Response<pb::RegisterShelterResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.register(&ctx, request.get_ref()).await)
     }
 
@@ -39,32 +39,32 @@ impl ShelterService for ShelterGrpc {
         &self,
         request: Request<pb::ChangeCapacityRequest>,
     ) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.change_capacity(&ctx, request.get_ref()).await)
     }
 
     async fn hold_bed(&self, request: Request<pb::HoldBedRequest>) -> Result<Response<pb::HoldBedResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.hold_bed(&ctx, request.get_ref()).await)
     }
 
     async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.release_hold(&ctx, request.get_ref()).await)
     }
 
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.admit(&ctx, request.get_ref()).await)
     }
 
     async fn discharge(&self, request: Request<pb::DischargeRequest>) -> Result<Response<CommandResult>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.discharge(&ctx, request.get_ref()).await)
     }
 
     async fn get_shelter(&self, request: Request<pb::GetShelterRequest>) -> Result<Response<pb::Shelter>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.get_shelter(&ctx, request.get_ref()).await)
     }
 
@@ -72,7 +72,7 @@ impl ShelterService for ShelterGrpc {
         &self,
         request: Request<pb::ListFreeCapacityRequest>,
     ) -> Result<Response<pb::ListFreeCapacityResponse>, Status> {
-        let ctx = call_context(&self.auth, &request)?;
+        let ctx = call_context(&self.auth, &request).await?;
         reply(self.app.list_free_capacity(&ctx, request.get_ref()).await)
     }
 }
