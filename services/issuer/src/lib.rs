@@ -95,7 +95,9 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -169,8 +171,8 @@ impl SigningKey {
     /// When the file cannot be read or holds no Ed25519 private JWK.
     pub fn load(path: &Path) -> Result<Self> {
         let text = fs::read_to_string(path).with_context(|| format!("reading the signing key {}", path.display()))?;
-        let jwk: PrivateJwk = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a private Ed25519 JWK", path.display()))?;
+        let jwk: PrivateJwk =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a private Ed25519 JWK", path.display()))?;
         if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
             bail!("{} is not an Ed25519 key", path.display());
         }
@@ -374,10 +376,7 @@ mod tests {
         let dir = temp_dir();
         let old = init(&dir).unwrap();
         let new = rotate(&dir).unwrap();
-        assert_eq!(
-            kids(&dir).unwrap(),
-            vec![new.kid().to_owned(), old.kid().to_owned()]
-        );
+        assert_eq!(kids(&dir).unwrap(), vec![new.kid().to_owned(), old.kid().to_owned()]);
         assert_eq!(SigningKey::load(&signing_key_path(&dir)).unwrap().kid(), new.kid());
         assert!(retire(&dir, new.kid()).is_err(), "the current key stays");
         retire(&dir, old.kid()).unwrap();

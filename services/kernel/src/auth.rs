@@ -237,7 +237,12 @@ impl KeySet {
             let Some(kid) = jwk.common.key_id.clone().filter(|k| !k.is_empty()) else {
                 continue;
             };
-            if jwk.common.public_key_use.as_ref().is_some_and(|u| *u != PublicKeyUse::Signature) {
+            if jwk
+                .common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|u| *u != PublicKeyUse::Signature)
+            {
                 continue;
             }
             let Some(algorithm) = key_algorithm(&jwk) else {
@@ -636,7 +641,10 @@ mod tests {
         // The signature of a real token does not make `none` any better.
         let real = f.key.sign(&good()).unwrap();
         let signature = real.rsplit('.').next().unwrap();
-        assert_refused(f.verify(&format!("{header}.{claims}.{signature}")).await, "alg none, signed");
+        assert_refused(
+            f.verify(&format!("{header}.{claims}.{signature}")).await,
+            "alg none, signed",
+        );
     }
 
     #[tokio::test]
@@ -667,10 +675,7 @@ mod tests {
         let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &good(), &f.key.encoding_key()).unwrap();
         assert_refused(f.verify(&token).await, "no kid");
         assert_refused(f.verify("not-a-token").await, "garbage");
-        assert_refused(
-            f.auth.verify(&tonic::metadata::MetadataMap::new()).await,
-            "no metadata",
-        );
+        assert_refused(f.auth.verify(&tonic::metadata::MetadataMap::new()).await, "no metadata");
     }
 
     #[tokio::test]

@@ -24,9 +24,10 @@ pub async fn call_context<T>(auth: &Authenticator, request: &Request<T>) -> Resu
     // its token names: it reads no case, person, referral or shelter.
     if matches!(context.caller.role, Role::Operator | Role::Auditor) {
         metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
-        return Err(
-            AppError::PermissionDenied("the operator and auditor roles may call their own services only".into()).into(),
-        );
+        return Err(AppError::PermissionDenied(
+            "the operator and auditor roles may call their own services only".into(),
+        )
+        .into());
     }
     Ok(context)
 }

@@ -359,7 +359,10 @@ mod tests {
 
     #[test]
     fn a_jwks_url_prints_without_its_credentials() {
-        let printed = format!("{:?}", AuthSettings::new("https://client:hunter2@idp.example/jwks?key=abc"));
+        let printed = format!(
+            "{:?}",
+            AuthSettings::new("https://client:hunter2@idp.example/jwks?key=abc")
+        );
         assert!(printed.contains("https://idp.example/jwks"), "{printed}");
         assert!(!printed.contains("hunter2") && !printed.contains("abc"), "{printed}");
     }
