@@ -2,7 +2,8 @@
 # Köpür — what `make run` runs: everything on this machine, in the foreground.
 #
 #   deps → cargo build --release of the services and nrmctl → private stack
-#   in .data (scripts/stack.sh) → keys in .data/secrets → the services →
+#   in .data (scripts/stack.sh) → keys in .data/secrets, the development
+#   token issuer in .data/issuer → the services →
 #   banner → wait. Ctrl-C (or SIGTERM) stops the services (SIGTERM, up to
 #   10 s each), then the stack; the data stay in .data (`make reset` deletes
 #   them).
@@ -23,16 +24,20 @@
 #   NRM_DATABASE__URL   the stack's PostgreSQL (postgres://nrm@127.0.0.1:PORT)
 #   NRM_DATABASE__NAME  the service's name (the service creates its database)
 #   NRM_NATS__URL       the stack's NATS
-#   NRM_AUTH__JWT_SECRET, NRM_SEALING__MASTER_KEY, NRM_SEALING__MATCH_KEY
-#                       from .data/secrets/{jwt,master,match}.key
-# Values already in the environment win: NRM_DATABASE__URL, NRM_NATS__URL and
-# the three secrets for every service; NRM_GRPC_ADDR, NRM_METRICS_ADDR and
+#   NRM_AUTH__JWKS      file://…/.data/issuer/jwks.json: the public keys of the
+#                       development token issuer (`nrmctl issuer init`, made
+#                       once; its private key signing-key.jwk goes to nrmctl
+#                       only, never to a service)
+#   NRM_SEALING__MASTER_KEY, NRM_SEALING__MATCH_KEY
+#                       from .data/secrets/{master,match}.key
+# Values already in the environment win: NRM_DATABASE__URL, NRM_NATS__URL,
+# NRM_AUTH__JWKS and the two sealing keys for every service; NRM_GRPC_ADDR, NRM_METRICS_ADDR and
 # NRM_DATABASE__NAME for the first service only; NRM_<SERVICE>_GRPC_ADDR,
 # NRM_<SERVICE>_METRICS_ADDR and NRM_<SERVICE>_DATABASE_NAME (e.g.
 # NRM_REFERRAL_GRPC_ADDR) for any one service.
 #
 # Files: .data/logs/<service>.log, .data/run/<service>.pid, .data/nrmctl.env
-# (NRM_ENDPOINT, NRM_<SERVICE>_ENDPOINT for the others, NRM_AUTH__JWT_SECRET and NRM_NATS__URL for the CLI:
+# (NRM_ENDPOINT, NRM_<SERVICE>_ENDPOINT for the others, NRM_ISSUER_KEY and NRM_NATS__URL for the CLI:
 #  `set -a; . .data/nrmctl.env; set +a`).
 # NRM_RUN_BUILD=0 skips the build (binaries already in target/release).
 # NRM_RUN_FOLLOW_LOGS=0/1 turns following the logs in the terminal off/on
@@ -61,6 +66,7 @@ EXTRA_PACKAGES=(nrmctl)
 DATA_DIR=.data
 BIN_DIR=${CARGO_TARGET_DIR:-target}/release
 SECRETS_DIR=$DATA_DIR/secrets
+ISSUER_DIR=$DATA_DIR/issuer
 LOG_DIR=$DATA_DIR/logs
 PID_DIR=$DATA_DIR/run
 READY_TIMEOUT=60 # seconds, each service
@@ -99,12 +105,21 @@ ensure_key() {
 ensure_secrets() {
     (umask 077 && mkdir -p "$SECRETS_DIR")
     chmod 700 "$SECRETS_DIR"
-    ensure_key "$SECRETS_DIR/jwt.key"
     ensure_key "$SECRETS_DIR/master.key"
     ensure_key "$SECRETS_DIR/match.key"
-    JWT_SECRET=${NRM_AUTH__JWT_SECRET:-$(<"$SECRETS_DIR/jwt.key")}
     MASTER_KEY=${NRM_SEALING__MASTER_KEY:-$(<"$SECRETS_DIR/master.key")}
     MATCH_KEY=${NRM_SEALING__MATCH_KEY:-$(<"$SECRETS_DIR/match.key")}
+}
+
+# The development token issuer, made once: its private key stays in
+# $ISSUER_DIR for nrmctl; the services get only the public jwks.json.
+ensure_issuer() {
+    if [[ ! -f $ISSUER_DIR/signing-key.jwk ]]; then
+        "$BIN_DIR/nrmctl" issuer init --dir "$ISSUER_DIR" >/dev/null
+        log "created the development token issuer in $ISSUER_DIR"
+    fi
+    ISSUER_KEY=$REPO_ROOT/$ISSUER_DIR/signing-key.jwk
+    JWKS_URL=${NRM_AUTH__JWKS:-file://$REPO_ROOT/$ISSUER_DIR/jwks.json}
 }
 
 # env_line NAME VALUE: NAME=VALUE, quoted only when it has to be.
@@ -184,7 +199,7 @@ start_service() {
         "NRM_DATABASE__URL=$DATABASE_URL"
         "NRM_DATABASE__NAME=$db"
         "NRM_NATS__URL=$NATS_URL"
-        "NRM_AUTH__JWT_SECRET=$JWT_SECRET"
+        "NRM_AUTH__JWKS=$JWKS_URL"
         "NRM_SEALING__MASTER_KEY=$MASTER_KEY"
         "NRM_SEALING__MATCH_KEY=$MATCH_KEY"
         "RUST_LOG=${RUST_LOG:-info}"
@@ -293,7 +308,9 @@ banner() {
             "$name" "${SVC_GRPC[$name]}" "${SVC_METRICS[$name]}" "${SVC_DB[$name]}"
         pid_list+=" $name=${SVC_PID[$name]}"
     done
-    printf '  %-18s %s   (logs/, secrets/, nrmctl.env)\n' "Data folder" "$REPO_ROOT/$DATA_DIR"
+    printf '  %-18s %s   (logs/, secrets/, issuer/, nrmctl.env)\n' "Data folder" "$REPO_ROOT/$DATA_DIR"
+    printf '  %-18s %s   (private key for nrmctl only; services verify with %s)\n' \
+        "Token issuer" "$ISSUER_DIR/signing-key.jwk" "$JWKS_URL"
     if [[ -L $DATA_DIR/pgdata ]]; then
         printf '  %-18s %s   (linked from %s/pgdata: postgres cannot reach %s)\n' \
             "PostgreSQL data" "$(readlink "$DATA_DIR/pgdata")" "$DATA_DIR" "$DATA_DIR"
@@ -301,7 +318,7 @@ banner() {
     printf '  %-18s Ctrl-C here (data kept); then `make reset` deletes all data\n' "Stop / reset"
     printf '\n  Try it:\n'
     printf '    set -a; . %s/nrmctl.env; set +a\n' "$DATA_DIR"
-    printf '    TOKEN=$(%s/nrmctl token mint --agency kg-mvd --role police --officer officer-17)\n' "$bin_rel"
+    printf '    TOKEN=$(%s/nrmctl token mint --agency kg-mvd --role police --officer officer-17)   # 1 h, EdDSA\n' "$bin_rel"
     printf '    grpcurl -plaintext -H "authorization: Bearer $TOKEN" %s list\n' "$grpc"
     printf '========================================================\n'
     log "pids:$pid_list"
@@ -346,6 +363,7 @@ main() {
     NATS_URL=${NRM_NATS__URL:-$NRM_STACK_NATS_URL}
 
     ensure_secrets
+    ensure_issuer
     mkdir -p "$LOG_DIR" "$PID_DIR"
 
     step "services"
@@ -377,7 +395,8 @@ main() {
                 local svc=${entry%%:*}
                 env_line "NRM_${svc^^}_ENDPOINT" "http://$(addr_host "${SVC_GRPC[$svc]}"):$(addr_port "${SVC_GRPC[$svc]}")"
             done
-            env_line NRM_AUTH__JWT_SECRET "$JWT_SECRET"
+            # the development issuer's private key: nrmctl mints with it
+            env_line NRM_ISSUER_KEY "$ISSUER_KEY"
             # for `nrmctl events watch`
             env_line NRM_NATS__URL "$NATS_URL"
         } >"$DATA_DIR/nrmctl.env.tmp"

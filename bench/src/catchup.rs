@@ -400,6 +400,7 @@ fn report_event(case: CaseId) -> pb::IdentificationEvent {
             case_id: case.to_string(),
             person_id: person_id.clone(),
             reporting_agency: "kg-mvd".into(),
+            competent_authority: "kg-mvd".into(),
             reported_at: Some(timestamp(now)),
             found_at: Some(timestamp(now - chrono::Duration::days(2))),
             found_country: "KG".into(),

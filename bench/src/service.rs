@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use nrm_identification::config::{IdentificationSettings, Settings};
 use nrm_identification::startup::Application;
-use nrm_kernel::auth::{self, Role};
+use nrm_kernel::auth::Role;
 use nrm_kernel::retry::RetryPolicy;
 use nrm_kernel::service::{CommonSettings, Service as _};
 use nrm_kernel::settings::{
@@ -25,10 +25,32 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// The HMAC secret of the benchmark's tokens.
-pub const JWT_SECRET: &str = "bench-secret-bench-secret-bench-secret";
-/// The tokens' issuer.
-pub const ISSUER: &str = "kopur";
+/// The benchmark's development issuer: a key pair made once per run, in a
+/// folder of its own; the services read only its `jwks.json`.
+///
+/// # Errors
+/// When the issuer folder cannot be written.
+fn issuer() -> anyhow::Result<&'static (std::path::PathBuf, nrm_issuer::SigningKey)> {
+    static ISSUER: std::sync::OnceLock<(std::path::PathBuf, nrm_issuer::SigningKey)> = std::sync::OnceLock::new();
+    if let Some(issuer) = ISSUER.get() {
+        return Ok(issuer);
+    }
+    let dir = std::env::temp_dir().join(format!("nrm-bench-issuer-{}", uuid::Uuid::new_v4().simple()));
+    let key = nrm_issuer::init(&dir)?;
+    Ok(ISSUER.get_or_init(|| (dir, key)))
+}
+
+/// The token settings of the benchmark's services.
+///
+/// # Errors
+/// When the issuer folder cannot be written.
+pub fn auth_settings() -> anyhow::Result<AuthSettings> {
+    let (dir, _) = issuer()?;
+    Ok(AuthSettings::new(format!(
+        "file://{}",
+        nrm_issuer::jwks_path(dir).display()
+    )))
+}
 
 /// A running identification service.
 pub struct Service {
@@ -68,10 +90,7 @@ impl Service {
                 },
                 relay: RelaySettings::default(),
                 retry: RetryPolicy::default(),
-                auth: AuthSettings {
-                    jwt_secret: SecretString::from(JWT_SECRET),
-                    issuer: ISSUER.into(),
-                },
+                auth: auth_settings()?,
                 telemetry: TelemetrySettings::default(),
             },
             sealing: SealingSettings {
@@ -127,10 +146,15 @@ impl Service {
 /// # Errors
 /// When the token cannot be signed.
 pub fn token(agency: &str, role: Role, officer: &str) -> anyhow::Result<String> {
-    Ok(auth::mint(
-        &SecretString::from(JWT_SECRET),
-        &auth::claims(ISSUER, agency, role, officer, 3600),
-    )?)
+    let (_, key) = issuer()?;
+    key.sign(&nrm_issuer::TokenClaims::new(
+        nrm_issuer::DEFAULT_ISSUER,
+        nrm_issuer::DEFAULT_AUDIENCE,
+        agency,
+        role.as_str(),
+        officer,
+        3600,
+    ))
 }
 
 /// Adds `authorization: Bearer <token>` to a request.

@@ -25,9 +25,7 @@ use nrm_kernel::bus::Bus;
 use nrm_kernel::relay::{Relay, RelayConfig};
 use nrm_kernel::retry::RetryPolicy;
 use nrm_kernel::service::{CommonSettings, Service as _};
-use nrm_kernel::settings::{
-    AuthSettings, DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings,
-};
+use nrm_kernel::settings::{DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings};
 use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent};
 use nrm_proto::common::v1::EventCommit;
 use nrm_proto::referral::v1 as referral;
@@ -44,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::service::{ISSUER, JWT_SECRET, authorized, token};
+use crate::service::{auth_settings, authorized, token};
 use crate::stats::{self, RunResult};
 
 /// Beds of the shelter the throughput phases hold from (the most a category may have).
@@ -193,10 +191,7 @@ impl Service {
                 },
                 relay: RelaySettings::default(),
                 retry: RetryPolicy::default(),
-                auth: AuthSettings {
-                    jwt_secret: SecretString::from(JWT_SECRET),
-                    issuer: ISSUER.into(),
-                },
+                auth: auth_settings()?,
                 telemetry: TelemetrySettings::default(),
             },
             sealing: SealingSettings {

@@ -31,7 +31,7 @@ use async_nats::jetstream;
 use base64::Engine as _;
 use nrm_identification::config::{IdentificationSettings, Settings};
 use nrm_identification::startup::Application;
-use nrm_kernel::auth::{self, Role};
+use nrm_kernel::auth::Role;
 use nrm_kernel::retry::RetryPolicy;
 use nrm_kernel::service::{CommonSettings, Service as _};
 use nrm_kernel::settings::{
@@ -126,8 +126,39 @@ pub fn unique() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
-/// The JWT secret of every test.
-pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret";
+/// The development issuer of this test process: a key pair made once, in a
+/// folder of its own; the services read only its `jwks.json`.
+#[must_use]
+pub fn issuer_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("nrm-test-issuer-{}", unique()));
+        nrm_issuer::init(&dir).expect("create the test issuer");
+        dir
+    })
+}
+
+/// The test issuer's private key file (`NRM_ISSUER_KEY` for nrmctl).
+#[must_use]
+pub fn issuer_key_path() -> PathBuf {
+    nrm_issuer::signing_key_path(issuer_dir())
+}
+
+/// The test issuer's signing key.
+///
+/// # Panics
+/// When the key written by [`issuer_dir`] cannot be read.
+#[must_use]
+pub fn issuer_key() -> &'static nrm_issuer::SigningKey {
+    static KEY: OnceLock<nrm_issuer::SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| nrm_issuer::SigningKey::load(&issuer_key_path()).expect("read the test issuer's key"))
+}
+
+/// `NRM_AUTH__JWKS` of every test service: the test issuer's public keys.
+#[must_use]
+pub fn jwks_url() -> String {
+    format!("file://{}", nrm_issuer::jwks_path(issuer_dir()).display())
+}
 
 /// Settings of an identification service with its own database and subjects.
 #[must_use]
@@ -155,10 +186,7 @@ pub fn settings() -> Settings {
             },
             relay: RelaySettings::default(),
             retry: RetryPolicy::default(),
-            auth: AuthSettings {
-                jwt_secret: SecretString::from(JWT_SECRET),
-                issuer: "kopur".into(),
-            },
+            auth: AuthSettings::new(jwks_url()),
             telemetry: TelemetrySettings::default(),
         },
         sealing: SealingSettings {
@@ -172,14 +200,19 @@ pub fn settings() -> Settings {
 /// A bearer token for `officer` of `agency` in `role`.
 ///
 /// # Panics
-/// Never with the test secret.
+/// Never with the test issuer's key.
 #[must_use]
 pub fn token(agency: &str, role: Role, officer: &str) -> String {
-    auth::mint(
-        &SecretString::from(JWT_SECRET),
-        &auth::claims("kopur", agency, role, officer, 3600),
-    )
-    .expect("mint token")
+    issuer_key()
+        .sign(&nrm_issuer::TokenClaims::new(
+            nrm_issuer::DEFAULT_ISSUER,
+            nrm_issuer::DEFAULT_AUDIENCE,
+            agency,
+            role.as_str(),
+            officer,
+            3600,
+        ))
+        .expect("mint token")
 }
 
 /// Adds `authorization: Bearer <token>` to a request.
@@ -567,10 +600,7 @@ pub fn service_env(settings: &Settings) -> Vec<(String, String)> {
         ("NRM_NATS__URL".into(), settings.nats.url.clone()),
         ("NRM_NATS__SUBJECT_PREFIX".into(), settings.nats.subject_prefix.clone()),
         ("NRM_NATS__STREAM_PREFIX".into(), settings.nats.stream_prefix.clone()),
-        (
-            "NRM_AUTH__JWT_SECRET".into(),
-            settings.auth.jwt_secret.expose_secret().to_owned(),
-        ),
+        ("NRM_AUTH__JWKS".into(), settings.auth.jwks.clone()),
         (
             "NRM_SEALING__MASTER_KEY".into(),
             settings.sealing.master_key.expose_secret().to_owned(),

@@ -9,7 +9,7 @@
 use std::process::{Command, Output};
 
 use nrm_e2e::fixtures::{metadata, reported};
-use nrm_e2e::{JWT_SECRET, Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, token};
+use nrm_e2e::{Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, issuer_key_path, token};
 use nrm_kernel::audit::{self, BreakKind, Entry, Outcome};
 use nrm_kernel::auth::Role;
 use nrm_kernel::store::{Actor, Append, Appended, AuditEntry, CommandRecord, EventStore};
@@ -305,7 +305,7 @@ fn nrmctl(endpoints: [&str; 3], role: &str, args: &[&str]) -> Output {
         .env("NRM_ENDPOINT", endpoints[0])
         .env("NRM_REFERRAL_ENDPOINT", endpoints[1])
         .env("NRM_SHELTER_ENDPOINT", endpoints[2])
-        .env("NRM_AUTH__JWT_SECRET", JWT_SECRET)
+        .env("NRM_ISSUER_KEY", issuer_key_path())
         .env("NRM_AGENCY", "kg-audit")
         .env("NRM_ROLE", role)
         .env("NRM_OFFICER", "auditor-1")

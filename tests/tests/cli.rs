@@ -5,13 +5,13 @@
 
 use std::process::{Command, Output};
 
-use nrm_e2e::{JWT_SECRET, TestApp, binary};
+use nrm_e2e::{TestApp, binary, issuer_key_path};
 
 fn nrmctl(app: &TestApp, role: &str, args: &[&str]) -> Output {
     Command::new(binary("nrmctl"))
         .args(args)
         .env("NRM_ENDPOINT", &app.endpoint)
-        .env("NRM_AUTH__JWT_SECRET", JWT_SECRET)
+        .env("NRM_ISSUER_KEY", issuer_key_path())
         .env("NRM_AGENCY", "kg-mvd")
         .env("NRM_ROLE", role)
         .env("NRM_OFFICER", "officer-5")

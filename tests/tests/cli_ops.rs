@@ -8,7 +8,7 @@ use std::future::Future;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use nrm_e2e::{JWT_SECRET, TestApp, authorized, binary, person, report_request, settings, token};
+use nrm_e2e::{TestApp, authorized, binary, issuer_key_path, person, report_request, settings, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::retry::RetryPolicy;
 
@@ -21,7 +21,7 @@ fn nrmctl(app: &TestApp, role: &str, args: &[&str]) -> Output {
         .env("NRM_ENDPOINT", &app.endpoint)
         .env("NRM_REFERRAL_ENDPOINT", NOBODY)
         .env("NRM_SHELTER_ENDPOINT", NOBODY)
-        .env("NRM_AUTH__JWT_SECRET", JWT_SECRET)
+        .env("NRM_ISSUER_KEY", issuer_key_path())
         .env("NRM_AGENCY", "kg-ops")
         .env("NRM_ROLE", role)
         .env("NRM_OFFICER", "operator-1")

@@ -134,7 +134,7 @@ impl Gate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Uuid>().ok())
             .unwrap_or_else(Uuid::now_v7);
-        let caller = match self.auth.verify(&metadata) {
+        let caller = match self.auth.verify(&metadata).await {
             Ok(caller) => caller,
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);

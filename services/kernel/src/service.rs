@@ -156,15 +156,19 @@ impl Kit {
         let bus = Bus::connect(&settings.nats).await?;
         let store = EventStore::new(pool);
         let listeners = Listeners::bind(&settings.server).await?;
+        let auth = Authenticator::new(&settings.auth)
+            .await
+            .context("loading the token keys (NRM_AUTH__JWKS)")?;
         let mut kit = Self {
             spec,
-            auth: Authenticator::new(&settings.auth.jwt_secret, &settings.auth.issuer),
+            auth: auth.clone(),
             retry: settings.retry,
             store,
             bus,
             listeners,
             tasks: Vec::new(),
         };
+        kit.spawn(|stop| auth.run_refresh(stop));
         if settings.relay.fault_abort_after_ack > 0.0 {
             tracing::warn!(
                 probability = settings.relay.fault_abort_after_ack,

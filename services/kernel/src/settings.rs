@@ -206,18 +206,89 @@ fn default_true() -> bool {
     true
 }
 
-/// Verification of bearer tokens.
-#[derive(Debug, Clone, Deserialize)]
+/// Verification of bearer tokens. A service holds public keys only.
+#[derive(Clone, Deserialize)]
 pub struct AuthSettings {
-    /// HMAC key of the JWTs, base64 (`NRM_AUTH__JWT_SECRET`, required).
-    pub jwt_secret: SecretString,
+    /// Where the public keys are, a JWK set (`NRM_AUTH__JWKS`, required):
+    /// `file:///…/jwks.json` (the development issuer's), or the `jwks_uri`
+    /// of an OpenID Connect provider (`https://…`).
+    pub jwks: String,
     /// Expected `iss` claim (`NRM_AUTH__ISSUER`, default `kopur`).
     #[serde(default = "default_issuer")]
     pub issuer: String,
+    /// Expected `aud` claim (`NRM_AUTH__AUDIENCE`, default `kopur`).
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Longest lifetime (`exp` − `iat`) of a token taken
+    /// (`NRM_AUTH__MAX_TOKEN_LIFETIME_SECONDS`, default 3600).
+    #[serde(default = "default_max_token_lifetime_seconds")]
+    pub max_token_lifetime_seconds: u64,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`
+    /// (`NRM_AUTH__LEEWAY_SECONDS`, default 30).
+    #[serde(default = "default_leeway_seconds")]
+    pub leeway_seconds: u64,
+    /// How often the key set is fetched again
+    /// (`NRM_AUTH__JWKS_REFRESH_SECONDS`, default 300).
+    #[serde(default = "default_jwks_refresh_seconds")]
+    pub jwks_refresh_seconds: u64,
+    /// A token with an unknown `kid` fetches the set again at most this often
+    /// (`NRM_AUTH__JWKS_MIN_REFRESH_SECONDS`, default 30).
+    #[serde(default = "default_jwks_min_refresh_seconds")]
+    pub jwks_min_refresh_seconds: u64,
+}
+
+impl AuthSettings {
+    /// Settings for the key set at `jwks`, every other setting its default.
+    #[must_use]
+    pub fn new(jwks: impl Into<String>) -> Self {
+        Self {
+            jwks: jwks.into(),
+            issuer: default_issuer(),
+            audience: default_audience(),
+            max_token_lifetime_seconds: default_max_token_lifetime_seconds(),
+            leeway_seconds: default_leeway_seconds(),
+            jwks_refresh_seconds: default_jwks_refresh_seconds(),
+            jwks_min_refresh_seconds: default_jwks_min_refresh_seconds(),
+        }
+    }
+}
+
+impl fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("jwks", &redacted_url(&self.jwks))
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("max_token_lifetime_seconds", &self.max_token_lifetime_seconds)
+            .field("leeway_seconds", &self.leeway_seconds)
+            .field("jwks_refresh_seconds", &self.jwks_refresh_seconds)
+            .field("jwks_min_refresh_seconds", &self.jwks_min_refresh_seconds)
+            .finish()
+    }
 }
 
 fn default_issuer() -> String {
     "kopur".into()
+}
+
+fn default_audience() -> String {
+    "kopur".into()
+}
+
+fn default_max_token_lifetime_seconds() -> u64 {
+    3600
+}
+
+fn default_leeway_seconds() -> u64 {
+    30
+}
+
+fn default_jwks_refresh_seconds() -> u64 {
+    300
+}
+
+fn default_jwks_min_refresh_seconds() -> u64 {
+    30
 }
 
 /// Keys for personal data.
@@ -284,5 +355,15 @@ mod tests {
         let printed = format!("{settings:?}");
         assert!(printed.contains("nats://10.0.0.5:4222"), "{printed}");
         assert!(!printed.contains("natspass") && !printed.contains("natsuser") && !printed.contains("abc"));
+    }
+
+    #[test]
+    fn a_jwks_url_prints_without_its_credentials() {
+        let printed = format!(
+            "{:?}",
+            AuthSettings::new("https://client:hunter2@idp.example/jwks?key=abc")
+        );
+        assert!(printed.contains("https://idp.example/jwks"), "{printed}");
+        assert!(!printed.contains("hunter2") && !printed.contains("abc"), "{printed}");
     }
 }

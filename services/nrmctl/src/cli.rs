@@ -24,9 +24,10 @@ use shelter::ShelterCommand;
 
 /// Command-line client of Köpür, the national referral mechanism.
 ///
-/// Calls the services over gRPC, mints development tokens and watches the
-/// events on NATS JetStream. When no --token is given and
-/// NRM_AUTH__JWT_SECRET is set, nrmctl signs a five-minute token for the
+/// Calls the services over gRPC, runs the development token issuer and
+/// watches the events on NATS JetStream. When no --token is given and the
+/// development issuer's private key is at hand (NRM_ISSUER_KEY, default
+/// .data/issuer/signing-key.jwk), nrmctl signs a five-minute token for the
 /// --as-agency/--as-role/--as-officer caller itself.
 #[derive(Debug, Parser)]
 #[command(name = "nrmctl", version)]
@@ -126,6 +127,9 @@ pub enum Command {
     /// Bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The development token issuer: its key pairs and public key set.
+    #[command(subcommand)]
+    Issuer(IssuerCommand),
     /// Identification cases.
     #[command(subcommand)]
     Case(CaseCommand),
@@ -168,8 +172,42 @@ pub struct PermissionsArgs {
 /// Bearer tokens.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Print a token signed with NRM_AUTH__JWT_SECRET (for development).
+    /// Print a token signed with the development issuer's private key.
     Mint(MintArgs),
+}
+
+/// The development token issuer. Its folder holds the private key
+/// (signing-key.jwk, mode 600), which no service reads, and the public key
+/// set (jwks.json) that the services verify with (NRM_AUTH__JWKS=file://…).
+#[derive(Debug, Subcommand)]
+pub enum IssuerCommand {
+    /// Create the issuer folder with a fresh Ed25519 key pair.
+    Init(IssuerDir),
+    /// Sign with a fresh key from now on; the old public key stays in the set.
+    Rotate(IssuerDir),
+    /// Remove an old public key from the set: its tokens no longer verify.
+    Retire(RetireArgs),
+    /// List the key IDs in the set, the signing key first.
+    Keys(IssuerDir),
+}
+
+/// The issuer folder.
+#[derive(Debug, Args)]
+pub struct IssuerDir {
+    /// The issuer folder.
+    #[arg(long, env = "NRM_ISSUER_DIR", default_value = ".data/issuer")]
+    pub dir: std::path::PathBuf,
+}
+
+/// `issuer retire`.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// The issuer folder.
+    #[command(flatten)]
+    pub dir: IssuerDir,
+    /// The key ID to remove.
+    #[arg(long)]
+    pub kid: String,
 }
 
 /// `token mint`.
@@ -184,9 +222,13 @@ pub struct MintArgs {
     /// Pseudonymous officer ID (never a name).
     #[arg(long)]
     pub officer: String,
-    /// Lifetime: 90s, 30m, 8h, 1d, 1h30m.
-    #[arg(long, default_value = "8h", value_parser = parse_ttl)]
+    /// Lifetime: 90s, 30m, 1h, 1h30m (the services refuse tokens living
+    /// longer than NRM_AUTH__MAX_TOKEN_LIFETIME_SECONDS, default 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
     pub ttl: i64,
+    /// The issuer's private key.
+    #[arg(long, env = "NRM_ISSUER_KEY", default_value = crate::token::DEFAULT_ISSUER_KEY)]
+    pub key: std::path::PathBuf,
 }
 
 /// Identification cases.

@@ -1,10 +1,10 @@
 //! `nrmctl`, the command-line client of Köpür: calls the services over gRPC,
-//! mints development tokens and watches the events on NATS JetStream.
+//! runs the development token issuer and watches the events on NATS JetStream.
 //!
 //! # Layout
 //! - [`cli`]: the clap types.
 //! - [`enums`]: protobuf enums as kebab-case names (`--form forced-begging`).
-//! - [`token`]: `token mint` and the self-minted development token.
+//! - [`token`]: `token mint`, `issuer …` and the self-minted development token.
 //! - [`rpc`]: what every gRPC command shares: the channel with the bearer
 //!   token, request IDs, command results.
 //! - [`case`], [`person`]: `case …` and `person get`, the identification service.
@@ -34,7 +34,7 @@ mod rpc;
 mod shelter;
 mod token;
 
-use cli::{Cli, Command, EventsCommand, TokenCommand};
+use cli::{Cli, Command, EventsCommand, IssuerCommand, TokenCommand};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -52,6 +52,10 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Token(TokenCommand::Mint(args)) => token::mint(&args),
+        Command::Issuer(IssuerCommand::Init(args)) => token::issuer_init(&args.dir),
+        Command::Issuer(IssuerCommand::Rotate(args)) => token::issuer_rotate(&args.dir),
+        Command::Issuer(IssuerCommand::Retire(args)) => token::issuer_retire(&args.dir.dir, &args.kid),
+        Command::Issuer(IssuerCommand::Keys(args)) => token::issuer_keys(&args.dir),
         Command::Case(command) => case::run(&cli.global, command).await,
         Command::Person(command) => person::run(&cli.global, command).await,
         Command::Consent(command) => consent::run(&cli.global, command).await,

@@ -1,52 +1,61 @@
-//! Bearer tokens: `token mint`, and the short-lived development token nrmctl
-//! makes for itself when no `--token` is given but the signing key is at hand.
+//! Bearer tokens and the development issuer: `token mint`, `issuer …`, and
+//! the short-lived development token nrmctl makes for itself when no
+//! `--token` is given but the issuer's private key is at hand. The key never
+//! leaves this process: the services verify with the public `jwks.json`.
 
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::ErrorKind;
-use nrm_kernel::auth::{self, Role};
-use secrecy::SecretString;
+use nrm_issuer::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKey, TokenClaims};
+use nrm_kernel::auth::Role;
 
 use crate::cli::{Global, MintArgs};
 
-/// The variable holding the services' HMAC signing key.
-const SECRET_VAR: &str = "NRM_AUTH__JWT_SECRET";
+/// The variable naming the issuer's private key.
+const KEY_VAR: &str = "NRM_ISSUER_KEY";
+/// Where `make run` keeps the issuer's private key (from the repository's root).
+pub const DEFAULT_ISSUER_KEY: &str = ".data/issuer/signing-key.jwk";
 /// The variable naming the token issuer.
 const ISSUER_VAR: &str = "NRM_AUTH__ISSUER";
-/// The issuer the services expect unless configured otherwise.
-const DEFAULT_ISSUER: &str = "kopur";
+/// The variable naming the services' audience.
+const AUDIENCE_VAR: &str = "NRM_AUTH__AUDIENCE";
 /// Lifetime of the token nrmctl mints for its own calls.
 const SELF_MINTED_TTL_SECONDS: i64 = 300;
 
 /// `token mint`: prints a signed token.
 ///
 /// # Errors
-/// When the signing key is not set or signing fails.
+/// When the private key cannot be read.
 pub fn mint(args: &MintArgs) -> Result<()> {
-    let Some(secret) = secret() else {
-        bail!("token mint needs the signing key in {SECRET_VAR}");
-    };
-    let token = sign(&secret, &args.agency, args.role, &args.officer, args.ttl)?;
+    let key = SigningKey::load(&args.key).with_context(|| {
+        format!("token mint needs the issuer's private key ({KEY_VAR} or --key; `nrmctl issuer init` makes one)")
+    })?;
+    let token = sign(&key, &args.agency, args.role, &args.officer, args.ttl)?;
     crate::output::emit(&format!("{token}\n"))
 }
 
 /// The bearer token for a call: `--token`, else one minted from the
-/// `--as-*` options when the signing key is set, else none.
+/// `--as-*` options when the issuer's private key is at hand, else none.
 ///
 /// # Errors
-/// When minting fails.
+/// When `NRM_ISSUER_KEY` names a key that cannot be read.
 pub fn bearer(global: &Global) -> Result<Option<String>> {
     if let Some(token) = global.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(Some(token.to_owned()));
     }
-    let Some(secret) = secret() else {
-        return Ok(None);
+    let key = match std::env::var(KEY_VAR).ok().filter(|s| !s.is_empty()) {
+        Some(path) => SigningKey::load(Path::new(&path)).with_context(|| format!("reading {KEY_VAR}"))?,
+        None => match SigningKey::load(Path::new(DEFAULT_ISSUER_KEY)) {
+            Ok(key) => key,
+            Err(_) => return Ok(None),
+        },
     };
     sign(
-        &secret,
+        &key,
         &global.as_agency,
         global.as_role,
         &global.as_officer,
@@ -55,20 +64,69 @@ pub fn bearer(global: &Global) -> Result<Option<String>> {
     .map(Some)
 }
 
-fn secret() -> Option<SecretString> {
-    std::env::var(SECRET_VAR)
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var)
         .ok()
         .filter(|s| !s.is_empty())
-        .map(SecretString::from)
+        .unwrap_or_else(|| default.to_owned())
 }
 
-fn sign(secret: &SecretString, agency: &str, role: Role, officer: &str, ttl_seconds: i64) -> Result<String> {
-    let issuer = std::env::var(ISSUER_VAR)
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_ISSUER.to_owned());
-    let claims = auth::claims(&issuer, agency, role, officer, ttl_seconds);
-    auth::mint(secret, &claims).context("signing the token")
+fn sign(key: &SigningKey, agency: &str, role: Role, officer: &str, ttl_seconds: i64) -> Result<String> {
+    let claims = TokenClaims::new(
+        &env_or(ISSUER_VAR, DEFAULT_ISSUER),
+        &env_or(AUDIENCE_VAR, DEFAULT_AUDIENCE),
+        agency,
+        role.as_str(),
+        officer,
+        ttl_seconds,
+    );
+    key.sign(&claims)
+}
+
+/// `issuer init`: a new issuer folder.
+///
+/// # Errors
+/// When the folder holds a key already or cannot be written.
+pub fn issuer_init(dir: &Path) -> Result<()> {
+    let key = nrm_issuer::init(dir)?;
+    print_issuer(dir, "created", &key)
+}
+
+/// `issuer rotate`: a new signing key; the old public key stays.
+///
+/// # Errors
+/// When the folder is no issuer folder or cannot be written.
+pub fn issuer_rotate(dir: &Path) -> Result<()> {
+    let key = nrm_issuer::rotate(dir)?;
+    print_issuer(dir, "rotated", &key)
+}
+
+/// `issuer retire`: removes an old public key.
+///
+/// # Errors
+/// When `kid` is the signing key or not in the set.
+pub fn issuer_retire(dir: &Path, kid: &str) -> Result<()> {
+    nrm_issuer::retire(dir, kid)?;
+    crate::output::emit(&format!("retired {kid}\n"))
+}
+
+/// `issuer keys`: the key IDs of the set.
+///
+/// # Errors
+/// When the set cannot be read.
+pub fn issuer_keys(dir: &Path) -> Result<()> {
+    let kids = nrm_issuer::kids(dir)?;
+    crate::output::emit(&kids.iter().map(|k| format!("{k}\n")).collect::<String>())
+}
+
+fn print_issuer(dir: &Path, what: &str, key: &SigningKey) -> Result<()> {
+    let jwks: PathBuf = std::path::absolute(nrm_issuer::jwks_path(dir))?;
+    crate::output::emit(&format!(
+        "{what}: signing key {kid}\n  private key  {key}   (for nrmctl only: {KEY_VAR})\n  public keys  {jwks}   (for the services: NRM_AUTH__JWKS=file://{jwks})\n",
+        kid = key.kid(),
+        key = nrm_issuer::signing_key_path(dir).display(),
+        jwks = jwks.display(),
+    ))
 }
 
 /// Parses a role code; `-` may stand for `_` (`border-service`).
@@ -195,7 +253,8 @@ mod tests {
         assert_eq!(parse_role("operator"), Ok(Role::Operator));
         let err = parse_role("mayor").expect_err("no such role");
         assert!(err.contains("border-service"), "{err}");
-        assert!(err.ends_with("coordinator, auditor, operator"), "{err}");
+        let names = role_names();
+        assert!(err.ends_with(&names[names.len() - 2..].join(", ")), "{err}");
     }
 
     #[test]
@@ -213,6 +272,7 @@ mod tests {
             assert!(help.contains(&role), "{role} missing from:\n{help}");
         }
         let help = crate::cli::Cli::command().render_long_help().to_string();
-        assert!(help.contains("coordinator, auditor, operator"), "{help}");
+        let names = role_names();
+        assert!(help.contains(&names[names.len() - 2..].join(", ")), "{help}");
     }
 }

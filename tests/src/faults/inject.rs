@@ -508,7 +508,7 @@ impl Services {
                 ("NRM_NATS__URL", stack.nats_url.clone()),
                 ("NRM_NATS__SUBJECT_PREFIX", subject_prefix.clone()),
                 ("NRM_NATS__STREAM_PREFIX", stream_prefix.clone()),
-                ("NRM_AUTH__JWT_SECRET", crate::JWT_SECRET.into()),
+                ("NRM_AUTH__JWKS", crate::jwks_url()),
                 ("NRM_SEALING__MASTER_KEY", key(7)),
                 ("NRM_SEALING__MATCH_KEY", key(9)),
                 ("NRM_TELEMETRY__LOG", "info".into()),
