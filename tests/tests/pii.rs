@@ -119,7 +119,8 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
     let read = |personal: bool| pb::GetCaseRequest {
         case_id: reported.case_id.clone(),
         include_personal_data: personal,
-        purpose: "pii test".into(),
+        read_purpose: pb::ReadPurpose::CaseReview as i32,
+        ..Default::default()
     };
     let case = client
         .get_case(authorized(read(true), &police))
@@ -165,6 +166,7 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
             pb::ErasePersonalDataRequest {
                 request_id: "pii-4".into(),
                 case_id: reported.case_id.clone(),
+                reason: pb::ErasureReason::DataSubjectRequest as i32,
             },
             &token("kg-coordinator", Role::Coordinator, "coord-1"),
         ))
