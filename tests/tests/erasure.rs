@@ -219,7 +219,7 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(case.matching_case_ids, [first.case_id.clone()]);
+    assert_eq!(case.matching_case_ids, std::slice::from_ref(&first.case_id));
     let Some(View::Identifiers(identifiers)) = case.personal.and_then(|p| p.view) else {
         panic!("the competent authority reads the identifiers");
     };

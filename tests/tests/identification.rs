@@ -457,7 +457,7 @@ async fn a_second_report_of_the_same_person_is_flagged_to_the_competent_authorit
     for who in [police(), coordinator.clone()] {
         let case = read(&second.case_id, &who).await.unwrap();
         assert!(case.possible_duplicate);
-        assert_eq!(case.matching_case_ids, [first.case_id.clone()]);
+        assert_eq!(case.matching_case_ids, std::slice::from_ref(&first.case_id));
         assert!(!read(&fresh.case_id, &who).await.unwrap().possible_duplicate);
     }
     // The same in the list (a projection: wait for it).
@@ -491,7 +491,7 @@ async fn a_second_report_of_the_same_person_is_flagged_to_the_competent_authorit
         let flagged: Vec<_> = cases.iter().filter(|c| c.possible_duplicate).collect();
         assert_eq!(flagged.len(), 1, "{cases:?}");
         assert_eq!(flagged[0].case_id, second.case_id);
-        assert_eq!(flagged[0].matching_case_ids, [first.case_id.clone()]);
+        assert_eq!(flagged[0].matching_case_ids, std::slice::from_ref(&first.case_id));
     }
 
     // The NGO cannot read the police's case: refused and audited, with the case ID only.
