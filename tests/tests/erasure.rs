@@ -192,8 +192,9 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
     let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
 
     // The canary person reported twice (the second a possible duplicate), and someone else.
+    let first_request = report_request("er-1", canary());
     let first = client
-        .report_presumed_victim(authorized(report_request("er-1", canary()), &police))
+        .report_presumed_victim(authorized(first_request.clone(), &police))
         .await
         .unwrap()
         .into_inner();
@@ -210,6 +211,12 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
         .await
         .unwrap()
         .into_inner();
+    let replayed = client
+        .report_presumed_victim(authorized(first_request.clone(), &police))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replayed.result.unwrap().replayed);
     // The identifiers opened once, by the competent authority.
     let case = client
         .get_case(authorized(
@@ -351,6 +358,13 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
         .unwrap()
         .into_inner();
     assert!(matches!(case.personal.and_then(|p| p.view), Some(View::Identifiers(_))));
+    // A retry of the first report is answered no more (its fingerprint, a
+    // digest of the identifiers, is gone) and never runs again.
+    let status = client
+        .report_presumed_victim(authorized(first_request, &police))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
     // Erasing again is refused: nothing is left to erase.
     let status = client
         .erase_personal_data(authorized(

@@ -452,7 +452,8 @@ impl Identification {
         command::finish(&self.store, uow, key, fp, response).await
     }
 
-    /// Deletes the data key and the match keys of the person of `case`.
+    /// Deletes the data key and the match keys of the person of `case`, and
+    /// the fingerprints of the requests on it.
     async fn shred(uow: &mut nrm_kernel::store::UnitOfWork, case_id: CaseId, case: &Case) -> Result<(), AppError> {
         let person_id = case
             .report
@@ -462,6 +463,14 @@ impl Identification {
         DataKey::shred(uow.conn(), person_id).await?;
         sqlx::query("DELETE FROM match_keys WHERE case_id = $1")
             .bind(case_id.as_uuid())
+            .execute(&mut *uow.conn())
+            .await?;
+        // The answers recorded for the case's commands stay (IDs only; a
+        // retry is never run again), but their fingerprints go: a report's is
+        // a digest of a request that carried the identifiers. A retry is then
+        // refused as a reused request ID.
+        sqlx::query("UPDATE commands SET fingerprint = ''::bytea WHERE position($1::bytea IN response) > 0")
+            .bind(case_id.to_string().into_bytes())
             .execute(&mut *uow.conn())
             .await?;
         Ok(())
