@@ -21,6 +21,7 @@
 
 pub mod faults;
 pub mod fixtures;
+pub mod ident;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -463,6 +464,7 @@ pub fn report_request(
         age_band: 0,
         citizenship: "KG".into(),
         personal: Some(personal),
+        competent_authority: String::new(),
     }
 }
 

@@ -377,6 +377,7 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
                     id::GetPersonalDataRequest {
                         person_id,
                         purpose: "shelter placement".into(),
+                        ..Default::default()
                     },
                     &as_(MSD),
                 ))
@@ -546,6 +547,7 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
                     id::GetPersonalDataRequest {
                         person_id,
                         purpose: "treatment".into(),
+                        ..Default::default()
                     },
                     &as_(MOH),
                 ))

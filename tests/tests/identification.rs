@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+use nrm_e2e::ident::{assert_refusal_audited, audit_since, coded_case, read_case, report_for};
 use nrm_e2e::{TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::personal_data_view::View;
@@ -41,10 +42,10 @@ async fn get(app: &TestApp, case_id: &str, personal: bool) -> Result<pb::Case, t
     app.client
         .clone()
         .get_case(authorized(
-            pb::GetCaseRequest {
-                case_id: case_id.to_owned(),
-                include_personal_data: personal,
-                purpose: if personal { "case review".into() } else { String::new() },
+            if personal {
+                read_case(case_id, pb::ReadPurpose::CaseReview)
+            } else {
+                coded_case(case_id)
             },
             &police(),
         ))
@@ -79,13 +80,28 @@ fn decision(case_id: &str, version: u64, decision: pb::Decision) -> pb::DecideId
 #[tokio::test]
 async fn a_case_goes_from_report_through_screening_to_identification() {
     let app = TestApp::spawn().await;
-    let reported = report(&app, "r-1").await;
+    // The police report; the prosecutor is the competent authority deciding.
+    let reported = app
+        .client
+        .clone()
+        .report_presumed_victim(authorized(
+            report_for(
+                "r-1",
+                person("Aigul Asanova", "AC1234567", "+996 555 000 111"),
+                "kg-prosecutor",
+            ),
+            &police(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(reported.status, pb::CaseStatus::Reported as i32);
     assert!(!reported.possible_duplicate);
 
     let case = get(&app, &reported.case_id, false).await.unwrap();
     assert_eq!(case.version, 1);
     assert_eq!(case.reporting_agency, "kg-mvd");
+    assert_eq!(case.competent_authority, "kg-prosecutor");
     assert!(matches!(case.personal.unwrap().view, Some(View::Withheld(_))));
 
     let mut client = app.client.clone();
@@ -117,9 +133,9 @@ async fn a_case_goes_from_report_through_screening_to_identification() {
         panic!("the reporting agency reads the identifiers");
     };
     assert_eq!(identifiers.full_name, "Aigul Asanova");
-    // The read of personal data is in the audit trail, with its purpose.
+    // The read of personal data is in the audit trail, with its purpose's code.
     let audited: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND purpose = 'case review' AND officer = 'officer-17'",
+        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND purpose = 'READ_PURPOSE_CASE_REVIEW' AND officer = 'officer-17'",
     )
     .fetch_one(&app.pool)
     .await
@@ -169,12 +185,14 @@ async fn a_child_is_presumed_at_once_and_not_identified_only_after_best_interest
         refused.get_details_precondition_failure().unwrap().violations[0].r#type,
         "CHILD_BEST_INTERESTS_ASSESSMENT_REQUIRED"
     );
-    tables
-        .assert_unchanged_since(
-            &before,
-            "a child found not identified without a best-interests assessment",
-        )
-        .await;
+    assert_refusal_audited(
+        &tables,
+        &before,
+        "DecideIdentification:refused",
+        &reported.case_id,
+        "a child found not identified without a best-interests assessment",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -228,9 +246,14 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         status.get_details_precondition_failure().unwrap().violations[0].r#type,
         "NOT_SCREENED"
     );
-    tables
-        .assert_unchanged_since(&before, "deciding before screening")
-        .await;
+    let before = assert_refusal_audited(
+        &tables,
+        &before,
+        "DecideIdentification:refused",
+        &reported.case_id,
+        "deciding before screening",
+    )
+    .await;
 
     // A stale expected version.
     let status = client
@@ -259,7 +282,7 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
     assert_eq!(bad_fields(&status), ["case_id", "expected_version", "indicators[0]"]);
     tables.assert_unchanged_since(&before, "a malformed screening").await;
 
-    // A role that may not screen.
+    // A role that may not screen: refused by the gate, before the case is known.
     let status = client
         .complete_screening(authorized(
             screening(&reported.case_id, 1),
@@ -268,7 +291,25 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables.assert_unchanged_since(&before, "screening by an NGO").await;
+    let before = assert_refusal_audited(&tables, &before, "CompleteScreening:denied", "", "screening by an NGO").await;
+
+    // Police of another unit, not holding the case: refused after loading it.
+    let status = client
+        .complete_screening(authorized(
+            screening(&reported.case_id, 1),
+            &token("kg-mvd-osh", Role::Police, "officer-3"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let before = assert_refusal_audited(
+        &tables,
+        &before,
+        "CompleteScreening:denied",
+        &reported.case_id,
+        "screening by police not holding the case",
+    )
+    .await;
 
     // Deciding twice.
     client
@@ -292,7 +333,14 @@ async fn commands_out_of_order_or_on_stale_versions_are_refused_and_write_nothin
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
-    tables.assert_unchanged_since(&decided, "deciding twice").await;
+    assert_refusal_audited(
+        &tables,
+        &decided,
+        "DecideIdentification:refused",
+        &reported.case_id,
+        "deciding twice",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -356,43 +404,224 @@ async fn a_retried_command_with_the_same_request_id_appends_nothing() {
 }
 
 #[tokio::test]
-async fn a_second_report_of_the_same_person_is_flagged_without_revealing_the_first() {
+async fn a_second_report_of_the_same_person_is_flagged_to_the_competent_authority_only() {
     let app = TestApp::spawn().await;
     let first = report(&app, "dup-1").await;
     let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
-    let second = app
-        .client
-        .clone()
+    let coordinator = token("kg-coordinator", Role::Coordinator, "coord-1");
+    let ngo_report = |request_id: &str, who: nrm_proto::common::v1::PersonalIdentifiers| {
+        let mut client = app.client.clone();
+        let request = report_for(request_id, who, "kg-mvd");
+        let ngo = ngo.clone();
+        async move {
+            client
+                .report_presumed_victim(authorized(request, &ngo))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    // The same person, and someone new: the NGO is told the same of both.
+    let second = ngo_report("dup-2", person("ASANOVA  aigul", "ac-1234567", "")).await;
+    let fresh = ngo_report("dup-3", person("Nurzhan Nobody", "ZX7654321", "")).await;
+    assert_ne!(first.case_id, second.case_id);
+    for answer in [&second, &fresh] {
+        assert!(!answer.possible_duplicate, "no oracle in the answer");
+        assert_eq!(answer.status, pb::CaseStatus::Reported as i32);
+        let result = answer.result.clone().unwrap();
+        assert_eq!((result.version, result.event_ids.len()), (1, 1));
+    }
+    let encoded = second.encode_to_vec();
+    assert!(!String::from_utf8_lossy(&encoded).contains(&first.case_id));
+
+    // The NGO's own view of its cases: no flag, no matching case, same version.
+    let read = |case_id: &str, who: &str| {
+        let mut client = app.client.clone();
+        let request = coded_case(case_id);
+        let who = who.to_owned();
+        async move {
+            client
+                .get_case(authorized(request, &who))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    for case_id in [&second.case_id, &fresh.case_id] {
+        let case = read(case_id, &ngo).await.unwrap();
+        assert!(!case.possible_duplicate);
+        assert!(case.matching_case_ids.is_empty());
+        assert_eq!(case.version, 1);
+        assert_eq!(case.competent_authority, "kg-mvd");
+    }
+    // The competent authority and the coordinator see the flag and the match.
+    for who in [police(), coordinator.clone()] {
+        let case = read(&second.case_id, &who).await.unwrap();
+        assert!(case.possible_duplicate);
+        assert_eq!(case.matching_case_ids, std::slice::from_ref(&first.case_id));
+        assert!(!read(&fresh.case_id, &who).await.unwrap().possible_duplicate);
+    }
+    // The same in the list (a projection: wait for it).
+    let list = |who: &str| {
+        let mut client = app.client.clone();
+        let who = who.to_owned();
+        async move {
+            client
+                .list_cases(authorized(pb::ListCasesRequest::default(), &who))
+                .await
+                .unwrap()
+                .into_inner()
+                .cases
+        }
+    };
+    for _ in 0..200 {
+        if list(&coordinator).await.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let ngo_list = list(&ngo).await;
+    assert_eq!(ngo_list.len(), 2, "the NGO lists the cases it reported");
+    assert!(
+        ngo_list
+            .iter()
+            .all(|c| !c.possible_duplicate && c.matching_case_ids.is_empty())
+    );
+    for who in [police(), coordinator.clone()] {
+        let cases = list(&who).await;
+        let flagged: Vec<_> = cases.iter().filter(|c| c.possible_duplicate).collect();
+        assert_eq!(flagged.len(), 1, "{cases:?}");
+        assert_eq!(flagged[0].case_id, second.case_id);
+        assert_eq!(flagged[0].matching_case_ids, std::slice::from_ref(&first.case_id));
+    }
+
+    // The NGO cannot read the police's case: refused and audited, with the case ID only.
+    let tables = app.tables();
+    let before = tables.snapshot().await;
+    let status = read(&first.case_id, &ngo).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(!status.message().contains("kg-mvd"), "{status:?}");
+    assert_refusal_audited(
+        &tables,
+        &before,
+        "GetCase:denied",
+        &first.case_id,
+        "the NGO's refused read of the police's case",
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_case_has_a_competent_authority_which_holds_it() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client.clone();
+    let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
+    // An NGO must name it; police default to their own agency.
+    let status = client
+        .report_presumed_victim(authorized(report_request("ca-1", person("Name", "AB12345", "")), &ngo))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["competent_authority"]);
+    let status = client
         .report_presumed_victim(authorized(
-            report_request("dup-2", person("ASANOVA  aigul", "ac-1234567", "")),
+            report_for("ca-1", person("Name", "AB12345", ""), "not an agency!"),
+            &ngo,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["competent_authority"]);
+    let reported = client
+        .report_presumed_victim(authorized(
+            report_for("ca-2", person("Name", "AB12345", ""), "kg-mvd-osh"),
             &ngo,
         ))
         .await
         .unwrap()
         .into_inner();
-    assert!(second.possible_duplicate);
-    assert_ne!(first.case_id, second.case_id);
-    let encoded = second.encode_to_vec();
-    assert!(!String::from_utf8_lossy(&encoded).contains(&first.case_id));
-    // The NGO cannot read the police's case.
+    let own = report(&app, "ca-3").await;
+    assert_eq!(
+        get(&app, &own.case_id, false).await.unwrap().competent_authority,
+        "kg-mvd"
+    );
+
+    // The competent authority holds the case: it screens it and reads the identifiers.
+    let osh = token("kg-mvd-osh", Role::Police, "officer-5");
+    client
+        .complete_screening(authorized(screening(&reported.case_id, 1), &osh))
+        .await
+        .unwrap();
+    let case = client
+        .get_case(authorized(
+            read_case(&reported.case_id, pb::ReadPurpose::CriminalProceedings),
+            &osh,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(case.personal.unwrap().view, Some(View::Identifiers(_))));
+
+    // Police outside the case get the coded case, never the identifiers.
+    let coded = get(&app, &reported.case_id, false).await.unwrap();
+    assert_eq!(coded.status, pb::CaseStatus::Presumed as i32);
+    assert!(matches!(coded.personal.unwrap().view, Some(View::Withheld(_))));
     let tables = app.tables();
     let before = tables.snapshot().await;
-    let status = app
-        .client
-        .clone()
+    let status = get(&app, &reported.case_id, true).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let before = assert_refusal_audited(
+        &tables,
+        &before,
+        "GetCase:denied",
+        &reported.case_id,
+        "identifiers read by police outside the case",
+    )
+    .await;
+
+    // The coordinator reads identifiers only for a purpose from the fixed list.
+    let coordinator = token("kg-coordinator", Role::Coordinator, "coord-1");
+    let mut free_text = read_case(&reported.case_id, pb::ReadPurpose::Unspecified);
+    free_text.purpose = "just looking".into();
+    let status = client.get_case(authorized(free_text, &coordinator)).await.unwrap_err();
+    assert_eq!(bad_fields(&status), ["read_purpose"]);
+    tables
+        .assert_unchanged_since(&before, "a coordinator's read without a coded purpose")
+        .await;
+    client
         .get_case(authorized(
-            pb::GetCaseRequest {
-                case_id: first.case_id.clone(),
+            read_case(&reported.case_id, pb::ReadPurpose::Oversight),
+            &coordinator,
+        ))
+        .await
+        .unwrap();
+    // Free text is never recorded; the code is.
+    let mut texted = read_case(&reported.case_id, pb::ReadPurpose::Unspecified);
+    texted.purpose = "Aigul told me to".into();
+    client.get_case(authorized(texted, &osh)).await.unwrap();
+    let entries = audit_since(&app.pool, &before).await;
+    let purposes: Vec<&str> = entries
+        .iter()
+        .filter(|(action, _, _)| action == "ReadPersonalData")
+        .map(|(_, _, purpose)| purpose.as_str())
+        .collect();
+    assert_eq!(purposes, ["READ_PURPOSE_OVERSIGHT", "READ_PURPOSE_NOT_CODED"]);
+
+    // An NGO holding the case reads all identifiers through GetPersonalData.
+    let personal = client
+        .get_personal_data(authorized(
+            pb::GetPersonalDataRequest {
+                person_id: reported.person_id.clone(),
+                read_purpose: pb::ReadPurpose::VictimProtection as i32,
                 ..Default::default()
             },
             &ngo,
         ))
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "the NGO's refused read of the police's case")
-        .await;
+        .unwrap()
+        .into_inner();
+    let Some(View::Identifiers(identifiers)) = personal.personal.unwrap().view else {
+        panic!("identifiers");
+    };
+    assert_eq!(identifiers.documents[0].number, "AB12345");
     app.stop().await;
 }
 
@@ -408,21 +637,33 @@ async fn callers_without_a_valid_token_or_role_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    tables.assert_unchanged_since(&before, "a report without a token").await;
+    let before = assert_refusal_audited(
+        &tables,
+        &before,
+        "ReportPresumedVictim:unauthenticated",
+        "",
+        "a report without a token",
+    )
+    .await;
     let status = client
         .report_presumed_victim(authorized(request.clone(), "not.a.jwt"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    tables
-        .assert_unchanged_since(&before, "a report with a bad token")
-        .await;
+    let before = assert_refusal_audited(
+        &tables,
+        &before,
+        "ReportPresumedVictim:unauthenticated",
+        "",
+        "a report with a bad token",
+    )
+    .await;
     let status = client
         .report_presumed_victim(authorized(request, &token("kg-moh", Role::Moh, "doctor-1")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables.assert_unchanged_since(&before, "a report by MoH").await;
+    assert_refusal_audited(&tables, &before, "ReportPresumedVictim:denied", "", "a report by MoH").await;
     app.stop().await;
 }
 
@@ -506,14 +747,24 @@ async fn cases_are_listed_with_filters_and_pages() {
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["page_token"]);
 
-    // An agency without a reader role sees only its own cases.
-    let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
+    // Without a permit for any case, an agency lists only the cases it holds.
+    for who in [
+        token("kg-ngo-sezim", Role::Ngo, "worker-2"),
+        token("kg-mvd-osh", Role::Police, "officer-5"),
+    ] {
+        let own = client
+            .list_cases(authorized(list(0, 50, String::new()), &who))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(own.cases.is_empty());
+    }
     let own = client
-        .list_cases(authorized(list(0, 50, String::new()), &ngo))
+        .list_cases(authorized(list(0, 50, String::new()), &police()))
         .await
         .unwrap()
         .into_inner();
-    assert!(own.cases.is_empty());
+    assert_eq!(own.cases.len(), 5);
     app.stop().await;
 }
 
@@ -684,6 +935,7 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
     let read = |purpose: &str| pb::GetPersonalDataRequest {
         person_id: reported.person_id.clone(),
         purpose: purpose.to_owned(),
+        read_purpose: pb::ReadPurpose::VictimProtection as i32,
     };
     let mut client = app.client.clone();
     // Without a referral: nothing, and a refused read is no read in the audit trail.
@@ -694,9 +946,14 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "MSD's refused read without a referral")
-        .await;
+    assert_refusal_audited(
+        &tables,
+        &before,
+        "GetPersonalData:denied",
+        &reported.person_id,
+        "MSD's refused read without a referral",
+    )
+    .await;
 
     let mut events = ReferralEvents::new(&app).await;
     let consent_id = uuid::Uuid::now_v7().to_string();
@@ -762,7 +1019,7 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
     );
     assert_eq!(granted.consent_id, consent_id);
     let audited: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND agency = 'kg-msd' AND purpose = 'rehabilitation'",
+        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND agency = 'kg-msd' AND purpose = 'READ_PURPOSE_VICTIM_PROTECTION'",
     )
     .fetch_one(&app.pool)
     .await
@@ -775,9 +1032,14 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "MoH's refused read without a referral")
-        .await;
+    assert_refusal_audited(
+        &tables,
+        &before,
+        "GetPersonalData:denied",
+        &reported.person_id,
+        "MoH's refused read without a referral",
+    )
+    .await;
 
     // The person withdraws consent: MSD can no longer read.
     events

@@ -2,13 +2,20 @@
 //! messages or stored events; after erasure a read says so.
 //!
 //! This file is its own test process so that it can capture every log line
-//! and span of the service at debug level.
+//! and span of the service at debug level (one capture for all its tests).
+//!
+//! A canary pasted into any ID or code field of any identification RPC
+//! (request, case, person and agency IDs, country and region codes, page
+//! tokens, purposes), by callers of every standing, reaches no log line, no
+//! span and no error message on any error path the sweep reaches.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use nrm_e2e::ident::{erase, report_for};
 use nrm_e2e::{TestApp, authorized, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::settings::TelemetrySettings;
@@ -21,6 +28,7 @@ const NAME_PART: &str = "canaryname";
 const PASSPORT: &str = "CANARY998877";
 const PHONE: &str = "+996 700 123 987";
 const PHONE_DIGITS: &str = "700123987";
+const ADDRESS: &str = "Osh, Canarystreet 5";
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -49,7 +57,30 @@ fn leaks(haystack: &[u8]) -> Vec<&'static str> {
     if text.contains("700 123 987") || compact.contains(PHONE_DIGITS) {
         found.push("phone");
     }
+    if text.contains("canarystreet") {
+        found.push("address");
+    }
     found
+}
+
+/// The capture of every log line and span of this process, at debug level.
+fn capture() -> Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = Capture::default();
+            let writer = capture.clone();
+            let settings = TelemetrySettings {
+                log: "debug".into(),
+                log_format: "json".into(),
+            };
+            let guard = nrm_kernel::telemetry::init_with_writer("pii-test", &settings, move || writer.clone())
+                .expect("this process's only subscriber");
+            // Lives as long as the test process.
+            std::mem::forget(guard);
+            capture
+        })
+        .clone()
 }
 
 fn canary() -> common::PersonalIdentifiers {
@@ -62,20 +93,13 @@ fn canary() -> common::PersonalIdentifiers {
             issuing_country: "KG".into(),
         }],
         phone: PHONE.into(),
-        address: "Osh, Canarystreet 5".into(),
+        address: ADDRESS.into(),
     }
 }
 
 #[tokio::test]
 async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gone_after_erasure() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let settings = TelemetrySettings {
-        log: "debug".into(),
-        log_format: "json".into(),
-    };
-    let _telemetry = nrm_kernel::telemetry::init_with_writer("pii-test", &settings, move || writer.clone())
-        .expect("this process's only subscriber");
+    let capture = capture();
     let app = TestApp::spawn().await;
     let police = token("kg-mvd", Role::Police, "officer-9");
     let mut client = app.client.clone();
@@ -119,7 +143,8 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
     let read = |personal: bool| pb::GetCaseRequest {
         case_id: reported.case_id.clone(),
         include_personal_data: personal,
-        purpose: "pii test".into(),
+        read_purpose: pb::ReadPurpose::CaseReview as i32,
+        ..Default::default()
     };
     let case = client
         .get_case(authorized(read(true), &police))
@@ -165,6 +190,7 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
             pb::ErasePersonalDataRequest {
                 request_id: "pii-4".into(),
                 case_id: reported.case_id.clone(),
+                reason: pb::ErasureReason::DataSubjectRequest as i32,
             },
             &token("kg-coordinator", Role::Coordinator, "coord-1"),
         ))
@@ -183,6 +209,245 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
     let text = String::from_utf8_lossy(&logs);
     assert!(text.contains(&reported.case_id), "the capture saw the service's spans");
     assert!(text.contains("\"span\""), "span fields are in the capture");
+    assert_eq!(leaks(&logs), Vec::<&str>::new(), "logs or spans leak");
+    app.stop().await;
+}
+
+/// What the sweep was told: the code of each answer, counted.
+#[derive(Default)]
+struct Answers(BTreeMap<String, usize>);
+
+impl Answers {
+    /// Counts an answer; an error's message and details must not leak.
+    fn record<T>(&mut self, what: &str, answer: Result<tonic::Response<T>, tonic::Status>) {
+        let code = match answer {
+            Ok(_) => "Ok".to_owned(),
+            Err(status) => {
+                assert_eq!(
+                    leaks(status.message().as_bytes()),
+                    Vec::<&str>::new(),
+                    "{what}: message"
+                );
+                assert_eq!(leaks(status.details()), Vec::<&str>::new(), "{what}: details");
+                assert_eq!(
+                    leaks(format!("{:?}", status.metadata()).as_bytes()),
+                    Vec::<&str>::new(),
+                    "{what}: metadata"
+                );
+                format!("{:?}", status.code())
+            }
+        };
+        *self.0.entry(code).or_default() += 1;
+    }
+}
+
+#[tokio::test]
+async fn a_canary_in_any_id_or_code_field_of_any_rpc_reaches_no_log_span_or_error() {
+    let capture = capture();
+    let app = TestApp::spawn().await;
+    let mut client = app.client.clone();
+    let police = token("kg-mvd", Role::Police, "officer-9");
+    let callers = [
+        ("police holding the case", police.clone()),
+        (
+            "police outside the case",
+            token("kg-mvd-osh", Role::Police, "officer-3"),
+        ),
+        ("an NGO", token("kg-ngo-sezim", Role::Ngo, "worker-2")),
+        ("the coordinator", token("kg-coordinator", Role::Coordinator, "coord-1")),
+        ("MSD", token("kg-msd", Role::Msd, "social-worker-1")),
+    ];
+    let reported = client
+        .report_presumed_victim(authorized(report_request("sweep-case", canary()), &police))
+        .await
+        .unwrap()
+        .into_inner();
+    let (case_id, person_id) = (reported.case_id.clone(), reported.person_id.clone());
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let long = NAME.repeat(20);
+    let values = [NAME, PASSPORT, PHONE, ADDRESS, long.as_str()];
+    let mut answers = Answers::default();
+    let mut n = 0;
+    for value in values {
+        for (who, caller) in &callers {
+            let ask = |rpc: &str, field: &str| format!("{rpc}.{field} by {who}");
+            // A fresh request ID where the canary is not the request ID.
+            let mut rid = || {
+                n += 1;
+                format!("sweep-{n}")
+            };
+            let valid_reads = pb::ReadPurpose::CaseReview as i32;
+
+            // ReportPresumedVictim: every coded string field.
+            for field in [
+                "request_id",
+                "found_country",
+                "found_region",
+                "country_of_exploitation",
+                "citizenship",
+                "competent_authority",
+            ] {
+                let mut request = report_for(&rid(), canary(), "kg-mvd");
+                let slot = match field {
+                    "request_id" => &mut request.request_id,
+                    "found_country" => &mut request.found_country,
+                    "found_region" => &mut request.found_region,
+                    "country_of_exploitation" => &mut request.country_of_exploitation,
+                    "citizenship" => &mut request.citizenship,
+                    _ => &mut request.competent_authority,
+                };
+                value.clone_into(slot);
+                let answer = client.report_presumed_victim(authorized(request, caller)).await;
+                answers.record(&ask("ReportPresumedVictim", field), answer);
+            }
+
+            // The commands on a case: the canary as request ID (on the case,
+            // on an unknown case, at a stale version) or as case ID.
+            for target in [case_id.as_str(), unknown.as_str()] {
+                for (request_id, case, version) in [
+                    (value.to_owned(), target.to_owned(), 1),
+                    (value.to_owned(), target.to_owned(), 9),
+                    (rid(), value.to_owned(), 1),
+                ] {
+                    let answer = client
+                        .complete_screening(authorized(
+                            pb::CompleteScreeningRequest {
+                                request_id: request_id.clone(),
+                                case_id: case.clone(),
+                                expected_version: version,
+                                indicators: vec![pb::Indicator::Isolation as i32],
+                            },
+                            caller,
+                        ))
+                        .await;
+                    answers.record(&ask("CompleteScreening", "request_id/case_id"), answer);
+                    let answer = client
+                        .decide_identification(authorized(
+                            pb::DecideIdentificationRequest {
+                                request_id: request_id.clone(),
+                                case_id: case.clone(),
+                                expected_version: version,
+                                decision: pb::Decision::Identified as i32,
+                                ..Default::default()
+                            },
+                            caller,
+                        ))
+                        .await;
+                    answers.record(&ask("DecideIdentification", "request_id/case_id"), answer);
+                    let answer = client
+                        .request_review(authorized(
+                            pb::RequestReviewRequest {
+                                request_id: request_id.clone(),
+                                case_id: case.clone(),
+                                expected_version: version,
+                                reason: pb::ReviewReason::NewEvidence as i32,
+                            },
+                            caller,
+                        ))
+                        .await;
+                    answers.record(&ask("RequestReview", "request_id/case_id"), answer);
+                    // Erasure is aimed at unknown cases only (the case stays for the sweep),
+                    // and once without a reason.
+                    let erasing = if case == case_id { unknown.clone() } else { case.clone() };
+                    for reason in [pb::ErasureReason::ReportedInError, pb::ErasureReason::Unspecified] {
+                        let answer = client
+                            .erase_personal_data(authorized(erase(&request_id, &erasing, reason), caller))
+                            .await;
+                        answers.record(&ask("ErasePersonalData", "request_id/case_id"), answer);
+                    }
+                }
+            }
+
+            // GetCase: the canary as case ID, and as the free-text purpose.
+            for (case, personal, purpose) in [
+                (value, false, String::new()),
+                (value, true, value.to_owned()),
+                (case_id.as_str(), true, value.to_owned()),
+            ] {
+                let answer = client
+                    .get_case(authorized(
+                        pb::GetCaseRequest {
+                            case_id: case.to_owned(),
+                            include_personal_data: personal,
+                            purpose,
+                            read_purpose: 0,
+                        },
+                        caller,
+                    ))
+                    .await;
+                answers.record(&ask("GetCase", "case_id/purpose"), answer);
+            }
+            let answer = client
+                .get_case(authorized(
+                    pb::GetCaseRequest {
+                        case_id: case_id.clone(),
+                        include_personal_data: true,
+                        purpose: value.to_owned(),
+                        read_purpose: 77,
+                    },
+                    caller,
+                ))
+                .await;
+            answers.record(&ask("GetCase", "read_purpose"), answer);
+
+            // ListCases: page token and agency filter.
+            for (page_token, agency) in [(value, ""), ("", value)] {
+                let answer = client
+                    .list_cases(authorized(
+                        pb::ListCasesRequest {
+                            page_token: page_token.to_owned(),
+                            reporting_agency: agency.to_owned(),
+                            ..Default::default()
+                        },
+                        caller,
+                    ))
+                    .await;
+                answers.record(&ask("ListCases", "page_token/reporting_agency"), answer);
+            }
+
+            // GetPersonalData: person ID and purpose.
+            for (person, purpose, code) in [
+                (value, String::new(), valid_reads),
+                (person_id.as_str(), value.to_owned(), 0),
+                (unknown.as_str(), value.to_owned(), 0),
+            ] {
+                let answer = client
+                    .get_personal_data(authorized(
+                        pb::GetPersonalDataRequest {
+                            person_id: person.to_owned(),
+                            purpose,
+                            read_purpose: code,
+                        },
+                        caller,
+                    ))
+                    .await;
+                answers.record(&ask("GetPersonalData", "person_id/purpose"), answer);
+            }
+        }
+    }
+    println!("answers of the canary sweep: {:?}", answers.0);
+    for code in [
+        "Ok",
+        "InvalidArgument",
+        "PermissionDenied",
+        "NotFound",
+        "FailedPrecondition",
+        "Aborted",
+        "AlreadyExists",
+    ] {
+        assert!(
+            answers.0.contains_key(code),
+            "the sweep reached {code}: {:?}",
+            answers.0
+        );
+    }
+    // Let the background work (relay, projections) log what it logs.
+    app.tables().wait_until_quiescent().await;
+    let logs = capture.0.lock().unwrap().clone();
+    assert!(
+        String::from_utf8_lossy(&logs).contains(&case_id),
+        "the capture saw the service's spans"
+    );
     assert_eq!(leaks(&logs), Vec::<&str>::new(), "logs or spans leak");
     app.stop().await;
 }

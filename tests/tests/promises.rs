@@ -787,6 +787,7 @@ async fn an_operator_token_reaches_no_case_referral_or_shelter_whatever_agency_i
                     case_id: case_id.clone(),
                     include_personal_data: true,
                     purpose: "operations".into(),
+                    ..Default::default()
                 },
                 &operator,
             ))

@@ -39,13 +39,16 @@ impl Projection for CaseList {
                         .reported_at
                         .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
                         .context("report without time")?;
+                    let matching = uuids(&r.matching_case_ids)?;
                     sqlx::query(
-                        "INSERT INTO case_list (case_id, status, reporting_agency, reported_at, exploitation_forms, child, citizenship, version)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (case_id) DO NOTHING",
+                        "INSERT INTO case_list (case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (case_id) DO NOTHING",
                     )
                     .bind(case_id)
                     .bind(r.status)
                     .bind(&r.reporting_agency)
+                    .bind(&r.competent_authority)
+                    .bind(&matching)
                     .bind(reported_at)
                     .bind(&r.exploitation_forms)
                     .bind(r.child)
@@ -71,13 +74,21 @@ impl Projection for CaseList {
                         .strip_prefix("case-")
                         .context("unexpected stream")?
                         .parse()?;
+                    // Streams written before reports carried their matches.
+                    let matching = match &other {
+                        Event::PossibleDuplicateFlagged(f) => uuids(&f.matching_case_ids)?,
+                        _ => Vec::new(),
+                    };
                     // The version guard keeps a replayed event from moving a case back.
                     sqlx::query(
-                        "UPDATE case_list SET status = coalesce($2, status), version = $3 WHERE case_id = $1 AND version < $3",
+                        "UPDATE case_list SET status = coalesce($2, status), version = $3,
+                           matching_case_ids = ARRAY(SELECT DISTINCT unnest(matching_case_ids || $4::uuid[]))
+                         WHERE case_id = $1 AND version < $3",
                     )
                     .bind(case_id)
                     .bind(status)
                     .bind(version)
+                    .bind(&matching)
                     .execute(&mut *conn)
                     .await?;
                 }
@@ -91,6 +102,12 @@ impl Projection for CaseList {
         sqlx::query("TRUNCATE case_list").execute(conn).await?;
         Ok(())
     }
+}
+
+fn uuids(ids: &[String]) -> Result<Vec<Uuid>, anyhow::Error> {
+    ids.iter()
+        .map(|id| id.parse::<Uuid>().context("a matching case ID is no UUID"))
+        .collect()
 }
 
 /// What other agencies may read, from the referral service's events:

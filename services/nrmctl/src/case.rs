@@ -70,6 +70,7 @@ async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result
         age_band: args.age_band.map_or(0, Into::into),
         citizenship: args.citizenship.unwrap_or_default(),
         personal: (personal != PersonalIdentifiers::default()).then_some(personal),
+        ..Default::default()
     };
     let response = client.report_presumed_victim(message).await?.into_inner();
     match output {
@@ -147,6 +148,7 @@ async fn erase(client: &mut Client, output: Output, args: EraseArgs) -> Result<(
     let request = ErasePersonalDataRequest {
         request_id: request_id.clone(),
         case_id: args.case_id,
+        ..Default::default()
     };
     let result = client.erase_personal_data(request).await?.into_inner();
     print_result(output, &result, &request_id)
@@ -162,6 +164,7 @@ async fn get(client: &mut Client, output: Output, args: GetArgs) -> Result<()> {
         case_id: args.case_id,
         include_personal_data: args.personal,
         purpose: args.purpose.unwrap_or_default(),
+        ..Default::default()
     };
     let case = client.get_case(request).await?.into_inner();
     match output {

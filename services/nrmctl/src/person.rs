@@ -35,6 +35,7 @@ fn request(args: PersonGetArgs) -> GetPersonalDataRequest {
     GetPersonalDataRequest {
         person_id: args.person_id,
         purpose: args.purpose,
+        ..Default::default()
     }
 }
 

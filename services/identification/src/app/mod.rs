@@ -1,6 +1,12 @@
 //! Command handling and queries: load the case, decide, append — with
 //! idempotency, permissions and the audit trail around the pure aggregate.
 //!
+//! Who may call what is the kernel's permission matrix: the gate admits the
+//! caller's role, and each handler, once it has loaded the case, checks the
+//! caller's agency against the case's standing ([`standing`]: the reporting
+//! agency made it; it and the competent authority hold it). Span fields and
+//! audit entries carry parsed IDs and codes only, never request text.
+//!
 //! # Layout
 //! - this module: the commands.
 //! - [`queries`]: reading one case, listing cases.
@@ -14,6 +20,7 @@ use nrm_kernel::bus::Bus;
 use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
+use nrm_kernel::permissions::Standing;
 use nrm_kernel::seal::{DataKey, MasterKey, MatchHasher};
 use nrm_kernel::store::{Append, Appended, AuditEntry, CommandRecord, EventStore, NewEvent, StoreError};
 use nrm_kernel::validate;
@@ -30,22 +37,28 @@ pub const PAYLOAD_TYPE: &str = "nrm.identification.v1.IdentificationEvent";
 /// Name of the bounded context in subjects and stream names.
 pub const CONTEXT: &str = "identification";
 
-/// Roles that may report a presumed victim.
-pub const REPORTERS: &[Role] = &[
-    Role::Police,
-    Role::Prosecutor,
-    Role::BorderService,
-    Role::Ngo,
-    Role::Iom,
-];
-/// Roles that may screen.
-pub const SCREENERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService];
-/// Roles of the competent authority: decide, review, erase.
-pub const DECIDERS: &[Role] = &[Role::Police, Role::Prosecutor];
-/// Roles that may erase a person's identifiers.
-pub const ERASERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::Coordinator];
-/// Roles that see every case (coded fields).
-pub const CASE_READERS: &[Role] = &[Role::Police, Role::Prosecutor, Role::BorderService, Role::Coordinator];
+/// How an agency stands to a case: the reporting agency made it; it and the
+/// competent authority hold it.
+#[must_use]
+pub fn standing(report: &pb::PresumedVictimReported) -> Standing<'_> {
+    let mut case_holders = vec![report.reporting_agency.as_str()];
+    if !report.competent_authority.is_empty() {
+        case_holders.push(report.competent_authority.as_str());
+    }
+    Standing {
+        owner: Some(report.reporting_agency.as_str()),
+        case_holders,
+        ..Standing::default()
+    }
+}
+
+/// Whether `ctx`'s caller is told of possible duplicates of a case: the
+/// competent authority handling it and the national coordinator, never
+/// (as such) the reporting agency.
+#[must_use]
+pub fn sees_duplicates(ctx: &CallContext, competent_authority: &str) -> bool {
+    ctx.caller.role == Role::Coordinator || (!competent_authority.is_empty() && ctx.agency() == competent_authority)
+}
 
 impl From<DomainError> for AppError {
     fn from(err: DomainError) -> Self {
@@ -165,19 +178,23 @@ impl Identification {
         })
     }
 
-    /// Reports a presumed victim.
+    /// Reports a presumed victim. The answer never tells whether the person
+    /// was reported before: a possible duplicate is shown to the competent
+    /// authority and the coordinator only.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED` for a role that may not report.
+    /// `INVALID_ARGUMENT` naming bad fields (`competent_authority` when a
+    /// reporter other than police or a prosecutor names none).
     #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty))]
     pub async fn report(
         &self,
         ctx: &CallContext,
         req: &pb::ReportPresumedVictimRequest,
     ) -> Result<pb::ReportPresumedVictimResponse, AppError> {
-        ctx.caller.require("report a presumed victim", REPORTERS)?;
+        // The gate admitted the role; every reporter may report (scope: any).
         let now = Utc::now();
-        let valid = parse::report(req, now)?;
+        let own = matches!(ctx.caller.role, Role::Police | Role::Prosecutor).then(|| ctx.agency());
+        let valid = parse::report(req, now, own)?;
         let key = ctx.request_key(&valid.request_id);
         let fp = command::fingerprint("ReportPresumedVictim", req);
         if let Some(mut previous) = command::replay::<pb::ReportPresumedVictimResponse>(&self.store, &key, &fp).await? {
@@ -212,9 +229,9 @@ impl Identification {
         report.person_id = person_id.to_string();
         report.reporting_agency.clone_from(&ctx.caller.actor.agency);
         report.personal = Some(person_key.seal(&valid.personal));
+        report.matching_case_ids = matching.iter().map(ToString::to_string).collect();
         let command = Command::Report {
             report: Box::new(report),
-            matching_case_ids: matching.iter().map(ToString::to_string).collect(),
         };
         let events = domain::decide(&Case::default(), &command)?;
         let state = events.iter().fold(Case::default(), domain::evolve);
@@ -239,7 +256,8 @@ impl Identification {
             case_id: case_id.to_string(),
             person_id: person_id.to_string(),
             status: state.status.to_proto() as i32,
-            possible_duplicate: state.possible_duplicate,
+            // Never told to the reporter (no oracle): see `Case.possible_duplicate`.
+            possible_duplicate: false,
             result: Some(command::result(case_id, &appended)),
         };
         command::finish(&self.store, uow, &key, &fp, response).await
@@ -252,6 +270,8 @@ impl Identification {
         request: &impl Message,
         call: CaseCommand,
     ) -> Result<CommandResult, AppError> {
+        tracing::Span::current().record("case_id", tracing::field::display(call.case_id));
+        ctx.concerns(call.case_id);
         let key = ctx.request_key(&call.request_id);
         let fp = command::fingerprint(call.method, request);
         if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
@@ -284,9 +304,10 @@ impl Identification {
             ..
         } = call;
         let case = self.load(case_id).await?;
-        if case.version == 0 {
+        let Some(report) = case.report.as_ref() else {
             return Err(not_found(case_id));
-        }
+        };
+        ctx.check(&standing(report))?;
         if let Some(expected) = expected_version.filter(|e| *e != case.version) {
             return Err(AppError::Conflict {
                 stream_id: domain::stream_id(case_id),
@@ -312,25 +333,128 @@ impl Identification {
             subject_id: &subject_id,
             purpose: "command",
         };
-        if !matches!(command, Command::ErasePersonalData { .. }) {
-            // Events, answer and audit entry in one statement: one round trip.
-            let plan = Appended::plan(case.version, new_events.len());
-            let response = command::result(case_id, &plan);
-            let record = CommandRecord {
-                request_key: key,
-                fingerprint: fp,
-                response: &response.encode_to_vec(),
-            };
-            return match self.store.append_command(&append, &plan, &record, Some(&audit)).await {
-                Ok(()) => Ok(response),
-                Err(StoreError::DuplicateRequest) => command::replay(&self.store, key, fp)
-                    .await?
-                    .ok_or_else(|| AppError::Internal("twin request vanished".into())),
-                Err(e) => Err(e.into()),
-            };
+        if let Command::ErasePersonalData { reason, now } = &command {
+            return self.erase_all(ctx, key, fp, &case, &append, *reason, *now).await;
         }
-        // Erasure writes beside its event: the key and the match keys go with it.
+        // Events, answer and audit entry in one statement: one round trip.
+        let plan = Appended::plan(case.version, new_events.len());
+        let response = command::result(case_id, &plan);
+        let record = CommandRecord {
+            request_key: key,
+            fingerprint: fp,
+            response: &response.encode_to_vec(),
+        };
+        match self.store.append_command(&append, &plan, &record, Some(&audit)).await {
+            Ok(()) => Ok(response),
+            Err(StoreError::DuplicateRequest) => command::replay(&self.store, key, fp)
+                .await?
+                .ok_or_else(|| AppError::Internal("twin request vanished".into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The cases of the same person as `case`: those sharing a match key
+    /// with it (either was reported first), those its report names and
+    /// those whose report names it. One hop, not the closure: a chain of
+    /// partial matches may reach another person.
+    async fn linked_cases(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        case_id: CaseId,
+        case: &Case,
+    ) -> Result<Vec<CaseId>, AppError> {
+        let mut linked: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT other.case_id FROM match_keys own
+             JOIN match_keys other ON other.match_key = own.match_key
+             WHERE own.case_id = $1 AND other.case_id <> $1
+             UNION
+             SELECT case_id FROM case_list WHERE $1 = ANY(matching_case_ids) AND case_id <> $1",
+        )
+        .bind(case_id.as_uuid())
+        .fetch_all(&mut *conn)
+        .await?;
+        linked.extend(case.matching_case_ids.iter().filter_map(|id| id.parse::<Uuid>().ok()));
+        linked.sort_unstable();
+        linked.dedup();
+        linked.retain(|id| *id != case_id.as_uuid());
+        Ok(linked.into_iter().map(CaseId::from_uuid).collect())
+    }
+
+    /// Erases the person of `case` in every case of theirs, in one
+    /// transaction: each case's data key is shredded, its match keys deleted,
+    /// and `PersonalDataErased` (with the reason) appended on it.
+    #[allow(clippy::too_many_arguments)]
+    async fn erase_all(
+        &self,
+        ctx: &CallContext,
+        key: &str,
+        fp: &[u8],
+        case: &Case,
+        append: &Append<'_>,
+        reason: pb::ErasureReason,
+        now: prost_types::Timestamp,
+    ) -> Result<CommandResult, AppError> {
+        let case_id = case
+            .report
+            .as_ref()
+            .and_then(|r| CaseId::parse("case_id", &r.case_id).ok())
+            .ok_or_else(|| AppError::Internal("case without ID".into()))?;
+        let reason_code = reason.as_str_name();
         let mut uow = self.store.begin().await?;
+        let linked = self.linked_cases(uow.conn(), case_id, case).await?;
+        Self::shred(&mut uow, case_id, case).await?;
+        let appended = uow
+            .append(
+                append.stream_id,
+                append.expected_version,
+                append.events,
+                append.metadata,
+                append.subject,
+            )
+            .await?;
+        audit::record(
+            uow.conn(),
+            &ctx.caller.actor,
+            "ErasePersonalData",
+            &case_id.to_string(),
+            reason_code,
+        )
+        .await?;
+        let command = Command::ErasePersonalData { reason, now };
+        for other_id in linked {
+            let other = self.load(other_id).await?;
+            if other.report.is_none() {
+                continue;
+            }
+            // Erased before: nothing of the person is left there.
+            let Ok(events) = domain::decide(&other, &command) else {
+                continue;
+            };
+            Self::shred(&mut uow, other_id, &other).await?;
+            uow.append(
+                &domain::stream_id(other_id),
+                other.version,
+                &to_new_events(&events),
+                append.metadata,
+                &self.subject(other_id),
+            )
+            .await?;
+            audit::record(
+                uow.conn(),
+                &ctx.caller.actor,
+                "ErasePersonalData:linked",
+                &other_id.to_string(),
+                reason_code,
+            )
+            .await?;
+        }
+        let response = command::result(case_id, &appended);
+        command::finish(&self.store, uow, key, fp, response).await
+    }
+
+    /// Deletes the data key and the match keys of the person of `case`, and
+    /// the fingerprints of the requests on it.
+    async fn shred(uow: &mut nrm_kernel::store::UnitOfWork, case_id: CaseId, case: &Case) -> Result<(), AppError> {
         let person_id = case
             .report
             .as_ref()
@@ -341,25 +465,27 @@ impl Identification {
             .bind(case_id.as_uuid())
             .execute(&mut *uow.conn())
             .await?;
-        let appended = uow
-            .append(&stream_id, case.version, &new_events, &metadata, &subject)
+        // The answers recorded for the case's commands stay (IDs only; a
+        // retry is never run again), but their fingerprints go: a report's is
+        // a digest of a request that carried the identifiers. A retry is then
+        // refused as a reused request ID.
+        sqlx::query("UPDATE commands SET fingerprint = ''::bytea WHERE position($1::bytea IN response) > 0")
+            .bind(case_id.to_string().into_bytes())
+            .execute(&mut *uow.conn())
             .await?;
-        audit::record(uow.conn(), &ctx.caller.actor, audit.action, &subject_id, audit.purpose).await?;
-        let response = command::result(case_id, &appended);
-        command::finish(&self.store, uow, key, fp, response).await
+        Ok(())
     }
 
     /// Records the screening.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ABORTED` (version), `FAILED_PRECONDITION` (decided).
-    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty))]
     pub async fn screen(
         &self,
         ctx: &CallContext,
         req: &pb::CompleteScreeningRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("screen a case", SCREENERS)?;
         let mut v = Violations::new();
         let target = Target::parse(&mut v, &req.request_id, &req.case_id, Some(req.expected_version));
         let indicators = parse::indicators(&req.indicators, &mut v);
@@ -376,13 +502,12 @@ impl Identification {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ABORTED`, `FAILED_PRECONDITION` (not screened, decided twice).
-    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty))]
     pub async fn decide(
         &self,
         ctx: &CallContext,
         req: &pb::DecideIdentificationRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("decide identification", DECIDERS)?;
         let mut v = Violations::new();
         let target = Target::parse(&mut v, &req.request_id, &req.case_id, Some(req.expected_version));
         let (decision, reason) = parse::decision(req, &mut v);
@@ -403,9 +528,8 @@ impl Identification {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `ABORTED`, `FAILED_PRECONDITION` (not decided).
-    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty))]
     pub async fn review(&self, ctx: &CallContext, req: &pb::RequestReviewRequest) -> Result<CommandResult, AppError> {
-        ctx.caller.require("request a review", DECIDERS)?;
         let mut v = Violations::new();
         let target = Target::parse(&mut v, &req.request_id, &req.case_id, Some(req.expected_version));
         let reason = v.check(parse::review_reason(req.reason));
@@ -417,20 +541,25 @@ impl Identification {
         self.on_case(ctx, req, target.command("RequestReview", command)).await
     }
 
-    /// Erases the person's identifiers by deleting their key.
+    /// Erases the person's identifiers by deleting their key, in this case
+    /// and in every case linked to it as a possible duplicate.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION` (already erased).
-    #[tracing::instrument(skip_all, fields(case_id = %req.case_id))]
+    /// `INVALID_ARGUMENT` (also without a reason), `NOT_FOUND`,
+    /// `PERMISSION_DENIED` (not holding the case), `FAILED_PRECONDITION`
+    /// (already erased).
+    #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty))]
     pub async fn erase(
         &self,
         ctx: &CallContext,
         req: &pb::ErasePersonalDataRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("erase personal data", ERASERS)?;
         let mut v = Violations::new();
-        let target = Target::parse(&mut v, &req.request_id, &req.case_id, None).finish(v)?;
+        let target = Target::parse(&mut v, &req.request_id, &req.case_id, None);
+        let reason = v.check(parse::erasure_reason(req.reason));
+        let target = target.finish(v)?;
         let command = Command::ErasePersonalData {
+            reason: reason.unwrap_or(pb::ErasureReason::Unspecified),
             now: validate::timestamp(Utc::now()),
         };
         self.on_case(ctx, req, target.command("ErasePersonalData", command))

@@ -8,6 +8,7 @@ use nrm_kernel::command::CallContext;
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::paging::{self, Cursor, Pager};
+use nrm_kernel::permissions::{PERSONAL_DATA, Scope};
 use nrm_kernel::seal::DataKey;
 use nrm_kernel::validate::{self, to_datetime};
 use nrm_proto::common::v1 as common;
@@ -15,30 +16,35 @@ use nrm_proto::identification::v1 as pb;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{CASE_READERS, Identification};
-use crate::domain::Case;
+use super::{Identification, sees_duplicates, standing};
+use crate::domain::{Case, parse};
 
 impl Identification {
-    /// One case as the caller may see it; with `include_personal_data`, the
-    /// identifiers too (recorded in the audit trail).
+    /// One case as the caller may see it: the coded case to whoever the
+    /// matrix admits; with `include_personal_data`, the identifiers too, for
+    /// an agency holding the case or the coordinator with a purpose from the
+    /// fixed list (the read is recorded in the audit trail with its code).
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`.
-    #[tracing::instrument(skip_all, fields(case_id = %req.case_id, personal = req.include_personal_data))]
+    #[tracing::instrument(skip_all, fields(case_id = tracing::field::Empty, personal = req.include_personal_data))]
     pub async fn get_case(&self, ctx: &CallContext, req: &pb::GetCaseRequest) -> Result<pb::Case, AppError> {
         let mut v = Violations::new();
         let case_id = v.check(CaseId::parse("case_id", &req.case_id));
-        let purpose = req.purpose.trim();
-        if req.include_personal_data && (purpose.is_empty() || purpose.len() > 200) {
-            v.add(
-                "purpose",
-                "is required (at most 200 characters) when reading personal data",
-            );
-        }
-        let Some(case_id) = case_id else {
+        let purpose = if req.include_personal_data {
+            v.check(parse::read_purpose(
+                req.read_purpose,
+                &req.purpose,
+                ctx.caller.role == Role::Coordinator,
+            ))
+        } else {
+            None
+        };
+        let (Some(case_id), true) = (case_id, v.is_empty()) else {
             return Err(v.into_error());
         };
-        v.finish(|| ())?;
+        tracing::Span::current().record("case_id", tracing::field::display(case_id));
+        ctx.concerns(case_id);
         let case = self.load(case_id).await?;
         let Some(report) = case.report.clone() else {
             return Err(AppError::NotFound {
@@ -46,30 +52,24 @@ impl Identification {
                 id: case_id.to_string(),
             });
         };
-        let own_agency = report.reporting_agency == ctx.caller.actor.agency;
-        if !own_agency && !CASE_READERS.contains(&ctx.caller.role) {
-            return Err(AppError::PermissionDenied(format!(
-                "role {} of another agency may not read this case",
-                ctx.caller.role
-            )));
-        }
-        let personal = if case.erased {
-            common::personal_data_view::View::Erased(common::Erased {})
-        } else if !req.include_personal_data {
+        let standing = standing(&report);
+        ctx.check(&standing)?;
+        let personal = if !req.include_personal_data {
             common::personal_data_view::View::Withheld(common::Withheld {
                 reason: "NOT_REQUESTED".into(),
             })
         } else {
-            let may_read = own_agency || matches!(ctx.caller.role, Role::Police | Role::Prosecutor | Role::Coordinator);
-            if !may_read {
-                return Err(AppError::PermissionDenied(format!(
-                    "role {} may not read personal data of this case",
-                    ctx.caller.role
-                )));
+            ctx.part(PERSONAL_DATA)?.check(ctx.agency(), &standing)?;
+            if case.erased {
+                common::personal_data_view::View::Erased(common::Erased {})
+            } else {
+                let purpose = purpose.unwrap_or(pb::ReadPurpose::Unspecified);
+                self.open_personal(ctx, case_id, &report, parse::purpose_code(purpose))
+                    .await?
             }
-            self.open_personal(ctx, case_id, &report, purpose).await?
         };
-        Ok(view(case_id, &case, report, personal))
+        let duplicates = sees_duplicates(ctx, &report.competent_authority);
+        Ok(view(case_id, &case, report, personal, duplicates))
     }
 
     async fn open_personal(
@@ -77,18 +77,19 @@ impl Identification {
         ctx: &CallContext,
         case_id: CaseId,
         report: &pb::PresumedVictimReported,
-        purpose: &str,
+        purpose_code: &str,
     ) -> Result<common::personal_data_view::View, AppError> {
         let person_id = PersonId::parse("person_id", &report.person_id)
             .map_err(|_| AppError::Internal("case without person".into()))?;
-        // The read is recorded before the data leave the service.
+        // The read is recorded before the data leave the service: the
+        // purpose's code, never the caller's text.
         let mut conn = self.store().pool().acquire().await?;
         audit::record(
             &mut conn,
             &ctx.caller.actor,
             "ReadPersonalData",
             &case_id.to_string(),
-            purpose,
+            purpose_code,
         )
         .await?;
         let key = DataKey::load(self.store().pool(), &self.master, person_id).await?;
@@ -99,14 +100,15 @@ impl Identification {
         Ok(common::personal_data_view::View::Identifiers(identifiers))
     }
 
-    /// The identifiers of a person that the caller's agency may read under a
-    /// consent (after accepting a referral), restricted to the consented
-    /// categories, and recorded in the audit trail.
+    /// The identifiers of a person that the caller's agency may read: under
+    /// a consent (after accepting a referral), restricted to the consented
+    /// categories; or, where the matrix grants it, as an agency holding the
+    /// case, all of them. Every read is recorded in the audit trail.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`; `PERMISSION_DENIED` without an accepted referral
-    /// under an active consent; `NOT_FOUND` for an unknown person.
-    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    /// under an active consent (or the case); `NOT_FOUND` for an unknown person.
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn get_personal_data(
         &self,
         ctx: &CallContext,
@@ -114,17 +116,16 @@ impl Identification {
     ) -> Result<pb::GetPersonalDataResponse, AppError> {
         let mut v = Violations::new();
         let person_id = v.check(PersonId::parse("person_id", &req.person_id));
-        let purpose = req.purpose.trim();
-        if purpose.is_empty() || purpose.len() > 200 {
-            v.add(
-                "purpose",
-                "is required (at most 200 characters): why the identifiers are read",
-            );
-        }
-        let Some(person_id) = person_id else {
+        let purpose = v.check(parse::read_purpose(
+            req.read_purpose,
+            &req.purpose,
+            ctx.caller.role == Role::Coordinator,
+        ));
+        let (Some(person_id), Some(purpose)) = (person_id, purpose) else {
             return Err(v.into_error());
         };
-        v.finish(|| ())?;
+        tracing::Span::current().record("person_id", tracing::field::display(person_id));
+        ctx.concerns(person_id);
         let grant = sqlx::query(
             "SELECT c.consent_id, c.data_categories FROM referrals r
              JOIN consents c ON c.consent_id = r.consent_id
@@ -134,34 +135,57 @@ impl Identification {
              ORDER BY c.consent_id LIMIT 1",
         )
         .bind(person_id.as_uuid())
-        .bind(&ctx.caller.actor.agency)
+        .bind(ctx.agency())
         .fetch_optional(self.store().pool())
-        .await?
-        .ok_or_else(|| {
+        .await?;
+        let no_grant = || {
             AppError::PermissionDenied(
-                "the agency has no accepted referral of this person under an active consent".into(),
+                "the agency has no accepted referral of this person under an active consent, nor holds the case".into(),
             )
-        })?;
-        let consent_id: Uuid = grant.get("consent_id");
-        let categories: Vec<i32> = grant.get("data_categories");
-        let case_id: Uuid = sqlx::query_scalar("SELECT case_id FROM persons WHERE person_id = $1")
+        };
+        let case_id: Option<Uuid> = sqlx::query_scalar("SELECT case_id FROM persons WHERE person_id = $1")
             .bind(person_id.as_uuid())
             .fetch_optional(self.store().pool())
-            .await?
-            .ok_or_else(|| AppError::NotFound {
-                kind: "person",
-                id: person_id.to_string(),
-            })?;
+            .await?;
+        let Some(case_id) = case_id else {
+            // Without a grant, an unknown person and a refused one look alike.
+            return Err(if grant.is_some() || ctx.permit().has(Scope::CaseHolders) {
+                AppError::NotFound {
+                    kind: "person",
+                    id: person_id.to_string(),
+                }
+            } else {
+                no_grant()
+            });
+        };
         let case_id = CaseId::from_uuid(case_id);
         let case = self.load(case_id).await?;
         let report = case
             .report
             .clone()
             .ok_or_else(|| AppError::Internal("person without report".into()))?;
+        let mut standing = standing(&report);
+        standing.consented = grant.is_some();
+        if !ctx.permit().admits(ctx.agency(), &standing) {
+            return Err(no_grant());
+        }
+        let holder = ctx.permit().has(Scope::CaseHolders) && standing.case_holders.contains(&ctx.agency());
+        let (consent_id, categories) = match (&grant, holder) {
+            // An agency holding the case reads all it holds.
+            (_, true) => (String::new(), all_categories()),
+            (Some(grant), false) => (
+                grant.get::<Uuid, _>("consent_id").to_string(),
+                grant.get::<Vec<i32>, _>("data_categories"),
+            ),
+            (None, false) => return Err(no_grant()),
+        };
         let view = if case.erased {
             common::personal_data_view::View::Erased(common::Erased {})
         } else {
-            match self.open_personal(ctx, case_id, &report, purpose).await? {
+            match self
+                .open_personal(ctx, case_id, &report, parse::purpose_code(purpose))
+                .await?
+            {
                 common::personal_data_view::View::Identifiers(all) => {
                     common::personal_data_view::View::Identifiers(only_categories(all, &categories))
                 }
@@ -172,15 +196,16 @@ impl Identification {
             person_id: person_id.to_string(),
             personal: Some(common::PersonalDataView { view: Some(view) }),
             data_categories: categories,
-            consent_id: consent_id.to_string(),
+            consent_id,
         })
     }
 
-    /// Cases matching the filters, newest first, a page at a time.
+    /// Cases matching the filters, newest first, a page at a time: every
+    /// case for a caller whose permit covers any case, otherwise the cases
+    /// the caller's agency holds (reported, or handles as competent authority).
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` for a bad page size, token or date range;
-    /// `PERMISSION_DENIED` for another agency's cases without a reader role.
+    /// `INVALID_ARGUMENT` for a bad page size, token, agency or date range.
     #[tracing::instrument(skip_all)]
     pub async fn list_cases(
         &self,
@@ -209,27 +234,36 @@ impl Identification {
         {
             v.add("reported_before", "must be later than reported_after");
         }
-        // Only readers of every case may look past their own agency.
-        let agency = if CASE_READERS.contains(&ctx.caller.role) {
-            req.reporting_agency.clone()
-        } else if req.reporting_agency.is_empty() || req.reporting_agency == ctx.caller.actor.agency {
-            ctx.caller.actor.agency.clone()
+        let agency = if req.reporting_agency.is_empty() {
+            String::new()
         } else {
-            return Err(AppError::PermissionDenied(format!(
-                "role {} may list only its own agency's cases",
-                ctx.caller.role
-            )));
+            v.check(parse::agency("reporting_agency", &req.reporting_agency))
+                .unwrap_or_default()
         };
+        // Past the cases its agency holds only with a permit for any case.
+        let holder = (!ctx.permit().any()).then(|| ctx.agency().to_owned());
         let pager = Pager::new(&format!(
-            "{}|{}|{}|{:?}|{:?}",
-            req.status, agency, req.exploitation_form, after, before
+            "{}|{}|{}|{:?}|{:?}|{}",
+            req.status,
+            agency,
+            req.exploitation_form,
+            after,
+            before,
+            holder.as_deref().unwrap_or("*")
         ));
         let cursor = pager.cursor(&req.page_token, &mut v);
         v.finish(|| ())?;
 
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-            "SELECT case_id, status, reporting_agency, reported_at, exploitation_forms, child, citizenship, version FROM case_list WHERE true",
+            "SELECT case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version FROM case_list WHERE true",
         );
+        if let Some(holder) = &holder {
+            q.push(" AND (reporting_agency = ")
+                .push_bind(holder.clone())
+                .push(" OR competent_authority = ")
+                .push_bind(holder.clone())
+                .push(")");
+        }
         if req.status != 0 {
             q.push(" AND status = ").push_bind(req.status);
         }
@@ -265,10 +299,19 @@ impl Identification {
             let case_id: Uuid = row.get("case_id");
             let reported_at: DateTime<Utc> = row.get("reported_at");
             last = Some((reported_at, case_id));
+            let competent_authority: String = row.get("competent_authority");
+            let matching: Vec<Uuid> = if sees_duplicates(ctx, &competent_authority) {
+                row.get("matching_case_ids")
+            } else {
+                Vec::new()
+            };
             cases.push(pb::CaseSummary {
                 case_id: case_id.to_string(),
                 status: row.get("status"),
                 reporting_agency: row.get("reporting_agency"),
+                competent_authority,
+                possible_duplicate: !matching.is_empty(),
+                matching_case_ids: matching.iter().map(ToString::to_string).collect(),
                 reported_at: Some(validate::timestamp(reported_at)),
                 exploitation_forms: row.get("exploitation_forms"),
                 child: row.get("child"),
@@ -279,6 +322,15 @@ impl Identification {
         let next_page_token = pager.next_token(more, last.map(|(time, id)| Cursor { time, id }));
         Ok(pb::ListCasesResponse { cases, next_page_token })
     }
+}
+
+/// Every category of identifiers.
+fn all_categories() -> Vec<i32> {
+    use nrm_proto::referral::v1::DataCategory as C;
+    [C::Name, C::DateOfBirth, C::Documents, C::Phone, C::Address]
+        .iter()
+        .map(|c| *c as i32)
+        .collect()
 }
 
 /// The identifiers of the consented categories; the rest stays empty.
@@ -298,12 +350,13 @@ fn only_categories(all: common::PersonalIdentifiers, categories: &[i32]) -> comm
     }
 }
 
-/// The case as the caller sees it.
+/// The case as the caller sees it; possible duplicates only when `duplicates`.
 fn view(
     case_id: CaseId,
     case: &Case,
     report: pb::PresumedVictimReported,
     personal: common::personal_data_view::View,
+    duplicates: bool,
 ) -> pb::Case {
     let decision = case.decision.clone().unwrap_or_default();
     pb::Case {
@@ -333,8 +386,14 @@ fn view(
         non_punishment: decision.non_punishment,
         decided_at: decision.decided_at,
         reflection_period_ends_at: decision.reflection_period_ends_at,
-        possible_duplicate: case.possible_duplicate,
+        possible_duplicate: duplicates && case.possible_duplicate,
         under_review: case.under_review,
         personal: Some(common::PersonalDataView { view: Some(personal) }),
+        competent_authority: report.competent_authority,
+        matching_case_ids: if duplicates {
+            case.matching_case_ids.clone()
+        } else {
+            Vec::new()
+        },
     }
 }

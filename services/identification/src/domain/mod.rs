@@ -43,6 +43,8 @@ pub struct Case {
     pub under_review: bool,
     /// Another report seems to concern the same person.
     pub possible_duplicate: bool,
+    /// The cases that seem to concern the same person.
+    pub matching_case_ids: Vec<String>,
     /// The person's identifiers were erased.
     pub erased: bool,
 }
@@ -90,12 +92,11 @@ impl Status {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// Report a presumed victim. The application seals the identifiers and
-    /// finds matching earlier cases before deciding.
+    /// finds matching earlier cases (`matching_case_ids` of the report)
+    /// before deciding.
     Report {
-        /// The report with sealed identifiers.
+        /// The report with sealed identifiers and matching earlier cases.
         report: Box<pb::PresumedVictimReported>,
-        /// Earlier cases whose identifier hashes match.
-        matching_case_ids: Vec<String>,
     },
     /// Record the screening.
     CompleteScreening {
@@ -128,6 +129,8 @@ pub enum Command {
     },
     /// Erase the person's identifiers.
     ErasePersonalData {
+        /// Why.
+        reason: pb::ErasureReason,
         /// Now.
         now: Timestamp,
     },
@@ -196,10 +199,7 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
     }
     let case_id = case_id_of(case);
     match command {
-        Command::Report {
-            report,
-            matching_case_ids,
-        } => {
+        Command::Report { report } => {
             if case.status != Status::None {
                 return Err(DomainError::AlreadyReported);
             }
@@ -210,14 +210,9 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
             } else {
                 pb::CaseStatus::Reported
             } as i32;
-            let mut events = vec![Event::PresumedVictimReported(report.clone())];
-            if !matching_case_ids.is_empty() {
-                events.push(Event::PossibleDuplicateFlagged(pb::PossibleDuplicateFlagged {
-                    case_id: report.case_id,
-                    matching_case_ids: matching_case_ids.clone(),
-                }));
-            }
-            Ok(events)
+            // One event whether or not the person was reported before: the
+            // reporter sees the same version and event count either way.
+            Ok(vec![Event::PresumedVictimReported(report)])
         }
         Command::CompleteScreening { indicators, now } => {
             if case.decision.is_some() && !case.under_review {
@@ -272,7 +267,7 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
                 requested_at: Some(*now),
             })])
         }
-        Command::ErasePersonalData { now } => {
+        Command::ErasePersonalData { reason, now } => {
             if case.erased {
                 return Err(DomainError::AlreadyErased);
             }
@@ -281,6 +276,7 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
                 case_id,
                 person_id,
                 erased_at: Some(*now),
+                reason: *reason as i32,
             })])
         }
     }
@@ -294,8 +290,9 @@ pub fn evolve(mut case: Case, event: &Event) -> Case {
         Event::PresumedVictimReported(report) => {
             case.status = Status::from_proto(report.status);
             case.report = Some(report.clone());
+            add_matches(&mut case, &report.matching_case_ids);
         }
-        Event::PossibleDuplicateFlagged(_) => case.possible_duplicate = true,
+        Event::PossibleDuplicateFlagged(flagged) => add_matches(&mut case, &flagged.matching_case_ids),
         Event::ScreeningCompleted(screening) => {
             case.screened = true;
             case.indicators.clone_from(&screening.indicators);
@@ -317,6 +314,15 @@ pub fn evolve(mut case: Case, event: &Event) -> Case {
         Event::PersonalDataErased(_) => case.erased = true,
     }
     case
+}
+
+fn add_matches(case: &mut Case, matching: &[String]) {
+    for id in matching {
+        if !case.matching_case_ids.contains(id) {
+            case.matching_case_ids.push(id.clone());
+        }
+    }
+    case.possible_duplicate = !case.matching_case_ids.is_empty();
 }
 
 /// Name of an event's variant, as stored and as sent in headers.
@@ -389,7 +395,6 @@ mod tests {
             &Case::default(),
             &Command::Report {
                 report: Box::new(report(false)),
-                matching_case_ids: vec![],
             },
         )
         .unwrap();
@@ -400,7 +405,6 @@ mod tests {
             &Case::default(),
             &Command::Report {
                 report: Box::new(report(true)),
-                matching_case_ids: vec![],
             },
         )
         .unwrap();
@@ -408,17 +412,33 @@ mod tests {
     }
 
     #[test]
-    fn a_matching_earlier_case_flags_a_possible_duplicate() {
+    fn a_matching_earlier_case_flags_a_possible_duplicate_in_the_one_report_event() {
+        let mut matching = report(false);
+        matching.matching_case_ids = vec!["c0".into()];
         let events = decide(
             &Case::default(),
             &Command::Report {
-                report: Box::new(report(false)),
-                matching_case_ids: vec!["c0".into()],
+                report: Box::new(matching),
             },
         )
         .unwrap();
-        assert!(matches!(&events[1], Event::PossibleDuplicateFlagged(f) if f.matching_case_ids == ["c0"]));
-        assert!(given(&events).possible_duplicate);
+        assert_eq!(
+            events.len(),
+            1,
+            "a duplicate looks like any other report to its reporter"
+        );
+        let case = given(&events);
+        assert!(case.possible_duplicate);
+        assert_eq!(case.matching_case_ids, ["c0"]);
+        // Streams written before still fold their flag event.
+        let old = given(&[
+            reported(false),
+            Event::PossibleDuplicateFlagged(pb::PossibleDuplicateFlagged {
+                case_id: "c1".into(),
+                matching_case_ids: vec!["c0".into()],
+            }),
+        ]);
+        assert_eq!(old.matching_case_ids, ["c0"]);
     }
 
     #[test]
@@ -496,15 +516,33 @@ mod tests {
     #[test]
     fn commands_on_a_missing_case_are_not_found_and_erasure_happens_once() {
         assert_eq!(
-            decide(&Case::default(), &Command::ErasePersonalData { now: NOW }),
+            decide(
+                &Case::default(),
+                &Command::ErasePersonalData {
+                    reason: pb::ErasureReason::DataSubjectRequest,
+                    now: NOW
+                }
+            ),
             Err(DomainError::NotFound)
         );
-        let erased = decide(&given(&[reported(false)]), &Command::ErasePersonalData { now: NOW })
-            .unwrap()
-            .remove(0);
+        let erased = decide(
+            &given(&[reported(false)]),
+            &Command::ErasePersonalData {
+                reason: pb::ErasureReason::DataSubjectRequest,
+                now: NOW,
+            },
+        )
+        .unwrap()
+        .remove(0);
         let case = given(&[reported(false), erased]);
         assert_eq!(
-            decide(&case, &Command::ErasePersonalData { now: NOW }),
+            decide(
+                &case,
+                &Command::ErasePersonalData {
+                    reason: pb::ErasureReason::DataSubjectRequest,
+                    now: NOW
+                }
+            ),
             Err(DomainError::AlreadyErased)
         );
     }

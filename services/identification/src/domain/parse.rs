@@ -35,6 +35,92 @@ pub fn country(field: &str, code: &str) -> Result<String, FieldViolation> {
     }
 }
 
+/// An agency code as in tokens (`kg-mvd`): 1–64 letters, digits, `-`, `_` or `.`.
+///
+/// # Errors
+/// A violation of `field`.
+pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
+    if text.is_empty() {
+        return Err(FieldViolation::new(field, "is required: an agency code such as kg-mvd"));
+    }
+    if text.len() > 64
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(FieldViolation::new(
+            field,
+            "must be an agency code: 1-64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// The competent authority of a report: the one named, or `default` (the
+/// reporter's agency when the reporter is police or a prosecutor).
+///
+/// # Errors
+/// A violation of `competent_authority` when it is malformed, or missing
+/// without a default.
+pub fn competent_authority(text: &str, default: Option<&str>) -> Result<String, FieldViolation> {
+    match (text.is_empty(), default) {
+        (true, Some(own)) => Ok(own.to_owned()),
+        (true, None) => Err(FieldViolation::new(
+            "competent_authority",
+            "is required: the agency code of the police unit or prosecutor handling the case",
+        )),
+        (false, _) => agency("competent_authority", text),
+    }
+}
+
+/// Why identifiers are read: a code of the fixed list, required when
+/// `coded_only` (the coordinator) or when no free-text purpose is given.
+/// The free text is checked for length only and never kept.
+///
+/// # Errors
+/// A violation of `read_purpose` (or `purpose`).
+pub fn read_purpose(code: i32, text: &str, coded_only: bool) -> Result<pb::ReadPurpose, FieldViolation> {
+    if code != 0 {
+        return pb::ReadPurpose::try_from(code)
+            .map_err(|_| FieldViolation::new("read_purpose", "is not a known value"));
+    }
+    if coded_only {
+        return Err(FieldViolation::new(
+            "read_purpose",
+            "is required: a purpose from the fixed list (the coordinator reads identifiers only for one)",
+        ));
+    }
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(FieldViolation::new(
+            "read_purpose",
+            "is required: a purpose from the fixed list (or a purpose text) when reading personal data",
+        ));
+    }
+    if text.chars().count() > 200 {
+        return Err(FieldViolation::new("purpose", "must be at most 200 characters"));
+    }
+    Ok(pb::ReadPurpose::Unspecified)
+}
+
+/// The audit trail's record of a read purpose: the code, never text.
+#[must_use]
+pub fn purpose_code(purpose: pb::ReadPurpose) -> &'static str {
+    match purpose {
+        // Given as free text only: the text is not kept.
+        pb::ReadPurpose::Unspecified => "READ_PURPOSE_NOT_CODED",
+        other => other.as_str_name(),
+    }
+}
+
+/// A validated erasure reason.
+///
+/// # Errors
+/// A violation of `reason`.
+pub fn erasure_reason(value: i32) -> Result<pb::ErasureReason, FieldViolation> {
+    required_enum::<pb::ErasureReason>("reason", value)
+}
+
 /// The age band of an age in years.
 #[must_use]
 pub fn age_band(age: u32) -> common::AgeBand {
@@ -116,13 +202,19 @@ pub struct Report {
     pub personal: common::PersonalIdentifiers,
 }
 
-/// Validates a report.
+/// Validates a report; `default_authority` is the competent authority when
+/// the request names none (the reporter's agency for police and prosecutors).
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming every offending field.
-pub fn report(req: &pb::ReportPresumedVictimRequest, now: DateTime<Utc>) -> Result<Report, nrm_kernel::AppError> {
+pub fn report(
+    req: &pb::ReportPresumedVictimRequest,
+    now: DateTime<Utc>,
+    default_authority: Option<&str>,
+) -> Result<Report, nrm_kernel::AppError> {
     let mut v = Violations::new();
     let request_id = v.check(request_id(&req.request_id));
+    let authority = v.check(competent_authority(&req.competent_authority, default_authority));
     let found_at = match req.found_at.as_ref().and_then(to_datetime) {
         None => {
             v.add("found_at", "is required: when the person was found");
@@ -206,6 +298,7 @@ pub fn report(req: &pb::ReportPresumedVictimRequest, now: DateTime<Utc>) -> Resu
             age_years: req.age_years,
             age_band: age_band_value,
             citizenship: citizenship.unwrap_or_default(),
+            competent_authority: authority.unwrap_or_default(),
             reported_at: Some(timestamp(now)),
             ..Default::default()
         },
@@ -279,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_valid_report_is_normalised() {
-        let r = report(&valid(), Utc::now()).unwrap();
+        let r = report(&valid(), Utc::now(), Some("kg-mvd")).unwrap();
         assert_eq!(r.coded.found_country, "KZ");
         assert_eq!(r.coded.age_band, common::AgeBand::AgeBand1824 as i32);
     }
@@ -296,7 +389,7 @@ mod tests {
             phone: "call me".into(),
             ..Default::default()
         });
-        let err = report(&req, Utc::now()).unwrap_err();
+        let err = report(&req, Utc::now(), Some("kg-mvd")).unwrap_err();
         let text = format!("{err:?}");
         assert!(!text.contains("Kyrgyzstan") && !text.contains("call me"));
         assert_eq!(
@@ -313,12 +406,54 @@ mod tests {
     }
 
     #[test]
+    fn the_competent_authority_defaults_for_police_and_is_required_otherwise() {
+        let r = report(&valid(), Utc::now(), Some("kg-mvd")).unwrap();
+        assert_eq!(r.coded.competent_authority, "kg-mvd");
+        assert_eq!(
+            fields(report(&valid(), Utc::now(), None).unwrap_err()),
+            ["competent_authority"]
+        );
+        let mut req = valid();
+        req.competent_authority = "kg-prosecutor".into();
+        assert_eq!(
+            report(&req, Utc::now(), None).unwrap().coded.competent_authority,
+            "kg-prosecutor"
+        );
+        req.competent_authority = "Aigul Asanova".into();
+        let err = report(&req, Utc::now(), Some("kg-mvd")).unwrap_err();
+        assert!(!format!("{err:?}").contains("Asanova"));
+        assert_eq!(fields(err), ["competent_authority"]);
+    }
+
+    #[test]
+    fn the_coordinator_reads_only_for_a_coded_purpose() {
+        assert!(read_purpose(0, "looking", true).is_err());
+        assert_eq!(
+            read_purpose(pb::ReadPurpose::Oversight as i32, "", true).unwrap(),
+            pb::ReadPurpose::Oversight
+        );
+        assert_eq!(
+            read_purpose(0, "case review", false).unwrap(),
+            pb::ReadPurpose::Unspecified
+        );
+        assert!(read_purpose(0, " ", false).is_err());
+        assert!(read_purpose(99, "", false).is_err());
+        assert_eq!(purpose_code(pb::ReadPurpose::CaseReview), "READ_PURPOSE_CASE_REVIEW");
+    }
+
+    #[test]
     fn found_at_is_required_and_not_in_the_future() {
         let mut req = valid();
         req.found_at = None;
-        assert_eq!(fields(report(&req, Utc::now()).unwrap_err()), ["found_at"]);
+        assert_eq!(
+            fields(report(&req, Utc::now(), Some("kg-mvd")).unwrap_err()),
+            ["found_at"]
+        );
         req.found_at = Some(timestamp(Utc::now() + chrono::Duration::days(2)));
-        assert_eq!(fields(report(&req, Utc::now()).unwrap_err()), ["found_at"]);
+        assert_eq!(
+            fields(report(&req, Utc::now(), Some("kg-mvd")).unwrap_err()),
+            ["found_at"]
+        );
     }
 
     #[test]
