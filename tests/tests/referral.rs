@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use nrm_e2e::consent::assert_refused;
 use nrm_e2e::{ReferralApp, ShelterFeed, TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::CommandResult;
@@ -122,11 +123,10 @@ fn consent_request(
         person_id: person_id.to_owned(),
         case_id: case_id.to_owned(),
         given_by: pb::ConsentGiver::Person as i32,
-        child: false,
         recipient_agency: agency.to_owned(),
         purposes: purposes.iter().map(|p| *p as i32).collect(),
         data_categories: vec![pb::DataCategory::Name as i32],
-        expires_at: None,
+        ..Default::default()
     }
 }
 
@@ -322,7 +322,7 @@ async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_wit
     assert!(again.replayed);
     assert_eq!(again.event_ids, accepted.event_ids);
 
-    // MoH declines with a reason; the referrer redirects to an NGO under the NGO's consent.
+    // MoH declines with a reason and sends it on to an NGO, under the NGO's consent.
     client
         .decline_referral(authorized(decline(&medical.referral_id, 1), &moh()))
         .await
@@ -339,7 +339,7 @@ async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_wit
                 receiving_agency: NGO.into(),
                 consent_id: to_ngo.clone(),
             },
-            &police(),
+            &moh(),
         ))
         .await
         .unwrap()
@@ -361,6 +361,94 @@ async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_wit
         .accept_referral(authorized(accept(&medical.referral_id, 3), &ngo()))
         .await
         .unwrap();
+
+    // The rehabilitation plan, kept by MSD while it has the accepted referral
+    // under an active consent: a goal, a follow-up, met (once).
+    let goal = client
+        .add_plan_goal(authorized(
+            pb::AddPlanGoalRequest {
+                request_id: rid(),
+                person_id: person_id.clone(),
+                kind: pb::GoalKind::Housing as i32,
+                due_at: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp() + 90 * 86_400,
+                    nanos: 0,
+                }),
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .record_follow_up(authorized(
+            pb::RecordFollowUpRequest {
+                request_id: rid(),
+                person_id: person_id.clone(),
+                goal_id: goal.goal_id.clone(),
+                followed_up_at: Some(prost_types::Timestamp {
+                    seconds: chrono::Utc::now().timestamp(),
+                    nanos: 0,
+                }),
+                status_code: "ON_TRACK".into(),
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap();
+    let met = |request_id: String| pb::MarkGoalMetRequest {
+        request_id,
+        person_id: person_id.clone(),
+        goal_id: goal.goal_id.clone(),
+    };
+    client.mark_goal_met(authorized(met(rid()), &msd())).await.unwrap();
+    let tables = app.tables();
+    let before = tables.snapshot().await;
+    let twice = client.mark_goal_met(authorized(met(rid()), &msd())).await.unwrap_err();
+    assert_eq!(precondition(&twice), "GOAL_ALREADY_MET");
+    assert_refused(
+        &tables,
+        &before,
+        "MarkGoalMet:refused",
+        Some(&person_id),
+        "marking a goal met twice",
+    )
+    .await;
+    let plan = client
+        .get_plan(authorized(
+            pb::GetPlanRequest {
+                person_id: person_id.clone(),
+            },
+            &coordinator(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plan.version, 3);
+    assert!(plan.goals[0].met);
+    assert_eq!(plan.goals[0].follow_ups.len(), 1);
+    assert!(plan.goals[0].follow_ups[0].ends_with(" ON_TRACK"));
+    let status = client
+        .get_plan(authorized(
+            pb::GetPlanRequest {
+                person_id: person_id.clone(),
+            },
+            &police(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Nor may MoH, which has no accepted referral for the person.
+    let status = client
+        .get_plan(authorized(
+            pb::GetPlanRequest {
+                person_id: person_id.clone(),
+            },
+            &moh(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
 
     // MSD delivers a service and closes with an outcome.
     client
@@ -406,75 +494,6 @@ async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_wit
             .code(),
         Code::PermissionDenied
     );
-
-    // The rehabilitation plan: a goal, a follow-up, met (once).
-    let goal = client
-        .add_plan_goal(authorized(
-            pb::AddPlanGoalRequest {
-                request_id: rid(),
-                person_id: person_id.clone(),
-                kind: pb::GoalKind::Housing as i32,
-                due_at: Some(prost_types::Timestamp {
-                    seconds: chrono::Utc::now().timestamp() + 90 * 86_400,
-                    nanos: 0,
-                }),
-            },
-            &msd(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    client
-        .record_follow_up(authorized(
-            pb::RecordFollowUpRequest {
-                request_id: rid(),
-                person_id: person_id.clone(),
-                goal_id: goal.goal_id.clone(),
-                followed_up_at: Some(prost_types::Timestamp {
-                    seconds: chrono::Utc::now().timestamp(),
-                    nanos: 0,
-                }),
-                status_code: "ON_TRACK".into(),
-            },
-            &msd(),
-        ))
-        .await
-        .unwrap();
-    let met = |request_id: String| pb::MarkGoalMetRequest {
-        request_id,
-        person_id: person_id.clone(),
-        goal_id: goal.goal_id.clone(),
-    };
-    client.mark_goal_met(authorized(met(rid()), &msd())).await.unwrap();
-    let tables = app.tables();
-    let before = tables.snapshot().await;
-    let twice = client.mark_goal_met(authorized(met(rid()), &msd())).await.unwrap_err();
-    assert_eq!(precondition(&twice), "GOAL_ALREADY_MET");
-    tables.assert_unchanged_since(&before, "marking a goal met twice").await;
-    let plan = client
-        .get_plan(authorized(
-            pb::GetPlanRequest {
-                person_id: person_id.clone(),
-            },
-            &coordinator(),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(plan.version, 3);
-    assert!(plan.goals[0].met);
-    assert_eq!(plan.goals[0].follow_ups.len(), 1);
-    assert!(plan.goals[0].follow_ups[0].ends_with(" ON_TRACK"));
-    let status = client
-        .get_plan(authorized(
-            pb::GetPlanRequest {
-                person_id: person_id.clone(),
-            },
-            &police(),
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
 
     // The inboxes: MSD sees its closed referral, the NGO the redirected one.
     let msd_inbox = wait_for_inbox(&app, &msd(), pb::ListInboxRequest::default(), |r| {
@@ -560,7 +579,7 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap();
     let tables = app.tables();
-    let before = tables.snapshot().await;
+    let mut before = tables.snapshot().await;
 
     // Accept after decline.
     let status = client
@@ -568,9 +587,14 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NOT_AWAITING_ANSWER");
-    tables
-        .assert_unchanged_since(&before, "accepting a declined referral")
-        .await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "AcceptReferral:refused",
+        Some(&referral.referral_id),
+        "accepting a declined referral",
+    )
+    .await;
     // A referral to an agency the consent does not name.
     let status = client
         .create_referral(authorized(
@@ -587,9 +611,14 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
-    tables
-        .assert_unchanged_since(&before, "a referral to an agency the consent does not name")
-        .await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "CreateReferral:refused",
+        Some(&person_id),
+        "a referral to an agency the consent does not name",
+    )
+    .await;
     // A service the consent does not cover.
     let status = client
         .create_referral(authorized(
@@ -606,9 +635,14 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
-    tables
-        .assert_unchanged_since(&before, "a referral for a service the consent does not cover")
-        .await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "CreateReferral:refused",
+        Some(&person_id),
+        "a referral for a service the consent does not cover",
+    )
+    .await;
     // An unknown person.
     let status = client
         .create_referral(authorized(
@@ -625,9 +659,14 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "UNKNOWN_PERSON");
-    tables
-        .assert_unchanged_since(&before, "a referral of an unknown person")
-        .await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "CreateReferral:refused",
+        None,
+        "a referral of an unknown person",
+    )
+    .await;
     // A person found not identified (the default policy refuses).
     let status = client
         .create_referral(authorized(
@@ -644,9 +683,14 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NOT_IDENTIFIED");
-    tables
-        .assert_unchanged_since(&before, "a referral of a person found not identified")
-        .await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "CreateReferral:refused",
+        Some(&rejected_person),
+        "a referral of a person found not identified",
+    )
+    .await;
     // A child's own consent (identification knows the person is a child).
     let status = client
         .record_consent(authorized(
@@ -656,16 +700,28 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "CHILD_NEEDS_GUARDIAN");
-    tables.assert_unchanged_since(&before, "a child's own consent").await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "RecordConsent:refused",
+        Some(&child_person),
+        "a child's own consent",
+    )
+    .await;
     // The wrong agency, a stale version, an unknown referral, an unknown consent, bad fields.
     let status = client
         .decline_referral(authorized(decline(&referral.referral_id, 2), &moh()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "a decline by an agency the referral is not for")
-        .await;
+    before = assert_refused(
+        &tables,
+        &before,
+        "DeclineReferral:denied",
+        Some(&referral.referral_id),
+        "a decline by an agency the referral is not for",
+    )
+    .await;
     let status = client
         .accept_referral(authorized(accept(&referral.referral_id, 1), &msd()))
         .await
@@ -743,9 +799,14 @@ async fn refused_referrals_answer_with_a_clear_reason_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "a referral by a role that may not refer")
-        .await;
+    assert_refused(
+        &tables,
+        &before,
+        "CreateReferral:denied",
+        Some(""),
+        "a referral by a role that may not refer",
+    )
+    .await;
     app.stop().await;
     id.stop().await;
 }
@@ -822,7 +883,11 @@ async fn an_unanswered_referral_is_escalated_once_even_across_a_restart() {
     let app = ReferralApp::spawn_with(settings).await;
     let overdue = wait_for_referral(&app, &waiting.referral_id, |r| r.overdue).await;
     assert_eq!(overdue.status, pb::ReferralStatus::Pending as i32);
-    let escalated = wait_for_inbox(&app, &coordinator(), pb::ListInboxRequest::default(), |r| !r.is_empty()).await;
+    let overdue_only = || pb::ListInboxRequest {
+        overdue_only: true,
+        ..Default::default()
+    };
+    let escalated = wait_for_inbox(&app, &coordinator(), overdue_only(), |r| !r.is_empty()).await;
     assert_eq!(escalated.len(), 1, "only the unanswered referral is escalated");
     assert_eq!(escalated[0].referral_id, waiting.referral_id);
     let msd_overdue = wait_for_inbox(
@@ -948,9 +1013,14 @@ async fn withdrawing_consent_cancels_open_referrals_in_the_same_transaction_and_
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
-    tables
-        .assert_unchanged_since(&before, "a referral under a withdrawn consent")
-        .await;
+    let before = assert_refused(
+        &tables,
+        &before,
+        "CreateReferral:refused",
+        Some(&person_id),
+        "a referral under a withdrawn consent",
+    )
+    .await;
     let status = client
         .withdraw_consent(authorized(
             pb::WithdrawConsentRequest {
@@ -962,9 +1032,14 @@ async fn withdrawing_consent_cancels_open_referrals_in_the_same_transaction_and_
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "ALREADY_WITHDRAWN");
-    tables
-        .assert_unchanged_since(&before, "withdrawing a consent twice")
-        .await;
+    assert_refused(
+        &tables,
+        &before,
+        "WithdrawConsent:refused",
+        Some(&to_msd),
+        "withdrawing a consent twice",
+    )
+    .await;
     app.stop().await;
     id.stop().await;
 }

@@ -42,6 +42,14 @@ impl ReferralService for ReferralGrpc {
         reply(self.app.withdraw_consent(&ctx, request.get_ref()).await)
     }
 
+    async fn list_consents(
+        &self,
+        request: Request<pb::ListConsentsRequest>,
+    ) -> Result<Response<pb::ListConsentsResponse>, Status> {
+        let ctx = gate::context(&request)?;
+        reply(self.app.list_consents(&ctx, request.get_ref()).await)
+    }
+
     async fn create_referral(
         &self,
         request: Request<pb::CreateReferralRequest>,

@@ -1,7 +1,8 @@
 //! Read models, each fed by the kernel's projection runner and rebuilt by
 //! replaying its stream:
-//! - [`Persons`]: who identification knows, with their case, status and
-//!   whether a child, from the identification stream.
+//! - [`Persons`]: who identification knows, with their case, status,
+//!   whether a child and the agencies holding the case (the reporting agency
+//!   and the competent authority), from the identification stream.
 //! - [`Inbox`]: every referral as its readers see it, with the columns the
 //!   inbox filters on, from this service's own stream.
 
@@ -49,14 +50,16 @@ impl Projection for Persons {
                 Some(Event::PresumedVictimReported(r)) => {
                     let person_id: Uuid = r.person_id.parse().context("report with a malformed person ID")?;
                     sqlx::query(
-                        "INSERT INTO persons (person_id, case_id, status, child, version) VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (person_id) DO NOTHING",
+                        "INSERT INTO persons (person_id, case_id, status, child, version, reporting_agency, competent_authority)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (person_id) DO NOTHING",
                     )
                     .bind(person_id)
                     .bind(case_id)
                     .bind(r.status)
                     .bind(r.child)
                     .bind(version)
+                    .bind(&r.reporting_agency)
+                    .bind(&r.competent_authority)
                     .execute(&mut *conn)
                     .await?;
                     continue;

@@ -7,8 +7,11 @@
 //! - [`AnswerDue`]: the durable timer of a referral's answer deadline: an
 //!   unanswered referral is marked overdue (escalated to the national
 //!   coordinator) in the transaction that marks the timer fired.
+//! - [`ConsentExpiry`]: the durable timer of a consent's expiry: the consent
+//!   ends exactly as on withdrawal (its open referrals cancelled, sharing
+//!   under it over) in the transaction that marks the timer fired.
 
-use nrm_kernel::ids::ReferralId;
+use nrm_kernel::ids::{ConsentId, ReferralId};
 use nrm_kernel::projection::{Delivery, Projection};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::timers::{Timer, TimerHandler};
@@ -17,7 +20,7 @@ use prost::Message as _;
 use shelter::shelter_event::Event;
 use sqlx::PgConnection;
 
-use crate::app::{ANSWER_DUE, Referrals};
+use crate::app::{ANSWER_DUE, CONSENT_EXPIRES, Referrals};
 use crate::domain::referral::Command;
 
 /// Payload type of shelter events.
@@ -113,6 +116,35 @@ impl TimerHandler for AnswerDue {
             return Ok(());
         };
         self.app.answer_due(uow, referral_id, timer.due_at).await?;
+        Ok(())
+    }
+}
+
+/// Ends consents at their expiry.
+#[derive(Debug, Clone)]
+pub struct ConsentExpiry {
+    app: Referrals,
+}
+
+impl ConsentExpiry {
+    /// The handler, appending through `app`.
+    #[must_use]
+    pub fn new(app: Referrals) -> Self {
+        Self { app }
+    }
+}
+
+impl TimerHandler for ConsentExpiry {
+    fn kinds(&self) -> &'static [&'static str] {
+        &[CONSENT_EXPIRES]
+    }
+
+    async fn fire(&self, uow: &mut UnitOfWork, timer: &Timer) -> Result<(), anyhow::Error> {
+        let Ok(consent_id) = ConsentId::parse("aggregate_id", &timer.aggregate_id) else {
+            tracing::warn!(timer_id = %timer.id, "expiry timer without a consent ID; dropped");
+            return Ok(());
+        };
+        self.app.consent_expires(uow, consent_id, timer.due_at).await?;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use crate::config::Settings;
 use crate::domain::referral::Deadlines;
 use crate::grpc::ReferralGrpc;
 use crate::projections::{Inbox, Persons};
-use crate::reactions::{AnswerDue, ShelterAnswers};
+use crate::reactions::{AnswerDue, ConsentExpiry, ShelterAnswers};
 
 /// Name of the gRPC service, as reported by health checks.
 pub const SERVICE_NAME: &str = "nrm.referral.v1.ReferralService";
@@ -40,7 +40,8 @@ impl Application {
     /// Connects to PostgreSQL (creating and migrating the database) and NATS
     /// (in the background when it is down), and binds the listeners. The
     /// service reads its own stream (the inbox), identification's (persons)
-    /// and shelter's (answers to shelter needs), and fires answer deadlines.
+    /// and shelter's (answers to shelter needs), and fires answer deadlines and
+    /// consent expiries.
     ///
     /// # Errors
     /// When the database or a port cannot be had.
@@ -59,6 +60,10 @@ impl Application {
         kit.project("shelter", ShelterAnswers::new(app.clone()));
         kit.fire_timers(
             AnswerDue::new(app.clone()),
+            Duration::from_millis(settings.referral.timer_poll_ms.max(10)),
+        );
+        kit.fire_timers(
+            ConsentExpiry::new(app.clone()),
             Duration::from_millis(settings.referral.timer_poll_ms.max(10)),
         );
         Ok(Self { kit, app })

@@ -892,7 +892,7 @@ impl Load {
             recipient_agency: to.agency.clone(),
             purposes,
             data_categories: vec![rf::DataCategory::Name as i32, rf::DataCategory::Phone as i32],
-            expires_at: None,
+            ..Default::default()
         };
         let Some(Outcome::Ok(consented)) = self
             .command(&police, Request::RecordConsent(consent), rng.chance(PROBE))

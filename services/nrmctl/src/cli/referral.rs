@@ -17,6 +17,8 @@ pub enum ConsentCommand {
     Record(RecordConsentArgs),
     /// Withdraw a consent: nothing more is shared, open referrals under it are cancelled.
     Withdraw(WithdrawConsentArgs),
+    /// The consents of a person (for the agencies holding the case and the national coordinator).
+    List(ListConsentsArgs),
 }
 
 /// `consent record`.
@@ -28,12 +30,19 @@ pub struct RecordConsentArgs {
     /// The identification case the consent was taken in.
     #[arg(long = "case", value_name = "CASE_ID")]
     pub case_id: String,
-    /// Who gave the consent (a child's own consent is refused).
+    /// Who gave the consent (a child's own consent is refused: identification
+    /// says whether the person is a child). You, the caller, attest it.
     #[arg(long, value_name = "GIVER", value_parser = EnumParser::<ConsentGiver>::new())]
     pub given_by: ConsentGiver,
-    /// The person is a child (consent is then given by a guardian or a best-interests decision).
-    #[arg(long)]
-    pub child: bool,
+    /// With `--given-by guardian`: the guardian's coded reference (never a name).
+    #[arg(long, value_name = "REF")]
+    pub guardian_ref: Option<String>,
+    /// With `--given-by best-interests-decision`: the decision's reference.
+    #[arg(long = "best-interests-decision", value_name = "REF", requires = "decided_by")]
+    pub best_interests_decision: Option<String>,
+    /// With `--best-interests-decision`: who took it (a coded officer or authority reference).
+    #[arg(long, value_name = "REF", requires = "best_interests_decision")]
+    pub decided_by: Option<String>,
     /// The agency the consent lets the data go to, e.g. kg-msd.
     #[arg(long, value_name = "AGENCY")]
     pub recipient: String,
@@ -51,6 +60,14 @@ pub struct RecordConsentArgs {
     /// Client request ID.
     #[command(flatten)]
     pub request: RequestId,
+}
+
+/// `consent list`.
+#[derive(Debug, Args)]
+pub struct ListConsentsArgs {
+    /// The person.
+    #[arg(long = "person", value_name = "PERSON_ID")]
+    pub person_id: String,
 }
 
 /// `consent withdraw`.
@@ -349,7 +366,10 @@ mod tests {
             "c-1",
             "--given-by",
             "best-interests-decision",
-            "--child",
+            "--best-interests-decision",
+            "BID-2026-7",
+            "--decided-by",
+            "kg-gpo:prosecutor-3",
             "--recipient",
             "kg-msd",
             "--purpose",
@@ -366,7 +386,9 @@ mod tests {
             panic!("not a consent");
         };
         assert_eq!(consent.given_by, ConsentGiver::BestInterestsDecision);
-        assert!(consent.child);
+        assert_eq!(consent.best_interests_decision.as_deref(), Some("BID-2026-7"));
+        assert_eq!(consent.decided_by.as_deref(), Some("kg-gpo:prosecutor-3"));
+        assert_eq!(consent.guardian_ref, None);
         assert_eq!(
             consent.purposes,
             [ServiceKind::Shelter, ServiceKind::Psychological, ServiceKind::Legal]
@@ -389,6 +411,27 @@ mod tests {
             .is_err(),
             "a consent names at least one purpose"
         );
+        assert!(
+            parse(&[
+                "consent",
+                "record",
+                "--person",
+                "p",
+                "--case",
+                "c",
+                "--given-by",
+                "best-interests-decision",
+                "--best-interests-decision",
+                "BID-1",
+                "--recipient",
+                "a",
+                "--purpose",
+                "legal"
+            ])
+            .is_err(),
+            "a best-interests decision names who took it"
+        );
+        assert!(parse(&["consent", "list", "--person", "p-1"]).is_ok());
     }
 
     #[test]

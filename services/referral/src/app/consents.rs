@@ -1,24 +1,57 @@
-//! Recording and withdrawing consents. A withdrawal cancels every open
-//! referral under the consent in the same transaction; the `consents` row is
-//! what concurrent referrals lock, so none slips in beside a withdrawal.
+//! Recording, withdrawing, expiring and listing consents.
+//!
+//! A consent is recorded by an agency holding the person's case (the
+//! reporting agency or the competent authority), never by the agency it lets
+//! in, for a person identification told us of; the child flag is
+//! identification's; the caller's officer attests it. Its expiry is a timer
+//! written in the recording transaction. A withdrawal (by the recording
+//! agency or the national coordinator) and an expiry end it the same way, in
+//! one transaction: a `ConsentWithdrawn` (reason `WITHDRAWN` or `EXPIRED`),
+//! and every open referral under it cancelled. The `consents` row is what
+//! concurrent referrals lock, so none slips in beside the end of a consent.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use nrm_kernel::audit;
 use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::AppError;
-use nrm_kernel::ids::{ConsentId, ReferralId};
-use nrm_kernel::validate;
+use nrm_kernel::ids::{ConsentId, PersonId, ReferralId};
+use nrm_kernel::permissions::Standing;
+use nrm_kernel::store::{EventMetadata, UnitOfWork};
+use nrm_kernel::{timers, validate};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
+use pb::referral_event::Event;
 use uuid::Uuid;
 
-use super::{REFERRERS, Referrals, rejected, retry_on_conflict, to_new_events};
+use super::{CONSENT_EXPIRES, Referrals, rejected, retry_on_conflict, system_metadata, to_new_events};
 use crate::domain::consent::{self, Command, Consent};
-use crate::domain::parse;
 use crate::domain::referral as referral_domain;
+use crate::domain::{DomainError, parse};
 
 /// Reason code of referrals cancelled by a withdrawn consent.
 pub const CONSENT_WITHDRAWN: &str = "CONSENT_WITHDRAWN";
+/// Reason code of referrals cancelled by an expired consent.
+pub const CONSENT_EXPIRED: &str = "CONSENT_EXPIRED";
+
+/// The consent as its readers see it (coded fields only).
+#[must_use]
+pub fn view(state: &Consent, now: &prost_types::Timestamp) -> pb::ConsentView {
+    let recorded = state.recorded.clone().unwrap_or_default();
+    pb::ConsentView {
+        consent_id: recorded.consent_id,
+        case_id: recorded.case_id,
+        given_by: recorded.given_by,
+        recipient_agency: recorded.recipient_agency,
+        purposes: recorded.purposes,
+        data_categories: recorded.data_categories,
+        recorded_by_agency: recorded.recorded_by_agency,
+        attestation: recorded.attestation,
+        recorded_at: recorded.recorded_at,
+        expires_at: recorded.expires_at,
+        status: state.status(now) as i32,
+        ended_at: state.ended_at,
+    }
+}
 
 impl Referrals {
     /// The consent folded from its events.
@@ -29,19 +62,22 @@ impl Referrals {
         self.fold(&consent::stream_id(consent_id), consent::evolve).await
     }
 
-    /// Records a consent.
+    /// Records a consent, and its expiry timer, in one transaction.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED`,
-    /// `FAILED_PRECONDITION` (`CHILD_NEEDS_GUARDIAN`).
-    #[tracing::instrument(skip_all, fields(consent_id = tracing::field::Empty))]
+    /// `INVALID_ARGUMENT` naming bad fields (also the attestation a child's
+    /// consent needs), `PERMISSION_DENIED` (not an agency holding the case),
+    /// `FAILED_PRECONDITION` (`UNKNOWN_PERSON`, `CASE_MISMATCH`, `SELF_GRANT`,
+    /// `CHILD_NEEDS_GUARDIAN`).
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty, consent_id = tracing::field::Empty))]
     pub async fn record_consent(
         &self,
         ctx: &CallContext,
         req: &pb::RecordConsentRequest,
     ) -> Result<pb::RecordConsentResponse, AppError> {
-        ctx.caller.require("record a consent", REFERRERS)?;
         let valid = parse::record_consent(req, Utc::now())?;
+        tracing::Span::current().record("person_id", tracing::field::display(valid.person_id));
+        ctx.concerns(valid.person_id);
         let key = ctx.request_key(&valid.request_id);
         let fp = command::fingerprint("RecordConsent", req);
         if let Some(mut previous) = command::replay::<pb::RecordConsentResponse>(&self.store, &key, &fp).await? {
@@ -52,15 +88,30 @@ impl Referrals {
         }
         let consent_id = ConsentId::new();
         tracing::Span::current().record("consent_id", tracing::field::display(consent_id));
-        // A child is a child whether the request or identification says so.
-        let child = req.child || self.person(valid.person_id).await?.is_some_and(|p| p.child);
+        let person = self.person(valid.person_id).await?;
+        if let Some(person) = &person {
+            ctx.check(&Standing {
+                case_holders: person.case_holders(),
+                ..Standing::default()
+            })?;
+        }
         let mut recorded = valid.consent;
         recorded.consent_id = consent_id.to_string();
+        ctx.agency().clone_into(&mut recorded.recorded_by_agency);
+        if let Some(attestation) = recorded.attestation.as_mut() {
+            ctx.caller.actor.officer.clone_into(&mut attestation.attesting_officer);
+        }
         let command = Command::Record {
-            consent: Box::new(recorded.clone()),
-            child,
+            consent: Box::new(recorded),
+            person,
         };
-        let events = consent::decide(&Consent::default(), &command).map_err(rejected(consent::NAME, consent_id))?;
+        let events = consent::decide(&Consent::default(), &command).map_err(rejected("person", valid.person_id))?;
+        let state = events.iter().fold(Consent::default(), consent::evolve);
+        let recorded = state
+            .recorded
+            .as_ref()
+            .ok_or_else(|| AppError::Internal("no consent recorded".into()))?;
+        let expires_at = recorded.expires_at.as_ref().and_then(validate::to_datetime);
         let mut uow = self.store.begin().await?;
         let appended = uow
             .append(
@@ -72,13 +123,19 @@ impl Referrals {
             )
             .await?;
         sqlx::query(
-            "INSERT INTO consents (consent_id, person_id, recipient_agency, withdrawn) VALUES ($1, $2, $3, false)",
+            "INSERT INTO consents (consent_id, person_id, recipient_agency, withdrawn, recording_agency, expires_at)
+             VALUES ($1, $2, $3, false, $4, $5)",
         )
         .bind(consent_id.as_uuid())
         .bind(valid.person_id.as_uuid())
         .bind(&recorded.recipient_agency)
+        .bind(&recorded.recorded_by_agency)
+        .bind(expires_at)
         .execute(uow.conn())
         .await?;
+        if let Some(expires_at) = expires_at {
+            timers::schedule(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string(), expires_at, &[]).await?;
+        }
         audit::record(
             uow.conn(),
             &ctx.caller.actor,
@@ -94,18 +151,21 @@ impl Referrals {
         command::finish(&self.store, uow, &key, &fp, response).await
     }
 
-    /// Withdraws a consent and cancels every open referral under it, in one transaction.
+    /// Withdraws a consent (the recording agency, or the national
+    /// coordinator) and cancels every open referral under it, in one transaction.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND`, `FAILED_PRECONDITION` (`ALREADY_WITHDRAWN`).
-    #[tracing::instrument(skip_all, fields(consent_id = %req.consent_id))]
+    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED` (another agency), `NOT_FOUND`,
+    /// `FAILED_PRECONDITION` (`ALREADY_WITHDRAWN`: withdrawn or expired).
+    #[tracing::instrument(skip_all, fields(consent_id = tracing::field::Empty))]
     pub async fn withdraw_consent(
         &self,
         ctx: &CallContext,
         req: &pb::WithdrawConsentRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("withdraw a consent", REFERRERS)?;
         let valid = parse::withdraw_consent(req)?;
+        tracing::Span::current().record("consent_id", tracing::field::display(valid.consent_id));
+        ctx.concerns(valid.consent_id);
         let key = ctx.request_key(&valid.request_id);
         let fp = command::fingerprint("WithdrawConsent", req);
         if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
@@ -132,50 +192,23 @@ impl Referrals {
         consent_id: ConsentId,
     ) -> Result<CommandResult, AppError> {
         let state = self.load_consent(consent_id).await?;
+        let Some(recorded) = &state.recorded else {
+            return Err(rejected(consent::NAME, consent_id)(DomainError::NotFound(
+                consent::NAME,
+            )));
+        };
+        ctx.check(&Standing {
+            owner: Some(recorded.recorded_by_agency.as_str()).filter(|a| !a.is_empty()),
+            ..Standing::default()
+        })?;
         let now = validate::timestamp(Utc::now());
         let events =
             consent::decide(&state, &Command::Withdraw { now }).map_err(rejected(consent::NAME, consent_id))?;
         let metadata = ctx.metadata();
         let mut uow = self.store.begin().await?;
-        let appended = uow
-            .append(
-                &consent::stream_id(consent_id),
-                state.version,
-                &to_new_events(&events),
-                &metadata,
-                &self.subject(consent::NAME, &consent_id),
-            )
+        let (version, event_ids) = self
+            .end_consent(&mut uow, consent_id, &state, &events, &metadata, CONSENT_WITHDRAWN)
             .await?;
-        let mut event_ids: Vec<String> = appended.event_ids.iter().map(ToString::to_string).collect();
-        // The row lock waits for referrals being created under the consent;
-        // the query after it sees them.
-        sqlx::query("UPDATE consents SET withdrawn = true WHERE consent_id = $1")
-            .bind(consent_id.as_uuid())
-            .execute(uow.conn())
-            .await?;
-        let open: Vec<Uuid> =
-            sqlx::query_scalar("SELECT referral_id FROM open_referrals WHERE consent_id = $1 ORDER BY referral_id")
-                .bind(consent_id.as_uuid())
-                .fetch_all(uow.conn())
-                .await?;
-        for referral_id in open.into_iter().map(ReferralId::from_uuid) {
-            let referral = Self::fold_in(
-                &mut uow,
-                &referral_domain::stream_id(referral_id),
-                referral_domain::evolve,
-            )
-            .await?;
-            let command = referral_domain::Command::Cancel {
-                reason: CONSENT_WITHDRAWN.into(),
-            };
-            let cancelled =
-                referral_domain::decide(&referral, &command).map_err(rejected(referral_domain::NAME, referral_id))?;
-            let ids = self
-                .append_referral(&mut uow, referral_id, &referral, &cancelled, &metadata)
-                .await?;
-            event_ids.extend(ids);
-            tracing::info!(referral_id = %referral_id, "referral cancelled: consent withdrawn");
-        }
         audit::record(
             uow.conn(),
             &ctx.caller.actor,
@@ -186,25 +219,145 @@ impl Referrals {
         .await?;
         let response = CommandResult {
             aggregate_id: consent_id.to_string(),
-            version: appended.version,
+            version,
             event_ids,
             replayed: false,
         };
         command::finish(&self.store, uow, key, fp, response).await
     }
 
-    /// Whether the consent is still active inside `uow`, locking its row
-    /// against a concurrent withdrawal until the transaction ends.
-    pub(crate) async fn lock_consent(
+    /// Appends the end of a consent (`events`: its `ConsentWithdrawn`) to a
+    /// consent standing at `state`, marks its row ended, cancels its expiry
+    /// timer and every open referral under it with `reason`; returns the
+    /// consent's new version and every event ID appended.
+    async fn end_consent(
         &self,
-        uow: &mut nrm_kernel::store::UnitOfWork,
+        uow: &mut UnitOfWork,
         consent_id: ConsentId,
-    ) -> Result<bool, AppError> {
-        let withdrawn: Option<bool> =
-            sqlx::query_scalar("SELECT withdrawn FROM consents WHERE consent_id = $1 FOR SHARE")
+        state: &Consent,
+        events: &[Event],
+        metadata: &EventMetadata,
+        reason: &str,
+    ) -> Result<(u64, Vec<String>), AppError> {
+        let appended = uow
+            .append(
+                &consent::stream_id(consent_id),
+                state.version,
+                &to_new_events(events),
+                metadata,
+                &self.subject(consent::NAME, &consent_id),
+            )
+            .await?;
+        let mut event_ids: Vec<String> = appended.event_ids.iter().map(ToString::to_string).collect();
+        // The row lock waits for referrals being created under the consent;
+        // the query after it sees them.
+        sqlx::query("UPDATE consents SET withdrawn = true WHERE consent_id = $1")
+            .bind(consent_id.as_uuid())
+            .execute(uow.conn())
+            .await?;
+        timers::cancel(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string()).await?;
+        let open: Vec<Uuid> =
+            sqlx::query_scalar("SELECT referral_id FROM open_referrals WHERE consent_id = $1 ORDER BY referral_id")
                 .bind(consent_id.as_uuid())
-                .fetch_optional(uow.conn())
+                .fetch_all(uow.conn())
                 .await?;
-        Ok(withdrawn == Some(false))
+        for referral_id in open.into_iter().map(ReferralId::from_uuid) {
+            let referral =
+                Self::fold_in(uow, &referral_domain::stream_id(referral_id), referral_domain::evolve).await?;
+            let command = referral_domain::Command::Cancel { reason: reason.into() };
+            let cancelled =
+                referral_domain::decide(&referral, &command).map_err(rejected(referral_domain::NAME, referral_id))?;
+            let ids = self
+                .append_referral(uow, referral_id, &referral, &cancelled, metadata)
+                .await?;
+            event_ids.extend(ids);
+            tracing::info!(referral_id = %referral_id, reason, "referral cancelled: its consent ended");
+        }
+        Ok((appended.version, event_ids))
+    }
+
+    /// The expiry of a consent came: it ends exactly as on withdrawal
+    /// (reason `EXPIRED`), unless it ended before; inside the timer's unit of work.
+    ///
+    /// # Errors
+    /// When the store fails (the timer then stays pending).
+    pub async fn consent_expires(
+        &self,
+        uow: &mut UnitOfWork,
+        consent_id: ConsentId,
+        due_at: DateTime<Utc>,
+    ) -> Result<bool, AppError> {
+        let state = Self::fold_in(uow, &consent::stream_id(consent_id), consent::evolve).await?;
+        // The timer's due time, never this machine's clock (see `answer_due`).
+        let command = Command::Expire {
+            now: validate::timestamp(due_at + chrono::Duration::nanoseconds(999)),
+        };
+        let events = match consent::decide(&state, &command) {
+            Ok(events) => events,
+            Err(DomainError::NotFound(_)) => {
+                tracing::warn!(consent_id = %consent_id, "expiry timer for an unknown consent");
+                return Ok(false);
+            }
+            Err(err) => return Err(AppError::Internal(err.to_string())),
+        };
+        if events.is_empty() {
+            return Ok(false);
+        }
+        let metadata = system_metadata("consent-expiry", None);
+        self.end_consent(uow, consent_id, &state, &events, &metadata, CONSENT_EXPIRED)
+            .await?;
+        tracing::info!(consent_id = %consent_id, "consent expired: sharing under it ended");
+        Ok(true)
+    }
+
+    /// The consents of a person, for the agencies holding the case and the national coordinator.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `FAILED_PRECONDITION` (`UNKNOWN_PERSON`).
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
+    pub async fn list_consents(
+        &self,
+        ctx: &CallContext,
+        req: &pb::ListConsentsRequest,
+    ) -> Result<pb::ListConsentsResponse, AppError> {
+        let person_id = PersonId::parse("person_id", &req.person_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
+        tracing::Span::current().record("person_id", tracing::field::display(person_id));
+        ctx.concerns(person_id);
+        let person = self.person(person_id).await?;
+        let Some(person) = person else {
+            return Err(rejected("person", person_id)(DomainError::UnknownPerson));
+        };
+        ctx.check(&Standing {
+            case_holders: person.case_holders(),
+            ..Standing::default()
+        })?;
+        let ids: Vec<Uuid> =
+            sqlx::query_scalar("SELECT consent_id FROM consents WHERE person_id = $1 ORDER BY consent_id")
+                .bind(person_id.as_uuid())
+                .fetch_all(self.store.pool())
+                .await?;
+        let now = validate::timestamp(Utc::now());
+        let mut consents = Vec::with_capacity(ids.len());
+        for id in ids.into_iter().map(ConsentId::from_uuid) {
+            let state = self.load_consent(id).await?;
+            if state.recorded.is_some() {
+                consents.push(view(&state, &now));
+            }
+        }
+        Ok(pb::ListConsentsResponse { consents })
+    }
+
+    /// Whether the consent is still active inside `uow` (not ended, not past
+    /// its expiry), locking its row against a concurrent withdrawal or expiry
+    /// until the transaction ends.
+    pub(crate) async fn lock_consent(&self, uow: &mut UnitOfWork, consent_id: ConsentId) -> Result<bool, AppError> {
+        let active: Option<bool> = sqlx::query_scalar(
+            "SELECT NOT withdrawn AND (expires_at IS NULL OR expires_at > now()) FROM consents
+             WHERE consent_id = $1 FOR SHARE",
+        )
+        .bind(consent_id.as_uuid())
+        .fetch_optional(uow.conn())
+        .await?;
+        Ok(active == Some(true))
     }
 }

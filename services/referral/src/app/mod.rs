@@ -3,6 +3,13 @@
 //! trail, and the service's own tables (consents, open referrals, timers)
 //! written in the same transaction as the events.
 //!
+//! Permissions are the kernel's matrix: the gate admitted the caller's role;
+//! once the record is loaded, the application says what the call concerns
+//! (`ctx.concerns`, for the audit entry of a refusal) and how the caller's
+//! agency stands to it (`ctx.check`): the agency that made it, the agencies
+//! holding the person's case, the referral's addressee, or (plans) an
+//! accepted referral under an active consent.
+//!
 //! # Layout
 //! - this module: the application, shared plumbing (replay, loading, errors).
 //! - [`consents`]: recording and withdrawing consents.
@@ -15,10 +22,9 @@ pub mod plans;
 pub mod queries;
 pub mod referrals;
 
-use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
 use nrm_kernel::command;
-use nrm_kernel::error::AppError;
+use nrm_kernel::error::{AppError, FieldViolation};
 use nrm_kernel::ids::PersonId;
 use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, UnitOfWork};
 use nrm_kernel::telemetry;
@@ -37,20 +43,8 @@ pub const PAYLOAD_TYPE: &str = "nrm.referral.v1.ReferralEvent";
 pub const CONTEXT: &str = "referral";
 /// Kind of the timer that marks an unanswered referral overdue.
 pub const ANSWER_DUE: &str = "referral.answer_due";
-
-/// Roles that record and withdraw consents and make referrals.
-pub const REFERRERS: &[Role] = &[
-    Role::Police,
-    Role::Prosecutor,
-    Role::BorderService,
-    Role::Ngo,
-    Role::Iom,
-    Role::Msd,
-    Role::Moh,
-    Role::Coordinator,
-];
-/// Roles that keep the rehabilitation plan.
-pub const PLANNERS: &[Role] = &[Role::Msd, Role::Coordinator];
+/// Kind of the timer that ends a consent at its expiry.
+pub const CONSENT_EXPIRES: &str = "referral.consent_expires";
 
 /// Policy of the service, from settings.
 #[derive(Debug, Clone, Copy)]
@@ -89,9 +83,15 @@ fn rejected(kind: &'static str, id: impl ToString) -> impl FnOnce(DomainError) -
             kind: "goal",
             id: String::new(),
         },
-        DomainError::NotReceivingAgency | DomainError::NotReferringAgency => {
+        DomainError::NotReceivingAgency | DomainError::NotCaseHolder => {
             AppError::PermissionDenied(format!("{err} ({})", err.code()))
         }
+        DomainError::AttestationMissing(fields) => AppError::InvalidArgument(
+            fields
+                .into_iter()
+                .map(|field| FieldViolation::new(field, "is required for a consent given this way"))
+                .collect(),
+        ),
         other => AppError::precondition(other.code(), format!("{kind}/{}", id.to_string()), other.to_string()),
     }
 }
@@ -165,15 +165,34 @@ impl Referrals {
 
     /// What identification has told us of a person (`None`: not known yet).
     async fn person(&self, person_id: PersonId) -> Result<Option<PersonFacts>, AppError> {
-        let row = sqlx::query("SELECT case_id, status, child FROM persons WHERE person_id = $1")
-            .bind(person_id.as_uuid())
-            .fetch_optional(self.store.pool())
-            .await?;
+        let row = sqlx::query(
+            "SELECT case_id, status, child, reporting_agency, competent_authority FROM persons WHERE person_id = $1",
+        )
+        .bind(person_id.as_uuid())
+        .fetch_optional(self.store.pool())
+        .await?;
         Ok(row.map(|r| PersonFacts {
             case_id: r.get::<Uuid, _>("case_id").to_string(),
             status: PersonStatus::from_case_status(r.get("status")),
             child: r.get("child"),
+            reporting_agency: r.get("reporting_agency"),
+            competent_authority: r.get("competent_authority"),
         }))
+    }
+
+    /// Whether `agency` has an accepted referral for the person under an
+    /// active consent (the `consented` scope).
+    async fn consented(&self, person_id: PersonId, agency: &str) -> Result<bool, AppError> {
+        let consented: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM open_referrals o JOIN consents c ON c.consent_id = o.consent_id
+             WHERE c.person_id = $1 AND c.recipient_agency = $2 AND o.accepted AND NOT c.withdrawn
+               AND (c.expires_at IS NULL OR c.expires_at > now()))",
+        )
+        .bind(person_id.as_uuid())
+        .bind(agency)
+        .fetch_one(self.store.pool())
+        .await?;
+        Ok(consented)
     }
 }
 

@@ -1,23 +1,38 @@
 //! The individual rehabilitation plan (MSD and the national coordinator):
 //! goals, follow-ups, goals met. Plan commands carry no expected version:
 //! they act on the plan as it stands, retrying when they lose a race.
+//! The MSD keeps the plan of a person it has an accepted referral for under
+//! an active consent (the `consented` scope); the coordinator any plan.
 
 use chrono::Utc;
 use nrm_kernel::audit;
 use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{GoalId, PersonId};
+use nrm_kernel::permissions::Standing;
 use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use prost::Message;
 
-use super::{PLANNERS, Referrals, rejected, retry_on_conflict, to_new_events};
+use super::{Referrals, rejected, retry_on_conflict, to_new_events};
 use crate::domain::DomainError;
 use crate::domain::parse;
 use crate::domain::plan::{self, Command, Plan};
 
 impl Referrals {
+    /// Fails unless the caller may act on the person's plan: any plan
+    /// (the coordinator), or one of a person its agency has an accepted
+    /// referral for under an active consent.
+    async fn check_plan(&self, ctx: &CallContext, person_id: PersonId) -> Result<(), AppError> {
+        ctx.concerns(person_id);
+        let consented = !ctx.permit().any() && self.consented(person_id, ctx.agency()).await?;
+        ctx.check(&Standing {
+            consented,
+            ..Standing::default()
+        })
+    }
+
     /// The person's plan folded from its events.
     ///
     /// # Errors
@@ -68,6 +83,7 @@ impl Referrals {
         if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
             return Ok(command::replayed(previous));
         }
+        self.check_plan(ctx, person_id).await?;
         let result = retry_on_conflict(|| self.on_plan_once(ctx, &key, &fp, method, person_id, &command)).await;
         match result {
             // A twin of this request may have acted first: answer as it did.
@@ -85,14 +101,14 @@ impl Referrals {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `FAILED_PRECONDITION` (`UNKNOWN_PERSON`).
-    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn add_goal(
         &self,
         ctx: &CallContext,
         req: &pb::AddPlanGoalRequest,
     ) -> Result<pb::AddPlanGoalResponse, AppError> {
-        ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
         let (target, (kind, due_at)) = parse::add_goal(req, Utc::now())?;
+        traced(target.person_id);
         let key = ctx.request_key(&target.request_id);
         let fp = command::fingerprint("AddPlanGoal", req);
         if let Some(mut previous) = command::replay::<pb::AddPlanGoalResponse>(&self.store, &key, &fp).await? {
@@ -101,6 +117,7 @@ impl Referrals {
             }
             return Ok(previous);
         }
+        self.check_plan(ctx, target.person_id).await?;
         let person_known = self.person(target.person_id).await?.is_some();
         let goal_id = GoalId::new();
         let command = Command::AddGoal {
@@ -145,14 +162,14 @@ impl Referrals {
     /// # Errors
     /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND` (goal),
     /// `FAILED_PRECONDITION` (`GOAL_ALREADY_MET`).
-    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn follow_up(
         &self,
         ctx: &CallContext,
         req: &pb::RecordFollowUpRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
         let (target, (goal_id, followed_up_at, status_code)) = parse::follow_up(req, Utc::now())?;
+        traced(target.person_id);
         let command = Command::RecordFollowUp {
             person_id: target.person_id.to_string(),
             goal_id: goal_id.to_string(),
@@ -175,10 +192,10 @@ impl Referrals {
     /// # Errors
     /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND` (goal),
     /// `FAILED_PRECONDITION` (`GOAL_ALREADY_MET`).
-    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn goal_met(&self, ctx: &CallContext, req: &pb::MarkGoalMetRequest) -> Result<CommandResult, AppError> {
-        ctx.caller.require("keep a rehabilitation plan", PLANNERS)?;
         let (target, goal_id) = parse::goal_met(req)?;
+        traced(target.person_id);
         let command = Command::MarkGoalMet {
             person_id: target.person_id.to_string(),
             goal_id: goal_id.to_string(),
@@ -192,10 +209,11 @@ impl Referrals {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `PERMISSION_DENIED`, `NOT_FOUND` (no plan yet).
-    #[tracing::instrument(skip_all, fields(person_id = %req.person_id))]
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn get_plan(&self, ctx: &CallContext, req: &pb::GetPlanRequest) -> Result<pb::Plan, AppError> {
-        ctx.caller.require("read a rehabilitation plan", PLANNERS)?;
         let person_id = PersonId::parse("person_id", &req.person_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
+        traced(person_id);
+        self.check_plan(ctx, person_id).await?;
         let state = self.load_plan(person_id).await?;
         if state.version == 0 {
             return Err(rejected(plan::NAME, person_id)(DomainError::NotFound(plan::NAME)));
@@ -225,4 +243,9 @@ impl Referrals {
             version: state.version,
         })
     }
+}
+
+/// Records the parsed person ID on the current span (never the request's text).
+fn traced(person_id: PersonId) {
+    tracing::Span::current().record("person_id", tracing::field::display(person_id));
 }

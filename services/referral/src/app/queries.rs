@@ -2,7 +2,6 @@
 //! inbox (from the `inbox` read model, a few milliseconds behind).
 
 use chrono::{DateTime, Utc};
-use nrm_kernel::auth::Role;
 use nrm_kernel::command::CallContext;
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::ReferralId;
@@ -48,7 +47,7 @@ impl Referrals {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`.
-    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
     pub async fn get_referral(
         &self,
         ctx: &CallContext,
@@ -56,28 +55,21 @@ impl Referrals {
     ) -> Result<pb::Referral, AppError> {
         let referral_id =
             ReferralId::parse("referral_id", &req.referral_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
+        tracing::Span::current().record("referral_id", tracing::field::display(referral_id));
+        ctx.concerns(referral_id);
         let state = self.load_referral(referral_id).await?;
-        let Some(created) = &state.created else {
+        if state.created.is_none() {
             return Err(AppError::NotFound {
                 kind: "referral",
                 id: referral_id.to_string(),
             });
-        };
-        let agency = ctx.agency();
-        if ctx.caller.role != Role::Coordinator
-            && agency != created.referring_agency
-            && agency != state.receiving_agency
-        {
-            return Err(AppError::PermissionDenied(
-                "only the referring agency, the receiving agency and the national coordinator may read a referral"
-                    .into(),
-            ));
         }
+        ctx.check(&super::referrals::standing(&state))?;
         Ok(view(&state))
     }
 
     /// The caller's inbox: the referrals its agency receives (the national
-    /// coordinator: every overdue referral), newest first, a page at a time.
+    /// coordinator: every referral), newest first, a page at a time.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a bad page size, filter or token.
@@ -95,10 +87,9 @@ impl Referrals {
         if req.urgency != 0 && pb::Urgency::try_from(req.urgency).is_err() {
             v.add("urgency", "is not a known value");
         }
-        let coordinator = ctx.caller.role == Role::Coordinator;
-        // The coordinator sees every overdue referral; everyone else their agency's.
-        let agency = (!coordinator).then(|| ctx.agency().to_owned());
-        let overdue_only = req.overdue_only || coordinator;
+        // Who may see every inbox (the coordinator) sees all; everyone else their agency's.
+        let agency = (!ctx.permit().any()).then(|| ctx.agency().to_owned());
+        let overdue_only = req.overdue_only;
         let pager = Pager::new(&format!("{:?}|{}|{}|{}", agency, req.status, req.urgency, overdue_only));
         let cursor = pager.cursor(&req.page_token, &mut v);
         v.finish(|| ())?;

@@ -9,6 +9,7 @@ use nrm_kernel::audit;
 use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{ConsentId, ReferralId};
+use nrm_kernel::permissions::Standing;
 use nrm_kernel::store::{EventMetadata, UnitOfWork};
 use nrm_kernel::{timers, validate};
 use nrm_proto::common::v1::CommandResult;
@@ -16,10 +17,25 @@ use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost::Message;
 
-use super::{ANSWER_DUE, REFERRERS, Referrals, rejected, system_metadata, to_new_events};
+use super::{ANSWER_DUE, Referrals, rejected, system_metadata, to_new_events};
 use crate::domain::parse::{self, Target};
 use crate::domain::referral::{self, Command, Referral};
 use crate::domain::{ConsentGap, DomainError};
+
+/// How an agency may stand to a referral: its sender owns it, its current
+/// receiver is its addressee.
+pub(crate) fn standing(state: &Referral) -> Standing<'_> {
+    Standing {
+        owner: Some(state.referring_agency()).filter(|a| !a.is_empty()),
+        addressees: vec![state.receiving_agency.as_str()],
+        ..Standing::default()
+    }
+}
+
+/// Records the parsed referral ID on the current span (never the request's text).
+fn traced(target: &Target) {
+    tracing::Span::current().record("referral_id", tracing::field::display(target.referral_id));
+}
 
 /// A validated command on an existing referral.
 struct Call {
@@ -67,11 +83,12 @@ impl Referrals {
             let consent_id = ConsentId::parse("consent_id", &after.consent_id)
                 .map_err(|_| AppError::Internal("referral without a consent".into()))?;
             sqlx::query(
-                "INSERT INTO open_referrals (referral_id, consent_id) VALUES ($1, $2)
-                 ON CONFLICT (referral_id) DO UPDATE SET consent_id = EXCLUDED.consent_id",
+                "INSERT INTO open_referrals (referral_id, consent_id, accepted) VALUES ($1, $2, $3)
+                 ON CONFLICT (referral_id) DO UPDATE SET consent_id = EXCLUDED.consent_id, accepted = EXCLUDED.accepted",
             )
             .bind(referral_id.as_uuid())
             .bind(consent_id.as_uuid())
+            .bind(after.status == referral::Status::Accepted)
             .execute(uow.conn())
             .await?;
         } else {
@@ -96,19 +113,22 @@ impl Referrals {
         Ok(appended.event_ids.iter().map(ToString::to_string).collect())
     }
 
-    /// Refers a person to an agency under a consent.
+    /// Refers a person to an agency under a consent (an agency holding the
+    /// person's case; never to itself).
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED`,
-    /// `FAILED_PRECONDITION` (`UNKNOWN_PERSON`, `NOT_IDENTIFIED`, `CASE_MISMATCH`, `NO_CONSENT`).
-    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
+    /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED` (not an agency holding the case),
+    /// `FAILED_PRECONDITION` (`SENDER_IS_RECEIVER`, `UNKNOWN_PERSON`, `NOT_IDENTIFIED`, `CASE_MISMATCH`,
+    /// `NO_CONSENT`).
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty, referral_id = tracing::field::Empty))]
     pub async fn create_referral(
         &self,
         ctx: &CallContext,
         req: &pb::CreateReferralRequest,
     ) -> Result<pb::CreateReferralResponse, AppError> {
-        ctx.caller.require("make a referral", REFERRERS)?;
         let valid = parse::create_referral(req, Utc::now())?;
+        tracing::Span::current().record("person_id", tracing::field::display(valid.person_id));
+        ctx.concerns(valid.person_id);
         let key = ctx.request_key(&valid.request_id);
         let fp = command::fingerprint("CreateReferral", req);
         if let Some(mut previous) = command::replay::<pb::CreateReferralResponse>(&self.store, &key, &fp).await? {
@@ -120,6 +140,12 @@ impl Referrals {
         let referral_id = ReferralId::new();
         tracing::Span::current().record("referral_id", tracing::field::display(referral_id));
         let person = self.person(valid.person_id).await?;
+        if let Some(person) = &person {
+            ctx.check(&Standing {
+                case_holders: person.case_holders(),
+                ..Standing::default()
+            })?;
+        }
         let consent = self.load_consent(valid.consent_id).await?;
         let mut created = valid.referral;
         created.referral_id = referral_id.to_string();
@@ -170,6 +196,7 @@ impl Referrals {
         request: &impl Message,
         call: Call,
     ) -> Result<CommandResult, AppError> {
+        ctx.concerns(call.target.referral_id);
         let key = ctx.request_key(&call.target.request_id);
         let fp = command::fingerprint(call.method, request);
         if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
@@ -208,6 +235,7 @@ impl Referrals {
                 id: referral_id.to_string(),
             });
         }
+        ctx.check(&standing(&state))?;
         if target.expected_version != state.version {
             return Err(AppError::Conflict {
                 stream_id: referral::stream_id(referral_id),
@@ -249,9 +277,10 @@ impl Referrals {
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
     /// `FAILED_PRECONDITION` (`NOT_AWAITING_ANSWER`), `ABORTED`.
-    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
     pub async fn accept(&self, ctx: &CallContext, req: &pb::AcceptReferralRequest) -> Result<CommandResult, AppError> {
         let target = parse::accept(req)?;
+        traced(&target);
         let command = Command::Accept {
             agency: ctx.agency().to_owned(),
             now: validate::timestamp(Utc::now()),
@@ -274,13 +303,14 @@ impl Referrals {
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
     /// `FAILED_PRECONDITION` (`NOT_AWAITING_ANSWER`), `ABORTED`.
-    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
     pub async fn decline(
         &self,
         ctx: &CallContext,
         req: &pb::DeclineReferralRequest,
     ) -> Result<CommandResult, AppError> {
         let (target, reason) = parse::decline(req)?;
+        traced(&target);
         let command = Command::Decline {
             agency: ctx.agency().to_owned(),
             reason,
@@ -299,21 +329,22 @@ impl Referrals {
         .await
     }
 
-    /// The referrer sends a declined referral to another agency, under a consent covering it.
+    /// The agency that declined a referral (or the national coordinator)
+    /// sends it on to another agency, under a consent covering it.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the referrer),
-    /// `FAILED_PRECONDITION` (`NOT_DECLINED`, `SAME_AGENCY`, `NO_CONSENT`), `ABORTED`.
-    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the addressee),
+    /// `FAILED_PRECONDITION` (`NOT_DECLINED`, `SAME_AGENCY`, `SENDER_IS_RECEIVER`, `NO_CONSENT`), `ABORTED`.
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
     pub async fn redirect(
         &self,
         ctx: &CallContext,
         req: &pb::RedirectReferralRequest,
     ) -> Result<CommandResult, AppError> {
         let (target, (receiving_agency, consent_id)) = parse::redirect(req)?;
+        traced(&target);
         let consent = self.load_consent(consent_id).await?;
         let command = Command::Redirect {
-            agency: ctx.agency().to_owned(),
             receiving_agency,
             consent_id: consent_id.to_string(),
             consent: Box::new(consent),
@@ -338,13 +369,14 @@ impl Referrals {
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
     /// `FAILED_PRECONDITION` (`NOT_ACCEPTED`, `SERVICE_NOT_REFERRED`), `ABORTED`.
-    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
     pub async fn service_delivered(
         &self,
         ctx: &CallContext,
         req: &pb::RecordServiceDeliveredRequest,
     ) -> Result<CommandResult, AppError> {
         let (target, delivery) = parse::service_delivered(req, Utc::now())?;
+        traced(&target);
         let command = Command::RecordServiceDelivered {
             agency: ctx.agency().to_owned(),
             kind: delivery.kind,
@@ -364,16 +396,16 @@ impl Referrals {
         .await
     }
 
-    /// The receiver closes the referral with an outcome.
+    /// The sender, the receiver (or the national coordinator) closes the referral with an outcome.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the receiver),
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (neither sender nor receiver),
     /// `FAILED_PRECONDITION` (`NOT_ACCEPTED`), `ABORTED`.
-    #[tracing::instrument(skip_all, fields(referral_id = %req.referral_id))]
+    #[tracing::instrument(skip_all, fields(referral_id = tracing::field::Empty))]
     pub async fn close(&self, ctx: &CallContext, req: &pb::CloseReferralRequest) -> Result<CommandResult, AppError> {
         let (target, outcome) = parse::close(req)?;
+        traced(&target);
         let command = Command::Close {
-            agency: ctx.agency().to_owned(),
             outcome,
             now: validate::timestamp(Utc::now()),
         };

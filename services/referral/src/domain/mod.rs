@@ -69,6 +69,18 @@ pub enum DomainError {
     /// A child's consent given by the child.
     #[error("a child's consent must be given by a guardian or a best-interests decision")]
     ChildNeedsGuardian,
+    /// The attestation the giver needs is incomplete: the request fields missing.
+    #[error("the consent's attestation is incomplete")]
+    AttestationMissing(Vec<&'static str>),
+    /// The agency a consent lets in records it itself.
+    #[error("a consent is recorded by an agency holding the case, never by the agency it lets in")]
+    SelfGrant,
+    /// The recording agency does not hold the person's case.
+    #[error("only an agency holding the person's case may record a consent")]
+    NotCaseHolder,
+    /// A referral to the agency that sends it.
+    #[error("a referral's sender is never its receiver")]
+    SenderIsReceiver,
     /// Withdrawing twice.
     #[error("the consent was already withdrawn")]
     AlreadyWithdrawn,
@@ -87,9 +99,6 @@ pub enum DomainError {
     /// The caller's agency is not the receiving agency.
     #[error("only the receiving agency may do this")]
     NotReceivingAgency,
-    /// The caller's agency is not the referring agency.
-    #[error("only the referring agency may do this")]
-    NotReferringAgency,
     /// Accepting or declining a referral that awaits no answer.
     #[error("the referral awaits no answer (it was answered, closed or cancelled)")]
     NotAwaitingAnswer,
@@ -121,13 +130,16 @@ impl DomainError {
             DomainError::NotFound(_) | DomainError::GoalNotFound => "NOT_FOUND",
             DomainError::AlreadyExists(_) => "ALREADY_EXISTS",
             DomainError::ChildNeedsGuardian => "CHILD_NEEDS_GUARDIAN",
+            DomainError::AttestationMissing(_) => "ATTESTATION_MISSING",
+            DomainError::SelfGrant => "SELF_GRANT",
+            DomainError::NotCaseHolder => "NOT_CASE_HOLDER",
+            DomainError::SenderIsReceiver => "SENDER_IS_RECEIVER",
             DomainError::AlreadyWithdrawn => "ALREADY_WITHDRAWN",
             DomainError::NoConsent(_) => "NO_CONSENT",
             DomainError::UnknownPerson => "UNKNOWN_PERSON",
             DomainError::NotIdentified => "NOT_IDENTIFIED",
             DomainError::CaseMismatch => "CASE_MISMATCH",
             DomainError::NotReceivingAgency => "NOT_RECEIVING_AGENCY",
-            DomainError::NotReferringAgency => "NOT_REFERRING_AGENCY",
             DomainError::NotAwaitingAnswer => "NOT_AWAITING_ANSWER",
             DomainError::NotAccepted => "NOT_ACCEPTED",
             DomainError::NotDeclined => "NOT_DECLINED",
@@ -147,6 +159,27 @@ pub struct PersonFacts {
     pub status: PersonStatus,
     /// Under 18 (or possibly).
     pub child: bool,
+    /// The agency that reported the case (it holds the case).
+    pub reporting_agency: String,
+    /// The competent authority handling the case (it holds the case; empty: none named).
+    pub competent_authority: String,
+}
+
+impl PersonFacts {
+    /// The agencies holding the person's case.
+    #[must_use]
+    pub fn case_holders(&self) -> Vec<&str> {
+        [self.reporting_agency.as_str(), self.competent_authority.as_str()]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    /// Whether `agency` holds the person's case.
+    #[must_use]
+    pub fn held_by(&self, agency: &str) -> bool {
+        self.case_holders().contains(&agency)
+    }
 }
 
 /// Status of a person's identification, as far as referrals care.

@@ -135,6 +135,31 @@ pub fn provider(field: &str, text: &str) -> Result<String, FieldViolation> {
     Ok(text.to_owned())
 }
 
+/// A coded reference (a guardian, a decision, who took it): 1-64 letters,
+/// digits, `-`, `_`, `.` or `:`, never a name.
+///
+/// # Errors
+/// A violation of `field`.
+pub fn reference(field: &str, text: &str) -> Result<String, FieldViolation> {
+    if text.is_empty() {
+        return Err(FieldViolation::new(
+            field,
+            "is required: a coded reference, never a name",
+        ));
+    }
+    if text.len() > 64
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(FieldViolation::new(
+            field,
+            "must be a coded reference: 1-64 letters, digits, '-', '_', '.' or ':' (never a name)",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 /// A validated consent, ready to be decided.
 #[derive(Debug, Clone)]
 pub struct RecordConsent {
@@ -146,7 +171,11 @@ pub struct RecordConsent {
     pub consent: pb::ConsentRecorded,
 }
 
-/// Validates a consent.
+/// Validates a consent: the attestation the giver needs (a guardian's
+/// reference; a best-interests decision's reference and who took it), and
+/// nothing of another giver's. The request's `child` is ignored: whether the
+/// person is a child is what identification knows. The recording agency and
+/// the attesting officer are the caller's, filled in by the application.
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming every offending field.
@@ -163,6 +192,34 @@ pub fn record_consent(req: &pb::RecordConsentRequest, now: DateTime<Utc>) -> Res
     let purposes = enum_list::<pb::ServiceKind>("purposes", &req.purposes, &mut v);
     let data_categories = enum_list::<pb::DataCategory>("data_categories", &req.data_categories, &mut v);
     let expires_at = future_time("expires_at", req.expires_at.as_ref(), now, &mut v);
+    let guardian = given_by == Some(pb::ConsentGiver::Guardian as i32);
+    let decision = given_by == Some(pb::ConsentGiver::BestInterestsDecision as i32);
+    let mut attested = |field: &str, text: &str, needed: bool, giver: &str| -> String {
+        if needed {
+            v.check(reference(field, text)).unwrap_or_default()
+        } else {
+            if !text.is_empty() {
+                v.add(field, format!("must be empty unless given_by is {giver}"));
+            }
+            String::new()
+        }
+    };
+    let attestation = pb::ConsentAttestation {
+        attesting_officer: String::new(),
+        guardian_ref: attested("guardian_ref", &req.guardian_ref, guardian, "GUARDIAN"),
+        best_interests_decision_ref: attested(
+            "best_interests_decision_ref",
+            &req.best_interests_decision_ref,
+            decision,
+            "BEST_INTERESTS_DECISION",
+        ),
+        best_interests_decided_by: attested(
+            "best_interests_decided_by",
+            &req.best_interests_decided_by,
+            decision,
+            "BEST_INTERESTS_DECISION",
+        ),
+    };
     let (Some(request_id), Some(person_id)) = (request_id, person_id) else {
         return Err(v.into_error());
     };
@@ -179,6 +236,9 @@ pub fn record_consent(req: &pb::RecordConsentRequest, now: DateTime<Utc>) -> Res
             data_categories,
             expires_at,
             recorded_at: Some(timestamp(now)),
+            recorded_by_agency: String::new(),
+            attestation: Some(attestation),
+            child: false,
         },
     })
 }
@@ -546,16 +606,59 @@ mod tests {
             person_id: uuid::Uuid::now_v7().to_string(),
             case_id: uuid::Uuid::now_v7().to_string(),
             given_by: pb::ConsentGiver::Person as i32,
-            child: false,
             recipient_agency: "kg-msd".into(),
             purposes: vec![],
             data_categories: vec![],
             expires_at: Some(timestamp(Utc::now() - chrono::Duration::hours(1))),
+            ..Default::default()
         };
         assert_eq!(
             fields(record_consent(&req, Utc::now()).unwrap_err()),
             ["purposes", "expires_at"]
         );
+    }
+
+    #[test]
+    fn a_consent_names_the_attestation_its_giver_needs_and_no_other() {
+        let req = |given_by: pb::ConsentGiver, guardian: &str, decision: &str, by: &str| pb::RecordConsentRequest {
+            request_id: "c-1".into(),
+            person_id: uuid::Uuid::now_v7().to_string(),
+            case_id: uuid::Uuid::now_v7().to_string(),
+            given_by: given_by as i32,
+            recipient_agency: "kg-msd".into(),
+            purposes: vec![pb::ServiceKind::Shelter as i32],
+            guardian_ref: guardian.into(),
+            best_interests_decision_ref: decision.into(),
+            best_interests_decided_by: by.into(),
+            ..Default::default()
+        };
+        let check = |r: pb::RecordConsentRequest| record_consent(&r, Utc::now()).map_err(fields);
+        assert_eq!(
+            check(req(pb::ConsentGiver::Guardian, "", "", "")).unwrap_err(),
+            ["guardian_ref"]
+        );
+        assert_eq!(
+            check(req(pb::ConsentGiver::Guardian, "Aigul Bekova", "", "")).unwrap_err(),
+            ["guardian_ref"]
+        );
+        assert_eq!(
+            check(req(pb::ConsentGiver::BestInterestsDecision, "", "", "")).unwrap_err(),
+            ["best_interests_decision_ref", "best_interests_decided_by"]
+        );
+        assert_eq!(
+            check(req(pb::ConsentGiver::Person, "GRD-1", "", "")).unwrap_err(),
+            ["guardian_ref"]
+        );
+        let ok = check(req(
+            pb::ConsentGiver::BestInterestsDecision,
+            "",
+            "BID-2026-7",
+            "kg-gpo:prosecutor-3",
+        ))
+        .unwrap();
+        let attestation = ok.consent.attestation.unwrap();
+        assert_eq!(attestation.best_interests_decision_ref, "BID-2026-7");
+        assert_eq!(attestation.best_interests_decided_by, "kg-gpo:prosecutor-3");
     }
 
     #[test]

@@ -118,7 +118,9 @@ impl Referral {
         self.created.as_ref().map(|c| c.referral_id.clone()).unwrap_or_default()
     }
 
-    fn referring_agency(&self) -> &str {
+    /// The agency that sent the referral.
+    #[must_use]
+    pub fn referring_agency(&self) -> &str {
         self.created.as_ref().map_or("", |c| c.referring_agency.as_str())
     }
 
@@ -185,10 +187,9 @@ pub enum Command {
         /// Now.
         now: Timestamp,
     },
-    /// The referrer sends a declined referral to another agency.
+    /// A declined referral is sent on to another agency (by the agency that
+    /// declined it, or the national coordinator: the permission matrix decides who).
     Redirect {
-        /// The caller's agency.
-        agency: String,
         /// The new receiver.
         receiving_agency: String,
         /// The ID of the consent covering the new receiver.
@@ -216,10 +217,9 @@ pub enum Command {
         /// Provider code.
         provider: String,
     },
-    /// The receiver closes the referral.
+    /// The referral is closed (by its sender, its receiver or the national
+    /// coordinator: the permission matrix decides who).
     Close {
-        /// The caller's agency.
-        agency: String,
         /// How it ended.
         outcome: pb::ReferralOutcome,
         /// Now.
@@ -271,6 +271,9 @@ pub fn decide(referral: &Referral, command: &Command) -> Result<Vec<Event>, Doma
         if referral.version > 0 {
             return Err(DomainError::AlreadyExists(NAME));
         }
+        if created.referring_agency == created.receiving_agency {
+            return Err(DomainError::SenderIsReceiver);
+        }
         let Some(person) = person else {
             return Err(DomainError::UnknownPerson);
         };
@@ -320,21 +323,20 @@ pub fn decide(referral: &Referral, command: &Command) -> Result<Vec<Event>, Doma
             })])
         }
         Command::Redirect {
-            agency,
             receiving_agency,
             consent_id,
             consent,
             now,
             deadlines,
         } => {
-            if referral.referring_agency() != agency {
-                return Err(DomainError::NotReferringAgency);
-            }
             if referral.status != Status::Declined {
                 return Err(DomainError::NotDeclined);
             }
             if *receiving_agency == referral.receiving_agency {
                 return Err(DomainError::SameAgency);
+            }
+            if receiving_agency == referral.referring_agency() {
+                return Err(DomainError::SenderIsReceiver);
             }
             consent
                 .covers(&created.person_id, receiving_agency, referral.services(), now)
@@ -379,8 +381,7 @@ pub fn decide(referral: &Referral, command: &Command) -> Result<Vec<Event>, Doma
                 provider: provider.clone(),
             })])
         }
-        Command::Close { agency, outcome, now } => {
-            require_receiver(referral, agency)?;
+        Command::Close { outcome, now } => {
             if referral.status != Status::Accepted {
                 return Err(DomainError::NotAccepted);
             }
@@ -515,6 +516,8 @@ mod tests {
             case_id: "c1".into(),
             status,
             child: false,
+            reporting_agency: "kg-mvd".into(),
+            competent_authority: String::new(),
         })
     }
 
@@ -607,6 +610,22 @@ mod tests {
     }
 
     #[test]
+    fn a_referral_to_its_own_sender_is_refused() {
+        let mut command = create(
+            PersonStatus::Identified,
+            consent("kg-mvd", &[pb::ServiceKind::Psychological]),
+            false,
+        );
+        if let Command::Create { referral, .. } = &mut command {
+            referral.receiving_agency = "kg-mvd".into();
+        }
+        assert_eq!(
+            decide(&Referral::default(), &command),
+            Err(DomainError::SenderIsReceiver)
+        );
+    }
+
+    #[test]
     fn an_unknown_person_or_a_missing_consent_refuses_the_referral() {
         let mut command = create(
             PersonStatus::Identified,
@@ -658,12 +677,11 @@ mod tests {
     }
 
     #[test]
-    fn a_declined_referral_is_redirected_by_the_referrer_under_a_consent_for_the_new_agency() {
+    fn a_declined_referral_is_redirected_under_a_consent_for_the_new_agency_never_to_its_sender() {
         let referral = given(&[created()]);
         let declined_event = one(&referral, &decline("kg-msd"));
         let declined = given(&[created(), declined_event.clone()]);
-        let redirect = |agency: &str, to: &str, consent: Consent| Command::Redirect {
-            agency: agency.into(),
+        let redirect = |_by: &str, to: &str, consent: Consent| Command::Redirect {
             receiving_agency: to.into(),
             consent_id: format!("k-{to}"),
             consent: Box::new(consent),
@@ -672,8 +690,11 @@ mod tests {
         };
         let ngo = || consent("kg-ngo-1", &[pb::ServiceKind::Psychological]);
         assert_eq!(
-            decide(&declined, &redirect("kg-msd", "kg-ngo-1", ngo())),
-            Err(DomainError::NotReferringAgency)
+            decide(
+                &declined,
+                &redirect("kg-msd", "kg-mvd", consent("kg-mvd", &[pb::ServiceKind::Psychological]))
+            ),
+            Err(DomainError::SenderIsReceiver)
         );
         assert_eq!(
             decide(&referral, &redirect("kg-mvd", "kg-ngo-1", ngo())),
@@ -730,7 +751,6 @@ mod tests {
             provider: "MSD-PSY-1".into(),
         };
         let close = Command::Close {
-            agency: "kg-msd".into(),
             outcome: pb::ReferralOutcome::ServicesCompleted,
             now: NOW,
         };
