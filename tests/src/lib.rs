@@ -19,6 +19,7 @@
 //! - [`tables`]: every table of a service's database, snapshotted when the
 //!   service is quiescent, for tests that a refused command writes nothing.
 
+pub mod beds;
 pub mod consent;
 pub mod faults;
 pub mod fixtures;

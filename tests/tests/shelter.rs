@@ -1,18 +1,15 @@
 //! The shelter service over gRPC, against real NATS and PostgreSQL: never
-//! over-booked, holds that expire by themselves, refusals that write nothing,
-//! a sealed address, and beds held for accepted referrals.
+//! over-booked, holds that expire by themselves, refusals that write nothing
+//! but their audit entry, a sealed address, and beds held for accepted
+//! referrals. (`beds.rs`: which referrals a bed is held for, and releases.)
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 use std::time::Duration;
 
-use nrm_e2e::{ShelterApp, authorized, env, token, unique};
+use nrm_e2e::beds::{ReferralFeed, accepted_referral, assert_only_audited, wait_followed as wait_placed};
+use nrm_e2e::{ShelterApp, authorized, token, unique};
 use nrm_kernel::auth::Role;
-use nrm_kernel::bus::Bus;
-use nrm_kernel::relay::{Relay, RelayConfig};
-use nrm_kernel::settings::DatabaseSettings;
-use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent};
-use nrm_proto::referral::v1 as referral;
 use nrm_proto::shelter::v1 as pb;
 use pb::BedCategory::{Children, Men, Women};
 use prost::Message as _;
@@ -102,10 +99,17 @@ fn hold_request(shelter_id: &str, category: pb::BedCategory, referral_id: &str) 
     }
 }
 
-async fn hold(app: &ShelterApp, shelter_id: &str, category: pb::BedCategory) -> pb::HoldBedResponse {
+/// MSD holds a bed for a referral accepted a moment ago.
+async fn hold(
+    app: &ShelterApp,
+    feed: &mut ReferralFeed,
+    shelter_id: &str,
+    category: pb::BedCategory,
+) -> pb::HoldBedResponse {
+    let referral_id = accepted_referral(app, feed, "kg-msd", &rid()).await;
     app.client
         .clone()
-        .hold_bed(authorized(hold_request(shelter_id, category, &rid()), &msd()))
+        .hold_bed(authorized(hold_request(shelter_id, category, &referral_id), &msd()))
         .await
         .expect("hold a bed")
         .into_inner()
@@ -170,10 +174,18 @@ async fn events(app: &ShelterApp, stream_id: &str) -> Vec<pb::shelter_event::Eve
 async fn fifty_concurrent_holds_for_the_last_three_beds_give_exactly_three() {
     let app = ShelterApp::spawn().await;
     let shelter_id = register(&app, "KG-O", &[(Women, 3)]).await;
+    // Fifty referrals accepted by MSD, each without a shelter need.
+    let mut feed = ReferralFeed::new(&app).await;
+    let referrals: Vec<String> = (0..50).map(|_| rid()).collect();
+    for referral_id in &referrals {
+        feed.commit(referral_id, ReferralFeed::accepted(referral_id, &rid(), "kg-msd", None))
+            .await;
+    }
+    wait_placed(&app, feed.publish().await).await;
     let mut tasks = Vec::new();
-    for _ in 0..50 {
+    for referral_id in &referrals {
         let mut client = app.client.clone();
-        let request = hold_request(&shelter_id, Women, &rid());
+        let request = hold_request(&shelter_id, Women, referral_id);
         tasks.push(tokio::spawn(async move {
             client.hold_bed(authorized(request, &msd())).await
         }));
@@ -191,11 +203,21 @@ async fn fifty_concurrent_holds_for_the_last_three_beds_give_exactly_three() {
     assert_eq!(types.iter().filter(|t| *t == "BedHeld").count(), 3);
     assert_eq!(types.len(), 4, "registration and three holds, nothing else");
     wait_free(&app, &shelter_id, Women, 0).await;
-    // One expiry timer per hold; the 47 refusals left no answer and no audit entry.
+    // One expiry timer per hold; the 47 refusals left no answer, only their audit entries.
     let tables = app.tables().snapshot().await;
     assert_eq!(tables.rows("timers"), 3);
     assert_eq!(tables.rows("commands"), 4, "the registration's answer and three holds'");
-    assert_eq!(tables.rows("audit_log"), 4, "the registration and three holds");
+    assert_eq!(
+        tables.rows("audit_log"),
+        4 + 47,
+        "the registration, three holds, 47 refusals"
+    );
+    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'HoldBed:refused'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(refused, 47);
+    feed.drop_all().await;
     app.stop().await;
 }
 
@@ -203,7 +225,8 @@ async fn fifty_concurrent_holds_for_the_last_three_beds_give_exactly_three() {
 async fn an_expired_hold_frees_its_bed_without_anyone_acting() {
     let app = ShelterApp::spawn().await;
     let shelter_id = register(&app, "KG-J", &[(Women, 1)]).await;
-    let held = hold(&app, &shelter_id, Women).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    let held = hold(&app, &mut feed, &shelter_id, Women).await;
     wait_free(&app, &shelter_id, Women, 0).await;
     let due_at: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT due_at FROM timers WHERE kind = 'shelter.hold_expiry' AND aggregate_id = $1")
@@ -251,10 +274,8 @@ async fn an_expired_hold_frees_its_bed_without_anyone_acting() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "ADMIT_WITHOUT_HOLD");
-    tables
-        .assert_unchanged_since(&before, "admitting on an expired hold")
-        .await;
-    let again = hold(&app, &shelter_id, Women).await;
+    assert_only_audited(&tables, &before, 1, "admitting on an expired hold").await;
+    let again = hold(&app, &mut feed, &shelter_id, Women).await;
 
     // A released hold's timer is gone: it will never fire.
     app.client
@@ -276,6 +297,7 @@ async fn an_expired_hold_frees_its_bed_without_anyone_acting() {
         .unwrap();
     assert_eq!(pending, 0);
     wait_free(&app, &shelter_id, Women, 1).await;
+    feed.drop_all().await;
     app.stop().await;
 }
 
@@ -285,6 +307,7 @@ async fn refused_commands_say_why_and_write_nothing() {
     let shelter_id = register(&app, "KG-GB", &[(Women, 2), (Children, 1)]).await;
     let mut client = app.client.clone();
     let tables = app.tables();
+    let mut feed = ReferralFeed::new(&app).await;
 
     // Admission without a hold.
     let before = tables.snapshot().await;
@@ -300,12 +323,10 @@ async fn refused_commands_say_why_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "ADMIT_WITHOUT_HOLD");
-    tables
-        .assert_unchanged_since(&before, "an admission without a hold")
-        .await;
+    assert_only_audited(&tables, &before, 1, "an admission without a hold").await;
 
     // A hold, an admission, a discharge; the second discharge is refused.
-    let referral_id = rid();
+    let referral_id = accepted_referral(&app, &mut feed, "kg-msd", &rid()).await;
     let first_hold = hold_request(&shelter_id, Women, &referral_id);
     let held = client
         .hold_bed(authorized(first_hold.clone(), &msd()))
@@ -331,20 +352,23 @@ async fn refused_commands_say_why_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "ALREADY_HELD");
-    tables
-        .assert_unchanged_since(&before, "a second hold for one referral")
-        .await;
+    assert_only_audited(&tables, &before, 1, "a second hold for one referral").await;
     // Only the operator admits.
     let admit = pb::AdmitRequest {
         request_id: rid(),
         shelter_id: shelter_id.clone(),
         hold_id: held.hold_id.clone(),
     };
+    let before = tables.snapshot().await;
     let status = client.admit(authorized(admit.clone(), &msd())).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "an admission by an agency that does not run the shelter")
-        .await;
+    assert_only_audited(
+        &tables,
+        &before,
+        1,
+        "an admission by an agency that does not run the shelter",
+    )
+    .await;
     client.admit(authorized(admit, &operator())).await.unwrap();
     let discharge = |request_id: String| pb::DischargeRequest {
         request_id,
@@ -367,10 +391,10 @@ async fn refused_commands_say_why_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "NOT_ADMITTED");
-    tables.assert_unchanged_since(&before, "a second discharge").await;
+    assert_only_audited(&tables, &before, 1, "a second discharge").await;
 
     // Capacity below the beds taken.
-    let other = hold(&app, &shelter_id, Children).await;
+    let other = hold(&app, &mut feed, &shelter_id, Children).await;
     assert!(!other.hold_id.is_empty());
     let version = events(&app, &format!("shelter-{shelter_id}")).await.len() as u64;
     let before = tables.snapshot().await;
@@ -388,10 +412,9 @@ async fn refused_commands_say_why_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status), "CAPACITY_BELOW_OCCUPANCY");
-    tables
-        .assert_unchanged_since(&before, "lowering capacity below the beds taken")
-        .await;
-    // A stale version is a conflict.
+    assert_only_audited(&tables, &before, 1, "lowering capacity below the beds taken").await;
+    // A stale version is a conflict (not audited: no refusal, a retry).
+    let before = tables.snapshot().await;
     let status = client
         .change_capacity(authorized(
             pb::ChangeCapacityRequest {
@@ -425,6 +448,7 @@ async fn refused_commands_say_why_and_write_nothing() {
         .unwrap();
     wait_free(&app, &shelter_id, Children, 3).await;
     wait_free(&app, &shelter_id, Women, 2).await;
+    feed.drop_all().await;
     app.stop().await;
 }
 
@@ -528,14 +552,12 @@ async fn bad_input_names_its_fields_and_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables
-        .assert_unchanged_since(&before, "a registration by the police")
-        .await;
+    assert_only_audited(&tables, &before, 1, "a registration by the police").await;
     app.stop().await;
 }
 
 #[tokio::test]
-async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_and_the_coordinator() {
+async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_the_coordinator_and_the_holder() {
     const CANARY: &str = "Kurmanjan Datka 77 canary-address";
     let app = ShelterApp::spawn().await;
     let shelter_id = app
@@ -546,7 +568,8 @@ async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_and_the
         .unwrap()
         .into_inner()
         .shelter_id;
-    hold(&app, &shelter_id, Women).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    hold(&app, &mut feed, &shelter_id, Women).await;
 
     let get = |token: String| {
         let mut client = app.client.clone();
@@ -564,23 +587,51 @@ async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_and_the
     assert_eq!(own.operator_agency, OPERATOR);
     assert_eq!(own.free[0].beds, 1);
     assert_eq!(get(coordinator()).await.address, CANARY);
-    let other = get(msd()).await;
-    assert_eq!(other.address, "", "another agency sees capacity, not the address");
-    assert_eq!(other.code, own.code);
-    // Every read is in the audit trail.
-    let reads: Vec<(String, String)> =
-        sqlx::query_as("SELECT agency, purpose FROM audit_log WHERE action = 'GetShelter' ORDER BY id")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
+    let holder = get(msd()).await;
+    assert_eq!(
+        holder.address, CANARY,
+        "the agency a bed is held for learns where to bring the person"
+    );
+    assert_eq!(holder.code, own.code);
+    // Another agency learns nothing, and only its attempt is written.
+    let tables = app.tables();
+    let before = tables.snapshot().await;
+    let status = app
+        .client
+        .clone()
+        .get_shelter(authorized(
+            pb::GetShelterRequest {
+                shelter_id: shelter_id.clone(),
+            },
+            &token("kg-moh", Role::Moh, "doctor-1"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(!status.message().contains("canary"));
+    assert_only_audited(&tables, &before, 1, "MoH reading a shelter it holds no bed in").await;
+    // Every read is in the audit trail as a read of the address, and so is the refused one.
+    let reads: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT agency, action, purpose FROM audit_log WHERE action LIKE 'ReadShelterAddress%' OR action LIKE 'GetShelter%' ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let read = |agency: &str, action: &str, purpose: &str| (agency.to_owned(), action.to_owned(), purpose.to_owned());
     assert_eq!(
         reads,
         [
-            (OPERATOR.to_owned(), "address".to_owned()),
-            ("kg-coordinator".to_owned(), "address".to_owned()),
-            ("kg-msd".to_owned(), "capacity".to_owned()),
+            read(OPERATOR, "ReadShelterAddress", "shelter operator"),
+            read("kg-coordinator", "ReadShelterAddress", "any"),
+            read("kg-msd", "ReadShelterAddress", "bed held"),
+            read("kg-moh", "GetShelter:denied", "refused"),
         ]
     );
+    let subject: String = sqlx::query_scalar("SELECT subject_id FROM audit_log WHERE action = 'GetShelter:denied'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(subject, shelter_id, "the refusal names the shelter asked for");
 
     // Not in the clear in any stored event ...
     let payloads: Vec<Vec<u8>> = sqlx::query_scalar("SELECT payload FROM events")
@@ -623,6 +674,7 @@ async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_and_the
             assert!(values.iter().all(|v| !v.as_str().contains("canary")));
         }
     }
+    feed.drop_all().await;
     app.stop().await;
 }
 
@@ -669,158 +721,12 @@ async fn free_capacity_answers_by_region_and_category() {
     assert!(free_capacity(&app, "KG-Y", Women).await.is_empty());
 
     // A hold shows within moments.
-    hold(&app, &bishkek, Women).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    hold(&app, &mut feed, &bishkek, Women).await;
     wait_free(&app, &bishkek, Women, 2).await;
 
+    feed.drop_all().await;
     app.stop().await;
-}
-
-/// The referral service's side of the bus, played by the kernel: an event
-/// store on a scratch database and a relay to the referral stream of the
-/// shelter service's NATS space.
-struct ReferralFeed {
-    database: DatabaseSettings,
-    store: EventStore,
-    relay: Relay,
-    bus: Bus,
-}
-
-impl ReferralFeed {
-    async fn new(app: &ShelterApp) -> Self {
-        let database = DatabaseSettings {
-            url: env().database_url.clone(),
-            name: format!("test_{}", unique()),
-            max_connections: 4,
-        };
-        let pool = nrm_kernel::db::connect_and_migrate(&database, &nrm_shelter::startup::MIGRATIONS)
-            .await
-            .unwrap();
-        let bus = Bus::connect(&app.settings.nats).await.unwrap();
-        bus.ensure_stream("referral").await.unwrap();
-        let store = EventStore::new(pool.clone());
-        let relay = Relay::new(
-            pool,
-            bus.clone(),
-            "referral",
-            store.appended_signal(),
-            RelayConfig::new("nrm.referral.v1.ReferralEvent"),
-        );
-        Self {
-            database,
-            store,
-            relay,
-            bus,
-        }
-    }
-
-    /// Commits and publishes `ReferralAccepted` with a shelter need.
-    async fn accept(&mut self, referral_id: &str, category: pb::BedCategory, region: &str) {
-        let event = referral::ReferralEvent {
-            event: Some(referral::referral_event::Event::ReferralAccepted(
-                referral::ReferralAccepted {
-                    referral_id: referral_id.to_owned(),
-                    person_id: rid(),
-                    receiving_agency: "kg-msd".into(),
-                    shelter_need: Some(referral::ShelterNeed {
-                        category: category as i32,
-                        region: region.to_owned(),
-                    }),
-                    accepted_at: None,
-                },
-            )),
-        };
-        let metadata = EventMetadata {
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            actor: Actor {
-                agency: "kg-msd".into(),
-                role: "msd".into(),
-                officer: "officer-2".into(),
-            },
-            traceparent: None,
-            tracestate: None,
-        };
-        let mut uow = self.store.begin().await.unwrap();
-        uow.append(
-            &format!("referral-{referral_id}"),
-            0,
-            &[NewEvent {
-                event_type: "ReferralAccepted".into(),
-                schema_version: 1,
-                payload: event.encode_to_vec(),
-            }],
-            &metadata,
-            &self.bus.subject("referral", "referral", referral_id),
-        )
-        .await
-        .unwrap();
-        uow.commit().await.unwrap();
-        for _ in 0..400 {
-            self.relay.publish_round().await.unwrap();
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(self.store.pool())
-                .await
-                .unwrap();
-            if left == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the referral commit was not published");
-    }
-
-    /// Publishes the last message of the referral stream once more, as a
-    /// new message (another sequence, no de-duplication): a redelivery.
-    async fn redeliver_last(&self) -> u64 {
-        let stream = self
-            .bus
-            .jetstream()
-            .get_stream(self.bus.stream_name("referral"))
-            .await
-            .unwrap();
-        let last = stream
-            .get_raw_message(stream.cached_info().state.last_sequence)
-            .await
-            .unwrap();
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, values) in last.headers.iter() {
-            if name.to_string() != "Nats-Msg-Id" {
-                for value in values {
-                    headers.append(name.clone(), value.as_str());
-                }
-            }
-        }
-        self.bus
-            .jetstream()
-            .publish_with_headers(last.subject.clone(), headers, last.payload.clone())
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .sequence
-    }
-
-    async fn drop_all(self) {
-        self.store.pool().close().await;
-        let _ = nrm_kernel::db::drop_database(&self.database).await;
-    }
-}
-
-/// Waits until the placement reaction has applied the referral stream up to `sequence`.
-async fn wait_placed(app: &ShelterApp, sequence: u64) {
-    for _ in 0..200 {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT stream_sequence FROM projection_checkpoints WHERE projection = 'shelter_placement'",
-        )
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap();
-        if at.is_some_and(|s| u64::try_from(s).unwrap() >= sequence) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the placement reaction did not reach sequence {sequence} within 10 s");
 }
 
 /// The holds of a referral, as (shelter stream, hold ID).
@@ -854,8 +760,8 @@ async fn an_accepted_referral_gets_a_bed_in_its_region_once_even_when_redelivere
 
     let mut feed = ReferralFeed::new(&app).await;
     let referral_id = rid();
-    feed.accept(&referral_id, Women, "KG-O").await;
-    wait_placed(&app, 1).await;
+    let sequence = feed.accept(&referral_id, Women, "KG-O").await;
+    wait_placed(&app, sequence).await;
     let holds = holds_of(&app, &referral_id).await;
     assert_eq!(holds.len(), 1);
     assert_eq!(
@@ -914,7 +820,8 @@ async fn an_accepted_referral_gets_a_bed_in_its_region_once_even_when_redelivere
 async fn with_no_bed_free_in_the_region_no_bed_available_names_the_nearest_regions_with_one() {
     let app = ShelterApp::spawn().await;
     let full = register(&app, "KG-O", &[(Women, 1)]).await;
-    hold(&app, &full, Women).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    hold(&app, &mut feed, &full, Women).await;
     let regions = [
         ("KG-Y", Women, 1),
         ("KG-GO", Women, 2),
@@ -929,10 +836,9 @@ async fn with_no_bed_free_in_the_region_no_bed_available_names_the_nearest_regio
     wait_free(&app, &last, Children, 3).await;
     wait_free(&app, &full, Women, 0).await;
 
-    let mut feed = ReferralFeed::new(&app).await;
     let referral_id = rid();
-    feed.accept(&referral_id, Women, "KG-O").await;
-    wait_placed(&app, 1).await;
+    let sequence = feed.accept(&referral_id, Women, "KG-O").await;
+    wait_placed(&app, sequence).await;
     assert!(holds_of(&app, &referral_id).await.is_empty());
     let placement = events(&app, &format!("placement-{referral_id}")).await;
     assert_eq!(placement.len(), 1);
@@ -971,7 +877,8 @@ async fn only_the_agency_a_bed_is_held_for_the_operator_or_the_coordinator_may_r
     let app = ShelterApp::spawn().await;
     let shelter_id = register(&app, "KG-O", &[(pb::BedCategory::Women, 2)]).await;
     // MSD holds a bed.
-    let held = hold(&app, &shelter_id, pb::BedCategory::Women).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    let held = hold(&app, &mut feed, &shelter_id, pb::BedCategory::Women).await;
     let release = |who: String| {
         let mut client = app.client.clone();
         let request = pb::ReleaseHoldRequest {
@@ -987,7 +894,12 @@ async fn only_the_agency_a_bed_is_held_for_the_operator_or_the_coordinator_may_r
     // Another agency that may hold beds may not release MSD's hold.
     let status = release(token("kg-moh", Role::Moh, "doctor-1")).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    tables.assert_unchanged_since(&before, "MoH releasing MSD's hold").await;
+    assert_only_audited(&tables, &before, 1, "MoH releasing MSD's hold").await;
+    // The police hold no beds: the matrix refuses them at the gate.
+    let before = tables.snapshot().await;
+    let status = release(token("kg-mvd", Role::Police, "officer-9")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_only_audited(&tables, &before, 1, "the police releasing a hold").await;
     // MSD may.
     release(msd()).await.expect("the holder releases its hold");
     assert_eq!(
@@ -995,7 +907,7 @@ async fn only_the_agency_a_bed_is_held_for_the_operator_or_the_coordinator_may_r
         Some("HoldReleased")
     );
     // The operator may release any hold of its shelter.
-    let second = hold(&app, &shelter_id, pb::BedCategory::Women).await;
+    let second = hold(&app, &mut feed, &shelter_id, pb::BedCategory::Women).await;
     app.client
         .clone()
         .release_hold(authorized(
@@ -1008,5 +920,6 @@ async fn only_the_agency_a_bed_is_held_for_the_operator_or_the_coordinator_may_r
         ))
         .await
         .expect("the operator releases a hold");
+    feed.drop_all().await;
     app.stop().await;
 }

@@ -7,7 +7,7 @@ use nrm_proto::common::v1::CommandResult;
 use nrm_proto::shelter::v1::shelter_service_client::ShelterServiceClient;
 use nrm_proto::shelter::v1::{
     AdmitRequest, BedCapacity, BedCategory, ChangeCapacityRequest, DischargeRequest, GetShelterRequest, HoldBedRequest,
-    ListFreeCapacityRequest, RegisterShelterRequest, ReleaseHoldRequest, Shelter,
+    ListArrivalsRequest, ListFreeCapacityRequest, RegisterShelterRequest, ReleaseHoldRequest, Shelter,
 };
 
 use crate::cli::shelter::{
@@ -38,6 +38,7 @@ pub async fn run(global: &Global, command: ShelterCommand) -> Result<()> {
         ShelterCommand::Discharge(args) => on_hold(&mut client, output, Step::Discharge, args).await,
         ShelterCommand::Get(args) => get(&mut client, output, args).await,
         ShelterCommand::Free(args) => free(&mut client, output, args).await,
+        ShelterCommand::Arrivals(args) => arrivals(&mut client, output, args).await,
     }
 }
 
@@ -209,6 +210,43 @@ async fn free(client: &mut Client, output: Output, args: FreeArgs) -> Result<()>
                 })
                 .collect::<Vec<_>>();
             output::print_table(&["SHELTER_ID", "REGION", "CATEGORY", "FREE"], &rows)
+        }
+    }
+}
+
+async fn arrivals(client: &mut Client, output: Output, args: ShelterGetArgs) -> Result<()> {
+    let request = ListArrivalsRequest {
+        shelter_id: args.shelter_id,
+    };
+    let response = client.list_arrivals(request).await?.into_inner();
+    match output {
+        Output::Json => print_json("nrm.shelter.v1.ListArrivalsResponse", &response),
+        Output::Text => {
+            let rows = response
+                .arrivals
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.hold_id.clone(),
+                        or_dash(&a.person_id),
+                        shown(a.category()),
+                        or_dash(&a.holder_agency),
+                        time(a.held_at.as_ref()),
+                        time(a.expires_at.as_ref()),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            output::print_table(
+                &[
+                    "HOLD_ID",
+                    "PERSON_ID",
+                    "CATEGORY",
+                    "BROUGHT_BY",
+                    "HELD_AT",
+                    "EXPIRES_AT",
+                ],
+                &rows,
+            )
         }
     }
 }

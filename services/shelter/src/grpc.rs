@@ -74,4 +74,12 @@ impl ShelterService for ShelterGrpc {
         let ctx = gate::context(&request)?;
         reply(self.app.list_free_capacity(&ctx, request.get_ref()).await)
     }
+
+    async fn list_arrivals(
+        &self,
+        request: Request<pb::ListArrivalsRequest>,
+    ) -> Result<Response<pb::ListArrivalsResponse>, Status> {
+        let ctx = gate::context(&request)?;
+        reply(self.app.list_arrivals(&ctx, request.get_ref()).await)
+    }
 }

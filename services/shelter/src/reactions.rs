@@ -1,17 +1,31 @@
-//! What the service does without a caller: holding a bed when a referral with
-//! a shelter need is accepted, and expiring holds nobody acted on.
+//! What the service does without a caller: following the referrals it holds
+//! beds for, holding a bed when a referral with a shelter need is accepted,
+//! releasing it when the referral ends, and expiring holds nobody acted on.
 //!
-//! - [`Placement`]: a reaction on the referral stream. On `ReferralAccepted`
-//!   with a shelter need it picks the shelter of the region with the most
-//!   free beds of the category (from the `free_capacity` read model), decides
-//!   `HoldBed` on that shelter's current state and appends `BedHeld` (with
-//!   its expiry timer) in the runner's unit of work, beside the checkpoint.
-//!   A version conflict fails the message, which the runner retries in
-//!   place. When no shelter of the region has a bed, it appends
-//!   `NoBedAvailable` with the nearest regions that have one to
-//!   `placement-<referral_id>`. A commit is acted on once
-//!   (`placement_handled`, in the same transaction), and a referral that
-//!   already holds or occupies a bed gets no second one.
+//! - [`Placement`]: a reaction on the referral stream, in stream order, one
+//!   commit per transaction beside its checkpoint. For each referral event
+//!   it
+//!   1. keeps `shelter_referrals` (who the referral is for, its state, its
+//!      shelter need; an event at or below the row's version changes
+//!      nothing), which `HoldBed` checks;
+//!   2. on `ReferralAccepted` with a shelter need, picks the shelter of the
+//!      region with the most free beds of the category, from `shelter_beds`
+//!      (written with the shelters' events, so a shelter registered a moment
+//!      ago is there and "no bed" is never a stale answer), decides
+//!      `HoldBed` on that shelter's state under its lock and appends
+//!      `BedHeld` (with its expiry timer). When no shelter of the region has
+//!      a bed it appends `NoBedAvailable` with the nearest regions that have
+//!      one to `placement-<referral_id>`. A commit is acted on once
+//!      (`placement_handled`), and a referral with an open hold anywhere
+//!      gets no second one;
+//!   3. on `ReferralCancelled`, `ReferralClosed`, `ReferralDeclined` or
+//!      `ReferralRedirected`, releases the referral's held bed (an admitted
+//!      person stays). A redelivery finds nothing held and does nothing.
+//!
+//!   One runner does all three so that they follow the referral's events in
+//!   their order: a cancellation is never acted on before the acceptance.
+//!   Locks are taken in one order, the referral's row, then the shelter's
+//!   lock, as `HoldBed` takes them.
 //! - [`HoldExpiry`]: the handler of the `shelter.hold_expiry` timers, which
 //!   appends `HoldExpired` when the hold is still held.
 
@@ -25,10 +39,11 @@ use nrm_kernel::{audit, validate};
 use nrm_proto::referral::v1 as referral;
 use nrm_proto::shelter::v1 as pb;
 use prost::Message as _;
+use referral::referral_event::Event as ReferralEvent;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, system_actor, to_new_events};
+use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, lock_shelter, system_actor, to_new_events};
 use crate::domain::{self, Command, DomainError, parse, regions};
 
 /// Full protobuf name of the referral service's events.
@@ -44,11 +59,102 @@ pub struct Placement {
     app: Shelters,
 }
 
+/// What one referral event makes of the referral's row.
+struct Change<'a> {
+    referral_id: &'a str,
+    state: &'static str,
+    person_id: Option<&'a str>,
+    receiving_agency: Option<&'a str>,
+    need: Option<&'a referral::ShelterNeed>,
+}
+
+impl<'a> Change<'a> {
+    fn of(event: &'a ReferralEvent) -> Option<Self> {
+        let change = |referral_id, state| Change {
+            referral_id,
+            state,
+            person_id: None,
+            receiving_agency: None,
+            need: None,
+        };
+        Some(match event {
+            ReferralEvent::ReferralCreated(e) => Change {
+                person_id: Some(&e.person_id),
+                receiving_agency: Some(&e.receiving_agency),
+                need: e.shelter_need.as_ref(),
+                ..change(&e.referral_id, "pending")
+            },
+            ReferralEvent::ReferralAccepted(e) => Change {
+                person_id: Some(&e.person_id),
+                receiving_agency: Some(&e.receiving_agency),
+                need: e.shelter_need.as_ref(),
+                ..change(&e.referral_id, "accepted")
+            },
+            ReferralEvent::ReferralDeclined(e) => Change {
+                receiving_agency: Some(&e.receiving_agency),
+                ..change(&e.referral_id, "declined")
+            },
+            ReferralEvent::ReferralRedirected(e) => Change {
+                receiving_agency: Some(&e.receiving_agency),
+                ..change(&e.referral_id, "redirected")
+            },
+            ReferralEvent::ReferralClosed(e) => change(&e.referral_id, "closed"),
+            ReferralEvent::ReferralCancelled(e) => Change {
+                person_id: Some(&e.person_id),
+                receiving_agency: Some(&e.receiving_agency),
+                ..change(&e.referral_id, "cancelled")
+            },
+            _ => return None,
+        })
+    }
+
+    /// Whether the referral no longer needs the bed held for it.
+    fn ends_hold(&self) -> bool {
+        matches!(self.state, "declined" | "redirected" | "closed" | "cancelled")
+    }
+}
+
 impl Placement {
     /// A reaction that holds beds through `app`.
     #[must_use]
     pub fn new(app: Shelters) -> Self {
         Self { app }
+    }
+
+    /// Applies `change` at referral stream `version` to the referral's row;
+    /// whether it was new (above the row's version).
+    async fn project(conn: &mut PgConnection, change: &Change<'_>, version: i64) -> Result<bool, anyhow::Error> {
+        let Ok(referral_id) = change.referral_id.parse::<Uuid>() else {
+            tracing::warn!("a referral event with a malformed referral ID; ignored");
+            return Ok(false);
+        };
+        let person_id = change.person_id.and_then(|p| p.parse::<Uuid>().ok());
+        let (category, region) = change
+            .need
+            .map_or((None, None), |n| (Some(n.category), Some(n.region.as_str())));
+        let applied = sqlx::query(
+            "INSERT INTO shelter_referrals (referral_id, person_id, receiving_agency, state, category, region, version)
+             VALUES ($1, $2, coalesce($3, ''), $4, coalesce($5, 0), coalesce($6, ''), $7)
+             ON CONFLICT (referral_id) DO UPDATE SET
+                 person_id = coalesce(EXCLUDED.person_id, shelter_referrals.person_id),
+                 receiving_agency = coalesce($3, shelter_referrals.receiving_agency),
+                 state = EXCLUDED.state,
+                 category = coalesce($5, shelter_referrals.category),
+                 region = coalesce($6, shelter_referrals.region),
+                 version = EXCLUDED.version
+             WHERE shelter_referrals.version < EXCLUDED.version",
+        )
+        .bind(referral_id)
+        .bind(person_id)
+        .bind(change.receiving_agency)
+        .bind(change.state)
+        .bind(category)
+        .bind(region)
+        .bind(version)
+        .execute(conn)
+        .await?
+        .rows_affected();
+        Ok(applied > 0)
     }
 
     /// Holds a bed for `accepted`, or records that none is free.
@@ -65,22 +171,20 @@ impl Placement {
             ReferralId::parse("referral_id", &accepted.referral_id),
             parse::category("shelter_need.category", need.category),
         ) else {
-            tracing::warn!(referral_id = %accepted.referral_id, "accepted referral with a malformed shelter need; no bed held");
+            tracing::warn!("accepted referral with a malformed shelter need; no bed held");
             return Ok(());
         };
         let region = parse::region("shelter_need.region", &need.region).unwrap_or_default();
-        let active: Option<Uuid> = sqlx::query_scalar(
-            "SELECT hold_id FROM free_capacity_holds WHERE referral_id = $1 AND status IN ('held', 'admitted') LIMIT 1",
-        )
-        .bind(referral_id.as_uuid())
-        .fetch_optional(uow.conn())
-        .await?;
+        let active: Option<Uuid> = sqlx::query_scalar("SELECT hold_id FROM open_holds WHERE referral_id = $1")
+            .bind(referral_id.as_uuid())
+            .fetch_optional(uow.conn())
+            .await?;
         if let Some(hold_id) = active {
             tracing::info!(%referral_id, %hold_id, "the referral holds a bed already");
             return Ok(());
         }
         let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new("SELECT shelter_id FROM free_capacity WHERE free > 0 AND category = ");
+            QueryBuilder::new("SELECT shelter_id FROM shelter_beds WHERE free > 0 AND category = ");
         q.push_bind(category as i32);
         if !region.is_empty() {
             q.push(" AND region = ").push_bind(region.clone());
@@ -90,7 +194,8 @@ impl Placement {
         let candidates: Vec<Uuid> = q.build_query_scalar().fetch_all(uow.conn()).await?;
         let expires_at = Utc::now() + chrono::Duration::minutes(i64::from(self.app.hold_minutes_default()));
         for shelter_id in candidates.into_iter().map(ShelterId::from_uuid) {
-            let shelter = self.app.load(shelter_id).await?;
+            lock_shelter(uow.conn(), shelter_id).await?;
+            let shelter = self.app.load_in(uow, shelter_id).await?;
             let command = Command::HoldBed {
                 hold_id: HoldId::new(),
                 category,
@@ -101,9 +206,7 @@ impl Placement {
             match domain::decide(&shelter, &command) {
                 Ok(events) => {
                     // A conflict fails the message; the runner retries it on the new state.
-                    self.app
-                        .append(uow, shelter_id, shelter.version, &events, metadata)
-                        .await?;
+                    self.app.append(uow, shelter_id, &shelter, &events, metadata).await?;
                     audit::record(
                         uow.conn(),
                         &metadata.actor,
@@ -116,11 +219,42 @@ impl Placement {
                     return Ok(());
                 }
                 Err(DomainError::AlreadyHeld) => return Ok(()),
-                // The read model was behind: try the next shelter.
+                // Taken since the candidates were read: try the next shelter.
                 Err(_) => {}
             }
         }
         self.no_bed(uow, referral_id, &region, category, metadata).await
+    }
+
+    /// Releases the bed held for `referral_id`, if one is (an admitted
+    /// person stays).
+    async fn release(
+        &self,
+        uow: &mut UnitOfWork,
+        referral_id: Uuid,
+        why: &'static str,
+        metadata: &EventMetadata,
+    ) -> Result<(), anyhow::Error> {
+        let held: Option<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT hold_id, shelter_id FROM open_holds WHERE referral_id = $1 AND status = 'held'")
+                .bind(referral_id)
+                .fetch_optional(uow.conn())
+                .await?;
+        let Some((hold_id, shelter_id)) = held else {
+            return Ok(());
+        };
+        let (hold_id, shelter_id) = (HoldId::from_uuid(hold_id), ShelterId::from_uuid(shelter_id));
+        lock_shelter(uow.conn(), shelter_id).await?;
+        let shelter = self.app.load_in(uow, shelter_id).await?;
+        let events = match domain::decide(&shelter, &Command::ReleaseHold { hold_id }) {
+            Ok(events) => events,
+            Err(DomainError::NotHeld) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        self.app.append(uow, shelter_id, &shelter, &events, metadata).await?;
+        audit::record(uow.conn(), &metadata.actor, "ReleaseHold", &shelter_id.to_string(), why).await?;
+        tracing::info!(%shelter_id, %hold_id, reason = why, "hold released: the referral ended");
+        Ok(())
     }
 
     /// Appends `NoBedAvailable` to the referral's placement stream.
@@ -133,7 +267,7 @@ impl Placement {
         metadata: &EventMetadata,
     ) -> Result<(), anyhow::Error> {
         let with_beds: Vec<String> =
-            sqlx::query_scalar("SELECT DISTINCT region FROM free_capacity WHERE category = $1 AND free > 0")
+            sqlx::query_scalar("SELECT DISTINCT region FROM shelter_beds WHERE category = $1 AND free > 0")
                 .bind(category as i32)
                 .fetch_all(uow.conn())
                 .await?;
@@ -180,54 +314,79 @@ impl Projection for Placement {
         if delivery.commit.payload_type != REFERRAL_PAYLOAD_TYPE {
             return Ok(());
         }
-        let mut accepted = Vec::new();
+        let mut events = Vec::new();
         for committed in &delivery.commit.events {
-            if committed.event_type != "ReferralAccepted" {
-                continue;
-            }
             let event = referral::ReferralEvent::decode(committed.payload.as_slice())
                 .with_context(|| format!("event {} does not decode", committed.event_id))?;
-            if let Some(referral::referral_event::Event::ReferralAccepted(a)) = event.event {
-                accepted.push(a);
+            if let Some(event) = event.event {
+                events.push((i64::try_from(committed.version)?, event));
             }
         }
-        if accepted.is_empty() {
+        if !events.iter().any(|(_, e)| Change::of(e).is_some()) {
             return Ok(());
         }
         let commit_id: Uuid = delivery.commit.commit_id.parse().context("commit ID")?;
-        let first_time = sqlx::query("INSERT INTO placement_handled (commit_id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(commit_id)
-            .execute(uow.conn())
-            .await?
-            .rows_affected()
-            > 0;
-        if !first_time {
-            tracing::info!(%commit_id, "referral commit acted on before");
-            return Ok(());
+        // A commit that may hold a bed is acted on once, whatever its version says.
+        if events
+            .iter()
+            .any(|(_, e)| matches!(e, ReferralEvent::ReferralAccepted(_)))
+        {
+            let first_time =
+                sqlx::query("INSERT INTO placement_handled (commit_id) VALUES ($1) ON CONFLICT DO NOTHING")
+                    .bind(commit_id)
+                    .execute(uow.conn())
+                    .await?
+                    .rows_affected()
+                    > 0;
+            if !first_time {
+                tracing::info!(%commit_id, "referral commit acted on before");
+                return Ok(());
+            }
         }
         let (traceparent, tracestate) = delivery
             .metadata
             .as_ref()
             .map(|m| (m.traceparent.clone(), m.tracestate.clone()))
             .unwrap_or_default();
-        let metadata = EventMetadata {
+        let metadata = |task: &str| EventMetadata {
             correlation_id: delivery
                 .metadata
                 .as_ref()
                 .map_or_else(Uuid::now_v7, |m| m.correlation_id),
             causation_id: commit_id,
-            actor: system_actor("placement"),
-            traceparent,
-            tracestate,
+            actor: system_actor(task),
+            traceparent: traceparent.clone(),
+            tracestate: tracestate.clone(),
         };
-        for a in &accepted {
-            self.place(uow, a, &metadata).await?;
+        for (version, event) in &events {
+            let Some(change) = Change::of(event) else {
+                continue;
+            };
+            if !Self::project(uow.conn(), &change, *version).await? {
+                continue;
+            }
+            match event {
+                ReferralEvent::ReferralAccepted(a) => self.place(uow, a, &metadata("placement")).await?,
+                _ if change.ends_hold() => {
+                    if let Ok(referral_id) = change.referral_id.parse::<Uuid>() {
+                        let why = match change.state {
+                            "cancelled" => "referral cancelled",
+                            "closed" => "referral closed",
+                            "declined" => "referral declined",
+                            _ => "referral redirected",
+                        };
+                        self.release(uow, referral_id, why, &metadata("release")).await?;
+                    }
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
 
     /// Nothing to empty: the handled commits stay, so a replay from the
-    /// start of the referral stream holds no bed twice.
+    /// start of the referral stream holds no bed twice, and the referrals'
+    /// rows skip what they applied.
     async fn reset(&self, _conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         Ok(())
     }
@@ -257,7 +416,7 @@ impl TimerHandler for HoldExpiry {
             .map_err(|v| anyhow::anyhow!("timer {}: {}", timer.id, v.description))?;
         let shelter_id = ShelterId::parse("payload", std::str::from_utf8(&timer.payload)?)
             .map_err(|v| anyhow::anyhow!("timer {}: {}", timer.id, v.description))?;
-        let shelter = self.app.load(shelter_id).await?;
+        let shelter = self.app.load_in(uow, shelter_id).await?;
         let events = domain::decide(&shelter, &Command::ExpireHold { hold_id })?;
         if events.is_empty() {
             return Ok(());
@@ -269,9 +428,7 @@ impl TimerHandler for HoldExpiry {
             traceparent: None,
             tracestate: None,
         };
-        self.app
-            .append(uow, shelter_id, shelter.version, &events, &metadata)
-            .await?;
+        self.app.append(uow, shelter_id, &shelter, &events, &metadata).await?;
         audit::record(
             uow.conn(),
             &metadata.actor,

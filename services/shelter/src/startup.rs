@@ -41,8 +41,10 @@ pub struct Application {
 impl Application {
     /// Connects to PostgreSQL (creating and migrating the database) and NATS
     /// (in the background when it is down), and binds the listeners. The
-    /// service projects free capacity from its own stream, holds beds for
-    /// accepted referrals (the referral stream) and expires holds.
+    /// service projects free capacity from its own stream, follows the
+    /// referral stream (the referrals it may hold beds for; holding a bed for
+    /// an accepted referral, releasing it when the referral ends) and
+    /// expires holds.
     ///
     /// # Errors
     /// When a setting is malformed, or the database or a port cannot be had.
@@ -59,6 +61,14 @@ impl Application {
         }
         let mut kit = Kit::build(SPEC, settings).await?;
         let app = Shelters::new(kit.store().clone(), kit.bus().clone(), master, hold_minutes);
+        // Shelters from before the bed index: indexed from their events before anything is served.
+        let indexed = app.index_shelters().await?;
+        if indexed > 0 {
+            tracing::info!(
+                shelters = indexed,
+                "free beds and open holds indexed from the shelters' events"
+            );
+        }
         kit.project(CONTEXT, FreeCapacity);
         kit.project(REFERRAL_CONTEXT, Placement::new(app.clone()));
         kit.fire_timers(

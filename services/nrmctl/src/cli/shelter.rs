@@ -24,10 +24,12 @@ pub enum ShelterCommand {
     Admit(HoldRefArgs),
     /// Discharge an admitted person.
     Discharge(HoldRefArgs),
-    /// Show one shelter (the address only to its operator and the coordinator).
+    /// Show one shelter with its address (its operator, the coordinator, an agency holding a bed there; audited).
     Get(ShelterGetArgs),
     /// Free beds by shelter, region and category.
     Free(FreeArgs),
+    /// Who is coming to a shelter you operate: hold, person pseudonym, bed, arrival window (audited).
+    Arrivals(ShelterGetArgs),
 }
 
 /// `shelter register`.
@@ -113,7 +115,7 @@ pub struct HoldRefArgs {
     pub request: RequestId,
 }
 
-/// `shelter get`.
+/// `shelter get`, `shelter arrivals`.
 #[derive(Debug, Args)]
 pub struct ShelterGetArgs {
     /// The shelter ID.
@@ -224,6 +226,16 @@ mod tests {
             Cli::try_parse_from(["nrmctl", "shelter", "register", "--code", "X-1", "--region", "KG-O"]).is_err(),
             "beds are required"
         );
+    }
+
+    #[test]
+    fn arrivals_name_one_shelter() {
+        let cli = Cli::try_parse_from(["nrmctl", "shelter", "arrivals", "s-1"]).expect("valid command line");
+        let Command::Shelter(ShelterCommand::Arrivals(args)) = cli.command else {
+            panic!("not arrivals");
+        };
+        assert_eq!(args.shelter_id, "s-1");
+        assert!(Cli::try_parse_from(["nrmctl", "shelter", "arrivals"]).is_err());
     }
 
     #[test]

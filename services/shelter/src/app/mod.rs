@@ -2,6 +2,21 @@
 //! idempotency, permissions, expiry timers and the audit trail around the
 //! pure aggregate.
 //!
+//! Permissions are the kernel's matrix: the gate admits the caller's role,
+//! and once the shelter (or the referral) is loaded the call checks how the
+//! caller's agency stands to it ([`CallContext::check`]): its operator, the
+//! agency a hold is for, the agency an accepted referral is addressed to.
+//!
+//! A bed is held only for a referral the service knows as accepted
+//! (`shelter_referrals`, kept from the referral stream by the placement
+//! reaction) and addressed to the caller's agency. `HoldBed` locks that
+//! referral's row first, so holds for one referral queue, and the reaction
+//! that releases a cancelled referral's hold waits for a hold being made.
+//! Every append also writes, in its transaction, the shelter's free beds
+//! (`shelter_beds`) and its open holds (`open_holds`, one per referral
+//! across all shelters): placement chooses from them, so it never decides
+//! on a view that lags.
+//!
 //! Commands that act on the current version (`HoldBed`, `ReleaseHold`,
 //! `Admit`, `Discharge`) queue per shelter on a transaction-scoped advisory
 //! lock, so under contention the caller gets the bed or `NO_BED_FREE`; a
@@ -13,28 +28,31 @@
 //!
 //! # Layout
 //! - this module: the commands, and the one way events reach a shelter's
-//!   stream ([`Shelters::append`]: events, outbox row and expiry timers in
-//!   the caller's unit of work).
-//! - [`queries`]: one shelter, free capacity.
+//!   stream ([`Shelters::append`]: events, outbox row, expiry timers, free
+//!   beds and open holds in the caller's unit of work).
+//! - [`queries`]: one shelter (with its address), free capacity, arrivals.
 
 pub mod queries;
 
 use std::time::Duration;
 
-use chrono::Utc;
-use nrm_kernel::auth::Role;
+use chrono::{DateTime, Utc};
 use nrm_kernel::bus::Bus;
 use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{HoldId, ReferralId, ShelterId};
+use nrm_kernel::permissions::Standing;
 use nrm_kernel::seal::{DataKey, MasterKey};
-use nrm_kernel::store::{Actor, Appended, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork};
+use nrm_kernel::store::{Actor, Appended, EventMetadata, EventStore, NewEvent, RecordedEvent, UnitOfWork};
 use nrm_kernel::{audit, timers, validate};
 use nrm_proto::common::v1::{CommandResult, PersonalIdentifiers};
 use nrm_proto::shelter::v1 as pb;
 use pb::shelter_event::Event;
 use prost::Message;
 use rand::Rng as _;
+use sqlx::PgConnection;
+use tracing::field::{Empty, display};
+use uuid::Uuid;
 
 use crate::domain::{self, Command, DomainError, Shelter, parse};
 
@@ -45,19 +63,9 @@ pub const CONTEXT: &str = "shelter";
 /// Kind of the durable timer that expires a hold (aggregate ID: the hold; payload: the shelter ID).
 pub const HOLD_EXPIRY: &str = "shelter.hold_expiry";
 
-/// Roles that run shelters: register them, change capacity, admit, discharge.
-pub const OPERATORS: &[Role] = &[Role::Shelter, Role::Msd, Role::Ngo, Role::Iom, Role::Coordinator];
-/// Roles that may hold (and release) a bed for a referral.
-pub const HOLDERS: &[Role] = &[
-    Role::Msd,
-    Role::Moh,
-    Role::Ngo,
-    Role::Iom,
-    Role::Police,
-    Role::Prosecutor,
-    Role::Shelter,
-    Role::Coordinator,
-];
+/// Rule code: the service knows no accepted referral with the ID (not yet
+/// accepted, no longer open, or not yet seen on the referral stream: retry).
+pub const REFERRAL_NOT_ACCEPTED: &str = "REFERRAL_NOT_ACCEPTED";
 
 /// How many times a command on the current version is decided again after
 /// another writer appended first.
@@ -152,22 +160,148 @@ struct ShelterCall {
     shelter_id: ShelterId,
     /// `None`: act on the current version (and decide again after a conflict).
     expected_version: Option<u64>,
-    /// Only the operating agency (or the coordinator) may do this.
-    operator_only: bool,
-    /// The agency a hold is for may do this too (releasing its own hold).
-    holder_too: bool,
+    /// How the caller's agency must stand to the shelter.
+    standing: Who,
     command: Command,
 }
 
+/// What the caller's standing to a command's record is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    /// The shelter's operator.
+    Operator,
+    /// The shelter's operator, and the agency the command's hold is for.
+    OperatorOrHolder,
+    /// The agency the referral is addressed to (checked on the referral).
+    Referral,
+}
+
+/// A stored shelter event, decoded.
+fn decode(recorded: &RecordedEvent) -> Result<Event, AppError> {
+    pb::ShelterEvent::decode(recorded.payload.as_slice())
+        .ok()
+        .and_then(|e| e.event)
+        .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))
+}
+
 /// A shelter folded from its stored events.
-fn fold(events: &[nrm_kernel::store::RecordedEvent]) -> Result<Shelter, AppError> {
+fn fold(events: &[RecordedEvent]) -> Result<Shelter, AppError> {
     events.iter().try_fold(Shelter::default(), |shelter, recorded| {
-        let event = pb::ShelterEvent::decode(recorded.payload.as_slice())
-            .ok()
-            .and_then(|e| e.event)
-            .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))?;
-        Ok(domain::evolve(shelter, &event))
+        Ok(domain::evolve(shelter, &decode(recorded)?))
     })
+}
+
+/// Takes the shelter's transaction-scoped lock: commands on its current
+/// version queue on it instead of racing to append.
+///
+/// # Errors
+/// When the database fails.
+pub(crate) async fn lock_shelter(conn: &mut PgConnection, shelter_id: ShelterId) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(domain::stream_id(shelter_id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// `ALREADY_HELD`: the referral has an open hold (at this or another shelter).
+fn already_held() -> AppError {
+    AppError::precondition(
+        DomainError::AlreadyHeld.code(),
+        "referral",
+        DomainError::AlreadyHeld.to_string(),
+    )
+}
+
+fn not_accepted() -> AppError {
+    AppError::precondition(
+        REFERRAL_NOT_ACCEPTED,
+        "referral",
+        "the shelter service knows no accepted referral with this ID (yet): retry once the referral is accepted",
+    )
+}
+
+/// Writes what `after` says of the shelter's beds: the free beds of each of
+/// its categories, at its version.
+async fn write_beds(conn: &mut PgConnection, shelter_id: ShelterId, after: &Shelter) -> Result<(), AppError> {
+    let version = i64::try_from(after.version).map_err(|e| AppError::Internal(e.to_string()))?;
+    for (&category, &beds) in &after.capacity {
+        sqlx::query(
+            "INSERT INTO shelter_beds (shelter_id, category, region, capacity, free, version)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (shelter_id, category) DO UPDATE
+             SET region = EXCLUDED.region, capacity = EXCLUDED.capacity, free = EXCLUDED.free, version = EXCLUDED.version",
+        )
+        .bind(shelter_id.as_uuid())
+        .bind(category)
+        .bind(after.region())
+        .bind(i32::try_from(beds).unwrap_or(i32::MAX))
+        .bind(i32::try_from(after.free(category)).unwrap_or(i32::MAX))
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+fn uuid(text: &str) -> Result<Uuid, AppError> {
+    text.parse()
+        .map_err(|_| AppError::Internal("an event carries a malformed ID".into()))
+}
+
+/// Records `event`'s effect on the open holds.
+///
+/// # Errors
+/// `ALREADY_HELD` when a `BedHeld` is for a referral with an open hold.
+async fn write_hold(
+    conn: &mut PgConnection,
+    shelter_id: ShelterId,
+    event: &Event,
+    held_at: DateTime<Utc>,
+) -> Result<(), AppError> {
+    match event {
+        Event::BedHeld(held) => {
+            let expires_at = held
+                .expires_at
+                .as_ref()
+                .and_then(validate::to_datetime)
+                .unwrap_or(held_at);
+            let inserted = sqlx::query(
+                "INSERT INTO open_holds
+                     (hold_id, referral_id, shelter_id, category, holder_agency, status, held_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, 'held', $6, $7) ON CONFLICT DO NOTHING",
+            )
+            .bind(uuid(&held.hold_id)?)
+            .bind(uuid(&held.referral_id)?)
+            .bind(shelter_id.as_uuid())
+            .bind(held.category)
+            .bind(&held.holder_agency)
+            .bind(held_at)
+            .bind(expires_at)
+            .execute(conn)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(already_held());
+            }
+        }
+        Event::PersonAdmitted(e) => {
+            sqlx::query("UPDATE open_holds SET status = 'admitted' WHERE hold_id = $1")
+                .bind(uuid(&e.hold_id)?)
+                .execute(conn)
+                .await?;
+        }
+        Event::HoldReleased(pb::HoldReleased { hold_id, .. })
+        | Event::HoldExpired(pb::HoldExpired { hold_id, .. })
+        | Event::PersonDischarged(pb::PersonDischarged { hold_id, .. }) => {
+            sqlx::query("DELETE FROM open_holds WHERE hold_id = $1")
+                .bind(uuid(hold_id)?)
+                .execute(conn)
+                .await?;
+        }
+        Event::ShelterRegistered(_) | Event::CapacityChanged(_) | Event::NoBedAvailable(_) => {}
+    }
+    Ok(())
 }
 
 /// The shelter application.
@@ -191,6 +325,17 @@ fn not_found(shelter_id: ShelterId) -> AppError {
         kind: "shelter",
         id: shelter_id.to_string(),
     }
+}
+
+/// Records the parsed IDs a call concerns: on its span, and for the audit
+/// entry of a refusal.
+fn concern(ctx: &CallContext, shelter_id: ShelterId, hold_id: Option<HoldId>) {
+    let span = tracing::Span::current();
+    span.record("shelter_id", display(shelter_id));
+    if let Some(hold_id) = hold_id {
+        span.record("hold_id", display(hold_id));
+    }
+    ctx.concerns(shelter_id);
 }
 
 /// Parses the fields every command on a shelter carries, recording violations.
@@ -251,30 +396,35 @@ impl Shelters {
         fold(&uow.read_stream(&domain::stream_id(shelter_id)).await?)
     }
 
-    /// Appends `events` to the shelter's stream at `expected_version`, in
-    /// `uow`, with what they imply beside them: a `BedHeld` schedules its
-    /// expiry timer, a release or an admission cancels it.
+    /// Appends `events` to the stream of the shelter that is `before` (at
+    /// its version), in `uow`, with what they imply beside them: a `BedHeld`
+    /// schedules its expiry timer, a release or an admission cancels it; the
+    /// shelter's free beds and open holds as the events leave them.
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] when the stream moved on; the unit of work is then spent.
+    /// [`AppError::Conflict`] when the stream moved on; `ALREADY_HELD` when
+    /// a `BedHeld` is for a referral with an open hold anywhere; the unit of
+    /// work is then spent.
     pub async fn append(
         &self,
         uow: &mut UnitOfWork,
         shelter_id: ShelterId,
-        expected_version: u64,
+        before: &Shelter,
         events: &[Event],
         metadata: &EventMetadata,
-    ) -> Result<Appended, StoreError> {
+    ) -> Result<Appended, AppError> {
         let appended = uow
             .append(
                 &domain::stream_id(shelter_id),
-                expected_version,
+                before.version,
                 &to_new_events(events),
                 metadata,
                 &self.subject(shelter_id),
             )
             .await?;
+        let now = Utc::now();
         for event in events {
+            write_hold(uow.conn(), shelter_id, event, now).await?;
             match event {
                 Event::BedHeld(held) => {
                     let due = held
@@ -300,7 +450,56 @@ impl Shelters {
                 _ => {}
             }
         }
+        let after = events.iter().fold(before.clone(), domain::evolve);
+        write_beds(uow.conn(), shelter_id, &after).await?;
         Ok(appended)
+    }
+
+    /// Writes the free beds and open holds of every shelter whose events are
+    /// ahead of them (shelters registered before the tables existed), from
+    /// the shelters' events. Runs at start, before anything is served.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub async fn index_shelters(&self) -> Result<usize, AppError> {
+        let behind: Vec<String> = sqlx::query_scalar(
+            "SELECT e.stream_id FROM events e WHERE e.stream_id LIKE 'shelter-%'
+             GROUP BY e.stream_id
+             HAVING max(e.version) > coalesce(
+                 (SELECT max(b.version) FROM shelter_beds b WHERE 'shelter-' || b.shelter_id::text = e.stream_id), 0)",
+        )
+        .fetch_all(self.store.pool())
+        .await?;
+        for stream_id in &behind {
+            let Some(shelter_id) = stream_id
+                .strip_prefix("shelter-")
+                .and_then(|id| ShelterId::parse("stream_id", id).ok())
+            else {
+                continue;
+            };
+            let mut uow = self.store.begin().await?;
+            lock_shelter(uow.conn(), shelter_id).await?;
+            let recorded = uow.read_stream(stream_id).await?;
+            sqlx::query("DELETE FROM open_holds WHERE shelter_id = $1")
+                .bind(shelter_id.as_uuid())
+                .execute(uow.conn())
+                .await?;
+            let mut shelter = Shelter::default();
+            for r in &recorded {
+                let event = decode(r)?;
+                match write_hold(uow.conn(), shelter_id, &event, r.recorded_at).await {
+                    // Two open holds for one referral from before the rule: the first stays indexed.
+                    Err(AppError::FailedPrecondition { .. }) => {
+                        tracing::warn!(%shelter_id, "a referral holds beds in two shelters; one is indexed");
+                    }
+                    other => other?,
+                }
+                shelter = domain::evolve(shelter, &event);
+            }
+            write_beds(uow.conn(), shelter_id, &shelter).await?;
+            uow.commit().await?;
+        }
+        Ok(behind.len())
     }
 
     /// The first answer to a request, if it ran before, marked as replayed.
@@ -313,13 +512,14 @@ impl Shelters {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` naming bad fields, `PERMISSION_DENIED` for a role that runs no shelters.
-    #[tracing::instrument(skip_all, fields(shelter_id = tracing::field::Empty))]
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty))]
     pub async fn register(
         &self,
         ctx: &CallContext,
         req: &pb::RegisterShelterRequest,
     ) -> Result<pb::RegisterShelterResponse, AppError> {
-        ctx.caller.require("register a shelter", OPERATORS)?;
+        // The matrix lets the roles that run shelters register any new one.
+        ctx.check(&Standing::default())?;
         let valid = parse::registration(req)?;
         let key = ctx.request_key(&valid.request_id);
         let fp = command::fingerprint("RegisterShelter", req);
@@ -327,7 +527,7 @@ impl Shelters {
             return Ok(previous);
         }
         let shelter_id = ShelterId::new();
-        tracing::Span::current().record("shelter_id", tracing::field::display(shelter_id));
+        tracing::Span::current().record("shelter_id", display(shelter_id));
         let mut uow = self.store.begin().await?;
         let address = if valid.address.is_empty() {
             None
@@ -354,7 +554,9 @@ impl Shelters {
                 registered: Box::new(registered),
             },
         )?;
-        let appended = self.append(&mut uow, shelter_id, 0, &events, &ctx.metadata()).await?;
+        let appended = self
+            .append(&mut uow, shelter_id, &Shelter::default(), &events, &ctx.metadata())
+            .await?;
         audit::record(
             uow.conn(),
             &ctx.caller.actor,
@@ -409,29 +611,41 @@ impl Shelters {
     ) -> Result<R, AppError> {
         let shelter_id = call.shelter_id;
         let mut uow = self.store.begin().await?;
+        if let Command::HoldBed { referral_id, .. } = &call.command {
+            // Before the shelter's lock, always in this order (the placement
+            // reaction takes them in the same order).
+            self.check_referral(ctx, uow.conn(), *referral_id).await?;
+        }
         if call.expected_version.is_none() {
             // Commands on the current version queue per shelter instead of
             // racing to append and retrying: under contention (many agencies
             // asking one shelter for beds) every caller gets an answer, a bed
             // or NO_BED_FREE. The lock ends with the transaction.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(domain::stream_id(shelter_id))
-                .execute(uow.conn())
-                .await?;
+            lock_shelter(uow.conn(), shelter_id).await?;
         }
         let shelter = self.load_in(&mut uow, shelter_id).await?;
         if shelter.version == 0 {
             return Err(not_found(shelter_id));
         }
-        let operator = shelter.operator_agency() == ctx.caller.actor.agency || ctx.caller.role == Role::Coordinator;
-        let holder = call.holder_too
-            && matches!(&call.command, Command::ReleaseHold { hold_id }
-                if shelter.holds.get(&hold_id.to_string()).is_some_and(|h| h.holder_agency == ctx.caller.actor.agency));
-        if (call.operator_only || call.holder_too) && !operator && !holder {
-            return Err(AppError::PermissionDenied(format!(
-                "only the operating agency or the coordinator may {}",
-                call.method
-            )));
+        let holder = match &call.command {
+            Command::ReleaseHold { hold_id } => shelter
+                .holds
+                .get(&hold_id.to_string())
+                .map(|h| h.holder_agency.as_str()),
+            _ => None,
+        };
+        match call.standing {
+            Who::Operator => ctx.check(&Standing {
+                shelter_operator: Some(shelter.operator_agency()),
+                ..Standing::default()
+            })?,
+            Who::OperatorOrHolder => ctx.check(&Standing {
+                shelter_operator: Some(shelter.operator_agency()),
+                addressees: holder.into_iter().collect(),
+                ..Standing::default()
+            })?,
+            // Checked on the referral above.
+            Who::Referral => {}
         }
         if let Some(expected) = call.expected_version.filter(|e| *e != shelter.version) {
             return Err(AppError::Conflict {
@@ -442,7 +656,7 @@ impl Shelters {
         }
         let events = domain::decide(&shelter, &call.command)?;
         let appended = self
-            .append(&mut uow, shelter_id, shelter.version, &events, &ctx.metadata())
+            .append(&mut uow, shelter_id, &shelter, &events, &ctx.metadata())
             .await?;
         audit::record(
             uow.conn(),
@@ -456,18 +670,58 @@ impl Shelters {
         command::finish_with(&self.store, uow, key, fp, response, replayed).await
     }
 
+    /// Fails unless `referral_id` is an accepted referral addressed to the
+    /// caller's agency with no open hold anywhere. Locks the referral's row
+    /// until the transaction ends: holds for one referral queue, and its
+    /// cancellation (which releases its hold) waits for this one.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` `REFERRAL_NOT_ACCEPTED` (unknown to the service
+    /// yet, or not accepted) or `ALREADY_HELD`; `PERMISSION_DENIED` when the
+    /// referral is addressed to another agency.
+    async fn check_referral(
+        &self,
+        ctx: &CallContext,
+        conn: &mut PgConnection,
+        referral_id: ReferralId,
+    ) -> Result<(), AppError> {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT receiving_agency, state FROM shelter_referrals WHERE referral_id = $1 FOR UPDATE")
+                .bind(referral_id.as_uuid())
+                .fetch_optional(&mut *conn)
+                .await?;
+        // Not seen yet is not "no": the referral stream may be a moment behind.
+        let Some((receiving_agency, state)) = row else {
+            return Err(not_accepted());
+        };
+        ctx.check(&Standing {
+            addressees: vec![receiving_agency.as_str()],
+            ..Standing::default()
+        })?;
+        if state != "accepted" {
+            return Err(not_accepted());
+        }
+        let open: Option<Uuid> = sqlx::query_scalar("SELECT hold_id FROM open_holds WHERE referral_id = $1")
+            .bind(referral_id.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await?;
+        if open.is_some() {
+            return Err(already_held());
+        }
+        Ok(())
+    }
+
     /// Sets the beds of one category; never below the beds held or occupied.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the operator),
     /// `ABORTED` (stale version), `FAILED_PRECONDITION` `CAPACITY_BELOW_OCCUPANCY`.
-    #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id))]
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty))]
     pub async fn change_capacity(
         &self,
         ctx: &CallContext,
         req: &pb::ChangeCapacityRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("change a shelter's capacity", OPERATORS)?;
         let mut v = Violations::new();
         let (request_id, shelter_id) = target(&mut v, &req.request_id, &req.shelter_id);
         let expected_version = v.check(validate::expected_version(domain::NAME, req.expected_version));
@@ -478,23 +732,25 @@ impl Shelters {
             request_id: request_id.unwrap_or_default(),
             shelter_id: shelter_id.unwrap_or_default(),
             expected_version,
-            operator_only: true,
-            holder_too: false,
+            standing: Who::Operator,
             command: Command::ChangeCapacity {
                 category: category.unwrap_or_default(),
                 beds: beds.unwrap_or_default(),
             },
         })?;
+        concern(ctx, call.shelter_id, None);
         self.on_shelter(ctx, req, call).await
     }
 
-    /// Holds a bed for a referral until the hold expires.
+    /// Holds a bed for an accepted referral addressed to the caller's agency
+    /// until the hold expires.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION` `NO_BED_FREE` or `ALREADY_HELD`.
-    #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id))]
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (the referral is
+    /// addressed to another agency), `FAILED_PRECONDITION`
+    /// `REFERRAL_NOT_ACCEPTED`, `NO_BED_FREE` or `ALREADY_HELD`.
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty, referral_id = Empty))]
     pub async fn hold_bed(&self, ctx: &CallContext, req: &pb::HoldBedRequest) -> Result<pb::HoldBedResponse, AppError> {
-        ctx.caller.require("hold a bed", HOLDERS)?;
         let mut v = Violations::new();
         let (request_id, shelter_id) = target(&mut v, &req.request_id, &req.shelter_id);
         let category = v.check(parse::category("category", req.category));
@@ -506,8 +762,7 @@ impl Shelters {
             request_id: request_id.unwrap_or_default(),
             shelter_id: shelter_id.unwrap_or_default(),
             expected_version: None,
-            operator_only: false,
-            holder_too: false,
+            standing: Who::Referral,
             command: Command::HoldBed {
                 hold_id: HoldId::new(),
                 category: category.unwrap_or_default(),
@@ -516,6 +771,12 @@ impl Shelters {
                 holder_agency: ctx.caller.actor.agency.clone(),
             },
         })?;
+        if let Command::HoldBed { referral_id, .. } = &call.command {
+            tracing::Span::current().record("referral_id", display(referral_id));
+            // A refused hold is audited as an attempt on the referral.
+            ctx.concerns(referral_id);
+        }
+        tracing::Span::current().record("shelter_id", display(call.shelter_id));
         self.on_shelter(ctx, req, call).await
     }
 
@@ -523,22 +784,20 @@ impl Shelters {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION` `NOT_HELD`.
-    #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id, hold_id = %req.hold_id))]
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty, hold_id = Empty))]
     pub async fn release_hold(
         &self,
         ctx: &CallContext,
         req: &pb::ReleaseHoldRequest,
     ) -> Result<CommandResult, AppError> {
-        ctx.caller.require("release a hold", HOLDERS)?;
-        let mut call = Self::hold_call(
+        // The agency the bed is held for, the operator or the coordinator.
+        let call = Self::hold_call(
+            ctx,
             "ReleaseHold",
-            &req.request_id,
-            &req.shelter_id,
-            &req.hold_id,
+            (&req.request_id, &req.shelter_id, &req.hold_id),
+            Who::OperatorOrHolder,
             |hold_id| Command::ReleaseHold { hold_id },
         )?;
-        // Only the agency the bed is held for, the operator or the coordinator.
-        call.holder_too = true;
         self.on_shelter(ctx, req, call).await
     }
 
@@ -547,14 +806,16 @@ impl Shelters {
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the operator),
     /// `FAILED_PRECONDITION` `ADMIT_WITHOUT_HOLD`.
-    #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id, hold_id = %req.hold_id))]
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty, hold_id = Empty))]
     pub async fn admit(&self, ctx: &CallContext, req: &pb::AdmitRequest) -> Result<CommandResult, AppError> {
-        ctx.caller.require("admit a person", OPERATORS)?;
         let now = validate::timestamp(Utc::now());
-        let mut call = Self::hold_call("Admit", &req.request_id, &req.shelter_id, &req.hold_id, |hold_id| {
-            Command::Admit { hold_id, now }
-        })?;
-        call.operator_only = true;
+        let call = Self::hold_call(
+            ctx,
+            "Admit",
+            (&req.request_id, &req.shelter_id, &req.hold_id),
+            Who::Operator,
+            |hold_id| Command::Admit { hold_id, now },
+        )?;
         self.on_shelter(ctx, req, call).await
     }
 
@@ -563,36 +824,46 @@ impl Shelters {
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (not the operator),
     /// `FAILED_PRECONDITION` `NOT_ADMITTED`.
-    #[tracing::instrument(skip_all, fields(shelter_id = %req.shelter_id, hold_id = %req.hold_id))]
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty, hold_id = Empty))]
     pub async fn discharge(&self, ctx: &CallContext, req: &pb::DischargeRequest) -> Result<CommandResult, AppError> {
-        ctx.caller.require("discharge a person", OPERATORS)?;
         let now = validate::timestamp(Utc::now());
-        let mut call = Self::hold_call("Discharge", &req.request_id, &req.shelter_id, &req.hold_id, |hold_id| {
-            Command::Discharge { hold_id, now }
-        })?;
-        call.operator_only = true;
+        let call = Self::hold_call(
+            ctx,
+            "Discharge",
+            (&req.request_id, &req.shelter_id, &req.hold_id),
+            Who::Operator,
+            |hold_id| Command::Discharge { hold_id, now },
+        )?;
         self.on_shelter(ctx, req, call).await
     }
 
-    /// Validates the fields of a command on one hold.
+    /// Validates the fields (request, shelter and hold ID) of a command on
+    /// one hold, and records what it concerns.
     fn hold_call(
+        ctx: &CallContext,
         method: &'static str,
-        request_id: &str,
-        shelter_id: &str,
-        hold_id: &str,
+        (request_id, shelter_id, hold_id): (&str, &str, &str),
+        standing: Who,
         command: impl FnOnce(HoldId) -> Command,
     ) -> Result<ShelterCall, AppError> {
         let mut v = Violations::new();
         let (request_id, shelter_id) = target(&mut v, request_id, shelter_id);
         let hold_id = v.check(HoldId::parse("hold_id", hold_id));
-        v.finish(|| ShelterCall {
+        let (request_id, shelter_id, hold_id) = v.finish(|| {
+            (
+                request_id.unwrap_or_default(),
+                shelter_id.unwrap_or_default(),
+                hold_id.unwrap_or_default(),
+            )
+        })?;
+        concern(ctx, shelter_id, Some(hold_id));
+        Ok(ShelterCall {
             method,
-            request_id: request_id.unwrap_or_default(),
-            shelter_id: shelter_id.unwrap_or_default(),
+            request_id,
+            shelter_id,
             expected_version: None,
-            operator_only: false,
-            holder_too: false,
-            command: command(hold_id.unwrap_or_default()),
+            standing,
+            command: command(hold_id),
         })
     }
 }

@@ -215,8 +215,8 @@ pub enum DomainError {
     /// No bed of the category is free.
     #[error("no bed of the category is free")]
     NoBedFree,
-    /// The referral already holds (or occupies) a bed here.
-    #[error("the referral already holds a bed in this shelter")]
+    /// The referral already holds (or occupies) a bed.
+    #[error("the referral already holds a bed")]
     AlreadyHeld,
     /// Releasing a hold that is not held.
     #[error("the hold is not held (unknown, admitted, released or expired)")]
