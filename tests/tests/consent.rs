@@ -507,6 +507,7 @@ async fn an_expiring_consent_ends_by_itself_as_a_withdrawal_does() {
                     idpb::GetPersonalDataRequest {
                         person_id,
                         purpose: "shelter intake".into(),
+                        ..Default::default()
                     },
                     &msd(),
                 ))
