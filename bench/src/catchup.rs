@@ -401,6 +401,7 @@ fn report_event(case: CaseId) -> pb::IdentificationEvent {
             person_id: person_id.clone(),
             reporting_agency: "kg-mvd".into(),
             competent_authority: "kg-mvd".into(),
+            matching_case_ids: Vec::new(),
             reported_at: Some(timestamp(now)),
             found_at: Some(timestamp(now - chrono::Duration::days(2))),
             found_country: "KG".into(),

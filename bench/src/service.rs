@@ -192,6 +192,8 @@ pub fn report_request(request_id: &str, personal: common::PersonalIdentifiers) -
         age_band: 0,
         citizenship: "KG".into(),
         personal: Some(personal),
+        // A police reporter handles the case itself.
+        competent_authority: String::new(),
     }
 }
 

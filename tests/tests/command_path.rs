@@ -39,17 +39,23 @@ fn message(id: &str) -> CommandResult {
     }
 }
 
+/// The store and caller the commands run with.
+struct On<'a> {
+    parts: &'a Parts,
+    store: &'a EventStore,
+    ctx: &'a CallContext,
+}
+
 /// Appends one event to `stream` at its current version (read in the unit of work).
 async fn append_current(
-    parts: &Parts,
-    store: &EventStore,
-    ctx: &CallContext,
+    on: &On<'_>,
     request_id: &str,
     stream: &str,
     on_conflict: OnConflict,
     pinned_version: Option<u64>,
     attempts: &AtomicUsize,
 ) -> Result<CommandResult, AppError> {
+    let On { parts, store, ctx } = *on;
     let msg = message(stream);
     let subject = parts.bus.subject("identification", "case", stream);
     command::run(
@@ -96,9 +102,11 @@ async fn a_retry_answers_as_the_first_run_and_a_reused_request_id_is_refused() {
     let ctx = ctx();
     let stream = format!("case-{}", Uuid::now_v7());
     let first = append_current(
-        &parts,
-        &store,
-        &ctx,
+        &On {
+            parts: &parts,
+            store: &store,
+            ctx: &ctx,
+        },
         "r-1",
         &stream,
         OnConflict::Retry,
@@ -109,9 +117,11 @@ async fn a_retry_answers_as_the_first_run_and_a_reused_request_id_is_refused() {
     .unwrap();
     assert!(!first.replayed);
     let again = append_current(
-        &parts,
-        &store,
-        &ctx,
+        &On {
+            parts: &parts,
+            store: &store,
+            ctx: &ctx,
+        },
         "r-1",
         &stream,
         OnConflict::Retry,
@@ -135,9 +145,11 @@ async fn a_retry_answers_as_the_first_run_and_a_reused_request_id_is_refused() {
 
     let other = format!("case-{}", Uuid::now_v7());
     let reused = append_current(
-        &parts,
-        &store,
-        &ctx,
+        &On {
+            parts: &parts,
+            store: &store,
+            ctx: &ctx,
+        },
         "r-1",
         &other,
         OnConflict::Retry,
@@ -162,9 +174,7 @@ async fn commands_on_the_current_version_are_decided_again_and_named_versions_re
         let (parts, store, ctx, stream) = (&parts, &store, &ctx, &stream);
         async move {
             append_current(
-                parts,
-                store,
-                ctx,
+                &On { parts, store, ctx },
                 &format!("w-{i}"),
                 stream,
                 OnConflict::Retry,
@@ -190,9 +200,11 @@ async fn commands_on_the_current_version_are_decided_again_and_named_versions_re
     // A caller that named version 1 of a stream at version 12 is refused, and nothing is written.
     let before = TableSnapshot::take(&parts.pool).await;
     let stale = append_current(
-        &parts,
-        &store,
-        &ctx,
+        &On {
+            parts: &parts,
+            store: &store,
+            ctx: &ctx,
+        },
         "stale",
         &stream,
         OnConflict::Refuse,

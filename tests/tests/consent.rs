@@ -78,6 +78,8 @@ async fn reported(id: &TestApp, app: &ReferralApp, reporter: &str, child: bool) 
         request.child = true;
         request.age_years = Some(15);
     }
+    // The police unit handles the case, whoever reports it.
+    request.competent_authority = MVD.into();
     let reported = id
         .client
         .clone()

@@ -129,6 +129,20 @@ where
     panic!("{what} did not happen within 20 s: {last:?}");
 }
 
+/// A person of their own (no world's case is a duplicate of another's).
+fn fresh_person() -> common::PersonalIdentifiers {
+    let u = unique();
+    let letters: String = u
+        .chars()
+        .map(|c| char::from(b'a' + (c.to_digit(16).unwrap() as u8)))
+        .collect();
+    person(
+        &format!("Aida {letters}"),
+        &format!("MX{}", u.to_ascii_uppercase()),
+        "+996 555 010 203",
+    )
+}
+
 /// Who stands where in a world.
 #[derive(Debug, Clone)]
 struct Cast {
@@ -168,6 +182,8 @@ impl World {
                     cast.authority = me.clone();
                 }
             }
+            // Another police unit reports; the caller's agency handles the case.
+            Some(Scope::CompetentAuthority) => cast.authority = me.clone(),
             Some(Scope::Addressee | Scope::Consented) => cast.receiver = me.clone(),
             Some(Scope::ShelterOperator) => cast.operator = me.clone(),
             Some(Scope::Any) | None => {}
@@ -178,7 +194,7 @@ impl World {
     async fn build(system: &System, cast: Cast) -> Self {
         let (reporter, authority, receiver, operator) =
             (&cast.reporter, &cast.authority, &cast.receiver, &cast.operator);
-        let mut request = report_request(&rid(), person("Aida Matrixova", "MX1234567", "+996 555 010 203"));
+        let mut request = report_request(&rid(), fresh_person());
         request.competent_authority = if reporter.code == authority.code {
             String::new()
         } else {
@@ -352,7 +368,9 @@ async fn shelter_version(system: &System, w: &World) -> u64 {
 /// the world's record was in the list).
 #[derive(Debug)]
 enum Answer {
-    Through { listed: Option<bool> },
+    Through {
+        listed: Option<bool>,
+    },
     Refused(Status),
     /// The test's own request was invalid: it proves nothing.
     Invalid(Status),
@@ -413,7 +431,7 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
     let part = row.part;
     match (row.service, row.method) {
         (permissions::IDENTIFICATION, "ReportPresumedVictim") => {
-            let mut request = report_request(&rid(), person("Aida Matrixova", "MX7654321", "+996 555 010 204"));
+            let mut request = report_request(&rid(), fresh_person());
             if !matches!(me.role, Role::Police | Role::Prosecutor) {
                 request.competent_authority = w.cast.authority.code.clone();
             }
@@ -543,7 +561,6 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
                 .rf()
                 .list_consents(a!(rf::ListConsentsRequest {
                     person_id: w.person_id.clone(),
-                    ..Default::default()
                 }))
                 .await,
         ),
@@ -785,7 +802,6 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
                 .sh()
                 .list_arrivals(a!(sh::ListArrivalsRequest {
                     shelter_id: w.shelter_id.clone(),
-                    ..Default::default()
                 }))
                 .await,
         ),

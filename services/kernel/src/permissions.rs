@@ -30,6 +30,9 @@ pub enum Scope {
     /// Records of a case the caller's agency holds: it reported the case or
     /// is the competent authority handling it.
     CaseHolders,
+    /// The caller's agency is the competent authority handling the case
+    /// (the formal decision is its alone).
+    CompetentAuthority,
     /// The referral, or the bed hold, is for the caller's agency.
     Addressee,
     /// The shelter is operated by the caller's agency.
@@ -47,6 +50,7 @@ impl Scope {
             Scope::Any => "any",
             Scope::OwnAgency => "own agency",
             Scope::CaseHolders => "case holders",
+            Scope::CompetentAuthority => "competent authority",
             Scope::Addressee => "addressee",
             Scope::ShelterOperator => "shelter operator",
             Scope::Consented => "consented",
@@ -110,11 +114,12 @@ pub const PERSONAL_DATA: &str = "personal data";
 use Role::{
     Auditor, BorderService, Consulate, Coordinator, Hotline, Iom, Moh, Msd, Ngo, Operator, Police, Prosecutor, Shelter,
 };
-use Scope::{Addressee, Any, CaseHolders, Consented, OwnAgency, ShelterOperator};
+use Scope::{Addressee, Any, CaseHolders, CompetentAuthority, Consented, OwnAgency, ShelterOperator};
 
 const ANY: &[Scope] = &[Any];
 const OWN: &[Scope] = &[OwnAgency];
 const HOLDERS: &[Scope] = &[CaseHolders];
+const AUTHORITY: &[Scope] = &[CompetentAuthority];
 const ADDRESSEE: &[Scope] = &[Addressee];
 const SENDER_OR_ADDRESSEE: &[Scope] = &[OwnAgency, Addressee];
 const RECORDER: &[Scope] = &[OwnAgency];
@@ -152,14 +157,14 @@ pub const MATRIX: &[Permission] = &[
         method: "DecideIdentification",
         part: None,
         summary: "the competent authority's formal decision",
-        grants: grants![Police => HOLDERS, Prosecutor => HOLDERS],
+        grants: grants![Police => AUTHORITY, Prosecutor => AUTHORITY],
     },
     Permission {
         service: IDENTIFICATION,
         method: "RequestReview",
         part: None,
         summary: "reopen a decision",
-        grants: grants![Police => HOLDERS, Prosecutor => HOLDERS, Coordinator => ANY],
+        grants: grants![Police => AUTHORITY, Prosecutor => AUTHORITY, Coordinator => ANY],
     },
     Permission {
         service: IDENTIFICATION,
@@ -254,8 +259,9 @@ pub const MATRIX: &[Permission] = &[
         service: REFERRAL,
         method: "RedirectReferral",
         part: None,
-        summary: "send a referral on to another agency",
-        grants: grants![Msd => ADDRESSEE, Moh => ADDRESSEE, Ngo => ADDRESSEE, Iom => ADDRESSEE,
+        summary: "send a declined referral on to another agency (its sender, the agency that declined it)",
+        grants: grants![Police => OWN, Prosecutor => OWN, BorderService => OWN, Ngo => SENDER_OR_ADDRESSEE,
+            Hotline => OWN, Iom => SENDER_OR_ADDRESSEE, Consulate => OWN, Msd => ADDRESSEE, Moh => ADDRESSEE,
             Shelter => ADDRESSEE, Coordinator => ANY],
     },
     Permission {
@@ -469,6 +475,8 @@ pub struct Standing<'a> {
     pub owner: Option<&'a str>,
     /// The agencies holding the person's case.
     pub case_holders: Vec<&'a str>,
+    /// The competent authority handling the case.
+    pub competent_authority: Option<&'a str>,
     /// The agency the referral or hold is for (several: any hold at a shelter).
     pub addressees: Vec<&'a str>,
     /// The shelter's operator.
@@ -517,6 +525,7 @@ impl Permit {
             Scope::Any => true,
             Scope::OwnAgency => standing.owner == Some(agency),
             Scope::CaseHolders => standing.case_holders.contains(&agency),
+            Scope::CompetentAuthority => standing.competent_authority == Some(agency),
             Scope::Addressee => standing.addressees.contains(&agency),
             Scope::ShelterOperator => standing.shelter_operator == Some(agency),
             Scope::Consented => standing.consented,

@@ -48,6 +48,7 @@ pub fn standing(report: &pb::PresumedVictimReported) -> Standing<'_> {
     Standing {
         owner: Some(report.reporting_agency.as_str()),
         case_holders,
+        competent_authority: Some(report.competent_authority.as_str()).filter(|a| !a.is_empty()),
         ..Standing::default()
     }
 }
@@ -423,9 +424,14 @@ impl Identification {
         let command = Command::ErasePersonalData { reason, now };
         for other_id in linked {
             let other = self.load(other_id).await?;
-            if other.report.is_none() {
+            let Some(report) = other.report.as_ref() else {
                 continue;
-            }
+            };
+            // Erasing a linked case takes the standing erasing that case
+            // would: an agency cannot reach another authority's case through
+            // a duplicate it reported. Nothing is written then (the unit of
+            // work is dropped).
+            ctx.check(&standing(report))?;
             // Erased before: nothing of the person is left there.
             let Ok(events) = domain::decide(&other, &command) else {
                 continue;
