@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use sqlx::PgPool;
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
@@ -128,7 +129,7 @@ impl Gate {
         service: &'static str,
         method: &'static str,
     ) -> Result<CallContext, Status> {
-        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        let metadata = MetadataMap::from_headers(headers.clone());
         let correlation_id = metadata
             .get(CORRELATION_ID)
             .and_then(|v| v.to_str().ok())
@@ -221,6 +222,16 @@ where
                 Path::Open(_) => return inner.call(request).await,
                 Path::Rpc(service, method) => (service, method),
                 Path::Unknown => {
+                    // Audited as an unknown RPC: the path is the caller's text.
+                    let who = match gate
+                        .auth
+                        .verify(&MetadataMap::from_headers(request.headers().clone()))
+                        .await
+                    {
+                        Ok(caller) => caller.actor,
+                        Err(_) => unauthenticated(),
+                    };
+                    gate.audit(&who, "unknown-rpc", Outcome::Denied, "").await;
                     let refused = AppError::PermissionDenied("no permission is defined for this call".into());
                     return Ok(Status::from(refused).into_http());
                 }

@@ -104,12 +104,13 @@ pub fn is_transient_sqlx(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 57P01-03: the server shutting down,
             // crashed or starting; 53300: too many connections; 40001/40P01:
-            // serialisation failure and deadlock; 25006: a read-only
+            // serialisation failure and deadlock; 55P03: a lock not
+            // granted within lock_timeout (contention); 25006: a read-only
             // transaction (a replica, during a failover).
             code.starts_with("08")
                 || matches!(
                     &*code,
-                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "25006"
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "25006" | "55P03"
                 )
         }),
         _ => false,

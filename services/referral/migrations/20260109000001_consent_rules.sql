@@ -2,13 +2,15 @@
 -- which open referrals were accepted (for the "consented" scope of plans).
 
 -- The agencies holding a person's case: the reporter and the competent
--- authority. Rows written before these columns are replayed from the
--- identification stream: the projection starts again from its beginning.
+-- authority. Rows written before these columns get them when the
+-- projection reads the identification stream again from its beginning
+-- (its checkpoint and version guard go; the rows stay, so known persons
+-- stay known meanwhile, and a report read again fills in the agencies).
 ALTER TABLE persons
     ADD COLUMN reporting_agency    TEXT NOT NULL DEFAULT '',
     ADD COLUMN competent_authority TEXT NOT NULL DEFAULT '';
-TRUNCATE persons;
 DELETE FROM projection_checkpoints WHERE projection = 'referral_persons';
+DELETE FROM projection_versions WHERE projection = 'referral_persons';
 
 -- The agency that recorded the consent (it may withdraw it) and when it
 -- expires (its expiry timer ends it then; a consent recorded before this

@@ -51,7 +51,10 @@ impl Projection for Persons {
                     let person_id: Uuid = r.person_id.parse().context("report with a malformed person ID")?;
                     sqlx::query(
                         "INSERT INTO persons (person_id, case_id, status, child, version, reporting_agency, competent_authority)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (person_id) DO NOTHING",
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT (person_id) DO UPDATE
+                         SET reporting_agency = EXCLUDED.reporting_agency,
+                             competent_authority = EXCLUDED.competent_authority",
                     )
                     .bind(person_id)
                     .bind(case_id)
