@@ -70,7 +70,7 @@ async fn report(client: &mut Client, output: Output, args: ReportArgs) -> Result
         age_band: args.age_band.map_or(0, Into::into),
         citizenship: args.citizenship.unwrap_or_default(),
         personal: (personal != PersonalIdentifiers::default()).then_some(personal),
-        ..Default::default()
+        competent_authority: args.competent_authority.unwrap_or_default(),
     };
     let response = client.report_presumed_victim(message).await?.into_inner();
     match output {
@@ -148,7 +148,7 @@ async fn erase(client: &mut Client, output: Output, args: EraseArgs) -> Result<(
     let request = ErasePersonalDataRequest {
         request_id: request_id.clone(),
         case_id: args.case_id,
-        ..Default::default()
+        reason: args.reason.into(),
     };
     let result = client.erase_personal_data(request).await?.into_inner();
     print_result(output, &result, &request_id)
@@ -164,7 +164,7 @@ async fn get(client: &mut Client, output: Output, args: GetArgs) -> Result<()> {
         case_id: args.case_id,
         include_personal_data: args.personal,
         purpose: args.purpose.unwrap_or_default(),
-        ..Default::default()
+        read_purpose: args.read_purpose.map_or(0, Into::into),
     };
     let case = client.get_case(request).await?.into_inner();
     match output {
@@ -186,6 +186,7 @@ fn print_case(case: &Case) -> Result<()> {
         ("status", shown(case.status())),
         ("version", case.version.to_string()),
         ("reporting_agency", or_dash(&case.reporting_agency)),
+        ("competent_authority", or_dash(&case.competent_authority)),
         ("reported_at", time(case.reported_at.as_ref())),
         ("found_at", time(case.found_at.as_ref())),
         (

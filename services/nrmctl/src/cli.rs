@@ -1,12 +1,12 @@
 //! The command line: clap types only. Enum-valued options take the value
 //! name without its prefix, in kebab-case (`--form forced-begging`).
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::{AgeBand, DocumentType, Gender};
 use nrm_proto::identification::v1::{
-    CaseStatus, Decision, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, RecruiterRelationship,
-    RecruitmentMethod, ReviewReason,
+    CaseStatus, Decision, ErasureReason, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, ReadPurpose,
+    RecruiterRelationship, RecruitmentMethod, ReviewReason,
 };
 
 use crate::enums::{self, EnumParser};
@@ -318,6 +318,12 @@ pub struct ReportArgs {
     #[arg(long, value_name = "CC", help_heading = "The person")]
     pub citizenship: Option<String>,
 
+    /// Agency code of the police unit or prosecutor handling the case, e.g.
+    /// kg-gpo; it holds the case and decides. Required unless you report as
+    /// police or a prosecutor [default then: your own agency].
+    #[arg(long, value_name = "AGENCY", help_heading = "Who handles the case")]
+    pub competent_authority: Option<String>,
+
     /// Full name.
     #[arg(long, help_heading = "Personal identifiers (sealed before storage)")]
     pub name: Option<String>,
@@ -407,9 +413,13 @@ pub struct ReviewArgs {
 /// `case erase`.
 #[derive(Debug, Args)]
 pub struct EraseArgs {
-    /// The case whose person's identifiers are erased.
+    /// The case whose person's identifiers are erased (with every case linked
+    /// to it as a possible duplicate).
     #[arg(value_name = "CASE_ID")]
     pub case_id: String,
+    /// Why the identifiers are erased (recorded on the event and in the audit trail).
+    #[arg(long, value_name = "REASON", value_parser = EnumParser::<ErasureReason>::new())]
+    pub reason: ErasureReason,
     /// Client request ID.
     #[command(flatten)]
     pub request: RequestId,
@@ -417,14 +427,21 @@ pub struct EraseArgs {
 
 /// `case get`.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("why").args(["read_purpose", "purpose"]).multiple(true)))]
 pub struct GetArgs {
     /// The case ID.
     #[arg(value_name = "CASE_ID")]
     pub case_id: String,
-    /// Include the personal identifiers (recorded in the access log; needs --purpose).
-    #[arg(long, requires = "purpose")]
+    /// Include the personal identifiers (recorded in the audit trail; needs
+    /// --read-purpose, or for a case holder at least --purpose).
+    #[arg(long, requires = "why")]
     pub personal: bool,
-    /// Why the identifiers are read (recorded in the audit trail).
+    /// Why the identifiers are read, from the fixed list: the code recorded
+    /// in the audit trail (required of the coordinator).
+    #[arg(long, value_name = "PURPOSE", value_parser = EnumParser::<ReadPurpose>::new())]
+    pub read_purpose: Option<ReadPurpose>,
+    /// Why the identifiers are read, in your words (checked, never recorded:
+    /// the audit trail keeps only --read-purpose).
     #[arg(long, value_name = "TEXT")]
     pub purpose: Option<String>,
 }
@@ -468,13 +485,19 @@ pub enum PersonCommand {
 
 /// `person get`.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("why").args(["read_purpose", "purpose"]).multiple(true).required(true)))]
 pub struct PersonGetArgs {
     /// The person ID.
     #[arg(value_name = "PERSON_ID")]
     pub person_id: String,
-    /// Why the identifiers are read (recorded in the audit trail).
+    /// Why the identifiers are read, from the fixed list: the code recorded
+    /// in the audit trail (required of the coordinator).
+    #[arg(long, value_name = "PURPOSE", value_parser = EnumParser::<ReadPurpose>::new())]
+    pub read_purpose: Option<ReadPurpose>,
+    /// Why the identifiers are read, in your words (checked, never recorded:
+    /// the audit trail keeps only --read-purpose).
     #[arg(long, value_name = "TEXT")]
-    pub purpose: String,
+    pub purpose: Option<String>,
 }
 
 /// Events on NATS JetStream.
@@ -619,5 +642,77 @@ mod tests {
         };
         assert_eq!((screen.at.case_id.as_str(), screen.at.expected_version), ("c-1", 3));
         assert_eq!(screen.indicators, [Indicator::Isolation]);
+    }
+
+    #[test]
+    fn a_report_names_the_competent_authority() {
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "--as-role",
+            "ngo",
+            "case",
+            "report",
+            "--competent-authority",
+            "kg-gpo",
+        ])
+        .expect("valid command line");
+        let Command::Case(CaseCommand::Report(report)) = cli.command else {
+            panic!("not a report");
+        };
+        assert_eq!(report.competent_authority.as_deref(), Some("kg-gpo"));
+    }
+
+    #[test]
+    fn erasure_needs_a_reason_from_the_fixed_list() {
+        let cli = Cli::try_parse_from(["nrmctl", "case", "erase", "c-1", "--reason", "data-subject-request"])
+            .expect("valid command line");
+        let Command::Case(CaseCommand::Erase(erase)) = cli.command else {
+            panic!("not an erasure");
+        };
+        assert_eq!(erase.reason, ErasureReason::DataSubjectRequest);
+
+        let missing = Cli::try_parse_from(["nrmctl", "case", "erase", "c-1"]).expect_err("no reason");
+        assert!(missing.to_string().contains("--reason"), "{missing}");
+        let unknown =
+            Cli::try_parse_from(["nrmctl", "case", "erase", "c-1", "--reason", "because"]).expect_err("free text");
+        assert!(
+            unknown
+                .to_string()
+                .contains("data-subject-request, consent-withdrawn, retention-expired"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn personal_data_are_read_with_a_coded_or_a_worded_purpose() {
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "case",
+            "get",
+            "c-1",
+            "--personal",
+            "--read-purpose",
+            "oversight",
+        ])
+        .expect("a coded purpose is enough");
+        let Command::Case(CaseCommand::Get(get)) = cli.command else {
+            panic!("not a case get");
+        };
+        assert!(get.personal);
+        assert_eq!(get.read_purpose, Some(ReadPurpose::Oversight));
+        assert_eq!(get.purpose, None);
+
+        Cli::try_parse_from(["nrmctl", "case", "get", "c-1", "--personal", "--purpose", "review"])
+            .expect("a case holder may still give words only");
+        Cli::try_parse_from(["nrmctl", "case", "get", "c-1", "--personal"]).expect_err("no purpose at all");
+        Cli::try_parse_from(["nrmctl", "case", "get", "c-1"]).expect("the coded case needs no purpose");
+
+        let cli = Cli::try_parse_from(["nrmctl", "person", "get", "p-1", "--read-purpose", "victim-protection"])
+            .expect("a coded purpose is enough");
+        let Command::Person(PersonCommand::Get(get)) = cli.command else {
+            panic!("not a person get");
+        };
+        assert_eq!(get.read_purpose, Some(ReadPurpose::VictimProtection));
+        Cli::try_parse_from(["nrmctl", "person", "get", "p-1"]).expect_err("no purpose at all");
     }
 }

@@ -10,8 +10,8 @@ use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::ErrorKind;
 use nrm_proto::common::v1::{AgeBand, ChainBreak, DocumentType, Gender, ParkedKind};
 use nrm_proto::identification::v1::{
-    CaseStatus, Decision, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, RecruiterRelationship,
-    RecruitmentMethod, ReviewReason,
+    CaseStatus, Decision, ErasureReason, ExploitationForm, Indicator, MeansOfControl, NotIdentifiedReason, ReadPurpose,
+    RecruiterRelationship, RecruitmentMethod, ReviewReason,
 };
 use nrm_proto::referral::v1::{
     ConsentGiver, DataCategory, DeclineReason, GoalKind, ReferralOutcome, ReferralStatus, ServiceKind, Urgency,
@@ -51,10 +51,12 @@ proto_enums!(
     // identification
     CaseStatus,
     Decision,
+    ErasureReason,
     ExploitationForm,
     Indicator,
     MeansOfControl,
     NotIdentifiedReason,
+    ReadPurpose,
     RecruiterRelationship,
     RecruitmentMethod,
     ReviewReason,
@@ -197,6 +199,21 @@ mod tests {
         assert_eq!(parse::<AgeBand>("18-24"), Ok(AgeBand::AgeBand1824));
         assert_eq!(parse::<AgeBand>("50-plus"), Ok(AgeBand::AgeBand50Plus));
         assert_eq!(parse::<DocumentType>("national-id"), Ok(DocumentType::NationalId));
+        assert_eq!(
+            parse::<ErasureReason>("data-subject-request"),
+            Ok(ErasureReason::DataSubjectRequest)
+        );
+        assert_eq!(parse::<ReadPurpose>("case-review"), Ok(ReadPurpose::CaseReview));
+        assert_eq!(
+            cli_names::<ReadPurpose>(),
+            [
+                "victim-protection",
+                "criminal-proceedings",
+                "case-review",
+                "data-subject-request",
+                "oversight"
+            ]
+        );
     }
 
     #[test]

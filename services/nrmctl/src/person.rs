@@ -34,8 +34,8 @@ pub async fn run(global: &Global, command: PersonCommand) -> Result<()> {
 fn request(args: PersonGetArgs) -> GetPersonalDataRequest {
     GetPersonalDataRequest {
         person_id: args.person_id,
-        purpose: args.purpose,
-        ..Default::default()
+        purpose: args.purpose.unwrap_or_default(),
+        read_purpose: args.read_purpose.map_or(0, Into::into),
     }
 }
 
