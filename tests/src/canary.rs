@@ -203,7 +203,11 @@ impl Answers {
         let code = match answer {
             Ok(_) => "Ok".to_owned(),
             Err(status) => {
-                assert_eq!(leaks(status.message().as_bytes()), Vec::<&str>::new(), "{what}: message");
+                assert_eq!(
+                    leaks(status.message().as_bytes()),
+                    Vec::<&str>::new(),
+                    "{what}: message"
+                );
                 assert_eq!(leaks(status.details()), Vec::<&str>::new(), "{what}: details");
                 assert_eq!(
                     leaks(format!("{:?}", status.metadata()).as_bytes()),
@@ -233,7 +237,11 @@ impl Answers {
             } else {
                 format!("{code:?}")
             };
-            assert!(self.0.contains_key(&name), "{service}: the sweep never reached {name}: {:?}", self.0);
+            assert!(
+                self.0.contains_key(&name),
+                "{service}: the sweep never reached {name}: {:?}",
+                self.0
+            );
         }
     }
 }
@@ -254,7 +262,7 @@ pub type Field<R> = (&'static str, fn(&mut R, &str));
 #[macro_export]
 macro_rules! fields {
     ($ty:ty: $($name:ident),* $(,)?) => {
-        vec![$((stringify!($name), (|r: &mut $ty, v: &str| r.$name = v.to_owned()) as fn(&mut $ty, &str))),*]
+        [$((stringify!($name), (|r: &mut $ty, v: &str| r.$name = v.to_owned()) as fn(&mut $ty, &str))),*]
     };
 }
 
@@ -330,6 +338,8 @@ pub struct Sweep {
     pub answers: Answers,
     /// Answers per RPC and code.
     pub per_rpc: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Request IDs made so far.
+    used: usize,
 }
 
 impl Sweep {
@@ -341,6 +351,7 @@ impl Sweep {
             callers,
             answers: Answers::default(),
             per_rpc: BTreeMap::new(),
+            used: 0,
         }
     }
 
@@ -348,8 +359,13 @@ impl Sweep {
     /// request builders, called afresh for every call so that request IDs
     /// are new): with the canary in each of `fields` in turn, then in all of
     /// them at once. A refused caller tries only the latter.
-    pub async fn rpc<R, T, F, Fut>(&mut self, rpc: &str, bases: &[(&str, &dyn Fn() -> R)], fields: &[Field<R>], mut call: F)
-    where
+    pub async fn rpc<R, T, F, Fut>(
+        &mut self,
+        rpc: &str,
+        bases: &[(&str, &dyn Fn() -> R)],
+        fields: &[Field<R>],
+        mut call: F,
+    ) where
         F: FnMut(tonic::Request<R>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
@@ -358,17 +374,27 @@ impl Sweep {
         for value in &values {
             for caller in &callers {
                 for (base_name, base) in bases {
+                    // A request ID is used once: a canary that is a well-formed
+                    // ID gets a suffix, so that each call reaches past the replay check.
+                    let mut put = |field: &str, set: fn(&mut R, &str), request: &mut R| {
+                        self.used += 1;
+                        if field == "request_id" {
+                            set(request, &format!("{value}.{}", self.used));
+                        } else {
+                            set(request, value);
+                        }
+                    };
                     let mut variants: Vec<(&str, R)> = Vec::new();
                     if caller.admitted {
                         for (field, set) in fields {
                             let mut request = base();
-                            set(&mut request, value);
+                            put(field, *set, &mut request);
                             variants.push((field, request));
                         }
                     }
                     let mut request = base();
-                    for (_, set) in fields {
-                        set(&mut request, value);
+                    for (field, set) in fields {
+                        put(field, *set, &mut request);
                     }
                     variants.push(("every field", request));
                     for (field, request) in variants {
@@ -377,12 +403,7 @@ impl Sweep {
                         let code = answer
                             .as_ref()
                             .map_or_else(|s| format!("{:?}", s.code()), |_| "Ok".to_owned());
-                        *self
-                            .per_rpc
-                            .entry(rpc.to_owned())
-                            .or_default()
-                            .entry(code)
-                            .or_default() += 1;
+                        *self.per_rpc.entry(rpc.to_owned()).or_default().entry(code).or_default() += 1;
                         self.answers.record(&what, answer);
                     }
                 }

@@ -156,7 +156,13 @@ impl World {
         let consent_id = eventually("the referral service learns the person", || {
             let mut client = client.clone();
             let request = consent(&case_id, &person_id, MSD);
-            async move { Ok(client.record_consent(authorized(request, &police())).await?.into_inner().consent_id) }
+            async move {
+                Ok(client
+                    .record_consent(authorized(request, &police()))
+                    .await?
+                    .into_inner()
+                    .consent_id)
+            }
         })
         .await;
         eventually("the referral service learns the child", || {
@@ -215,10 +221,16 @@ impl World {
 fn callers() -> Vec<Caller> {
     vec![
         Caller::with("police holding the case", &police()),
-        Caller::with("police outside the case", &token("kg-mvd-osh", Role::Police, "officer-3")),
+        Caller::with(
+            "police outside the case",
+            &token("kg-mvd-osh", Role::Police, "officer-3"),
+        ),
         Caller::with("MSD, the addressee", &msd()),
         Caller::with("the coordinator", &coordinator()),
-        Caller::refused("an auditor", Some(format!("Bearer {}", token("kg-audit", Role::Auditor, "a-1")))),
+        Caller::refused(
+            "an auditor",
+            Some(format!("Bearer {}", token("kg-audit", Role::Auditor, "a-1"))),
+        ),
         Caller::refused(
             "a token whose claims are canaries",
             Some(format!("Bearer {}", token(NAME, Role::Police, PASSPORT))),
@@ -313,15 +325,19 @@ async fn sweep_referral_rpcs(sweep: &mut Sweep, rf: &ReferralApp, w: &World) {
         .rpc(
             "RecordConsent",
             &[
-                ("the adult, by the person", &|| consent(&w.case_id, &w.person_id, "kg-moh")),
+                ("the adult, by the person", &|| {
+                    consent(&w.case_id, &w.person_id, "kg-moh")
+                }),
                 ("the child, by a guardian", &|| pb::RecordConsentRequest {
                     guardian_ref: "guardian-1".into(),
                     ..child(pb::ConsentGiver::Guardian)
                 }),
-                ("the child, by a best-interests decision", &|| pb::RecordConsentRequest {
-                    best_interests_decision_ref: "bid-2024-7".into(),
-                    best_interests_decided_by: "kg-court-osh".into(),
-                    ..child(pb::ConsentGiver::BestInterestsDecision)
+                ("the child, by a best-interests decision", &|| {
+                    pb::RecordConsentRequest {
+                        best_interests_decision_ref: "bid-2024-7".into(),
+                        best_interests_decided_by: "kg-court-osh".into(),
+                        ..child(pb::ConsentGiver::BestInterestsDecision)
+                    }
                 }),
                 ("the child, by the child", &|| child(pb::ConsentGiver::Person)),
                 ("an unknown person", &|| consent(&unknown, &unknown, MSD)),
@@ -337,7 +353,7 @@ async fn sweep_referral_rpcs(sweep: &mut Sweep, rf: &ReferralApp, w: &World) {
         r.shelter_need.get_or_insert_with(Default::default).region = v.to_owned();
     });
     let mut create_fields =
-        fields!(pb::CreateReferralRequest: request_id, person_id, case_id, receiving_agency, consent_id);
+        fields!(pb::CreateReferralRequest: request_id, person_id, case_id, receiving_agency, consent_id).to_vec();
     create_fields.push(region);
     sweep
         .rpc(
@@ -345,9 +361,11 @@ async fn sweep_referral_rpcs(sweep: &mut Sweep, rf: &ReferralApp, w: &World) {
             &[
                 ("under the consent", &|| referral(w, &[pb::ServiceKind::Psychological])),
                 ("a shelter bed", &|| referral(w, &[pb::ServiceKind::Shelter])),
-                ("to an agency the consent does not cover", &|| pb::CreateReferralRequest {
-                    receiving_agency: "kg-ngo-other".into(),
-                    ..referral(w, &[pb::ServiceKind::Psychological])
+                ("to an agency the consent does not cover", &|| {
+                    pb::CreateReferralRequest {
+                        receiving_agency: "kg-ngo-other".into(),
+                        ..referral(w, &[pb::ServiceKind::Psychological])
+                    }
                 }),
                 ("under an unknown consent", &|| pb::CreateReferralRequest {
                     consent_id: unknown.clone(),
@@ -665,7 +683,12 @@ async fn a_canary_in_any_field_of_any_referral_rpc_reaches_no_log_span_metric_or
         .assert_reached("referral", &[&[Code::Ok][..], &ERROR_CODES[..]].concat());
     kernel.answers.assert_reached(
         "referral (operator, audit)",
-        &[Code::Ok, Code::InvalidArgument, Code::PermissionDenied, Code::Unauthenticated],
+        &[
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+        ],
     );
 
     // Let the background work (reactions, relay, timers) log what it logs.
@@ -676,7 +699,10 @@ async fn a_canary_in_any_field_of_any_referral_rpc_reaches_no_log_span_metric_or
     canary::assert_clean(metrics.as_bytes(), "metrics");
     let logs = capture.logs();
     let text = String::from_utf8_lossy(&logs);
-    assert!(text.contains(&world.pending_id), "the capture saw the referral service's spans");
+    assert!(
+        text.contains(&world.pending_id),
+        "the capture saw the referral service's spans"
+    );
     assert!(text.contains("\"span\""), "span fields are in the capture");
     canary::assert_clean(&logs, "logs or spans");
     rf.stop().await;
