@@ -20,6 +20,7 @@
 //!   service is quiescent, for tests that a refused command writes nothing.
 
 pub mod beds;
+pub mod canary;
 pub mod consent;
 pub mod faults;
 pub mod fixtures;

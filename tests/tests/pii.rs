@@ -11,91 +11,12 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-
+use nrm_e2e::canary::{Answers, NAME, PASSPORT, capture, identifiers as canary, leaks, values};
 use nrm_e2e::ident::{erase, report_for};
 use nrm_e2e::{TestApp, authorized, report_request, token};
 use nrm_kernel::auth::Role;
-use nrm_kernel::settings::TelemetrySettings;
-use nrm_proto::common::v1 as common;
 use nrm_proto::common::v1::personal_data_view::View;
 use nrm_proto::identification::v1 as pb;
-
-const NAME: &str = "Zarina Canaryname Tokoeva";
-const NAME_PART: &str = "canaryname";
-const PASSPORT: &str = "CANARY998877";
-const PHONE: &str = "+996 700 123 987";
-const PHONE_DIGITS: &str = "700123987";
-const ADDRESS: &str = "Osh, Canarystreet 5";
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("capture lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn leaks(haystack: &[u8]) -> Vec<&'static str> {
-    let text = String::from_utf8_lossy(haystack).to_lowercase();
-    let compact: String = text.chars().filter(char::is_ascii_digit).collect();
-    let mut found = Vec::new();
-    if text.contains(NAME_PART) {
-        found.push("name");
-    }
-    if text.contains(&PASSPORT.to_lowercase()) {
-        found.push("document number");
-    }
-    if text.contains("700 123 987") || compact.contains(PHONE_DIGITS) {
-        found.push("phone");
-    }
-    if text.contains("canarystreet") {
-        found.push("address");
-    }
-    found
-}
-
-/// The capture of every log line and span of this process, at debug level.
-fn capture() -> Capture {
-    static CAPTURE: OnceLock<Capture> = OnceLock::new();
-    CAPTURE
-        .get_or_init(|| {
-            let capture = Capture::default();
-            let writer = capture.clone();
-            let settings = TelemetrySettings {
-                log: "debug".into(),
-                log_format: "json".into(),
-            };
-            let guard = nrm_kernel::telemetry::init_with_writer("pii-test", &settings, move || writer.clone())
-                .expect("this process's only subscriber");
-            // Lives as long as the test process.
-            std::mem::forget(guard);
-            capture
-        })
-        .clone()
-}
-
-fn canary() -> common::PersonalIdentifiers {
-    common::PersonalIdentifiers {
-        full_name: NAME.into(),
-        date_of_birth: "1998-07-01".into(),
-        documents: vec![common::IdentityDocument {
-            r#type: common::DocumentType::Passport as i32,
-            number: PASSPORT.into(),
-            issuing_country: "KG".into(),
-        }],
-        phone: PHONE.into(),
-        address: ADDRESS.into(),
-    }
-}
 
 #[tokio::test]
 async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gone_after_erasure() {
@@ -180,7 +101,7 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
         "event metadata leaks"
     );
     // Metrics.
-    let metrics = reqwest_free_get(&app.metrics_url).await;
+    let metrics = nrm_e2e::canary::get(&app.metrics_url).await;
     assert!(metrics.contains("nrm_store_append_seconds"), "metrics are served");
     assert!(leaks(metrics.as_bytes()).is_empty(), "metrics leak");
 
@@ -205,40 +126,12 @@ async fn canary_identifiers_appear_nowhere_but_in_an_authorised_read_and_are_gon
     assert_eq!(app.count("person_keys").await, 0);
 
     // Logs and spans (span fields are logged when spans close), at debug level.
-    let logs = capture.0.lock().unwrap().clone();
+    let logs = capture.logs();
     let text = String::from_utf8_lossy(&logs);
     assert!(text.contains(&reported.case_id), "the capture saw the service's spans");
     assert!(text.contains("\"span\""), "span fields are in the capture");
     assert_eq!(leaks(&logs), Vec::<&str>::new(), "logs or spans leak");
     app.stop().await;
-}
-
-/// What the sweep was told: the code of each answer, counted.
-#[derive(Default)]
-struct Answers(BTreeMap<String, usize>);
-
-impl Answers {
-    /// Counts an answer; an error's message and details must not leak.
-    fn record<T>(&mut self, what: &str, answer: Result<tonic::Response<T>, tonic::Status>) {
-        let code = match answer {
-            Ok(_) => "Ok".to_owned(),
-            Err(status) => {
-                assert_eq!(
-                    leaks(status.message().as_bytes()),
-                    Vec::<&str>::new(),
-                    "{what}: message"
-                );
-                assert_eq!(leaks(status.details()), Vec::<&str>::new(), "{what}: details");
-                assert_eq!(
-                    leaks(format!("{:?}", status.metadata()).as_bytes()),
-                    Vec::<&str>::new(),
-                    "{what}: metadata"
-                );
-                format!("{:?}", status.code())
-            }
-        };
-        *self.0.entry(code).or_default() += 1;
-    }
 }
 
 #[tokio::test]
@@ -264,11 +157,11 @@ async fn a_canary_in_any_id_or_code_field_of_any_rpc_reaches_no_log_span_or_erro
         .into_inner();
     let (case_id, person_id) = (reported.case_id.clone(), reported.person_id.clone());
     let unknown = uuid::Uuid::now_v7().to_string();
-    let long = NAME.repeat(20);
-    let values = [NAME, PASSPORT, PHONE, ADDRESS, long.as_str()];
+    let values = values();
     let mut answers = Answers::default();
     let mut n = 0;
-    for value in values {
+    for value in &values {
+        let value = value.as_str();
         for (who, caller) in &callers {
             let ask = |rpc: &str, field: &str| format!("{rpc}.{field} by {who}");
             // A fresh request ID where the canary is not the request ID.
@@ -443,26 +336,11 @@ async fn a_canary_in_any_id_or_code_field_of_any_rpc_reaches_no_log_span_or_erro
     }
     // Let the background work (relay, projections) log what it logs.
     app.tables().wait_until_quiescent().await;
-    let logs = capture.0.lock().unwrap().clone();
+    let logs = capture.logs();
     assert!(
         String::from_utf8_lossy(&logs).contains(&case_id),
         "the capture saw the service's spans"
     );
     assert_eq!(leaks(&logs), Vec::<&str>::new(), "logs or spans leak");
     app.stop().await;
-}
-
-/// `GET url` over a plain TCP connection (no HTTP client dependency for one call).
-async fn reqwest_free_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    stream
-        .write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }
