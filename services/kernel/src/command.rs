@@ -204,6 +204,30 @@ impl Answer for CommandResult {
     }
 }
 
+/// Answers that carry a [`CommandResult`] beside what the command made.
+/// Implemented here: the services cannot implement the kernel's trait for
+/// the proto crate's messages themselves (orphan rule).
+macro_rules! answers_with_result {
+    ($($answer:ty),+ $(,)?) => {
+        $(impl Answer for $answer {
+            fn mark_replayed(&mut self) {
+                if let Some(result) = self.result.as_mut() {
+                    result.mark_replayed();
+                }
+            }
+        })+
+    };
+}
+
+answers_with_result!(
+    nrm_proto::identification::v1::ReportPresumedVictimResponse,
+    nrm_proto::referral::v1::CreateReferralResponse,
+    nrm_proto::referral::v1::RecordConsentResponse,
+    nrm_proto::referral::v1::AddPlanGoalResponse,
+    nrm_proto::shelter::v1::RegisterShelterResponse,
+    nrm_proto::shelter::v1::HoldBedResponse,
+);
+
 fn marked<R: Answer>(mut answer: R) -> R {
     answer.mark_replayed();
     answer
@@ -375,8 +399,9 @@ pub async fn run_append<M: Message, R: Answer>(
     }
 }
 
-/// After an attempt: its answer; on a conflict, a twin's answer if one
-/// committed first, or `None` to decide again after a pause, or the conflict.
+/// After an attempt: its answer; when it failed, a twin's answer if one
+/// committed first; on a conflict, `None` to decide again after a pause, or
+/// the conflict; the attempt's error otherwise.
 async fn again<R: Answer>(
     store: &EventStore,
     key: &str,
@@ -388,6 +413,7 @@ async fn again<R: Answer>(
 ) -> Result<Option<R>, AppError> {
     match outcome {
         Ok(answer) => Ok(Some(answer)),
+        Err(AppError::RequestIdReused) => Err(AppError::RequestIdReused),
         Err(conflict @ AppError::Conflict { .. }) => {
             // A twin of this request may have moved the aggregate on first: answer as it did.
             if let Some(previous) = replay::<R>(store, key, fp).await? {
@@ -401,7 +427,14 @@ async fn again<R: Answer>(
             tokio::time::sleep(retry::CONFLICTS.jittered(*failures)).await;
             Ok(None)
         }
-        Err(e) => Err(e),
+        // A twin that committed before this attempt loaded makes it fail on
+        // a rule (already withdrawn, goal already met) or a standing the
+        // twin changed: answer as the twin did. Without a twin (or when the
+        // record cannot be read), the attempt's own error.
+        Err(e) => match replay::<R>(store, key, fp).await {
+            Ok(Some(previous)) => Ok(Some(marked(previous))),
+            _ => Err(e),
+        },
     }
 }
 
