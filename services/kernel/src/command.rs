@@ -168,7 +168,7 @@ pub async fn finish<R: Message + Default>(
 ///
 /// # Errors
 /// As [`finish`].
-pub async fn finish_with<R: Message + Default>(
+pub(crate) async fn finish_with<R: Message + Default>(
     store: &EventStore,
     mut uow: UnitOfWork,
     key: &str,
