@@ -330,7 +330,12 @@ pub async fn run<M: Message, R: Answer>(
                 .await?;
                 finish_with(store, uow, &key, &fp, decided.answer, marked).await
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // Rolled back before the twin's record is read and before any
+                // pause: the attempt's connection and locks go back at once.
+                drop(uow);
+                Err(e)
+            }
         };
         match again(store, &key, &fp, on_conflict, &mut failures, request.method, outcome).await? {
             Some(answer) => return Ok(answer),
