@@ -168,7 +168,7 @@ pub async fn finish<R: Message + Default>(
 ///
 /// # Errors
 /// As [`finish`].
-pub async fn finish_with<R: Message + Default>(
+pub(crate) async fn finish_with<R: Message + Default>(
     store: &EventStore,
     mut uow: UnitOfWork,
     key: &str,
@@ -203,6 +203,30 @@ impl Answer for CommandResult {
         self.replayed = true;
     }
 }
+
+/// Answers that carry a [`CommandResult`] beside what the command made.
+/// Implemented here: the services cannot implement the kernel's trait for
+/// the proto crate's messages themselves (orphan rule).
+macro_rules! answers_with_result {
+    ($($answer:ty),+ $(,)?) => {
+        $(impl Answer for $answer {
+            fn mark_replayed(&mut self) {
+                if let Some(result) = self.result.as_mut() {
+                    result.mark_replayed();
+                }
+            }
+        })+
+    };
+}
+
+answers_with_result!(
+    nrm_proto::identification::v1::ReportPresumedVictimResponse,
+    nrm_proto::referral::v1::CreateReferralResponse,
+    nrm_proto::referral::v1::RecordConsentResponse,
+    nrm_proto::referral::v1::AddPlanGoalResponse,
+    nrm_proto::shelter::v1::RegisterShelterResponse,
+    nrm_proto::shelter::v1::HoldBedResponse,
+);
 
 fn marked<R: Answer>(mut answer: R) -> R {
     answer.mark_replayed();
@@ -306,7 +330,12 @@ pub async fn run<M: Message, R: Answer>(
                 .await?;
                 finish_with(store, uow, &key, &fp, decided.answer, marked).await
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // Rolled back before the twin's record is read and before any
+                // pause: the attempt's connection and locks go back at once.
+                drop(uow);
+                Err(e)
+            }
         };
         match again(store, &key, &fp, on_conflict, &mut failures, request.method, outcome).await? {
             Some(answer) => return Ok(answer),
@@ -375,8 +404,9 @@ pub async fn run_append<M: Message, R: Answer>(
     }
 }
 
-/// After an attempt: its answer; on a conflict, a twin's answer if one
-/// committed first, or `None` to decide again after a pause, or the conflict.
+/// After an attempt: its answer; when it failed, a twin's answer if one
+/// committed first; on a conflict, `None` to decide again after a pause, or
+/// the conflict; the attempt's error otherwise.
 async fn again<R: Answer>(
     store: &EventStore,
     key: &str,
@@ -388,6 +418,7 @@ async fn again<R: Answer>(
 ) -> Result<Option<R>, AppError> {
     match outcome {
         Ok(answer) => Ok(Some(answer)),
+        Err(AppError::RequestIdReused) => Err(AppError::RequestIdReused),
         Err(conflict @ AppError::Conflict { .. }) => {
             // A twin of this request may have moved the aggregate on first: answer as it did.
             if let Some(previous) = replay::<R>(store, key, fp).await? {
@@ -401,7 +432,14 @@ async fn again<R: Answer>(
             tokio::time::sleep(retry::CONFLICTS.jittered(*failures)).await;
             Ok(None)
         }
-        Err(e) => Err(e),
+        // A twin that committed before this attempt loaded makes it fail on
+        // a rule (already withdrawn, goal already met) or a standing the
+        // twin changed: answer as the twin did. Without a twin (or when the
+        // record cannot be read), the attempt's own error.
+        Err(e) => match replay::<R>(store, key, fp).await {
+            Ok(Some(previous)) => Ok(Some(marked(previous))),
+            _ => Err(e),
+        },
     }
 }
 

@@ -43,7 +43,7 @@ use referral::referral_event::Event as ReferralEvent;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, lock_shelter, system_actor, to_new_events};
+use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, lock_shelter, to_new_events};
 use crate::domain::{self, Command, DomainError, parse, regions};
 
 /// Full protobuf name of the referral service's events.
@@ -348,15 +348,12 @@ impl Projection for Placement {
             .as_ref()
             .map(|m| (m.traceparent.clone(), m.tracestate.clone()))
             .unwrap_or_default();
+        // Caused by the referral commit, in its trace.
         let metadata = |task: &str| EventMetadata {
-            correlation_id: delivery
-                .metadata
-                .as_ref()
-                .map_or_else(Uuid::now_v7, |m| m.correlation_id),
             causation_id: commit_id,
-            actor: system_actor(task),
             traceparent: traceparent.clone(),
             tracestate: tracestate.clone(),
+            ..EventMetadata::system(task, delivery.metadata.as_ref())
         };
         for (version, event) in &events {
             let Some(change) = Change::of(event) else {
@@ -366,7 +363,7 @@ impl Projection for Placement {
                 continue;
             }
             match event {
-                ReferralEvent::ReferralAccepted(a) => self.place(uow, a, &metadata("placement")).await?,
+                ReferralEvent::ReferralAccepted(a) => self.place(uow, a, &metadata("shelter.placement")).await?,
                 _ if change.ends_hold() => {
                     if let Ok(referral_id) = change.referral_id.parse::<Uuid>() {
                         let why = match change.state {
@@ -375,7 +372,8 @@ impl Projection for Placement {
                             "declined" => "referral declined",
                             _ => "referral redirected",
                         };
-                        self.release(uow, referral_id, why, &metadata("release")).await?;
+                        self.release(uow, referral_id, why, &metadata("shelter.release"))
+                            .await?;
                     }
                 }
                 _ => {}
@@ -422,11 +420,8 @@ impl TimerHandler for HoldExpiry {
             return Ok(());
         }
         let metadata = EventMetadata {
-            correlation_id: Uuid::now_v7(),
             causation_id: timer.id,
-            actor: system_actor("hold_expiry"),
-            traceparent: None,
-            tracestate: None,
+            ..EventMetadata::system(HOLD_EXPIRY, None)
         };
         self.app.append(uow, shelter_id, &shelter, &events, &metadata).await?;
         audit::record(

@@ -17,12 +17,12 @@ use chrono::Utc;
 use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
-use nrm_kernel::command::{self, CallContext};
+use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Planned, Request};
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::permissions::Standing;
 use nrm_kernel::seal::{DataKey, MasterKey, MatchHasher};
-use nrm_kernel::store::{Append, Appended, AuditEntry, CommandRecord, EventStore, NewEvent, StoreError};
+use nrm_kernel::store::{EventStore, NewEvent};
 use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as pb;
@@ -196,162 +196,134 @@ impl Identification {
         let now = Utc::now();
         let own = matches!(ctx.caller.role, Role::Police | Role::Prosecutor).then(|| ctx.agency());
         let valid = parse::report(req, now, own)?;
-        let key = ctx.request_key(&valid.request_id);
-        let fp = command::fingerprint("ReportPresumedVictim", req);
-        if let Some(mut previous) = command::replay::<pb::ReportPresumedVictimResponse>(&self.store, &key, &fp).await? {
-            if let Some(r) = previous.result.as_mut() {
-                r.replayed = true;
-            }
-            return Ok(previous);
-        }
         let case_id = CaseId::new();
         let person_id = PersonId::new();
         tracing::Span::current().record("case_id", tracing::field::display(case_id));
-        let mut uow = self.store.begin().await?;
-        let person_key = DataKey::create(uow.conn(), &self.master, person_id).await?;
-        let match_keys = self.hasher.match_keys(&valid.personal);
-        let matching: Vec<Uuid> =
-            sqlx::query_scalar("SELECT DISTINCT case_id FROM match_keys WHERE match_key = ANY($1)")
-                .bind(&match_keys)
-                .fetch_all(&mut *uow.conn())
+        let request = Request {
+            method: "ReportPresumedVictim",
+            request_id: &valid.request_id,
+            message: req,
+        };
+        // The attempt owns what it uses: a future that borrows from the
+        // handler is not known to be `Send` (rust-lang/rust#110338).
+        let (app, caller) = (self.clone(), ctx.clone());
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            let person_key = DataKey::create(uow.conn(), &app.master, person_id).await?;
+            let match_keys = app.hasher.match_keys(&valid.personal);
+            let matching: Vec<Uuid> =
+                sqlx::query_scalar("SELECT DISTINCT case_id FROM match_keys WHERE match_key = ANY($1)")
+                    .bind(&match_keys)
+                    .fetch_all(&mut *uow.conn())
+                    .await?;
+            sqlx::query("INSERT INTO persons (person_id, case_id) VALUES ($1, $2)")
+                .bind(person_id.as_uuid())
+                .bind(case_id.as_uuid())
+                .execute(&mut *uow.conn())
                 .await?;
-        sqlx::query("INSERT INTO persons (person_id, case_id) VALUES ($1, $2)")
-            .bind(person_id.as_uuid())
-            .bind(case_id.as_uuid())
-            .execute(&mut *uow.conn())
-            .await?;
-        sqlx::query("INSERT INTO match_keys (match_key, case_id) SELECT k, $2 FROM UNNEST($1::bytea[]) AS k ON CONFLICT DO NOTHING")
-            .bind(&match_keys)
-            .bind(case_id.as_uuid())
-            .execute(&mut *uow.conn())
-            .await?;
-        let mut report = valid.coded;
-        report.case_id = case_id.to_string();
-        report.person_id = person_id.to_string();
-        report.reporting_agency.clone_from(&ctx.caller.actor.agency);
-        report.personal = Some(person_key.seal(&valid.personal));
-        report.matching_case_ids = matching.iter().map(ToString::to_string).collect();
-        let command = Command::Report {
-            report: Box::new(report),
-        };
-        let events = domain::decide(&Case::default(), &command)?;
-        let state = events.iter().fold(Case::default(), domain::evolve);
-        let appended = uow
-            .append(
-                &domain::stream_id(case_id),
-                0,
-                &to_new_events(&events),
-                &ctx.metadata(),
-                &self.subject(case_id),
-            )
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            "ReportPresumedVictim",
-            &case_id.to_string(),
-            "command",
-        )
-        .await?;
-        let response = pb::ReportPresumedVictimResponse {
-            case_id: case_id.to_string(),
-            person_id: person_id.to_string(),
-            status: state.status.to_proto() as i32,
-            // Never told to the reporter (no oracle): see `Case.possible_duplicate`.
-            possible_duplicate: false,
-            result: Some(command::result(case_id, &appended)),
-        };
-        command::finish(&self.store, uow, &key, &fp, response).await
+            sqlx::query("INSERT INTO match_keys (match_key, case_id) SELECT k, $2 FROM UNNEST($1::bytea[]) AS k ON CONFLICT DO NOTHING")
+                .bind(&match_keys)
+                .bind(case_id.as_uuid())
+                .execute(&mut *uow.conn())
+                .await?;
+            let mut report = valid.coded.clone();
+            report.case_id = case_id.to_string();
+            report.person_id = person_id.to_string();
+            report.reporting_agency.clone_from(&caller.caller.actor.agency);
+            report.personal = Some(person_key.seal(&valid.personal));
+            report.matching_case_ids = matching.iter().map(ToString::to_string).collect();
+            let command = Command::Report {
+                report: Box::new(report),
+            };
+            let events = domain::decide(&Case::default(), &command)?;
+            let state = events.iter().fold(Case::default(), domain::evolve);
+            let appended = uow
+                .append(
+                    &domain::stream_id(case_id),
+                    0,
+                    &to_new_events(&events),
+                    &caller.metadata(),
+                    &app.subject(case_id),
+                )
+                .await?;
+            Ok(Decided {
+                answer: pb::ReportPresumedVictimResponse {
+                    case_id: case_id.to_string(),
+                    person_id: person_id.to_string(),
+                    status: state.status.to_proto() as i32,
+                    // Never told to the reporter (no oracle): see `Case.possible_duplicate`.
+                    possible_duplicate: false,
+                    result: Some(command::result(case_id, &appended)),
+                },
+                subject: case_id.to_string(),
+            })
+        })
+        .await
     }
 
-    /// Runs a command on an existing case, or answers as its first run did.
+    /// Runs a command on an existing case (its events, answer and audit
+    /// entry in one statement), or answers as its first run did. A command
+    /// naming a version is refused when the case moved on; one without is
+    /// decided again.
     async fn on_case(
         &self,
         ctx: &CallContext,
         request: &impl Message,
         call: CaseCommand,
     ) -> Result<CommandResult, AppError> {
-        tracing::Span::current().record("case_id", tracing::field::display(call.case_id));
-        ctx.concerns(call.case_id);
-        let key = ctx.request_key(&call.request_id);
-        let fp = command::fingerprint(call.method, request);
-        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-            return Ok(command::replayed(previous));
-        }
-        match self.on_case_once(ctx, &key, &fp, call).await {
-            // A twin of this request may have moved the case on first: answer as it did.
-            Err(conflict @ AppError::Conflict { .. }) => {
-                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-                    Some(previous) => Ok(command::replayed(previous)),
-                    None => Err(conflict),
-                }
-            }
-            other => other,
-        }
-    }
-
-    async fn on_case_once(
-        &self,
-        ctx: &CallContext,
-        key: &str,
-        fp: &[u8],
-        call: CaseCommand,
-    ) -> Result<CommandResult, AppError> {
         let CaseCommand {
             method,
+            request_id,
             case_id,
             expected_version,
             command,
-            ..
         } = call;
-        let case = self.load(case_id).await?;
+        tracing::Span::current().record("case_id", tracing::field::display(case_id));
+        ctx.concerns(case_id);
+        let request = Request {
+            method,
+            request_id: &request_id,
+            message: request,
+        };
+        let on_conflict = OnConflict::unless_versioned(expected_version);
+        // Owned, as in `report`.
+        let (app, caller) = (self.clone(), ctx.clone());
+        command::run_append(&self.store, ctx, request, on_conflict, async move || {
+            let case = app.load(case_id).await?;
+            Self::held(&caller, case_id, &case)?;
+            if let Some(expected) = expected_version.filter(|e| *e != case.version) {
+                return Err(AppError::Conflict {
+                    stream_id: domain::stream_id(case_id),
+                    expected,
+                    actual: case.version,
+                });
+            }
+            let events = domain::decide(&case, &command)?;
+            Ok(Planned {
+                stream_id: domain::stream_id(case_id),
+                expected_version: case.version,
+                events: to_new_events(&events),
+                subject: app.subject(case_id),
+                audit_subject: case_id.to_string(),
+                answer: Box::new(move |appended| command::result(case_id, appended)),
+            })
+        })
+        .await
+    }
+
+    /// The case's report, once the caller's agency is found to stand to it.
+    ///
+    /// # Errors
+    /// `NOT_FOUND` without a report; `PERMISSION_DENIED` out of scope.
+    fn held<'c>(
+        ctx: &CallContext,
+        case_id: CaseId,
+        case: &'c Case,
+    ) -> Result<&'c pb::PresumedVictimReported, AppError> {
         let Some(report) = case.report.as_ref() else {
             return Err(not_found(case_id));
         };
         ctx.check(&standing(report))?;
-        if let Some(expected) = expected_version.filter(|e| *e != case.version) {
-            return Err(AppError::Conflict {
-                stream_id: domain::stream_id(case_id),
-                expected,
-                actual: case.version,
-            });
-        }
-        let events = domain::decide(&case, &command)?;
-        let stream_id = domain::stream_id(case_id);
-        let new_events = to_new_events(&events);
-        let metadata = ctx.metadata();
-        let subject = self.subject(case_id);
-        let append = Append {
-            stream_id: &stream_id,
-            expected_version: case.version,
-            events: &new_events,
-            metadata: &metadata,
-            subject: &subject,
-        };
-        let subject_id = case_id.to_string();
-        let audit = AuditEntry {
-            action: method,
-            subject_id: &subject_id,
-            purpose: "command",
-        };
-        if let Command::ErasePersonalData { reason, now } = &command {
-            return self.erase_all(ctx, key, fp, &case, &append, *reason, *now).await;
-        }
-        // Events, answer and audit entry in one statement: one round trip.
-        let plan = Appended::plan(case.version, new_events.len());
-        let response = command::result(case_id, &plan);
-        let record = CommandRecord {
-            request_key: key,
-            fingerprint: fp,
-            response: &response.encode_to_vec(),
-        };
-        match self.store.append_command(&append, &plan, &record, Some(&audit)).await {
-            Ok(()) => Ok(response),
-            Err(StoreError::DuplicateRequest) => command::replay(&self.store, key, fp)
-                .await?
-                .ok_or_else(|| AppError::Internal("twin request vanished".into())),
-            Err(e) => Err(e.into()),
-        }
+        Ok(report)
     }
 
     /// The cases of the same person as `case`: those sharing a match key
@@ -381,36 +353,71 @@ impl Identification {
         Ok(linked.into_iter().map(CaseId::from_uuid).collect())
     }
 
-    /// Erases the person of `case` in every case of theirs, in one
-    /// transaction: each case's data key is shredded, its match keys deleted,
-    /// and `PersonalDataErased` (with the reason) appended on it.
-    #[allow(clippy::too_many_arguments)]
+    /// Erases the person of the case in every case of theirs, in one
+    /// transaction, or answers as its first run did: each case's data key is
+    /// shredded, its match keys deleted, and `PersonalDataErased` (with the
+    /// reason) appended on it.
+    ///
+    /// Not on [`command::run`]: its audit entries carry the erasure's reason
+    /// as their purpose, the erased case's before its linked cases', and the
+    /// kernel's path records one entry, purpose `command`, after the attempt.
     async fn erase_all(
+        &self,
+        ctx: &CallContext,
+        request: &pb::ErasePersonalDataRequest,
+        call: CaseCommand,
+    ) -> Result<CommandResult, AppError> {
+        let CaseCommand {
+            request_id,
+            case_id,
+            command,
+            ..
+        } = call;
+        tracing::Span::current().record("case_id", tracing::field::display(case_id));
+        ctx.concerns(case_id);
+        let key = ctx.request_key(&request_id);
+        let fp = command::fingerprint("ErasePersonalData", request);
+        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+            return Ok(command::replayed(previous));
+        }
+        match self.erase_all_once(ctx, &key, &fp, case_id, &command).await {
+            // A twin of this request may have erased first: answer as it did.
+            Err(conflict @ AppError::Conflict { .. }) => {
+                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
+                    Some(previous) => Ok(command::replayed(previous)),
+                    None => Err(conflict),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn erase_all_once(
         &self,
         ctx: &CallContext,
         key: &str,
         fp: &[u8],
-        case: &Case,
-        append: &Append<'_>,
-        reason: pb::ErasureReason,
-        now: prost_types::Timestamp,
+        case_id: CaseId,
+        command: &Command,
     ) -> Result<CommandResult, AppError> {
-        let case_id = case
-            .report
-            .as_ref()
-            .and_then(|r| CaseId::parse("case_id", &r.case_id).ok())
-            .ok_or_else(|| AppError::Internal("case without ID".into()))?;
+        let Command::ErasePersonalData { reason, .. } = command else {
+            return Err(AppError::Internal("not an erasure".into()));
+        };
+        let case = self.load(case_id).await?;
+        Self::held(ctx, case_id, &case)?;
+        let events = domain::decide(&case, command)?;
+        let metadata = ctx.metadata();
         let reason_code = reason.as_str_name();
         let mut uow = self.store.begin().await?;
-        let linked = self.linked_cases(uow.conn(), case_id, case).await?;
-        Self::shred(&mut uow, case_id, case).await?;
+        let linked = self.linked_cases(uow.conn(), case_id, &case).await?;
+        Self::shred(&mut uow, case_id, &case).await?;
         let appended = uow
             .append(
-                append.stream_id,
-                append.expected_version,
-                append.events,
-                append.metadata,
-                append.subject,
+                &domain::stream_id(case_id),
+                case.version,
+                &to_new_events(&events),
+                &metadata,
+                &self.subject(case_id),
             )
             .await?;
         audit::record(
@@ -421,7 +428,6 @@ impl Identification {
             reason_code,
         )
         .await?;
-        let command = Command::ErasePersonalData { reason, now };
         for other_id in linked {
             let other = self.load(other_id).await?;
             let Some(report) = other.report.as_ref() else {
@@ -433,7 +439,7 @@ impl Identification {
             // work is dropped).
             ctx.check(&standing(report))?;
             // Erased before: nothing of the person is left there.
-            let Ok(events) = domain::decide(&other, &command) else {
+            let Ok(events) = domain::decide(&other, command) else {
                 continue;
             };
             Self::shred(&mut uow, other_id, &other).await?;
@@ -441,7 +447,7 @@ impl Identification {
                 &domain::stream_id(other_id),
                 other.version,
                 &to_new_events(&events),
-                append.metadata,
+                &metadata,
                 &self.subject(other_id),
             )
             .await?;
@@ -568,7 +574,7 @@ impl Identification {
             reason: reason.unwrap_or(pb::ErasureReason::Unspecified),
             now: validate::timestamp(Utc::now()),
         };
-        self.on_case(ctx, req, target.command("ErasePersonalData", command))
+        self.erase_all(ctx, req, target.command("ErasePersonalData", command))
             .await
     }
 }

@@ -11,8 +11,7 @@
 //! concurrent referrals lock, so none slips in beside the end of a consent.
 
 use chrono::{DateTime, Utc};
-use nrm_kernel::audit;
-use nrm_kernel::command::{self, CallContext};
+use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{ConsentId, PersonId, ReferralId};
 use nrm_kernel::permissions::Standing;
@@ -23,7 +22,7 @@ use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use uuid::Uuid;
 
-use super::{CONSENT_EXPIRES, Referrals, rejected, retry_on_conflict, system_metadata, to_new_events};
+use super::{CONSENT_EXPIRES, Referrals, rejected, to_new_events};
 use crate::domain::consent::{self, Command, Consent};
 use crate::domain::referral as referral_domain;
 use crate::domain::{DomainError, parse};
@@ -78,81 +77,84 @@ impl Referrals {
         let valid = parse::record_consent(req, Utc::now())?;
         tracing::Span::current().record("person_id", tracing::field::display(valid.person_id));
         ctx.concerns(valid.person_id);
-        let key = ctx.request_key(&valid.request_id);
-        let fp = command::fingerprint("RecordConsent", req);
-        if let Some(mut previous) = command::replay::<pb::RecordConsentResponse>(&self.store, &key, &fp).await? {
-            if let Some(r) = previous.result.as_mut() {
-                r.replayed = true;
-            }
-            return Ok(previous);
-        }
         let consent_id = ConsentId::new();
         tracing::Span::current().record("consent_id", tracing::field::display(consent_id));
-        let person = self.person(valid.person_id).await?;
-        if let Some(person) = &person {
-            ctx.check(&Standing {
-                case_holders: person.case_holders(),
-                ..Standing::default()
-            })?;
-        }
-        let mut recorded = valid.consent;
-        recorded.consent_id = consent_id.to_string();
-        ctx.agency().clone_into(&mut recorded.recorded_by_agency);
-        if let Some(attestation) = recorded.attestation.as_mut() {
-            ctx.caller.actor.officer.clone_into(&mut attestation.attesting_officer);
-        }
-        let command = Command::Record {
-            consent: Box::new(recorded),
-            person,
+        let request = Request {
+            method: "RecordConsent",
+            request_id: &valid.request_id,
+            message: req,
         };
-        let events = consent::decide(&Consent::default(), &command).map_err(rejected("person", valid.person_id))?;
-        let state = events.iter().fold(Consent::default(), consent::evolve);
-        let recorded = state
-            .recorded
-            .as_ref()
-            .ok_or_else(|| AppError::Internal("no consent recorded".into()))?;
-        let expires_at = recorded.expires_at.as_ref().and_then(validate::to_datetime);
-        let mut uow = self.store.begin().await?;
-        let appended = uow
-            .append(
-                &consent::stream_id(consent_id),
-                0,
-                &to_new_events(&events),
-                &ctx.metadata(),
-                &self.subject(consent::NAME, &consent_id),
+        // The attempt owns what it uses: a future that borrows from the
+        // handler is not known to be `Send` (rust-lang/rust#110338).
+        let (app, caller) = (self.clone(), ctx.clone());
+        let (person_id, given) = (valid.person_id, valid.consent);
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            let person = app.person(person_id).await?;
+            if let Some(person) = &person {
+                caller.check(&Standing {
+                    case_holders: person.case_holders(),
+                    ..Standing::default()
+                })?;
+            }
+            let mut recorded = given.clone();
+            recorded.consent_id = consent_id.to_string();
+            caller.agency().clone_into(&mut recorded.recorded_by_agency);
+            if let Some(attestation) = recorded.attestation.as_mut() {
+                caller
+                    .caller
+                    .actor
+                    .officer
+                    .clone_into(&mut attestation.attesting_officer);
+            }
+            let command = Command::Record {
+                consent: Box::new(recorded),
+                person,
+            };
+            let events = consent::decide(&Consent::default(), &command).map_err(rejected("person", person_id))?;
+            let state = events.iter().fold(Consent::default(), consent::evolve);
+            let recorded = state
+                .recorded
+                .as_ref()
+                .ok_or_else(|| AppError::Internal("no consent recorded".into()))?;
+            let expires_at = recorded.expires_at.as_ref().and_then(validate::to_datetime);
+            let appended = uow
+                .append(
+                    &consent::stream_id(consent_id),
+                    0,
+                    &to_new_events(&events),
+                    &caller.metadata(),
+                    &app.subject(consent::NAME, &consent_id),
+                )
+                .await?;
+            sqlx::query(
+                "INSERT INTO consents (consent_id, person_id, recipient_agency, withdrawn, recording_agency, expires_at)
+                 VALUES ($1, $2, $3, false, $4, $5)",
             )
+            .bind(consent_id.as_uuid())
+            .bind(person_id.as_uuid())
+            .bind(&recorded.recipient_agency)
+            .bind(&recorded.recorded_by_agency)
+            .bind(expires_at)
+            .execute(uow.conn())
             .await?;
-        sqlx::query(
-            "INSERT INTO consents (consent_id, person_id, recipient_agency, withdrawn, recording_agency, expires_at)
-             VALUES ($1, $2, $3, false, $4, $5)",
-        )
-        .bind(consent_id.as_uuid())
-        .bind(valid.person_id.as_uuid())
-        .bind(&recorded.recipient_agency)
-        .bind(&recorded.recorded_by_agency)
-        .bind(expires_at)
-        .execute(uow.conn())
-        .await?;
-        if let Some(expires_at) = expires_at {
-            timers::schedule(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string(), expires_at, &[]).await?;
-        }
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            "RecordConsent",
-            &consent_id.to_string(),
-            "command",
-        )
-        .await?;
-        let response = pb::RecordConsentResponse {
-            consent_id: consent_id.to_string(),
-            result: Some(command::result(consent_id, &appended)),
-        };
-        command::finish(&self.store, uow, &key, &fp, response).await
+            if let Some(expires_at) = expires_at {
+                timers::schedule(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string(), expires_at, &[]).await?;
+            }
+            Ok(Decided {
+                answer: pb::RecordConsentResponse {
+                    consent_id: consent_id.to_string(),
+                    result: Some(command::result(consent_id, &appended)),
+                },
+                subject: consent_id.to_string(),
+            })
+        })
+        .await
     }
 
     /// Withdraws a consent (the recording agency, or the national
-    /// coordinator) and cancels every open referral under it, in one transaction.
+    /// coordinator) and cancels every open referral under it, in one
+    /// transaction; decided again on the consent as it stands when another
+    /// writer moved it on.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `PERMISSION_DENIED` (another agency), `NOT_FOUND`,
@@ -164,66 +166,44 @@ impl Referrals {
         req: &pb::WithdrawConsentRequest,
     ) -> Result<CommandResult, AppError> {
         let valid = parse::withdraw_consent(req)?;
-        tracing::Span::current().record("consent_id", tracing::field::display(valid.consent_id));
-        ctx.concerns(valid.consent_id);
-        let key = ctx.request_key(&valid.request_id);
-        let fp = command::fingerprint("WithdrawConsent", req);
-        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-            return Ok(command::replayed(previous));
-        }
-        let result = retry_on_conflict(|| self.withdraw_once(ctx, &key, &fp, valid.consent_id)).await;
-        match result {
-            // A twin of this request may have withdrawn first: answer as it did.
-            Err(AppError::FailedPrecondition { .. }) | Err(AppError::Conflict { .. }) => {
-                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-                    Some(previous) => Ok(command::replayed(previous)),
-                    None => result,
-                }
-            }
-            other => other,
-        }
-    }
-
-    async fn withdraw_once(
-        &self,
-        ctx: &CallContext,
-        key: &str,
-        fp: &[u8],
-        consent_id: ConsentId,
-    ) -> Result<CommandResult, AppError> {
-        let state = self.load_consent(consent_id).await?;
-        let Some(recorded) = &state.recorded else {
-            return Err(rejected(consent::NAME, consent_id)(DomainError::NotFound(
-                consent::NAME,
-            )));
+        let consent_id = valid.consent_id;
+        tracing::Span::current().record("consent_id", tracing::field::display(consent_id));
+        ctx.concerns(consent_id);
+        let request = Request {
+            method: "WithdrawConsent",
+            request_id: &valid.request_id,
+            message: req,
         };
-        ctx.check(&Standing {
-            owner: Some(recorded.recorded_by_agency.as_str()).filter(|a| !a.is_empty()),
-            ..Standing::default()
-        })?;
-        let now = validate::timestamp(Utc::now());
-        let events =
-            consent::decide(&state, &Command::Withdraw { now }).map_err(rejected(consent::NAME, consent_id))?;
-        let metadata = ctx.metadata();
-        let mut uow = self.store.begin().await?;
-        let (version, event_ids) = self
-            .end_consent(&mut uow, consent_id, &state, &events, &metadata, CONSENT_WITHDRAWN)
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            "WithdrawConsent",
-            &consent_id.to_string(),
-            "command",
-        )
-        .await?;
-        let response = CommandResult {
-            aggregate_id: consent_id.to_string(),
-            version,
-            event_ids,
-            replayed: false,
-        };
-        command::finish(&self.store, uow, key, fp, response).await
+        // Owned, as in `record_consent`.
+        let (app, caller) = (self.clone(), ctx.clone());
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            let state = Self::fold_in(uow, &consent::stream_id(consent_id), consent::evolve).await?;
+            let Some(recorded) = &state.recorded else {
+                return Err(rejected(consent::NAME, consent_id)(DomainError::NotFound(
+                    consent::NAME,
+                )));
+            };
+            caller.check(&Standing {
+                owner: Some(recorded.recorded_by_agency.as_str()).filter(|a| !a.is_empty()),
+                ..Standing::default()
+            })?;
+            let now = validate::timestamp(Utc::now());
+            let events =
+                consent::decide(&state, &Command::Withdraw { now }).map_err(rejected(consent::NAME, consent_id))?;
+            let (version, event_ids) = app
+                .end_consent(uow, consent_id, &state, &events, &caller.metadata(), CONSENT_WITHDRAWN)
+                .await?;
+            Ok(Decided {
+                answer: CommandResult {
+                    aggregate_id: consent_id.to_string(),
+                    version,
+                    event_ids,
+                    replayed: false,
+                },
+                subject: consent_id.to_string(),
+            })
+        })
+        .await
     }
 
     /// Appends the end of a consent (`events`: its `ConsentWithdrawn`) to a
@@ -303,7 +283,7 @@ impl Referrals {
         if events.is_empty() {
             return Ok(false);
         }
-        let metadata = system_metadata("consent-expiry", None);
+        let metadata = EventMetadata::system(CONSENT_EXPIRES, None);
         self.end_consent(uow, consent_id, &state, &events, &metadata, CONSENT_EXPIRED)
             .await?;
         tracing::info!(consent_id = %consent_id, "consent expired: sharing under it ended");

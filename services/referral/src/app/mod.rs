@@ -11,7 +11,7 @@
 //! accepted referral under an active consent.
 //!
 //! # Layout
-//! - this module: the application, shared plumbing (replay, loading, errors).
+//! - this module: the application, shared plumbing (loading, errors).
 //! - [`consents`]: recording and withdrawing consents.
 //! - [`referrals`]: creating and answering referrals; what timers and reactions do to them.
 //! - [`plans`]: the individual rehabilitation plan.
@@ -26,8 +26,7 @@ use nrm_kernel::bus::Bus;
 use nrm_kernel::command;
 use nrm_kernel::error::{AppError, FieldViolation};
 use nrm_kernel::ids::PersonId;
-use nrm_kernel::store::{Actor, EventMetadata, EventStore, NewEvent, UnitOfWork};
-use nrm_kernel::telemetry;
+use nrm_kernel::store::{EventStore, NewEvent, UnitOfWork};
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost::Message;
@@ -53,23 +52,6 @@ pub struct Policy {
     pub deadlines: Deadlines,
     /// Refer persons found not identified too.
     pub allow_not_identified: bool,
-}
-
-/// Metadata of events the service appends on its own (timers, reactions):
-/// the service is the actor; the correlation continues the cause's.
-fn system_metadata(officer: &str, cause: Option<&EventMetadata>) -> EventMetadata {
-    let (traceparent, tracestate) = telemetry::current_trace_context();
-    EventMetadata {
-        correlation_id: cause.map_or_else(Uuid::now_v7, |m| m.correlation_id),
-        causation_id: cause.map_or_else(Uuid::now_v7, |m| m.causation_id),
-        actor: Actor {
-            agency: "nrm".into(),
-            role: "system".into(),
-            officer: officer.into(),
-        },
-        traceparent,
-        tracestate,
-    }
 }
 
 /// Maps a domain error on aggregate `kind` with ID `id` to the application error.
@@ -193,22 +175,5 @@ impl Referrals {
         .fetch_one(self.store.pool())
         .await?;
         Ok(consented)
-    }
-}
-
-/// Runs `attempt` again (up to three times) when it lost a race for a stream
-/// version; for commands that carry no expected version.
-async fn retry_on_conflict<T, F, Fut>(mut attempt: F) -> Result<T, AppError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, AppError>>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt().await {
-            Err(AppError::Conflict { .. }) if tries < 3 => continue,
-            other => return other,
-        }
     }
 }

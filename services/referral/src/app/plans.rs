@@ -5,8 +5,7 @@
 //! an active consent (the `consented` scope); the coordinator any plan.
 
 use chrono::Utc;
-use nrm_kernel::audit;
-use nrm_kernel::command::{self, CallContext};
+use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{GoalId, PersonId};
 use nrm_kernel::permissions::Standing;
@@ -15,7 +14,7 @@ use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use prost::Message;
 
-use super::{Referrals, rejected, retry_on_conflict, to_new_events};
+use super::{Referrals, rejected, to_new_events};
 use crate::domain::DomainError;
 use crate::domain::parse;
 use crate::domain::plan::{self, Command, Plan};
@@ -41,34 +40,8 @@ impl Referrals {
         self.fold(&plan::stream_id(person_id), plan::evolve).await
     }
 
-    /// Appends the events of `command` to the person's plan as it stands now.
-    async fn on_plan_once(
-        &self,
-        ctx: &CallContext,
-        key: &str,
-        fp: &[u8],
-        method: &'static str,
-        person_id: PersonId,
-        command: &Command,
-    ) -> Result<CommandResult, AppError> {
-        let state = self.load_plan(person_id).await?;
-        let events = plan::decide(&state, command).map_err(rejected(plan::NAME, person_id))?;
-        let mut uow = self.store.begin().await?;
-        let appended = uow
-            .append(
-                &plan::stream_id(person_id),
-                state.version,
-                &to_new_events(&events),
-                &ctx.metadata(),
-                &self.subject(plan::NAME, &person_id),
-            )
-            .await?;
-        audit::record(uow.conn(), &ctx.caller.actor, method, &person_id.to_string(), "command").await?;
-        let response = command::result(person_id, &appended);
-        command::finish(&self.store, uow, key, fp, response).await
-    }
-
-    /// Replays a stored answer, or runs the command (again on a lost race).
+    /// Runs `command` on the person's plan as it stands (decided again when
+    /// another writer moved it on), or answers as its first run did.
     async fn on_plan(
         &self,
         ctx: &CallContext,
@@ -78,23 +51,33 @@ impl Referrals {
         person_id: PersonId,
         command: Command,
     ) -> Result<CommandResult, AppError> {
-        let key = ctx.request_key(request_id);
-        let fp = command::fingerprint(method, request);
-        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-            return Ok(command::replayed(previous));
-        }
-        self.check_plan(ctx, person_id).await?;
-        let result = retry_on_conflict(|| self.on_plan_once(ctx, &key, &fp, method, person_id, &command)).await;
-        match result {
-            // A twin of this request may have acted first: answer as it did.
-            Err(AppError::FailedPrecondition { .. } | AppError::Conflict { .. }) => {
-                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-                    Some(previous) => Ok(command::replayed(previous)),
-                    None => result,
-                }
-            }
-            other => other,
-        }
+        let request = Request {
+            method,
+            request_id,
+            message: request,
+        };
+        // The attempt owns what it uses: a future that borrows from the
+        // handler is not known to be `Send` (rust-lang/rust#110338).
+        let (app, caller) = (self.clone(), ctx.clone());
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            app.check_plan(&caller, person_id).await?;
+            let state = Self::fold_in(uow, &plan::stream_id(person_id), plan::evolve).await?;
+            let events = plan::decide(&state, &command).map_err(rejected(plan::NAME, person_id))?;
+            let appended = uow
+                .append(
+                    &plan::stream_id(person_id),
+                    state.version,
+                    &to_new_events(&events),
+                    &caller.metadata(),
+                    &app.subject(plan::NAME, &person_id),
+                )
+                .await?;
+            Ok(Decided {
+                answer: command::result(person_id, &appended),
+                subject: person_id.to_string(),
+            })
+        })
+        .await
     }
 
     /// Adds a goal to the person's plan.
@@ -108,51 +91,44 @@ impl Referrals {
         req: &pb::AddPlanGoalRequest,
     ) -> Result<pb::AddPlanGoalResponse, AppError> {
         let (target, (kind, due_at)) = parse::add_goal(req, Utc::now())?;
-        traced(target.person_id);
-        let key = ctx.request_key(&target.request_id);
-        let fp = command::fingerprint("AddPlanGoal", req);
-        if let Some(mut previous) = command::replay::<pb::AddPlanGoalResponse>(&self.store, &key, &fp).await? {
-            if let Some(r) = previous.result.as_mut() {
-                r.replayed = true;
-            }
-            return Ok(previous);
-        }
-        self.check_plan(ctx, target.person_id).await?;
-        let person_known = self.person(target.person_id).await?.is_some();
+        let person_id = target.person_id;
+        traced(person_id);
         let goal_id = GoalId::new();
-        let command = Command::AddGoal {
-            person_id: target.person_id.to_string(),
-            goal_id: goal_id.to_string(),
-            kind,
-            due_at,
-            person_known,
+        let request = Request {
+            method: "AddPlanGoal",
+            request_id: &target.request_id,
+            message: req,
         };
-        retry_on_conflict(|| async {
-            let state = self.load_plan(target.person_id).await?;
-            let events = plan::decide(&state, &command).map_err(rejected(plan::NAME, target.person_id))?;
-            let mut uow = self.store.begin().await?;
+        // Owned, as in `on_plan`.
+        let (app, caller) = (self.clone(), ctx.clone());
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            app.check_plan(&caller, person_id).await?;
+            let person_known = app.person(person_id).await?.is_some();
+            let command = Command::AddGoal {
+                person_id: person_id.to_string(),
+                goal_id: goal_id.to_string(),
+                kind,
+                due_at,
+                person_known,
+            };
+            let state = Self::fold_in(uow, &plan::stream_id(person_id), plan::evolve).await?;
+            let events = plan::decide(&state, &command).map_err(rejected(plan::NAME, person_id))?;
             let appended = uow
                 .append(
-                    &plan::stream_id(target.person_id),
+                    &plan::stream_id(person_id),
                     state.version,
                     &to_new_events(&events),
-                    &ctx.metadata(),
-                    &self.subject(plan::NAME, &target.person_id),
+                    &caller.metadata(),
+                    &app.subject(plan::NAME, &person_id),
                 )
                 .await?;
-            audit::record(
-                uow.conn(),
-                &ctx.caller.actor,
-                "AddPlanGoal",
-                &target.person_id.to_string(),
-                "command",
-            )
-            .await?;
-            let response = pb::AddPlanGoalResponse {
-                goal_id: goal_id.to_string(),
-                result: Some(command::result(target.person_id, &appended)),
-            };
-            command::finish(&self.store, uow, &key, &fp, response).await
+            Ok(Decided {
+                answer: pb::AddPlanGoalResponse {
+                    goal_id: goal_id.to_string(),
+                    result: Some(command::result(person_id, &appended)),
+                },
+                subject: person_id.to_string(),
+            })
         })
         .await
     }

@@ -5,8 +5,7 @@
 //! referral no longer awaits an answer).
 
 use chrono::Utc;
-use nrm_kernel::audit;
-use nrm_kernel::command::{self, CallContext};
+use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{ConsentId, ReferralId};
 use nrm_kernel::permissions::Standing;
@@ -17,7 +16,7 @@ use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost::Message;
 
-use super::{ANSWER_DUE, Referrals, rejected, system_metadata, to_new_events};
+use super::{ANSWER_DUE, Referrals, rejected, to_new_events};
 use crate::domain::parse::{self, Target};
 use crate::domain::referral::{self, Command, Referral};
 use crate::domain::{ConsentGap, DomainError};
@@ -129,96 +128,70 @@ impl Referrals {
         let valid = parse::create_referral(req, Utc::now())?;
         tracing::Span::current().record("person_id", tracing::field::display(valid.person_id));
         ctx.concerns(valid.person_id);
-        let key = ctx.request_key(&valid.request_id);
-        let fp = command::fingerprint("CreateReferral", req);
-        if let Some(mut previous) = command::replay::<pb::CreateReferralResponse>(&self.store, &key, &fp).await? {
-            if let Some(r) = previous.result.as_mut() {
-                r.replayed = true;
-            }
-            return Ok(previous);
-        }
         let referral_id = ReferralId::new();
         tracing::Span::current().record("referral_id", tracing::field::display(referral_id));
-        let person = self.person(valid.person_id).await?;
-        if let Some(person) = &person {
-            ctx.check(&Standing {
-                case_holders: person.case_holders(),
-                ..Standing::default()
-            })?;
-        }
-        let consent = self.load_consent(valid.consent_id).await?;
-        let mut created = valid.referral;
-        created.referral_id = referral_id.to_string();
-        ctx.agency().clone_into(&mut created.referring_agency);
-        let command = Command::Create {
-            referral: Box::new(created),
-            person,
-            consent: Box::new(consent),
-            allow_not_identified: self.policy.allow_not_identified,
-            deadlines: self.policy.deadlines,
+        let request = Request {
+            method: "CreateReferral",
+            request_id: &valid.request_id,
+            message: req,
         };
-        let events = referral::decide(&Referral::default(), &command).map_err(rejected(referral::NAME, referral_id))?;
-        let mut uow = self.store.begin().await?;
-        if !self.lock_consent(&mut uow, valid.consent_id).await? {
-            return Err(rejected(referral::NAME, referral_id)(DomainError::NoConsent(
-                ConsentGap::Withdrawn,
-            )));
-        }
-        let event_ids = self
-            .append_referral(&mut uow, referral_id, &Referral::default(), &events, &ctx.metadata())
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            "CreateReferral",
-            &referral_id.to_string(),
-            "command",
-        )
-        .await?;
-        let state = events.iter().fold(Referral::default(), referral::evolve);
-        let response = pb::CreateReferralResponse {
-            referral_id: referral_id.to_string(),
-            answer_due_at: state.answer_due_at,
-            result: Some(CommandResult {
-                aggregate_id: referral_id.to_string(),
-                version: state.version,
-                event_ids,
-                replayed: false,
-            }),
-        };
-        command::finish(&self.store, uow, &key, &fp, response).await
+        // The attempt owns what it uses: a future that borrows from the
+        // handler is not known to be `Send` (rust-lang/rust#110338).
+        let (app, caller) = (self.clone(), ctx.clone());
+        let (person_id, consent_id, proposed) = (valid.person_id, valid.consent_id, valid.referral);
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            let person = app.person(person_id).await?;
+            if let Some(person) = &person {
+                caller.check(&Standing {
+                    case_holders: person.case_holders(),
+                    ..Standing::default()
+                })?;
+            }
+            let consent = app.load_consent(consent_id).await?;
+            let mut created = proposed.clone();
+            created.referral_id = referral_id.to_string();
+            caller.agency().clone_into(&mut created.referring_agency);
+            let command = Command::Create {
+                referral: Box::new(created),
+                person,
+                consent: Box::new(consent),
+                allow_not_identified: app.policy.allow_not_identified,
+                deadlines: app.policy.deadlines,
+            };
+            let events =
+                referral::decide(&Referral::default(), &command).map_err(rejected(referral::NAME, referral_id))?;
+            if !app.lock_consent(uow, consent_id).await? {
+                return Err(rejected(referral::NAME, referral_id)(DomainError::NoConsent(
+                    ConsentGap::Withdrawn,
+                )));
+            }
+            let event_ids = app
+                .append_referral(uow, referral_id, &Referral::default(), &events, &caller.metadata())
+                .await?;
+            let state = events.iter().fold(Referral::default(), referral::evolve);
+            Ok(Decided {
+                answer: pb::CreateReferralResponse {
+                    referral_id: referral_id.to_string(),
+                    answer_due_at: state.answer_due_at,
+                    result: Some(CommandResult {
+                        aggregate_id: referral_id.to_string(),
+                        version: state.version,
+                        event_ids,
+                        replayed: false,
+                    }),
+                },
+                subject: referral_id.to_string(),
+            })
+        })
+        .await
     }
 
-    /// Runs a command on an existing referral, or answers as its first run did.
+    /// Runs a command on an existing referral at the version its caller
+    /// read, or answers as its first run did.
     async fn on_referral(
         &self,
         ctx: &CallContext,
         request: &impl Message,
-        call: Call,
-    ) -> Result<CommandResult, AppError> {
-        ctx.concerns(call.target.referral_id);
-        let key = ctx.request_key(&call.target.request_id);
-        let fp = command::fingerprint(call.method, request);
-        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-            return Ok(command::replayed(previous));
-        }
-        match self.on_referral_once(ctx, &key, &fp, call).await {
-            // A twin of this request may have moved the referral on first: answer as it did.
-            Err(err @ (AppError::Conflict { .. } | AppError::FailedPrecondition { .. })) => {
-                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-                    Some(previous) => Ok(command::replayed(previous)),
-                    None => Err(err),
-                }
-            }
-            other => other,
-        }
-    }
-
-    async fn on_referral_once(
-        &self,
-        ctx: &CallContext,
-        key: &str,
-        fp: &[u8],
         call: Call,
     ) -> Result<CommandResult, AppError> {
         let Call {
@@ -227,49 +200,54 @@ impl Referrals {
             command,
             consent,
         } = call;
-        let referral_id = target.referral_id;
-        let state = self.load_referral(referral_id).await?;
-        if state.version == 0 {
-            return Err(AppError::NotFound {
-                kind: referral::NAME,
-                id: referral_id.to_string(),
-            });
-        }
-        ctx.check(&standing(&state))?;
-        if target.expected_version != state.version {
-            return Err(AppError::Conflict {
-                stream_id: referral::stream_id(referral_id),
-                expected: target.expected_version,
-                actual: state.version,
-            });
-        }
-        let events = referral::decide(&state, &command).map_err(rejected(referral::NAME, referral_id))?;
-        let mut uow = self.store.begin().await?;
-        if let Some(consent_id) = consent
-            && !self.lock_consent(&mut uow, consent_id).await?
-        {
-            return Err(rejected(referral::NAME, referral_id)(DomainError::NoConsent(
-                ConsentGap::Withdrawn,
-            )));
-        }
-        let event_ids = self
-            .append_referral(&mut uow, referral_id, &state, &events, &ctx.metadata())
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
+        ctx.concerns(target.referral_id);
+        let request = Request {
             method,
-            &referral_id.to_string(),
-            "command",
-        )
-        .await?;
-        let response = CommandResult {
-            aggregate_id: referral_id.to_string(),
-            version: state.version + events.len() as u64,
-            event_ids,
-            replayed: false,
+            request_id: &target.request_id,
+            message: request,
         };
-        command::finish(&self.store, uow, key, fp, response).await
+        let (referral_id, expected_version) = (target.referral_id, target.expected_version);
+        let on_conflict = OnConflict::unless_versioned(Some(expected_version));
+        // Owned, as in `create_referral`.
+        let (app, caller) = (self.clone(), ctx.clone());
+        command::run(&self.store, ctx, request, on_conflict, async move |uow| {
+            let state = Self::fold_in(uow, &referral::stream_id(referral_id), referral::evolve).await?;
+            if state.version == 0 {
+                return Err(AppError::NotFound {
+                    kind: referral::NAME,
+                    id: referral_id.to_string(),
+                });
+            }
+            caller.check(&standing(&state))?;
+            if expected_version != state.version {
+                return Err(AppError::Conflict {
+                    stream_id: referral::stream_id(referral_id),
+                    expected: expected_version,
+                    actual: state.version,
+                });
+            }
+            let events = referral::decide(&state, &command).map_err(rejected(referral::NAME, referral_id))?;
+            if let Some(consent_id) = consent
+                && !app.lock_consent(uow, consent_id).await?
+            {
+                return Err(rejected(referral::NAME, referral_id)(DomainError::NoConsent(
+                    ConsentGap::Withdrawn,
+                )));
+            }
+            let event_ids = app
+                .append_referral(uow, referral_id, &state, &events, &caller.metadata())
+                .await?;
+            Ok(Decided {
+                answer: CommandResult {
+                    aggregate_id: referral_id.to_string(),
+                    version: state.version + events.len() as u64,
+                    event_ids,
+                    replayed: false,
+                },
+                subject: referral_id.to_string(),
+            })
+        })
+        .await
     }
 
     /// The receiver accepts.
@@ -450,7 +428,7 @@ impl Referrals {
             }
             Err(err) => return Err(AppError::Internal(err.to_string())),
         };
-        let metadata = system_metadata("answer-timer", None);
+        let metadata = EventMetadata::system(ANSWER_DUE, None);
         let ids = self
             .append_referral(uow, referral_id, &state, &events, &metadata)
             .await?;
@@ -482,7 +460,7 @@ impl Referrals {
             }
             Err(err) => return Err(AppError::Internal(err.to_string())),
         };
-        let metadata = system_metadata("shelter-reaction", cause);
+        let metadata = EventMetadata::system("referral.placement", cause);
         let ids = self
             .append_referral(uow, referral_id, &state, &events, &metadata)
             .await?;

@@ -22,7 +22,7 @@
 //! lock, so under contention the caller gets the bed or `NO_BED_FREE`; a
 //! writer that takes no lock (the placement reaction, an expiry, a capacity
 //! change) can still move the shelter on first, and then the command reloads
-//! and decides again, a bounded number of times with a little jitter. The
+//! and decides again (the kernel's `retry::CONFLICTS`). The
 //! expected-version append makes over-booking impossible either way. `ChangeCapacity`
 //! names the version its caller read and gets `ABORTED` when it is stale.
 //!
@@ -34,22 +34,19 @@
 
 pub mod queries;
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use nrm_kernel::bus::Bus;
-use nrm_kernel::command::{self, CallContext};
+use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{HoldId, ReferralId, ShelterId};
 use nrm_kernel::permissions::Standing;
 use nrm_kernel::seal::{DataKey, MasterKey};
-use nrm_kernel::store::{Actor, Appended, EventMetadata, EventStore, NewEvent, RecordedEvent, UnitOfWork};
-use nrm_kernel::{audit, timers, validate};
+use nrm_kernel::store::{Appended, EventMetadata, EventStore, NewEvent, RecordedEvent, UnitOfWork};
+use nrm_kernel::{timers, validate};
 use nrm_proto::common::v1::{CommandResult, PersonalIdentifiers};
 use nrm_proto::shelter::v1 as pb;
 use pb::shelter_event::Event;
 use prost::Message;
-use rand::Rng as _;
 use sqlx::PgConnection;
 use tracing::field::{Empty, display};
 use uuid::Uuid;
@@ -67,20 +64,6 @@ pub const HOLD_EXPIRY: &str = "shelter.hold_expiry";
 /// accepted, no longer open, or not yet seen on the referral stream: retry).
 pub const REFERRAL_NOT_ACCEPTED: &str = "REFERRAL_NOT_ACCEPTED";
 
-/// How many times a command on the current version is decided again after
-/// another writer appended first.
-const MAX_ATTEMPTS: u32 = 20;
-
-/// The actor of what the service does by itself (timers, reactions).
-#[must_use]
-pub fn system_actor(task: &str) -> Actor {
-    Actor {
-        agency: "system".into(),
-        role: "system".into(),
-        officer: format!("shelter.{task}"),
-    }
-}
-
 impl From<DomainError> for AppError {
     fn from(err: DomainError) -> Self {
         match err {
@@ -93,47 +76,20 @@ impl From<DomainError> for AppError {
     }
 }
 
-/// An answer that can be replayed for a retried request.
-trait Answer: Message + Default {
+/// The answer of a command on an existing shelter, made from what it appended.
+trait Made: command::Answer {
     /// The answer of a command that appended `events`.
-    fn answer(events: &[Event], result: CommandResult) -> Self;
-    /// Marks the answer as the replay of the first one.
-    fn mark_replayed(&mut self);
+    fn made(events: &[Event], result: CommandResult) -> Self;
 }
 
-/// An answer marked as the replay of the first one.
-fn replayed<R: Answer>(mut answer: R) -> R {
-    answer.mark_replayed();
-    answer
-}
-
-impl Answer for CommandResult {
-    fn answer(_: &[Event], result: CommandResult) -> Self {
+impl Made for CommandResult {
+    fn made(_: &[Event], result: CommandResult) -> Self {
         result
     }
-
-    fn mark_replayed(&mut self) {
-        self.replayed = true;
-    }
 }
 
-impl Answer for pb::RegisterShelterResponse {
-    fn answer(_: &[Event], result: CommandResult) -> Self {
-        Self {
-            shelter_id: result.aggregate_id.clone(),
-            result: Some(result),
-        }
-    }
-
-    fn mark_replayed(&mut self) {
-        if let Some(r) = self.result.as_mut() {
-            r.replayed = true;
-        }
-    }
-}
-
-impl Answer for pb::HoldBedResponse {
-    fn answer(events: &[Event], result: CommandResult) -> Self {
+impl Made for pb::HoldBedResponse {
+    fn made(events: &[Event], result: CommandResult) -> Self {
         let held = events.iter().find_map(|e| match e {
             Event::BedHeld(h) => Some(h),
             _ => None,
@@ -144,15 +100,10 @@ impl Answer for pb::HoldBedResponse {
             result: Some(result),
         }
     }
-
-    fn mark_replayed(&mut self) {
-        if let Some(r) = self.result.as_mut() {
-            r.replayed = true;
-        }
-    }
 }
 
 /// A validated command on an existing shelter.
+#[derive(Clone)]
 struct ShelterCall {
     /// The RPC, for fingerprints and the audit trail.
     method: &'static str,
@@ -502,11 +453,6 @@ impl Shelters {
         Ok(behind.len())
     }
 
-    /// The first answer to a request, if it ran before, marked as replayed.
-    async fn replay<R: Answer>(&self, key: &str, fingerprint: &[u8]) -> Result<Option<R>, AppError> {
-        Ok(command::replay::<R>(&self.store, key, fingerprint).await?.map(replayed))
-    }
-
     /// Registers a shelter; the caller's agency operates it. The address is
     /// sealed under a key of the shelter's own.
     ///
@@ -521,96 +467,89 @@ impl Shelters {
         // The matrix lets the roles that run shelters register any new one.
         ctx.check(&Standing::default())?;
         let valid = parse::registration(req)?;
-        let key = ctx.request_key(&valid.request_id);
-        let fp = command::fingerprint("RegisterShelter", req);
-        if let Some(previous) = self.replay(&key, &fp).await? {
-            return Ok(previous);
-        }
         let shelter_id = ShelterId::new();
         tracing::Span::current().record("shelter_id", display(shelter_id));
-        let mut uow = self.store.begin().await?;
-        let address = if valid.address.is_empty() {
-            None
-        } else {
-            let data_key = DataKey::create(uow.conn(), &self.master, shelter_id).await?;
-            Some(data_key.seal(&PersonalIdentifiers {
-                address: valid.address,
-                ..Default::default()
-            }))
+        let request = Request {
+            method: "RegisterShelter",
+            request_id: &valid.request_id,
+            message: req,
         };
-        let registered = pb::ShelterRegistered {
-            shelter_id: shelter_id.to_string(),
-            code: valid.code,
-            region: valid.region,
-            address,
-            capacity: valid.capacity,
-            services: valid.services,
-            wheelchair_accessible: valid.wheelchair_accessible,
-            operator_agency: ctx.caller.actor.agency.clone(),
-        };
-        let events = domain::decide(
-            &Shelter::default(),
-            &Command::Register {
-                registered: Box::new(registered),
-            },
-        )?;
-        let appended = self
-            .append(&mut uow, shelter_id, &Shelter::default(), &events, &ctx.metadata())
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            "RegisterShelter",
-            &shelter_id.to_string(),
-            "command",
-        )
-        .await?;
-        let response = pb::RegisterShelterResponse::answer(&events, command::result(shelter_id, &appended));
-        command::finish_with(&self.store, uow, &key, &fp, response, replayed).await
+        // The attempt owns what it uses: a future that borrows from the
+        // handler is not known to be `Send` (rust-lang/rust#110338).
+        let (app, caller) = (self.clone(), ctx.clone());
+        let valid = valid.clone();
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            let address = if valid.address.is_empty() {
+                None
+            } else {
+                let data_key = DataKey::create(uow.conn(), &app.master, shelter_id).await?;
+                Some(data_key.seal(&PersonalIdentifiers {
+                    address: valid.address.clone(),
+                    ..Default::default()
+                }))
+            };
+            let registered = pb::ShelterRegistered {
+                shelter_id: shelter_id.to_string(),
+                code: valid.code.clone(),
+                region: valid.region.clone(),
+                address,
+                capacity: valid.capacity.clone(),
+                services: valid.services.clone(),
+                wheelchair_accessible: valid.wheelchair_accessible,
+                operator_agency: caller.caller.actor.agency.clone(),
+            };
+            let events = domain::decide(
+                &Shelter::default(),
+                &Command::Register {
+                    registered: Box::new(registered),
+                },
+            )?;
+            let appended = app
+                .append(uow, shelter_id, &Shelter::default(), &events, &caller.metadata())
+                .await?;
+            let result = command::result(shelter_id, &appended);
+            Ok(Decided {
+                answer: pb::RegisterShelterResponse {
+                    shelter_id: result.aggregate_id.clone(),
+                    result: Some(result),
+                },
+                subject: shelter_id.to_string(),
+            })
+        })
+        .await
     }
 
-    /// Runs a command on an existing shelter, or answers as its first run did.
-    async fn on_shelter<R: Answer>(
+    /// Runs a command on an existing shelter, or answers as its first run
+    /// did. One that names a version is refused when the shelter moved on;
+    /// one on the current version is decided again.
+    async fn on_shelter<R: Made>(
         &self,
         ctx: &CallContext,
         request: &impl Message,
         call: ShelterCall,
     ) -> Result<R, AppError> {
-        let key = ctx.request_key(&call.request_id);
-        let fp = command::fingerprint(call.method, request);
-        if let Some(previous) = self.replay::<R>(&key, &fp).await? {
-            return Ok(previous);
-        }
-        let mut attempt = 1;
-        loop {
-            match self.on_shelter_once::<R>(ctx, &key, &fp, &call).await {
-                Err(conflict @ AppError::Conflict { .. }) => {
-                    // A twin of this request may have moved the shelter on first: answer as it did.
-                    if let Some(previous) = self.replay::<R>(&key, &fp).await? {
-                        return Ok(previous);
-                    }
-                    if call.expected_version.is_some() || attempt >= MAX_ATTEMPTS {
-                        return Err(conflict);
-                    }
-                    metrics::counter!("nrm_shelter_command_retries_total", "method" => call.method).increment(1);
-                    let pause = rand::thread_rng().gen_range(1..=5 * u64::from(attempt));
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
+        let request = Request {
+            method: call.method,
+            request_id: &call.request_id,
+            message: request,
+        };
+        let on_conflict = OnConflict::unless_versioned(call.expected_version);
+        // Owned, as in `register`.
+        let (app, caller, call) = (self.clone(), ctx.clone(), call.clone());
+        command::run(&self.store, ctx, request, on_conflict, async move |uow| {
+            app.on_shelter_once(&caller, uow, &call).await
+        })
+        .await
     }
 
-    async fn on_shelter_once<R: Answer>(
+    /// One attempt of a command on an existing shelter, in `uow`.
+    async fn on_shelter_once<R: Made>(
         &self,
         ctx: &CallContext,
-        key: &str,
-        fp: &[u8],
+        uow: &mut UnitOfWork,
         call: &ShelterCall,
-    ) -> Result<R, AppError> {
+    ) -> Result<Decided<R>, AppError> {
         let shelter_id = call.shelter_id;
-        let mut uow = self.store.begin().await?;
         if let Command::HoldBed { referral_id, .. } = &call.command {
             // Before the shelter's lock, always in this order (the placement
             // reaction takes them in the same order).
@@ -623,7 +562,7 @@ impl Shelters {
             // or NO_BED_FREE. The lock ends with the transaction.
             lock_shelter(uow.conn(), shelter_id).await?;
         }
-        let shelter = self.load_in(&mut uow, shelter_id).await?;
+        let shelter = self.load_in(uow, shelter_id).await?;
         if shelter.version == 0 {
             return Err(not_found(shelter_id));
         }
@@ -655,19 +594,11 @@ impl Shelters {
             });
         }
         let events = domain::decide(&shelter, &call.command)?;
-        let appended = self
-            .append(&mut uow, shelter_id, &shelter, &events, &ctx.metadata())
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            call.method,
-            &shelter_id.to_string(),
-            "command",
-        )
-        .await?;
-        let response = R::answer(&events, command::result(shelter_id, &appended));
-        command::finish_with(&self.store, uow, key, fp, response, replayed).await
+        let appended = self.append(uow, shelter_id, &shelter, &events, &ctx.metadata()).await?;
+        Ok(Decided {
+            answer: R::made(&events, command::result(shelter_id, &appended)),
+            subject: shelter_id.to_string(),
+        })
     }
 
     /// Fails unless `referral_id` is an accepted referral addressed to the
