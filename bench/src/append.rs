@@ -131,6 +131,7 @@ impl Workload {
                 action: ACTION,
                 subject_id: &subject_id,
                 purpose: PURPOSE,
+                person_id: None,
             };
             store
                 .append_command(&append, &Appended::plan(0, events.len()), &record, Some(&audit))

@@ -500,6 +500,7 @@ async fn append_backlog(
                                 action: ACTION,
                                 subject_id: &subject_id,
                                 purpose: PURPOSE,
+                                person_id: None,
                             }),
                         )
                         .await?;

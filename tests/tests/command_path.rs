@@ -81,6 +81,8 @@ async fn append_current(
             Ok(Decided {
                 answer: command::result(stream, &appended),
                 subject: stream.to_owned(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         },
     )

@@ -305,6 +305,7 @@ async fn a_command_appended_in_one_statement_writes_all_or_nothing() {
         action: "ReportPresumedVictim",
         subject_id: &stream_id,
         purpose: "command",
+        person_id: None,
     };
     let record = |key| CommandRecord {
         request_key: key,

@@ -24,6 +24,13 @@ use crate::store::{
 };
 use crate::telemetry;
 
+/// What a call concerns, as the application recorded it: parsed IDs only.
+#[derive(Debug, Clone, Default)]
+struct Concerns {
+    subject: String,
+    person: Option<Uuid>,
+}
+
 /// Who calls, with which permission, and the call's correlation.
 #[derive(Debug, Clone)]
 pub struct CallContext {
@@ -33,8 +40,8 @@ pub struct CallContext {
     pub correlation_id: Uuid,
     /// The caller's role's row of the permission matrix for this RPC.
     permit: Permit,
-    /// What the call concerns, for the audit entry of a refusal.
-    concerns: Arc<Mutex<String>>,
+    /// What the call concerns, for its audit entries (a refusal's too).
+    concerns: Arc<Mutex<Concerns>>,
 }
 
 impl CallContext {
@@ -77,14 +84,39 @@ impl CallContext {
     /// the audit entry the gate writes if the call is refused.
     pub fn concerns(&self, subject: impl std::fmt::Display) {
         if let Ok(mut concerns) = self.concerns.lock() {
-            *concerns = subject.to_string();
+            concerns.subject = subject.to_string();
+        }
+    }
+
+    /// Records the person whose records the call reads or changes, so that
+    /// its audit entries (a refusal's too) list under the person
+    /// (`nrmctl audit person`).
+    pub fn concerns_person(&self, person_id: Uuid) {
+        if let Ok(mut concerns) = self.concerns.lock() {
+            concerns.person = Some(person_id);
         }
     }
 
     /// What the call concerns, as recorded (empty: nothing yet).
     #[must_use]
     pub fn concerned(&self) -> String {
-        self.concerns.lock().map(|c| c.clone()).unwrap_or_default()
+        self.concerns.lock().map(|c| c.subject.clone()).unwrap_or_default()
+    }
+
+    /// The person the call concerns, as recorded.
+    #[must_use]
+    pub fn concerned_person(&self) -> Option<Uuid> {
+        self.concerns.lock().ok().and_then(|c| c.person)
+    }
+
+    /// The audit entry of this call's `action` on `subject` for `purpose`,
+    /// with the person it concerns.
+    #[must_use]
+    pub fn audit_entry<'a>(&'a self, action: &'a str, subject: &'a str, purpose: &'a str) -> audit::Entry<'a> {
+        audit::Entry {
+            person_id: self.concerned_person(),
+            ..audit::Entry::new(&self.caller.actor, action, subject, purpose)
+        }
     }
 
     /// Metadata of the events this call appends: the caller is the actor,
@@ -273,6 +305,12 @@ pub struct Decided<R> {
     pub answer: R,
     /// What the audit entry names: the aggregate the command concerned.
     pub subject: String,
+    /// Why, as the audit entry records it: `command`, or a code (an
+    /// erasure's reason), never free text.
+    pub purpose: &'static str,
+    /// Other aggregates the command changed too (an erasure's linked
+    /// cases), each audited after the main entry as `<method>:linked`.
+    pub linked: Vec<String>,
 }
 
 /// What one attempt of a command that only appends decided: the kernel
@@ -320,14 +358,15 @@ pub async fn run<M: Message, R: Answer>(
         let mut uow = store.begin().await?;
         let outcome = match attempt(&mut uow).await {
             Ok(decided) => {
-                audit::record(
+                audit::append(
                     uow.conn(),
-                    &ctx.caller.actor,
-                    request.method,
-                    &decided.subject,
-                    "command",
+                    &ctx.audit_entry(request.method, &decided.subject, decided.purpose),
                 )
                 .await?;
+                let linked = format!("{}:linked", request.method);
+                for subject in &decided.linked {
+                    audit::append(uow.conn(), &ctx.audit_entry(&linked, subject, decided.purpose)).await?;
+                }
                 finish_with(store, uow, &key, &fp, decided.answer, marked).await
             }
             Err(e) => {
@@ -385,6 +424,7 @@ pub async fn run_append<M: Message, R: Answer>(
                     action: request.method,
                     subject_id: &planned.audit_subject,
                     purpose: "command",
+                    person_id: ctx.concerned_person(),
                 };
                 match store.append_command(&append, &plan, &record, Some(&audit)).await {
                     Ok(()) => Ok(answer),

@@ -158,14 +158,19 @@ impl Gate {
     /// Audits a refused attempt; a failure to audit is logged (the call is
     /// refused anyway).
     async fn audit(&self, actor: &Actor, method: &str, outcome: Outcome, subject: &str) {
+        self.audit_with(actor, method, outcome, subject, None).await;
+    }
+
+    /// As [`Gate::audit`], with the person the attempt concerned.
+    async fn audit_with(&self, actor: &Actor, method: &str, outcome: Outcome, subject: &str, person: Option<Uuid>) {
         let action = format!("{method}:{}", outcome.as_str());
+        let entry = Entry {
+            person_id: person,
+            ..Entry::new(actor, &action, subject, "refused").outcome(outcome)
+        };
         let written = async {
             let mut conn = self.pool.acquire().await?;
-            audit::append(
-                &mut conn,
-                &Entry::new(actor, &action, subject, "refused").outcome(outcome),
-            )
-            .await
+            audit::append(&mut conn, &entry).await
         }
         .await;
         if let Err(e) = written {
@@ -249,7 +254,8 @@ where
             };
             if let Some(outcome) = outcome {
                 let subject = ctx.concerned();
-                gate.audit(&ctx.caller.actor, method, outcome, &subject).await;
+                gate.audit_with(&ctx.caller.actor, method, outcome, &subject, ctx.concerned_person())
+                    .await;
             }
             Ok(response)
         })

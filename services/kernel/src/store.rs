@@ -240,6 +240,8 @@ pub struct AuditEntry<'a> {
     pub subject_id: &'a str,
     /// Why.
     pub purpose: &'a str,
+    /// The person whose records the command changed, when known.
+    pub person_id: Option<Uuid>,
 }
 
 /// Every event of a stream, in version order, through `executor`.
@@ -292,8 +294,8 @@ async fn append_statement<'e>(
              INSERT INTO commands (request_key, fingerprint, response)
              SELECT $10, $11, $12 WHERE $10::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)
          ), aud AS (
-             INSERT INTO audit_log (agency, role, officer, action, subject_id, purpose)
-             SELECT $13, $14, $15, $16, $17, $18 WHERE $16::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)
+             INSERT INTO audit_log (agency, role, officer, action, subject_id, purpose, person_id)
+             SELECT $13, $14, $15, $16, $17, $18, $19 WHERE $16::text IS NOT NULL AND EXISTS (SELECT 1 FROM ins)
          )
          SELECT (SELECT v FROM current) AS current_version, (SELECT count(*) FROM ins) AS inserted",
     )
@@ -321,6 +323,7 @@ async fn append_statement<'e>(
     .bind(audit.map(|a| a.action))
     .bind(audit.map(|a| a.subject_id))
     .bind(audit.map(|a| a.purpose))
+    .bind(audit.and_then(|a| a.person_id))
     .fetch_one(executor)
     .await;
     let conflict = |actual: u64| StoreError::Conflict {

@@ -255,6 +255,8 @@ impl Identification {
                     result: Some(command::result(case_id, &appended)),
                 },
                 subject: case_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await

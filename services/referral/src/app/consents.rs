@@ -146,6 +146,8 @@ impl Referrals {
                     result: Some(command::result(consent_id, &appended)),
                 },
                 subject: consent_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await
@@ -201,6 +203,8 @@ impl Referrals {
                     replayed: false,
                 },
                 subject: consent_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await

@@ -75,6 +75,8 @@ impl Referrals {
             Ok(Decided {
                 answer: command::result(person_id, &appended),
                 subject: person_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await
@@ -128,6 +130,8 @@ impl Referrals {
                     result: Some(command::result(person_id, &appended)),
                 },
                 subject: person_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await

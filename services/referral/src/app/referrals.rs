@@ -181,6 +181,8 @@ impl Referrals {
                     }),
                 },
                 subject: referral_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await
@@ -245,6 +247,8 @@ impl Referrals {
                     replayed: false,
                 },
                 subject: referral_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await

@@ -514,6 +514,8 @@ impl Shelters {
                     result: Some(result),
                 },
                 subject: shelter_id.to_string(),
+                purpose: "command",
+                linked: Vec::new(),
             })
         })
         .await
@@ -598,6 +600,8 @@ impl Shelters {
         Ok(Decided {
             answer: R::made(&events, command::result(shelter_id, &appended)),
             subject: shelter_id.to_string(),
+            purpose: "command",
+            linked: Vec::new(),
         })
     }
 
