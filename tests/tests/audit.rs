@@ -214,6 +214,7 @@ async fn concurrent_writers_leave_a_gapless_chain_that_verifies() {
                                     action: "ReportPresumedVictim",
                                     subject_id: &stream_id,
                                     purpose: "command",
+                                    person_id: None,
                                 }),
                             )
                             .await
