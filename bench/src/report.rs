@@ -234,7 +234,7 @@ impl Report {
         let _ = writeln!(
             out,
             "Kernel: a single-event command as the services run one on a case: `EventStore::append_command` on a new stream, writing the event, its outbox row, the command's answer and an audit entry in one autocommitted statement, on the pool `connect_and_migrate` builds.  \n\
-             Raw: pgbench (`-M prepared`, `-j` = min(clients, CPUs)) inserting the same four rows into `raw_events`, `raw_outbox`, `raw_commands` and `raw_audit_log` (`LIKE … INCLUDING ALL`: same columns, defaults and indexes), same sizes, UUIDv7 IDs like the kernel's (made by a SQL function), one autocommitted statement, same database and settings.  \n\
+             Raw: pgbench (`-M prepared`, `-j` = min(clients, CPUs)) inserting the same four rows into `raw_events`, `raw_outbox`, `raw_commands` and `raw_audit_log` (`LIKE … INCLUDING ALL`: same columns, defaults and indexes; the audit entry chained by a trigger like the kernel's, under the chain head's row lock), same sizes, UUIDv7 IDs like the kernel's (made by a SQL function), one autocommitted statement, same database and settings.  \n\
              Latency in ms; ratio = kernel ops/s ÷ raw ops/s.\n"
         );
         let _ = writeln!(
