@@ -101,6 +101,10 @@ struct Args {
         default_value = "8,32"
     )]
     shelter_clients: Vec<usize>,
+    /// Accepted referrals prepared before each shelter hold phase, one hold
+    /// each (the phase ends early when they run out; at most 9950).
+    #[arg(long, env = "NRM_BENCH_SHELTER_REFERRALS", default_value_t = 2000)]
+    shelter_referrals: usize,
     /// Free beds the race is for (0: skip the race).
     #[arg(long, env = "NRM_BENCH_RACE_BEDS", default_value_t = 50)]
     race_beds: u32,
@@ -248,6 +252,7 @@ async fn run(
     let shelter_plan = shelter::Plan {
         hold_clients: args.shelter_clients.clone(),
         hold_seconds: args.shelter_seconds,
+        hold_referrals: args.shelter_referrals,
         race_beds: args.race_beds,
         race_clients: args.race_clients,
         shelters: args.shelters,
