@@ -211,17 +211,19 @@ async fn run(
 ) -> anyhow::Result<Report> {
     let warmup = Duration::from_secs(args.warmup);
     let mut env = environment(pool, args, started).await?;
-    env.sections = [
+    let all = [
         Section::Append,
         Section::E2e,
         Section::Shelter,
         Section::Relay,
         Section::Projection,
-    ]
-    .into_iter()
-    .filter(|&section| args.runs(section))
-    .filter_map(|section| section.to_possible_value().map(|v| v.get_name().to_owned()))
-    .collect();
+    ];
+    env.partial = !all.iter().all(|&section| args.runs(section));
+    env.sections = all
+        .into_iter()
+        .filter(|&section| args.runs(section))
+        .filter_map(|section| section.to_possible_value().map(|v| v.get_name().to_owned()))
+        .collect();
     let mut report = Report {
         env,
         ..Report::default()
@@ -564,6 +566,7 @@ async fn environment(
         pool_size: args.clients.iter().copied().max().unwrap_or(1),
         pool_pings: pool.options().get_test_before_acquire(),
         sections: Vec::new(),
+        partial: false,
     })
 }
 

@@ -48,6 +48,8 @@ pub struct Environment {
     pub pool_pings: bool,
     /// The sections asked for (`--only`), all when it was not given.
     pub sections: Vec<String>,
+    /// Whether `--only` left some sections out.
+    pub partial: bool,
 }
 
 /// One row of the main table.
@@ -206,7 +208,16 @@ impl Report {
             let _ = writeln!(out, "- pgbench: {}", env.pgbench);
         }
         if !env.sections.is_empty() {
-            let _ = writeln!(out, "- sections run: {}", env.sections.join(", "));
+            let _ = writeln!(
+                out,
+                "- sections run: {}{}",
+                env.sections.join(", "),
+                if env.partial {
+                    " (a partial run, `--only`: the other sections' latest numbers are in an earlier file of `bench/results/`)"
+                } else {
+                    ""
+                }
+            );
         }
         if self.append.is_empty() {
             let _ = writeln!(out);
