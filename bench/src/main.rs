@@ -101,6 +101,10 @@ struct Args {
         default_value = "8,32"
     )]
     shelter_clients: Vec<usize>,
+    /// Accepted referrals prepared before each shelter hold phase, one hold
+    /// each (the phase ends early when they run out; at most 9950).
+    #[arg(long, env = "NRM_BENCH_SHELTER_REFERRALS", default_value_t = 2000)]
+    shelter_referrals: usize,
     /// Free beds the race is for (0: skip the race).
     #[arg(long, env = "NRM_BENCH_RACE_BEDS", default_value_t = 50)]
     race_beds: u32,
@@ -207,17 +211,19 @@ async fn run(
 ) -> anyhow::Result<Report> {
     let warmup = Duration::from_secs(args.warmup);
     let mut env = environment(pool, args, started).await?;
-    env.sections = [
+    let all = [
         Section::Append,
         Section::E2e,
         Section::Shelter,
         Section::Relay,
         Section::Projection,
-    ]
-    .into_iter()
-    .filter(|&section| args.runs(section))
-    .filter_map(|section| section.to_possible_value().map(|v| v.get_name().to_owned()))
-    .collect();
+    ];
+    env.partial = !all.iter().all(|&section| args.runs(section));
+    env.sections = all
+        .into_iter()
+        .filter(|&section| args.runs(section))
+        .filter_map(|section| section.to_possible_value().map(|v| v.get_name().to_owned()))
+        .collect();
     let mut report = Report {
         env,
         ..Report::default()
@@ -248,6 +254,7 @@ async fn run(
     let shelter_plan = shelter::Plan {
         hold_clients: args.shelter_clients.clone(),
         hold_seconds: args.shelter_seconds,
+        hold_referrals: args.shelter_referrals,
         race_beds: args.race_beds,
         race_clients: args.race_clients,
         shelters: args.shelters,
@@ -559,6 +566,7 @@ async fn environment(
         pool_size: args.clients.iter().copied().max().unwrap_or(1),
         pool_pings: pool.options().get_test_before_acquire(),
         sections: Vec::new(),
+        partial: false,
     })
 }
 

@@ -4,7 +4,9 @@
 //! `raw_events`, `raw_outbox`, `raw_commands` and `raw_audit_log` are copies
 //! of `events`, `outbox`, `commands` and `audit_log` (`LIKE … INCLUDING ALL`:
 //! the same columns, defaults, checks and indexes, with sequences of their
-//! own). One raw transaction writes what the kernel writes for one
+//! own); `raw_audit_log` is chained like `audit_log` (`raw_audit_chain_head`
+//! and a trigger of the same body: every entry numbered and hashed under the
+//! head's row lock). One raw transaction writes what the kernel writes for one
 //! single-event command: one row into each, of the same sizes and kinds (a
 //! payload of the same length, metadata JSON with the same keys, time-ordered
 //! UUIDv7 event, commit and stream IDs as the kernel makes, a request key,
@@ -27,7 +29,7 @@ use crate::stats::{self, CpuSample, LoadGenerator, RunResult};
 /// When the database refuses.
 pub async fn create_tables(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::raw_sql(
-        "DROP TABLE IF EXISTS raw_events, raw_outbox, raw_commands, raw_audit_log;
+        "DROP TABLE IF EXISTS raw_events, raw_outbox, raw_commands, raw_audit_log, raw_audit_chain_head;
          CREATE TABLE raw_events (LIKE events INCLUDING ALL);
          CREATE SEQUENCE raw_events_global_position_seq OWNED BY raw_events.global_position;
          ALTER TABLE raw_events ALTER COLUMN global_position SET DEFAULT nextval('raw_events_global_position_seq');
@@ -38,6 +40,30 @@ pub async fn create_tables(pool: &PgPool) -> anyhow::Result<()> {
          CREATE TABLE raw_audit_log (LIKE audit_log INCLUDING ALL);
          CREATE SEQUENCE raw_audit_log_id_seq OWNED BY raw_audit_log.id;
          ALTER TABLE raw_audit_log ALTER COLUMN id SET DEFAULT nextval('raw_audit_log_id_seq');
+         -- The audit chain as the kernel's migration builds it: every entry
+         -- numbered and hashed after the head, whose row lock it holds until
+         -- the transaction ends, by a trigger of the same body.
+         CREATE TABLE raw_audit_chain_head (LIKE audit_chain_head INCLUDING ALL);
+         INSERT INTO raw_audit_chain_head (seq, hash) VALUES (0, decode(repeat('00', 32), 'hex'));
+         CREATE OR REPLACE FUNCTION raw_audit_log_chain() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE
+             head raw_audit_chain_head%ROWTYPE;
+         BEGIN
+             SELECT * INTO head FROM raw_audit_chain_head FOR UPDATE;
+             IF NOT FOUND THEN
+                 RAISE EXCEPTION 'raw_audit_chain_head is missing';
+             END IF;
+             NEW.seq := head.seq + 1;
+             NEW.prev_hash := head.hash;
+             NEW.hash := audit_entry_hash(NEW.seq, NEW.prev_hash, NEW.at, NEW.agency, NEW.role, NEW.officer,
+                                          NEW.action, NEW.subject_id, NEW.person_id, NEW.purpose, NEW.outcome);
+             UPDATE raw_audit_chain_head SET seq = NEW.seq, hash = NEW.hash;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER raw_audit_log_chain BEFORE INSERT ON raw_audit_log
+             FOR EACH ROW EXECUTE FUNCTION raw_audit_log_chain();
+         CREATE TRIGGER raw_audit_chain_head_guard BEFORE UPDATE OR DELETE ON raw_audit_chain_head
+             FOR EACH ROW EXECUTE FUNCTION audit_chain_head_moves_with_the_log();
          -- A UUIDv7 (the kernel's IDs are v7: time-ordered, so they land on the
          -- right edge of their indexes; random v4 UUIDs would scatter over the
          -- leaves and write a full-page image for each one after a checkpoint).

@@ -48,6 +48,8 @@ pub struct Environment {
     pub pool_pings: bool,
     /// The sections asked for (`--only`), all when it was not given.
     pub sections: Vec<String>,
+    /// Whether `--only` left some sections out.
+    pub partial: bool,
 }
 
 /// One row of the main table.
@@ -206,7 +208,16 @@ impl Report {
             let _ = writeln!(out, "- pgbench: {}", env.pgbench);
         }
         if !env.sections.is_empty() {
-            let _ = writeln!(out, "- sections run: {}", env.sections.join(", "));
+            let _ = writeln!(
+                out,
+                "- sections run: {}{}",
+                env.sections.join(", "),
+                if env.partial {
+                    " (a partial run, `--only`: the other sections' latest numbers are in an earlier file of `bench/results/`)"
+                } else {
+                    ""
+                }
+            );
         }
         if self.append.is_empty() {
             let _ = writeln!(out);
@@ -234,7 +245,7 @@ impl Report {
         let _ = writeln!(
             out,
             "Kernel: a single-event command as the services run one on a case: `EventStore::append_command` on a new stream, writing the event, its outbox row, the command's answer and an audit entry in one autocommitted statement, on the pool `connect_and_migrate` builds.  \n\
-             Raw: pgbench (`-M prepared`, `-j` = min(clients, CPUs)) inserting the same four rows into `raw_events`, `raw_outbox`, `raw_commands` and `raw_audit_log` (`LIKE … INCLUDING ALL`: same columns, defaults and indexes), same sizes, UUIDv7 IDs like the kernel's (made by a SQL function), one autocommitted statement, same database and settings.  \n\
+             Raw: pgbench (`-M prepared`, `-j` = min(clients, CPUs)) inserting the same four rows into `raw_events`, `raw_outbox`, `raw_commands` and `raw_audit_log` (`LIKE … INCLUDING ALL`: same columns, defaults and indexes; the audit entry chained by a trigger like the kernel's, under the chain head's row lock), same sizes, UUIDv7 IDs like the kernel's (made by a SQL function), one autocommitted statement, same database and settings.  \n\
              Latency in ms; ratio = kernel ops/s ÷ raw ops/s.\n"
         );
         let _ = writeln!(
@@ -417,26 +428,32 @@ fn write_shelter(out: &mut String, s: &ShelterResults) {
         let _ = writeln!(out, "## Shelter: bed holds under contention\n");
         let _ = writeln!(
             out,
-            "The shelter service in this process; `HoldBed` over gRPC (loopback) on one shelter of 10000 women's beds (a new one per line), every hold for a referral of its own, {} s per line. All holds of a line go to one shelter's stream, so they queue on the shelter's lock (and are serialized by its version check). Latency in ms of successful holds; refused = FAILED_PRECONDITION, aborted = ABORTED (the service's own retries on a version conflict ran out).\n",
-            s.hold_seconds
+            "The shelter service in this process; `HoldBed` over gRPC (loopback) by an msd officer of {holder} on one shelter of {beds} women's beds (a new one per line), every hold for an accepted referral of its own, addressed to {holder}. Before each line its referrals are committed as `ReferralAccepted` (without a shelter need, so the placement reaction holds nothing for them) to a scratch event store, published to the referral stream by a kernel relay, and waited for until the shelter service's placement runner has them all in `shelter_referrals`; then {warmup} holds at 4 clients warm up, and only the holds are timed: {seconds} s per line, or less when its referrals run out (then marked). Each hold checks its referral (locking its row) and then queues on the shelter's lock (and is serialized by its version check). Latency in ms of successful holds; refused = FAILED_PRECONDITION by rule code and PERMISSION_DENIED (none are expected here), aborted = ABORTED (the service's own retries on a version conflict ran out).\n",
+            holder = crate::shelter::HOLDER,
+            beds = crate::shelter::MAX_BEDS,
+            warmup = crate::shelter::WARMUP_HOLDS,
+            seconds = s.hold_seconds
         );
         let _ = writeln!(
             out,
-            "| clients | holds | holds/s | p50 | p99 | refused | aborted | other errors |"
+            "| clients | referrals ready | holds | s | holds/s | p50 | p99 | refused | aborted | other errors |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for h in &s.holds {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.1}{} | {:.0} | {} | {} | {} | {} | {} |",
                 h.clients,
+                h.referrals,
                 h.holds.ops,
+                h.holds.window.as_secs_f64(),
+                if h.ran_out { " (referrals ran out)" } else { "" },
                 h.holds.ops_per_sec,
                 ms(h.holds.p50_us),
                 ms(h.holds.p99_us),
-                h.failed_precondition,
-                h.aborted,
-                h.other_errors
+                h.refusals.refused_cell(),
+                h.refusals.aborted,
+                h.refusals.other
             );
         }
         let _ = writeln!(out);
@@ -444,8 +461,8 @@ fn write_shelter(out: &mut String, s: &ShelterResults) {
     if let Some(r) = &s.race {
         let _ = writeln!(
             out,
-            "### Race for the last beds\n\n{} clients hold beds of a shelter with {} free, each until told none is free; then the shelter's `BedHeld` events are counted in its database.\n",
-            r.clients, r.beds
+            "### Race for the last beds\n\n{} clients hold beds of a shelter with {} free, each hold for an accepted referral of its own ({} prepared as above), each client until told NO_BED_FREE; then the shelter's `BedHeld` events are counted in its database.\n",
+            r.clients, r.beds, r.referrals
         );
         let _ = writeln!(
             out,
@@ -455,7 +472,13 @@ fn write_shelter(out: &mut String, s: &ShelterResults) {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} |\n",
-            r.beds, r.clients, r.successes, r.bed_held_events, r.failed_precondition, r.aborted, r.other_errors
+            r.beds,
+            r.clients,
+            r.successes,
+            r.bed_held_events,
+            r.refusals.refused_cell(),
+            r.refusals.aborted,
+            r.refusals.other
         );
         let over = r.over_bookings();
         let _ = writeln!(
@@ -501,7 +524,8 @@ fn write_shelter(out: &mut String, s: &ShelterResults) {
         let _ = writeln!(out, "## Shelter: accepted referral → bed held\n");
         let _ = writeln!(
             out,
-            "The referral service's side played by the kernel (as `tests/tests/shelter.rs` does), not the referral service: `ReferralAccepted` with a need for a women's bed in a region with beds, committed to an event store on a scratch database and published to the referral stream by a kernel relay, {}/s; the shelter service's placement reaction holds a bed. Latency in ms from the relay's publish acknowledgement to `BedHeld` (matched by referral ID) on a core NATS subscription to the shelter subjects.\n",
+            "The referral service's side played by the kernel (as `tests/src/beds.rs` does), not the referral service: `ReferralAccepted` addressed to {} with a need for a women's bed in a region with beds, committed to an event store on a scratch database and published to the referral stream by a kernel relay, {}/s; the shelter service's placement reaction holds a bed. Latency in ms from the relay's publish acknowledgement to `BedHeld` (matched by referral ID) on a core NATS subscription to the shelter subjects.\n",
+            crate::shelter::HOLDER,
             p.rate
         );
         let _ = writeln!(out, "| referrals | asked /s | achieved /s | p50 | p99 | missing |");
