@@ -394,29 +394,62 @@ fn listed(result: Result<bool, Status>) -> Answer {
     }
 }
 
+/// Whether the list of `row` (all its pages) shows the world's record to
+/// the bearer of `token`.
+async fn list_has(system: &System, row: &Permission, w: &World, token: &str) -> Result<bool, Status> {
+    let mut page_token = String::new();
+    loop {
+        let (found, next) = if row.method == "ListCases" {
+            let page = system
+                .id()
+                .list_cases(authorized(
+                    id::ListCasesRequest {
+                        page_size: 100,
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await?
+                .into_inner();
+            (page.cases.iter().any(|c| c.case_id == w.case_id), page.next_page_token)
+        } else {
+            let page = system
+                .rf()
+                .list_inbox(authorized(
+                    rf::ListInboxRequest {
+                        page_size: 100,
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await?
+                .into_inner();
+            (
+                page.referrals.iter().any(|r| r.referral_id == w.referral_id),
+                page.next_page_token,
+            )
+        };
+        if found || next.is_empty() {
+            return Ok(found);
+        }
+        page_token = next;
+    }
+}
+
 /// Waits until the list of `row` shows the world's record to the
 /// coordinator (its read model follows the stream a moment later), so that
 /// a list without it means the caller may not see it.
 async fn caught_up(system: &System, row: &Permission, w: &World) {
-    let coordinator = coordinator();
-    if Box::pin(call(system, w, row, &coordinator)).await.listed() != Some(true) {
-        eventually("the list's read model shows the record", || async {
-            match Box::pin(call(system, w, row, &coordinator)).await.listed() {
-                Some(true) => Ok(()),
-                _ => Err(Status::not_found("not listed yet")),
-            }
-        })
-        .await;
-    }
-}
-
-impl Answer {
-    fn listed(&self) -> Option<bool> {
-        match self {
-            Answer::Through { listed } => *listed,
-            _ => None,
+    let token = coordinator().token();
+    eventually("the list's read model shows the record", || async {
+        match list_has(system, row, w, &token).await? {
+            true => Ok(()),
+            false => Err(Status::not_found("not listed yet")),
         }
-    }
+    })
+    .await;
 }
 
 /// Calls the RPC of `row` on `w` as `me`.
@@ -508,19 +541,8 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
             answer(system.id().get_case(a!(request)).await)
         }
         (permissions::IDENTIFICATION, "ListCases") => {
-            if me.role != Role::Coordinator {
-                caught_up(system, row, w).await;
-            }
-            let mut client = system.id();
-            let result = client.list_cases(a!(id::ListCasesRequest {
-                page_size: 1000,
-                ..Default::default()
-            }));
-            listed(
-                result
-                    .await
-                    .map(|r| r.into_inner().cases.iter().any(|c| c.case_id == w.case_id)),
-            )
+            caught_up(system, row, w).await;
+            listed(list_has(system, row, w, &token).await)
         }
         (permissions::IDENTIFICATION, "GetPersonalData") => answer(
             system
@@ -691,19 +713,8 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
                 .await,
         ),
         (permissions::REFERRAL, "ListInbox") => {
-            if me.role != Role::Coordinator {
-                caught_up(system, row, w).await;
-            }
-            let mut client = system.rf();
-            let result = client.list_inbox(a!(rf::ListInboxRequest {
-                page_size: 1000,
-                ..Default::default()
-            }));
-            listed(
-                result
-                    .await
-                    .map(|r| r.into_inner().referrals.iter().any(|r| r.referral_id == w.referral_id)),
-            )
+            caught_up(system, row, w).await;
+            listed(list_has(system, row, w, &token).await)
         }
         (permissions::SHELTER, "RegisterShelter") => answer(
             system
