@@ -17,7 +17,7 @@ pub mod ops;
 pub mod referral;
 pub mod shelter;
 
-use audit::AuditCommand;
+use audit::AuditArgs;
 use ops::OpsCommand;
 use referral::{ConsentCommand, PlanCommand, ReferralCommand};
 use shelter::ShelterCommand;
@@ -154,9 +154,9 @@ pub enum Command {
     /// Operations (role operator): parked messages and timers, refilling a stream.
     #[command(subcommand)]
     Ops(OpsCommand),
-    /// The audit trail (role auditor): chains verified, who read a person's records.
-    #[command(subcommand)]
-    Audit(AuditCommand),
+    /// The audit trail (role auditor): chains verified, who read a person's
+    /// records (`audit --person ID` is `audit person ID`).
+    Audit(AuditArgs),
     /// The permission matrix: every RPC, every role, on which records.
     Permissions(PermissionsArgs),
 }

@@ -68,7 +68,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             permissions(&args);
             Ok(())
         }
-        Command::Audit(command) => audit::run(&cli.global, command).await,
+        Command::Audit(args) => match args.command() {
+            Some(command) => audit::run(&cli.global, command).await,
+            None => Err(anyhow::anyhow!("audit: name a subcommand (verify, person) or --person ID")),
+        },
     }
 }
 

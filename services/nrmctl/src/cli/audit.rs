@@ -21,6 +21,31 @@ pub enum AuditCommand {
     Person(PersonArgs),
 }
 
+/// `audit`: a subcommand, or `--person ID` for `audit person ID`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_required = false, arg_required_else_help = true)]
+pub struct AuditArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<AuditCommand>,
+    /// Who read or changed this person's records (as `audit person ID`).
+    #[arg(long, value_name = "PERSON_ID")]
+    pub person: Option<uuid::Uuid>,
+}
+
+impl AuditArgs {
+    /// The subcommand meant.
+    #[must_use]
+    pub fn command(self) -> Option<AuditCommand> {
+        self.command.or(self.person.map(|person_id| {
+            AuditCommand::Person(PersonArgs {
+                person_id,
+                service: Services::All,
+            })
+        }))
+    }
+}
+
 /// `audit verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
