@@ -762,6 +762,21 @@ async fn consents_recorded_before_issue_9_get_their_agency_and_expiry_at_start()
         Some(pb::ConsentStatus::Withdrawn as i32)
     );
     assert_eq!(status_of(&listed, &later), Some(pb::ConsentStatus::Withdrawn as i32));
+    let withdrawals: Vec<(String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT action, person_id FROM audit_log WHERE action LIKE 'WithdrawConsent%' ORDER BY seq")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let person = Some(person_id.parse::<uuid::Uuid>().unwrap());
+    assert_eq!(
+        withdrawals,
+        vec![
+            ("WithdrawConsent:denied".to_owned(), person),
+            ("WithdrawConsent".to_owned(), person),
+            ("WithdrawConsent".to_owned(), person),
+        ],
+        "listed under the person"
+    );
     let (_, timers) = rows(&app).await;
     assert!(
         timers.iter().all(|(_, _, fired)| fired.is_some()),
