@@ -736,6 +736,7 @@ async fn consents_recorded_before_issue_9_get_their_agency_and_expiry_at_start()
     let listed = list(&app, &person_id, &police()).await.unwrap();
     assert_eq!(status_of(&listed, &expiring), Some(pb::ConsentStatus::Expired as i32));
     assert_eq!(status_of(&listed, &later), Some(pb::ConsentStatus::Active as i32));
+    assert!(listed.iter().all(|c| c.recorded_by_agency == MVD), "{listed:?}");
 
     // The later one has its timer, due at its expiry; the open-ended none.
     let (_, timers) = rows(&app).await;

@@ -424,17 +424,24 @@ impl Referrals {
         if self.case_held(ctx, person_id).await?.is_none() {
             return Err(rejected("person", person_id)(DomainError::UnknownPerson));
         }
-        let ids: Vec<Uuid> =
-            sqlx::query_scalar("SELECT consent_id FROM consents WHERE person_id = $1 ORDER BY consent_id")
-                .bind(person_id.as_uuid())
-                .fetch_all(self.store.pool())
-                .await?;
+        // The row's recording agency: a consent recorded before issue 9 has
+        // it there only (see `upgrade_consents`).
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT consent_id, recording_agency FROM consents WHERE person_id = $1 ORDER BY consent_id",
+        )
+        .bind(person_id.as_uuid())
+        .fetch_all(self.store.pool())
+        .await?;
         let now = validate::timestamp(Utc::now());
-        let mut consents = Vec::with_capacity(ids.len());
-        for id in ids.into_iter().map(ConsentId::from_uuid) {
-            let state = self.load_consent(id).await?;
+        let mut consents = Vec::with_capacity(rows.len());
+        for (id, recording_agency) in rows {
+            let state = self.load_consent(ConsentId::from_uuid(id)).await?;
             if state.recorded.is_some() {
-                consents.push(view(&state, &now));
+                let mut view = view(&state, &now);
+                if view.recorded_by_agency.is_empty() {
+                    view.recorded_by_agency = recording_agency;
+                }
+                consents.push(view);
             }
         }
         Ok(pb::ListConsentsResponse { consents })
