@@ -788,6 +788,67 @@ async fn consents_recorded_before_issue_9_get_their_agency_and_expiry_at_start()
 }
 
 #[tokio::test]
+async fn a_withdrawal_beside_a_firing_expiry_takes_the_timer_row_first() {
+    let id = TestApp::spawn().await;
+    let app = ReferralApp::spawn_beside(&id).await;
+    let (case_id, person_id) = reported(&id, &app, &police(), false).await;
+    let mut request = consent_request(&case_id, &person_id, MSD);
+    request.expires_at = Some(prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + 3600,
+        nanos: 0,
+    });
+    let consent_id = record(&app, request, &police()).await.unwrap().consent_id;
+    // Stand in for the expiry timer as it fires: its row locked, then the
+    // consent's next version appended, in one transaction.
+    let mut firing = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM timers WHERE kind = 'referral.consent_expires' AND aggregate_id = $1 FOR UPDATE")
+        .bind(&consent_id)
+        .fetch_one(&mut *firing)
+        .await
+        .unwrap();
+    let withdrawal = tokio::spawn({
+        let client = app.client.clone();
+        let consent_id = consent_id.clone();
+        async move {
+            client
+                .clone()
+                .withdraw_consent(authorized(
+                    pb::WithdrawConsentRequest {
+                        request_id: rid(),
+                        consent_id,
+                    },
+                    &police(),
+                ))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The withdrawal waits for the timer row before it appends: the
+    // timer's append goes through at once (no deadlock, no abort).
+    sqlx::query("SET LOCAL lock_timeout = '3s'")
+        .execute(&mut *firing)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+         VALUES ($1, $2, 2, 'ConsentWithdrawn', 1, '', '{}')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(format!("consent-{consent_id}"))
+    .execute(&mut *firing)
+    .await
+    .expect("the firing timer appends while the withdrawal waits for its row");
+    assert!(!withdrawal.is_finished(), "the withdrawal waits for the timer row");
+    // The timer's transaction goes back; the withdrawal then goes through.
+    firing.rollback().await.unwrap();
+    withdrawal.await.unwrap().expect("withdrawn");
+    let listed = list(&app, &person_id, &police()).await.unwrap();
+    assert_eq!(listed[0].status, pb::ConsentStatus::Withdrawn as i32);
+    app.stop().await;
+    id.stop().await;
+}
+
+#[tokio::test]
 async fn the_agencies_holding_a_case_list_its_consents_and_no_one_else() {
     let id = TestApp::spawn().await;
     let app = ReferralApp::spawn_beside(&id).await;
