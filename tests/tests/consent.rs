@@ -3,14 +3,16 @@
 //! identification knows, with the child flag identification's and the
 //! attestation on the event; withdrawn only by the recording agency or the
 //! coordinator; ended by itself at its expiry, exactly as on withdrawal;
-//! listed for the agencies holding the case. Real services, real NATS and
+//! listed for the agencies holding the case; a consent recorded before all
+//! this is upgraded at start (its recording agency, its expiry and its
+//! timer). Real services, real NATS and
 //! PostgreSQL; every refusal writes nothing but its audit entry.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 use std::time::{Duration, Instant};
 
-use nrm_e2e::consent::assert_refused;
+use nrm_e2e::consent::{assert_refused, record_before_issue_9};
 use nrm_e2e::{ReferralApp, TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::identification::v1 as idpb;
@@ -576,6 +578,40 @@ async fn an_expiring_consent_ends_by_itself_as_a_withdrawal_does() {
     .await
     .unwrap();
     assert_eq!(transactions, 1, "one transaction ends the consent and its referrals");
+    // Audited as the system, under the person, in that same transaction.
+    let person_uuid: uuid::Uuid = person_id.parse().unwrap();
+    let audited: Vec<(String, String, String, String, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT action, subject_id, agency, officer, person_id FROM audit_log
+         WHERE action IN ('ConsentExpired', 'ReferralCancelled:consent_expired') ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let system = |action: &str, subject: &str| {
+        (
+            action.to_owned(),
+            subject.to_owned(),
+            "system".to_owned(),
+            "referral.consent_expires".to_owned(),
+            Some(person_uuid),
+        )
+    };
+    assert_eq!(
+        audited,
+        vec![
+            system("ConsentExpired", &consent_id),
+            system("ReferralCancelled:consent_expired", &referral.referral_id),
+        ]
+    );
+    let audit_transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM (
+             SELECT xmin FROM events WHERE event_type = 'ConsentWithdrawn'
+             UNION ALL SELECT xmin FROM audit_log WHERE action = 'ConsentExpired') t",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(audit_transactions, 1, "the audit entries are the timer's transaction's");
 
     // Identification learns it (as of a withdrawal) and the MSD reads no more.
     let consent_uuid: uuid::Uuid = consent_id.parse().unwrap();
@@ -601,6 +637,213 @@ async fn an_expiring_consent_ends_by_itself_as_a_withdrawal_does() {
         .await
         .unwrap_err();
     assert_eq!(precondition(&status), "NO_CONSENT");
+    app.stop().await;
+    id.stop().await;
+}
+
+#[tokio::test]
+async fn consents_recorded_before_issue_9_get_their_agency_and_expiry_at_start() {
+    let id = TestApp::spawn().await;
+    let app = ReferralApp::spawn_beside(&id).await;
+    let (case_id, person_id) = reported(&id, &app, &police(), false).await;
+    let at = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
+    let now = chrono::Utc::now().timestamp();
+    let case = (case_id.as_str(), person_id.as_str());
+    // Written as before issue 9, by the police: no recording agency on the
+    // event or the row, no expiry on the row, no timer.
+    let expiring = record_before_issue_9(&app, case, MSD, MVD, Some(at(now + 3))).await;
+    let later = record_before_issue_9(&app, case, MOH, MVD, Some(at(now + 3600))).await;
+    let open_ended = record_before_issue_9(&app, case, NGO, MVD, None).await;
+    let referral = app
+        .client
+        .clone()
+        .create_referral(authorized(
+            referral_request(&case_id, &person_id, MSD, &expiring),
+            &police(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .referral_id;
+
+    // The service is down when the first one expires; it starts again after.
+    let settings = app.halt().await;
+    let wait = now + 4 - chrono::Utc::now().timestamp();
+    tokio::time::sleep(Duration::from_secs(u64::try_from(wait).unwrap_or(0))).await;
+    let app = ReferralApp::spawn_with(settings).await;
+
+    let rows = |app: &ReferralApp| {
+        let pool = app.pool.clone();
+        async move {
+            let rows: Vec<(uuid::Uuid, String, Option<chrono::DateTime<chrono::Utc>>)> =
+                sqlx::query_as("SELECT consent_id, recording_agency, expires_at FROM consents ORDER BY consent_id")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            let timers: Vec<(
+                String,
+                chrono::DateTime<chrono::Utc>,
+                Option<chrono::DateTime<chrono::Utc>>,
+            )> = sqlx::query_as(
+                "SELECT aggregate_id, due_at, fired_at FROM timers WHERE kind = 'referral.consent_expires'
+                     ORDER BY aggregate_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (rows, timers)
+        }
+    };
+    let (consents, _) = rows(&app).await;
+    let expected = |seconds| chrono::DateTime::from_timestamp(seconds, 0);
+    assert_eq!(
+        consents,
+        vec![
+            (expiring.parse().unwrap(), MVD.to_owned(), expected(now + 3)),
+            (later.parse().unwrap(), MVD.to_owned(), expected(now + 3600)),
+            (open_ended.parse().unwrap(), MVD.to_owned(), None),
+        ],
+        "the recording agency (the event's actor's) and the expiry, filled in"
+    );
+
+    // The one past its expiry ends at once, as its timer would have ended it.
+    let get = || {
+        let mut client = app.client.clone();
+        let referral_id = referral.clone();
+        async move {
+            client
+                .get_referral(authorized(pb::GetReferralRequest { referral_id }, &police()))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    eventually(
+        Duration::from_secs(15),
+        "the referral under the expired consent ends",
+        || async { get().await.status == pb::ReferralStatus::Cancelled as i32 },
+    )
+    .await;
+    let expired: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'ConsentExpired' AND subject_id = $1")
+            .bind(&expiring)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(expired, 1, "ended on the timer's path, audited");
+    let status_of =
+        |consents: &[pb::ConsentView], id: &str| consents.iter().find(|c| c.consent_id == id).map(|c| c.status);
+    let listed = list(&app, &person_id, &police()).await.unwrap();
+    assert_eq!(status_of(&listed, &expiring), Some(pb::ConsentStatus::Expired as i32));
+    assert_eq!(status_of(&listed, &later), Some(pb::ConsentStatus::Active as i32));
+    assert!(listed.iter().all(|c| c.recorded_by_agency == MVD), "{listed:?}");
+
+    // The later one has its timer, due at its expiry; the open-ended none.
+    let (_, timers) = rows(&app).await;
+    let pending: Vec<_> = timers.iter().filter(|(_, _, fired)| fired.is_none()).collect();
+    assert_eq!(pending.len(), 1, "{timers:?}");
+    assert_eq!(
+        (pending[0].0.as_str(), Some(pending[0].1)),
+        (later.as_str(), expected(now + 3600))
+    );
+
+    // Starting again changes nothing.
+    let before = rows(&app).await;
+    let app = app.restart().await;
+    assert_eq!(rows(&app).await, before, "the upgrade is done once");
+
+    // The recording agency withdraws an old consent; the recipient may not.
+    let refused = withdraw(&app, &open_ended, &ngo()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    withdraw(&app, &open_ended, &police()).await.unwrap();
+    withdraw(&app, &later, &police()).await.unwrap();
+    let listed = list(&app, &person_id, &police()).await.unwrap();
+    assert_eq!(
+        status_of(&listed, &open_ended),
+        Some(pb::ConsentStatus::Withdrawn as i32)
+    );
+    assert_eq!(status_of(&listed, &later), Some(pb::ConsentStatus::Withdrawn as i32));
+    let withdrawals: Vec<(String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT action, person_id FROM audit_log WHERE action LIKE 'WithdrawConsent%' ORDER BY seq")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let person = Some(person_id.parse::<uuid::Uuid>().unwrap());
+    assert_eq!(
+        withdrawals,
+        vec![
+            ("WithdrawConsent:denied".to_owned(), person),
+            ("WithdrawConsent".to_owned(), person),
+            ("WithdrawConsent".to_owned(), person),
+        ],
+        "listed under the person"
+    );
+    let (_, timers) = rows(&app).await;
+    assert!(
+        timers.iter().all(|(_, _, fired)| fired.is_some()),
+        "the withdrawal cancels the timer: {timers:?}"
+    );
+    app.stop().await;
+    id.stop().await;
+}
+
+#[tokio::test]
+async fn a_withdrawal_beside_a_firing_expiry_takes_the_timer_row_first() {
+    let id = TestApp::spawn().await;
+    let app = ReferralApp::spawn_beside(&id).await;
+    let (case_id, person_id) = reported(&id, &app, &police(), false).await;
+    let mut request = consent_request(&case_id, &person_id, MSD);
+    request.expires_at = Some(prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + 3600,
+        nanos: 0,
+    });
+    let consent_id = record(&app, request, &police()).await.unwrap().consent_id;
+    // Stand in for the expiry timer as it fires: its row locked, then the
+    // consent's next version appended, in one transaction.
+    let mut firing = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM timers WHERE kind = 'referral.consent_expires' AND aggregate_id = $1 FOR UPDATE")
+        .bind(&consent_id)
+        .fetch_one(&mut *firing)
+        .await
+        .unwrap();
+    let withdrawal = tokio::spawn({
+        let client = app.client.clone();
+        let consent_id = consent_id.clone();
+        async move {
+            client
+                .clone()
+                .withdraw_consent(authorized(
+                    pb::WithdrawConsentRequest {
+                        request_id: rid(),
+                        consent_id,
+                    },
+                    &police(),
+                ))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The withdrawal waits for the timer row before it appends: the
+    // timer's append goes through at once (no deadlock, no abort).
+    sqlx::query("SET LOCAL lock_timeout = '3s'")
+        .execute(&mut *firing)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+         VALUES ($1, $2, 2, 'ConsentWithdrawn', 1, '', '{}')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(format!("consent-{consent_id}"))
+    .execute(&mut *firing)
+    .await
+    .expect("the firing timer appends while the withdrawal waits for its row");
+    assert!(!withdrawal.is_finished(), "the withdrawal waits for the timer row");
+    // The timer's transaction goes back; the withdrawal then goes through.
+    firing.rollback().await.unwrap();
+    withdrawal.await.unwrap().expect("withdrawn");
+    let listed = list(&app, &person_id, &police()).await.unwrap();
+    assert_eq!(listed[0].status, pb::ConsentStatus::Withdrawn as i32);
     app.stop().await;
     id.stop().await;
 }

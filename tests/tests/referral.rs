@@ -535,6 +535,49 @@ async fn a_person_is_referred_accepted_declined_redirected_served_and_closed_wit
         panic!("expected ReferralAccepted");
     };
     assert_eq!(accepted.shelter_need.unwrap().region, "KG-C");
+
+    // Every consent, referral and plan call lists under the person
+    // (`nrmctl audit person`); only the inbox, of many persons, names none,
+    // and a role the gate refuses before the request is read (police and
+    // MoH asking for the plan).
+    let person: uuid::Uuid = person_id.parse().unwrap();
+    let unlisted: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT action FROM audit_log
+         WHERE person_id IS DISTINCT FROM $1 AND action NOT LIKE 'ListInbox%'
+           AND NOT (action = 'GetPlan:denied' AND agency IN ($2, $3)) ORDER BY action",
+    )
+    .bind(person)
+    .bind(MVD)
+    .bind(MOH)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(unlisted.is_empty(), "audited without the person: {unlisted:?}");
+    let listed: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT action FROM audit_log WHERE person_id = $1 ORDER BY action")
+            .bind(person)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    for action in [
+        "RecordConsent",
+        "CreateReferral",
+        "AcceptReferral",
+        "CloseReferral",
+        "DeclineReferral",
+        "RedirectReferral",
+        "RecordServiceDelivered",
+        "AddPlanGoal",
+        "RecordFollowUp",
+        "MarkGoalMet",
+        "MarkGoalMet:refused",
+        "GetReferral:denied",
+    ] {
+        assert!(
+            listed.iter().any(|a| a == action),
+            "{action} not under the person: {listed:?}"
+        );
+    }
     app.stop().await;
     id.stop().await;
 }

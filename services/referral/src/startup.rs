@@ -41,7 +41,8 @@ impl Application {
     /// (in the background when it is down), and binds the listeners. The
     /// service reads its own stream (the inbox), identification's (persons)
     /// and shelter's (answers to shelter needs), and fires answer deadlines and
-    /// consent expiries.
+    /// consent expiries. Consents recorded before issue 9 are upgraded
+    /// first ([`Referrals::upgrade_consents`]).
     ///
     /// # Errors
     /// When the database or a port cannot be had.
@@ -55,6 +56,9 @@ impl Application {
             allow_not_identified: settings.referral.allow_not_identified,
         };
         let app = Referrals::new(kit.store().clone(), kit.bus().clone(), policy);
+        // Once, before serving: consents recorded before their rows knew
+        // the recording agency and the expiry get both, and their timers.
+        app.upgrade_consents().await?;
         kit.project("identification", Persons);
         kit.project(CONTEXT, Inbox);
         kit.project("shelter", ShelterAnswers::new(app.clone()));

@@ -16,13 +16,13 @@ use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{ConsentId, PersonId, ReferralId};
 use nrm_kernel::permissions::Standing;
 use nrm_kernel::store::{EventMetadata, UnitOfWork};
-use nrm_kernel::{timers, validate};
+use nrm_kernel::{audit, timers, validate};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use uuid::Uuid;
 
-use super::{CONSENT_EXPIRES, Referrals, rejected, to_new_events};
+use super::{CONSENT_EXPIRES, Referrals, concerning, rejected, to_new_events};
 use crate::domain::consent::{self, Command, Consent};
 use crate::domain::referral as referral_domain;
 use crate::domain::{DomainError, parse};
@@ -31,6 +31,16 @@ use crate::domain::{DomainError, parse};
 pub const CONSENT_WITHDRAWN: &str = "CONSENT_WITHDRAWN";
 /// Reason code of referrals cancelled by an expired consent.
 pub const CONSENT_EXPIRED: &str = "CONSENT_EXPIRED";
+
+/// What ending a consent appended.
+struct Ended {
+    /// The consent's new version.
+    version: u64,
+    /// Every event ID appended (the consent's and its referrals').
+    event_ids: Vec<String>,
+    /// The referrals cancelled with it.
+    cancelled: Vec<ReferralId>,
+}
 
 /// The consent as its readers see it (coded fields only).
 #[must_use]
@@ -75,8 +85,7 @@ impl Referrals {
         req: &pb::RecordConsentRequest,
     ) -> Result<pb::RecordConsentResponse, AppError> {
         let valid = parse::record_consent(req, Utc::now())?;
-        tracing::Span::current().record("person_id", tracing::field::display(valid.person_id));
-        ctx.concerns(valid.person_id);
+        concerning(ctx, valid.person_id);
         let consent_id = ConsentId::new();
         tracing::Span::current().record("consent_id", tracing::field::display(consent_id));
         let request = Request {
@@ -89,13 +98,7 @@ impl Referrals {
         let (app, caller) = (self.clone(), ctx.clone());
         let (person_id, given) = (valid.person_id, valid.consent);
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            let person = app.person(person_id).await?;
-            if let Some(person) = &person {
-                caller.check(&Standing {
-                    case_holders: person.case_holders(),
-                    ..Standing::default()
-                })?;
-            }
+            let person = app.case_held(&caller, person_id).await?;
             let mut recorded = given.clone();
             recorded.consent_id = consent_id.to_string();
             caller.agency().clone_into(&mut recorded.recorded_by_agency);
@@ -185,16 +188,21 @@ impl Referrals {
                     consent::NAME,
                 )));
             };
+            if let Ok(person_id) = Uuid::parse_str(&recorded.person_id) {
+                caller.concerns_person(person_id);
+            }
+            let owner = Self::recording_agency(uow, consent_id, recorded).await?;
             caller.check(&Standing {
-                owner: Some(recorded.recorded_by_agency.as_str()).filter(|a| !a.is_empty()),
+                owner: Some(owner.as_str()).filter(|a| !a.is_empty()),
                 ..Standing::default()
             })?;
             let now = validate::timestamp(Utc::now());
             let events =
                 consent::decide(&state, &Command::Withdraw { now }).map_err(rejected(consent::NAME, consent_id))?;
-            let (version, event_ids) = app
+            let ended = app
                 .end_consent(uow, consent_id, &state, &events, &caller.metadata(), CONSENT_WITHDRAWN)
                 .await?;
+            let (version, event_ids) = (ended.version, ended.event_ids);
             Ok(Decided {
                 answer: CommandResult {
                     aggregate_id: consent_id.to_string(),
@@ -213,7 +221,14 @@ impl Referrals {
     /// Appends the end of a consent (`events`: its `ConsentWithdrawn`) to a
     /// consent standing at `state`, marks its row ended, cancels its expiry
     /// timer and every open referral under it with `reason`; returns the
-    /// consent's new version and every event ID appended.
+    /// consent's new version, every event ID appended and the referrals
+    /// cancelled.
+    ///
+    /// Locks in one order on both paths, the timer row first: a firing
+    /// expiry holds it (`FOR UPDATE`) before it appends, so a withdrawal
+    /// waits for it here, before its own append (which then conflicts and
+    /// is decided again), instead of holding the consent's next version
+    /// while it waits for the timer row.
     async fn end_consent(
         &self,
         uow: &mut UnitOfWork,
@@ -222,7 +237,8 @@ impl Referrals {
         events: &[Event],
         metadata: &EventMetadata,
         reason: &str,
-    ) -> Result<(u64, Vec<String>), AppError> {
+    ) -> Result<Ended, AppError> {
+        timers::cancel(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string()).await?;
         let appended = uow
             .append(
                 &consent::stream_id(consent_id),
@@ -239,12 +255,12 @@ impl Referrals {
             .bind(consent_id.as_uuid())
             .execute(uow.conn())
             .await?;
-        timers::cancel(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string()).await?;
         let open: Vec<Uuid> =
             sqlx::query_scalar("SELECT referral_id FROM open_referrals WHERE consent_id = $1 ORDER BY referral_id")
                 .bind(consent_id.as_uuid())
                 .fetch_all(uow.conn())
                 .await?;
+        let mut cancelled_referrals = Vec::with_capacity(open.len());
         for referral_id in open.into_iter().map(ReferralId::from_uuid) {
             let referral =
                 Self::fold_in(uow, &referral_domain::stream_id(referral_id), referral_domain::evolve).await?;
@@ -256,8 +272,92 @@ impl Referrals {
                 .await?;
             event_ids.extend(ids);
             tracing::info!(referral_id = %referral_id, reason, "referral cancelled: its consent ended");
+            cancelled_referrals.push(referral_id);
         }
-        Ok((appended.version, event_ids))
+        Ok(Ended {
+            version: appended.version,
+            event_ids,
+            cancelled: cancelled_referrals,
+        })
+    }
+
+    /// The agency that recorded a consent (it may withdraw it): on its
+    /// `ConsentRecorded` since issue 9; on an older one, the agency of the
+    /// event's actor, who recorded it.
+    async fn recording_agency(
+        uow: &mut UnitOfWork,
+        consent_id: ConsentId,
+        recorded: &pb::ConsentRecorded,
+    ) -> Result<String, AppError> {
+        if !recorded.recorded_by_agency.is_empty() {
+            return Ok(recorded.recorded_by_agency.clone());
+        }
+        let agency: Option<String> =
+            sqlx::query_scalar("SELECT metadata #>> '{actor,agency}' FROM events WHERE stream_id = $1 AND version = 1")
+                .bind(consent::stream_id(consent_id))
+                .fetch_optional(uow.conn())
+                .await?
+                .flatten();
+        Ok(agency.unwrap_or_default())
+    }
+
+    /// Upgrades the consents recorded before issue 9 (their rows have no
+    /// recording agency and no expiry, and they have no expiry timer): fills
+    /// both from each one's events and schedules its expiry timer, for a
+    /// consent that has an expiry and has not ended. One already past its
+    /// expiry gets a timer due at once, so it ends on the timer's path (its
+    /// open referrals cancelled, audited) at the runner's next poll; until
+    /// then its row's expiry already keeps referrals and plan reads off it.
+    /// Run at start, before serving; idempotent (an upgraded row has its
+    /// agency and is not read again) and safe with several replicas (a
+    /// transaction-scoped advisory lock queues them, and the second finds
+    /// nothing left). Returns how many rows it upgraded.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub async fn upgrade_consents(&self) -> Result<usize, AppError> {
+        const BATCH: i64 = 100;
+        let mut upgraded = 0;
+        let mut after = Uuid::nil();
+        loop {
+            let mut uow = self.store.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('referral.upgrade_consents', 0))")
+                .execute(uow.conn())
+                .await?;
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT consent_id FROM consents WHERE recording_agency = '' AND consent_id > $1
+                 ORDER BY consent_id LIMIT $2 FOR UPDATE",
+            )
+            .bind(after)
+            .bind(BATCH)
+            .fetch_all(uow.conn())
+            .await?;
+            let Some(last) = ids.last() else {
+                return Ok(upgraded);
+            };
+            after = *last;
+            for consent_id in ids.into_iter().map(ConsentId::from_uuid) {
+                let state = Self::fold_in(&mut uow, &consent::stream_id(consent_id), consent::evolve).await?;
+                let Some(recorded) = &state.recorded else {
+                    tracing::warn!(consent_id = %consent_id, "consent row without its events; not upgraded");
+                    continue;
+                };
+                let agency = Self::recording_agency(&mut uow, consent_id, recorded).await?;
+                let expires_at = recorded.expires_at.as_ref().and_then(validate::to_datetime);
+                sqlx::query("UPDATE consents SET recording_agency = $2, expires_at = $3 WHERE consent_id = $1")
+                    .bind(consent_id.as_uuid())
+                    .bind(&agency)
+                    .bind(expires_at)
+                    .execute(uow.conn())
+                    .await?;
+                if let Some(expires_at) = expires_at.filter(|_| !state.withdrawn) {
+                    timers::schedule(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string(), expires_at, &[]).await?;
+                }
+                upgraded += 1;
+                tracing::info!(consent_id = %consent_id, expires = expires_at.is_some(), "consent recorded before issue 9 upgraded");
+            }
+            uow.commit().await?;
+        }
     }
 
     /// The expiry of a consent came: it ends exactly as on withdrawal
@@ -288,8 +388,23 @@ impl Referrals {
             return Ok(false);
         }
         let metadata = EventMetadata::system(CONSENT_EXPIRES, None);
-        self.end_consent(uow, consent_id, &state, &events, &metadata, CONSENT_EXPIRED)
+        let ended = self
+            .end_consent(uow, consent_id, &state, &events, &metadata, CONSENT_EXPIRED)
             .await?;
+        let person = state.recorded.as_ref().and_then(|r| Uuid::parse_str(&r.person_id).ok());
+        // Audited as the system actor, as a hold's expiry is: the consent
+        // and each referral it cancelled, under the person.
+        let entries = std::iter::once(("ConsentExpired", consent_id.to_string())).chain(
+            ended
+                .cancelled
+                .iter()
+                .map(|referral_id| ("ReferralCancelled:consent_expired", referral_id.to_string())),
+        );
+        for (action, subject) in entries {
+            let entry = audit::Entry::new(&metadata.actor, action, &subject, "timer");
+            let entry = person.map_or(entry, |person| entry.person(person));
+            audit::append(uow.conn(), &entry).await?;
+        }
         tracing::info!(consent_id = %consent_id, "consent expired: sharing under it ended");
         Ok(true)
     }
@@ -305,27 +420,28 @@ impl Referrals {
         req: &pb::ListConsentsRequest,
     ) -> Result<pb::ListConsentsResponse, AppError> {
         let person_id = PersonId::parse("person_id", &req.person_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
-        tracing::Span::current().record("person_id", tracing::field::display(person_id));
-        ctx.concerns(person_id);
-        let person = self.person(person_id).await?;
-        let Some(person) = person else {
+        concerning(ctx, person_id);
+        if self.case_held(ctx, person_id).await?.is_none() {
             return Err(rejected("person", person_id)(DomainError::UnknownPerson));
-        };
-        ctx.check(&Standing {
-            case_holders: person.case_holders(),
-            ..Standing::default()
-        })?;
-        let ids: Vec<Uuid> =
-            sqlx::query_scalar("SELECT consent_id FROM consents WHERE person_id = $1 ORDER BY consent_id")
-                .bind(person_id.as_uuid())
-                .fetch_all(self.store.pool())
-                .await?;
+        }
+        // The row's recording agency: a consent recorded before issue 9 has
+        // it there only (see `upgrade_consents`).
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT consent_id, recording_agency FROM consents WHERE person_id = $1 ORDER BY consent_id",
+        )
+        .bind(person_id.as_uuid())
+        .fetch_all(self.store.pool())
+        .await?;
         let now = validate::timestamp(Utc::now());
-        let mut consents = Vec::with_capacity(ids.len());
-        for id in ids.into_iter().map(ConsentId::from_uuid) {
-            let state = self.load_consent(id).await?;
+        let mut consents = Vec::with_capacity(rows.len());
+        for (id, recording_agency) in rows {
+            let state = self.load_consent(ConsentId::from_uuid(id)).await?;
             if state.recorded.is_some() {
-                consents.push(view(&state, &now));
+                let mut view = view(&state, &now);
+                if view.recorded_by_agency.is_empty() {
+                    view.recorded_by_agency = recording_agency;
+                }
+                consents.push(view);
             }
         }
         Ok(pb::ListConsentsResponse { consents })

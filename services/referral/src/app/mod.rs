@@ -23,9 +23,10 @@ pub mod queries;
 pub mod referrals;
 
 use nrm_kernel::bus::Bus;
-use nrm_kernel::command;
+use nrm_kernel::command::{self, CallContext};
 use nrm_kernel::error::{AppError, FieldViolation};
 use nrm_kernel::ids::PersonId;
+use nrm_kernel::permissions::Standing;
 use nrm_kernel::store::{EventStore, NewEvent, UnitOfWork};
 use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
@@ -52,6 +53,14 @@ pub struct Policy {
     pub deadlines: Deadlines,
     /// Refer persons found not identified too.
     pub allow_not_identified: bool,
+}
+
+/// Records the person a call concerns: on the current span, and for the
+/// call's audit entries (a refusal's too), so that it lists under the person.
+fn concerning(ctx: &CallContext, person_id: PersonId) {
+    tracing::Span::current().record("person_id", tracing::field::display(person_id));
+    ctx.concerns(person_id);
+    ctx.concerns_person(person_id.as_uuid());
 }
 
 /// Maps a domain error on aggregate `kind` with ID `id` to the application error.
@@ -160,6 +169,23 @@ impl Referrals {
             reporting_agency: r.get("reporting_agency"),
             competent_authority: r.get("competent_authority"),
         }))
+    }
+
+    /// What identification has told us of a person, once the caller's
+    /// agency is found to hold their case (`None`: not known yet, which the
+    /// domain refuses).
+    ///
+    /// # Errors
+    /// `PERMISSION_DENIED` (not an agency holding the case); the store's errors.
+    async fn case_held(&self, caller: &CallContext, person_id: PersonId) -> Result<Option<PersonFacts>, AppError> {
+        let person = self.person(person_id).await?;
+        if let Some(person) = &person {
+            caller.check(&Standing {
+                case_holders: person.case_holders(),
+                ..Standing::default()
+            })?;
+        }
+        Ok(person)
     }
 
     /// Whether `agency` has an accepted referral for the person under an

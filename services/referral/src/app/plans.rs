@@ -9,6 +9,7 @@ use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{GoalId, PersonId};
 use nrm_kernel::permissions::Standing;
+use nrm_kernel::store::{Appended, UnitOfWork};
 use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
@@ -25,6 +26,7 @@ impl Referrals {
     /// referral for under an active consent.
     async fn check_plan(&self, ctx: &CallContext, person_id: PersonId) -> Result<(), AppError> {
         ctx.concerns(person_id);
+        ctx.concerns_person(person_id.as_uuid());
         let consented = !ctx.permit().any() && self.consented(person_id, ctx.agency()).await?;
         ctx.check(&Standing {
             consented,
@@ -38,6 +40,28 @@ impl Referrals {
     /// When the store fails or an event does not decode.
     pub async fn load_plan(&self, person_id: PersonId) -> Result<Plan, AppError> {
         self.fold(&plan::stream_id(person_id), plan::evolve).await
+    }
+
+    /// Decides `command` on the person's plan as it stands in `uow` and
+    /// appends what it decided.
+    async fn append_plan(
+        &self,
+        uow: &mut UnitOfWork,
+        caller: &CallContext,
+        person_id: PersonId,
+        command: &Command,
+    ) -> Result<Appended, AppError> {
+        let state = Self::fold_in(uow, &plan::stream_id(person_id), plan::evolve).await?;
+        let events = plan::decide(&state, command).map_err(rejected(plan::NAME, person_id))?;
+        Ok(uow
+            .append(
+                &plan::stream_id(person_id),
+                state.version,
+                &to_new_events(&events),
+                &caller.metadata(),
+                &self.subject(plan::NAME, &person_id),
+            )
+            .await?)
     }
 
     /// Runs `command` on the person's plan as it stands (decided again when
@@ -61,17 +85,7 @@ impl Referrals {
         let (app, caller) = (self.clone(), ctx.clone());
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
             app.check_plan(&caller, person_id).await?;
-            let state = Self::fold_in(uow, &plan::stream_id(person_id), plan::evolve).await?;
-            let events = plan::decide(&state, &command).map_err(rejected(plan::NAME, person_id))?;
-            let appended = uow
-                .append(
-                    &plan::stream_id(person_id),
-                    state.version,
-                    &to_new_events(&events),
-                    &caller.metadata(),
-                    &app.subject(plan::NAME, &person_id),
-                )
-                .await?;
+            let appended = app.append_plan(uow, &caller, person_id, &command).await?;
             Ok(Decided {
                 answer: command::result(person_id, &appended),
                 subject: person_id.to_string(),
@@ -113,17 +127,7 @@ impl Referrals {
                 due_at,
                 person_known,
             };
-            let state = Self::fold_in(uow, &plan::stream_id(person_id), plan::evolve).await?;
-            let events = plan::decide(&state, &command).map_err(rejected(plan::NAME, person_id))?;
-            let appended = uow
-                .append(
-                    &plan::stream_id(person_id),
-                    state.version,
-                    &to_new_events(&events),
-                    &caller.metadata(),
-                    &app.subject(plan::NAME, &person_id),
-                )
-                .await?;
+            let appended = app.append_plan(uow, &caller, person_id, &command).await?;
             Ok(Decided {
                 answer: pb::AddPlanGoalResponse {
                     goal_id: goal_id.to_string(),

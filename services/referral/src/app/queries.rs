@@ -64,6 +64,7 @@ impl Referrals {
                 id: referral_id.to_string(),
             });
         }
+        super::referrals::concerns_person(ctx, &state);
         ctx.check(&super::referrals::standing(&state))?;
         Ok(view(&state))
     }

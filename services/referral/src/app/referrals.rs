@@ -16,7 +16,7 @@ use nrm_proto::referral::v1 as pb;
 use pb::referral_event::Event;
 use prost::Message;
 
-use super::{ANSWER_DUE, Referrals, rejected, to_new_events};
+use super::{ANSWER_DUE, Referrals, concerning, rejected, to_new_events};
 use crate::domain::parse::{self, Target};
 use crate::domain::referral::{self, Command, Referral};
 use crate::domain::{ConsentGap, DomainError};
@@ -28,6 +28,17 @@ pub(crate) fn standing(state: &Referral) -> Standing<'_> {
         owner: Some(state.referring_agency()).filter(|a| !a.is_empty()),
         addressees: vec![state.receiving_agency.as_str()],
         ..Standing::default()
+    }
+}
+
+/// Records the person a referral is about, for the call's audit entries.
+pub(crate) fn concerns_person(ctx: &CallContext, state: &Referral) {
+    if let Some(person_id) = state
+        .created
+        .as_ref()
+        .and_then(|created| uuid::Uuid::parse_str(&created.person_id).ok())
+    {
+        ctx.concerns_person(person_id);
     }
 }
 
@@ -126,8 +137,7 @@ impl Referrals {
         req: &pb::CreateReferralRequest,
     ) -> Result<pb::CreateReferralResponse, AppError> {
         let valid = parse::create_referral(req, Utc::now())?;
-        tracing::Span::current().record("person_id", tracing::field::display(valid.person_id));
-        ctx.concerns(valid.person_id);
+        concerning(ctx, valid.person_id);
         let referral_id = ReferralId::new();
         tracing::Span::current().record("referral_id", tracing::field::display(referral_id));
         let request = Request {
@@ -140,13 +150,7 @@ impl Referrals {
         let (app, caller) = (self.clone(), ctx.clone());
         let (person_id, consent_id, proposed) = (valid.person_id, valid.consent_id, valid.referral);
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            let person = app.person(person_id).await?;
-            if let Some(person) = &person {
-                caller.check(&Standing {
-                    case_holders: person.case_holders(),
-                    ..Standing::default()
-                })?;
-            }
+            let person = app.case_held(&caller, person_id).await?;
             let consent = app.load_consent(consent_id).await?;
             let mut created = proposed.clone();
             created.referral_id = referral_id.to_string();
@@ -220,6 +224,7 @@ impl Referrals {
                     id: referral_id.to_string(),
                 });
             }
+            concerns_person(&caller, &state);
             caller.check(&standing(&state))?;
             if expected_version != state.version {
                 return Err(AppError::Conflict {
