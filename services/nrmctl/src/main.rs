@@ -70,7 +70,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit(args) => match args.command() {
             Some(command) => audit::run(&cli.global, command).await,
-            None => Err(anyhow::anyhow!("audit: name a subcommand (verify, person) or --person ID")),
+            None => Err(anyhow::anyhow!(
+                "audit: name a subcommand (verify, person) or --person ID"
+            )),
         },
     }
 }

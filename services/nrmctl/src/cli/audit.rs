@@ -23,7 +23,11 @@ pub enum AuditCommand {
 
 /// `audit`: a subcommand, or `--person ID` for `audit person ID`.
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_required = false, arg_required_else_help = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_required = false,
+    arg_required_else_help = true
+)]
 pub struct AuditArgs {
     /// What to do.
     #[command(subcommand)]
@@ -95,7 +99,10 @@ mod tests {
         let head = format!("referral=12:{hash}");
         let cli =
             Cli::try_parse_from(["nrmctl", "audit", "verify", "--expect-head", &head]).expect("valid command line");
-        let Command::Audit(AuditCommand::Verify(verify)) = cli.command else {
+        let Command::Audit(args) = cli.command else {
+            panic!("not audit");
+        };
+        let Some(AuditCommand::Verify(verify)) = args.command() else {
             panic!("not audit verify");
         };
         assert_eq!(verify.service.list(), Service::ALL);
@@ -114,5 +121,15 @@ mod tests {
     fn person_takes_a_uuid() {
         assert!(Cli::try_parse_from(["nrmctl", "audit", "person", "0190a0b0-0000-7000-8000-000000000001"]).is_ok());
         assert!(Cli::try_parse_from(["nrmctl", "audit", "person", "Aigul"]).is_err());
+        let person = "0190a0b0-0000-7000-8000-000000000001";
+        let cli = Cli::try_parse_from(["nrmctl", "audit", "--person", person]).expect("audit --person");
+        let Command::Audit(args) = cli.command else {
+            panic!("not audit");
+        };
+        let Some(AuditCommand::Person(listed)) = args.command() else {
+            panic!("--person is audit person");
+        };
+        assert_eq!(listed.person_id.to_string(), person);
+        assert!(Cli::try_parse_from(["nrmctl", "audit", "--person", "Aigul"]).is_err());
     }
 }
