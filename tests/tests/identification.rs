@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use nrm_e2e::ident::{assert_refusal_audited, audit_since, coded_case, read_case, report_for};
+use nrm_e2e::ident::{assert_refusal_audited, audit_since, coded_case, erase, read_case, report_for};
 use nrm_e2e::{TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::personal_data_view::View;
@@ -134,13 +134,29 @@ async fn a_case_goes_from_report_through_screening_to_identification() {
     };
     assert_eq!(identifiers.full_name, "Aigul Asanova");
     // The read of personal data is in the audit trail, with its purpose's code.
-    let audited: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log WHERE action = 'ReadPersonalData' AND purpose = 'READ_PURPOSE_CASE_REVIEW' AND officer = 'officer-17'",
+    // It names the person read, so `nrmctl audit person` lists it.
+    let audited: Vec<Option<uuid::Uuid>> = sqlx::query_scalar(
+        "SELECT person_id FROM audit_log WHERE action = 'ReadPersonalData' AND purpose = 'READ_PURPOSE_CASE_REVIEW' AND officer = 'officer-17'",
     )
-    .fetch_one(&app.pool)
+    .fetch_all(&app.pool)
     .await
     .unwrap();
-    assert_eq!(audited, 1);
+    assert_eq!(audited, [Some(reported.person_id.parse().unwrap())]);
+    // So do the entries of the commands on the case.
+    let commands: Vec<(String, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT action, person_id FROM audit_log WHERE subject_id = $1 AND action <> 'ReadPersonalData' ORDER BY id",
+    )
+    .bind(&reported.case_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(commands.len() >= 3, "{commands:?}");
+    assert!(
+        commands
+            .iter()
+            .all(|(_, person)| person.map(|p| p.to_string()).as_deref() == Some(reported.person_id.as_str())),
+        "{commands:?}"
+    );
 
     // Every commit reaches NATS once, with the actor and the event types.
     let messages = app.wait_for_messages(3).await;
@@ -494,6 +510,40 @@ async fn a_second_report_of_the_same_person_is_flagged_to_the_competent_authorit
         assert_eq!(flagged[0].matching_case_ids, std::slice::from_ref(&first.case_id));
     }
 
+    // Police reporting the person again are their own competent authority:
+    // as the reporter, they are not told of the earlier report; the
+    // coordinator is.
+    let again = app
+        .client
+        .clone()
+        .report_presumed_victim(authorized(
+            report_request("dup-4", person("Aigul Asanova", "AC1234567", "")),
+            &police(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.possible_duplicate);
+    let case = read(&again.case_id, &police()).await.unwrap();
+    assert_eq!(case.competent_authority, "kg-mvd");
+    assert!(
+        !case.possible_duplicate,
+        "no oracle for a reporter that is its own authority"
+    );
+    assert!(case.matching_case_ids.is_empty());
+    let case = read(&again.case_id, &coordinator).await.unwrap();
+    assert!(case.possible_duplicate);
+    assert!(case.matching_case_ids.contains(&first.case_id), "{case:?}");
+    for _ in 0..200 {
+        if list(&coordinator).await.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let own = list(&police()).await;
+    let own = own.iter().find(|c| c.case_id == again.case_id).unwrap();
+    assert!(!own.possible_duplicate && own.matching_case_ids.is_empty());
+
     // The NGO cannot read the police's case: refused and audited, with the case ID only.
     let tables = app.tables();
     let before = tables.snapshot().await;
@@ -530,6 +580,17 @@ async fn every_case_has_a_competent_authority_which_holds_it() {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&status), ["competent_authority"]);
+    // Nor name itself: it would be told of duplicates of its own report.
+    let status = client
+        .report_presumed_victim(authorized(
+            report_for("ca-1", person("Name", "AB12345", ""), "kg-ngo-sezim"),
+            &ngo,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&status), ["competent_authority"]);
+    let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+    assert!(violation.description.contains("reporting agency"), "{violation:?}");
     let reported = client
         .report_presumed_victim(authorized(
             report_for("ca-2", person("Name", "AB12345", ""), "kg-mvd-osh"),
@@ -622,6 +683,19 @@ async fn every_case_has_a_competent_authority_which_holds_it() {
         panic!("identifiers");
     };
     assert_eq!(identifiers.documents[0].number, "AB12345");
+    // An unknown person looks as another agency's: refused, not "not found".
+    let status = client
+        .get_personal_data(authorized(
+            pb::GetPersonalDataRequest {
+                person_id: uuid::Uuid::now_v7().to_string(),
+                read_purpose: pb::ReadPurpose::VictimProtection as i32,
+                ..Default::default()
+            },
+            &ngo,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
     app.stop().await;
 }
 
@@ -1064,5 +1138,189 @@ async fn an_agency_reads_only_consented_identifiers_after_accepting_and_not_afte
     }
     assert!(denied, "withdrawal removes the data from MSD's view");
     events.drop_all().await;
+    app.stop().await;
+}
+
+/// Whose view of `case_id`'s identifiers: identifiers, erased or withheld.
+async fn identifiers_of(app: &TestApp, case_id: &str, who: &str) -> pb::Case {
+    app.client
+        .clone()
+        .get_case(authorized(read_case(case_id, pb::ReadPurpose::DataSubjectRequest), who))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+// Beside `erasure.rs`, whose test is its process's only telemetry subscriber.
+async fn an_erasure_takes_the_cases_the_caller_holds_and_asks_for_the_others() {
+    let app = TestApp::spawn().await;
+    let mut client = app.client.clone();
+    let police = token("kg-mvd", Role::Police, "officer-9");
+    let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
+    let coordinator = token("kg-coordinator", Role::Coordinator, "coord-1");
+    let who = || person("Aida Twicereported", "TW1234567", "+996 555 303 404");
+
+    // The police's case, and the NGO's of the same person (another police
+    // unit is its competent authority): neither holds the other's.
+    let held_by_police = client
+        .report_presumed_victim(authorized(report_request("tw-1", who()), &police))
+        .await
+        .unwrap()
+        .into_inner();
+    let held_by_ngo = client
+        .report_presumed_victim(authorized(report_for("tw-2", who(), "kg-mvd-osh"), &ngo))
+        .await
+        .unwrap()
+        .into_inner();
+    let tables = app.tables();
+    let before = tables.snapshot().await;
+
+    // The NGO erases: its case goes; the police's is not its to erase and
+    // gets a request instead, and the answer tells nothing of it.
+    let erased = client
+        .erase_personal_data(authorized(
+            erase("tw-3", &held_by_ngo.case_id, pb::ErasureReason::DataSubjectRequest),
+            &ngo,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erased.aggregate_id, held_by_ngo.case_id);
+    assert_eq!((erased.version, erased.event_ids.len()), (2, 1));
+    assert!(matches!(
+        identifiers_of(&app, &held_by_ngo.case_id, &ngo)
+            .await
+            .personal
+            .and_then(|p| p.view),
+        Some(View::Erased(_))
+    ));
+    let police_case = identifiers_of(&app, &held_by_police.case_id, &police).await;
+    assert!(matches!(
+        police_case.personal.and_then(|p| p.view),
+        Some(View::Identifiers(_))
+    ));
+    assert!(police_case.erasure_requested, "the police see the request");
+    assert_eq!(police_case.version, 1, "nothing appended on the police's case");
+    let audited = audit_since(&app.pool, &before).await;
+    assert_eq!(
+        audited
+            .first()
+            .map(|(action, subject, purpose)| (action.as_str(), subject.as_str(), purpose.as_str())),
+        Some((
+            "ErasePersonalData",
+            held_by_ngo.case_id.as_str(),
+            "ERASURE_REASON_DATA_SUBJECT_REQUEST"
+        ))
+    );
+    assert!(
+        !audited
+            .iter()
+            .any(|(action, _, _)| action == "ErasePersonalData:linked"),
+        "{audited:?}"
+    );
+    // The erasure's entry names the person erased.
+    let named: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT person_id FROM audit_log WHERE action = 'ErasePersonalData' AND subject_id = $1")
+            .bind(&held_by_ngo.case_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(named, Some(held_by_ngo.person_id.parse().unwrap()));
+    // The coordinator sees the request, in the case and in the list; an
+    // agency outside the case does not.
+    assert!(
+        client
+            .get_case(authorized(coded_case(&held_by_police.case_id), &coordinator))
+            .await
+            .unwrap()
+            .into_inner()
+            .erasure_requested
+    );
+    assert!(
+        !client
+            .get_case(authorized(
+                coded_case(&held_by_police.case_id),
+                &token("kg-mvd-osh", Role::Police, "officer-3")
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .erasure_requested
+    );
+    let mut listed = Vec::new();
+    for _ in 0..200 {
+        listed = client
+            .list_cases(authorized(pb::ListCasesRequest::default(), &coordinator))
+            .await
+            .unwrap()
+            .into_inner()
+            .cases;
+        if listed.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let requested: Vec<&str> = listed
+        .iter()
+        .filter(|c| c.erasure_requested)
+        .map(|c| c.case_id.as_str())
+        .collect();
+    assert_eq!(requested, [held_by_police.case_id.as_str()]);
+
+    // The police meet the request: the case is erased, the request gone.
+    client
+        .erase_personal_data(authorized(
+            erase("tw-4", &held_by_police.case_id, pb::ErasureReason::DataSubjectRequest),
+            &police,
+        ))
+        .await
+        .unwrap();
+    let police_case = identifiers_of(&app, &held_by_police.case_id, &police).await;
+    assert!(matches!(
+        police_case.personal.and_then(|p| p.view),
+        Some(View::Erased(_))
+    ));
+    assert!(!police_case.erasure_requested);
+
+    // The coordinator's erasure takes every case of the person at once.
+    let first = client
+        .report_presumed_victim(authorized(
+            report_request("tw-5", person("Bakyt Alsoreported", "BA7654321", "")),
+            &police,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .report_presumed_victim(authorized(
+            report_for("tw-6", person("Bakyt Alsoreported", "BA7654321", ""), "kg-mvd-osh"),
+            &ngo,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = tables.snapshot().await;
+    client
+        .erase_personal_data(authorized(
+            erase("tw-7", &second.case_id, pb::ErasureReason::RetentionExpired),
+            &coordinator,
+        ))
+        .await
+        .unwrap();
+    for (case_id, who) in [(&first.case_id, &police), (&second.case_id, &ngo)] {
+        let case = identifiers_of(&app, case_id, who).await;
+        assert!(matches!(case.personal.and_then(|p| p.view), Some(View::Erased(_))));
+        assert!(!case.erasure_requested);
+    }
+    let audited = audit_since(&app.pool, &before).await;
+    let code = "ERASURE_REASON_RETENTION_EXPIRED".to_owned();
+    assert_eq!(
+        audited,
+        [
+            ("ErasePersonalData".to_owned(), second.case_id.clone(), code.clone()),
+            ("ErasePersonalData:linked".to_owned(), first.case_id.clone(), code),
+        ]
+    );
     app.stop().await;
 }

@@ -163,7 +163,7 @@ pub fn fingerprint(method: &str, request: &impl Message) -> Vec<u8> {
 /// [`AppError::RequestIdReused`] when the key was used for a request with
 /// another fingerprint; [`AppError::Internal`] when the stored answer does not
 /// decode as `R`; the store's errors.
-pub async fn replay<R: Message + Default>(
+pub(crate) async fn replay<R: Message + Default>(
     store: &EventStore,
     key: &str,
     fingerprint: &[u8],

@@ -14,7 +14,6 @@
 pub mod queries;
 
 use chrono::Utc;
-use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
 use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Planned, Request};
@@ -22,7 +21,7 @@ use nrm_kernel::error::{AppError, Violations};
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::permissions::Standing;
 use nrm_kernel::seal::{DataKey, MasterKey, MatchHasher};
-use nrm_kernel::store::{EventStore, NewEvent};
+use nrm_kernel::store::{EventStore, NewEvent, RecordedEvent, UnitOfWork};
 use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as pb;
@@ -54,11 +53,26 @@ pub fn standing(report: &pb::PresumedVictimReported) -> Standing<'_> {
 }
 
 /// Whether `ctx`'s caller is told of possible duplicates of a case: the
-/// competent authority handling it and the national coordinator, never
-/// (as such) the reporting agency.
+/// national coordinator, and the competent authority handling it unless it
+/// is also the reporting agency (police reporting are their own competent
+/// authority by default): a reporter never learns whether, or by whom, the
+/// person was reported before.
 #[must_use]
-pub fn sees_duplicates(ctx: &CallContext, competent_authority: &str) -> bool {
-    ctx.caller.role == Role::Coordinator || (!competent_authority.is_empty() && ctx.agency() == competent_authority)
+pub fn sees_duplicates(ctx: &CallContext, reporting_agency: &str, competent_authority: &str) -> bool {
+    ctx.caller.role == Role::Coordinator
+        || (!competent_authority.is_empty() && ctx.agency() == competent_authority && ctx.agency() != reporting_agency)
+}
+
+/// Whether `ctx`'s caller is told that an erasure of a case was requested:
+/// the coordinator and the agencies holding the case.
+#[must_use]
+pub fn sees_erasure_requests(ctx: &CallContext, reporting_agency: &str, competent_authority: &str) -> bool {
+    ctx.caller.role == Role::Coordinator || ctx.agency() == reporting_agency || ctx.agency() == competent_authority
+}
+
+/// The person a case's report is of.
+fn person_of(report: &pb::PresumedVictimReported) -> Option<Uuid> {
+    report.person_id.parse().ok()
 }
 
 impl From<DomainError> for AppError {
@@ -134,6 +148,17 @@ fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
     })
 }
 
+/// The case its events make.
+fn fold(events: &[RecordedEvent]) -> Result<Case, AppError> {
+    events.iter().try_fold(Case::default(), |case, recorded| {
+        let event = pb::IdentificationEvent::decode(recorded.payload.as_slice())
+            .ok()
+            .and_then(|e| e.event)
+            .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))?;
+        Ok(domain::evolve(case, &event))
+    })
+}
+
 fn not_found(case_id: CaseId) -> AppError {
     AppError::NotFound {
         kind: "case",
@@ -169,14 +194,16 @@ impl Identification {
     /// # Errors
     /// When the store fails or an event does not decode.
     pub async fn load(&self, case_id: CaseId) -> Result<Case, AppError> {
-        let events = self.store.read_stream(&domain::stream_id(case_id)).await?;
-        events.iter().try_fold(Case::default(), |case, recorded| {
-            let event = pb::IdentificationEvent::decode(recorded.payload.as_slice())
-                .ok()
-                .and_then(|e| e.event)
-                .ok_or_else(|| AppError::Internal(format!("event {} does not decode", recorded.event_id)))?;
-            Ok(domain::evolve(case, &event))
-        })
+        fold(&self.store.read_stream(&domain::stream_id(case_id)).await?)
+    }
+
+    /// The case folded from its events as `uow` reads them (on its
+    /// connection: a command holding locks takes no second connection).
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    async fn load_in(uow: &mut UnitOfWork, case_id: CaseId) -> Result<Case, AppError> {
+        fold(&uow.read_stream(&domain::stream_id(case_id)).await?)
     }
 
     /// Reports a presumed victim. The answer never tells whether the person
@@ -194,11 +221,16 @@ impl Identification {
     ) -> Result<pb::ReportPresumedVictimResponse, AppError> {
         // The gate admitted the role; every reporter may report (scope: any).
         let now = Utc::now();
-        let own = matches!(ctx.caller.role, Role::Police | Role::Prosecutor).then(|| ctx.agency());
-        let valid = parse::report(req, now, own)?;
+        let reporter = parse::Reporter {
+            agency: ctx.agency(),
+            authority: matches!(ctx.caller.role, Role::Police | Role::Prosecutor),
+        };
+        let valid = parse::report(req, now, reporter)?;
         let case_id = CaseId::new();
         let person_id = PersonId::new();
         tracing::Span::current().record("case_id", tracing::field::display(case_id));
+        ctx.concerns(case_id);
+        ctx.concerns_person(person_id.as_uuid());
         let request = Request {
             method: "ReportPresumedVictim",
             request_id: &valid.request_id,
@@ -291,6 +323,9 @@ impl Identification {
         let (app, caller) = (self.clone(), ctx.clone());
         command::run_append(&self.store, ctx, request, on_conflict, async move || {
             let case = app.load(case_id).await?;
+            if let Some(person) = case.report.as_ref().and_then(person_of) {
+                caller.concerns_person(person);
+            }
             Self::held(&caller, case_id, &case)?;
             if let Some(expected) = expected_version.filter(|e| *e != case.version) {
                 return Err(AppError::Conflict {
@@ -333,7 +368,6 @@ impl Identification {
     /// those whose report names it. One hop, not the closure: a chain of
     /// partial matches may reach another person.
     async fn linked_cases(
-        &self,
         conn: &mut sqlx::PgConnection,
         case_id: CaseId,
         case: &Case,
@@ -355,120 +389,9 @@ impl Identification {
         Ok(linked.into_iter().map(CaseId::from_uuid).collect())
     }
 
-    /// Erases the person of the case in every case of theirs, in one
-    /// transaction, or answers as its first run did: each case's data key is
-    /// shredded, its match keys deleted, and `PersonalDataErased` (with the
-    /// reason) appended on it.
-    ///
-    /// Not on [`command::run`]: its audit entries carry the erasure's reason
-    /// as their purpose, the erased case's before its linked cases', and the
-    /// kernel's path records one entry, purpose `command`, after the attempt.
-    async fn erase_all(
-        &self,
-        ctx: &CallContext,
-        request: &pb::ErasePersonalDataRequest,
-        call: CaseCommand,
-    ) -> Result<CommandResult, AppError> {
-        let CaseCommand {
-            request_id,
-            case_id,
-            command,
-            ..
-        } = call;
-        tracing::Span::current().record("case_id", tracing::field::display(case_id));
-        ctx.concerns(case_id);
-        let key = ctx.request_key(&request_id);
-        let fp = command::fingerprint("ErasePersonalData", request);
-        if let Some(previous) = command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-            return Ok(command::replayed(previous));
-        }
-        match self.erase_all_once(ctx, &key, &fp, case_id, &command).await {
-            // A twin of this request may have erased first: answer as it did.
-            Err(conflict @ AppError::Conflict { .. }) => {
-                match command::replay::<CommandResult>(&self.store, &key, &fp).await? {
-                    Some(previous) => Ok(command::replayed(previous)),
-                    None => Err(conflict),
-                }
-            }
-            other => other,
-        }
-    }
-
-    async fn erase_all_once(
-        &self,
-        ctx: &CallContext,
-        key: &str,
-        fp: &[u8],
-        case_id: CaseId,
-        command: &Command,
-    ) -> Result<CommandResult, AppError> {
-        let Command::ErasePersonalData { reason, .. } = command else {
-            return Err(AppError::Internal("not an erasure".into()));
-        };
-        let case = self.load(case_id).await?;
-        Self::held(ctx, case_id, &case)?;
-        let events = domain::decide(&case, command)?;
-        let metadata = ctx.metadata();
-        let reason_code = reason.as_str_name();
-        let mut uow = self.store.begin().await?;
-        let linked = self.linked_cases(uow.conn(), case_id, &case).await?;
-        Self::shred(&mut uow, case_id, &case).await?;
-        let appended = uow
-            .append(
-                &domain::stream_id(case_id),
-                case.version,
-                &to_new_events(&events),
-                &metadata,
-                &self.subject(case_id),
-            )
-            .await?;
-        audit::record(
-            uow.conn(),
-            &ctx.caller.actor,
-            "ErasePersonalData",
-            &case_id.to_string(),
-            reason_code,
-        )
-        .await?;
-        for other_id in linked {
-            let other = self.load(other_id).await?;
-            let Some(report) = other.report.as_ref() else {
-                continue;
-            };
-            // Erasing a linked case takes the standing erasing that case
-            // would: an agency cannot reach another authority's case through
-            // a duplicate it reported. Nothing is written then (the unit of
-            // work is dropped).
-            ctx.check(&standing(report))?;
-            // Erased before: nothing of the person is left there.
-            let Ok(events) = domain::decide(&other, command) else {
-                continue;
-            };
-            Self::shred(&mut uow, other_id, &other).await?;
-            uow.append(
-                &domain::stream_id(other_id),
-                other.version,
-                &to_new_events(&events),
-                &metadata,
-                &self.subject(other_id),
-            )
-            .await?;
-            audit::record(
-                uow.conn(),
-                &ctx.caller.actor,
-                "ErasePersonalData:linked",
-                &other_id.to_string(),
-                reason_code,
-            )
-            .await?;
-        }
-        let response = command::result(case_id, &appended);
-        command::finish(&self.store, uow, key, fp, response).await
-    }
-
-    /// Deletes the data key and the match keys of the person of `case`, and
-    /// the fingerprints of the requests on it.
-    async fn shred(uow: &mut nrm_kernel::store::UnitOfWork, case_id: CaseId, case: &Case) -> Result<(), AppError> {
+    /// Deletes the data key and the match keys of the person of `case`, the
+    /// requests to erase it, and the fingerprints of the requests on it.
+    async fn shred(uow: &mut UnitOfWork, case_id: CaseId, case: &Case) -> Result<(), AppError> {
         let person_id = case
             .report
             .as_ref()
@@ -476,6 +399,11 @@ impl Identification {
             .ok_or_else(|| AppError::Internal("case without person".into()))?;
         DataKey::shred(uow.conn(), person_id).await?;
         sqlx::query("DELETE FROM match_keys WHERE case_id = $1")
+            .bind(case_id.as_uuid())
+            .execute(&mut *uow.conn())
+            .await?;
+        // A request to erase the case is met.
+        sqlx::query("DELETE FROM erasure_requests WHERE case_id = $1")
             .bind(case_id.as_uuid())
             .execute(&mut *uow.conn())
             .await?;
@@ -555,8 +483,20 @@ impl Identification {
         self.on_case(ctx, req, target.command("RequestReview", command)).await
     }
 
-    /// Erases the person's identifiers by deleting their key, in this case
-    /// and in every case linked to it as a possible duplicate.
+    /// Erases the person of the case in every case of theirs the caller
+    /// holds (the coordinator: every one), in one transaction, or answers as
+    /// its first run did: each such case's data key is shredded, its match
+    /// keys deleted, and `PersonalDataErased` (with the reason) appended on
+    /// it. A linked case held by another agency only is not erased: an
+    /// erasure request is recorded on it for its holders and the
+    /// coordinator. The answer is the same either way, so that it never
+    /// tells the caller whether another agency reported the person.
+    ///
+    /// On [`command::run`]: every read is on the unit of work's connection
+    /// and every append is made before the attempt returns; the kernel then
+    /// writes the audit entries (the reason's code as their purpose, the
+    /// erased case's first, then one `ErasePersonalData:linked` per linked
+    /// case erased), so the audit chain's head is locked last.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` (also without a reason), `NOT_FOUND`,
@@ -572,11 +512,97 @@ impl Identification {
         let target = Target::parse(&mut v, &req.request_id, &req.case_id, None);
         let reason = v.check(parse::erasure_reason(req.reason));
         let target = target.finish(v)?;
+        let reason = reason.unwrap_or(pb::ErasureReason::Unspecified);
         let command = Command::ErasePersonalData {
-            reason: reason.unwrap_or(pb::ErasureReason::Unspecified),
+            reason,
             now: validate::timestamp(Utc::now()),
         };
-        self.erase_all(ctx, req, target.command("ErasePersonalData", command))
-            .await
+        let call = target.command("ErasePersonalData", command);
+        let CaseCommand {
+            method,
+            request_id,
+            case_id,
+            command,
+            ..
+        } = call;
+        tracing::Span::current().record("case_id", tracing::field::display(case_id));
+        ctx.concerns(case_id);
+        let request = Request {
+            method,
+            request_id: &request_id,
+            message: req,
+        };
+        // Owned, as in `report`; the reason's code is made in the attempt:
+        // a captured `&str` makes its future not general enough to be `Send`
+        // (rust-lang/rust#110338).
+        let (bus, caller) = (self.bus.clone(), ctx.clone());
+        command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
+            let reason_code = reason.as_str_name();
+            let case = Self::load_in(uow, case_id).await?;
+            if let Some(person) = case.report.as_ref().and_then(person_of) {
+                caller.concerns_person(person);
+            }
+            Self::held(&caller, case_id, &case)?;
+            let events = domain::decide(&case, &command)?;
+            let metadata = caller.metadata();
+            let others = Self::linked_cases(uow.conn(), case_id, &case).await?;
+            let subject = bus.subject(CONTEXT, domain::NAME, &case_id.to_string());
+            Self::shred(uow, case_id, &case).await?;
+            let appended = uow
+                .append(
+                    &domain::stream_id(case_id),
+                    case.version,
+                    &to_new_events(&events),
+                    &metadata,
+                    &subject,
+                )
+                .await?;
+            let mut linked = Vec::new();
+            for other_id in others {
+                let other = Self::load_in(uow, other_id).await?;
+                let Some(report) = other.report.as_ref() else {
+                    continue;
+                };
+                // Erased before: nothing of the person is left there.
+                if other.erased {
+                    continue;
+                }
+                // A linked case is erased with the standing erasing it would
+                // take; another authority's case gets a request instead (an
+                // agency cannot reach it through a duplicate it reported,
+                // nor block or detect it by failing).
+                if !caller.permit().admits(caller.agency(), &standing(report)) {
+                    sqlx::query(
+                        "INSERT INTO erasure_requests (case_id, reason) VALUES ($1, $2) ON CONFLICT (case_id) DO NOTHING",
+                    )
+                    .bind(other_id.as_uuid())
+                    .bind(reason_code)
+                    .execute(&mut *uow.conn())
+                    .await?;
+                    continue;
+                }
+                let Ok(events) = domain::decide(&other, &command) else {
+                    continue;
+                };
+                let subject = bus.subject(CONTEXT, domain::NAME, &other_id.to_string());
+                Self::shred(uow, other_id, &other).await?;
+                uow.append(
+                    &domain::stream_id(other_id),
+                    other.version,
+                    &to_new_events(&events),
+                    &metadata,
+                    &subject,
+                )
+                .await?;
+                linked.push(other_id.to_string());
+            }
+            Ok(Decided {
+                answer: command::result(case_id, &appended),
+                subject: case_id.to_string(),
+                purpose: reason_code,
+                linked,
+            })
+        })
+        .await
     }
 }

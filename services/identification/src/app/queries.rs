@@ -16,7 +16,7 @@ use nrm_proto::identification::v1 as pb;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{Identification, sees_duplicates, standing};
+use super::{Identification, person_of, sees_duplicates, sees_erasure_requests, standing};
 use crate::domain::{Case, parse};
 
 impl Identification {
@@ -52,6 +52,9 @@ impl Identification {
                 id: case_id.to_string(),
             });
         };
+        if let Some(person) = person_of(&report) {
+            ctx.concerns_person(person);
+        }
         let standing = standing(&report);
         ctx.check(&standing)?;
         let personal = if !req.include_personal_data {
@@ -68,8 +71,17 @@ impl Identification {
                     .await?
             }
         };
-        let duplicates = sees_duplicates(ctx, &report.competent_authority);
-        Ok(view(case_id, &case, report, personal, duplicates))
+        let duplicates = sees_duplicates(ctx, &report.reporting_agency, &report.competent_authority);
+        let erasure_requested =
+            sees_erasure_requests(ctx, &report.reporting_agency, &report.competent_authority) && !case.erased && {
+                sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM erasure_requests WHERE case_id = $1)")
+                    .bind(case_id.as_uuid())
+                    .fetch_one(self.store().pool())
+                    .await?
+            };
+        let mut case = view(case_id, &case, report, personal, duplicates);
+        case.erasure_requested = erasure_requested;
+        Ok(case)
     }
 
     async fn open_personal(
@@ -82,16 +94,16 @@ impl Identification {
         let person_id = PersonId::parse("person_id", &report.person_id)
             .map_err(|_| AppError::Internal("case without person".into()))?;
         // The read is recorded before the data leave the service: the
-        // purpose's code, never the caller's text.
+        // purpose's code, never the caller's text, and the person read (for
+        // `nrmctl audit person`).
+        ctx.concerns_person(person_id.as_uuid());
         let mut conn = self.store().pool().acquire().await?;
-        audit::record(
+        audit::append(
             &mut conn,
-            &ctx.caller.actor,
-            "ReadPersonalData",
-            &case_id.to_string(),
-            purpose_code,
+            &ctx.audit_entry("ReadPersonalData", &case_id.to_string(), purpose_code),
         )
         .await?;
+        drop(conn);
         let key = DataKey::load(self.store().pool(), &self.master, person_id).await?;
         let (Some(key), Some(sealed)) = (key, report.personal.as_ref()) else {
             return Ok(common::personal_data_view::View::Erased(common::Erased {}));
@@ -107,7 +119,9 @@ impl Identification {
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`; `PERMISSION_DENIED` without an accepted referral
-    /// under an active consent (or the case); `NOT_FOUND` for an unknown person.
+    /// under an active consent (or the case), and for an unknown person
+    /// (`NOT_FOUND` only to a caller whose permit covers any person): an
+    /// unknown person and another agency's look alike.
     #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn get_personal_data(
         &self,
@@ -148,8 +162,9 @@ impl Identification {
             .fetch_optional(self.store().pool())
             .await?;
         let Some(case_id) = case_id else {
-            // Without a grant, an unknown person and a refused one look alike.
-            return Err(if grant.is_some() || ctx.permit().has(Scope::CaseHolders) {
+            // An unknown person and a refused one look alike to any caller
+            // whose permit does not cover every person.
+            return Err(if ctx.permit().any() {
                 AppError::NotFound {
                     kind: "person",
                     id: person_id.to_string(),
@@ -158,6 +173,7 @@ impl Identification {
                 no_grant()
             });
         };
+        ctx.concerns_person(person_id.as_uuid());
         let case_id = CaseId::from_uuid(case_id);
         let case = self.load(case_id).await?;
         let report = case
@@ -255,7 +271,9 @@ impl Identification {
         v.finish(|| ())?;
 
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-            "SELECT case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version FROM case_list WHERE true",
+            "SELECT case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version,
+             EXISTS (SELECT 1 FROM erasure_requests e WHERE e.case_id = case_list.case_id) AS erasure_requested
+             FROM case_list WHERE true",
         );
         if let Some(holder) = &holder {
             q.push(" AND (reporting_agency = ")
@@ -300,7 +318,10 @@ impl Identification {
             let reported_at: DateTime<Utc> = row.get("reported_at");
             last = Some((reported_at, case_id));
             let competent_authority: String = row.get("competent_authority");
-            let matching: Vec<Uuid> = if sees_duplicates(ctx, &competent_authority) {
+            let reporting_agency: String = row.get("reporting_agency");
+            let erasure_requested = sees_erasure_requests(ctx, &reporting_agency, &competent_authority)
+                && row.get::<bool, _>("erasure_requested");
+            let matching: Vec<Uuid> = if sees_duplicates(ctx, &reporting_agency, &competent_authority) {
                 row.get("matching_case_ids")
             } else {
                 Vec::new()
@@ -308,7 +329,7 @@ impl Identification {
             cases.push(pb::CaseSummary {
                 case_id: case_id.to_string(),
                 status: row.get("status"),
-                reporting_agency: row.get("reporting_agency"),
+                reporting_agency,
                 competent_authority,
                 possible_duplicate: !matching.is_empty(),
                 matching_case_ids: matching.iter().map(ToString::to_string).collect(),
@@ -317,6 +338,7 @@ impl Identification {
                 child: row.get("child"),
                 citizenship: row.get("citizenship"),
                 version: u64::try_from(row.get::<i64, _>("version")).unwrap_or_default(),
+                erasure_requested,
             });
         }
         let next_page_token = pager.next_token(more, last.map(|(time, id)| Cursor { time, id }));
@@ -395,5 +417,6 @@ fn view(
         } else {
             Vec::new()
         },
+        erasure_requested: false,
     }
 }

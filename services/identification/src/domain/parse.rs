@@ -56,18 +56,34 @@ pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
     Ok(text.to_owned())
 }
 
-/// The competent authority of a report: the one named, or `default` (the
-/// reporter's agency when the reporter is police or a prosecutor).
+/// Who reports: the reporting agency, and whether it is police or a
+/// prosecutor (its own competent authority by default).
+#[derive(Debug, Clone, Copy)]
+pub struct Reporter<'a> {
+    /// The reporting agency.
+    pub agency: &'a str,
+    /// Police or a prosecutor.
+    pub authority: bool,
+}
+
+/// The competent authority of a report: the one named, or the reporter's
+/// agency when the reporter is police or a prosecutor. Any other reporter
+/// names another agency: the competent authority is told of possible
+/// duplicates, which a reporter must never learn of its own report.
 ///
 /// # Errors
-/// A violation of `competent_authority` when it is malformed, or missing
-/// without a default.
-pub fn competent_authority(text: &str, default: Option<&str>) -> Result<String, FieldViolation> {
-    match (text.is_empty(), default) {
-        (true, Some(own)) => Ok(own.to_owned()),
-        (true, None) => Err(FieldViolation::new(
+/// A violation of `competent_authority` when it is malformed, missing
+/// without a default, or names a reporter other than police or a prosecutor.
+pub fn competent_authority(text: &str, reporter: Reporter<'_>) -> Result<String, FieldViolation> {
+    match (text.is_empty(), reporter.authority) {
+        (true, true) => Ok(reporter.agency.to_owned()),
+        (true, false) => Err(FieldViolation::new(
             "competent_authority",
             "is required: the agency code of the police unit or prosecutor handling the case",
+        )),
+        (false, false) if text == reporter.agency => Err(FieldViolation::new(
+            "competent_authority",
+            "may not be the reporting agency: only police or a prosecutor is its own competent authority",
         )),
         (false, _) => agency("competent_authority", text),
     }
@@ -202,19 +218,19 @@ pub struct Report {
     pub personal: common::PersonalIdentifiers,
 }
 
-/// Validates a report; `default_authority` is the competent authority when
-/// the request names none (the reporter's agency for police and prosecutors).
+/// Validates a report by `reporter` (its agency is the competent authority
+/// when the request names none, for police and prosecutors only).
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` naming every offending field.
 pub fn report(
     req: &pb::ReportPresumedVictimRequest,
     now: DateTime<Utc>,
-    default_authority: Option<&str>,
+    reporter: Reporter<'_>,
 ) -> Result<Report, nrm_kernel::AppError> {
     let mut v = Violations::new();
     let request_id = v.check(request_id(&req.request_id));
-    let authority = v.check(competent_authority(&req.competent_authority, default_authority));
+    let authority = v.check(competent_authority(&req.competent_authority, reporter));
     let found_at = match req.found_at.as_ref().and_then(to_datetime) {
         None => {
             v.add("found_at", "is required: when the person was found");
@@ -348,6 +364,15 @@ pub fn review_reason(value: i32) -> Result<pb::ReviewReason, FieldViolation> {
 mod tests {
     use super::*;
 
+    const POLICE: Reporter<'static> = Reporter {
+        agency: "kg-mvd",
+        authority: true,
+    };
+    const NGO: Reporter<'static> = Reporter {
+        agency: "kg-ngo-sezim",
+        authority: false,
+    };
+
     fn valid() -> pb::ReportPresumedVictimRequest {
         pb::ReportPresumedVictimRequest {
             request_id: "r-1".into(),
@@ -372,7 +397,7 @@ mod tests {
 
     #[test]
     fn a_valid_report_is_normalised() {
-        let r = report(&valid(), Utc::now(), Some("kg-mvd")).unwrap();
+        let r = report(&valid(), Utc::now(), POLICE).unwrap();
         assert_eq!(r.coded.found_country, "KZ");
         assert_eq!(r.coded.age_band, common::AgeBand::AgeBand1824 as i32);
     }
@@ -389,7 +414,7 @@ mod tests {
             phone: "call me".into(),
             ..Default::default()
         });
-        let err = report(&req, Utc::now(), Some("kg-mvd")).unwrap_err();
+        let err = report(&req, Utc::now(), POLICE).unwrap_err();
         let text = format!("{err:?}");
         assert!(!text.contains("Kyrgyzstan") && !text.contains("call me"));
         assert_eq!(
@@ -407,20 +432,29 @@ mod tests {
 
     #[test]
     fn the_competent_authority_defaults_for_police_and_is_required_otherwise() {
-        let r = report(&valid(), Utc::now(), Some("kg-mvd")).unwrap();
+        let r = report(&valid(), Utc::now(), POLICE).unwrap();
         assert_eq!(r.coded.competent_authority, "kg-mvd");
         assert_eq!(
-            fields(report(&valid(), Utc::now(), None).unwrap_err()),
+            fields(report(&valid(), Utc::now(), NGO).unwrap_err()),
             ["competent_authority"]
         );
         let mut req = valid();
         req.competent_authority = "kg-prosecutor".into();
         assert_eq!(
-            report(&req, Utc::now(), None).unwrap().coded.competent_authority,
+            report(&req, Utc::now(), NGO).unwrap().coded.competent_authority,
             "kg-prosecutor"
         );
+        // An NGO never names itself (it would learn of duplicates of its own report).
+        req.competent_authority = NGO.agency.into();
+        let err = report(&req, Utc::now(), NGO).unwrap_err();
+        assert_eq!(fields(err), ["competent_authority"]);
+        req.competent_authority = "kg-mvd".into();
+        assert_eq!(
+            report(&req, Utc::now(), POLICE).unwrap().coded.competent_authority,
+            "kg-mvd"
+        );
         req.competent_authority = "Aigul Asanova".into();
-        let err = report(&req, Utc::now(), Some("kg-mvd")).unwrap_err();
+        let err = report(&req, Utc::now(), POLICE).unwrap_err();
         assert!(!format!("{err:?}").contains("Asanova"));
         assert_eq!(fields(err), ["competent_authority"]);
     }
@@ -445,15 +479,9 @@ mod tests {
     fn found_at_is_required_and_not_in_the_future() {
         let mut req = valid();
         req.found_at = None;
-        assert_eq!(
-            fields(report(&req, Utc::now(), Some("kg-mvd")).unwrap_err()),
-            ["found_at"]
-        );
+        assert_eq!(fields(report(&req, Utc::now(), POLICE).unwrap_err()), ["found_at"]);
         req.found_at = Some(timestamp(Utc::now() + chrono::Duration::days(2)));
-        assert_eq!(
-            fields(report(&req, Utc::now(), Some("kg-mvd")).unwrap_err()),
-            ["found_at"]
-        );
+        assert_eq!(fields(report(&req, Utc::now(), POLICE).unwrap_err()), ["found_at"]);
     }
 
     #[test]
