@@ -260,6 +260,21 @@ impl World {
             ))
             .await
             .unwrap();
+        // Identification learns the acceptance from the referral stream a
+        // moment later: the consented reads of the world count on it.
+        let referral_uuid: uuid::Uuid = referral_id.parse().unwrap();
+        eventually("identification learns the accepted referral", || async {
+            let state: Option<String> = sqlx::query_scalar("SELECT state FROM referrals WHERE referral_id = $1")
+                .bind(referral_uuid)
+                .fetch_optional(&system.identification.pool)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            match state.as_deref() {
+                Some("accepted") => Ok(()),
+                _ => Err(Status::not_found("not accepted yet")),
+            }
+        })
+        .await;
         let shelter_id = system
             .sh()
             .register_shelter(authorized(
