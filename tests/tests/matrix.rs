@@ -237,10 +237,15 @@ impl World {
                     person_id: person_id.clone(),
                     case_id: case_id.clone(),
                     receiving_agency: receiver.code.clone(),
-                    services: vec![rf::ServiceKind::Psychological as i32],
+                    services: vec![rf::ServiceKind::Psychological as i32, rf::ServiceKind::Shelter as i32],
                     urgency: rf::Urgency::Normal as i32,
                     consent_id: consent_id.clone(),
-                    shelter_need: None,
+                    // A bed may be held for it by hand; in a region with no
+                    // shelter, so that placement holds none by itself.
+                    shelter_need: Some(rf::ShelterNeed {
+                        category: sh::BedCategory::Women as i32,
+                        region: "KG-B".into(),
+                    }),
                 },
                 &reporter.token(),
             ))
@@ -281,6 +286,18 @@ impl World {
             .unwrap()
             .into_inner()
             .shelter_id;
+        system
+            .sh()
+            .approve_shelter(authorized(
+                sh::ApproveShelterRequest {
+                    request_id: rid(),
+                    shelter_id: shelter_id.clone(),
+                    expected_version: 1,
+                },
+                &coordinator().token(),
+            ))
+            .await
+            .unwrap();
         let hold_id = eventually("the shelter service learns the accepted referral", || {
             let mut sh = system.sh();
             let request = sh::HoldBedRequest {
@@ -733,6 +750,19 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
                         expected_version,
                         category: sh::BedCategory::Women as i32,
                         beds: 5,
+                    }))
+                    .await,
+            )
+        }
+        (permissions::SHELTER, "ApproveShelter") => {
+            let expected_version = shelter_version(system, w).await;
+            answer(
+                system
+                    .sh()
+                    .approve_shelter(a!(sh::ApproveShelterRequest {
+                        request_id: rid(),
+                        shelter_id: w.shelter_id.clone(),
+                        expected_version,
                     }))
                     .await,
             )
