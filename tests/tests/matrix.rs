@@ -311,6 +311,44 @@ impl World {
             async move { Ok(sh.hold_bed(authorized(request, &token)).await?.into_inner().hold_id) }
         })
         .await;
+        // The identification service's and the referral inbox's views of the
+        // accepted referral follow their streams a moment later; the hold
+        // above no longer waits as long (the shelter service's referrals view
+        // is quick), so wait for them here: a trial must not see a lag as a refusal.
+        eventually("the identification service learns the accepted referral", || {
+            let mut id = system.id();
+            let request = id::GetPersonalDataRequest {
+                person_id: person_id.clone(),
+                purpose: "victim protection".into(),
+                read_purpose: id::ReadPurpose::VictimProtection as i32,
+            };
+            let token = receiver.token();
+            async move { id.get_personal_data(authorized(request, &token)).await.map(|_| ()) }
+        })
+        .await;
+        eventually("the receiver's inbox lists the referral", || {
+            let mut rf = system.rf();
+            let token = receiver.token();
+            let referral_id = referral_id.clone();
+            async move {
+                let inbox = rf
+                    .list_inbox(authorized(
+                        rf::ListInboxRequest {
+                            page_size: 1000,
+                            ..Default::default()
+                        },
+                        &token,
+                    ))
+                    .await?
+                    .into_inner();
+                if inbox.referrals.iter().any(|r| r.referral_id == referral_id) {
+                    Ok(())
+                } else {
+                    Err(Status::not_found("not listed yet"))
+                }
+            }
+        })
+        .await;
         let goal_id = system
             .rf()
             .add_plan_goal(authorized(
