@@ -280,7 +280,8 @@ impl Service {
         }
     }
 
-    /// Registers a shelter with `beds` of each category given; returns its ID.
+    /// Registers a shelter with `beds` of each category given and has the
+    /// coordinator approve it; returns its ID.
     async fn register(&self, region: &str, beds: &[(pb::BedCategory, u32)]) -> anyhow::Result<String> {
         let request = pb::RegisterShelterRequest {
             request_id: Uuid::now_v7().to_string(),
@@ -298,14 +299,27 @@ impl Service {
             wheelchair_accessible: true,
         };
         let operator = token(OPERATOR, Role::Ngo, "officer-1")?;
-        Ok(self
+        let shelter_id = self
             .client
             .clone()
             .register_shelter(authorized(request, &operator)?)
             .await
             .context("register a shelter")?
             .into_inner()
-            .shelter_id)
+            .shelter_id;
+        // A shelter takes referrals once the coordinator approved it.
+        let coordinator = token("kg-coordinator", Role::Coordinator, "coordinator-1")?;
+        let approve = pb::ApproveShelterRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            shelter_id: shelter_id.clone(),
+            expected_version: 1,
+        };
+        self.client
+            .clone()
+            .approve_shelter(authorized(approve, &coordinator)?)
+            .await
+            .context("approve the shelter")?;
+        Ok(shelter_id)
     }
 
     /// Waits until the free-capacity read model knows `shelters` shelters.

@@ -252,19 +252,25 @@ impl ReferralFeed {
     }
 }
 
-/// Waits until the shelter service has followed the referral stream up to `sequence`.
+/// The region of the shelter need [`accepted_referral`] names: no test
+/// registers a shelter there, so placement holds nothing for it.
+pub const NEED_REGION: &str = "KG-B";
+
+/// Waits until the shelter service has followed the referral stream up to
+/// `sequence`: its referrals read model and its placement reaction both.
 ///
 /// # Panics
 /// After 10 s.
 pub async fn wait_followed(app: &ShelterApp, sequence: u64) {
     for _ in 0..200 {
-        let at: Option<i64> = sqlx::query_scalar(
-            "SELECT stream_sequence FROM projection_checkpoints WHERE projection = 'shelter_placement'",
+        let at: Vec<i64> = sqlx::query_scalar(
+            "SELECT stream_sequence FROM projection_checkpoints
+             WHERE projection IN ('shelter_placement', 'shelter_referrals')",
         )
-        .fetch_optional(&app.pool)
+        .fetch_all(&app.pool)
         .await
         .expect("checkpoint");
-        if at.is_some_and(|s| u64::try_from(s).unwrap_or(0) >= sequence) {
+        if at.len() == 2 && at.iter().all(|s| u64::try_from(*s).unwrap_or(0) >= sequence) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -272,19 +278,56 @@ pub async fn wait_followed(app: &ShelterApp, sequence: u64) {
     panic!("the shelter service did not follow the referral stream to {sequence} within 10 s");
 }
 
-/// Publishes an accepted referral (no shelter need: nobody but the caller
-/// holds a bed for it) for `agency` and waits until the shelter service
-/// knows it; its referral ID.
+/// Publishes an accepted referral with a shelter need for a woman's bed in
+/// [`NEED_REGION`] (where no shelter is: placement holds nothing, nobody but
+/// the caller holds a bed for it) for `agency` and waits until the shelter
+/// service knows it; its referral ID.
 pub async fn accepted_referral(app: &ShelterApp, feed: &mut ReferralFeed, agency: &str, person_id: &str) -> String {
+    accepted_referral_for(app, feed, agency, person_id, pb::BedCategory::Women).await
+}
+
+/// As [`accepted_referral`], with a shelter need for a bed of `category`.
+pub async fn accepted_referral_for(
+    app: &ShelterApp,
+    feed: &mut ReferralFeed,
+    agency: &str,
+    person_id: &str,
+    category: pb::BedCategory,
+) -> String {
     let referral_id = Uuid::now_v7().to_string();
     let sequence = feed
         .send(
             &referral_id,
-            ReferralFeed::accepted(&referral_id, person_id, agency, None),
+            ReferralFeed::accepted(&referral_id, person_id, agency, Some((category, NEED_REGION))),
         )
         .await;
     wait_followed(app, sequence).await;
     referral_id
+}
+
+/// The national coordinator's token.
+#[must_use]
+pub fn coordinator() -> String {
+    crate::token("kg-coordinator", nrm_kernel::auth::Role::Coordinator, "coordinator-1")
+}
+
+/// The coordinator approves the shelter just registered (version 1).
+///
+/// # Panics
+/// When the service refuses.
+pub async fn approve(app: &ShelterApp, shelter_id: &str) {
+    app.client
+        .clone()
+        .approve_shelter(crate::authorized(
+            pb::ApproveShelterRequest {
+                request_id: Uuid::now_v7().to_string(),
+                shelter_id: shelter_id.to_owned(),
+                expected_version: 1,
+            },
+            &coordinator(),
+        ))
+        .await
+        .expect("approve the shelter");
 }
 
 /// Asserts that since `before` nothing was written but `refusals` audit entries.

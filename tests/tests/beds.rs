@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use nrm_e2e::beds::{ReferralFeed, accepted_referral, assert_only_audited, wait_followed};
+use nrm_e2e::beds::{ReferralFeed, accepted_referral, approve, assert_only_audited, coordinator, wait_followed};
 use nrm_e2e::{ShelterApp, authorized, token, unique};
 use nrm_kernel::auth::Role;
 use nrm_proto::referral::v1 as referral;
@@ -43,7 +43,14 @@ fn reason(status: &tonic::Status) -> String {
         .clone()
 }
 
+/// Registers a shelter and has the coordinator approve it.
 async fn register(app: &ShelterApp, region: &str, capacity: &[(pb::BedCategory, u32)]) -> String {
+    let shelter_id = register_unapproved(app, region, capacity).await;
+    approve(app, &shelter_id).await;
+    shelter_id
+}
+
+async fn register_unapproved(app: &ShelterApp, region: &str, capacity: &[(pb::BedCategory, u32)]) -> String {
     app.client
         .clone()
         .register_shelter(authorized(
@@ -393,6 +400,343 @@ async fn the_operator_sees_who_is_coming_and_the_holder_where_never_anyone_else(
     wait_followed(&app, feed.cancel(&referral_id, MSD).await).await;
     assert_eq!(get(msd()).await.unwrap_err().code(), Code::PermissionDenied);
     assert!(arrivals(operator()).await.unwrap().arrivals.is_empty());
+    feed.drop_all().await;
+    app.stop().await;
+}
+
+async fn release_as(app: &ShelterApp, who: &str, shelter_id: &str, hold_id: &str) -> Result<(), tonic::Status> {
+    app.client
+        .clone()
+        .release_hold(authorized(
+            pb::ReleaseHoldRequest {
+                request_id: rid(),
+                shelter_id: shelter_id.to_owned(),
+                hold_id: hold_id.to_owned(),
+            },
+            who,
+        ))
+        .await
+        .map(|_| ())
+}
+
+async fn get_as(app: &ShelterApp, who: &str, shelter_id: &str) -> Result<pb::Shelter, tonic::Status> {
+    app.client
+        .clone()
+        .get_shelter(authorized(
+            pb::GetShelterRequest {
+                shelter_id: shelter_id.to_owned(),
+            },
+            who,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The review's address harvest: an agency with some accepted referral
+/// (MoH, a medical one) walks the shelters holding and releasing beds to
+/// read their addresses. A referral that asked for no shelter holds
+/// nothing, one that did holds its category only, and at most
+/// `MAX_HOLDS_PER_REFERRAL` times.
+#[tokio::test]
+async fn no_address_harvest_a_bed_only_for_a_shelter_need_of_its_category_and_a_few_times() {
+    let app = ShelterApp::spawn().await;
+    let shelters = [
+        register(&app, "KG-O", &[(Women, 3), (Children, 2)]).await,
+        register(&app, "KG-GB", &[(Women, 3)]).await,
+        register(&app, "KG-C", &[(Women, 3)]).await,
+        register(&app, "KG-N", &[(Women, 3)]).await,
+    ];
+    let mut feed = ReferralFeed::new(&app).await;
+    let tables = app.tables();
+
+    // A medical referral to MoH, accepted: it asked for no shelter.
+    let medical = rid();
+    let person = Uuid::now_v7();
+    feed.commit(
+        &medical,
+        referral::referral_event::Event::ReferralCreated(referral::ReferralCreated {
+            referral_id: medical.clone(),
+            person_id: person.to_string(),
+            receiving_agency: "kg-moh".into(),
+            services: vec![referral::ServiceKind::Medical as i32],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let sequence = feed
+        .send(
+            &medical,
+            ReferralFeed::accepted(&medical, &person.to_string(), "kg-moh", None),
+        )
+        .await;
+    wait_followed(&app, sequence).await;
+    let before = tables.snapshot().await;
+    for shelter_id in &shelters {
+        let status = hold_as(&app, &moh(), shelter_id, &medical).await.unwrap_err();
+        assert_eq!(reason(&status), "NO_SHELTER_NEED");
+        assert_eq!(
+            get_as(&app, &moh(), shelter_id).await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+    }
+    assert_only_audited(&tables, &before, 8, "holds and address reads for a medical referral").await;
+    let listed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE person_id = $1 AND action = 'HoldBed:refused'")
+            .bind(person)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(listed, 4, "the refusals list under the referral's person");
+
+    // A shelter referral for a woman's bed: not a child's bed.
+    let person = Uuid::now_v7();
+    let referral_id = accepted_referral(&app, &mut feed, MSD, &person.to_string()).await;
+    let before = tables.snapshot().await;
+    let status = app
+        .client
+        .clone()
+        .hold_bed(authorized(
+            pb::HoldBedRequest {
+                request_id: rid(),
+                shelter_id: shelters[0].clone(),
+                category: Children as i32,
+                referral_id: referral_id.clone(),
+                hold_minutes: 60,
+            },
+            &msd(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "CATEGORY_MISMATCH");
+    assert_only_audited(&tables, &before, 1, "a hold of another category").await;
+
+    // Hold and release, shelter after shelter: the referral's holds run out
+    // (the refused holds above counted none).
+    for shelter_id in &shelters[..3] {
+        let held = hold_as(&app, &msd(), shelter_id, &referral_id).await.unwrap();
+        assert_eq!(get_as(&app, &msd(), shelter_id).await.unwrap().address, "Secret lane 3");
+        release_as(&app, &msd(), shelter_id, &held.hold_id).await.unwrap();
+        assert_eq!(
+            get_as(&app, &msd(), shelter_id).await.unwrap_err().code(),
+            Code::PermissionDenied,
+            "no address once the hold is released"
+        );
+    }
+    let before = tables.snapshot().await;
+    let status = hold_as(&app, &msd(), &shelters[3], &referral_id).await.unwrap_err();
+    assert_eq!(reason(&status), "HOLD_LIMIT");
+    assert_only_audited(&tables, &before, 1, "a hold past the limit").await;
+    assert_eq!(
+        get_as(&app, &msd(), &shelters[3]).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // The operator and the coordinator read it.
+    assert_eq!(
+        get_as(&app, &operator(), &shelters[3]).await.unwrap().address,
+        "Secret lane 3"
+    );
+    assert_eq!(
+        get_as(&app, &coordinator(), &shelters[3]).await.unwrap().address,
+        "Secret lane 3"
+    );
+
+    // Every hold and release lists under the referral's person.
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE person_id = $1 AND action IN ('HoldBed', 'ReleaseHold') ORDER BY id",
+    )
+    .bind(person)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        [
+            "HoldBed",
+            "ReleaseHold",
+            "HoldBed",
+            "ReleaseHold",
+            "HoldBed",
+            "ReleaseHold"
+        ]
+    );
+    feed.drop_all().await;
+    app.stop().await;
+}
+
+/// The review's fake shelter: a registered shelter takes no referral until
+/// the coordinator approved it.
+#[tokio::test]
+async fn a_shelter_takes_no_referral_until_the_coordinator_approves_it() {
+    let app = ShelterApp::spawn().await;
+    let fake = register_unapproved(&app, "KG-O", &[(Women, 10_000)]).await;
+    let real = register(&app, "KG-O", &[(Women, 1)]).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    let tables = app.tables();
+
+    // Placement sends the referral to the approved shelter, not the bigger fake one.
+    let placed = rid();
+    let sequence = feed.accept(&placed, Women, "KG-O").await;
+    wait_followed(&app, sequence).await;
+    let holds: Vec<String> = sqlx::query_scalar("SELECT shelter_id::text FROM open_holds WHERE referral_id = $1::uuid")
+        .bind(&placed)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(holds, std::slice::from_ref(&real));
+
+    // No hold by hand, no listing.
+    let referral_id = accepted_referral(&app, &mut feed, MSD, &rid()).await;
+    let before = tables.snapshot().await;
+    let status = hold_as(&app, &msd(), &fake, &referral_id).await.unwrap_err();
+    assert_eq!(reason(&status), "SHELTER_NOT_APPROVED");
+    assert_only_audited(&tables, &before, 1, "a hold at an unapproved shelter").await;
+    let listed = |app: &ShelterApp| {
+        let mut client = app.client.clone();
+        async move {
+            client
+                .list_free_capacity(authorized(
+                    pb::ListFreeCapacityRequest {
+                        region: "KG-O".into(),
+                        category: Women as i32,
+                    },
+                    &msd(),
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+                .into_iter()
+                .map(|e| e.shelter_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    // The real shelter's one bed is held: it is listed with none free; the fake is not listed.
+    assert!(!listed(&app).await.contains(&fake));
+
+    // Only the coordinator approves, once.
+    let approve_as = |who: String, version: u64| {
+        let mut client = app.client.clone();
+        let fake = fake.clone();
+        async move {
+            client
+                .approve_shelter(authorized(
+                    pb::ApproveShelterRequest {
+                        request_id: rid(),
+                        shelter_id: fake,
+                        expected_version: version,
+                    },
+                    &who,
+                ))
+                .await
+        }
+    };
+    assert_eq!(
+        approve_as(operator(), 1).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(approve_as(msd(), 1).await.unwrap_err().code(), Code::PermissionDenied);
+    approve_as(coordinator(), 1).await.unwrap();
+    assert_eq!(
+        reason(&approve_as(coordinator(), 2).await.unwrap_err()),
+        "ALREADY_APPROVED"
+    );
+    hold_as(&app, &msd(), &fake, &referral_id).await.unwrap();
+    for _ in 0..200 {
+        if listed(&app).await.contains(&fake) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(listed(&app).await.contains(&fake), "listed once approved");
+    feed.drop_all().await;
+    app.stop().await;
+}
+
+/// The review's lagging read model: a referral declined by A, redirected to
+/// B and accepted by B may still read "declined, receiving A" here. B then
+/// hears "not yet" (retry), never a final-looking "denied"; "denied" only
+/// for a referral accepted by another agency. And when the placement
+/// reaction saw the referral end before the read model did, no bed.
+#[tokio::test]
+async fn a_lagging_referral_view_answers_not_yet_and_never_holds_for_an_ended_referral() {
+    let app = ShelterApp::spawn().await;
+    let shelter_id = register(&app, "KG-O", &[(Women, 3)]).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    let referral_id = accepted_referral(&app, &mut feed, MSD, &rid()).await;
+    let set = |agency: &'static str, state: &'static str| {
+        let pool = app.pool.clone();
+        let referral_id = referral_id.clone();
+        async move {
+            sqlx::query("UPDATE shelter_referrals SET receiving_agency = $2, state = $3 WHERE referral_id = $1::uuid")
+                .bind(referral_id)
+                .bind(agency)
+                .bind(state)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Behind: still "declined by kg-ngo-a".
+    set("kg-ngo-a", "declined").await;
+    let status = hold_as(&app, &msd(), &shelter_id, &referral_id).await.unwrap_err();
+    assert_eq!(reason(&status), "REFERRAL_NOT_ACCEPTED");
+    set("kg-ngo-a", "redirected").await;
+    let status = hold_as(&app, &msd(), &shelter_id, &referral_id).await.unwrap_err();
+    assert_eq!(reason(&status), "REFERRAL_NOT_ACCEPTED");
+    // Accepted by another agency: that is final.
+    set("kg-ngo-a", "accepted").await;
+    let status = hold_as(&app, &msd(), &shelter_id, &referral_id).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Caught up: MSD holds.
+    set(MSD, "accepted").await;
+    let held = hold_as(&app, &msd(), &shelter_id, &referral_id).await.unwrap();
+    release_as(&app, &msd(), &shelter_id, &held.hold_id).await.unwrap();
+
+    // The placement reaction has seen the cancellation, the read model not yet.
+    sqlx::query("UPDATE placement_referrals SET ended = true, version = version + 1 WHERE referral_id = $1::uuid")
+        .bind(&referral_id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let status = hold_as(&app, &msd(), &shelter_id, &referral_id).await.unwrap_err();
+    assert_eq!(reason(&status), "REFERRAL_NOT_ACCEPTED");
+    feed.drop_all().await;
+    app.stop().await;
+}
+
+/// The upgrade: referrals accepted before the referrals view existed (its
+/// table empty, no checkpoint) are learnt from the referral stream by the
+/// view's own runner, so they can hold a bed.
+#[tokio::test]
+async fn referrals_accepted_before_the_view_existed_can_hold_a_bed_after_the_upgrade() {
+    let app = ShelterApp::spawn().await;
+    let shelter_id = register(&app, "KG-O", &[(Women, 3)]).await;
+    let mut feed = ReferralFeed::new(&app).await;
+    let referral_id = accepted_referral(&app, &mut feed, MSD, &rid()).await;
+    let (settings, pool) = (app.settings.clone(), app.pool.clone());
+    // The service stops (its database and streams stay) ...
+    drop(app);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // ... and the deploy starts with the view empty and never run.
+    sqlx::query("TRUNCATE shelter_referrals").execute(&pool).await.unwrap();
+    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = 'shelter_referrals'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let app = ShelterApp::spawn_with(settings).await;
+    let mut held = None;
+    for _ in 0..200 {
+        match hold_as(&app, &msd(), &shelter_id, &referral_id).await {
+            Ok(h) => {
+                held = Some(h);
+                break;
+            }
+            Err(status) => assert_eq!(reason(&status), "REFERRAL_NOT_ACCEPTED"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(held.is_some(), "the referral accepted before the upgrade holds a bed");
+    pool.close().await;
     feed.drop_all().await;
     app.stop().await;
 }

@@ -265,6 +265,18 @@ async fn a_person_goes_from_report_to_shelter_services_and_closure_across_all_se
         .await
         .unwrap()
         .into_inner();
+    // The coordinator approves it: only then does it take referrals.
+    shelter
+        .approve_shelter(authorized(
+            sh::ApproveShelterRequest {
+                request_id: rid(),
+                shelter_id: registered.shelter_id.clone(),
+                expected_version: 1,
+            },
+            &as_(COORDINATOR),
+        ))
+        .await
+        .unwrap();
     // Placement decides on the shelters' own state: no need to wait for the
     // free-capacity read model before the referral is accepted.
 

@@ -237,10 +237,15 @@ impl World {
                     person_id: person_id.clone(),
                     case_id: case_id.clone(),
                     receiving_agency: receiver.code.clone(),
-                    services: vec![rf::ServiceKind::Psychological as i32],
+                    services: vec![rf::ServiceKind::Psychological as i32, rf::ServiceKind::Shelter as i32],
                     urgency: rf::Urgency::Normal as i32,
                     consent_id: consent_id.clone(),
-                    shelter_need: None,
+                    // A bed may be held for it by hand; in a region with no
+                    // shelter, so that placement holds none by itself.
+                    shelter_need: Some(rf::ShelterNeed {
+                        category: sh::BedCategory::Women as i32,
+                        region: "KG-B".into(),
+                    }),
                 },
                 &reporter.token(),
             ))
@@ -296,6 +301,18 @@ impl World {
             .unwrap()
             .into_inner()
             .shelter_id;
+        system
+            .sh()
+            .approve_shelter(authorized(
+                sh::ApproveShelterRequest {
+                    request_id: rid(),
+                    shelter_id: shelter_id.clone(),
+                    expected_version: 1,
+                },
+                &coordinator().token(),
+            ))
+            .await
+            .unwrap();
         let hold_id = eventually("the shelter service learns the accepted referral", || {
             let mut sh = system.sh();
             let request = sh::HoldBedRequest {
@@ -307,6 +324,44 @@ impl World {
             };
             let token = receiver.token();
             async move { Ok(sh.hold_bed(authorized(request, &token)).await?.into_inner().hold_id) }
+        })
+        .await;
+        // The identification service's and the referral inbox's views of the
+        // accepted referral follow their streams a moment later; the hold
+        // above no longer waits as long (the shelter service's referrals view
+        // is quick), so wait for them here: a trial must not see a lag as a refusal.
+        eventually("the identification service learns the accepted referral", || {
+            let mut id = system.id();
+            let request = id::GetPersonalDataRequest {
+                person_id: person_id.clone(),
+                purpose: "victim protection".into(),
+                read_purpose: id::ReadPurpose::VictimProtection as i32,
+            };
+            let token = receiver.token();
+            async move { id.get_personal_data(authorized(request, &token)).await.map(|_| ()) }
+        })
+        .await;
+        eventually("the receiver's inbox lists the referral", || {
+            let mut rf = system.rf();
+            let token = receiver.token();
+            let referral_id = referral_id.clone();
+            async move {
+                let inbox = rf
+                    .list_inbox(authorized(
+                        rf::ListInboxRequest {
+                            page_size: 1000,
+                            ..Default::default()
+                        },
+                        &token,
+                    ))
+                    .await?
+                    .into_inner();
+                if inbox.referrals.iter().any(|r| r.referral_id == referral_id) {
+                    Ok(())
+                } else {
+                    Err(Status::not_found("not listed yet"))
+                }
+            }
         })
         .await;
         let goal_id = system
@@ -759,6 +814,19 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
                         expected_version,
                         category: sh::BedCategory::Women as i32,
                         beds: 5,
+                    }))
+                    .await,
+            )
+        }
+        (permissions::SHELTER, "ApproveShelter") => {
+            let expected_version = shelter_version(system, w).await;
+            answer(
+                system
+                    .sh()
+                    .approve_shelter(a!(sh::ApproveShelterRequest {
+                        request_id: rid(),
+                        shelter_id: w.shelter_id.clone(),
+                        expected_version,
                     }))
                     .await,
             )

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use nrm_e2e::beds::{ReferralFeed, accepted_referral};
+use nrm_e2e::beds::{ReferralFeed, accepted_referral, approve};
 use nrm_e2e::canary::{self, ADDRESS, Caller, ERROR_CODES, NAME, PASSPORT, Sweep};
 use nrm_e2e::{ShelterApp, authorized, fields, token, unique};
 use nrm_kernel::auth::Role;
@@ -95,6 +95,7 @@ impl World {
             .unwrap()
             .into_inner()
             .shelter_id;
+        approve(app, &shelter_id).await;
         let mut hold = async |referral_id: &str| {
             client
                 .hold_bed(authorized(
@@ -238,6 +239,25 @@ async fn sweep_shelter_rpcs(sweep: &mut Sweep, app: &ShelterApp, w: &World) {
             ],
             &fields!(pb::ChangeCapacityRequest: request_id, shelter_id),
             via!(c, change_capacity),
+        )
+        .await;
+    sweep
+        .rpc(
+            "ApproveShelter",
+            &[
+                ("the shelter", &|| pb::ApproveShelterRequest {
+                    request_id: rid(),
+                    shelter_id: w.shelter_id.clone(),
+                    expected_version: 2,
+                }),
+                ("an unknown shelter", &|| pb::ApproveShelterRequest {
+                    request_id: rid(),
+                    shelter_id: unknown.clone(),
+                    expected_version: 1,
+                }),
+            ],
+            &fields!(pb::ApproveShelterRequest: request_id, shelter_id),
+            via!(c, approve_shelter),
         )
         .await;
     let hold = |shelter_id: &str, referral_id: &str| pb::HoldBedRequest {

@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use nrm_e2e::beds::{ReferralFeed, accepted_referral, assert_only_audited, wait_followed as wait_placed};
+use nrm_e2e::beds::{
+    NEED_REGION, ReferralFeed, accepted_referral, accepted_referral_for, approve, assert_only_audited,
+    wait_followed as wait_placed,
+};
 use nrm_e2e::{ShelterApp, authorized, token, unique};
 use nrm_kernel::auth::Role;
 use nrm_proto::shelter::v1 as pb;
@@ -76,8 +79,10 @@ fn registration(region: &str, capacity: &[(pb::BedCategory, u32)], address: &str
     }
 }
 
+/// Registers a shelter and has the coordinator approve it.
 async fn register(app: &ShelterApp, region: &str, capacity: &[(pb::BedCategory, u32)]) -> String {
-    app.client
+    let shelter_id = app
+        .client
         .clone()
         .register_shelter(authorized(
             registration(region, capacity, "Street 1, house 2"),
@@ -86,7 +91,9 @@ async fn register(app: &ShelterApp, region: &str, capacity: &[(pb::BedCategory, 
         .await
         .expect("register")
         .into_inner()
-        .shelter_id
+        .shelter_id;
+    approve(app, &shelter_id).await;
+    shelter_id
 }
 
 fn hold_request(shelter_id: &str, category: pb::BedCategory, referral_id: &str) -> pb::HoldBedRequest {
@@ -106,7 +113,7 @@ async fn hold(
     shelter_id: &str,
     category: pb::BedCategory,
 ) -> pb::HoldBedResponse {
-    let referral_id = accepted_referral(app, feed, "kg-msd", &rid()).await;
+    let referral_id = accepted_referral_for(app, feed, "kg-msd", &rid(), category).await;
     app.client
         .clone()
         .hold_bed(authorized(hold_request(shelter_id, category, &referral_id), &msd()))
@@ -178,8 +185,11 @@ async fn fifty_concurrent_holds_for_the_last_three_beds_give_exactly_three() {
     let mut feed = ReferralFeed::new(&app).await;
     let referrals: Vec<String> = (0..50).map(|_| rid()).collect();
     for referral_id in &referrals {
-        feed.commit(referral_id, ReferralFeed::accepted(referral_id, &rid(), "kg-msd", None))
-            .await;
+        feed.commit(
+            referral_id,
+            ReferralFeed::accepted(referral_id, &rid(), "kg-msd", Some((Women, NEED_REGION))),
+        )
+        .await;
     }
     wait_placed(&app, feed.publish().await).await;
     let mut tasks = Vec::new();
@@ -201,16 +211,20 @@ async fn fifty_concurrent_holds_for_the_last_three_beds_give_exactly_three() {
     assert_eq!((held, no_bed), (3, 47));
     let types = event_types(&app, &format!("shelter-{shelter_id}")).await;
     assert_eq!(types.iter().filter(|t| *t == "BedHeld").count(), 3);
-    assert_eq!(types.len(), 4, "registration and three holds, nothing else");
+    assert_eq!(types.len(), 5, "registration, approval and three holds, nothing else");
     wait_free(&app, &shelter_id, Women, 0).await;
     // One expiry timer per hold; the 47 refusals left no answer, only their audit entries.
     let tables = app.tables().snapshot().await;
     assert_eq!(tables.rows("timers"), 3);
-    assert_eq!(tables.rows("commands"), 4, "the registration's answer and three holds'");
+    assert_eq!(
+        tables.rows("commands"),
+        5,
+        "the registration's answer, the approval's and three holds'"
+    );
     assert_eq!(
         tables.rows("audit_log"),
-        4 + 47,
-        "the registration, three holds, 47 refusals"
+        5 + 47,
+        "the registration, the approval, three holds, 47 refusals"
     );
     let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'HoldBed:refused'")
         .fetch_one(&app.pool)
@@ -248,7 +262,10 @@ async fn an_expired_hold_frees_its_bed_without_anyone_acting() {
         .unwrap();
     wait_free(&app, &shelter_id, Women, 1).await;
     let types = event_types(&app, &format!("shelter-{shelter_id}")).await;
-    assert_eq!(types, ["ShelterRegistered", "BedHeld", "HoldExpired"]);
+    assert_eq!(
+        types,
+        ["ShelterRegistered", "ShelterApproved", "BedHeld", "HoldExpired"]
+    );
     let fired: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT fired_at FROM timers WHERE aggregate_id = $1")
             .bind(&held.hold_id)
@@ -568,6 +585,7 @@ async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_the_coo
         .unwrap()
         .into_inner()
         .shelter_id;
+    approve(&app, &shelter_id).await;
     let mut feed = ReferralFeed::new(&app).await;
     hold(&app, &mut feed, &shelter_id, Women).await;
 
@@ -638,7 +656,11 @@ async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_the_coo
         .fetch_all(&app.pool)
         .await
         .unwrap();
-    assert_eq!(payloads.len(), 2);
+    let shelter_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE stream_id LIKE 'shelter-%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(shelter_events, 3, "registered, approved, held");
     let needle = CANARY.as_bytes();
     let contains = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     assert!(payloads.iter().all(|p| !contains(p)));
@@ -661,12 +683,13 @@ async fn the_address_is_sealed_everywhere_and_shown_only_to_the_operator_the_coo
     let mut messages = Vec::new();
     for _ in 0..200 {
         messages = app.messages().await;
-        if messages.len() >= 2 {
+        if messages.len() >= payloads.len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(messages.len(), 2);
+    // One commit per event (with the placement stream's NoBedAvailable for the helper's referral).
+    assert_eq!(messages.len(), payloads.len());
     for message in &messages {
         assert!(!contains(&message.payload));
         for (name, values) in message.headers.iter() {

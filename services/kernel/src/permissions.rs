@@ -394,6 +394,13 @@ pub const MATRIX: &[Permission] = &[
         summary: "who is coming to a shelter: pseudonym, category, arrival window; never why",
         grants: grants![Shelter => OPERATES, Msd => OPERATES, Ngo => OPERATES, Iom => OPERATES],
     },
+    Permission {
+        service: SHELTER,
+        method: "ApproveShelter",
+        part: None,
+        summary: "approve a registered shelter: only then does it take referrals",
+        grants: grants![Coordinator => ANY],
+    },
     // --- every service -------------------------------------------------------
     Permission {
         service: OPERATOR,

@@ -6,12 +6,13 @@ use anyhow::Result;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::shelter::v1::shelter_service_client::ShelterServiceClient;
 use nrm_proto::shelter::v1::{
-    AdmitRequest, BedCapacity, BedCategory, ChangeCapacityRequest, DischargeRequest, GetShelterRequest, HoldBedRequest,
-    ListArrivalsRequest, ListFreeCapacityRequest, RegisterShelterRequest, ReleaseHoldRequest, Shelter,
+    AdmitRequest, ApproveShelterRequest, BedCapacity, BedCategory, ChangeCapacityRequest, DischargeRequest,
+    GetShelterRequest, HoldBedRequest, ListArrivalsRequest, ListFreeCapacityRequest, RegisterShelterRequest,
+    ReleaseHoldRequest, Shelter,
 };
 
 use crate::cli::shelter::{
-    CapacityArgs, FreeArgs, HoldArgs, HoldRefArgs, RegisterArgs, ShelterCommand, ShelterGetArgs,
+    ApproveArgs, CapacityArgs, FreeArgs, HoldArgs, HoldRefArgs, RegisterArgs, ShelterCommand, ShelterGetArgs,
 };
 use crate::cli::{Global, Output};
 use crate::enums::{cli_name, cli_name_of, shown};
@@ -31,6 +32,7 @@ pub async fn run(global: &Global, command: ShelterCommand) -> Result<()> {
     let output = global.output;
     match command {
         ShelterCommand::Register(args) => register(&mut client, output, args).await,
+        ShelterCommand::Approve(args) => approve(&mut client, output, args).await,
         ShelterCommand::Capacity(args) => capacity(&mut client, output, args).await,
         ShelterCommand::Hold(args) => hold(&mut client, output, args).await,
         ShelterCommand::Release(args) => on_hold(&mut client, output, Step::Release, args).await,
@@ -62,6 +64,17 @@ async fn register(client: &mut Client, output: Output, args: RegisterArgs) -> Re
             &request_id,
         ),
     }
+}
+
+async fn approve(client: &mut Client, output: Output, args: ApproveArgs) -> Result<()> {
+    let request_id = rpc::request_id(args.request, output);
+    let request = ApproveShelterRequest {
+        request_id: request_id.clone(),
+        shelter_id: args.shelter_id,
+        expected_version: args.expected_version,
+    };
+    let result = client.approve_shelter(request).await?.into_inner();
+    print_result(output, &result, &request_id)
 }
 
 async fn capacity(client: &mut Client, output: Output, args: CapacityArgs) -> Result<()> {

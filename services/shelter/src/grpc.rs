@@ -75,6 +75,14 @@ impl ShelterService for ShelterGrpc {
         reply(self.app.list_free_capacity(&ctx, request.get_ref()).await)
     }
 
+    async fn approve_shelter(
+        &self,
+        request: Request<pb::ApproveShelterRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        let ctx = gate::context(&request)?;
+        reply(self.app.approve_shelter(&ctx, request.get_ref()).await)
+    }
+
     async fn list_arrivals(
         &self,
         request: Request<pb::ListArrivalsRequest>,

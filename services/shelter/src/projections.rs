@@ -1,5 +1,6 @@
 //! The `free_capacity` read model: beds, holds and admissions per shelter and
-//! category, so that "where is a free bed for a woman in the Osh region"
+//! category, and whether the coordinator approved the shelter (only approved
+//! ones are listed), so that "where is a free bed for a woman in the Osh region"
 //! answers from an index. Fed by the kernel's projection runner from the
 //! service's own shelter subjects; can be dropped and rebuilt by replaying.
 //!
@@ -77,7 +78,9 @@ impl Projection for FreeCapacity {
             match event {
                 Event::ShelterRegistered(r) => {
                     sqlx::query(
-                        "INSERT INTO free_capacity_shelters (shelter_id, region, version) VALUES ($1, $2, $3)
+                        "INSERT INTO free_capacity_shelters (shelter_id, region, version, approved)
+                         VALUES ($1, $2, $3,
+                                 EXISTS (SELECT 1 FROM shelters_approved_by_migration m WHERE m.shelter_id = $1))
                          ON CONFLICT (shelter_id) DO NOTHING",
                     )
                     .bind(shelter_id)
@@ -87,7 +90,8 @@ impl Projection for FreeCapacity {
                     .await?;
                     for c in &r.capacity {
                         sqlx::query(
-                            "INSERT INTO free_capacity (shelter_id, category, region, capacity) VALUES ($1, $2, $3, $4)
+                            "INSERT INTO free_capacity (shelter_id, category, region, capacity, approved)
+                             SELECT $1, $2, $3, $4, approved FROM free_capacity_shelters WHERE shelter_id = $1
                              ON CONFLICT (shelter_id, category) DO NOTHING",
                         )
                         .bind(shelter_id)
@@ -98,10 +102,20 @@ impl Projection for FreeCapacity {
                         .await?;
                     }
                 }
+                Event::ShelterApproved(_) => {
+                    sqlx::query("UPDATE free_capacity_shelters SET approved = true WHERE shelter_id = $1")
+                        .bind(shelter_id)
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("UPDATE free_capacity SET approved = true WHERE shelter_id = $1")
+                        .bind(shelter_id)
+                        .execute(&mut *conn)
+                        .await?;
+                }
                 Event::CapacityChanged(c) => {
                     sqlx::query(
-                        "INSERT INTO free_capacity (shelter_id, category, region, capacity)
-                         SELECT $1, $2, region, $3 FROM free_capacity_shelters WHERE shelter_id = $1
+                        "INSERT INTO free_capacity (shelter_id, category, region, capacity, approved)
+                         SELECT $1, $2, region, $3, approved FROM free_capacity_shelters WHERE shelter_id = $1
                          ON CONFLICT (shelter_id, category) DO UPDATE SET capacity = EXCLUDED.capacity",
                     )
                     .bind(shelter_id)

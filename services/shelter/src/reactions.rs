@@ -2,12 +2,18 @@
 //! beds for, holding a bed when a referral with a shelter need is accepted,
 //! releasing it when the referral ends, and expiring holds nobody acted on.
 //!
+//! - [`ReferralsView`]: the `shelter_referrals` read model (who each
+//!   referral is for, its state, whether it asked for shelter and its
+//!   shelter need), which `HoldBed` and `ListArrivals` read. A runner of its
+//!   own: a new one has no checkpoint and replays the referral stream from
+//!   its first message, so it also knows the referrals accepted before it
+//!   was deployed.
 //! - [`Placement`]: a reaction on the referral stream, in stream order, one
 //!   commit per transaction beside its checkpoint. For each referral event
 //!   it
-//!   1. keeps `shelter_referrals` (who the referral is for, its state, its
-//!      shelter need; an event at or below the row's version changes
-//!      nothing), which `HoldBed` checks;
+//!   1. keeps its own guard (`placement_referrals`: the referral version it
+//!      acted on, and whether the referral ended; an event at or below that
+//!      version changes nothing), under the referral's lock;
 //!   2. on `ReferralAccepted` with a shelter need, picks the shelter of the
 //!      region with the most free beds of the category, from `shelter_beds`
 //!      (written with the shelters' events, so a shelter registered a moment
@@ -24,8 +30,14 @@
 //!
 //!   One runner does all three so that they follow the referral's events in
 //!   their order: a cancellation is never acted on before the acceptance.
-//!   Locks are taken in one order, the referral's row, then the shelter's
-//!   lock, as `HoldBed` takes them.
+//!   Nothing here reads `shelter_referrals`: auto-release follows the
+//!   referral events and `open_holds`. Whichever of the two runners is
+//!   ahead, no bed stays held for an ended referral: `HoldBed` takes the
+//!   referral's lock and refuses when either `shelter_referrals` says it is
+//!   not accepted or this reaction has seen it end; a hold made before the
+//!   end is found in `open_holds` and released here. Locks are taken in one
+//!   order, the referral's lock, then the shelter's lock, as `HoldBed`
+//!   takes them.
 //! - [`HoldExpiry`]: the handler of the `shelter.hold_expiry` timers, which
 //!   appends `HoldExpired` when the hold is still held.
 
@@ -43,7 +55,7 @@ use referral::referral_event::Event as ReferralEvent;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, lock_shelter, to_new_events};
+use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, lock_referral, lock_shelter, take_hold, to_new_events};
 use crate::domain::{self, Command, DomainError, parse, regions};
 
 /// Full protobuf name of the referral service's events.
@@ -66,6 +78,8 @@ struct Change<'a> {
     person_id: Option<&'a str>,
     receiving_agency: Option<&'a str>,
     need: Option<&'a referral::ShelterNeed>,
+    /// Whether the referral asked for shelter (`None`: the event does not say).
+    wants_shelter: Option<bool>,
 }
 
 impl<'a> Change<'a> {
@@ -76,18 +90,24 @@ impl<'a> Change<'a> {
             person_id: None,
             receiving_agency: None,
             need: None,
+            wants_shelter: None,
         };
         Some(match event {
             ReferralEvent::ReferralCreated(e) => Change {
                 person_id: Some(&e.person_id),
                 receiving_agency: Some(&e.receiving_agency),
                 need: e.shelter_need.as_ref(),
+                wants_shelter: Some(
+                    e.shelter_need.is_some() || e.services.contains(&(referral::ServiceKind::Shelter as i32)),
+                ),
                 ..change(&e.referral_id, "pending")
             },
             ReferralEvent::ReferralAccepted(e) => Change {
                 person_id: Some(&e.person_id),
                 receiving_agency: Some(&e.receiving_agency),
                 need: e.shelter_need.as_ref(),
+                // The acceptance copies the need; without one it says nothing new.
+                wants_shelter: e.shelter_need.as_ref().map(|_| true),
                 ..change(&e.referral_id, "accepted")
             },
             ReferralEvent::ReferralDeclined(e) => Change {
@@ -121,36 +141,23 @@ impl Placement {
         Self { app }
     }
 
-    /// Applies `change` at referral stream `version` to the referral's row;
-    /// whether it was new (above the row's version).
-    async fn project(conn: &mut PgConnection, change: &Change<'_>, version: i64) -> Result<bool, anyhow::Error> {
+    /// Takes the referral's lock and records `change` at referral stream
+    /// `version` in the reaction's guard; whether it was new (above the
+    /// version acted on).
+    async fn guard(conn: &mut PgConnection, change: &Change<'_>, version: i64) -> Result<bool, anyhow::Error> {
         let Ok(referral_id) = change.referral_id.parse::<Uuid>() else {
             tracing::warn!("a referral event with a malformed referral ID; ignored");
             return Ok(false);
         };
-        let person_id = change.person_id.and_then(|p| p.parse::<Uuid>().ok());
-        let (category, region) = change
-            .need
-            .map_or((None, None), |n| (Some(n.category), Some(n.region.as_str())));
+        lock_referral(&mut *conn, ReferralId::from_uuid(referral_id)).await?;
         let applied = sqlx::query(
-            "INSERT INTO shelter_referrals (referral_id, person_id, receiving_agency, state, category, region, version)
-             VALUES ($1, $2, coalesce($3, ''), $4, coalesce($5, 0), coalesce($6, ''), $7)
-             ON CONFLICT (referral_id) DO UPDATE SET
-                 person_id = coalesce(EXCLUDED.person_id, shelter_referrals.person_id),
-                 receiving_agency = coalesce($3, shelter_referrals.receiving_agency),
-                 state = EXCLUDED.state,
-                 category = coalesce($5, shelter_referrals.category),
-                 region = coalesce($6, shelter_referrals.region),
-                 version = EXCLUDED.version
-             WHERE shelter_referrals.version < EXCLUDED.version",
+            "INSERT INTO placement_referrals (referral_id, version, ended) VALUES ($1, $2, $3)
+             ON CONFLICT (referral_id) DO UPDATE SET version = EXCLUDED.version, ended = EXCLUDED.ended
+             WHERE placement_referrals.version < EXCLUDED.version",
         )
         .bind(referral_id)
-        .bind(person_id)
-        .bind(change.receiving_agency)
-        .bind(change.state)
-        .bind(category)
-        .bind(region)
         .bind(version)
+        .bind(change.ends_hold())
         .execute(conn)
         .await?
         .rows_affected();
@@ -184,7 +191,7 @@ impl Placement {
             return Ok(());
         }
         let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new("SELECT shelter_id FROM shelter_beds WHERE free > 0 AND category = ");
+            QueryBuilder::new("SELECT shelter_id FROM shelter_beds WHERE approved AND free > 0 AND category = ");
         q.push_bind(category as i32);
         if !region.is_empty() {
             q.push(" AND region = ").push_bind(region.clone());
@@ -205,6 +212,10 @@ impl Placement {
             };
             match domain::decide(&shelter, &command) {
                 Ok(events) => {
+                    if !take_hold(uow.conn(), referral_id).await? {
+                        tracing::warn!(%referral_id, "the referral used up its holds; no bed held");
+                        return Ok(());
+                    }
                     // A conflict fails the message; the runner retries it on the new state.
                     self.app.append(uow, shelter_id, &shelter, &events, metadata).await?;
                     audit::record(
@@ -266,11 +277,12 @@ impl Placement {
         category: pb::BedCategory,
         metadata: &EventMetadata,
     ) -> Result<(), anyhow::Error> {
-        let with_beds: Vec<String> =
-            sqlx::query_scalar("SELECT DISTINCT region FROM shelter_beds WHERE category = $1 AND free > 0")
-                .bind(category as i32)
-                .fetch_all(uow.conn())
-                .await?;
+        let with_beds: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT region FROM shelter_beds WHERE approved AND category = $1 AND free > 0",
+        )
+        .bind(category as i32)
+        .fetch_all(uow.conn())
+        .await?;
         let event = pb::shelter_event::Event::NoBedAvailable(pb::NoBedAvailable {
             referral_id: referral_id.to_string(),
             region: region.to_owned(),
@@ -359,7 +371,7 @@ impl Projection for Placement {
             let Some(change) = Change::of(event) else {
                 continue;
             };
-            if !Self::project(uow.conn(), &change, *version).await? {
+            if !Self::guard(uow.conn(), &change, *version).await? {
                 continue;
             }
             match event {
@@ -383,9 +395,80 @@ impl Projection for Placement {
     }
 
     /// Nothing to empty: the handled commits stay, so a replay from the
-    /// start of the referral stream holds no bed twice, and the referrals'
-    /// rows skip what they applied.
+    /// start of the referral stream holds no bed twice, and the guard skips
+    /// what was acted on.
     async fn reset(&self, _conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        Ok(())
+    }
+}
+
+/// The `shelter_referrals` read model: what the shelter service knows of
+/// each referral (coded fields only, never the referral's reason or case).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReferralsView;
+
+impl ReferralsView {
+    /// Applies `change` at referral stream `version` to the referral's row
+    /// (an event at or below the row's version changes nothing).
+    async fn project(conn: &mut PgConnection, change: &Change<'_>, version: i64) -> Result<(), anyhow::Error> {
+        let Ok(referral_id) = change.referral_id.parse::<Uuid>() else {
+            tracing::warn!("a referral event with a malformed referral ID; ignored");
+            return Ok(());
+        };
+        let person_id = change.person_id.and_then(|p| p.parse::<Uuid>().ok());
+        let wants_shelter = change.wants_shelter;
+        let (category, region) = change
+            .need
+            .map_or((None, None), |n| (Some(n.category), Some(n.region.as_str())));
+        sqlx::query(
+            "INSERT INTO shelter_referrals
+                 (referral_id, person_id, receiving_agency, state, category, region, version, wants_shelter)
+             VALUES ($1, $2, coalesce($3, ''), $4, coalesce($5, 0), coalesce($6, ''), $7, coalesce($8, false))
+             ON CONFLICT (referral_id) DO UPDATE SET
+                 person_id = coalesce(EXCLUDED.person_id, shelter_referrals.person_id),
+                 receiving_agency = coalesce($3, shelter_referrals.receiving_agency),
+                 state = EXCLUDED.state,
+                 category = coalesce($5, shelter_referrals.category),
+                 region = coalesce($6, shelter_referrals.region),
+                 version = EXCLUDED.version,
+                 wants_shelter = coalesce($8, shelter_referrals.wants_shelter)
+             WHERE shelter_referrals.version < EXCLUDED.version",
+        )
+        .bind(referral_id)
+        .bind(person_id)
+        .bind(change.receiving_agency)
+        .bind(change.state)
+        .bind(category)
+        .bind(region)
+        .bind(version)
+        .bind(wants_shelter)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+impl Projection for ReferralsView {
+    fn name(&self) -> &'static str {
+        "shelter_referrals"
+    }
+
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        if delivery.commit.payload_type != REFERRAL_PAYLOAD_TYPE {
+            return Ok(());
+        }
+        for committed in &delivery.commit.events {
+            let event = referral::ReferralEvent::decode(committed.payload.as_slice())
+                .with_context(|| format!("event {} does not decode", committed.event_id))?;
+            if let Some(change) = event.event.as_ref().and_then(Change::of) {
+                Self::project(uow.conn(), &change, i64::try_from(committed.version)?).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query("TRUNCATE shelter_referrals").execute(conn).await?;
         Ok(())
     }
 }

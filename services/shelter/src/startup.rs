@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::domain::parse;
 use crate::grpc::ShelterGrpc;
 use crate::projections::FreeCapacity;
-use crate::reactions::{HoldExpiry, Placement, REFERRAL_CONTEXT};
+use crate::reactions::{HoldExpiry, Placement, REFERRAL_CONTEXT, ReferralsView};
 
 /// Name of the gRPC service, as reported by health checks.
 pub const SERVICE_NAME: &str = "nrm.shelter.v1.ShelterService";
@@ -70,6 +70,10 @@ impl Application {
             );
         }
         kit.project(CONTEXT, FreeCapacity);
+        // What the service knows of the referrals (read by HoldBed), on a
+        // runner of its own: a new one replays the referral stream from its
+        // first message, so referrals accepted before it was deployed count.
+        kit.project(REFERRAL_CONTEXT, ReferralsView);
         kit.project(REFERRAL_CONTEXT, Placement::new(app.clone()));
         kit.fire_timers(
             HoldExpiry::new(app.clone()),

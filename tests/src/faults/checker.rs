@@ -1064,7 +1064,7 @@ fn check_effects(stores: &BTreeMap<Service, Vec<StoredEvent>>, f: &mut Findings)
                 }
             }
             Some(Event::NoBedAvailable(n)) => *no_bed.entry(n.referral_id).or_default() += 1,
-            Some(Event::PersonAdmitted(_)) | None => {}
+            Some(Event::PersonAdmitted(_) | Event::ShelterApproved(_)) | None => {}
         }
     }
     for (referral, held) in &beds {

@@ -14,6 +14,8 @@ const MAX_HOLD_MINUTES: i64 = 10_080;
 pub enum ShelterCommand {
     /// Register a shelter or crisis centre operated by your agency (prints the shelter ID).
     Register(RegisterArgs),
+    /// Approve a registered shelter (the national coordinator): only then does it take referrals.
+    Approve(ApproveArgs),
     /// Set the number of beds of one category.
     Capacity(CapacityArgs),
     /// Hold a free bed for a referral until the hold expires (prints the hold ID).
@@ -56,6 +58,20 @@ pub struct RegisterArgs {
     /// The shelter is wheelchair accessible.
     #[arg(long)]
     pub accessible: bool,
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `shelter approve`.
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The shelter ID.
+    #[arg(value_name = "SHELTER_ID")]
+    pub shelter_id: String,
+    /// The shelter version you saw; the call fails with ABORTED when the shelter moved on.
+    #[arg(long = "version", value_name = "N")]
+    pub expected_version: u64,
     /// Client request ID.
     #[command(flatten)]
     pub request: RequestId,

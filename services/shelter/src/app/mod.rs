@@ -7,11 +7,13 @@
 //! caller's agency stands to it ([`CallContext::check`]): its operator, the
 //! agency a hold is for, the agency an accepted referral is addressed to.
 //!
-//! A bed is held only for a referral the service knows as accepted
-//! (`shelter_referrals`, kept from the referral stream by the placement
-//! reaction) and addressed to the caller's agency. `HoldBed` locks that
-//! referral's row first, so holds for one referral queue, and the reaction
-//! that releases a cancelled referral's hold waits for a hold being made.
+//! A bed is held only at a shelter the coordinator approved, for a referral
+//! the service knows as accepted (`shelter_referrals`, a read model of the
+//! referral stream) by the caller's agency, that asked for shelter in the
+//! bed's category, and that has made fewer than
+//! [`MAX_HOLDS_PER_REFERRAL`] holds. `HoldBed` takes the referral's lock
+//! first, so holds for one referral queue, and the placement reaction that
+//! releases an ended referral's hold waits for a hold being made.
 //! Every append also writes, in its transaction, the shelter's free beds
 //! (`shelter_beds`) and its open holds (`open_holds`, one per referral
 //! across all shelters): placement chooses from them, so it never decides
@@ -63,6 +65,16 @@ pub const HOLD_EXPIRY: &str = "shelter.hold_expiry";
 /// Rule code: the service knows no accepted referral with the ID (not yet
 /// accepted, no longer open, or not yet seen on the referral stream: retry).
 pub const REFERRAL_NOT_ACCEPTED: &str = "REFERRAL_NOT_ACCEPTED";
+/// Rule code: the referral did not ask for shelter (no shelter need).
+pub const NO_SHELTER_NEED: &str = "NO_SHELTER_NEED";
+/// Rule code: the bed's category is not the one the referral's shelter need names.
+pub const CATEGORY_MISMATCH: &str = "CATEGORY_MISMATCH";
+/// Rule code: the referral used up the holds it may ever make.
+pub const HOLD_LIMIT: &str = "HOLD_LIMIT";
+/// Most holds one referral makes over its lifetime (by callers and by
+/// placement together): enough for a hold that expired or a move, too few
+/// to walk the shelters and read their addresses.
+pub const MAX_HOLDS_PER_REFERRAL: i32 = 3;
 
 impl From<DomainError> for AppError {
     fn from(err: DomainError) -> Self {
@@ -125,6 +137,25 @@ enum Who {
     OperatorOrHolder,
     /// The agency the referral is addressed to (checked on the referral).
     Referral,
+    /// Whoever the matrix admits, in any scope (the coordinator).
+    Anyone,
+}
+
+/// Records the person of `referral_id` (as the shelter service knows it) as
+/// the one the call concerns.
+async fn concern_person(ctx: &CallContext, conn: &mut PgConnection, referral_id: &str) -> Result<(), AppError> {
+    let Ok(referral_id) = referral_id.parse::<Uuid>() else {
+        return Ok(());
+    };
+    let person: Option<Option<Uuid>> =
+        sqlx::query_scalar("SELECT person_id FROM shelter_referrals WHERE referral_id = $1")
+            .bind(referral_id)
+            .fetch_optional(conn)
+            .await?;
+    if let Some(person_id) = person.flatten() {
+        ctx.concerns_person(person_id);
+    }
+    Ok(())
 }
 
 /// A stored shelter event, decoded.
@@ -155,6 +186,54 @@ pub(crate) async fn lock_shelter(conn: &mut PgConnection, shelter_id: ShelterId)
     Ok(())
 }
 
+/// Takes the referral's transaction-scoped lock: `HoldBed` and the
+/// placement reaction decide on one referral one at a time (always before
+/// a shelter's lock).
+///
+/// # Errors
+/// When the database fails.
+pub(crate) async fn lock_referral(conn: &mut PgConnection, referral_id: ReferralId) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("shelter-referral-{referral_id}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Counts one more hold for `referral_id` (in the hold's transaction, under
+/// the referral's lock); false, counting nothing, when it used up
+/// [`MAX_HOLDS_PER_REFERRAL`].
+///
+/// # Errors
+/// When the database fails.
+pub(crate) async fn take_hold(conn: &mut PgConnection, referral_id: ReferralId) -> Result<bool, sqlx::Error> {
+    let counted = sqlx::query(
+        "INSERT INTO referral_hold_counts (referral_id, holds) VALUES ($1, 1)
+         ON CONFLICT (referral_id) DO UPDATE SET holds = referral_hold_counts.holds + 1
+         WHERE referral_hold_counts.holds < $2",
+    )
+    .bind(referral_id.as_uuid())
+    .bind(MAX_HOLDS_PER_REFERRAL)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(counted > 0)
+}
+
+/// Marks `shelter` approved when it was registered before approvals
+/// existed (approved by the migration that introduced them).
+async fn approved_by_migration(conn: &mut PgConnection, mut shelter: Shelter) -> Result<Shelter, AppError> {
+    if shelter.version > 0 && !shelter.approved {
+        shelter.approved = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM shelters_approved_by_migration WHERE shelter_id::text = $1)",
+        )
+        .bind(shelter.shelter_id())
+        .fetch_one(conn)
+        .await?;
+    }
+    Ok(shelter)
+}
+
 /// `ALREADY_HELD`: the referral has an open hold (at this or another shelter).
 fn already_held() -> AppError {
     AppError::precondition(
@@ -178,10 +257,12 @@ async fn write_beds(conn: &mut PgConnection, shelter_id: ShelterId, after: &Shel
     let version = i64::try_from(after.version).map_err(|e| AppError::Internal(e.to_string()))?;
     for (&category, &beds) in &after.capacity {
         sqlx::query(
-            "INSERT INTO shelter_beds (shelter_id, category, region, capacity, free, version)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO shelter_beds (shelter_id, category, region, capacity, free, version, approved)
+             VALUES ($1, $2, $3, $4, $5, $6,
+                     $7 OR EXISTS (SELECT 1 FROM shelters_approved_by_migration m WHERE m.shelter_id = $1))
              ON CONFLICT (shelter_id, category) DO UPDATE
-             SET region = EXCLUDED.region, capacity = EXCLUDED.capacity, free = EXCLUDED.free, version = EXCLUDED.version",
+             SET region = EXCLUDED.region, capacity = EXCLUDED.capacity, free = EXCLUDED.free,
+                 version = EXCLUDED.version, approved = EXCLUDED.approved",
         )
         .bind(shelter_id.as_uuid())
         .bind(category)
@@ -189,6 +270,7 @@ async fn write_beds(conn: &mut PgConnection, shelter_id: ShelterId, after: &Shel
         .bind(i32::try_from(beds).unwrap_or(i32::MAX))
         .bind(i32::try_from(after.free(category)).unwrap_or(i32::MAX))
         .bind(version)
+        .bind(after.approved)
         .execute(&mut *conn)
         .await?;
     }
@@ -250,7 +332,10 @@ async fn write_hold(
                 .execute(conn)
                 .await?;
         }
-        Event::ShelterRegistered(_) | Event::CapacityChanged(_) | Event::NoBedAvailable(_) => {}
+        Event::ShelterRegistered(_)
+        | Event::ShelterApproved(_)
+        | Event::CapacityChanged(_)
+        | Event::NoBedAvailable(_) => {}
     }
     Ok(())
 }
@@ -336,7 +421,9 @@ impl Shelters {
     /// # Errors
     /// When the store fails or an event does not decode.
     pub async fn load(&self, shelter_id: ShelterId) -> Result<Shelter, AppError> {
-        fold(&self.store.read_stream(&domain::stream_id(shelter_id)).await?)
+        let shelter = fold(&self.store.read_stream(&domain::stream_id(shelter_id)).await?)?;
+        let mut conn = self.store.pool().acquire().await?;
+        approved_by_migration(&mut conn, shelter).await
     }
 
     /// The shelter folded from its events, read in `uow`.
@@ -344,7 +431,8 @@ impl Shelters {
     /// # Errors
     /// When the store fails or an event does not decode.
     pub async fn load_in(&self, uow: &mut UnitOfWork, shelter_id: ShelterId) -> Result<Shelter, AppError> {
-        fold(&uow.read_stream(&domain::stream_id(shelter_id)).await?)
+        let shelter = fold(&uow.read_stream(&domain::stream_id(shelter_id)).await?)?;
+        approved_by_migration(uow.conn(), shelter).await
     }
 
     /// Appends `events` to the stream of the shelter that is `before` (at
@@ -552,10 +640,13 @@ impl Shelters {
         call: &ShelterCall,
     ) -> Result<Decided<R>, AppError> {
         let shelter_id = call.shelter_id;
-        if let Command::HoldBed { referral_id, .. } = &call.command {
+        if let Command::HoldBed {
+            referral_id, category, ..
+        } = &call.command
+        {
             // Before the shelter's lock, always in this order (the placement
             // reaction takes them in the same order).
-            self.check_referral(ctx, uow.conn(), *referral_id).await?;
+            self.check_referral(ctx, uow.conn(), *referral_id, *category).await?;
         }
         if call.expected_version.is_none() {
             // Commands on the current version queue per shelter instead of
@@ -568,11 +659,18 @@ impl Shelters {
         if shelter.version == 0 {
             return Err(not_found(shelter_id));
         }
+        let hold = match &call.command {
+            Command::ReleaseHold { hold_id } | Command::Admit { hold_id, .. } | Command::Discharge { hold_id, .. } => {
+                shelter.holds.get(&hold_id.to_string())
+            }
+            _ => None,
+        };
+        if let Some(hold) = hold {
+            // The audit entry (a refusal's too) lists under the referral's person.
+            concern_person(ctx, uow.conn(), &hold.referral_id).await?;
+        }
         let holder = match &call.command {
-            Command::ReleaseHold { hold_id } => shelter
-                .holds
-                .get(&hold_id.to_string())
-                .map(|h| h.holder_agency.as_str()),
+            Command::ReleaseHold { .. } => hold.map(|h| h.holder_agency.as_str()),
             _ => None,
         };
         match call.standing {
@@ -587,6 +685,8 @@ impl Shelters {
             })?,
             // Checked on the referral above.
             Who::Referral => {}
+            // The matrix admits only the roles that may (the coordinator).
+            Who::Anyone => ctx.check(&Standing::default())?,
         }
         if let Some(expected) = call.expected_version.filter(|e| *e != shelter.version) {
             return Err(AppError::Conflict {
@@ -606,35 +706,74 @@ impl Shelters {
     }
 
     /// Fails unless `referral_id` is an accepted referral addressed to the
-    /// caller's agency with no open hold anywhere. Locks the referral's row
-    /// until the transaction ends: holds for one referral queue, and its
-    /// cancellation (which releases its hold) waits for this one.
+    /// caller's agency that asked for shelter in `category`, has no open
+    /// hold anywhere and has holds left; counts the hold. Takes the
+    /// referral's lock (and its row's) until the transaction ends: holds for
+    /// one referral queue, and the placement reaction's release of an ended
+    /// referral waits for this one (or this one sees the end).
+    ///
+    /// Order of the answers, for a read model that may lag: a referral not
+    /// known as accepted is "not yet" (`REFERRAL_NOT_ACCEPTED`, retryable),
+    /// whoever asks: a declined referral redirected to the caller and
+    /// accepted by it may still read "declined, receiving someone else"
+    /// here. `PERMISSION_DENIED` only when the row says accepted by another
+    /// agency: an accepted referral is never redirected.
     ///
     /// # Errors
-    /// `FAILED_PRECONDITION` `REFERRAL_NOT_ACCEPTED` (unknown to the service
-    /// yet, or not accepted) or `ALREADY_HELD`; `PERMISSION_DENIED` when the
-    /// referral is addressed to another agency.
+    /// `FAILED_PRECONDITION` `REFERRAL_NOT_ACCEPTED`, `NO_SHELTER_NEED`,
+    /// `CATEGORY_MISMATCH`, `ALREADY_HELD` or `HOLD_LIMIT`;
+    /// `PERMISSION_DENIED` when the referral was accepted by another agency.
     async fn check_referral(
         &self,
         ctx: &CallContext,
         conn: &mut PgConnection,
         referral_id: ReferralId,
+        category: pb::BedCategory,
     ) -> Result<(), AppError> {
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT receiving_agency, state FROM shelter_referrals WHERE referral_id = $1 FOR UPDATE")
-                .bind(referral_id.as_uuid())
-                .fetch_optional(&mut *conn)
-                .await?;
+        lock_referral(&mut *conn, referral_id).await?;
+        let row: Option<(String, String, bool, i32, Option<Uuid>)> = sqlx::query_as(
+            "SELECT receiving_agency, state, wants_shelter, category, person_id
+             FROM shelter_referrals WHERE referral_id = $1 FOR UPDATE",
+        )
+        .bind(referral_id.as_uuid())
+        .fetch_optional(&mut *conn)
+        .await?;
         // Not seen yet is not "no": the referral stream may be a moment behind.
-        let Some((receiving_agency, state)) = row else {
+        let Some((receiving_agency, state, wants_shelter, need, person_id)) = row else {
             return Err(not_accepted());
         };
+        if let Some(person_id) = person_id {
+            ctx.concerns_person(person_id);
+        }
+        if state != "accepted" {
+            return Err(not_accepted());
+        }
         ctx.check(&Standing {
             addressees: vec![receiving_agency.as_str()],
             ..Standing::default()
         })?;
-        if state != "accepted" {
+        // The placement reaction may have seen the referral end before this
+        // read model did.
+        let ended: Option<bool> = sqlx::query_scalar("SELECT ended FROM placement_referrals WHERE referral_id = $1")
+            .bind(referral_id.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await?;
+        if ended == Some(true) {
             return Err(not_accepted());
+        }
+        if !wants_shelter || need == 0 {
+            return Err(AppError::precondition(
+                NO_SHELTER_NEED,
+                "referral",
+                "the referral asked for no shelter: a bed is held only for a referral with a shelter need",
+            ));
+        }
+        if need != category as i32 {
+            return Err(AppError::precondition(
+                CATEGORY_MISMATCH,
+                "category",
+                "the bed category is not the one the referral's shelter need names",
+            ));
         }
         let open: Option<Uuid> = sqlx::query_scalar("SELECT hold_id FROM open_holds WHERE referral_id = $1")
             .bind(referral_id.as_uuid())
@@ -642,6 +781,14 @@ impl Shelters {
             .await?;
         if open.is_some() {
             return Err(already_held());
+        }
+        // Counted in this transaction: a hold that fails after this counts nothing.
+        if !take_hold(conn, referral_id).await? {
+            return Err(AppError::precondition(
+                HOLD_LIMIT,
+                "referral",
+                "the referral used up the holds it may make",
+            ));
         }
         Ok(())
     }
@@ -677,13 +824,42 @@ impl Shelters {
         self.on_shelter(ctx, req, call).await
     }
 
+    /// Approves a registered shelter: from then on placement, `HoldBed` and
+    /// the capacity lists consider it. The coordinator's (the matrix admits
+    /// no one else).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`, `ABORTED` (stale
+    /// version), `FAILED_PRECONDITION` `ALREADY_APPROVED`.
+    #[tracing::instrument(skip_all, fields(shelter_id = Empty))]
+    pub async fn approve_shelter(
+        &self,
+        ctx: &CallContext,
+        req: &pb::ApproveShelterRequest,
+    ) -> Result<CommandResult, AppError> {
+        let mut v = Violations::new();
+        let (request_id, shelter_id) = target(&mut v, &req.request_id, &req.shelter_id);
+        let expected_version = v.check(validate::expected_version(domain::NAME, req.expected_version));
+        let call = v.finish(|| ShelterCall {
+            method: "ApproveShelter",
+            request_id: request_id.unwrap_or_default(),
+            shelter_id: shelter_id.unwrap_or_default(),
+            expected_version,
+            standing: Who::Anyone,
+            command: Command::Approve,
+        })?;
+        concern(ctx, call.shelter_id, None);
+        self.on_shelter(ctx, req, call).await
+    }
+
     /// Holds a bed for an accepted referral addressed to the caller's agency
     /// until the hold expires.
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (the referral is
-    /// addressed to another agency), `FAILED_PRECONDITION`
-    /// `REFERRAL_NOT_ACCEPTED`, `NO_BED_FREE` or `ALREADY_HELD`.
+    /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED` (the referral was
+    /// accepted by another agency), `FAILED_PRECONDITION`
+    /// `REFERRAL_NOT_ACCEPTED`, `NO_SHELTER_NEED`, `CATEGORY_MISMATCH`,
+    /// `SHELTER_NOT_APPROVED`, `NO_BED_FREE`, `ALREADY_HELD` or `HOLD_LIMIT`.
     #[tracing::instrument(skip_all, fields(shelter_id = Empty, referral_id = Empty))]
     pub async fn hold_bed(&self, ctx: &CallContext, req: &pb::HoldBedRequest) -> Result<pb::HoldBedResponse, AppError> {
         let mut v = Violations::new();

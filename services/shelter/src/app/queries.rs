@@ -134,8 +134,8 @@ impl Shelters {
         Ok(pb::ListArrivalsResponse { arrivals })
     }
 
-    /// Beds by shelter and category, most free first; filtered by region and
-    /// category when given.
+    /// Beds by approved shelter and category, most free first; filtered by
+    /// region and category when given.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for a malformed region or an unknown category.
@@ -161,7 +161,7 @@ impl Shelters {
         }
         // Only the filters asked for, so that each shape of the query uses its index.
         let mut q: QueryBuilder<Postgres> =
-            QueryBuilder::new("SELECT shelter_id, region, category, free FROM free_capacity WHERE true");
+            QueryBuilder::new("SELECT shelter_id, region, category, free FROM free_capacity WHERE approved");
         if !region.is_empty() {
             q.push(" AND region = ").push_bind(region);
         }

@@ -91,6 +91,9 @@ pub struct Shelter {
     pub capacity: BTreeMap<i32, u32>,
     /// Every hold, by hold ID.
     pub holds: BTreeMap<String, Hold>,
+    /// Whether the coordinator approved the shelter (placement and holds
+    /// use approved shelters only).
+    pub approved: bool,
 }
 
 impl Shelter {
@@ -151,6 +154,8 @@ pub enum Command {
         /// The registration with the sealed address.
         registered: Box<pb::ShelterRegistered>,
     },
+    /// The coordinator approves the shelter.
+    Approve,
     /// Set the beds of one category.
     ChangeCapacity {
         /// The category.
@@ -215,6 +220,12 @@ pub enum DomainError {
     /// No bed of the category is free.
     #[error("no bed of the category is free")]
     NoBedFree,
+    /// The shelter is not approved: no bed is held there.
+    #[error("the shelter is not approved by the coordinator")]
+    NotApproved,
+    /// The shelter was approved already.
+    #[error("the shelter was already approved")]
+    AlreadyApproved,
     /// The referral already holds (or occupies) a bed.
     #[error("the referral already holds a bed")]
     AlreadyHeld,
@@ -238,6 +249,8 @@ impl DomainError {
             DomainError::AlreadyRegistered => "ALREADY_REGISTERED",
             DomainError::CapacityBelowOccupancy { .. } => "CAPACITY_BELOW_OCCUPANCY",
             DomainError::NoBedFree => "NO_BED_FREE",
+            DomainError::NotApproved => "SHELTER_NOT_APPROVED",
+            DomainError::AlreadyApproved => "ALREADY_APPROVED",
             DomainError::AlreadyHeld => "ALREADY_HELD",
             DomainError::NotHeld => "NOT_HELD",
             DomainError::AdmitWithoutHold => "ADMIT_WITHOUT_HOLD",
@@ -265,6 +278,12 @@ pub fn decide(shelter: &Shelter, command: &Command) -> Result<Vec<Event>, Domain
             Ok(vec![Event::ShelterRegistered((**registered).clone())])
         }
         _ if shelter.registered.is_none() => Err(DomainError::NotFound),
+        Command::Approve => {
+            if shelter.approved {
+                return Err(DomainError::AlreadyApproved);
+            }
+            Ok(vec![Event::ShelterApproved(pb::ShelterApproved { shelter_id })])
+        }
         Command::ChangeCapacity { category, beds } => {
             let occupied = shelter.occupied(*category as i32);
             if *beds < occupied {
@@ -284,6 +303,9 @@ pub fn decide(shelter: &Shelter, command: &Command) -> Result<Vec<Event>, Domain
             holder_agency,
         } => {
             let referral_id = referral_id.to_string();
+            if !shelter.approved {
+                return Err(DomainError::NotApproved);
+            }
             if shelter.active_hold_for(&referral_id).is_some() {
                 return Err(DomainError::AlreadyHeld);
             }
@@ -355,6 +377,7 @@ pub fn evolve(mut shelter: Shelter, event: &Event) -> Shelter {
             shelter.capacity = registered.capacity.iter().map(|c| (c.category, c.beds)).collect();
             shelter.registered = Some(registered.clone());
         }
+        Event::ShelterApproved(_) => shelter.approved = true,
         Event::CapacityChanged(changed) => {
             shelter.capacity.insert(changed.category, changed.beds);
         }
@@ -385,6 +408,7 @@ pub fn evolve(mut shelter: Shelter, event: &Event) -> Shelter {
 pub fn event_type(event: &Event) -> &'static str {
     match event {
         Event::ShelterRegistered(_) => "ShelterRegistered",
+        Event::ShelterApproved(_) => "ShelterApproved",
         Event::CapacityChanged(_) => "CapacityChanged",
         Event::BedHeld(_) => "BedHeld",
         Event::HoldReleased(_) => "HoldReleased",
@@ -423,8 +447,33 @@ mod tests {
         })
     }
 
+    /// The shelter after `events`, approved by the coordinator after its registration.
     fn given(events: &[Event]) -> Shelter {
-        events.iter().fold(Shelter::default(), evolve)
+        let mut shelter = events.iter().fold(Shelter::default(), evolve);
+        shelter.approved = true;
+        shelter
+    }
+
+    #[test]
+    fn a_bed_is_held_only_at_an_approved_shelter_and_approval_happens_once() {
+        let unapproved = [registered(2)].iter().fold(Shelter::default(), evolve);
+        assert_eq!(
+            decide(&unapproved, &hold(HoldId::new(), ReferralId::new())),
+            Err(DomainError::NotApproved)
+        );
+        let approved = then(&unapproved, &Command::Approve);
+        assert!(matches!(&approved, Event::ShelterApproved(a) if a.shelter_id == "s1"));
+        let shelter = evolve(unapproved, &approved);
+        assert!(shelter.approved);
+        assert!(matches!(
+            then(&shelter, &hold(HoldId::new(), ReferralId::new())),
+            Event::BedHeld(_)
+        ));
+        assert_eq!(decide(&shelter, &Command::Approve), Err(DomainError::AlreadyApproved));
+        assert_eq!(
+            decide(&Shelter::default(), &Command::Approve),
+            Err(DomainError::NotFound)
+        );
     }
 
     fn hold(hold_id: HoldId, referral_id: ReferralId) -> Command {
