@@ -539,12 +539,16 @@ impl Load {
                 };
                 let who = Who::new(&operator, Role::Shelter);
                 match self.execute(&who, Request::RegisterShelter(request), false).await {
-                    Outcome::Ok(answer) => shelters.push(ShelterInfo {
-                        id: answer.ids[0].clone(),
-                        operator,
-                        region: region.into(),
-                        beds,
-                    }),
+                    Outcome::Ok(answer) => {
+                        let id = answer.ids[0].clone();
+                        self.approve(&id).await?;
+                        shelters.push(ShelterInfo {
+                            id,
+                            operator,
+                            region: region.into(),
+                            beds,
+                        });
+                    }
                     other => bail!("registering shelter {i} failed: {other:?}"),
                 }
             }
@@ -584,6 +588,33 @@ impl Load {
     }
 
     /// Starts the walkers.
+    /// The coordinator approves a new shelter (placement and holds use
+    /// approved shelters only). Part of the setup, before any fault.
+    async fn approve(&self, shelter_id: &str) -> anyhow::Result<()> {
+        let request = sh::ApproveShelterRequest {
+            request_id: rid(),
+            shelter_id: shelter_id.to_owned(),
+            expected_version: 1,
+        };
+        let coordinator = Who::new("kg-coordinator", Role::Coordinator);
+        for _ in 0..50 {
+            match self
+                .clients
+                .shelter
+                .clone()
+                .approve_shelter(wrap(request.clone(), &coordinator, None))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => bail!("approving shelter {shelter_id} failed: {status:?}"),
+            }
+        }
+        bail!("approving shelter {shelter_id}: the shelter service stayed unavailable")
+    }
+
     pub(crate) fn start(self: Arc<Self>, rng: Rng) -> Vec<tokio::task::JoinHandle<()>> {
         let _ = self.started.set(Instant::now());
         (0..self.workers)
