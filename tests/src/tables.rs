@@ -351,7 +351,7 @@ impl ServiceTables {
 /// [`ServiceTables::wait_until_quiescent`] say so).
 const IDENTIFICATION_PROJECTIONS: &[&str] = &["identification_case_list", "identification_referral_access"];
 const REFERRAL_PROJECTIONS: &[&str] = &["referral_persons", "referral_inbox", "referral_shelter_answers"];
-const SHELTER_PROJECTIONS: &[&str] = &["shelter_free_capacity", "shelter_placement"];
+const SHELTER_PROJECTIONS: &[&str] = &["shelter_free_capacity", "shelter_placement", "shelter_referrals"];
 
 impl crate::TestApp {
     /// Every table of the identification service's database.

@@ -57,7 +57,12 @@ const PROJECTION_TABLES: &[(Service, &[&str])] = &[
     (Service::Referral, &["persons", "inbox"]),
     (
         Service::Shelter,
-        &["free_capacity", "free_capacity_shelters", "free_capacity_holds"],
+        &[
+            "free_capacity",
+            "free_capacity_shelters",
+            "free_capacity_holds",
+            "shelter_referrals",
+        ],
     ),
 ];
 
@@ -73,7 +78,7 @@ struct ProjectionSpec {
     filter: &'static str,
 }
 
-const PROJECTIONS: [ProjectionSpec; 7] = [
+const PROJECTIONS: [ProjectionSpec; 8] = [
     ProjectionSpec {
         service: Service::Identification,
         name: "identification_case_list",
@@ -113,6 +118,12 @@ const PROJECTIONS: [ProjectionSpec; 7] = [
     ProjectionSpec {
         service: Service::Shelter,
         name: "shelter_placement",
+        stream: Service::Referral,
+        filter: "referral.v1.>",
+    },
+    ProjectionSpec {
+        service: Service::Shelter,
+        name: "shelter_referrals",
         stream: Service::Referral,
         filter: "referral.v1.>",
     },
