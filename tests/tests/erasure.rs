@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
 use nrm_e2e::ident::{assert_refusal_audited, audit_since, erase, read_case, report_for};
-use nrm_e2e::{TestApp, authorized, person, report_request, token};
+use nrm_e2e::{ReferralApp, ShelterApp, TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
-use nrm_kernel::settings::TelemetrySettings;
+use nrm_kernel::settings::{DatabaseSettings, TelemetrySettings};
 use nrm_proto::common::v1 as common;
 use nrm_proto::common::v1::personal_data_view::View;
 use nrm_proto::identification::v1 as pb;
@@ -102,13 +102,9 @@ async fn pg_dump_binary(pool: &sqlx::PgPool) -> PathBuf {
 /// The whole database as `pg_dump` writes it, and every hex-encoded
 /// `bytea` value of it decoded (a plaintext inside a byte column would
 /// otherwise hide as hex).
-async fn dump(app: &TestApp) -> (Vec<u8>, Vec<u8>) {
-    let binary = pg_dump_binary(&app.pool).await;
-    let url = format!(
-        "{}/{}",
-        app.settings.database.url.trim_end_matches('/'),
-        app.settings.database.name
-    );
+async fn dump(pool: &sqlx::PgPool, database: &DatabaseSettings) -> (Vec<u8>, Vec<u8>) {
+    let binary = pg_dump_binary(pool).await;
+    let url = format!("{}/{}", database.url.trim_end_matches('/'), database.name);
     let out = tokio::process::Command::new(&binary)
         .arg("--no-owner")
         .arg("--dbname")
@@ -157,14 +153,41 @@ async fn every_stream(js: &async_nats::jetstream::Context) -> (usize, Vec<u8>) {
     (count, all)
 }
 
-/// Searches the dump, every stream and the capture for the canary; each
-/// search must also find `case_id` (so that it looks where the data are).
-async fn assert_no_canary_anywhere(app: &TestApp, capture: &Capture, case_id: &str, when: &str) {
+/// The referral and shelter services beside identification, on its NATS.
+struct Beside {
+    referral: ReferralApp,
+    shelter: ShelterApp,
+}
+
+/// Searches the dumps of every service's database, every stream and the
+/// capture for the canary; each search must also find `case_id` (in the
+/// identification database) or `person_id` (in the others), so that it
+/// looks where the data are.
+async fn assert_no_canary_anywhere(
+    app: &TestApp,
+    beside: &Beside,
+    capture: &Capture,
+    case_id: &str,
+    person_id: &str,
+    when: &str,
+) {
     let seen = |haystack: &[u8]| String::from_utf8_lossy(haystack).contains(case_id);
-    let (dumped, decoded) = dump(app).await;
+    let (dumped, decoded) = dump(&app.pool, &app.settings.database).await;
     assert!(seen(&decoded), "the decoded byte columns hold the events");
     assert_eq!(canary_in(&dumped), Vec::<&str>::new(), "pg_dump {when}");
     assert_eq!(canary_in(&decoded), Vec::<&str>::new(), "pg_dump's byte columns {when}");
+    for (name, pool, database) in [
+        ("referral", &beside.referral.pool, &beside.referral.settings.database),
+        ("shelter", &beside.shelter.pool, &beside.shelter.settings.database),
+    ] {
+        let (dumped, decoded) = dump(pool, database).await;
+        assert!(
+            String::from_utf8_lossy(&dumped).contains(person_id),
+            "the {name} database knows the person"
+        );
+        assert_eq!(canary_in(&dumped), Vec::<&str>::new(), "{name}'s pg_dump {when}");
+        assert_eq!(canary_in(&decoded), Vec::<&str>::new(), "{name}'s byte columns {when}");
+    }
     let (messages, streams) = every_stream(&app.jetstream).await;
     assert!(
         messages > 0 && seen(&streams),
@@ -176,7 +199,69 @@ async fn assert_no_canary_anywhere(app: &TestApp, capture: &Capture, case_id: &s
     assert_eq!(canary_in(&logs), Vec::<&str>::new(), "logs and spans {when}");
 }
 
-#[tokio::test]
+/// Records a consent for MSD and refers the person there with a shelter
+/// need, once the referral service knows them; waits until the shelter
+/// service has the referral.
+async fn refer_on(beside: &Beside, reported: &pb::ReportPresumedVictimResponse, police: &str) {
+    use nrm_proto::referral::v1 as rf;
+    use nrm_proto::shelter::v1 as sh;
+    let mut client = beside.referral.client.clone();
+    let mut consent = None;
+    for _ in 0..400 {
+        let request = rf::RecordConsentRequest {
+            request_id: format!("consent-{}", reported.case_id),
+            person_id: reported.person_id.clone(),
+            case_id: reported.case_id.clone(),
+            given_by: rf::ConsentGiver::Person as i32,
+            recipient_agency: "kg-msd".into(),
+            purposes: vec![rf::ServiceKind::Shelter as i32],
+            data_categories: vec![rf::DataCategory::Name as i32],
+            ..Default::default()
+        };
+        if let Ok(answer) = client.record_consent(authorized(request, police)).await {
+            consent = Some(answer.into_inner().consent_id);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let consent_id = consent.expect("the referral service learns the person");
+    let referral_id = client
+        .create_referral(authorized(
+            rf::CreateReferralRequest {
+                request_id: format!("referral-{}", reported.case_id),
+                person_id: reported.person_id.clone(),
+                case_id: reported.case_id.clone(),
+                receiving_agency: "kg-msd".into(),
+                services: vec![rf::ServiceKind::Shelter as i32],
+                urgency: rf::Urgency::Urgent as i32,
+                consent_id,
+                shelter_need: Some(rf::ShelterNeed {
+                    category: sh::BedCategory::Women as i32,
+                    region: "KG-N".into(),
+                }),
+            },
+            police,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .referral_id;
+    let id: uuid::Uuid = referral_id.parse().unwrap();
+    for _ in 0..400 {
+        let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM shelter_referrals WHERE referral_id = $1)")
+            .bind(id)
+            .fetch_one(&beside.shelter.pool)
+            .await
+            .unwrap();
+        if known {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the shelter service did not learn the referral");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywhere() {
     let capture = Capture::default();
     let writer = capture.clone();
@@ -187,6 +272,13 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
     let _telemetry = nrm_kernel::telemetry::init_with_writer("erasure-test", &settings, move || writer.clone())
         .expect("this process's only subscriber");
     let app = TestApp::spawn().await;
+    let referral = ReferralApp::spawn_beside(&app).await;
+    let mut shelter_settings = nrm_e2e::shelter_settings();
+    shelter_settings.common.nats = app.settings.common.nats.clone();
+    let beside = Beside {
+        referral,
+        shelter: ShelterApp::spawn_with(shelter_settings).await,
+    };
     let mut client = app.client.clone();
     let police = token("kg-mvd", Role::Police, "officer-9");
     let ngo = token("kg-ngo-sezim", Role::Ngo, "worker-2");
@@ -231,11 +323,22 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
         panic!("the competent authority reads the identifiers");
     };
     assert_eq!(identifiers, canary());
+    // The person is referred on (consent, referral with a shelter need): the
+    // referral and shelter services learn of them, by IDs and codes only.
+    refer_on(&beside, &first, &police).await;
     let tables = app.tables();
     let before = tables.snapshot().await;
     // Sealed copies are there, as ciphertext only.
     assert_eq!(before.rows("person_keys"), 3);
-    assert_no_canary_anywhere(&app, &capture, &first.case_id, "before erasure").await;
+    assert_no_canary_anywhere(
+        &app,
+        &beside,
+        &capture,
+        &first.case_id,
+        &first.person_id,
+        "before erasure",
+    )
+    .await;
 
     // Not without a reason; not by police outside the case; not by MSD.
     let status = client
@@ -376,6 +479,14 @@ async fn erasure_takes_every_case_of_the_person_and_leaves_no_identifier_anywher
     assert_eq!(status.code(), Code::FailedPrecondition);
 
     tables.wait_until_quiescent().await;
-    assert_no_canary_anywhere(&app, &capture, &first.case_id, "after erasure").await;
+    assert_no_canary_anywhere(
+        &app,
+        &beside,
+        &capture,
+        &first.case_id,
+        &first.person_id,
+        "after erasure",
+    )
+    .await;
     app.stop().await;
 }
