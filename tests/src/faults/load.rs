@@ -597,22 +597,38 @@ impl Load {
             expected_version: 1,
         };
         let coordinator = Who::new("kg-coordinator", Role::Coordinator);
-        for _ in 0..50 {
-            match self
-                .clients
-                .shelter
-                .clone()
-                .approve_shelter(wrap(request.clone(), &coordinator, None))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(status) if status.code() == tonic::Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        // The short form arms the relay's abort after its first ack, so the
+        // shelter service may die under this call: the same request ID is
+        // sent again (the service answers a repeat with the recorded answer)
+        // until the restarted service answers.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                self.clients
+                    .shelter
+                    .clone()
+                    .approve_shelter(wrap(request.clone(), &coordinator, None)),
+            )
+            .await;
+            let last = match answer {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+                    ) =>
+                {
+                    format!("{status:?}")
                 }
-                Err(status) => bail!("approving shelter {shelter_id} failed: {status:?}"),
+                Ok(Err(status)) => bail!("approving shelter {shelter_id} failed: {status:?}"),
+                Err(_) => "no answer in time".to_owned(),
+            };
+            if Instant::now() > deadline {
+                bail!("approving shelter {shelter_id}: no answer within 60 s, last: {last}");
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        bail!("approving shelter {shelter_id}: the shelter service stayed unavailable")
     }
 
     pub(crate) fn start(self: Arc<Self>, rng: Rng) -> Vec<tokio::task::JoinHandle<()>> {
