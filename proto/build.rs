@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "nrm/identification/v1/identification.proto",
     "nrm/referral/v1/referral.proto",
     "nrm/shelter/v1/shelter.proto",
+    "nrm/repatriation/v1/repatriation.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,6 +8,7 @@
 //! - [`identification::v1`]: the identification service and its events.
 //! - [`referral::v1`]: consents, referrals, the rehabilitation plan.
 //! - [`shelter::v1`]: shelters, beds, holds, admissions.
+//! - [`repatriation::v1`]: returns across borders and what crosses.
 //! - [`FILE_DESCRIPTOR_SET`]: every file's descriptor, for gRPC reflection and
 //!   for decoding events to JSON; each service's reflection lists only the
 //!   services it serves.
@@ -46,5 +47,13 @@ pub mod shelter {
     /// `nrm.shelter.v1`
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/nrm.shelter.v1.rs"));
+    }
+}
+
+/// `nrm.repatriation.*`
+pub mod repatriation {
+    /// `nrm.repatriation.v1`
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/nrm.repatriation.v1.rs"));
     }
 }
