@@ -16,6 +16,7 @@ pub mod audit;
 pub mod ops;
 pub mod referral;
 pub mod shelter;
+pub mod xborder;
 
 use audit::AuditArgs;
 use ops::OpsCommand;
@@ -159,6 +160,9 @@ pub enum Command {
     Audit(AuditArgs),
     /// The permission matrix: every RPC, every role, on which records.
     Permissions(PermissionsArgs),
+    /// Keys for crossing the border: a country's sealing key pair, TLS for a link.
+    #[command(subcommand)]
+    Xborder(xborder::XborderCommand),
 }
 
 /// `permissions`.
