@@ -51,9 +51,9 @@ pub fn view(return_id: ReturnId, history: &History, personal: common::personal_d
         personal_data: Some(common::PersonalDataView { view: Some(personal) }),
         ..Default::default()
     };
+    out.opened_by = steps.first().map(|step| step.agency.clone()).unwrap_or_default();
     if let Some(c) = &s.announced {
         // Incoming: what crossed, already limited to the consented fields.
-        out.opened_by = steps.first().map(|step| step.agency.clone()).unwrap_or_default();
         out.shared_fields.clone_from(&c.shared_fields);
         out.consent_to_reintegration_referral = c.consent_to_reintegration_referral;
         out.gender = c.gender;
@@ -111,6 +111,7 @@ pub fn view(return_id: ReturnId, history: &History, personal: common::personal_d
     if let Some(h) = &s.handed_over {
         out.received_by.clone_from(&h.received_by);
     }
+    out.steps = steps;
     out
 }
 
