@@ -1119,3 +1119,354 @@ async fn health_and_reflection_name_the_repatriation_service() {
     );
     app.stop(&[&kg]).await;
 }
+
+/// What a call of the sweep was told.
+enum Answer {
+    /// Past the permission checks (whatever the domain then said); for a
+    /// list, whether the world's return was on it; for the identifiers,
+    /// whether they were shown.
+    Through(Option<bool>),
+    Refused(Status),
+    /// The sweep's own request was invalid: it proves nothing.
+    Invalid(Status),
+}
+
+fn answer<T>(result: Result<tonic::Response<T>, Status>) -> Answer {
+    match result {
+        Ok(_) => Answer::Through(None),
+        Err(status) if matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated) => {
+            Answer::Refused(status)
+        }
+        Err(status) if status.code() == Code::InvalidArgument => Answer::Invalid(status),
+        Err(_) => Answer::Through(None),
+    }
+}
+
+/// Calls `row`'s RPC on return `id` (at version 1) as `caller`.
+async fn call_row(c: &mut Client, row: &nrm_kernel::permissions::Permission, id: &str, caller: &str) -> Answer {
+    let (id, v) = (id.to_owned(), 1);
+    match row.method {
+        "OpenReturn" => answer(c.open_return(authorized(open_request("KG"), caller)).await),
+        "RecordReturnConsent" => answer(
+            c.record_return_consent(authorized(
+                pb::RecordReturnConsentRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    informed_consent_to_return: true,
+                    shared_fields: Vec::new(),
+                    consent_to_reintegration_referral: false,
+                    attested_by: "officer-1".into(),
+                    consent_form_ref: "F-1".into(),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "RecordRiskAssessment" => answer(
+            c.record_risk_assessment(authorized(
+                pb::RecordRiskAssessmentRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    safe_to_return: true,
+                    family_involvement: pb::FamilyInvolvement::None as i32,
+                    needs: Vec::new(),
+                    interpretation_language: String::new(),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "RequestTravelDocument" => answer(
+            c.request_travel_document(authorized(
+                pb::RequestTravelDocumentRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "RecordTravelDocument" => answer(
+            c.record_travel_document(authorized(
+                pb::RecordTravelDocumentRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    issued: true,
+                    document_number: "CR 1".into(),
+                    valid_until: Some(in_days(30)),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "BookItinerary" => answer(
+            c.book_itinerary(authorized(
+                pb::BookItineraryRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    departure_at: Some(in_days(2)),
+                    arrival_at: Some(in_days(3)),
+                    carrier: "KC 210".into(),
+                    arrival_point_kind: pb::ArrivalPointKind::Airport as i32,
+                    arrival_point: "FRU".into(),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "AssignEscort" => answer(
+            c.assign_escort(authorized(
+                pb::AssignEscortRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    escort_officer: "escort-1".into(),
+                    escort_agency: IOM.into(),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "RecordDeparture" => answer(
+            c.record_departure(authorized(
+                pb::RecordDepartureRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    departed_at: Some(now()),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "RecordArrival" => answer(
+            c.record_arrival(authorized(
+                pb::RecordArrivalRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    arrived_at: Some(now()),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "RecordHandover" => answer(
+            c.record_handover(authorized(
+                pb::RecordHandoverRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    handed_over_at: Some(now()),
+                    received_by: "kg-iom".into(),
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "HaltReturn" => answer(
+            c.halt_return(authorized(
+                pb::HaltReturnRequest {
+                    request_id: rid(),
+                    return_id: id,
+                    expected_version: v,
+                    reason: HaltReason::PersonUnavailable as i32,
+                },
+                caller,
+            ))
+            .await,
+        ),
+        "GetReturn" => {
+            let got = c
+                .get_return(authorized(pb::GetReturnRequest { return_id: id }, caller))
+                .await;
+            match (row.part, got) {
+                (Some(_), Ok(view)) => Answer::Through(Some(identifiers(view.get_ref()).is_some())),
+                (_, got) => answer(got),
+            }
+        }
+        "ListReturns" => {
+            let mut page_token = String::new();
+            loop {
+                let page = c
+                    .list_returns(authorized(
+                        pb::ListReturnsRequest {
+                            page_size: 500,
+                            page_token: page_token.clone(),
+                            ..Default::default()
+                        },
+                        caller,
+                    ))
+                    .await;
+                match page {
+                    Ok(page) => {
+                        let page = page.into_inner();
+                        if page.returns.iter().any(|s| s.return_id == id) {
+                            return Answer::Through(Some(true));
+                        }
+                        if page.next_page_token.is_empty() {
+                            return Answer::Through(Some(false));
+                        }
+                        page_token = page.next_page_token;
+                    }
+                    Err(status) => return answer::<()>(Err(status)),
+                }
+            }
+        }
+        other => panic!("the repatriation sweep has no call for {other}: add one"),
+    }
+}
+
+/// Opens a return in `ru` held by `opener` (IOM) and `consulate`, and
+/// waits until the list shows it.
+async fn outgoing_world(ru: &RepatriationApp, opener: &str, consulate: &str) -> String {
+    let mut c = ru.client.clone();
+    let request = pb::OpenReturnRequest {
+        consulate_agency: consulate.into(),
+        ..open_request("KG")
+    };
+    let opened = c
+        .open_return(authorized(request, &token(opener, Role::Iom, "officer-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = opened.return_id;
+    let coordinator = token("ru-coordinator", Role::Coordinator, "coord-1");
+    for _ in 0..400 {
+        let row = nrm_kernel::permissions::find(nrm_kernel::permissions::REPATRIATION, "ListReturns", None).unwrap();
+        if matches!(
+            call_row(&mut c, row, &id, &coordinator).await,
+            Answer::Through(Some(true))
+        ) {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("return {id} not listed within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_repatriation_rpc_as_every_role_in_and_out_of_scope_answers_as_the_matrix_says() {
+    use futures::StreamExt as _;
+    use nrm_kernel::permissions::{MATRIX, REPATRIATION, Scope};
+
+    let (ru_keys, kg_keys) = (CountryKeys::generate("ru"), CountryKeys::generate("kg"));
+    let ru = RepatriationApp::spawn_with(repatriation_settings(&ru_keys, &[&kg_keys])).await;
+    // The home country, with one incoming return (the consented scope).
+    let kg_settings = repatriation_settings(&kg_keys, &[&ru_keys]);
+    RepatriationApp::prepare_inbound(&kg_settings, &ru_keys).await;
+    let kg = RepatriationApp::spawn_with(kg_settings).await;
+    let incoming = ReturnId::new().to_string();
+    kg.publish_crossing(
+        &ru_keys.code,
+        kg_keys.key.public(),
+        1,
+        &snapshot(&incoming, 2, ReturnStatus::Consented, true),
+    )
+    .await;
+    kg.wait_inbound(&ru_keys, 1).await;
+    kg.tables(&[&ru_keys]).wait_until_quiescent().await;
+
+    struct Trial {
+        row: &'static nrm_kernel::permissions::Permission,
+        role: Role,
+        scope: Option<Scope>,
+        allowed: bool,
+    }
+    let mut trials = Vec::new();
+    for row in MATRIX.iter().filter(|p| p.service == REPATRIATION) {
+        for role in Role::ALL {
+            match row.scopes(role) {
+                None => trials.push(Trial {
+                    row,
+                    role,
+                    scope: None,
+                    allowed: false,
+                }),
+                Some(scopes) => {
+                    for scope in scopes {
+                        trials.push(Trial {
+                            row,
+                            role,
+                            scope: Some(*scope),
+                            allowed: true,
+                        });
+                    }
+                    if !scopes.contains(&Scope::Any) {
+                        trials.push(Trial {
+                            row,
+                            role,
+                            scope: None,
+                            allowed: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let (ru_app, kg_app) = (ru, kg);
+    let (ru, kg, incoming) = (&ru_app, &kg_app, &incoming);
+    let run = |trial: &'static Trial| async move {
+        let u = nrm_e2e::unique();
+        let me = format!("{}-{u}", trial.role.as_str().replace('_', "-"));
+        let caller = token(&me, trial.role, "officer-1");
+        let (app, id) = match trial.scope {
+            // An incoming return is the home country's, under the person's consent.
+            Some(Scope::Consented) => (kg, incoming.clone()),
+            Some(Scope::CaseHolders) if trial.role == Role::Iom => {
+                (ru, outgoing_world(ru, &me, &format!("kg-consulate-{u}")).await)
+            }
+            Some(Scope::CaseHolders) if trial.role == Role::Consulate => {
+                (ru, outgoing_world(ru, &format!("ru-iom-{u}"), &me).await)
+            }
+            _ => (
+                ru,
+                outgoing_world(ru, &format!("ru-iom-{u}"), &format!("kg-consulate-{u}")).await,
+            ),
+        };
+        let mut c = app.client.clone();
+        let got = call_row(&mut c, trial.row, &id, &caller).await;
+        let what = format!(
+            "{} as {} ({})",
+            trial.row.name(),
+            trial.role,
+            trial.scope.map_or("no scope", Scope::as_str)
+        );
+        match (trial.allowed, got) {
+            (_, Answer::Invalid(status)) => Err(format!("{what}: the sweep sent an invalid request: {status:?}")),
+            (true, Answer::Through(None | Some(true))) => Ok(()),
+            (true, Answer::Through(Some(false))) => Err(format!("{what}: not listed, or identifiers withheld")),
+            (true, Answer::Refused(status)) => Err(format!("{what}: refused, the matrix allows it: {status:?}")),
+            (false, Answer::Refused(status)) if status.code() == Code::PermissionDenied => Ok(()),
+            (false, Answer::Through(Some(false))) => Ok(()),
+            (false, Answer::Refused(status)) => Err(format!("{what}: {status:?}, expected PERMISSION_DENIED")),
+            (false, Answer::Through(_)) => Err(format!("{what}: let through, the matrix refuses it")),
+        }
+    };
+    let trials: &'static [Trial] = Vec::leak(trials);
+    let failures: Vec<String> = futures::stream::iter(trials.iter())
+        .map(run)
+        .buffer_unordered(8)
+        .filter_map(|r| async move { r.err() })
+        .collect()
+        .await;
+    println!(
+        "tried {} (RPC, role, scope) triples over the repatriation rows: {} allowed; {} disagreed",
+        trials.len(),
+        trials.iter().filter(|t| t.allowed).count(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} disagreements:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    kg_app.stop(&[&ru_keys]).await;
+    ru_app.stop(&[&kg_keys]).await;
+}
