@@ -16,6 +16,7 @@
 //! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
 //! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
 //! - [`fixtures`]: events written straight into a kernel store.
+//! - [`repatriation`]: a repatriation service with its country's keys and partners.
 //! - [`tables`]: every table of a service's database, snapshotted when the
 //!   service is quiescent, for tests that a refused command writes nothing.
 
@@ -25,6 +26,7 @@ pub mod consent;
 pub mod faults;
 pub mod fixtures;
 pub mod ident;
+pub mod repatriation;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -103,6 +103,8 @@ pub const IDENTIFICATION: &str = "nrm.identification.v1.IdentificationService";
 pub const REFERRAL: &str = "nrm.referral.v1.ReferralService";
 /// Shelter capacity service.
 pub const SHELTER: &str = "nrm.shelter.v1.ShelterService";
+/// Repatriation service.
+pub const REPATRIATION: &str = "nrm.repatriation.v1.RepatriationService";
 /// The operator's service, served by every service.
 pub const OPERATOR: &str = "nrm.common.v1.OperatorService";
 /// The auditor's service, served by every service.
@@ -400,6 +402,109 @@ pub const MATRIX: &[Permission] = &[
         part: None,
         summary: "approve a registered shelter: only then does it take referrals",
         grants: grants![Coordinator => ANY],
+    },
+    // --- repatriation ---------------------------------------------------------
+    // A return's holders are the agency that opened it and the consulate it
+    // names (case holders). In the home country an incoming return has no
+    // holders: it is shared with the country under the person's consent,
+    // limited to the consented fields (consented).
+    Permission {
+        service: REPATRIATION,
+        method: "OpenReturn",
+        part: None,
+        summary: "open a return for a person of a partner country (the caller's agency and the named consulate hold it)",
+        grants: grants![Iom => ANY, Consulate => ANY],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RecordReturnConsent",
+        part: None,
+        summary: "record the person's informed consent to return and what the home country may receive",
+        grants: grants![Iom => HOLDERS, Consulate => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RecordRiskAssessment",
+        part: None,
+        summary: "record the risk assessment (not safe: the return halts)",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RequestTravelDocument",
+        part: None,
+        summary: "ask the consulate for a certificate of return",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RecordTravelDocument",
+        part: None,
+        summary: "the consulate's answer: the certificate of return issued (number sealed), or refused",
+        grants: grants![Consulate => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "BookItinerary",
+        part: None,
+        summary: "book the itinerary: departure, arrival, carrier, arrival point",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "AssignEscort",
+        part: None,
+        summary: "assign the escort",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RecordDeparture",
+        part: None,
+        summary: "record the departure",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RecordArrival",
+        part: None,
+        summary: "record the arrival",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "RecordHandover",
+        part: None,
+        summary: "record the handover to the home country's NRM",
+        grants: grants![Iom => HOLDERS],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "HaltReturn",
+        part: None,
+        summary: "halt a return before departure, with a coded reason",
+        grants: grants![Iom => HOLDERS, Consulate => HOLDERS, Coordinator => ANY],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "GetReturn",
+        part: None,
+        summary: "one return, coded, with its steps: its holders; an incoming return in the home country",
+        grants: grants![Iom => HOLDER_OR_CONSENTED, Consulate => HOLDERS, Msd => CONSENTED, Coordinator => ANY],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "GetReturn",
+        part: Some(PERSONAL_DATA),
+        summary: "the person's identifiers (audited): its holders; an incoming return's shared ones in the home country",
+        grants: grants![Iom => HOLDER_OR_CONSENTED, Consulate => HOLDERS, Msd => CONSENTED],
+    },
+    Permission {
+        service: REPATRIATION,
+        method: "ListReturns",
+        part: None,
+        summary: "returns, coded: those the caller's agency holds; the incoming ones in the home country",
+        grants: grants![Iom => HOLDER_OR_CONSENTED, Consulate => HOLDERS, Msd => CONSENTED, Coordinator => ANY],
     },
     // --- every service -------------------------------------------------------
     Permission {
