@@ -72,6 +72,11 @@ const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RelayConfig {
     /// Full protobuf name of the service's event message.
     pub payload_type: &'static str,
+    /// Streams of another payload type, by the start of their stream ID
+    /// (the repatriation service's crossing commits): a commit of such a
+    /// stream is labelled with that type, so consumers never decode it as
+    /// the service's events.
+    pub stream_payloads: &'static [(&'static str, &'static str)],
     /// Most commits read per batch.
     pub batch_size: i64,
     /// How often to look for commits of other processes.
@@ -85,11 +90,21 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// The payload type of the commits of `stream_id`.
+    #[must_use]
+    pub fn payload_type_of(&self, stream_id: &str) -> &'static str {
+        self.stream_payloads
+            .iter()
+            .find(|(prefix, _)| stream_id.starts_with(prefix))
+            .map_or(self.payload_type, |(_, payload_type)| payload_type)
+    }
+
     /// Defaults for a service whose events are `payload_type`.
     #[must_use]
     pub fn new(payload_type: &'static str) -> Self {
         Self {
             payload_type,
+            stream_payloads: &[],
             batch_size: 256,
             poll_interval: Duration::from_millis(250),
             retry: RetryPolicy::default(),
@@ -450,7 +465,7 @@ impl Relay {
         let body = EventCommit {
             commit_id: commit.commit_id.to_string(),
             stream_id: commit.stream_id.clone(),
-            payload_type: self.config.payload_type.to_owned(),
+            payload_type: self.config.payload_type_of(&commit.stream_id).to_owned(),
             events: commit
                 .events
                 .iter()

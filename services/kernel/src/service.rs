@@ -125,6 +125,9 @@ pub struct ServiceSpec {
     pub context: &'static str,
     /// Full protobuf name of the service's event message.
     pub payload_type: &'static str,
+    /// Streams whose commits carry another payload type, by the start of
+    /// their stream ID (see [`RelayConfig::stream_payloads`]); mostly empty.
+    pub stream_payloads: &'static [(&'static str, &'static str)],
     /// The migrations of the service's own tables (the kernel's run first).
     pub migrations: &'static Migrator,
 }
@@ -184,6 +187,7 @@ impl Kit {
                 RelayConfig {
                     retry: settings.retry,
                     fault_abort_after_ack: settings.relay.fault_abort_after_ack,
+                    stream_payloads: spec.stream_payloads,
                     ..RelayConfig::new(spec.payload_type)
                 },
             );

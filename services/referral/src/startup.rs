@@ -27,6 +27,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     grpc_service: SERVICE_NAME,
     context: CONTEXT,
     payload_type: PAYLOAD_TYPE,
+    stream_payloads: &[],
     migrations: &MIGRATIONS,
 };
 

@@ -17,6 +17,7 @@ use nrm_proto::repatriation::v1::repatriation_service_server::RepatriationServic
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::app::crossing::CROSSING_STREAM;
 use crate::app::{CONTEXT, PAYLOAD_TYPE, Returns};
 use crate::config::Settings;
 use crate::grpc::RepatriationGrpc;
@@ -34,6 +35,8 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     grpc_service: SERVICE_NAME,
     context: CONTEXT,
     payload_type: PAYLOAD_TYPE,
+    // The crossing commits (`xborder-{to}-{id}`) hold CrossBorderMessages.
+    stream_payloads: &[(CROSSING_STREAM, nrm_kernel::xborder::OUTBOUND_PAYLOAD_TYPE)],
     migrations: &MIGRATIONS,
 };
 
