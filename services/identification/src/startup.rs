@@ -9,6 +9,7 @@ use nrm_proto::identification::v1::identification_service_server::Identification
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::app::abroad::HomecomingRules;
 use crate::app::{CONTEXT, Identification, PAYLOAD_TYPE};
 use crate::config::Settings;
 use crate::grpc::IdentificationGrpc;
@@ -54,9 +55,12 @@ impl Application {
         let app = Identification::new(
             kit.store().clone(),
             kit.bus().clone(),
-            master,
-            hasher,
+            (master, hasher),
             settings.identification.reflection_days,
+            HomecomingRules {
+                country: "kg".into(),
+                competent_authority: settings.identification.homecoming_authority.clone(),
+            },
         );
         Ok(Self { kit, app })
     }
