@@ -15,6 +15,10 @@ use async_nats::jetstream::{self, stream};
 
 use crate::settings::NatsSettings;
 use crate::store::{Actor, EventMetadata};
+use crate::xborder::CountryCode;
+
+/// The context whose stream holds the crossing messages.
+const XB_CONTEXT: &str = "repatriation";
 
 /// Header: the commit's stream ID.
 pub const HEADER_STREAM_ID: &str = "Nrm-Stream-Id";
@@ -185,17 +189,26 @@ impl Bus {
     /// [`BusError::NoStream`] while it does not exist; [`BusError::JetStream`]
     /// when JetStream cannot be asked.
     pub async fn find_stream(&self, context: &str) -> Result<stream::Stream, BusError> {
+        self.find_stream_named(&self.stream_name(context)).await
+    }
+
+    /// The stream called `name` as it is, without creating it (see
+    /// [`Bus::find_stream`]).
+    ///
+    /// # Errors
+    /// [`BusError::NoStream`] while it does not exist; [`BusError::JetStream`]
+    /// when JetStream cannot be asked.
+    pub async fn find_stream_named(&self, name: &str) -> Result<stream::Stream, BusError> {
         if !self.is_connected() {
             return Err(BusError::JetStream("not connected to NATS".into()));
         }
-        let name = self.stream_name(context);
-        match self.jetstream.get_stream(&name).await {
+        match self.jetstream.get_stream(name).await {
             Ok(stream) => Ok(stream),
             Err(e)
                 if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(err)
                     if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
             {
-                Err(BusError::NoStream(name))
+                Err(BusError::NoStream(name.to_owned()))
             }
             Err(e) => Err(BusError::JetStream(e.to_string())),
         }
@@ -238,13 +251,18 @@ impl Bus {
         let wanted = stream::Config {
             name: self.stream_name(context),
             subjects: vec![self.context_subjects(context)],
-            storage: stream::StorageType::File,
-            retention: stream::RetentionPolicy::Limits,
-            num_replicas: self.settings.replicas,
-            duplicate_window: Duration::from_secs(self.settings.duplicate_window_seconds),
             description: Some(format!("Köpür {context} events")),
-            ..Default::default()
+            ..self.stream_defaults()
         };
+        self.create_checked(wanted).await
+    }
+
+    /// Creates (or finds) the stream `wanted` and checks that the server
+    /// holds exactly that configuration in what this kernel sets: subjects,
+    /// sources (name, filter, external API), storage, retention, replicas
+    /// and the de-duplication window. Debian's 2.9 drops what it does not
+    /// know without a word, and an existing stream is found, not updated.
+    async fn create_checked(&self, wanted: stream::Config) -> Result<stream::Stream, BusError> {
         let mut stream = self
             .jetstream
             .get_or_create_stream(wanted.clone())
@@ -256,22 +274,126 @@ impl Bus {
             .map_err(|e| BusError::JetStream(e.to_string()))?
             .config
             .clone();
-        let checks: [(&str, bool); 5] = [
-            ("subjects", applied.subjects == wanted.subjects),
-            ("storage", applied.storage == wanted.storage),
-            ("retention", applied.retention == wanted.retention),
-            ("num_replicas", applied.num_replicas == wanted.num_replicas),
-            ("duplicate_window", applied.duplicate_window == wanted.duplicate_window),
-        ];
-        if let Some((field, _)) = checks.iter().find(|(_, same)| !same) {
+        if let Some(field) = config_difference(&wanted, &applied) {
             return Err(BusError::ConfigMismatch {
                 what: "stream",
                 name: wanted.name,
                 server_version: self.server_version(),
-                difference: (*field).to_owned(),
+                difference: field,
             });
         }
         Ok(stream)
+    }
+
+    /// Subject of the crossing messages of one return meant for country
+    /// `to`: `{prefix}.repatriation.v1.outbound.{to}.{return_id}`, inside the
+    /// domestic repatriation stream.
+    #[must_use]
+    pub fn outbound_subject(&self, to: &CountryCode, return_id: &str) -> String {
+        format!(
+            "{}.{XB_CONTEXT}.v1.outbound.{to}.{return_id}",
+            self.settings.subject_prefix
+        )
+    }
+
+    /// Every crossing message meant for `to`: `{prefix}.repatriation.v1.outbound.{to}.>`.
+    #[must_use]
+    pub fn outbound_filter(&self, to: &CountryCode) -> String {
+        format!("{}.{XB_CONTEXT}.v1.outbound.{to}.>", self.settings.subject_prefix)
+    }
+
+    /// Every crossing message, whatever the country: `{prefix}.repatriation.v1.outbound.>`.
+    #[must_use]
+    pub fn outbound_filter_all(&self) -> String {
+        format!("{}.{XB_CONTEXT}.v1.outbound.>", self.settings.subject_prefix)
+    }
+
+    /// Name of the outgoing stream for partner `to`: `{STREAM_PREFIX}_XB_OUT_{TO}`.
+    #[must_use]
+    pub fn outbound_stream_name(&self, to: &CountryCode) -> String {
+        format!("{}_XB_OUT_{}", self.settings.stream_prefix, to.upper())
+    }
+
+    /// Name of the incoming stream from partner `from`: `{STREAM_PREFIX}_XB_IN_{FROM}`.
+    #[must_use]
+    pub fn inbound_stream_name(&self, from: &CountryCode) -> String {
+        format!("{}_XB_IN_{}", self.settings.stream_prefix, from.upper())
+    }
+
+    /// Creates (or finds) the outgoing stream for partner `to`,
+    /// `{STREAM_PREFIX}_XB_OUT_{TO}`: no subjects of its own, it sources the
+    /// domestic `{STREAM_PREFIX}_REPATRIATION` stream filtered to
+    /// [`Bus::outbound_filter`]`(to)`. One stream per partner, so that each
+    /// link's permissions name its own stream alone (DESIGN.md §7). The
+    /// server keeps sourcing by itself (also when the domestic stream is
+    /// created later).
+    ///
+    /// # Errors
+    /// [`BusError::ConfigMismatch`] when the server's stream differs (a
+    /// 2.9 server that dropped a field, or an existing stream of another
+    /// configuration); [`BusError::JetStream`] when JetStream refuses.
+    pub async fn ensure_outbound_stream(&self, to: &CountryCode) -> Result<stream::Stream, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::JetStream("not connected to NATS".into()));
+        }
+        let wanted = stream::Config {
+            name: self.outbound_stream_name(to),
+            subjects: Vec::new(),
+            sources: Some(vec![stream::Source {
+                name: self.stream_name(XB_CONTEXT),
+                filter_subject: Some(self.outbound_filter(to)),
+                ..Default::default()
+            }]),
+            description: Some(format!("Köpür crossing messages meant for {to}")),
+            ..self.stream_defaults()
+        };
+        self.create_checked(wanted).await
+    }
+
+    /// Creates (or finds) the incoming stream from partner `from`,
+    /// `{STREAM_PREFIX}_XB_IN_{FROM}`: it sources `{STREAM_PREFIX}_XB_OUT_{HERE}`
+    /// of JetStream domain `from` (external API `$JS.{from}.API`, across the
+    /// leaf-node link) filtered to [`Bus::outbound_filter`]`(here)`. Sourcing
+    /// is durable and resumes by itself after a link cut.
+    ///
+    /// # Errors
+    /// [`BusError::ConfigMismatch`] when the server's stream differs;
+    /// [`BusError::JetStream`] when JetStream refuses.
+    pub async fn ensure_inbound_stream(
+        &self,
+        from: &CountryCode,
+        here: &CountryCode,
+    ) -> Result<stream::Stream, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::JetStream("not connected to NATS".into()));
+        }
+        let wanted = stream::Config {
+            name: self.inbound_stream_name(from),
+            subjects: Vec::new(),
+            sources: Some(vec![stream::Source {
+                name: self.outbound_stream_name(here),
+                filter_subject: Some(self.outbound_filter(here)),
+                external: Some(stream::External {
+                    api_prefix: format!("$JS.{from}.API"),
+                    delivery_prefix: None,
+                }),
+                ..Default::default()
+            }]),
+            description: Some(format!("Köpür crossing messages from {from}")),
+            ..self.stream_defaults()
+        };
+        self.create_checked(wanted).await
+    }
+
+    /// What every stream this kernel creates shares.
+    fn stream_defaults(&self) -> stream::Config {
+        stream::Config {
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: self.settings.replicas,
+            duplicate_window: Duration::from_secs(self.settings.duplicate_window_seconds),
+            ..Default::default()
+        }
     }
 }
 
@@ -355,6 +477,52 @@ impl Replay {
             }
         }
     }
+}
+
+/// The first field in which the server's stream configuration `applied`
+/// differs from `wanted`, in what this kernel sets.
+fn config_difference(wanted: &stream::Config, applied: &stream::Config) -> Option<String> {
+    let checks: [(&str, bool); 5] = [
+        ("subjects", applied.subjects == wanted.subjects),
+        ("storage", applied.storage == wanted.storage),
+        ("retention", applied.retention == wanted.retention),
+        ("num_replicas", applied.num_replicas == wanted.num_replicas),
+        ("duplicate_window", applied.duplicate_window == wanted.duplicate_window),
+    ];
+    if let Some((field, _)) = checks.iter().find(|(_, same)| !same) {
+        return Some((*field).to_owned());
+    }
+    let none = Vec::new();
+    let wanted_sources = wanted.sources.as_ref().unwrap_or(&none);
+    let applied_sources = applied.sources.as_ref().unwrap_or(&none);
+    if wanted_sources.len() != applied_sources.len() {
+        return Some(format!(
+            "sources: {} asked for, {} applied",
+            wanted_sources.len(),
+            applied_sources.len()
+        ));
+    }
+    for (i, (w, a)) in wanted_sources.iter().zip(applied_sources).enumerate() {
+        let nonempty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        let external =
+            |e: &Option<stream::External>| e.as_ref().map(|e| (e.api_prefix.clone(), nonempty(&e.delivery_prefix)));
+        let checks = [
+            ("name", w.name == a.name),
+            (
+                "filter_subject",
+                nonempty(&w.filter_subject) == nonempty(&a.filter_subject),
+            ),
+            ("external", external(&w.external) == external(&a.external)),
+            ("opt_start_seq", w.start_sequence == a.start_sequence),
+        ];
+        if let Some((field, _)) = checks.iter().find(|(_, same)| !same) {
+            return Some(format!("sources[{i}].{field}"));
+        }
+    }
+    if wanted.mirror.is_some() != applied.mirror.is_some() {
+        return Some("mirror".to_owned());
+    }
+    None
 }
 
 /// Whether `version` (`2.9.10`, `v2.10.1-beta`) is at least `major.minor`.

@@ -39,6 +39,8 @@
 //! - [`timers`]: durable deadlines that fire exactly once.
 //! - [`audit`]: the tamper-evident access log: entries chained by hash,
 //!   appended in the caller's transaction, verified.
+//! - [`xborder`]: across the border: country codes, each country's key
+//!   pair, the partners of this deployment, sealing what crosses (HPKE).
 
 pub mod audit;
 pub mod auditor;
@@ -64,5 +66,6 @@ pub mod store;
 pub mod telemetry;
 pub mod timers;
 pub mod validate;
+pub mod xborder;
 
 pub use error::{AppError, FieldViolation};

@@ -1,5 +1,7 @@
-//! Projections and reactions: consumers of a context's stream whose handler
-//! writes its effects and its stream position in one PostgreSQL transaction.
+//! Projections and reactions: consumers of a stream whose handler writes its
+//! effects and its stream position in one PostgreSQL transaction. The stream
+//! is a [`Source`]: a context's stream (the usual case), or any other one,
+//! such as the incoming stream of a partner country.
 //!
 //! A *projection* writes a read model through [`UnitOfWork::conn`]. A
 //! *reaction* (a service acting on another service's events) appends its own
@@ -59,6 +61,7 @@ use crate::bus::{self, Bus, BusError, Replay, StreamIdentity};
 use crate::retry::{self, RetryPolicy};
 use crate::store::{EventMetadata, EventStore, UnitOfWork};
 use crate::telemetry;
+use crate::xborder::CountryCode;
 use nrm_proto::common::v1::EventCommit;
 
 /// How often a consuming runner looks for parked messages an operator asked to retry.
@@ -67,7 +70,7 @@ const PARKED_POLL: Duration = Duration::from_secs(1);
 /// Longest an error text kept with a parked item.
 const MAX_ERROR_TEXT: usize = 500;
 
-/// A read model (or a reaction) fed by one context's stream.
+/// A read model (or a reaction) fed by one stream (a [`Source`]).
 pub trait Projection: Send + Sync + 'static {
     /// Whether this is a read model, rebuilt atomically by a reset and a full
     /// replay in one transaction. A reaction (`false`) has no read model: its
@@ -189,11 +192,58 @@ impl<'a> Raw<'a> {
     }
 }
 
-/// Runs one projection on one context's stream.
+/// What a runner reads: a stream, by name, and the subjects of it that it
+/// takes. A runner never creates its stream: it waits until the service
+/// that owns it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    stream: String,
+    filter: String,
+}
+
+impl Source {
+    /// The whole stream `stream`, or the part of it `filter` names.
+    #[must_use]
+    pub fn new(stream: impl Into<String>, filter: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            filter: filter.into(),
+        }
+    }
+
+    /// The whole stream of `context` (`{STREAM_PREFIX}_{CONTEXT}`, subjects
+    /// `{prefix}.{context}.v1.>`).
+    #[must_use]
+    pub fn context(bus: &Bus, context: &'static str) -> Self {
+        Self::new(bus.stream_name(context), bus.context_subjects(context))
+    }
+
+    /// The incoming stream from partner country `from`
+    /// (`{STREAM_PREFIX}_XB_IN_{FROM}`), every crossing message it holds.
+    /// The repatriation service creates it; a runner waits until it exists.
+    #[must_use]
+    pub fn inbound(bus: &Bus, from: &CountryCode) -> Self {
+        Self::new(bus.inbound_stream_name(from), bus.outbound_filter_all())
+    }
+
+    /// The stream's name.
+    #[must_use]
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The subjects taken from it (a filter, with wildcards).
+    #[must_use]
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+}
+
+/// Runs one projection on one [`Source`].
 pub struct ProjectionRunner<P> {
     store: EventStore,
     bus: Bus,
-    context: &'static str,
+    source: Source,
     projection: P,
     retry: RetryPolicy,
 }
@@ -201,13 +251,25 @@ pub struct ProjectionRunner<P> {
 impl<P: Projection> ProjectionRunner<P> {
     /// A runner for `projection`, fed by the whole stream of `context`.
     pub fn new(store: EventStore, bus: Bus, context: &'static str, projection: P) -> Self {
+        let source = Source::context(&bus, context);
+        Self::on_source(store, bus, source, projection)
+    }
+
+    /// A runner for `projection`, fed by `source`.
+    pub fn on_source(store: EventStore, bus: Bus, source: Source, projection: P) -> Self {
         Self {
             store,
             bus,
-            context,
+            source,
             projection,
             retry: RetryPolicy::default(),
         }
+    }
+
+    /// What the runner reads.
+    #[must_use]
+    pub fn source(&self) -> &Source {
+        &self.source
     }
 
     /// The same runner with another retry policy.
@@ -254,7 +316,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// service that owns it does (and refills it), so a missing stream is
     /// waited for rather than replaced by an empty one.
     async fn stream(&self) -> Result<(Stream, StreamIdentity), anyhow::Error> {
-        let mut stream = match self.bus.find_stream(self.context).await {
+        let mut stream = match self.bus.find_stream_named(&self.source.stream).await {
             Ok(stream) => stream,
             Err(BusError::NoStream(name)) => {
                 // A runner that never started says which stream it waits for.
@@ -280,7 +342,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// silent re-creation, when the stream or the consumer goes away.
     async fn consumer(&self, stream: &Stream, start: u64) -> Result<pull::Stream, anyhow::Error> {
         let wanted = pull::Config {
-            filter_subject: self.bus.context_subjects(self.context),
+            filter_subject: self.source.filter.clone(),
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start },
             ack_policy: AckPolicy::None,
             inactive_threshold: Duration::from_secs(60),
@@ -606,7 +668,7 @@ impl<P: Projection> ProjectionRunner<P> {
             tracing::info!(projection = self.name(), stream = %identity.name, "reaction starts from the first message of the stream");
             return Ok(());
         }
-        let mut replay = Replay::start(stream, self.bus.context_subjects(self.context), false).await?;
+        let mut replay = Replay::start(stream, self.source.filter.clone(), false).await?;
         lock_checkpoint(uow.conn(), self.name()).await?;
         let requested: i64 =
             sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE projection = $1 AND retry_requested")

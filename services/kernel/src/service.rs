@@ -35,7 +35,7 @@ use crate::bus::Bus;
 use crate::db;
 use crate::gate::Gate;
 use crate::operator::OperatorGrpc;
-use crate::projection::{Projection, ProjectionRunner};
+use crate::projection::{Projection, ProjectionRunner, Source};
 use crate::relay::{Relay, RelayConfig};
 use crate::retry::RetryPolicy;
 use crate::server::{self, AUDIT_SERVICE, Background, HEALTH_SERVICE, Listeners, OPERATOR_SERVICE};
@@ -227,6 +227,19 @@ impl Kit {
     /// Runs `projection` on the stream of `context` while the service runs.
     pub fn project<P: Projection>(&mut self, context: &'static str, projection: P) {
         let runner = self.runner(context, projection);
+        self.spawn(|stop| runner.run(stop));
+    }
+
+    /// A runner of `projection` on `source`, with the service's retry
+    /// policy; not yet running.
+    pub fn source_runner<P: Projection>(&self, source: Source, projection: P) -> ProjectionRunner<P> {
+        ProjectionRunner::on_source(self.store.clone(), self.bus.clone(), source, projection).with_retry(self.retry)
+    }
+
+    /// Runs `projection` on `source` (any stream, for example
+    /// [`Source::inbound`] of a partner country) while the service runs.
+    pub fn project_source<P: Projection>(&mut self, source: Source, projection: P) {
+        let runner = self.source_runner(source, projection);
         self.spawn(|stop| runner.run(stop));
     }
 
