@@ -198,6 +198,7 @@ pub fn settings() -> Settings {
             match_key: key(9),
         },
         identification: IdentificationSettings::default(),
+        xborder: nrm_kernel::xborder::XborderSettings::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use nrm_kernel::service::CommonSettings;
 use nrm_kernel::settings::SealingSettings;
+use nrm_kernel::xborder::XborderSettings;
 use serde::Deserialize;
 
 /// Everything the service reads at start.
@@ -16,6 +17,10 @@ pub struct Settings {
     /// Rules of identification (`NRM_IDENTIFICATION__*`).
     #[serde(default)]
     pub identification: IdentificationSettings,
+    /// This country and its partners (`NRM_XBORDER__*`): the service opens
+    /// the case of every person handed over from a partner country.
+    #[serde(default)]
+    pub xborder: XborderSettings,
 }
 
 nrm_kernel::service_settings!(Settings, "identification");
