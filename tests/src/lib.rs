@@ -16,6 +16,8 @@
 //! - [`ShelterFeed`]: publishes shelter events as the shelter service would.
 //! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
 //! - [`fixtures`]: events written straight into a kernel store.
+//! - [`homecoming`]: the home country's keys, and the link's stand-in that
+//!   sends a destination country's sealed crossing messages.
 //! - [`tables`]: every table of a service's database, snapshotted when the
 //!   service is quiescent, for tests that a refused command writes nothing.
 
@@ -24,6 +26,7 @@ pub mod canary;
 pub mod consent;
 pub mod faults;
 pub mod fixtures;
+pub mod homecoming;
 pub mod ident;
 
 use std::path::PathBuf;
