@@ -322,6 +322,15 @@ impl Link {
     /// # Panics
     /// When NATS refuses.
     pub async fn deliver(&self, ret: &Return) -> u64 {
+        self.deliver_altered(ret, |_| {}).await
+    }
+
+    /// As [`Self::deliver`], with the crossing message changed by `alter`
+    /// after sealing (a forged or misdirected message).
+    ///
+    /// # Panics
+    /// When NATS refuses.
+    pub async fn deliver_altered(&self, ret: &Return, alter: impl FnOnce(&mut rp::CrossBorderMessage)) -> u64 {
         let snapshot = &ret.snapshot;
         let aad = xborder::aad(&self.partner, &self.here, &snapshot.return_id, snapshot.origin_version);
         let message = rp::CrossBorderMessage {
@@ -331,6 +340,8 @@ impl Link {
             origin_version: snapshot.origin_version,
             sealed: Some(xborder::seal(&self.partner_key, &aad, &snapshot.encode_to_vec())),
         };
+        let mut message = message;
+        alter(&mut message);
         let commit_id = uuid::Uuid::now_v7();
         let stream_id = format!("xborder-kg-{}", snapshot.return_id);
         let commit = EventCommit {

@@ -454,3 +454,59 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
     link.remove().await;
     countries.remove();
 }
+
+#[tokio::test]
+async fn a_crossing_message_that_does_not_open_here_is_parked_and_opens_nothing() {
+    // Before anything logs: this process's only subscriber.
+    let logs = capture();
+    let countries = Countries::new();
+    let mut settings = home_settings(&countries);
+    settings.retry = nrm_kernel::retry::RetryPolicy {
+        attempts: 2,
+        first_ms: 20,
+        max_ms: 50,
+    };
+    let link = Link::new(&settings, &countries).await;
+    let id = HomeIdentification::spawn(settings).await;
+
+    let mut forged = Return::consented(&all_shared(), Some(canary::identifiers()), true, "RU-MVD-2026-0050");
+    forged.hand_over("kg-iom");
+    forged.sent += 1;
+    // Replayed under another return: its associated data no longer match.
+    link.deliver_altered(&forged, |m| m.return_id = uuid::Uuid::now_v7().to_string())
+        .await;
+    // Sealed to another key than this country's.
+    let other = nrm_kernel::xborder::CountryKey::generate();
+    link.deliver_altered(&forged, |m| {
+        let aad = nrm_kernel::xborder::aad(&countries.partner, &countries.here, &m.return_id, m.origin_version);
+        m.sealed = Some(nrm_kernel::xborder::seal(other.public(), &aad, b"not for kg"));
+    })
+    .await;
+    // Meant for a third country: passed over.
+    link.deliver_altered(&forged, |m| m.to_country = "tj".into()).await;
+    // Then a good one, the marker.
+    let mut good = Return::consented(&[SharedField::Profile], None, false, "RU-MVD-2026-0051");
+    walk(&link, &mut good).await;
+    wait_for_case(&id, &good).await;
+
+    assert_eq!(cases(&id).await.len(), 1, "only the good handover opened a case");
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE projection = $1")
+        .bind(HANDOVERS)
+        .fetch_one(&id.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 2, "the two messages that do not open wait for an operator");
+    let errors: Vec<String> = sqlx::query_scalar("SELECT last_error FROM parked_messages WHERE projection = $1")
+        .bind(HANDOVERS)
+        .fetch_all(&id.pool)
+        .await
+        .unwrap();
+    for error in errors {
+        assert_clean(error.as_bytes(), "a parked message's error");
+    }
+    assert_clean(&logs.logs(), "the logs");
+
+    id.stop().await;
+    link.remove().await;
+    countries.remove();
+}
