@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use nrm_e2e::canary::{self, assert_clean, capture};
 use nrm_e2e::homecoming::{Countries, HomeIdentification, Link, Return, home_settings, wait_for_checkpoint};
+use nrm_e2e::ident::read_case;
 use nrm_e2e::{ReferralApp, authorized, person, referral_settings, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::personal_data_view::View;
@@ -195,12 +196,7 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
     let mut client = id.client.clone();
     let case = client
         .get_case(authorized(
-            pb::GetCaseRequest {
-                case_id: a_case.case_id.clone(),
-                include_personal_data: true,
-                read_purpose: pb::ReadPurpose::VictimProtection as i32,
-                ..Default::default()
-            },
+            read_case(&a_case.case_id, pb::ReadPurpose::VictimProtection),
             &iom(),
         ))
         .await
@@ -225,15 +221,13 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
         panic!("the agency that received the person reads the identifiers");
     };
     assert_eq!(identifiers, canary::identifiers());
+    let read = pb::GetPersonalDataRequest {
+        person_id: a_case.person_id.clone(),
+        read_purpose: pb::ReadPurpose::VictimProtection as i32,
+        ..Default::default()
+    };
     let personal = client
-        .get_personal_data(authorized(
-            pb::GetPersonalDataRequest {
-                person_id: a_case.person_id.clone(),
-                read_purpose: pb::ReadPurpose::VictimProtection as i32,
-                ..Default::default()
-            },
-            &iom(),
-        ))
+        .get_personal_data(authorized(read.clone(), &iom()))
         .await
         .unwrap()
         .into_inner();
@@ -242,12 +236,7 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
     let b_case = cases_of(&id, b.id()).await.pop().unwrap();
     let b_read = client
         .get_case(authorized(
-            pb::GetCaseRequest {
-                case_id: b_case.case_id.clone(),
-                include_personal_data: true,
-                read_purpose: pb::ReadPurpose::VictimProtection as i32,
-                ..Default::default()
-            },
+            read_case(&b_case.case_id, pb::ReadPurpose::VictimProtection),
             &iom(),
         ))
         .await
@@ -330,11 +319,6 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
         ))
         .await
         .unwrap();
-    let read = pb::GetPersonalDataRequest {
-        person_id: a_case.person_id.clone(),
-        read_purpose: pb::ReadPurpose::VictimProtection as i32,
-        ..Default::default()
-    };
     let mut shared = None;
     for _ in 0..400 {
         match client.get_personal_data(authorized(read.clone(), &msd())).await {
