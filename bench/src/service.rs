@@ -98,6 +98,7 @@ impl Service {
                 match_key: key(9),
             },
             identification: IdentificationSettings::default(),
+            xborder: nrm_kernel::xborder::XborderSettings::default(),
         };
         let app = Application::build(&settings)
             .await

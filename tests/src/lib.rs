@@ -17,6 +17,8 @@
 //! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
 //! - [`fixtures`]: events written straight into a kernel store.
 //! - [`repatriation`]: a repatriation service with its country's keys and partners.
+//! - [`homecoming`]: the home country's keys, and the link's stand-in that
+//!   sends a destination country's sealed crossing messages.
 //! - [`tables`]: every table of a service's database, snapshotted when the
 //!   service is quiescent, for tests that a refused command writes nothing.
 
@@ -25,6 +27,7 @@ pub mod canary;
 pub mod consent;
 pub mod faults;
 pub mod fixtures;
+pub mod homecoming;
 pub mod ident;
 pub mod repatriation;
 
@@ -200,6 +203,7 @@ pub fn settings() -> Settings {
             match_key: key(9),
         },
         identification: IdentificationSettings::default(),
+        xborder: nrm_kernel::xborder::XborderSettings::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use nrm_kernel::service::CommonSettings;
 use nrm_kernel::settings::SealingSettings;
+use nrm_kernel::xborder::XborderSettings;
 use serde::Deserialize;
 
 /// Everything the service reads at start.
@@ -16,6 +17,10 @@ pub struct Settings {
     /// Rules of identification (`NRM_IDENTIFICATION__*`).
     #[serde(default)]
     pub identification: IdentificationSettings,
+    /// This country and its partners (`NRM_XBORDER__*`): the service opens
+    /// the case of every person handed over from a partner country.
+    #[serde(default)]
+    pub xborder: XborderSettings,
 }
 
 nrm_kernel::service_settings!(Settings, "identification");
@@ -27,14 +32,26 @@ pub struct IdentificationSettings {
     /// (`NRM_IDENTIFICATION__REFLECTION_DAYS`, default 30).
     #[serde(default = "default_reflection_days")]
     pub reflection_days: u32,
+    /// The competent authority handling the cases that open when a person
+    /// identified abroad is handed over here (`NRM_IDENTIFICATION__HOMECOMING_AUTHORITY`,
+    /// default `kg-mvd`). Police or a prosecutor: only they take the formal
+    /// decision on a review, and the agency that received the person (the
+    /// case's reporting agency, IOM) is not its own competent authority.
+    #[serde(default = "default_homecoming_authority")]
+    pub homecoming_authority: String,
 }
 
 impl Default for IdentificationSettings {
     fn default() -> Self {
         Self {
             reflection_days: default_reflection_days(),
+            homecoming_authority: default_homecoming_authority(),
         }
     }
+}
+
+fn default_homecoming_authority() -> String {
+    "kg-mvd".into()
 }
 
 fn default_reflection_days() -> u32 {

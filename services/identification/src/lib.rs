@@ -7,7 +7,9 @@
 //! - [`domain`]: the pure case aggregate and request validation.
 //! - [`app`]: command handling and queries.
 //! - [`grpc`]: the tonic service (mapping only).
-//! - [`projections`]: the case list read model.
+//! - [`projections`]: the case list read model; who else may read a
+//!   person's identifiers.
+//! - [`homecoming`]: the cases that returns handed over from abroad open.
 //! - [`config`]: settings from the environment.
 //! - [`startup`]: building and running the service.
 
@@ -15,5 +17,6 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod grpc;
+pub mod homecoming;
 pub mod projections;
 pub mod startup;

@@ -3,6 +3,8 @@
 //!
 //! - [`CaseList`]: coded fields of every case, for listing with filters
 //!   (from the service's own stream).
+//! - [`crate::homecoming::Handovers`] (a reaction, not a read model): the
+//!   cases opened on returns handed over from abroad.
 //! - [`ReferralAccess`]: consents and accepted referrals (from the referral
 //!   service's stream), deciding who else may read a person's identifiers.
 
@@ -33,29 +35,10 @@ impl Projection for CaseList {
                 .event;
             let version = i64::try_from(committed.version)?;
             match event {
-                Some(Event::PresumedVictimReported(r)) => {
-                    let case_id: Uuid = r.case_id.parse()?;
-                    let reported_at = r
-                        .reported_at
-                        .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
-                        .context("report without time")?;
-                    let matching = uuids(&r.matching_case_ids)?;
-                    sqlx::query(
-                        "INSERT INTO case_list (case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (case_id) DO NOTHING",
-                    )
-                    .bind(case_id)
-                    .bind(r.status)
-                    .bind(&r.reporting_agency)
-                    .bind(&r.competent_authority)
-                    .bind(&matching)
-                    .bind(reported_at)
-                    .bind(&r.exploitation_forms)
-                    .bind(r.child)
-                    .bind(&r.citizenship)
-                    .bind(version)
-                    .execute(&mut *conn)
-                    .await?;
+                Some(Event::PresumedVictimReported(r)) => insert_case(conn, &r, version, false).await?,
+                Some(Event::CaseOpenedFromAbroad(opened)) => {
+                    let r = opened.report.context("a case from abroad without its report")?;
+                    insert_case(conn, &r, version, true).await?;
                 }
                 Some(other) => {
                     let status = match &other {
@@ -102,6 +85,39 @@ impl Projection for CaseList {
         sqlx::query("TRUNCATE case_list").execute(conn).await?;
         Ok(())
     }
+}
+
+/// The row of a new case (its first event: a report, or a case from abroad).
+async fn insert_case(
+    conn: &mut PgConnection,
+    r: &pb::PresumedVictimReported,
+    version: i64,
+    identified_abroad: bool,
+) -> Result<(), anyhow::Error> {
+    let case_id: Uuid = r.case_id.parse()?;
+    let reported_at = r
+        .reported_at
+        .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .context("report without time")?;
+    let matching = uuids(&r.matching_case_ids)?;
+    sqlx::query(
+        "INSERT INTO case_list (case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version, identified_abroad)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (case_id) DO NOTHING",
+    )
+    .bind(case_id)
+    .bind(r.status)
+    .bind(&r.reporting_agency)
+    .bind(&r.competent_authority)
+    .bind(&matching)
+    .bind(reported_at)
+    .bind(&r.exploitation_forms)
+    .bind(r.child)
+    .bind(&r.citizenship)
+    .bind(version)
+    .bind(identified_abroad)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 fn uuids(ids: &[String]) -> Result<Vec<Uuid>, anyhow::Error> {

@@ -2,6 +2,7 @@
 //! the tests (on port 0). What every service does at start is the kernel's
 //! ([`nrm_kernel::service`]); this names what identification owns.
 
+use nrm_kernel::projection::Source;
 use nrm_kernel::seal::{MasterKey, MatchHasher};
 use nrm_kernel::service::{Kit, Service, ServiceSpec};
 use nrm_kernel::settings::decode_key;
@@ -9,9 +10,12 @@ use nrm_proto::identification::v1::identification_service_server::Identification
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::app::abroad::HomecomingRules;
 use crate::app::{CONTEXT, Identification, PAYLOAD_TYPE};
 use crate::config::Settings;
+use crate::domain::parse;
 use crate::grpc::IdentificationGrpc;
+use crate::homecoming::Handovers;
 use crate::projections::{CaseList, ReferralAccess};
 
 /// Name of the gRPC service, as reported by health checks.
@@ -48,6 +52,12 @@ impl Application {
         let hasher = MatchHasher::new(
             decode_key("NRM_SEALING__MATCH_KEY", &settings.sealing.match_key).map_err(anyhow::Error::msg)?,
         );
+        let authority = parse::agency(
+            "NRM_IDENTIFICATION__HOMECOMING_AUTHORITY",
+            &settings.identification.homecoming_authority,
+        )
+        .map_err(|v| anyhow::anyhow!("{}: {}", v.field, v.description))?;
+        let federation = settings.xborder.load()?;
         let mut kit = Kit::build(SPEC, settings).await?;
         kit.project(CONTEXT, CaseList);
         // Consents and referrals arrive from the referral service's stream.
@@ -55,10 +65,30 @@ impl Application {
         let app = Identification::new(
             kit.store().clone(),
             kit.bus().clone(),
-            master,
-            hasher,
+            (master, hasher),
             settings.identification.reflection_days,
+            HomecomingRules {
+                country: federation.country.as_str().to_owned(),
+                competent_authority: authority,
+            },
         );
+        // Returns handed over from each partner open cases here.
+        match &federation.key {
+            Some(key) => {
+                for (partner, _) in &federation.partners {
+                    let source = Source::inbound(kit.bus(), partner);
+                    let handovers =
+                        Handovers::new(app.clone(), key.clone(), partner.clone(), federation.country.clone());
+                    kit.project_source(source, handovers);
+                }
+            }
+            None if !federation.partners.is_empty() => {
+                tracing::warn!(
+                    "no private key (NRM_XBORDER__PRIVATE_KEY_FILE): handovers from abroad open no case here"
+                );
+            }
+            None => {}
+        }
         Ok(Self { kit, app })
     }
 }

@@ -33,6 +33,11 @@ pub struct ReferralSettings {
     /// (`NRM_REFERRAL__TIMER_POLL_MS`, default 250).
     #[serde(default = "default_poll")]
     pub timer_poll_ms: u64,
+    /// The agency a person identified abroad is referred to for
+    /// reintegration when handed over home, if they agreed abroad
+    /// (`NRM_REFERRAL__REINTEGRATION_AGENCY`, default `kg-msd`).
+    #[serde(default = "default_reintegration_agency")]
+    pub reintegration_agency: String,
 }
 
 impl Default for ReferralSettings {
@@ -42,6 +47,7 @@ impl Default for ReferralSettings {
             normal_deadline_seconds: default_normal(),
             allow_not_identified: false,
             timer_poll_ms: default_poll(),
+            reintegration_agency: default_reintegration_agency(),
         }
     }
 }
@@ -56,4 +62,8 @@ fn default_normal() -> u64 {
 
 fn default_poll() -> u64 {
     250
+}
+
+fn default_reintegration_agency() -> String {
+    "kg-msd".into()
 }

@@ -48,23 +48,17 @@ impl Projection for Persons {
             let version = i64::try_from(committed.version)?;
             let status = match &event {
                 Some(Event::PresumedVictimReported(r)) => {
-                    let person_id: Uuid = r.person_id.parse().context("report with a malformed person ID")?;
-                    sqlx::query(
-                        "INSERT INTO persons (person_id, case_id, status, child, version, reporting_agency, competent_authority)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)
-                         ON CONFLICT (person_id) DO UPDATE
-                         SET reporting_agency = EXCLUDED.reporting_agency,
-                             competent_authority = EXCLUDED.competent_authority",
-                    )
-                    .bind(person_id)
-                    .bind(case_id)
-                    .bind(r.status)
-                    .bind(r.child)
-                    .bind(version)
-                    .bind(&r.reporting_agency)
-                    .bind(&r.competent_authority)
-                    .execute(&mut *conn)
-                    .await?;
+                    let person_id = r.person_id.parse().context("report with a malformed person ID")?;
+                    insert_person(&mut *conn, person_id, case_id, r, version).await?;
+                    continue;
+                }
+                Some(Event::CaseOpenedFromAbroad(opened)) => {
+                    let r = opened
+                        .report
+                        .as_ref()
+                        .context("a case from abroad without its report")?;
+                    let person_id = r.person_id.parse().context("report with a malformed person ID")?;
+                    insert_person(&mut *conn, person_id, case_id, r, version).await?;
                     continue;
                 }
                 Some(Event::ScreeningCompleted(_) | Event::ReviewRequested(_)) => Some(idpb::CaseStatus::Presumed),
@@ -92,6 +86,39 @@ impl Projection for Persons {
         sqlx::query("TRUNCATE persons").execute(conn).await?;
         Ok(())
     }
+}
+
+/// Writes the person a case's first event (`report`, at case stream
+/// `version`) is of; a person known already keeps its status and version
+/// and takes the agencies holding the case. The persons projection and the
+/// reaction to cases from abroad both write it, in either order.
+///
+/// # Errors
+/// When the database fails.
+pub(crate) async fn insert_person(
+    conn: &mut PgConnection,
+    person_id: Uuid,
+    case_id: Uuid,
+    report: &idpb::PresumedVictimReported,
+    version: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO persons (person_id, case_id, status, child, version, reporting_agency, competent_authority)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (person_id) DO UPDATE
+         SET reporting_agency = EXCLUDED.reporting_agency,
+             competent_authority = EXCLUDED.competent_authority",
+    )
+    .bind(person_id)
+    .bind(case_id)
+    .bind(report.status)
+    .bind(report.child)
+    .bind(version)
+    .bind(&report.reporting_agency)
+    .bind(&report.competent_authority)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// The inbox read model, over this service's referral subjects.

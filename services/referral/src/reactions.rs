@@ -10,6 +10,11 @@
 //! - [`ConsentExpiry`]: the durable timer of a consent's expiry: the consent
 //!   ends exactly as on withdrawal (its open referrals cancelled, sharing
 //!   under it over) in the transaction that marks the timer fired.
+//! - [`Homecomings`]: a reaction to the identification stream: a case opened
+//!   for a person handed over from abroad (`CaseOpenedFromAbroad`) who
+//!   agreed abroad to a reintegration referral gets its consent and its
+//!   referral to the reintegration agency, once per case
+//!   ([`Referrals::refer_home`]: its request key is the case's).
 
 use nrm_kernel::ids::{ConsentId, ReferralId};
 use nrm_kernel::projection::{Delivery, Projection};
@@ -22,6 +27,9 @@ use sqlx::PgConnection;
 
 use crate::app::{ANSWER_DUE, CONSENT_EXPIRES, Referrals};
 use crate::domain::referral::Command;
+
+/// Payload type of identification events.
+const IDENTIFICATION_PAYLOAD: &str = "nrm.identification.v1.IdentificationEvent";
 
 /// Payload type of shelter events.
 const SHELTER_PAYLOAD: &str = "nrm.shelter.v1.ShelterEvent";
@@ -145,6 +153,54 @@ impl TimerHandler for ConsentExpiry {
             return Ok(());
         };
         self.app.consent_expires(uow, consent_id, timer.due_at).await?;
+        Ok(())
+    }
+}
+
+/// Refers persons handed over from abroad for reintegration.
+#[derive(Debug, Clone)]
+pub struct Homecomings {
+    app: Referrals,
+}
+
+impl Homecomings {
+    /// The reaction, referring through `app`.
+    #[must_use]
+    pub fn new(app: Referrals) -> Self {
+        Self { app }
+    }
+}
+
+impl Projection for Homecomings {
+    const READ_MODEL: bool = false;
+
+    fn name(&self) -> &'static str {
+        "referral_homecoming"
+    }
+
+    async fn apply(&self, _uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        use nrm_proto::identification::v1 as idpb;
+        if delivery.commit.payload_type != IDENTIFICATION_PAYLOAD {
+            return Ok(());
+        }
+        for committed in &delivery.commit.events {
+            let Ok(event) = idpb::IdentificationEvent::decode(committed.payload.as_slice()) else {
+                anyhow::bail!("identification event {} does not decode", committed.event_id);
+            };
+            let Some(idpb::identification_event::Event::CaseOpenedFromAbroad(opened)) = event.event else {
+                continue;
+            };
+            let version = i64::try_from(committed.version)?;
+            self.app
+                .refer_home(&opened, version, delivery.metadata.as_ref())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Nothing to empty: the effects are events, and a replay finds each
+    /// case's referral recorded under its request key.
+    async fn reset(&self, _conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         Ok(())
     }
 }

@@ -11,10 +11,11 @@ use tonic::service::Routes;
 
 use crate::app::{CONTEXT, PAYLOAD_TYPE, Policy, Referrals};
 use crate::config::Settings;
+use crate::domain::parse;
 use crate::domain::referral::Deadlines;
 use crate::grpc::ReferralGrpc;
 use crate::projections::{Inbox, Persons};
-use crate::reactions::{AnswerDue, ConsentExpiry, ShelterAnswers};
+use crate::reactions::{AnswerDue, ConsentExpiry, Homecomings, ShelterAnswers};
 
 /// Name of the gRPC service, as reported by health checks.
 pub const SERVICE_NAME: &str = "nrm.referral.v1.ReferralService";
@@ -40,8 +41,9 @@ pub struct Application {
 impl Application {
     /// Connects to PostgreSQL (creating and migrating the database) and NATS
     /// (in the background when it is down), and binds the listeners. The
-    /// service reads its own stream (the inbox), identification's (persons)
-    /// and shelter's (answers to shelter needs), and fires answer deadlines and
+    /// service reads its own stream (the inbox), identification's (persons,
+    /// and the cases of persons handed over from abroad, whom it refers for
+    /// reintegration) and shelter's (answers to shelter needs), and fires answer deadlines and
     /// consent expiries. Consents recorded before issue 9 are upgraded
     /// first ([`Referrals::upgrade_consents`]).
     ///
@@ -55,6 +57,11 @@ impl Application {
                 normal_seconds: settings.referral.normal_deadline_seconds,
             },
             allow_not_identified: settings.referral.allow_not_identified,
+            reintegration_agency: parse::agency(
+                "NRM_REFERRAL__REINTEGRATION_AGENCY",
+                &settings.referral.reintegration_agency,
+            )
+            .map_err(|v| anyhow::anyhow!("{}: {}", v.field, v.description))?,
         };
         let app = Referrals::new(kit.store().clone(), kit.bus().clone(), policy);
         // Once, before serving: consents recorded before their rows knew
@@ -63,6 +70,8 @@ impl Application {
         kit.project("identification", Persons);
         kit.project(CONTEXT, Inbox);
         kit.project("shelter", ShelterAnswers::new(app.clone()));
+        // A person identified abroad and handed over here is referred for reintegration.
+        kit.project("identification", Homecomings::new(app.clone()));
         kit.fire_timers(
             AnswerDue::new(app.clone()),
             Duration::from_millis(settings.referral.timer_poll_ms.max(10)),

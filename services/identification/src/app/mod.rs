@@ -9,8 +9,10 @@
 //!
 //! # Layout
 //! - this module: the commands.
+//! - [`abroad`]: opening the case of a person handed over from abroad.
 //! - [`queries`]: reading one case, listing cases.
 
+pub mod abroad;
 pub mod queries;
 
 use chrono::Utc;
@@ -140,6 +142,7 @@ pub struct Identification {
     master: MasterKey,
     hasher: MatchHasher,
     reflection_days: u32,
+    homecoming: abroad::HomecomingRules,
 }
 
 fn to_new_events(events: &[Event]) -> Vec<NewEvent> {
@@ -167,15 +170,23 @@ fn not_found(case_id: CaseId) -> AppError {
 }
 
 impl Identification {
-    /// The application over its store.
+    /// The application over its store; `homecoming` names who handles the
+    /// cases that returns from abroad open.
     #[must_use]
-    pub fn new(store: EventStore, bus: Bus, master: MasterKey, hasher: MatchHasher, reflection_days: u32) -> Self {
+    pub fn new(
+        store: EventStore,
+        bus: Bus,
+        (master, hasher): (MasterKey, MatchHasher),
+        reflection_days: u32,
+        homecoming: abroad::HomecomingRules,
+    ) -> Self {
         Self {
             store,
             bus,
             master,
             hasher,
             reflection_days,
+            homecoming,
         }
     }
 
@@ -240,29 +251,10 @@ impl Identification {
         // handler is not known to be `Send` (rust-lang/rust#110338).
         let (app, caller) = (self.clone(), ctx.clone());
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            let person_key = DataKey::create(uow.conn(), &app.master, person_id).await?;
-            let match_keys = app.hasher.match_keys(&valid.personal);
-            let matching: Vec<Uuid> =
-                sqlx::query_scalar("SELECT DISTINCT case_id FROM match_keys WHERE match_key = ANY($1)")
-                    .bind(&match_keys)
-                    .fetch_all(&mut *uow.conn())
-                    .await?;
-            sqlx::query("INSERT INTO persons (person_id, case_id) VALUES ($1, $2)")
-                .bind(person_id.as_uuid())
-                .bind(case_id.as_uuid())
-                .execute(&mut *uow.conn())
-                .await?;
-            sqlx::query("INSERT INTO match_keys (match_key, case_id) SELECT k, $2 FROM UNNEST($1::bytea[]) AS k ON CONFLICT DO NOTHING")
-                .bind(&match_keys)
-                .bind(case_id.as_uuid())
-                .execute(&mut *uow.conn())
-                .await?;
             let mut report = valid.coded.clone();
-            report.case_id = case_id.to_string();
-            report.person_id = person_id.to_string();
+            app.new_person(uow, case_id, person_id, &valid.personal, &mut report)
+                .await?;
             report.reporting_agency.clone_from(&caller.caller.actor.agency);
-            report.personal = Some(person_key.seal(&valid.personal));
-            report.matching_case_ids = matching.iter().map(ToString::to_string).collect();
             let command = Command::Report {
                 report: Box::new(report),
             };
@@ -292,6 +284,43 @@ impl Identification {
             })
         })
         .await
+    }
+
+    /// Gives the person of a new case a data key and a row, seals their
+    /// identifiers into `report` and records their match keys; fills in the
+    /// report's IDs and the earlier cases whose match keys it shares.
+    async fn new_person(
+        &self,
+        uow: &mut UnitOfWork,
+        case_id: CaseId,
+        person_id: PersonId,
+        identifiers: &nrm_proto::common::v1::PersonalIdentifiers,
+        report: &mut pb::PresumedVictimReported,
+    ) -> Result<(), AppError> {
+        let person_key = DataKey::create(uow.conn(), &self.master, person_id).await?;
+        let match_keys = self.hasher.match_keys(identifiers);
+        let matching: Vec<Uuid> =
+            sqlx::query_scalar("SELECT DISTINCT case_id FROM match_keys WHERE match_key = ANY($1)")
+                .bind(&match_keys)
+                .fetch_all(&mut *uow.conn())
+                .await?;
+        sqlx::query("INSERT INTO persons (person_id, case_id) VALUES ($1, $2)")
+            .bind(person_id.as_uuid())
+            .bind(case_id.as_uuid())
+            .execute(&mut *uow.conn())
+            .await?;
+        sqlx::query(
+            "INSERT INTO match_keys (match_key, case_id) SELECT k, $2 FROM UNNEST($1::bytea[]) AS k ON CONFLICT DO NOTHING",
+        )
+        .bind(&match_keys)
+        .bind(case_id.as_uuid())
+        .execute(&mut *uow.conn())
+        .await?;
+        report.case_id = case_id.to_string();
+        report.person_id = person_id.to_string();
+        report.personal = Some(person_key.seal(identifiers));
+        report.matching_case_ids = matching.iter().map(ToString::to_string).collect();
+        Ok(())
     }
 
     /// Runs a command on an existing case (its events, answer and audit

@@ -271,7 +271,7 @@ impl Identification {
         v.finish(|| ())?;
 
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-            "SELECT case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version,
+            "SELECT case_id, status, reporting_agency, competent_authority, matching_case_ids, reported_at, exploitation_forms, child, citizenship, version, identified_abroad,
              EXISTS (SELECT 1 FROM erasure_requests e WHERE e.case_id = case_list.case_id) AS erasure_requested
              FROM case_list WHERE true",
         );
@@ -339,6 +339,7 @@ impl Identification {
                 citizenship: row.get("citizenship"),
                 version: u64::try_from(row.get::<i64, _>("version")).unwrap_or_default(),
                 erasure_requested,
+                identified_abroad: row.get("identified_abroad"),
             });
         }
         let next_page_token = pager.next_token(more, last.map(|(time, id)| Cursor { time, id }));
@@ -418,5 +419,6 @@ fn view(
             Vec::new()
         },
         erasure_requested: false,
+        identified_abroad: case.abroad.clone(),
     }
 }

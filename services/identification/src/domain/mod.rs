@@ -8,7 +8,9 @@
 //! # Layout
 //! - this module: state, commands, `decide`, `evolve`, domain errors.
 //! - [`parse`]: validating constructors from requests, naming offending fields.
+//! - [`abroad`]: the case a return's handover opens (identified abroad).
 
+pub mod abroad;
 pub mod parse;
 
 use nrm_proto::identification::v1 as pb;
@@ -47,6 +49,8 @@ pub struct Case {
     pub matching_case_ids: Vec<String>,
     /// The person's identifiers were erased.
     pub erased: bool,
+    /// Where a case opened on a return home comes from (identified abroad).
+    pub abroad: Option<pb::IdentifiedAbroad>,
 }
 
 /// Status of a case.
@@ -97,6 +101,14 @@ pub enum Command {
     Report {
         /// The report with sealed identifiers and matching earlier cases.
         report: Box<pb::PresumedVictimReported>,
+    },
+    /// Open the case of a person identified abroad and handed over here on
+    /// their return. The application seals the identifiers that crossed and
+    /// finds matching earlier cases before deciding.
+    OpenFromAbroad {
+        /// The case as it opens, its report with sealed identifiers and
+        /// matching earlier cases.
+        opened: Box<pb::CaseOpenedFromAbroad>,
     },
     /// Record the screening.
     CompleteScreening {
@@ -194,7 +206,7 @@ fn add_days(t: &Timestamp, days: u32) -> Timestamp {
 /// # Errors
 /// A [`DomainError`] when the command does not fit the case's state.
 pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError> {
-    if !matches!(command, Command::Report { .. }) && case.status == Status::None {
+    if !matches!(command, Command::Report { .. } | Command::OpenFromAbroad { .. }) && case.status == Status::None {
         return Err(DomainError::NotFound);
     }
     let case_id = case_id_of(case);
@@ -213,6 +225,17 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
             // One event whether or not the person was reported before: the
             // reporter sees the same version and event count either way.
             Ok(vec![Event::PresumedVictimReported(report)])
+        }
+        Command::OpenFromAbroad { opened } => {
+            if case.status != Status::None {
+                return Err(DomainError::AlreadyReported);
+            }
+            let mut opened = (**opened).clone();
+            // Decided abroad: identified, whatever the report says.
+            if let Some(report) = opened.report.as_mut() {
+                report.status = pb::CaseStatus::Identified as i32;
+            }
+            Ok(vec![Event::CaseOpenedFromAbroad(opened)])
         }
         Command::CompleteScreening { indicators, now } => {
             if case.decision.is_some() && !case.under_review {
@@ -292,6 +315,20 @@ pub fn evolve(mut case: Case, event: &Event) -> Case {
             case.report = Some(report.clone());
             add_matches(&mut case, &report.matching_case_ids);
         }
+        Event::CaseOpenedFromAbroad(opened) => {
+            let report = opened.report.clone().unwrap_or_default();
+            case.status = Status::Identified;
+            // The decision is the authority's abroad (`abroad.identified_by`);
+            // a review here reopens it like any other.
+            case.decision = Some(pb::IdentificationDecided {
+                case_id: report.case_id.clone(),
+                decision: pb::Decision::Identified as i32,
+                ..Default::default()
+            });
+            add_matches(&mut case, &report.matching_case_ids);
+            case.report = Some(report);
+            case.abroad.clone_from(&opened.identified_abroad);
+        }
         Event::PossibleDuplicateFlagged(flagged) => add_matches(&mut case, &flagged.matching_case_ids),
         Event::ScreeningCompleted(screening) => {
             case.screened = true;
@@ -335,6 +372,7 @@ pub fn event_type(event: &Event) -> &'static str {
         Event::IdentificationDecided(_) => "IdentificationDecided",
         Event::ReviewRequested(_) => "ReviewRequested",
         Event::PersonalDataErased(_) => "PersonalDataErased",
+        Event::CaseOpenedFromAbroad(_) => "CaseOpenedFromAbroad",
     }
 }
 
@@ -511,6 +549,61 @@ mod tests {
             Err(DomainError::ChildNeedsBestInterestsAssessment)
         );
         assert!(decide(&case, &decide_cmd(pb::Decision::NotIdentified, true)).is_ok());
+    }
+
+    fn opened_from_abroad() -> pb::CaseOpenedFromAbroad {
+        let mut report = report(false);
+        report.status = pb::CaseStatus::Reported as i32;
+        report.matching_case_ids = vec!["c0".into()];
+        pb::CaseOpenedFromAbroad {
+            report: Some(report),
+            identified_abroad: Some(pb::IdentifiedAbroad {
+                from_country: "ru".into(),
+                foreign_reference: "RU-MVD-1".into(),
+                identified_by: "ru-mvd".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_case_opened_from_abroad_is_identified_once_and_can_be_reviewed_here() {
+        let command = Command::OpenFromAbroad {
+            opened: Box::new(opened_from_abroad()),
+        };
+        let events = decide(&Case::default(), &command).unwrap();
+        assert_eq!(events.len(), 1);
+        let case = given(&events);
+        assert_eq!(case.status, Status::Identified);
+        assert_eq!(case.report.as_ref().unwrap().status, pb::CaseStatus::Identified as i32);
+        assert_eq!(case.abroad.as_ref().unwrap().identified_by, "ru-mvd");
+        assert_eq!(case.matching_case_ids, ["c0"]);
+        assert_eq!(decide(&case, &command), Err(DomainError::AlreadyReported));
+        // Decided abroad: not decided again here without a review.
+        assert_eq!(
+            decide(&case, &decide_cmd(pb::Decision::NotIdentified, false)),
+            Err(DomainError::AlreadyDecided)
+        );
+        let review = decide(
+            &case,
+            &Command::RequestReview {
+                reason: pb::ReviewReason::NewEvidence,
+                now: NOW,
+            },
+        )
+        .unwrap();
+        assert_eq!(given(&[events[0].clone(), review[0].clone()]).status, Status::Presumed);
+        // Its person can be erased like any other.
+        assert!(
+            decide(
+                &case,
+                &Command::ErasePersonalData {
+                    reason: pb::ErasureReason::DataSubjectRequest,
+                    now: NOW
+                }
+            )
+            .is_ok()
+        );
     }
 
     #[test]

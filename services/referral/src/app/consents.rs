@@ -15,7 +15,7 @@ use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{ConsentId, PersonId, ReferralId};
 use nrm_kernel::permissions::Standing;
-use nrm_kernel::store::{EventMetadata, UnitOfWork};
+use nrm_kernel::store::{Appended, EventMetadata, UnitOfWork};
 use nrm_kernel::{audit, timers, validate};
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::referral::v1 as pb;
@@ -114,35 +114,9 @@ impl Referrals {
                 person,
             };
             let events = consent::decide(&Consent::default(), &command).map_err(rejected("person", person_id))?;
-            let state = events.iter().fold(Consent::default(), consent::evolve);
-            let recorded = state
-                .recorded
-                .as_ref()
-                .ok_or_else(|| AppError::Internal("no consent recorded".into()))?;
-            let expires_at = recorded.expires_at.as_ref().and_then(validate::to_datetime);
-            let appended = uow
-                .append(
-                    &consent::stream_id(consent_id),
-                    0,
-                    &to_new_events(&events),
-                    &caller.metadata(),
-                    &app.subject(consent::NAME, &consent_id),
-                )
+            let (_, appended) = app
+                .append_new_consent(uow, consent_id, person_id, &events, &caller.metadata())
                 .await?;
-            sqlx::query(
-                "INSERT INTO consents (consent_id, person_id, recipient_agency, withdrawn, recording_agency, expires_at)
-                 VALUES ($1, $2, $3, false, $4, $5)",
-            )
-            .bind(consent_id.as_uuid())
-            .bind(person_id.as_uuid())
-            .bind(&recorded.recipient_agency)
-            .bind(&recorded.recorded_by_agency)
-            .bind(expires_at)
-            .execute(uow.conn())
-            .await?;
-            if let Some(expires_at) = expires_at {
-                timers::schedule(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string(), expires_at, &[]).await?;
-            }
             Ok(Decided {
                 answer: pb::RecordConsentResponse {
                     consent_id: consent_id.to_string(),
@@ -154,6 +128,49 @@ impl Referrals {
             })
         })
         .await
+    }
+
+    /// Appends the events of a new consent (its `ConsentRecorded`) and
+    /// writes its row and its expiry timer beside them; the consent as
+    /// recorded and what the append wrote.
+    pub(crate) async fn append_new_consent(
+        &self,
+        uow: &mut UnitOfWork,
+        consent_id: ConsentId,
+        person_id: PersonId,
+        events: &[Event],
+        metadata: &EventMetadata,
+    ) -> Result<(Consent, Appended), AppError> {
+        let state = events.iter().fold(Consent::default(), consent::evolve);
+        let recorded = state
+            .recorded
+            .as_ref()
+            .ok_or_else(|| AppError::Internal("no consent recorded".into()))?;
+        let expires_at = recorded.expires_at.as_ref().and_then(validate::to_datetime);
+        let appended = uow
+            .append(
+                &consent::stream_id(consent_id),
+                0,
+                &to_new_events(events),
+                metadata,
+                &self.subject(consent::NAME, &consent_id),
+            )
+            .await?;
+        sqlx::query(
+            "INSERT INTO consents (consent_id, person_id, recipient_agency, withdrawn, recording_agency, expires_at)
+             VALUES ($1, $2, $3, false, $4, $5)",
+        )
+        .bind(consent_id.as_uuid())
+        .bind(person_id.as_uuid())
+        .bind(&recorded.recipient_agency)
+        .bind(&recorded.recorded_by_agency)
+        .bind(expires_at)
+        .execute(uow.conn())
+        .await?;
+        if let Some(expires_at) = expires_at {
+            timers::schedule(uow.conn(), CONSENT_EXPIRES, &consent_id.to_string(), expires_at, &[]).await?;
+        }
+        Ok((state, appended))
     }
 
     /// Withdraws a consent (the recording agency, or the national

@@ -15,9 +15,11 @@
 //! - [`consents`]: recording and withdrawing consents.
 //! - [`referrals`]: creating and answering referrals; what timers and reactions do to them.
 //! - [`plans`]: the individual rehabilitation plan.
+//! - [`homecoming`]: the reintegration referral of a person handed over from abroad.
 //! - [`queries`]: reading a referral or a plan, the inbox.
 
 pub mod consents;
+pub mod homecoming;
 pub mod plans;
 pub mod queries;
 pub mod referrals;
@@ -47,12 +49,15 @@ pub const ANSWER_DUE: &str = "referral.answer_due";
 pub const CONSENT_EXPIRES: &str = "referral.consent_expires";
 
 /// Policy of the service, from settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     /// Answer deadlines by urgency.
     pub deadlines: Deadlines,
     /// Refer persons found not identified too.
     pub allow_not_identified: bool,
+    /// Where a person identified abroad is referred for reintegration on
+    /// coming home (an agency code).
+    pub reintegration_agency: String,
 }
 
 /// Records the person a call concerns: on the current span, and for the

@@ -260,6 +260,7 @@ mod tests {
                 guardian_ref: "GRD-1".into(),
                 best_interests_decision_ref: "BID-1".into(),
                 best_interests_decided_by: "kg-prosecutor".into(),
+                given_abroad: None,
             }),
             child: false,
         }

@@ -11,9 +11,12 @@
 //! - [`consent`]: a person's purpose-bound consent to share with one agency.
 //! - [`referral`]: a referral from one agency to another, its answer and its services.
 //! - [`plan`]: the individual rehabilitation plan of a person.
+//! - [`homecoming`]: the consent and reintegration referral of a person
+//!   identified abroad who came home.
 //! - [`parse`]: validating constructors from requests, naming offending fields.
 
 pub mod consent;
+pub mod homecoming;
 pub mod parse;
 pub mod plan;
 pub mod referral;

@@ -219,6 +219,8 @@ pub fn record_consent(req: &pb::RecordConsentRequest, now: DateTime<Utc>) -> Res
             decision,
             "BEST_INTERESTS_DECISION",
         ),
+        // Only a consent that crossed with a return is given abroad.
+        given_abroad: None,
     };
     let (Some(request_id), Some(person_id)) = (request_id, person_id) else {
         return Err(v.into_error());
