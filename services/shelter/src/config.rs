@@ -60,3 +60,66 @@ fn default_hold_minutes() -> u32 {
 fn default_timer_poll_ms() -> u64 {
     1000
 }
+
+/// Beds for people announced from abroad (`NRM_SHELTER__RETURNS_AGENCY`).
+///
+/// Read from the environment beside [`Settings`] by
+/// [`Application::build`](crate::startup::Application::build) rather than
+/// as a field of [`ShelterSettings`], so that code building a
+/// `ShelterSettings` by hand keeps compiling;
+/// [`Application::build_with`](crate::startup::Application::build_with)
+/// takes it explicitly.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReturnsSettings {
+    /// The agency a bed is held for when a return announced to this country
+    /// needs shelter on arrival: it receives the person, may read the
+    /// shelter's address and release the hold
+    /// (`NRM_SHELTER__RETURNS_AGENCY`, default `kg-iom`, the home country's
+    /// IOM office).
+    #[serde(default = "default_returns_agency")]
+    pub returns_agency: String,
+}
+
+impl Default for ReturnsSettings {
+    fn default() -> Self {
+        Self {
+            returns_agency: default_returns_agency(),
+        }
+    }
+}
+
+fn default_returns_agency() -> String {
+    "kg-iom".into()
+}
+
+impl ReturnsSettings {
+    /// Reads `NRM_SHELTER__RETURNS_AGENCY` (the other `NRM_SHELTER__*`
+    /// variables are [`ShelterSettings`]'s).
+    ///
+    /// # Errors
+    /// Names the variable when it is malformed.
+    pub fn from_env() -> Result<Self, Box<figment::Error>> {
+        #[derive(Deserialize)]
+        struct Env {
+            #[serde(default)]
+            shelter: ReturnsSettings,
+        }
+        nrm_kernel::settings::from_env::<Env>().map(|env| env.shelter)
+    }
+
+    /// The agency code, checked: lower-case letters, digits and hyphens.
+    ///
+    /// # Errors
+    /// When it is empty or has other characters.
+    pub fn agency(&self) -> Result<&str, anyhow::Error> {
+        let agency = self.returns_agency.as_str();
+        if agency.is_empty()
+            || !agency
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            anyhow::bail!("NRM_SHELTER__RETURNS_AGENCY must be an agency code such as kg-iom");
+        }
+        Ok(agency)
+    }
+}

@@ -126,7 +126,12 @@ impl Projection for FreeCapacity {
                 }
                 Event::BedHeld(h) => {
                     let hold_id: Uuid = h.hold_id.parse().context("hold ID")?;
-                    let referral_id: Uuid = h.referral_id.parse().context("referral ID")?;
+                    // A bed held for a person arriving from abroad names no referral.
+                    let referral_id: Option<Uuid> = if h.referral_id.is_empty() {
+                        None
+                    } else {
+                        Some(h.referral_id.parse().context("referral ID")?)
+                    };
                     let inserted = sqlx::query(
                         "INSERT INTO free_capacity_holds (hold_id, shelter_id, category, referral_id, status)
                          VALUES ($1, $2, $3, $4, 'held') ON CONFLICT (hold_id) DO NOTHING",

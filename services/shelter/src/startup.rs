@@ -12,11 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::app::{CONTEXT, PAYLOAD_TYPE, Shelters};
-use crate::config::Settings;
+use crate::config::{ReturnsSettings, Settings};
 use crate::domain::parse;
 use crate::grpc::ShelterGrpc;
 use crate::projections::FreeCapacity;
-use crate::reactions::{HoldExpiry, Placement, REFERRAL_CONTEXT, ReferralsView};
+use crate::reactions::{
+    ArrivalPlacement, HoldExpiry, Placement, REFERRAL_CONTEXT, REPATRIATION_CONTEXT, ReferralsView,
+};
 
 /// Name of the gRPC service, as reported by health checks.
 pub const SERVICE_NAME: &str = "nrm.shelter.v1.ShelterService";
@@ -44,12 +46,25 @@ impl Application {
     /// (in the background when it is down), and binds the listeners. The
     /// service projects free capacity from its own stream, follows the
     /// referral stream (the referrals it may hold beds for; holding a bed for
-    /// an accepted referral, releasing it when the referral ends) and
-    /// expires holds.
+    /// an accepted referral, releasing it when the referral ends), follows
+    /// the repatriation stream where there is one (holding a bed for a
+    /// return announced with a shelter need, releasing it when the return
+    /// halts) and expires holds. `NRM_SHELTER__RETURNS_AGENCY` is read from
+    /// the environment ([`ReturnsSettings::from_env`]).
     ///
     /// # Errors
     /// When a setting is malformed, or the database or a port cannot be had.
     pub async fn build(settings: &Settings) -> Result<Self, anyhow::Error> {
+        let returns = ReturnsSettings::from_env()?;
+        Self::build_with(settings, &returns).await
+    }
+
+    /// As [`build`](Self::build), with the returns settings given.
+    ///
+    /// # Errors
+    /// When a setting is malformed, or the database or a port cannot be had.
+    pub async fn build_with(settings: &Settings, returns: &ReturnsSettings) -> Result<Self, anyhow::Error> {
+        let returns_agency = returns.agency()?.to_owned();
         let master = MasterKey::new(
             decode_key("NRM_SEALING__MASTER_KEY", &settings.sealing.master_key).map_err(anyhow::Error::msg)?,
         );
@@ -76,6 +91,9 @@ impl Application {
         // first message, so referrals accepted before it was deployed count.
         kit.project(REFERRAL_CONTEXT, ReferralsView);
         kit.project(REFERRAL_CONTEXT, Placement::new(app.clone()));
+        // Beds for people announced from abroad. A deployment without the
+        // repatriation service has no such stream: the runner waits for it.
+        kit.project(REPATRIATION_CONTEXT, ArrivalPlacement::new(app.clone(), returns_agency));
         kit.fire_timers(
             HoldExpiry::new(app.clone()),
             Duration::from_millis(settings.shelter.timer_poll_ms.max(10)),

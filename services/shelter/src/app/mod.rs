@@ -17,7 +17,9 @@
 //! Every append also writes, in its transaction, the shelter's free beds
 //! (`shelter_beds`) and its open holds (`open_holds`, one per referral
 //! across all shelters): placement chooses from them, so it never decides
-//! on a view that lags.
+//! on a view that lags. A bed held for a person announced from abroad (by
+//! the arrivals reaction) names no referral; the reaction keeps which
+//! return it is for (`placement_returns`), and `ListArrivals` shows it.
 //!
 //! Commands that act on the current version (`HoldBed`, `ReleaseHold`,
 //! `Admit`, `Discharge`) queue per shelter on a transaction-scoped advisory
@@ -53,7 +55,7 @@ use sqlx::PgConnection;
 use tracing::field::{Empty, display};
 use uuid::Uuid;
 
-use crate::domain::{self, Command, DomainError, Shelter, parse};
+use crate::domain::{self, Command, DomainError, HeldFor, Shelter, parse};
 
 /// Full protobuf name of the events this service publishes.
 pub const PAYLOAD_TYPE: &str = "nrm.shelter.v1.ShelterEvent";
@@ -282,6 +284,15 @@ fn uuid(text: &str) -> Result<Uuid, AppError> {
         .map_err(|_| AppError::Internal("an event carries a malformed ID".into()))
 }
 
+/// An ID an event may leave empty (a hold for an arrival names no referral).
+fn optional_uuid(text: &str) -> Result<Option<Uuid>, AppError> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        uuid(text).map(Some)
+    }
+}
+
 /// Records `event`'s effect on the open holds.
 ///
 /// # Errors
@@ -305,7 +316,7 @@ async fn write_hold(
                  VALUES ($1, $2, $3, $4, $5, 'held', $6, $7) ON CONFLICT DO NOTHING",
             )
             .bind(uuid(&held.hold_id)?)
-            .bind(uuid(&held.referral_id)?)
+            .bind(optional_uuid(&held.referral_id)?)
             .bind(shelter_id.as_uuid())
             .bind(held.category)
             .bind(&held.holder_agency)
@@ -641,7 +652,9 @@ impl Shelters {
     ) -> Result<Decided<R>, AppError> {
         let shelter_id = call.shelter_id;
         if let Command::HoldBed {
-            referral_id, category, ..
+            held_for: HeldFor::Referral(referral_id),
+            category,
+            ..
         } = &call.command
         {
             // Before the shelter's lock, always in this order (the placement
@@ -877,12 +890,16 @@ impl Shelters {
             command: Command::HoldBed {
                 hold_id: HoldId::new(),
                 category: category.unwrap_or_default(),
-                referral_id: referral_id.unwrap_or_default(),
+                held_for: HeldFor::Referral(referral_id.unwrap_or_default()),
                 expires_at: validate::timestamp(expires_at),
                 holder_agency: ctx.caller.actor.agency.clone(),
             },
         })?;
-        if let Command::HoldBed { referral_id, .. } = &call.command {
+        if let Command::HoldBed {
+            held_for: HeldFor::Referral(referral_id),
+            ..
+        } = &call.command
+        {
             tracing::Span::current().record("referral_id", display(referral_id));
             // A refused hold is audited as an attempt on the referral.
             ctx.concerns(referral_id);

@@ -3,7 +3,9 @@
 //! for there, every read audited as a read of the address), listing free
 //! capacity (from the `free_capacity` read model, a few milliseconds behind,
 //! answered from an index), and the arrivals a shelter expects (from the
-//! open holds, written with the holds: who, which bed, when; never why).
+//! open holds, written with the holds: who, which bed, when; never why; for
+//! a person announced from abroad, the return's ID and expected arrival
+//! from the arrivals reaction's record).
 
 use chrono::{DateTime, Utc};
 use nrm_kernel::command::CallContext;
@@ -79,9 +81,10 @@ impl Shelters {
     }
 
     /// Who is coming to the shelter: its unexpired holds, earliest expiry
-    /// first, each with the person's pseudonym, the bed category, the agency
-    /// bringing the person and the arrival window. For the shelter's
-    /// operator; audited.
+    /// first, each with the person's pseudonym (for a person announced from
+    /// abroad: the return's ID, and when the person is expected), the bed
+    /// category, the agency bringing the person and the arrival window. For
+    /// the shelter's operator; audited.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT`, `NOT_FOUND`, `PERMISSION_DENIED`.
@@ -110,8 +113,11 @@ impl Shelters {
         )
         .await?;
         let rows: Vec<ArrivalRow> = sqlx::query_as(
-            "SELECT h.hold_id, r.person_id, h.category, h.holder_agency, h.held_at, h.expires_at
-             FROM open_holds h LEFT JOIN shelter_referrals r ON r.referral_id = h.referral_id
+            "SELECT h.hold_id, r.person_id, h.category, h.holder_agency, h.held_at, h.expires_at,
+                    p.return_id, p.arrival_at
+             FROM open_holds h
+             LEFT JOIN shelter_referrals r ON r.referral_id = h.referral_id
+             LEFT JOIN placement_returns p ON p.hold_id = h.hold_id
              WHERE h.shelter_id = $1 AND h.status = 'held' AND h.expires_at > now()
              ORDER BY h.expires_at, h.hold_id",
         )
@@ -121,13 +127,17 @@ impl Shelters {
         let arrivals = rows
             .into_iter()
             .map(
-                |(hold_id, person_id, category, holder_agency, held_at, expires_at)| pb::Arrival {
-                    hold_id: hold_id.to_string(),
-                    person_id: person_id.map(|p| p.to_string()).unwrap_or_default(),
-                    category,
-                    holder_agency,
-                    held_at: Some(validate::timestamp(held_at)),
-                    expires_at: Some(validate::timestamp(expires_at)),
+                |(hold_id, person_id, category, holder_agency, held_at, expires_at, return_id, arrival_at)| {
+                    pb::Arrival {
+                        hold_id: hold_id.to_string(),
+                        person_id: person_id.map(|p| p.to_string()).unwrap_or_default(),
+                        category,
+                        holder_agency,
+                        held_at: Some(validate::timestamp(held_at)),
+                        expires_at: Some(validate::timestamp(expires_at)),
+                        return_id: return_id.map(|r| r.to_string()).unwrap_or_default(),
+                        arrival_at: arrival_at.map(validate::timestamp),
+                    }
                 },
             )
             .collect();
@@ -183,8 +193,19 @@ impl Shelters {
     }
 }
 
-/// An open hold as `ListArrivals` reads it: hold, person, category, holder, held at, expires at.
-type ArrivalRow = (Uuid, Option<Uuid>, i32, String, DateTime<Utc>, DateTime<Utc>);
+/// An open hold as `ListArrivals` reads it: hold, person, category, holder,
+/// held at, expires at; for an arrival from abroad, the return and when the
+/// person is expected.
+type ArrivalRow = (
+    Uuid,
+    Option<Uuid>,
+    i32,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<Uuid>,
+    Option<DateTime<Utc>>,
+);
 
 /// The shelter ID of a query, parsed and recorded (span, audit of a refusal).
 fn parse_shelter(ctx: &CallContext, text: &str) -> Result<ShelterId, AppError> {

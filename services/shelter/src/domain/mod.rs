@@ -14,13 +14,16 @@
 //! - this module: state, commands, `decide`, `evolve`, domain errors.
 //! - [`parse`]: validating constructors from requests, naming offending fields.
 //! - [`regions`]: region centroids and the nearest regions with a free bed.
+//! - [`arrivals`]: what a return announced from abroad asks of a bed: the
+//!   region of its arrival point, the category of its profile, the window.
 
+pub mod arrivals;
 pub mod parse;
 pub mod regions;
 
 use std::collections::BTreeMap;
 
-use nrm_kernel::ids::{HoldId, ReferralId, ShelterId};
+use nrm_kernel::ids::{HoldId, ReferralId, ReturnId, ShelterId};
 use nrm_proto::shelter::v1 as pb;
 use pb::shelter_event::Event;
 use prost_types::Timestamp;
@@ -29,6 +32,9 @@ use prost_types::Timestamp;
 pub const NAME: &str = "shelter";
 /// Name of the placement streams (one per referral the reaction found no bed for).
 pub const PLACEMENT: &str = "placement";
+/// Name of the arrival placement streams (one per announced return the
+/// arrivals reaction found no bed for).
+pub const ARRIVAL: &str = "arrival";
 
 /// Stream ID of a shelter.
 #[must_use]
@@ -40,6 +46,25 @@ pub fn stream_id(shelter_id: ShelterId) -> String {
 #[must_use]
 pub fn placement_stream_id(referral_id: ReferralId) -> String {
     format!("{PLACEMENT}-{referral_id}")
+}
+
+/// Stream ID of the placement attempt for a return announced from abroad.
+#[must_use]
+pub fn arrival_stream_id(return_id: ReturnId) -> String {
+    format!("{ARRIVAL}-{return_id}")
+}
+
+/// Whom a bed is held for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldFor {
+    /// An accepted referral: at most one bed at this shelter (and, by the
+    /// application's `open_holds`, anywhere) while its hold takes one.
+    Referral(ReferralId),
+    /// A person announced from abroad (a return with a shelter need). The
+    /// hold's events name no referral; which return it is for is the
+    /// arrivals reaction's to keep (one hold per return, ever), beside the
+    /// hold in the same transaction.
+    Arrival,
 }
 
 /// Where a hold stands.
@@ -70,7 +95,7 @@ impl HoldStatus {
 pub struct Hold {
     /// Bed category (`pb::BedCategory` value).
     pub category: i32,
-    /// The referral the bed is for.
+    /// The referral the bed is for ("" for a person arriving from abroad).
     pub referral_id: String,
     /// Where it stands.
     pub status: HoldStatus,
@@ -138,7 +163,8 @@ impl Shelter {
 
     /// The hold that takes a bed for `referral_id`, if any.
     #[must_use]
-    pub fn active_hold_for(&self, referral_id: &str) -> Option<(&str, &Hold)> {
+    pub fn active_hold_for(&self, referral_id: ReferralId) -> Option<(&str, &Hold)> {
+        let referral_id = referral_id.to_string();
         self.holds
             .iter()
             .find(|(_, h)| h.referral_id == referral_id && h.status.takes_a_bed())
@@ -163,14 +189,14 @@ pub enum Command {
         /// The new number of beds.
         beds: u32,
     },
-    /// Hold a bed for a referral.
+    /// Hold a bed for a referral or a person arriving from abroad.
     HoldBed {
         /// The new hold's ID.
         hold_id: HoldId,
         /// The category.
         category: pb::BedCategory,
-        /// The referral the bed is for.
-        referral_id: ReferralId,
+        /// Whom the bed is for.
+        held_for: HeldFor,
         /// When the hold expires unless the person is admitted.
         expires_at: Timestamp,
         /// The agency the bed is held for.
@@ -226,7 +252,7 @@ pub enum DomainError {
     /// The shelter was approved already.
     #[error("the shelter was already approved")]
     AlreadyApproved,
-    /// The referral already holds (or occupies) a bed.
+    /// The referral already holds (or occupies) a bed here.
     #[error("the referral already holds a bed")]
     AlreadyHeld,
     /// Releasing a hold that is not held.
@@ -298,17 +324,22 @@ pub fn decide(shelter: &Shelter, command: &Command) -> Result<Vec<Event>, Domain
         Command::HoldBed {
             hold_id,
             category,
-            referral_id,
+            held_for,
             expires_at,
             holder_agency,
         } => {
-            let referral_id = referral_id.to_string();
             if !shelter.approved {
                 return Err(DomainError::NotApproved);
             }
-            if shelter.active_hold_for(&referral_id).is_some() {
-                return Err(DomainError::AlreadyHeld);
-            }
+            let referral_id = match held_for {
+                HeldFor::Referral(referral_id) => {
+                    if shelter.active_hold_for(*referral_id).is_some() {
+                        return Err(DomainError::AlreadyHeld);
+                    }
+                    referral_id.to_string()
+                }
+                HeldFor::Arrival => String::new(),
+            };
             if shelter.free(*category as i32) == 0 {
                 return Err(DomainError::NoBedFree);
             }
@@ -480,7 +511,7 @@ mod tests {
         Command::HoldBed {
             hold_id,
             category: Women,
-            referral_id,
+            held_for: HeldFor::Referral(referral_id),
             expires_at: LATER,
             holder_agency: "kg-msd".into(),
         }
@@ -510,7 +541,7 @@ mod tests {
         let children = Command::HoldBed {
             hold_id: HoldId::new(),
             category: Children,
-            referral_id: ReferralId::new(),
+            held_for: HeldFor::Referral(ReferralId::new()),
             expires_at: LATER,
             holder_agency: "kg-msd".into(),
         };
@@ -526,6 +557,49 @@ mod tests {
             decide(&shelter, &hold(HoldId::new(), referral)),
             Err(DomainError::AlreadyHeld)
         );
+    }
+
+    #[test]
+    fn a_bed_held_for_an_arrival_names_no_referral_and_counts_like_any_other() {
+        let arrival = |hold_id| Command::HoldBed {
+            hold_id,
+            category: Women,
+            held_for: HeldFor::Arrival,
+            expires_at: LATER,
+            holder_agency: "kg-iom".into(),
+        };
+        let (first, second) = (HoldId::new(), HoldId::new());
+        let held = then(&given(&[registered(2)]), &arrival(first));
+        let Event::BedHeld(bed) = &held else {
+            panic!("expected BedHeld, got {held:?}");
+        };
+        assert_eq!(bed.referral_id, "");
+        assert_eq!(bed.holder_agency, "kg-iom");
+        // Two people arriving: two beds (one per return is the reaction's rule).
+        let other = then(&given(&[registered(2), held.clone()]), &arrival(second));
+        let full = given(&[registered(2), held.clone(), other]);
+        assert_eq!(full.free(Women as i32), 0);
+        assert_eq!(decide(&full, &arrival(HoldId::new())), Err(DomainError::NoBedFree));
+        // Released, admitted and expired like a referral's hold.
+        let Event::HoldReleased(released) = then(&full, &Command::ReleaseHold { hold_id: first }) else {
+            panic!("expected HoldReleased");
+        };
+        assert_eq!(released.referral_id, "");
+        assert!(matches!(
+            then(
+                &full,
+                &Command::Admit {
+                    hold_id: second,
+                    now: NOW
+                }
+            ),
+            Event::PersonAdmitted(_)
+        ));
+        // An arrival's hold never blocks a referral's.
+        assert!(matches!(
+            then(&given(&[registered(3), held]), &hold(HoldId::new(), ReferralId::new())),
+            Event::BedHeld(_)
+        ));
     }
 
     #[test]

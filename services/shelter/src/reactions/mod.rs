@@ -40,6 +40,17 @@
 //!   takes them.
 //! - [`HoldExpiry`]: the handler of the `shelter.hold_expiry` timers, which
 //!   appends `HoldExpired` when the hold is still held.
+//! - [`arrivals`]: the same placement for a person announced from abroad,
+//!   on the home country's repatriation stream ([`ArrivalPlacement`]).
+//!
+//! Both placements choose among the candidates the same way
+//! (`first_free`: each shelter in turn, under its lock, decided on its own
+//! folded state), release the same way (`release_held`) and record "no
+//! bed" the same way (`record_no_bed`).
+
+pub mod arrivals;
+
+pub use arrivals::{ArrivalPlacement, REPATRIATION_CONTEXT};
 
 use anyhow::Context as _;
 use chrono::Utc;
@@ -56,14 +67,116 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::app::{CONTEXT, HOLD_EXPIRY, Shelters, lock_referral, lock_shelter, take_hold, to_new_events};
-use crate::domain::{self, Command, DomainError, parse, regions};
+use crate::domain::{self, Command, DomainError, HeldFor, Shelter, parse, regions};
 
 /// Full protobuf name of the referral service's events.
 pub const REFERRAL_PAYLOAD_TYPE: &str = "nrm.referral.v1.ReferralEvent";
 /// Name of the referral context (its stream and subjects).
 pub const REFERRAL_CONTEXT: &str = "referral";
-/// Most shelters tried for one referral before it counts as "no bed".
+/// Most shelters tried for one person before it counts as "no bed".
 const MAX_CANDIDATES: i64 = 20;
+
+/// What trying the candidate shelters in turn found.
+enum Choice {
+    /// The first with a free bed: its state (read under its lock, held
+    /// until the transaction ends) and the events of the hold.
+    Free {
+        shelter_id: ShelterId,
+        shelter: Box<Shelter>,
+        events: Vec<pb::shelter_event::Event>,
+    },
+    /// The person holds a bed there already.
+    AlreadyHeld,
+    /// None of them has a free bed (any more).
+    NoBed,
+}
+
+/// Decides `command` (a `HoldBed`, made anew for each) on each of
+/// `candidates` in turn, under the shelter's lock, on its own folded state;
+/// the first that holds a bed. A shelter whose bed was taken since the
+/// candidates were read is passed over.
+async fn first_free(
+    app: &Shelters,
+    uow: &mut UnitOfWork,
+    candidates: Vec<Uuid>,
+    command: impl Fn() -> Command,
+) -> Result<Choice, anyhow::Error> {
+    for shelter_id in candidates.into_iter().map(ShelterId::from_uuid) {
+        lock_shelter(uow.conn(), shelter_id).await?;
+        let shelter = app.load_in(uow, shelter_id).await?;
+        match domain::decide(&shelter, &command()) {
+            Ok(events) => {
+                return Ok(Choice::Free {
+                    shelter_id,
+                    shelter: Box::new(shelter),
+                    events,
+                });
+            }
+            Err(DomainError::AlreadyHeld) => return Ok(Choice::AlreadyHeld),
+            // Taken since the candidates were read: try the next shelter.
+            Err(_) => {}
+        }
+    }
+    Ok(Choice::NoBed)
+}
+
+/// Releases `hold_id` at `shelter_id` if it is still held (an admitted
+/// person stays, a hold released or expired meanwhile changes nothing);
+/// whether it released it.
+async fn release_held(
+    app: &Shelters,
+    uow: &mut UnitOfWork,
+    (hold_id, shelter_id): (HoldId, ShelterId),
+    why: &'static str,
+    metadata: &EventMetadata,
+) -> Result<bool, anyhow::Error> {
+    lock_shelter(uow.conn(), shelter_id).await?;
+    let shelter = app.load_in(uow, shelter_id).await?;
+    let events = match domain::decide(&shelter, &Command::ReleaseHold { hold_id }) {
+        Ok(events) => events,
+        Err(DomainError::NotHeld) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    app.append(uow, shelter_id, &shelter, &events, metadata).await?;
+    audit::record(uow.conn(), &metadata.actor, "ReleaseHold", &shelter_id.to_string(), why).await?;
+    tracing::info!(%shelter_id, %hold_id, reason = why, "hold released");
+    Ok(true)
+}
+
+/// Appends `NoBedAvailable` (for `referral_id`, "" for an arrival) to the
+/// placement stream `stream_id`, published on the subject of aggregate
+/// `aggregate` instance `id`, naming the regions nearest to `region` that
+/// have a free bed of `category`.
+async fn record_no_bed(
+    app: &Shelters,
+    uow: &mut UnitOfWork,
+    (stream_id, aggregate, id): (String, &str, &str),
+    referral_id: String,
+    (region, category): (&str, pb::BedCategory),
+    metadata: &EventMetadata,
+) -> Result<(), anyhow::Error> {
+    let with_beds: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT region FROM shelter_beds WHERE approved AND category = $1 AND free > 0")
+            .bind(category as i32)
+            .fetch_all(uow.conn())
+            .await?;
+    let event = pb::shelter_event::Event::NoBedAvailable(pb::NoBedAvailable {
+        referral_id,
+        region: region.to_owned(),
+        category: category as i32,
+        nearest_regions_with_beds: regions::nearest(region, with_beds),
+    });
+    let version = stream_version(uow.conn(), &stream_id).await?;
+    uow.append(
+        &stream_id,
+        version,
+        &to_new_events(&[event]),
+        metadata,
+        &app.bus().subject(CONTEXT, aggregate, id),
+    )
+    .await?;
+    Ok(())
+}
 
 /// The placement reaction.
 #[derive(Debug, Clone)]
@@ -200,41 +313,55 @@ impl Placement {
             .push_bind(MAX_CANDIDATES);
         let candidates: Vec<Uuid> = q.build_query_scalar().fetch_all(uow.conn()).await?;
         let expires_at = Utc::now() + chrono::Duration::minutes(i64::from(self.app.hold_minutes_default()));
-        for shelter_id in candidates.into_iter().map(ShelterId::from_uuid) {
-            lock_shelter(uow.conn(), shelter_id).await?;
-            let shelter = self.app.load_in(uow, shelter_id).await?;
-            let command = Command::HoldBed {
-                hold_id: HoldId::new(),
-                category,
-                referral_id,
-                expires_at: validate::timestamp(expires_at),
-                holder_agency: accepted.receiving_agency.clone(),
-            };
-            match domain::decide(&shelter, &command) {
-                Ok(events) => {
-                    if !take_hold(uow.conn(), referral_id).await? {
-                        tracing::warn!(%referral_id, "the referral used up its holds; no bed held");
-                        return Ok(());
-                    }
-                    // A conflict fails the message; the runner retries it on the new state.
-                    self.app.append(uow, shelter_id, &shelter, &events, metadata).await?;
-                    audit::record(
-                        uow.conn(),
-                        &metadata.actor,
-                        "HoldBed",
-                        &shelter_id.to_string(),
-                        "referral accepted",
-                    )
-                    .await?;
-                    tracing::info!(%referral_id, %shelter_id, "bed held for an accepted referral");
+        let command = || Command::HoldBed {
+            hold_id: HoldId::new(),
+            category,
+            held_for: HeldFor::Referral(referral_id),
+            expires_at: validate::timestamp(expires_at),
+            holder_agency: accepted.receiving_agency.clone(),
+        };
+        match first_free(&self.app, uow, candidates, command).await? {
+            Choice::Free {
+                shelter_id,
+                shelter,
+                events,
+            } => {
+                if !take_hold(uow.conn(), referral_id).await? {
+                    tracing::warn!(%referral_id, "the referral used up its holds; no bed held");
                     return Ok(());
                 }
-                Err(DomainError::AlreadyHeld) => return Ok(()),
-                // Taken since the candidates were read: try the next shelter.
-                Err(_) => {}
+                // A conflict fails the message; the runner retries it on the new state.
+                self.app.append(uow, shelter_id, &shelter, &events, metadata).await?;
+                audit::record(
+                    uow.conn(),
+                    &metadata.actor,
+                    "HoldBed",
+                    &shelter_id.to_string(),
+                    "referral accepted",
+                )
+                .await?;
+                tracing::info!(%referral_id, %shelter_id, "bed held for an accepted referral");
+                Ok(())
+            }
+            Choice::AlreadyHeld => Ok(()),
+            Choice::NoBed => {
+                record_no_bed(
+                    &self.app,
+                    uow,
+                    (
+                        domain::placement_stream_id(referral_id),
+                        domain::PLACEMENT,
+                        &referral_id.to_string(),
+                    ),
+                    referral_id.to_string(),
+                    (&region, category),
+                    metadata,
+                )
+                .await?;
+                tracing::info!(%referral_id, "no bed free in the region");
+                Ok(())
             }
         }
-        self.no_bed(uow, referral_id, &region, category, metadata).await
     }
 
     /// Releases the bed held for `referral_id`, if one is (an admitted
@@ -254,55 +381,8 @@ impl Placement {
         let Some((hold_id, shelter_id)) = held else {
             return Ok(());
         };
-        let (hold_id, shelter_id) = (HoldId::from_uuid(hold_id), ShelterId::from_uuid(shelter_id));
-        lock_shelter(uow.conn(), shelter_id).await?;
-        let shelter = self.app.load_in(uow, shelter_id).await?;
-        let events = match domain::decide(&shelter, &Command::ReleaseHold { hold_id }) {
-            Ok(events) => events,
-            Err(DomainError::NotHeld) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        self.app.append(uow, shelter_id, &shelter, &events, metadata).await?;
-        audit::record(uow.conn(), &metadata.actor, "ReleaseHold", &shelter_id.to_string(), why).await?;
-        tracing::info!(%shelter_id, %hold_id, reason = why, "hold released: the referral ended");
-        Ok(())
-    }
-
-    /// Appends `NoBedAvailable` to the referral's placement stream.
-    async fn no_bed(
-        &self,
-        uow: &mut UnitOfWork,
-        referral_id: ReferralId,
-        region: &str,
-        category: pb::BedCategory,
-        metadata: &EventMetadata,
-    ) -> Result<(), anyhow::Error> {
-        let with_beds: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT region FROM shelter_beds WHERE approved AND category = $1 AND free > 0",
-        )
-        .bind(category as i32)
-        .fetch_all(uow.conn())
-        .await?;
-        let event = pb::shelter_event::Event::NoBedAvailable(pb::NoBedAvailable {
-            referral_id: referral_id.to_string(),
-            region: region.to_owned(),
-            category: category as i32,
-            nearest_regions_with_beds: regions::nearest(region, with_beds),
-        });
-        let stream_id = domain::placement_stream_id(referral_id);
-        let version = stream_version(uow.conn(), &stream_id).await?;
-        uow.append(
-            &stream_id,
-            version,
-            &to_new_events(&[event]),
-            metadata,
-            &self
-                .app
-                .bus()
-                .subject(CONTEXT, domain::PLACEMENT, &referral_id.to_string()),
-        )
-        .await?;
-        tracing::info!(%referral_id, "no bed free in the region");
+        let hold = (HoldId::from_uuid(hold_id), ShelterId::from_uuid(shelter_id));
+        release_held(&self.app, uow, hold, why, metadata).await?;
         Ok(())
     }
 }
