@@ -260,23 +260,33 @@ impl ServiceTables {
         // it counts in), and moves it with every message of its context's
         // whole stream, in the transaction of the message's effects: caught
         // up, it stands at the stream's last message.
-        let checkpoints: Vec<(String, Option<String>, i64)> =
-            sqlx::query_as("SELECT projection, stream_name, stream_sequence FROM projection_checkpoints ORDER BY 1")
-                .fetch_all(&self.pool)
-                .await
-                .expect("read the checkpoints");
+        let checkpoints: Vec<(String, Option<String>, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT projection, stream_name, stream_sequence, stream_created FROM projection_checkpoints ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("read the checkpoints");
         for projection in &self.projections {
-            if !checkpoints.iter().any(|(p, name, _)| p == projection && name.is_some()) {
+            if !checkpoints
+                .iter()
+                .any(|(p, name, _, _)| p == projection && name.is_some())
+            {
                 return Some(format!("projection {projection} has not started"));
             }
         }
-        for (projection, stream, at) in checkpoints {
+        for (projection, stream, at, created) in checkpoints {
             let Some(stream) = stream else {
                 return Some(format!("projection {projection} has not started"));
             };
+            // A runner waiting for a stream that does not exist has nothing to do.
             let Ok(mut stream) = self.jetstream.get_stream(&stream).await else {
                 continue;
             };
+            // The stream exists but the runner has not found it yet: it will
+            // write the stream's identity into its checkpoint.
+            if created.is_none() {
+                return Some(format!("projection {projection} has not found its stream yet"));
+            }
             let last = stream.info().await.map_or(0, |i| i.state.last_sequence);
             if u64::try_from(at).unwrap_or(0) < last {
                 return Some(format!("projection {projection} stands at {at} of {last}"));

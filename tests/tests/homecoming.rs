@@ -25,7 +25,6 @@ use nrm_proto::common::v1::personal_data_view::View;
 use nrm_proto::identification::v1 as pb;
 use nrm_proto::referral::v1 as rf;
 use nrm_proto::repatriation::v1::SharedField;
-use nrm_proto::shelter::v1::BedCategory;
 use prost::Message as _;
 
 /// The identification runner of what crosses from `ru`.
@@ -280,12 +279,10 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
     assert_eq!(a_referral.receiving_agency, "kg-msd");
     assert_eq!(a_referral.referring_agency, "kg-mvd");
     assert_eq!(a_referral.consent_id, a_consent.consent_id);
-    assert_eq!(
-        a_referral.services,
-        [rf::ServiceKind::Reintegration as i32, rf::ServiceKind::Shelter as i32]
-    );
+    // No bed asked here: the shelter service held one for the return on its announcement.
+    assert_eq!(a_referral.services, [rf::ServiceKind::Reintegration as i32]);
     assert_eq!(a_referral.urgency, rf::Urgency::Urgent as i32);
-    assert_eq!(a_referral.shelter_need.unwrap().category, BedCategory::Women as i32);
+    assert!(a_referral.shelter_need.is_none());
     assert_eq!(a_consent.recipient_agency, "kg-msd");
     assert_eq!(a_consent.recorded_by_agency, "kg-mvd");
     assert_eq!(a_consent.data_categories.len(), 5, "identity and contact crossed");

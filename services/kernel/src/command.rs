@@ -20,7 +20,7 @@ use crate::error::AppError;
 use crate::permissions::{self, Permit, Standing};
 use crate::retry;
 use crate::store::{
-    Append, Appended, AuditEntry, CommandRecord, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork,
+    Actor, Append, Appended, AuditEntry, CommandRecord, EventMetadata, EventStore, NewEvent, StoreError, UnitOfWork,
 };
 use crate::telemetry;
 
@@ -54,6 +54,33 @@ impl CallContext {
             permit,
             concerns: Arc::default(),
         }
+    }
+
+    /// The context of a command a service runs by itself, as a reaction or
+    /// a timer (`task` names it in the audit trail and on the events): the
+    /// system actor, under the permission `role` has for `method` of
+    /// `service` (the rules of that RPC, never more), in the correlation of
+    /// the event that caused it.
+    ///
+    /// # Errors
+    /// [`AppError`] when the matrix gives `role` no such permission.
+    pub fn system(
+        task: &'static str,
+        service: &str,
+        method: &str,
+        role: crate::auth::Role,
+        cause: Option<&EventMetadata>,
+    ) -> Result<Self, AppError> {
+        let permit = crate::permissions::permit(service, method, None, role)?;
+        let caller = Caller {
+            actor: Actor::system(task),
+            role,
+        };
+        Ok(Self::new(
+            caller,
+            cause.map_or_else(Uuid::now_v7, |m| m.correlation_id),
+            permit,
+        ))
     }
 
     /// The caller's permission for this RPC.

@@ -10,14 +10,13 @@
 //! `ReportPresumedVictim` for the role of the agency that receives the
 //! person (IOM, scope any): what that agency could report itself.
 
-use nrm_kernel::auth::{Caller, Role};
+use nrm_kernel::auth::Role;
 use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::permissions;
-use nrm_kernel::store::{Actor, EventMetadata};
+use nrm_kernel::store::EventMetadata;
 use nrm_proto::identification::v1 as pb;
-use uuid::Uuid;
 
 use super::{Identification, to_new_events};
 use crate::domain::abroad::{self, Homecoming};
@@ -35,17 +34,13 @@ const METHOD: &str = "OpenCaseFromAbroad";
 /// # Errors
 /// Never with the kernel's matrix (IOM may report, scope any).
 fn system_context(cause: Option<&EventMetadata>) -> Result<CallContext, AppError> {
-    let role = Role::Iom;
-    let permit = permissions::permit(permissions::IDENTIFICATION, "ReportPresumedVictim", None, role)?;
-    let caller = Caller {
-        actor: Actor::system(HANDOVER),
-        role,
-    };
-    Ok(CallContext::new(
-        caller,
-        cause.map_or_else(Uuid::now_v7, |m| m.correlation_id),
-        permit,
-    ))
+    CallContext::system(
+        HANDOVER,
+        permissions::IDENTIFICATION,
+        "ReportPresumedVictim",
+        Role::Iom,
+        cause,
+    )
 }
 
 /// Who handles the cases that returns open here.

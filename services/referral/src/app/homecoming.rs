@@ -14,16 +14,15 @@
 //! case holders, which the competent authority is).
 
 use chrono::Utc;
-use nrm_kernel::auth::{Caller, Role};
+use nrm_kernel::auth::Role;
 use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{CaseId, ConsentId, PersonId, ReferralId};
 use nrm_kernel::permissions;
-use nrm_kernel::store::{Actor, EventMetadata};
+use nrm_kernel::store::EventMetadata;
 use nrm_kernel::validate;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as idpb;
-use uuid::Uuid;
 
 use super::{Referrals, concerning, rejected};
 use crate::domain::consent::{self, Consent};
@@ -43,17 +42,7 @@ const METHOD: &str = "OpenReintegrationReferral";
 /// # Errors
 /// Never with the kernel's matrix (police create referrals, scope case holders).
 fn system_context(cause: Option<&EventMetadata>) -> Result<CallContext, AppError> {
-    let role = Role::Police;
-    let permit = permissions::permit(permissions::REFERRAL, "CreateReferral", None, role)?;
-    let caller = Caller {
-        actor: Actor::system(HOMECOMING),
-        role,
-    };
-    Ok(CallContext::new(
-        caller,
-        cause.map_or_else(Uuid::now_v7, |m| m.correlation_id),
-        permit,
-    ))
+    CallContext::system(HOMECOMING, permissions::REFERRAL, "CreateReferral", Role::Police, cause)
 }
 
 fn malformed(what: &str) -> AppError {

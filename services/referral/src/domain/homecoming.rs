@@ -7,20 +7,19 @@
 //!   (`consent_to_reintegration_referral`), recorded here by this country's
 //!   competent authority (it holds the case), attested by the agency abroad
 //!   that took it (`ConsentGivenAbroad`), for the reintegration agency (MSD),
-//!   for reintegration (and shelter when a shelter need on arrival crossed),
+//!   for reintegration,
 //!   letting it read the groups of identifiers the person let cross.
 //! - The referral goes from the competent authority to that agency, for the
-//!   same services; urgent when the person needs shelter or medical help on
-//!   arrival. Its shelter need's bed category comes from the profile that
-//!   crossed; its region is left open (any region with a free bed).
+//!   same service; urgent when the person needs shelter or medical help on
+//!   arrival. It asks for no bed: a shelter need on arrival already held
+//!   one when the return was announced (the shelter service's arrivals
+//!   reaction), and a second hold would take two beds for one person.
 //! - A child's consent needs a guardian or a best-interests decision here,
 //!   which nothing that crossed gives: no referral is made by itself then.
 
-use nrm_proto::common::v1 as common;
 use nrm_proto::identification::v1 as idpb;
 use nrm_proto::referral::v1 as pb;
 use nrm_proto::repatriation::v1 as rp;
-use nrm_proto::shelter::v1 as shelter;
 use prost_types::Timestamp;
 
 use super::{PersonFacts, PersonStatus};
@@ -87,19 +86,6 @@ pub fn data_categories(shared_fields: &[i32]) -> Vec<i32> {
     categories.into_iter().map(|c| c as i32).collect()
 }
 
-/// The bed category of a person's profile (unspecified when it did not cross).
-fn bed_category(report: &idpb::PresumedVictimReported) -> shelter::BedCategory {
-    if report.child {
-        shelter::BedCategory::Children
-    } else if report.gender == common::Gender::Female as i32 {
-        shelter::BedCategory::Women
-    } else if report.gender == common::Gender::Male as i32 {
-        shelter::BedCategory::Men
-    } else {
-        shelter::BedCategory::Unspecified
-    }
-}
-
 /// The consent and referral that the case `opened` asks for, to
 /// `reintegration_agency`, at `now`.
 ///
@@ -119,14 +105,11 @@ pub fn plan(
         return Err(NoReferral::Child);
     }
     let needs = |n: rp::ArrivalNeed| abroad.needs.contains(&(n as i32));
-    let shelter_need = needs(rp::ArrivalNeed::Shelter).then(|| pb::ShelterNeed {
-        category: bed_category(&report) as i32,
-        region: String::new(),
-    });
-    let mut services = vec![pb::ServiceKind::Reintegration as i32];
-    if shelter_need.is_some() {
-        services.push(pb::ServiceKind::Shelter as i32);
-    }
+    // The bed on arrival is the shelter service's, held for the return
+    // when it was announced (its arrivals reaction): a shelter need here
+    // would make the placement hold a second bed for the same person.
+    let shelter_need: Option<pb::ShelterNeed> = None;
+    let services = vec![pb::ServiceKind::Reintegration as i32];
     let urgency = if needs(rp::ArrivalNeed::Shelter) || needs(rp::ArrivalNeed::Medical) {
         pb::Urgency::Urgent
     } else {
@@ -182,6 +165,7 @@ mod tests {
     use super::*;
     use crate::domain::consent::{self, Consent};
     use crate::domain::referral::{self, Deadlines, Referral};
+    use nrm_proto::common::v1 as common;
 
     const NOW: Timestamp = Timestamp {
         seconds: 1_790_000_000,
@@ -269,15 +253,10 @@ mod tests {
         let referral = events.iter().fold(Referral::default(), referral::evolve);
         let created = referral.created.unwrap();
         assert_eq!(created.referring_agency, "kg-mvd");
-        assert_eq!(
-            created.services,
-            [pb::ServiceKind::Reintegration as i32, pb::ServiceKind::Shelter as i32]
-        );
+        // The bed on arrival is the shelter service's hold for the return.
+        assert_eq!(created.services, [pb::ServiceKind::Reintegration as i32]);
         assert_eq!(created.urgency, pb::Urgency::Urgent as i32);
-        assert_eq!(
-            created.shelter_need.unwrap().category,
-            shelter::BedCategory::Women as i32
-        );
+        assert!(created.shelter_need.is_none());
     }
 
     #[test]
