@@ -17,6 +17,7 @@ pub mod ops;
 pub mod referral;
 pub mod repatriation;
 pub mod shelter;
+pub mod xborder;
 
 use audit::AuditArgs;
 use ops::OpsCommand;
@@ -174,6 +175,9 @@ pub enum Command {
     Audit(AuditArgs),
     /// The permission matrix: every RPC, every role, on which records.
     Permissions(PermissionsArgs),
+    /// Keys for crossing the border: a country's sealing key pair, TLS for a link.
+    #[command(subcommand)]
+    Xborder(xborder::XborderCommand),
 }
 
 /// `permissions`.

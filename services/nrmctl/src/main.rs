@@ -14,6 +14,7 @@
 //! - [`events`]: `events watch`.
 //! - [`ops`]: `ops …`, the operator's service on every service.
 //! - [`audit`]: `audit …`, the auditor's service on every service.
+//! - [`cli::xborder`]: `xborder keygen`, `xborder tls`: keys for crossing the border.
 //! - [`output`]: JSON through the descriptor pool, text, errors.
 
 use std::process::ExitCode;
@@ -71,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             permissions(&args);
             Ok(())
         }
+        Command::Xborder(command) => cli::xborder::run(command),
         Command::Audit(args) => match args.command() {
             Some(command) => audit::run(&cli.global, command).await,
             None => Err(anyhow::anyhow!(
