@@ -321,6 +321,49 @@ impl Federation {
             .expect("nats-server did not end")
             .expect("wait for nats-server");
     }
+
+    /// Starts one more nats-server that tries to join ru as a leaf node:
+    /// `nats-leaf://{userinfo}127.0.0.1:{leaf port}` (`userinfo` empty, or
+    /// `user:password@`), over TLS with the link's CA, presenting the link's
+    /// leaf certificate only when `client_cert`. Ends when dropped.
+    ///
+    /// # Panics
+    /// When it cannot be started.
+    pub async fn stray_leaf(&self, userinfo: &str, client_cert: bool) -> Child {
+        let id = crate::unique();
+        let dir = self.root.join(format!("stray-{id}"));
+        std::fs::create_dir_all(&dir).expect("create a stray leaf's folder");
+        let tls = self.root.join("tls");
+        let cert = if client_cert {
+            format!(
+                "cert_file: \"{}\"\n        key_file: \"{}\"",
+                tls.join("ru-kg-leaf.pem").display(),
+                tls.join("ru-kg-leaf.key").display()
+            )
+        } else {
+            String::new()
+        };
+        let conf = format!(
+            "server_name: stray-{id}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{store}\", domain: kg }}\n\
+             leafnodes {{ remotes: [ {{ url: \"nats-leaf://{userinfo}127.0.0.1:{leaf}\"\n      \
+             tls {{ ca_file: \"{ca}\"\n        {cert} }} }} ] }}\n",
+            port = free_ports(1)[0],
+            store = dir.join("jetstream").display(),
+            leaf = self.leaf_port,
+            ca = tls.join("ca.pem").display(),
+        );
+        let path = dir.join("stray.conf");
+        std::fs::write(&path, conf).expect("write a stray leaf's configuration");
+        Command::new(nats_server())
+            .arg("-c")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a stray leaf")
+    }
 }
 
 impl Drop for Federation {
@@ -446,78 +489,19 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// The link's CA and one certificate per country, in `dir`.
+/// The link's CA and its hub and leaf certificates (`ru-kg-hub.pem`,
+/// `ru-kg-leaf.pem`, `ca.pem`, with their keys) in `dir`, made as a user
+/// makes them: `nrmctl xborder tls --dir DIR --name ru-kg`.
 async fn make_tls(dir: &Path) {
-    let run = |args: Vec<String>| async move {
-        let status = Command::new("openssl")
-            .args(&args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .expect("run openssl");
-        assert!(status.success(), "openssl {args:?} failed");
-    };
-    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    run(s(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-link-ca",
-    ]))
-    .await;
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .expect("ext");
-    for name in ["ru", "kg"] {
-        run(s(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]))
-        .await;
-        run(s(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]))
-        .await;
-    }
+    let status = Command::new(crate::binary("nrmctl"))
+        .args(["xborder", "tls", "--dir"])
+        .arg(dir)
+        .args(["--name", "ru-kg"])
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .expect("run nrmctl xborder tls");
+    assert!(status.success(), "nrmctl xborder tls failed");
 }
 
 /// The last 40 lines of a log.

@@ -425,3 +425,44 @@ async fn a_link_cut_loses_nothing_and_doubles_nothing() {
 async fn a_killed_home_server_catches_up_without_duplicates() {
     a_link_cut(true, 2_000).await;
 }
+
+/// Waits until ru's log holds more than `before` lines containing `text`.
+async fn wait_log(federation: &Federation, text: &str, before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while federation.log(Side::Ru).matches(text).count() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "ru's log never said {text:?}:\n{}",
+            federation.log(Side::Ru)
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_leaf_port_takes_only_the_link_user_with_the_links_certificate() {
+    let federation = Federation::start().await;
+    let password = federation.link_password.clone();
+    let cases = [
+        // The link's credentials without the client certificate: TLS refuses it.
+        (format!("kg:{password}@"), false, "TLS leafnode handshake error"),
+        // The certificate without credentials: not the services' user either
+        // (no_auth_user takes ordinary client connections only).
+        (String::new(), true, "authentication error"),
+        // The certificate with a wrong password.
+        ("kg:not-the-password@".to_owned(), true, "authentication error"),
+        // The certificate and the services' user.
+        ("services:whatever@".to_owned(), true, "authentication error"),
+    ];
+    for (userinfo, cert, refusal) in cases {
+        let before = federation.log(Side::Ru).matches(refusal).count();
+        let stray = federation.stray_leaf(&userinfo, cert).await;
+        wait_log(&federation, refusal, before).await;
+        assert_eq!(
+            federation.leaf_connections().await,
+            1,
+            "only kg's link ({userinfo:?}, certificate: {cert})"
+        );
+        drop(stray);
+    }
+}
