@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use nrm_proto::common::v1::{CommandResult, DocumentType, IdentityDocument, PersonalIdentifiers};
+use nrm_proto::identification::v1::ExploitationForm;
 use nrm_proto::repatriation::v1::repatriation_service_client::RepatriationServiceClient;
 use nrm_proto::repatriation::v1::{
     ArrivalNeed, ArrivalPointKind, AssignEscortRequest, BookItineraryRequest, GetReturnRequest, HaltReturnRequest,
@@ -275,7 +276,7 @@ fn print_return(r: &Return) -> Result<()> {
         ("reintegration", r.consent_to_reintegration_referral.to_string()),
         ("gender", shown(r.gender())),
         ("age_band", shown(r.age_band())),
-        ("form", or_dash(&r.form_of_exploitation)),
+        ("form", form(&r.form_of_exploitation)),
         ("exploited_in", or_dash(&r.country_of_exploitation)),
         ("safe_to_return", r.safe_to_return.to_string()),
         ("family", shown(r.family_involvement())),
@@ -306,6 +307,11 @@ fn print_return(r: &Return) -> Result<()> {
         .collect::<Vec<_>>();
     output::emit("\n")?;
     output::print_table(&["VERSION", "STEP", "STATUS_AFTER", "AT", "AGENCY"], &rows)
+}
+
+/// A form of exploitation as on the command line (`labour`), or as sent.
+fn form(name: &str) -> String {
+    ExploitationForm::from_str_name(name).map_or_else(|| or_dash(name), cli_name)
 }
 
 /// Shared fields as on the command line: `profile,needs`.
@@ -400,5 +406,7 @@ mod tests {
             "shelter,interpretation"
         );
         assert_eq!(shared(&[]), "-");
+        assert_eq!(form("EXPLOITATION_FORM_FORCED_BEGGING"), "forced-begging");
+        assert_eq!(form(""), "-");
     }
 }

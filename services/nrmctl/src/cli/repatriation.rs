@@ -193,8 +193,8 @@ pub struct DocumentArgs {
     /// The return and version.
     #[command(flatten)]
     pub at: ReturnAt,
-    /// The certificate of return was issued (give --number).
-    #[arg(long, requires = "document_number")]
+    /// The certificate of return was issued (give --number and --valid-until).
+    #[arg(long, requires_all = ["document_number", "valid_until"])]
     pub issued: bool,
     /// The consulate refused it: the return halts (DOCUMENT_REFUSED).
     #[arg(long, conflicts_with_all = ["document_number", "valid_until"])]
@@ -453,7 +453,24 @@ mod tests {
 
     #[test]
     fn a_document_is_issued_with_a_number_or_refused() {
-        assert!(parse(&["document", "r-1", "--version", "4", "--issued", "--number", "CR-1"]).is_ok());
+        assert!(
+            parse(&[
+                "document",
+                "r-1",
+                "--version",
+                "4",
+                "--issued",
+                "--number",
+                "CR-1",
+                "--valid-until",
+                "2027-01-31T00:00:00Z"
+            ])
+            .is_ok()
+        );
+        assert!(
+            parse(&["document", "r-1", "--version", "4", "--issued", "--number", "CR-1"]).is_err(),
+            "no validity"
+        );
         assert!(parse(&["document", "r-1", "--version", "4", "--refused"]).is_ok());
         assert!(
             parse(&["document", "r-1", "--version", "4", "--issued"]).is_err(),
