@@ -75,3 +75,28 @@ alive() {
         [[ $cmdline == *"$name"* ]] || return 1
     fi
 }
+
+# fill_template FILE NAME=VALUE...: the text of FILE with every __NAME__
+# replaced by VALUE (comment lines included; the placeholders a later step
+# fills stay as they are).
+fill_template() {
+    local text kv
+    text=$(<"$1")
+    shift
+    for kv in "$@"; do
+        text=${text//"__${kv%%=*}__"/"${kv#*=}"}
+    done
+    printf '%s\n' "$text"
+}
+
+# ensure_secret FILE [BYTES]: a random secret of BYTES (default 24) bytes,
+# URL-safe base64 without padding, written once (mode 600).
+ensure_secret() {
+    local file=$1 bytes=${2:-24}
+    [[ -s $file ]] && return 0
+    (
+        umask 077
+        head -c "$bytes" /dev/urandom | base64 -w0 | tr '+/' '-_' | tr -d '=' >"$file.tmp"
+        mv -f "$file.tmp" "$file"
+    )
+}

@@ -40,6 +40,9 @@
 # (NRM_ENDPOINT, NRM_<SERVICE>_ENDPOINT for the others, NRM_ISSUER_KEY and NRM_NATS__URL for the CLI:
 #  `set -a; . .data/nrmctl.env; set +a`).
 # NRM_RUN_BUILD=0 skips the build (binaries already in target/release).
+# NRM_RUN_DATA_DIR (default .data) puts all of the above in another folder,
+# NRM_RUN_SERVICES (names, space-separated) starts only those of SERVICES:
+# scripts/federation.sh runs one country per folder this way.
 # NRM_RUN_FOLLOW_LOGS=0/1 turns following the logs in the terminal off/on
 # (default: on when stdout is a terminal).
 
@@ -56,14 +59,28 @@ SERVICES=(
     identification:50051
     referral:50052
     shelter:50053
-    # repatriation:50054
+    # No partner country here (NRM_XBORDER__PARTNERS empty): it serves the
+    # returns of this deployment only; `make run-federation` links two.
+    repatriation:50054
     # casepath:50055
 )
+if [[ -n ${NRM_RUN_SERVICES:-} ]]; then
+    wanted=()
+    for entry in "${SERVICES[@]}"; do
+        [[ " $NRM_RUN_SERVICES " == *" ${entry%%:*} "* ]] && wanted+=("$entry")
+    done
+    ((${#wanted[@]} > 0)) || {
+        echo "run: error: NRM_RUN_SERVICES=$NRM_RUN_SERVICES names none of: ${SERVICES[*]%%:*}" >&2
+        exit 1
+    }
+    SERVICES=("${wanted[@]}")
+    unset wanted entry
+fi
 METRICS_PORT_START=9464
 # Built besides the services' packages: the CLI the banner points to.
 EXTRA_PACKAGES=(nrmctl)
 
-DATA_DIR=.data
+DATA_DIR=${NRM_RUN_DATA_DIR:-.data}
 BIN_DIR=${CARGO_TARGET_DIR:-target}/release
 SECRETS_DIR=$DATA_DIR/secrets
 ISSUER_DIR=$DATA_DIR/issuer
@@ -299,9 +316,9 @@ banner() {
     local bin_rel=$BIN_DIR
     printf '\n'
     printf '=================  Köpür is running  =================\n'
-    printf '  %-18s %s   (superuser nrm, trust on loopback)\n' "PostgreSQL" "$NRM_STACK_DATABASE_URL"
-    printf '  %-18s %s\n' "NATS (JetStream)" "$NRM_STACK_NATS_URL"
-    printf '  %-18s %s\n' "NATS monitoring" "$NRM_STACK_NATS_MONITOR_URL"
+    printf '  %-18s %s   (superuser nrm, trust on loopback)\n' "PostgreSQL" "$DATABASE_URL"
+    printf '  %-18s %s\n' "NATS (JetStream)" "$NATS_URL"
+    printf '  %-18s %s\n' "NATS monitoring" "${NRM_STACK_NATS_MONITOR_URL:--}"
     for entry in "${SERVICES[@]}"; do
         name=${entry%%:*}
         printf '  %-18s gRPC %-18s metrics http://%s/metrics   database %s\n' \
@@ -385,15 +402,16 @@ main() {
         wait_ready "${entry%%:*}"
     done
 
-    local first=${SERVICES[0]%%:*}
     (
         umask 077
         {
-            env_line NRM_ENDPOINT "http://$(addr_host "${SVC_GRPC[$first]}"):$(addr_port "${SVC_GRPC[$first]}")"
-            # NRM_REFERRAL_ENDPOINT, NRM_SHELTER_ENDPOINT, … for every further service
-            for entry in "${SERVICES[@]:1}"; do
-                local svc=${entry%%:*}
-                env_line "NRM_${svc^^}_ENDPOINT" "http://$(addr_host "${SVC_GRPC[$svc]}"):$(addr_port "${SVC_GRPC[$svc]}")"
+            # NRM_ENDPOINT for identification, NRM_REFERRAL_ENDPOINT,
+            # NRM_SHELTER_ENDPOINT, … for every other service
+            for entry in "${SERVICES[@]}"; do
+                local svc=${entry%%:*} var
+                var=NRM_${svc^^}_ENDPOINT
+                [[ $svc == identification ]] && var=NRM_ENDPOINT
+                env_line "$var" "http://$(addr_host "${SVC_GRPC[$svc]}"):$(addr_port "${SVC_GRPC[$svc]}")"
             done
             # the development issuer's private key: nrmctl mints with it
             env_line NRM_ISSUER_KEY "$ISSUER_KEY"

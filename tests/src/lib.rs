@@ -26,6 +26,7 @@ pub mod beds;
 pub mod canary;
 pub mod consent;
 pub mod faults;
+pub mod federation;
 pub mod fixtures;
 pub mod homecoming;
 pub mod ident;

@@ -350,11 +350,26 @@ impl Bus {
         self.create_checked(wanted).await
     }
 
+    /// Where the partner's server delivers what an incoming stream of
+    /// country `here` sources: `{prefix}.xborder.v1.{here}` (the source's
+    /// `external.deliver`; the server appends `.S.<random>`). Without it
+    /// nats-server 2.9 delivers on `$JS.S.<random>`, the subjects of every
+    /// source inside the partner's account too: a link allowed `$JS.S.>`
+    /// receives, when a client of `here` subscribes there, what the
+    /// partner's outgoing streams for third countries source (measured on
+    /// 2.9.10, tests/tests/xborder_link.rs). The link user's subscribe list
+    /// in deploy/federation names this prefix instead.
+    #[must_use]
+    pub fn inbound_delivery_prefix(&self, here: &CountryCode) -> String {
+        format!("{}.xborder.v1.{here}", self.settings.subject_prefix)
+    }
+
     /// Creates (or finds) the incoming stream from partner `from`,
     /// `{STREAM_PREFIX}_XB_IN_{FROM}`: it sources `{STREAM_PREFIX}_XB_OUT_{HERE}`
     /// of JetStream domain `from` (external API `$JS.{from}.API`, across the
-    /// leaf-node link) filtered to [`Bus::outbound_filter`]`(here)`. Sourcing
-    /// is durable and resumes by itself after a link cut.
+    /// leaf-node link, deliveries on [`Bus::inbound_delivery_prefix`]`(here)`)
+    /// filtered to [`Bus::outbound_filter`]`(here)`. Sourcing is durable and
+    /// resumes by itself after a link cut.
     ///
     /// # Errors
     /// [`BusError::ConfigMismatch`] when the server's stream differs;
@@ -375,7 +390,7 @@ impl Bus {
                 filter_subject: Some(self.outbound_filter(here)),
                 external: Some(stream::External {
                     api_prefix: format!("$JS.{from}.API"),
-                    delivery_prefix: None,
+                    delivery_prefix: Some(self.inbound_delivery_prefix(here)),
                 }),
                 ..Default::default()
             }]),

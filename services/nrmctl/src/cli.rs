@@ -15,12 +15,14 @@ use crate::token::{RoleParser, parse_ttl};
 pub mod audit;
 pub mod ops;
 pub mod referral;
+pub mod repatriation;
 pub mod shelter;
 pub mod xborder;
 
 use audit::AuditArgs;
 use ops::OpsCommand;
 use referral::{ConsentCommand, PlanCommand, ReferralCommand};
+use repatriation::ReturnCommand;
 use shelter::ShelterCommand;
 
 /// Command-line client of Köpür, the national referral mechanism.
@@ -73,6 +75,16 @@ pub struct Global {
         default_value = "http://127.0.0.1:50053"
     )]
     pub shelter_endpoint: String,
+
+    /// gRPC endpoint of the repatriation service (return).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_REPATRIATION_ENDPOINT",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub repatriation_endpoint: String,
 
     /// Bearer token (JWT) sent with every call.
     #[arg(
@@ -149,6 +161,9 @@ pub enum Command {
     /// Shelters, beds and holds.
     #[command(subcommand)]
     Shelter(ShelterCommand),
+    /// Returns home across a border (repatriation).
+    #[command(subcommand)]
+    Return(ReturnCommand),
     /// Events on NATS JetStream.
     #[command(subcommand)]
     Events(EventsCommand),

@@ -16,6 +16,9 @@ use nrm_proto::identification::v1::{
 use nrm_proto::referral::v1::{
     ConsentGiver, DataCategory, DeclineReason, GoalKind, ReferralOutcome, ReferralStatus, ServiceKind, Urgency,
 };
+use nrm_proto::repatriation::v1::{
+    ArrivalNeed, ArrivalPointKind, Direction, FamilyInvolvement, HaltReason, ReturnStatus, SharedField,
+};
 use nrm_proto::shelter::v1::{BedCategory, OnSiteService};
 
 /// A prost-generated enum whose value names share a prefix ending in `_`
@@ -72,6 +75,14 @@ proto_enums!(
     // shelter
     BedCategory,
     OnSiteService,
+    // repatriation
+    ArrivalNeed,
+    ArrivalPointKind,
+    Direction,
+    FamilyInvolvement,
+    HaltReason,
+    ReturnStatus,
+    SharedField,
 );
 
 /// The prefix shared by every value name of `E` (`EXPLOITATION_FORM_`).

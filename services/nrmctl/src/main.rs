@@ -10,6 +10,7 @@
 //! - [`case`], [`person`]: `case …` and `person get`, the identification service.
 //! - [`consent`], [`referral`], [`plan`]: the referral service.
 //! - [`shelter`]: `shelter …`, the shelter service.
+//! - [`repatriation`]: `return …`, the repatriation service.
 //! - [`events`]: `events watch`.
 //! - [`ops`]: `ops …`, the operator's service on every service.
 //! - [`audit`]: `audit …`, the auditor's service on every service.
@@ -31,6 +32,7 @@ mod output;
 mod person;
 mod plan;
 mod referral;
+mod repatriation;
 mod rpc;
 mod shelter;
 mod token;
@@ -63,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Referral(command) => referral::run(&cli.global, command).await,
         Command::Plan(command) => plan::run(&cli.global, command).await,
         Command::Shelter(command) => shelter::run(&cli.global, command).await,
+        Command::Return(command) => repatriation::run(&cli.global, command).await,
         Command::Events(EventsCommand::Watch(args)) => events::watch(args).await,
         Command::Ops(command) => ops::run(&cli.global, command).await,
         Command::Permissions(args) => {
