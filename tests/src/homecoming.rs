@@ -35,6 +35,9 @@ pub struct Countries {
     pub partner: CountryCode,
     /// The home country's key pair (its private half in `kg.key`).
     pub key: CountryKey,
+    /// The partner's key pair (its public half in `ru.pub`): what it seals
+    /// opens here, and nothing else.
+    pub partner_key: CountryKey,
     dir: PathBuf,
 }
 
@@ -62,6 +65,7 @@ impl Countries {
             here: CountryCode::parse("here", "kg").expect("kg"),
             partner: CountryCode::parse("partner", "ru").expect("ru"),
             key,
+            partner_key,
             dir,
         }
     }
@@ -273,7 +277,10 @@ pub struct Link {
     subject_prefix: String,
     here: CountryCode,
     partner: CountryCode,
-    partner_key: xborder::PartnerKey,
+    /// The home country's public key (what the partner seals to).
+    home_key: xborder::PartnerKey,
+    /// The partner's key pair (what it seals with).
+    partner_key: CountryKey,
 }
 
 impl Link {
@@ -299,7 +306,8 @@ impl Link {
             subject_prefix,
             here: countries.here.clone(),
             partner: countries.partner.clone(),
-            partner_key: countries.key.public().clone(),
+            home_key: countries.key.public().clone(),
+            partner_key: countries.partner_key.clone(),
         }
     }
 
@@ -338,7 +346,12 @@ impl Link {
             from_country: "ru".into(),
             to_country: "kg".into(),
             origin_version: snapshot.origin_version,
-            sealed: Some(xborder::seal(&self.partner_key, &aad, &snapshot.encode_to_vec())),
+            sealed: Some(xborder::seal(
+                &self.partner_key,
+                &self.home_key,
+                &aad,
+                &snapshot.encode_to_vec(),
+            )),
         };
         let mut message = message;
         alter(&mut message);

@@ -193,6 +193,15 @@ impl RepatriationApp {
         panic!("the outbox did not empty within 10 s");
     }
 
+    /// This service's own country key pair (from its settings' key file).
+    ///
+    /// # Panics
+    /// When the file does not load.
+    #[must_use]
+    pub fn own_key(&self) -> CountryKey {
+        CountryKey::load(std::path::Path::new(&self.settings.xborder.private_key_file)).expect("the country key")
+    }
+
     /// The crossing commits published for `to` about `return_id`, in order,
     /// each with its message opened with `to`'s key.
     ///
@@ -206,7 +215,7 @@ impl RepatriationApp {
                 continue;
             }
             let commit = EventCommit::decode(message.payload.as_ref()).expect("an EventCommit");
-            let snapshot = open_commit(&commit, &to.key);
+            let snapshot = open_commit(&commit, &to.key, self.own_key().public());
             out.push((commit, snapshot));
         }
         out
@@ -260,11 +269,12 @@ impl RepatriationApp {
     /// When JetStream refuses.
     pub async fn publish_crossing(
         &self,
-        from: &CountryCode,
+        sender: &CountryKeys,
         here_key: &xborder::PartnerKey,
         version: u64,
         snapshot: &pb::CrossBorderReturn,
     ) {
+        let from = &sender.code;
         let here = self.country();
         let aad = xborder::aad(from, &here, &snapshot.return_id, snapshot.origin_version);
         let message = pb::CrossBorderMessage {
@@ -272,7 +282,7 @@ impl RepatriationApp {
             from_country: from.to_string(),
             to_country: here.to_string(),
             origin_version: snapshot.origin_version,
-            sealed: Some(xborder::seal(here_key, &aad, &snapshot.encode_to_vec())),
+            sealed: Some(xborder::seal(&sender.key, here_key, &aad, &snapshot.encode_to_vec())),
         };
         self.publish_raw(&snapshot.return_id, version, message.encode_to_vec())
             .await;
@@ -360,7 +370,7 @@ impl Drop for RepatriationApp {
 /// # Panics
 /// When the commit holds other than one crossing message, or it does not open.
 #[must_use]
-pub fn open_commit(commit: &EventCommit, key: &CountryKey) -> pb::CrossBorderReturn {
+pub fn open_commit(commit: &EventCommit, key: &CountryKey, from_key: &xborder::PartnerKey) -> pb::CrossBorderReturn {
     assert_eq!(commit.events.len(), 1, "one crossing message per commit");
     let event = &commit.events[0];
     assert_eq!(event.event_type, "CrossBorderMessage");
@@ -368,7 +378,7 @@ pub fn open_commit(commit: &EventCommit, key: &CountryKey) -> pb::CrossBorderRet
     let from = CountryCode::parse("from", &message.from_country).expect("from");
     let to = CountryCode::parse("to", &message.to_country).expect("to");
     let aad = xborder::aad(&from, &to, &message.return_id, message.origin_version);
-    let plain = xborder::open(key, &aad, message.sealed.as_ref().expect("sealed")).expect("it opens");
+    let plain = xborder::open(key, from_key, &aad, message.sealed.as_ref().expect("sealed")).expect("it opens");
     let snapshot = pb::CrossBorderReturn::decode(plain.as_slice()).expect("a CrossBorderReturn");
     assert_eq!(snapshot.origin_version, message.origin_version);
     assert_eq!(snapshot.return_id, message.return_id);

@@ -460,7 +460,25 @@ async fn a_crossing_message_that_does_not_open_here_is_parked_and_opens_nothing(
     let other = nrm_kernel::xborder::CountryKey::generate();
     link.deliver_altered(&forged, |m| {
         let aad = nrm_kernel::xborder::aad(&countries.partner, &countries.here, &m.return_id, m.origin_version);
-        m.sealed = Some(nrm_kernel::xborder::seal(other.public(), &aad, b"not for kg"));
+        m.sealed = Some(nrm_kernel::xborder::seal(
+            &countries.partner_key,
+            other.public(),
+            &aad,
+            b"not for kg",
+        ));
+    })
+    .await;
+    // Forged: sealed to this country's key, but by another key pair than
+    // the partner's (anyone holding kg's public key could make this one).
+    let forger = nrm_kernel::xborder::CountryKey::generate();
+    link.deliver_altered(&forged, |m| {
+        let aad = nrm_kernel::xborder::aad(&countries.partner, &countries.here, &m.return_id, m.origin_version);
+        m.sealed = Some(nrm_kernel::xborder::seal(
+            &forger,
+            countries.key.public(),
+            &aad,
+            b"forged",
+        ));
     })
     .await;
     // Meant for a third country: passed over.
@@ -476,7 +494,10 @@ async fn a_crossing_message_that_does_not_open_here_is_parked_and_opens_nothing(
         .fetch_one(&id.pool)
         .await
         .unwrap();
-    assert_eq!(parked, 2, "the two messages that do not open wait for an operator");
+    assert_eq!(
+        parked, 3,
+        "the three messages that do not open (one of them forged) wait for an operator"
+    );
     let errors: Vec<String> = sqlx::query_scalar("SELECT last_error FROM parked_messages WHERE projection = $1")
         .bind(HANDOVERS)
         .fetch_all(&id.pool)

@@ -898,24 +898,24 @@ async fn the_home_country_builds_an_incoming_return_once_from_the_newest_snapsho
     let a2 = snapshot(&a, 6, ReturnStatus::ItineraryBooked, true);
     // Each twice, the older one again after the newer.
     for (version, s) in [(1, &a1), (2, &a2), (1, &a1), (2, &a2)] {
-        home.publish_crossing(&ru.code, &here, version, s).await;
+        home.publish_crossing(&ru, &here, version, s).await;
     }
     // The newer first: the older one adds nothing.
     let b1 = snapshot(&b, 2, ReturnStatus::Consented, false);
     let b2 = snapshot(&b, 3, ReturnStatus::Assessed, false);
-    home.publish_crossing(&ru.code, &here, 2, &b2).await;
-    home.publish_crossing(&ru.code, &here, 1, &b1).await;
+    home.publish_crossing(&ru, &here, 2, &b2).await;
+    home.publish_crossing(&ru, &here, 1, &b1).await;
     // Shared, then withdrawn.
     let w1 = snapshot(&w, 3, ReturnStatus::Assessed, true);
     let mut w2 = snapshot(&w, 4, ReturnStatus::Halted, false);
     w2.halt_reason = HaltReason::ConsentWithdrawn as i32;
-    home.publish_crossing(&ru.code, &here, 1, &w1).await;
-    home.publish_crossing(&ru.code, &here, 2, &w2).await;
+    home.publish_crossing(&ru, &here, 1, &w1).await;
+    home.publish_crossing(&ru, &here, 2, &w2).await;
     // Sealed for another key, and no message at all: parked, nothing stuck behind them.
     let stranger = CountryKeys::generate("kg");
     let x = ReturnId::new().to_string();
     home.publish_crossing(
-        &ru.code,
+        &ru,
         stranger.key.public(),
         1,
         &snapshot(&x, 2, ReturnStatus::Consented, true),
@@ -924,7 +924,7 @@ async fn the_home_country_builds_an_incoming_return_once_from_the_newest_snapsho
     let y = ReturnId::new().to_string();
     home.publish_raw(&y, 1, b"not a crossing message".to_vec()).await;
     let z = ReturnId::new().to_string();
-    home.publish_crossing(&ru.code, &here, 1, &snapshot(&z, 2, ReturnStatus::Consented, false))
+    home.publish_crossing(&ru, &here, 1, &snapshot(&z, 2, ReturnStatus::Consented, false))
         .await;
     home.wait_inbound(&ru, 11).await;
     tables.wait_until_quiescent().await;
@@ -1363,7 +1363,7 @@ async fn every_repatriation_rpc_as_every_role_in_and_out_of_scope_answers_as_the
     let kg = RepatriationApp::spawn_with(kg_settings).await;
     let incoming = ReturnId::new().to_string();
     kg.publish_crossing(
-        &ru_keys.code,
+        &ru_keys,
         kg_keys.key.public(),
         1,
         &snapshot(&incoming, 2, ReturnStatus::Consented, true),

@@ -214,7 +214,8 @@ impl Projection for Crossed {
                 .sealed
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("nothing sealed"))?;
-            let inner = CrossBorderReturn::decode(xborder::open(&self.key, &aad, sealed)?.as_slice())?;
+            let inner =
+                CrossBorderReturn::decode(xborder::open(&self.key, self.key.public(), &aad, sealed)?.as_slice())?;
             anyhow::ensure!(inner.return_id == message.return_id, "another return inside");
             sqlx::query(
                 "INSERT INTO xb_test_crossed (seq, return_id, origin_version, carrier) VALUES ($1, $2, $3, $4)",
@@ -258,7 +259,10 @@ async fn append_crossing(
         from_country: ru.to_string(),
         to_country: to.to_string(),
         origin_version: version,
+        // Sealed by the same key pair it is sealed to: this test is about
+        // the streams, not who sends.
         sealed: Some(xborder::seal(
+            key,
             key.public(),
             &xborder::aad(&ru, to, return_id, version),
             &inner.encode_to_vec(),

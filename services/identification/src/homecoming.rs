@@ -23,7 +23,7 @@ use nrm_kernel::error::AppError;
 use nrm_kernel::projection::{Delivery, Projection};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::validate;
-use nrm_kernel::xborder::{self, CountryCode, CountryKey, OUTBOUND_PAYLOAD_TYPE};
+use nrm_kernel::xborder::{self, CountryCode, CountryKey, OUTBOUND_PAYLOAD_TYPE, PartnerKey};
 use nrm_proto::repatriation::v1 as rp;
 use prost::Message as _;
 use sqlx::PgConnection;
@@ -37,6 +37,8 @@ pub struct Handovers {
     app: Identification,
     key: CountryKey,
     from: CountryCode,
+    /// The partner's public key: only what it sealed opens here.
+    from_key: PartnerKey,
     here: CountryCode,
     name: &'static str,
 }
@@ -54,13 +56,15 @@ impl Handovers {
     /// The reaction to what crosses from `from` to `here`, opened with
     /// `key` (this country's), opening cases through `app`.
     #[must_use]
-    pub fn new(app: Identification, key: CountryKey, from: CountryCode, here: CountryCode) -> Self {
+    pub fn new(app: Identification, key: CountryKey, from: (CountryCode, PartnerKey), here: CountryCode) -> Self {
+        let (from, from_key) = from;
         // One checkpoint per partner; made once per partner at start.
         let name = format!("identification_homecoming_{from}").leak();
         Self {
             app,
             key,
             from,
+            from_key,
             here,
             name,
         }
@@ -84,7 +88,7 @@ impl Handovers {
             .as_ref()
             .context("a crossing message without its sealed return")?;
         let aad = xborder::aad(&self.from, &self.here, &message.return_id, message.origin_version);
-        let plain = xborder::open(&self.key, &aad, sealed)?;
+        let plain = xborder::open(&self.key, &self.from_key, &aad, sealed)?;
         let ret = rp::CrossBorderReturn::decode(plain.as_slice()).context("a sealed return that does not decode")?;
         if ret.return_id != message.return_id || ret.origin_version != message.origin_version {
             anyhow::bail!("the sealed return does not match its message's return ID and version");

@@ -75,10 +75,14 @@ impl Application {
         // Returns handed over from each partner open cases here.
         match &federation.key {
             Some(key) => {
-                for (partner, _) in &federation.partners {
+                for (partner, partner_key) in &federation.partners {
                     let source = Source::inbound(kit.bus(), partner);
-                    let handovers =
-                        Handovers::new(app.clone(), key.clone(), partner.clone(), federation.country.clone());
+                    let handovers = Handovers::new(
+                        app.clone(),
+                        key.clone(),
+                        (partner.clone(), partner_key.clone()),
+                        federation.country.clone(),
+                    );
                     kit.project_source(source, handovers);
                 }
             }

@@ -2,13 +2,17 @@
 //! countries of this deployment, and sealing what crosses for the receiver.
 //!
 //! Each country runs its own deployment and holds one X25519 key pair. What
-//! crosses (a `CrossBorderReturn`) is sealed with HPKE (RFC 9180) in base
-//! mode, suite X25519-HKDF-SHA256 / HKDF-SHA256 / ChaCha20-Poly1305, to the
-//! receiving country's public key, with an empty `info` and the associated
-//! data of [`aad`], which binds the ciphertext to the sender, the receiver,
-//! the return and its version: a message replayed under another return, or
-//! to another country, does not open. Only the receiving country can open
-//! it; the sender keeps nothing it could open again.
+//! crosses (a `CrossBorderReturn`) is sealed with HPKE (RFC 9180) in auth
+//! mode, suite X25519-HKDF-SHA256 / HKDF-SHA256 / ChaCha20-Poly1305: to the
+//! receiving country's public key and authenticated by the sending
+//! country's private key, so a message opens only with the key pair of the
+//! partner it claims to come from. Whoever can publish on a NATS server on
+//! the way (an operator, a service user, the link) and holds the receiver's
+//! public key still cannot forge one. `info` is empty; the associated data of
+//! [`aad`] binds the ciphertext to the sender, the receiver, the return and
+//! its version: a message replayed under another return, or to another
+//! country, does not open. Only the receiving country can open it; the
+//! sender keeps nothing it could open again.
 //!
 //! Settings (`NRM_XBORDER__*`, see [`XborderSettings`]) name this country,
 //! the file with its private key, and every partner with the file of its
@@ -381,10 +385,12 @@ impl XborderSettings {
             partners.push((code, PartnerKey::load(Path::new(path))?));
         }
         if !partners.is_empty() && key.is_none() {
-            tracing::warn!(
-                setting = PRIVATE_KEY_VAR,
-                "partners are set but no private key: nothing sealed to this country can be opened here"
-            );
+            // What crosses is sealed with the sender's key pair too (HPKE
+            // auth mode), so neither sending nor receiving works without it.
+            return Err(XborderError::Setting {
+                setting: PRIVATE_KEY_VAR,
+                reason: "partners are set but no private key: what crosses is sealed and authenticated with this country's key pair".to_owned(),
+            });
         }
         Ok(Federation { country, key, partners })
     }
@@ -417,14 +423,16 @@ pub fn aad(from: &CountryCode, to: &CountryCode, return_id: &str, origin_version
     format!("{AAD_DOMAIN}|{from}|{to}|{return_id}|{origin_version}").into_bytes()
 }
 
-/// Seals `plaintext` for the holder of `to`'s private key, bound to `aad`.
+/// Seals `plaintext` for the holder of `to`'s private key, authenticated
+/// as coming from `from` (this country's key pair), bound to `aad`.
 #[must_use]
-pub fn seal(to: &PartnerKey, aad: &[u8], plaintext: &[u8]) -> SealedForCountry {
+pub fn seal(from: &CountryKey, to: &PartnerKey, aad: &[u8], plaintext: &[u8]) -> SealedForCountry {
     // HPKE fails to seal only to a key of small order (refused when the
     // PartnerKey was made) or past a context's message limit (one message
     // per context here), so this cannot fail.
+    let mode = OpModeS::Auth((from.private.clone(), from.public.public.clone()));
     let (encapped, ciphertext) =
-        hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem>(&OpModeS::Base, &to.public, INFO, plaintext, aad)
+        hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem>(&mode, &to.public, INFO, plaintext, aad)
             .expect("sealing to a checked X25519 public key cannot fail");
     SealedForCountry {
         key_id: to.key_id.clone(),
@@ -433,14 +441,20 @@ pub fn seal(to: &PartnerKey, aad: &[u8], plaintext: &[u8]) -> SealedForCountry {
     }
 }
 
-/// Opens a message sealed to `key`, checking it against `aad`.
+/// Opens a message sealed to `key` by the holder of `from`'s private key,
+/// checking it against `aad`.
 ///
 /// # Errors
 /// [`XborderError::OtherKey`] when it names another key;
 /// [`XborderError::Malformed`] when its encapsulated key is malformed;
 /// [`XborderError::DoesNotOpen`] when the ciphertext or the associated data
-/// were altered.
-pub fn open(key: &CountryKey, aad: &[u8], sealed: &SealedForCountry) -> Result<Vec<u8>, XborderError> {
+/// were altered, or another key than `from`'s sealed it.
+pub fn open(
+    key: &CountryKey,
+    from: &PartnerKey,
+    aad: &[u8],
+    sealed: &SealedForCountry,
+) -> Result<Vec<u8>, XborderError> {
     if sealed.key_id != key.key_id() {
         return Err(XborderError::OtherKey {
             sealed_for: printable_key_id(&sealed.key_id),
@@ -450,7 +464,7 @@ pub fn open(key: &CountryKey, aad: &[u8], sealed: &SealedForCountry) -> Result<V
     let encapped = <Kem as hpke::Kem>::EncappedKey::from_bytes(&sealed.encapped_key)
         .map_err(|_| XborderError::Malformed("the encapsulated key must be 32 bytes"))?;
     hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
-        &OpModeR::Base,
+        &OpModeR::Auth(from.public.clone()),
         &key.private,
         &encapped,
         INFO,
@@ -479,9 +493,33 @@ mod tests {
 
     const PLAINTEXT: &[u8] = b"Aigul Toktogulova, 1999-03-04, passport AN1234567";
 
+    /// The sending country's key pair of these tests.
+    fn sender() -> &'static CountryKey {
+        static SENDER: std::sync::OnceLock<CountryKey> = std::sync::OnceLock::new();
+        SENDER.get_or_init(CountryKey::generate)
+    }
+
+    #[test]
+    fn a_message_sealed_by_another_sender_does_not_open() {
+        let key = CountryKey::generate();
+        let aad = aad(&cc("ru"), &cc("kg"), "0190-return", 3);
+        // Anyone holding kg's public key can seal to it; only ru's key pair
+        // makes a message that opens as ru's.
+        let forger = CountryKey::generate();
+        let forged = seal(&forger, key.public(), &aad, PLAINTEXT);
+        assert!(matches!(
+            open(&key, sender().public(), &aad, &forged),
+            Err(XborderError::DoesNotOpen)
+        ));
+        assert_eq!(
+            open(&key, forger.public(), &aad, &forged).expect("opens as the forger's"),
+            PLAINTEXT
+        );
+    }
+
     fn sealed_for(key: &CountryKey) -> (Vec<u8>, SealedForCountry) {
         let aad = aad(&cc("ru"), &cc("kg"), "0190-return", 3);
-        let sealed = seal(key.public(), &aad, PLAINTEXT);
+        let sealed = seal(sender(), key.public(), &aad, PLAINTEXT);
         (aad, sealed)
     }
 
@@ -495,7 +533,7 @@ mod tests {
             !sealed.ciphertext.windows(5).any(|w| w == b"Aigul"),
             "the ciphertext must not hold the plaintext"
         );
-        assert_eq!(open(&key, &aad, &sealed).expect("opens"), PLAINTEXT);
+        assert_eq!(open(&key, sender().public(), &aad, &sealed).expect("opens"), PLAINTEXT);
     }
 
     #[test]
@@ -512,7 +550,7 @@ mod tests {
         let key = CountryKey::generate();
         let other = CountryKey::generate();
         let (aad, sealed) = sealed_for(&key);
-        let err = open(&other, &aad, &sealed).expect_err("another key must not open");
+        let err = open(&other, sender().public(), &aad, &sealed).expect_err("another key must not open");
         assert!(matches!(err, XborderError::OtherKey { .. }), "{err:?}");
         let text = err.to_string();
         assert!(text.contains(key.key_id()) && text.contains(other.key_id()), "{text}");
@@ -524,7 +562,7 @@ mod tests {
         let other = CountryKey::generate();
         let (aad, mut sealed) = sealed_for(&key);
         sealed.key_id = other.key_id().to_owned();
-        let err = open(&other, &aad, &sealed).expect_err("another key must not open");
+        let err = open(&other, sender().public(), &aad, &sealed).expect_err("another key must not open");
         assert!(matches!(err, XborderError::DoesNotOpen), "{err:?}");
     }
 
@@ -538,7 +576,7 @@ mod tests {
             aad(&cc("kz"), &cc("kg"), "0190-return", 3),
             aad(&cc("ru"), &cc("tj"), "0190-return", 3),
         ] {
-            let err = open(&key, &tampered, &sealed).expect_err("altered AAD must not open");
+            let err = open(&key, sender().public(), &tampered, &sealed).expect_err("altered AAD must not open");
             assert!(matches!(err, XborderError::DoesNotOpen), "{err:?}");
         }
     }
@@ -549,13 +587,22 @@ mod tests {
         let (aad, sealed) = sealed_for(&key);
         let mut flipped = sealed.clone();
         flipped.ciphertext[0] ^= 1;
-        assert!(matches!(open(&key, &aad, &flipped), Err(XborderError::DoesNotOpen)));
+        assert!(matches!(
+            open(&key, sender().public(), &aad, &flipped),
+            Err(XborderError::DoesNotOpen)
+        ));
         let mut flipped = sealed.clone();
         flipped.encapped_key[0] ^= 1;
-        assert!(matches!(open(&key, &aad, &flipped), Err(XborderError::DoesNotOpen)));
+        assert!(matches!(
+            open(&key, sender().public(), &aad, &flipped),
+            Err(XborderError::DoesNotOpen)
+        ));
         let mut short = sealed;
         short.encapped_key.pop();
-        assert!(matches!(open(&key, &aad, &short), Err(XborderError::Malformed(_))));
+        assert!(matches!(
+            open(&key, sender().public(), &aad, &short),
+            Err(XborderError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -565,13 +612,19 @@ mod tests {
         let (aad, sealed) = sealed_for(&key);
         let secret = secrecy::ExposeSecret::expose_secret(&other.to_base64()).to_owned();
         let mut texts = vec![
-            open(&other, &aad, &sealed).expect_err("other key").to_string(),
+            open(&other, sender().public(), &aad, &sealed)
+                .expect_err("other key")
+                .to_string(),
             format!("{key:?}"),
             format!("{:?}", key.public()),
         ];
         let mut tampered = sealed.clone();
         tampered.ciphertext[3] ^= 0x40;
-        texts.push(open(&key, &aad, &tampered).expect_err("tampered").to_string());
+        texts.push(
+            open(&key, sender().public(), &aad, &tampered)
+                .expect_err("tampered")
+                .to_string(),
+        );
         for text in texts {
             assert!(!text.contains(&secret), "{text}");
             assert!(!text.contains("Aigul") && !text.contains("AN1234567"), "{text}");

@@ -315,8 +315,11 @@ mod tests {
         let public = PartnerKey::load(&dir.join("kg.pub")).unwrap();
         assert_eq!(key.public(), &public);
         // What is sealed to the .pub opens with the .key.
-        let sealed = nrm_kernel::xborder::seal(&public, b"aad", b"hello");
-        assert_eq!(nrm_kernel::xborder::open(&key, b"aad", &sealed).unwrap(), b"hello");
+        let sealed = nrm_kernel::xborder::seal(&key, &public, b"aad", b"hello");
+        assert_eq!(
+            nrm_kernel::xborder::open(&key, key.public(), b"aad", &sealed).unwrap(),
+            b"hello"
+        );
     }
 
     #[test]

@@ -88,6 +88,13 @@ impl Returns {
         } else {
             None
         };
+        // What crosses is authenticated by this country's key pair (the
+        // settings refuse partners without it).
+        let own = self
+            .federation
+            .key
+            .as_ref()
+            .ok_or_else(|| AppError::Internal("no country key to seal what crosses with".into()))?;
         let snapshot = domain::crossing::snapshot(after, steps, identifiers.as_ref());
         let here = &self.federation.country;
         let aad = xborder::aad(here, &to, &snapshot.return_id, after.version);
@@ -96,7 +103,7 @@ impl Returns {
             from_country: here.as_str().to_owned(),
             to_country: to.as_str().to_owned(),
             origin_version: after.version,
-            sealed: Some(xborder::seal(partner, &aad, &snapshot.encode_to_vec())),
+            sealed: Some(xborder::seal(own, partner, &aad, &snapshot.encode_to_vec())),
         };
         let stream_id = crossing_stream_id(&to, &snapshot.return_id);
         let version: i64 = sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1")
@@ -159,7 +166,12 @@ impl Returns {
                 .with_context(|| format!("{} carries nothing sealed", what()))?;
             let aad = xborder::aad(from, here, &message.return_id, message.origin_version);
             // The error names the key IDs at most, never what was sealed.
-            let plain = xborder::open(key, &aad, sealed).map_err(|e| anyhow!("{} does not open: {e}", what()))?;
+            let from_key = self
+                .federation
+                .partner(from)
+                .with_context(|| format!("{}: {from} is not a partner of this deployment", what()))?;
+            let plain =
+                xborder::open(key, from_key, &aad, sealed).map_err(|e| anyhow!("{} does not open: {e}", what()))?;
             let mut snapshot = pb::CrossBorderReturn::decode(plain.as_slice())
                 .map_err(|_| anyhow!("{}: what was sealed does not decode", what()))?;
             if snapshot.return_id != message.return_id
