@@ -176,8 +176,9 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
     // the request key keeps it from opening a second case.
     link.send(&mut a).await;
     // C, the marker: once its referral exists, everything before it was acted on.
+    // (Its profile crosses: without the age, no referral is made by itself.)
     let mut c = Return::consented(
-        &[SharedField::Identity],
+        &[SharedField::Identity, SharedField::Profile],
         Some(person("Nurlan Markerov", "AC7712345", "")),
         true,
         "RU-MVD-2026-0044",

@@ -39,6 +39,13 @@ pub struct IdentificationSettings {
     /// case's reporting agency, IOM) is not its own competent authority.
     #[serde(default = "default_homecoming_authority")]
     pub homecoming_authority: String,
+    /// The agencies here that receive persons handed over from abroad,
+    /// comma-separated (`NRM_IDENTIFICATION__HOMECOMING_RECEIVERS`, default
+    /// `kg-iom`). The one a handover names holds the case it opens; a name
+    /// not on the list (typed abroad) holds nothing, and the competent
+    /// authority reports the case.
+    #[serde(default = "default_homecoming_receivers")]
+    pub homecoming_receivers: String,
 }
 
 impl Default for IdentificationSettings {
@@ -46,8 +53,13 @@ impl Default for IdentificationSettings {
         Self {
             reflection_days: default_reflection_days(),
             homecoming_authority: default_homecoming_authority(),
+            homecoming_receivers: default_homecoming_receivers(),
         }
     }
+}
+
+fn default_homecoming_receivers() -> String {
+    "kg-iom".into()
 }
 
 fn default_homecoming_authority() -> String {

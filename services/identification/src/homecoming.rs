@@ -105,8 +105,13 @@ impl Projection for Handovers {
     }
 
     async fn apply(&self, _uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        if delivery.commit.payload_type != OUTBOUND_PAYLOAD_TYPE {
-            return Ok(());
+        // The incoming stream holds crossing commits only: anything else is
+        // an error to park and look at, never a handover passed over.
+        if delivery.commit.payload_type != OUTBOUND_PAYLOAD_TYPE || !delivery.commit.stream_id.starts_with("xborder-") {
+            anyhow::bail!(
+                "commit {} on the incoming stream is not a crossing commit",
+                delivery.commit.commit_id
+            );
         }
         for committed in &delivery.commit.events {
             let Some(ret) = self.open(&committed.payload)? else {

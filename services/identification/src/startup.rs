@@ -70,6 +70,7 @@ impl Application {
             HomecomingRules {
                 country: federation.country.as_str().to_owned(),
                 competent_authority: authority,
+                receivers: settings.identification.homecoming_receivers.clone(),
             },
         );
         // Returns handed over from each partner open cases here.

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use nrm_kernel::bus::{Bus, BusError};
+use nrm_kernel::bus::{Bus, BusError, version_at_least};
 use nrm_kernel::projection::Source;
 use nrm_kernel::retry::RetryPolicy;
 use nrm_kernel::seal::MasterKey;
@@ -106,7 +106,20 @@ async fn crossing_streams(bus: Bus, federation: Federation, retry: RetryPolicy, 
             };
             let which = if outbound { "outgoing" } else { "incoming" };
             match created {
-                Ok(_) => tracing::info!(partner = %partner, stream = which, "crossing stream ready"),
+                Ok(_) => {
+                    tracing::info!(partner = %partner, stream = which, "crossing stream ready");
+                    // Before 2.14 (2.12.7, 2.11.16) a hub does not check what a
+                    // leaf sends against the link user's permissions: a
+                    // partner that runs a modified server gets past them
+                    // (deploy/federation/README.md).
+                    if outbound && !version_at_least(&bus.server_version(), 2, 14) {
+                        tracing::warn!(
+                            partner = %partner,
+                            server_version = %bus.server_version(),
+                            "this NATS server does not enforce the link's permissions on what the partner's server sends; run the hub on 2.14 or later in production"
+                        );
+                    }
+                }
                 Err(e @ BusError::ConfigMismatch { .. }) => {
                     tracing::error!(partner = %partner, stream = which, error = %e, "a crossing stream exists with another configuration; left as it is");
                 }

@@ -51,6 +51,8 @@ pub struct HomecomingRules {
     /// The agency code of the competent authority for cases opened on a
     /// return (police or a prosecutor).
     pub competent_authority: String,
+    /// The agencies that receive persons at a handover, comma-separated.
+    pub receivers: String,
 }
 
 /// The request ID of the case a return opens: one per return and country.
@@ -66,6 +68,7 @@ impl Identification {
         abroad::Here {
             country: &self.homecoming.country,
             competent_authority: &self.homecoming.competent_authority,
+            receivers: &self.homecoming.receivers,
         }
     }
 

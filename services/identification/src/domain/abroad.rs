@@ -25,6 +25,11 @@ pub struct Here<'a> {
     /// The agency code of the competent authority that handles cases opened
     /// on a return (police or a prosecutor).
     pub competent_authority: &'a str,
+    /// The agencies here that receive persons at a handover, comma-separated
+    /// (`kg-iom`): the one a return names becomes the case's reporting
+    /// agency (a case holder). Any other name that crossed, typed abroad, is
+    /// kept as information only, and the competent authority reports.
+    pub receivers: &'a str,
 }
 
 /// What a handover opens: the case (IDs, sealed identifiers and matches still
@@ -90,9 +95,17 @@ pub fn handover(
     } else {
         ret.received_by.as_str()
     };
+    // Who holds the case here is this country's rule, never the other's.
+    let reporting_agency = if here.receivers.split(',').map(str::trim).any(|r| r == received_by) {
+        received_by
+    } else {
+        here.competent_authority
+    };
     let report = pb::PresumedVictimReported {
-        reporting_agency: received_by.to_owned(),
-        reported_at: Some(now),
+        reporting_agency: reporting_agency.to_owned(),
+        // The case's times count from the handover, not from when the
+        // message came through (after a link cut, much later).
+        reported_at: Some(ret.handed_over_at.unwrap_or(now)),
         found_country: from.to_ascii_uppercase(),
         country_of_exploitation: if profile {
             ret.country_of_exploitation.to_ascii_uppercase()
@@ -198,6 +211,7 @@ mod tests {
     const HERE: Here<'static> = Here {
         country: "kg",
         competent_authority: "kg-mvd",
+        receivers: "kg-iom",
     };
     const RETURN_ID: &str = "0198a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
 
@@ -268,6 +282,18 @@ mod tests {
             assert_eq!(handover(&ret, "ru", HERE, NOW), Ok(None), "{status:?}");
         }
         assert!(handover(&handed_over(&[]), "ru", HERE, NOW).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_receiver_typed_abroad_that_is_not_a_receiver_here_holds_nothing() {
+        let mut ret = handed_over(&[rp::SharedField::Profile]);
+        ret.received_by = "kg-ngo-anyone".into();
+        let home = handover(&ret, "ru", HERE, NOW).unwrap().unwrap();
+        assert_eq!(
+            home.report.reporting_agency, "kg-mvd",
+            "the competent authority reports"
+        );
+        assert_eq!(home.abroad.received_by, "kg-ngo-anyone", "kept as information");
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum NoReferral {
     NotConsented,
     /// A child: the consent needs a guardian or a best-interests decision here.
     Child,
+    /// The age did not cross (the profile was not shared): the person may
+    /// be a child, whose consent is not the person's own to give.
+    AgeUnknown,
 }
 
 impl NoReferral {
@@ -51,6 +54,7 @@ impl NoReferral {
         match self {
             NoReferral::NotConsented => "NOT_CONSENTED",
             NoReferral::Child => "CHILD_NEEDS_GUARDIAN",
+            NoReferral::AgeUnknown => "AGE_UNKNOWN",
         }
     }
 }
@@ -103,6 +107,15 @@ pub fn plan(
     }
     if report.child {
         return Err(NoReferral::Child);
+    }
+    let age_known = nrm_proto::common::v1::AgeBand::try_from(report.age_band).is_ok_and(|band| {
+        !matches!(
+            band,
+            nrm_proto::common::v1::AgeBand::Unspecified | nrm_proto::common::v1::AgeBand::Unknown
+        )
+    });
+    if !age_known {
+        return Err(NoReferral::AgeUnknown);
     }
     let needs = |n: rp::ArrivalNeed| abroad.needs.contains(&(n as i32));
     // The bed on arrival is the shelter service's, held for the return
@@ -180,6 +193,7 @@ mod tests {
                 reporting_agency: "kg-iom".into(),
                 competent_authority: "kg-mvd".into(),
                 gender: common::Gender::Female as i32,
+                age_band: common::AgeBand::AgeBand2534 as i32,
                 status: idpb::CaseStatus::Identified as i32,
                 ..Default::default()
             }),
@@ -275,6 +289,15 @@ mod tests {
 
     fn plan_of(opened: &idpb::CaseOpenedFromAbroad) -> Result<Plan, NoReferral> {
         plan(opened, "kg-msd", NOW)
+    }
+
+    #[test]
+    fn no_referral_when_the_age_did_not_cross() {
+        let mut unknown = opened(&[], &[rp::SharedField::Identity]);
+        if let Some(report) = unknown.report.as_mut() {
+            report.age_band = common::AgeBand::Unknown as i32;
+        }
+        assert_eq!(plan_of(&unknown), Err(NoReferral::AgeUnknown));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use nrm_kernel::permissions::{PERSONAL_DATA, Scope, Standing};
 use nrm_kernel::validate;
 use nrm_proto::common::v1 as common;
 use nrm_proto::repatriation::v1 as pb;
+use pb::SharedField;
 use prost::Message as _;
 use sqlx::{Postgres, QueryBuilder, Row as _};
 use tracing::field::Empty;
@@ -195,7 +196,20 @@ impl Returns {
                 None => None,
             }
         } else {
-            self.identifiers_of(state).await?
+            self.identifiers_of(state).await?.map(|mut identifiers| {
+                // The consulate issues the travel document: it needs who the
+                // person is, not where the family lives, unless the person
+                // let the home country know that too.
+                let consulate_only = state
+                    .opened
+                    .as_ref()
+                    .is_some_and(|o| o.consulate_agency == ctx.agency() && o.opened_by != ctx.agency());
+                if consulate_only && !state.shares(SharedField::Contact) {
+                    identifiers.phone.clear();
+                    identifiers.address.clear();
+                }
+                identifiers
+            })
         };
         Ok(match identifiers {
             Some(identifiers) => common::personal_data_view::View::Identifiers(identifiers),
