@@ -11,16 +11,16 @@
 //! person (IOM, scope any): what that agency could report itself.
 
 use nrm_kernel::auth::Role;
-use nrm_kernel::command::{self, CallContext, Decided, OnConflict, Request};
+use nrm_kernel::command::{self, CallContext, OnConflict, Request};
 use nrm_kernel::error::AppError;
 use nrm_kernel::ids::{CaseId, PersonId};
 use nrm_kernel::permissions;
 use nrm_kernel::store::EventMetadata;
 use nrm_proto::identification::v1 as pb;
 
-use super::{Identification, to_new_events};
+use super::Identification;
+use crate::domain::Command;
 use crate::domain::abroad::{self, Homecoming};
-use crate::domain::{self, Case, Command};
 
 /// The system actor's task name when a handover opens a case.
 pub const HANDOVER: &str = "identification.handover";
@@ -118,29 +118,8 @@ impl Identification {
                     identified_abroad: Some(home.abroad.clone()),
                 }),
             };
-            let events = domain::decide(&Case::default(), &command)?;
-            let state = events.iter().fold(Case::default(), domain::evolve);
-            let appended = uow
-                .append(
-                    &domain::stream_id(case_id),
-                    0,
-                    &to_new_events(&events),
-                    &caller.metadata(),
-                    &app.subject(case_id),
-                )
-                .await?;
-            Ok(Decided {
-                answer: pb::ReportPresumedVictimResponse {
-                    case_id: case_id.to_string(),
-                    person_id: person_id.to_string(),
-                    status: state.status.to_proto() as i32,
-                    possible_duplicate: false,
-                    result: Some(command::result(case_id, &appended)),
-                },
-                subject: case_id.to_string(),
-                purpose: "handover",
-                linked: Vec::new(),
-            })
+            app.open_case(uow, &caller, (case_id, person_id), &command, "handover")
+                .await
         })
         .await?;
         let replayed = answer.result.as_ref().is_some_and(|r| r.replayed);

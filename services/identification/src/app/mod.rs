@@ -196,6 +196,46 @@ impl Identification {
         &self.store
     }
 
+    /// Appends a new case's first events (a report, or a case from
+    /// abroad) and answers as `ReportPresumedVictim` does. `purpose` is what
+    /// the audit entry records.
+    ///
+    /// # Errors
+    /// The domain's refusal; the store's errors.
+    pub(crate) async fn open_case(
+        &self,
+        uow: &mut UnitOfWork,
+        caller: &CallContext,
+        (case_id, person_id): (CaseId, PersonId),
+        command: &Command,
+        purpose: &'static str,
+    ) -> Result<Decided<pb::ReportPresumedVictimResponse>, AppError> {
+        let events = domain::decide(&Case::default(), command)?;
+        let state = events.iter().fold(Case::default(), domain::evolve);
+        let appended = uow
+            .append(
+                &domain::stream_id(case_id),
+                0,
+                &to_new_events(&events),
+                &caller.metadata(),
+                &self.subject(case_id),
+            )
+            .await?;
+        Ok(Decided {
+            answer: pb::ReportPresumedVictimResponse {
+                case_id: case_id.to_string(),
+                person_id: person_id.to_string(),
+                status: state.status.to_proto() as i32,
+                // Never told to the reporter (no oracle): see `Case.possible_duplicate`.
+                possible_duplicate: false,
+                result: Some(command::result(case_id, &appended)),
+            },
+            subject: case_id.to_string(),
+            purpose,
+            linked: Vec::new(),
+        })
+    }
+
     fn subject(&self, case_id: CaseId) -> String {
         self.bus.subject(CONTEXT, domain::NAME, &case_id.to_string())
     }
@@ -258,30 +298,8 @@ impl Identification {
             let command = Command::Report {
                 report: Box::new(report),
             };
-            let events = domain::decide(&Case::default(), &command)?;
-            let state = events.iter().fold(Case::default(), domain::evolve);
-            let appended = uow
-                .append(
-                    &domain::stream_id(case_id),
-                    0,
-                    &to_new_events(&events),
-                    &caller.metadata(),
-                    &app.subject(case_id),
-                )
-                .await?;
-            Ok(Decided {
-                answer: pb::ReportPresumedVictimResponse {
-                    case_id: case_id.to_string(),
-                    person_id: person_id.to_string(),
-                    status: state.status.to_proto() as i32,
-                    // Never told to the reporter (no oracle): see `Case.possible_duplicate`.
-                    possible_duplicate: false,
-                    result: Some(command::result(case_id, &appended)),
-                },
-                subject: case_id.to_string(),
-                purpose: "command",
-                linked: Vec::new(),
-            })
+            app.open_case(uow, &caller, (case_id, person_id), &command, "command")
+                .await
         })
         .await
     }
