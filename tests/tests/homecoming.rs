@@ -244,12 +244,20 @@ async fn a_handover_opens_one_identified_case_and_one_reintegration_referral_wha
         .into_inner();
     assert!(matches!(b_read.personal.and_then(|p| p.view), Some(View::Identifiers(i)) if i == Default::default()));
     assert_eq!(b_read.gender, nrm_proto::common::v1::Gender::Female as i32);
-    // The coordinator lists them, marked as identified abroad.
-    let listed = client
-        .list_cases(authorized(pb::ListCasesRequest::default(), &coordinator()))
-        .await
-        .unwrap()
-        .into_inner();
+    // The coordinator lists them, marked as identified abroad (the list is a
+    // read model: it may lag the cases by a moment).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let listed = loop {
+        let listed = client
+            .list_cases(authorized(pb::ListCasesRequest::default(), &coordinator()))
+            .await
+            .unwrap()
+            .into_inner();
+        if listed.cases.len() >= 3 || std::time::Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(listed.cases.len(), 3);
     assert!(
         listed
