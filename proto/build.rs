@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "nrm/referral/v1/referral.proto",
     "nrm/shelter/v1/shelter.proto",
     "nrm/repatriation/v1/repatriation.proto",
+    "nrm/casepath/v1/casepath.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -9,6 +9,8 @@
 //! - [`referral::v1`]: consents, referrals, the rehabilitation plan.
 //! - [`shelter::v1`]: shelters, beds, holds, admissions.
 //! - [`repatriation::v1`]: returns across borders and what crosses.
+//! - [`casepath::v1`]: each agency's view of a person's path, inboxes, the
+//!   national figures.
 //! - [`FILE_DESCRIPTOR_SET`]: every file's descriptor, for gRPC reflection and
 //!   for decoding events to JSON; each service's reflection lists only the
 //!   services it serves.
@@ -55,5 +57,13 @@ pub mod repatriation {
     /// `nrm.repatriation.v1`
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/nrm.repatriation.v1.rs"));
+    }
+}
+
+/// `nrm.casepath.*`
+pub mod casepath {
+    /// `nrm.casepath.v1`
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/nrm.casepath.v1.rs"));
     }
 }

@@ -86,4 +86,13 @@ impl IdentificationService for IdentificationGrpc {
         let ctx = gate::context(&request)?;
         reply(self.app.list_cases(&ctx, request.get_ref()).await)
     }
+
+    async fn file_anonymous_notification(
+        &self,
+        request: Request<pb::FileAnonymousNotificationRequest>,
+    ) -> Result<Response<pb::FileAnonymousNotificationResponse>, Status> {
+        // STUB: the "notify" helper implements it.
+        let _ctx = gate::context(&request)?;
+        Err(Status::unimplemented("FileAnonymousNotification"))
+    }
 }

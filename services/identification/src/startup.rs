@@ -31,6 +31,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     payload_type: PAYLOAD_TYPE,
     stream_payloads: &[],
     migrations: &MIGRATIONS,
+    publishes: true,
 };
 
 /// A built, not yet running, identification service.

@@ -212,6 +212,15 @@ impl OperatorService for OperatorGrpc {
         self.operator(&request, "RefillStream", &subject).await?;
         reply(self.refill(request.get_ref()).await)
     }
+
+    async fn rebuild_read_models(
+        &self,
+        request: Request<pb::RebuildReadModelsRequest>,
+    ) -> Result<Response<pb::RebuildReadModelsResponse>, Status> {
+        // STUB: the "ops" helper implements it.
+        self.operator(&request, "RebuildReadModels", self.context).await?;
+        Err(Status::unimplemented("RebuildReadModels"))
+    }
 }
 
 /// What a retry concerns, for the audit trail: the context, the kind, the

@@ -105,6 +105,8 @@ pub const REFERRAL: &str = "nrm.referral.v1.ReferralService";
 pub const SHELTER: &str = "nrm.shelter.v1.ShelterService";
 /// Repatriation service.
 pub const REPATRIATION: &str = "nrm.repatriation.v1.RepatriationService";
+/// casepath: paths, inboxes, statistics.
+pub const CASEPATH: &str = "nrm.casepath.v1.CasepathService";
 /// The operator's service, served by every service.
 pub const OPERATOR: &str = "nrm.common.v1.OperatorService";
 /// The auditor's service, served by every service.
@@ -112,6 +114,33 @@ pub const AUDIT: &str = "nrm.common.v1.AuditService";
 
 /// Part of `GetCase`: the person's identifiers.
 pub const PERSONAL_DATA: &str = "personal data";
+
+/// Parts of a casepath path (`GetPath`, `WatchPath`), one row each: who the
+/// person is (coded), the identification, the consents, the referrals, the
+/// beds, the return, the plan. The names match `nrm.casepath.v1.PathPart`.
+pub const PATH_PARTS: [&str; 7] = [
+    PATH_PERSON,
+    PATH_IDENTIFICATION,
+    PATH_CONSENTS,
+    PATH_REFERRALS,
+    PATH_SHELTER,
+    PATH_RETURN,
+    PATH_PLAN,
+];
+/// Path part: gender, age band, child, citizenship.
+pub const PATH_PERSON: &str = "person";
+/// Path part: the identification and its criminal-case detail.
+pub const PATH_IDENTIFICATION: &str = "identification";
+/// Path part: the consents.
+pub const PATH_CONSENTS: &str = "consents";
+/// Path part: the referrals (each: sent or received by the caller's agency).
+pub const PATH_REFERRALS: &str = "referrals";
+/// Path part: the beds (each: at the caller's shelter, or held for it).
+pub const PATH_SHELTER: &str = "shelter";
+/// Path part: the return's steps on both sides of the border.
+pub const PATH_RETURN: &str = "return";
+/// Path part: the rehabilitation plan.
+pub const PATH_PLAN: &str = "plan";
 
 use Role::{
     Auditor, BorderService, Consulate, Coordinator, Hotline, Iom, Moh, Msd, Ngo, Operator, Police, Prosecutor, Shelter,
@@ -209,6 +238,14 @@ pub const MATRIX: &[Permission] = &[
             Iom => HOLDER_OR_CONSENTED, Shelter => CONSENTED, Consulate => HOLDERS],
     },
     // --- referral ----------------------------------------------------------
+    Permission {
+        service: IDENTIFICATION,
+        method: "FileAnonymousNotification",
+        part: None,
+        summary: "count an adult who does not consent to a referral: coded fields only, linked to nothing",
+        grants: grants![Police => ANY, Prosecutor => ANY, BorderService => ANY, Ngo => ANY, Hotline => ANY,
+            Iom => ANY, Consulate => ANY],
+    },
     Permission {
         service: REFERRAL,
         method: "RecordConsent",
@@ -506,6 +543,110 @@ pub const MATRIX: &[Permission] = &[
         summary: "returns, coded: those the caller's agency holds; the incoming ones in the home country",
         grants: grants![Iom => HOLDER_OR_CONSENTED, Consulate => HOLDERS, Msd => CONSENTED, Coordinator => ANY],
     },
+    // --- casepath --------------------------------------------------------------
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: None,
+        summary: "a person's path: only the parts below, each as its row says (audited); refused when the caller sees none",
+        grants: grants![Police => ANY, Prosecutor => ANY, BorderService => ANY, Ngo => ANY, Hotline => ANY,
+            Msd => ANY, Moh => ANY, Shelter => ANY, Iom => ANY, Consulate => ANY, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_PERSON),
+        summary: "who the person is, coded (gender, age band, child, citizenship)",
+        grants: grants![Police => HOLDERS, Prosecutor => HOLDERS, BorderService => HOLDERS, Ngo => HOLDER_OR_CONSENTED,
+            Hotline => HOLDERS, Iom => HOLDER_OR_CONSENTED, Consulate => HOLDERS, Msd => CONSENTED, Moh => CONSENTED,
+            Shelter => CONSENTED, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_IDENTIFICATION),
+        summary: "found, reported, screened, decided, reviewed, with the criminal-case detail",
+        grants: grants![Police => HOLDERS, Prosecutor => HOLDERS, BorderService => HOLDERS, Ngo => HOLDERS,
+            Hotline => HOLDERS, Iom => HOLDERS, Consulate => HOLDERS, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_CONSENTS),
+        summary: "the consents recorded for the person and their end",
+        grants: grants![Police => HOLDERS, Prosecutor => HOLDERS, BorderService => HOLDERS, Ngo => HOLDERS,
+            Hotline => HOLDERS, Iom => HOLDERS, Consulate => HOLDERS, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_REFERRALS),
+        summary: "referrals: each one the caller's agency sent or received",
+        grants: grants![Police => OWN, Prosecutor => OWN, BorderService => OWN, Ngo => SENDER_OR_ADDRESSEE,
+            Hotline => OWN, Iom => SENDER_OR_ADDRESSEE, Consulate => OWN, Msd => ADDRESSEE, Moh => ADDRESSEE,
+            Shelter => ADDRESSEE, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_SHELTER),
+        summary: "beds held, admission, discharge: at the caller's shelter or held for its agency; never an address, never why",
+        grants: grants![Shelter => &[ShelterOperator, Addressee], Msd => &[ShelterOperator, Addressee],
+            Moh => ADDRESSEE, Ngo => &[ShelterOperator, Addressee], Iom => &[ShelterOperator, Addressee],
+            Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_RETURN),
+        summary: "the return's steps on both sides of the border: its holders; an incoming return in the home country",
+        grants: grants![Iom => HOLDER_OR_CONSENTED, Consulate => HOLDERS, Msd => CONSENTED, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetPath",
+        part: Some(PATH_PLAN),
+        summary: "the rehabilitation plan",
+        grants: grants![Msd => CONSENTED, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "WatchPath",
+        part: None,
+        summary: "a person's path, live: as GetPath, part by part (audited)",
+        grants: grants![Police => ANY, Prosecutor => ANY, BorderService => ANY, Ngo => ANY, Hotline => ANY,
+            Msd => ANY, Moh => ANY, Shelter => ANY, Iom => ANY, Consulate => ANY, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "ListInbox",
+        part: None,
+        summary: "what waits for the caller's agency's answer: referrals to it, decisions of its cases; the coordinator: any agency's",
+        grants: grants![Police => AUTHORITY, Prosecutor => AUTHORITY, Msd => ADDRESSEE, Moh => ADDRESSEE,
+            Ngo => ADDRESSEE, Iom => ADDRESSEE, Shelter => ADDRESSEE, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "WatchInbox",
+        part: None,
+        summary: "the inbox, live",
+        grants: grants![Police => AUTHORITY, Prosecutor => AUTHORITY, Msd => ADDRESSEE, Moh => ADDRESSEE,
+            Ngo => ADDRESSEE, Iom => ADDRESSEE, Shelter => ADDRESSEE, Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "ListPaths",
+        part: None,
+        summary: "every person's path, coded, with filters",
+        grants: grants![Coordinator => ANY],
+    },
+    Permission {
+        service: CASEPATH,
+        method: "GetStatistics",
+        part: None,
+        summary: "counts and times for a period; publishable with small cells suppressed",
+        grants: grants![Coordinator => ANY],
+    },
     // --- every service -------------------------------------------------------
     Permission {
         service: OPERATOR,
@@ -526,6 +667,13 @@ pub const MATRIX: &[Permission] = &[
         method: "RefillStream",
         part: None,
         summary: "refill the service's stream from its event store",
+        grants: grants![Operator => ANY],
+    },
+    Permission {
+        service: OPERATOR,
+        method: "RebuildReadModels",
+        part: None,
+        summary: "rebuild the service's read models from the streams and say whether they equal the live ones",
         grants: grants![Operator => ANY],
     },
     Permission {

@@ -93,6 +93,33 @@ pub trait Projection: Send + Sync + 'static {
     /// Empties the read model before a rebuild (a reaction, whose effects
     /// are events, keeps them and relies on its own idempotence).
     fn reset(&self, conn: &mut PgConnection) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
+
+    /// A digest of the whole read model as it stands (every row this
+    /// projection owns, in a fixed order; see [`rows_digest`]), so that a
+    /// rebuild can say whether it came out equal to the live model. `None`:
+    /// the read model cannot be compared.
+    fn digest(&self, conn: &mut PgConnection) -> impl Future<Output = Result<Option<String>, anyhow::Error>> + Send {
+        let _ = conn;
+        async { Ok(None) }
+    }
+}
+
+/// SHA-256 (hex) of the rows `query` returns, each one text column (for
+/// example `SELECT t::text FROM my_table t`), sorted by that text, so that
+/// the digest does not depend on the physical order of the rows. Columns
+/// that a rebuild cannot reproduce (the time a row was written) must be left
+/// out of the text.
+///
+/// # Errors
+/// When the query fails.
+pub async fn rows_digest(conn: &mut PgConnection, query: &'static str) -> Result<String, sqlx::Error> {
+    // The query is the projection's own constant text, never a caller's.
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT encode(sha256(convert_to(coalesce(string_agg(r.line, E'\\n' ORDER BY r.line COLLATE \"C\"), ''), 'UTF8')), 'hex')
+         FROM ({query}) AS r(line)"
+    )))
+    .fetch_one(conn)
+    .await
 }
 
 /// One message as a handler sees it.

@@ -130,6 +130,9 @@ pub struct ServiceSpec {
     pub stream_payloads: &'static [(&'static str, &'static str)],
     /// The migrations of the service's own tables (the kernel's run first).
     pub migrations: &'static Migrator,
+    /// Whether the service appends events of its own (and so runs the
+    /// outbox relay into its stream). casepath only reads others' streams.
+    pub publishes: bool,
 }
 
 type Task = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
@@ -178,7 +181,9 @@ impl Kit {
                 "NRM_RELAY__FAULT_ABORT_AFTER_ACK is set: the relay aborts the process at random (fault injection, for the fault suite only)"
             );
         }
-        if settings.relay.enabled {
+        if !spec.publishes {
+            // Nothing of its own to publish: no relay, no stream.
+        } else if settings.relay.enabled {
             let relay = Relay::new(
                 kit.store.pool().clone(),
                 kit.bus.clone(),

@@ -38,6 +38,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     // The crossing commits (`xborder-{to}-{id}`) hold CrossBorderMessages.
     stream_payloads: &[(CROSSING_STREAM, nrm_kernel::xborder::OUTBOUND_PAYLOAD_TYPE)],
     migrations: &MIGRATIONS,
+    publishes: true,
 };
 
 /// A built, not yet running, repatriation service.

@@ -33,6 +33,7 @@ pub const SPEC: ServiceSpec = ServiceSpec {
     payload_type: PAYLOAD_TYPE,
     stream_payloads: &[],
     migrations: &MIGRATIONS,
+    publishes: true,
 };
 
 /// A built, not yet running, shelter service.

@@ -310,6 +310,8 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
 pub fn evolve(mut case: Case, event: &Event) -> Case {
     case.version += 1;
     match event {
+        // STUB: the "notify" helper gives notifications their own aggregate.
+        Event::AnonymousNotificationFiled(_) => {}
         Event::PresumedVictimReported(report) => {
             case.status = Status::from_proto(report.status);
             case.report = Some(report.clone());
@@ -373,6 +375,7 @@ pub fn event_type(event: &Event) -> &'static str {
         Event::ReviewRequested(_) => "ReviewRequested",
         Event::PersonalDataErased(_) => "PersonalDataErased",
         Event::CaseOpenedFromAbroad(_) => "CaseOpenedFromAbroad",
+        Event::AnonymousNotificationFiled(_) => "AnonymousNotificationFiled",
     }
 }
 
