@@ -19,8 +19,9 @@
 #   SIGTERM) stops both countries, then PostgreSQL; the data stay
 #   (`make reset-federation` deletes them).
 #
-# ru runs repatriation; kg runs identification, referral, shelter and
-# repatriation. Ports: kg's services from 50051 (as `make run`), ru's from
+# ru runs repatriation and casepath; kg runs identification, referral,
+# shelter, repatriation and casepath (each casepath projects its own
+# country's streams, with NRM_XBORDER__COUNTRY naming the country). Ports: kg's services from 50051 (as `make run`), ru's from
 # 50154; NATS: ru from 14522 (monitoring 18522, leaf nodes 17422), kg from
 # 14622 (18622); PostgreSQL from 15442. Each first free port from there.
 #
@@ -42,8 +43,8 @@ BIN_DIR=${CARGO_TARGET_DIR:-target}/release
 KEYS_DIR=$DATA_DIR/keys
 TLS_DIR=$DATA_DIR/tls
 LINK=ru-kg
-RU_SERVICES="repatriation"
-KG_SERVICES="identification referral shelter repatriation"
+RU_SERVICES="repatriation casepath"
+KG_SERVICES="identification referral shelter repatriation casepath"
 SUBJECT_PREFIX=${NRM_NATS__SUBJECT_PREFIX:-nrm}
 STREAM_PREFIX=${NRM_NATS__STREAM_PREFIX:-NRM}
 READY_TIMEOUT=300 # seconds, each country (run.sh waits 60 s for each service)
@@ -202,6 +203,7 @@ banner() {
     printf '      %-16s %s   monitoring %s   leaf nodes 127.0.0.1:%s (TLS)\n' "NATS" \
         "$(env_of ru NRM_STACK_NATS_URL)" "$(env_of ru NRM_STACK_NATS_MONITOR_URL)" "$LEAF_PORT"
     printf '      %-16s gRPC %s\n' "repatriation" "$(env_of ru NRM_REPATRIATION_ENDPOINT)"
+    printf '      %-16s gRPC %s\n' "casepath" "$(env_of ru NRM_CASEPATH_ENDPOINT)"
     printf '      %-16s %s/   (logs/, nrmctl.env, issuer/)\n' "data" "$DATA_DIR/ru"
     printf '  kg  home country: IOM, MSD, shelters, the coordinator (JetStream domain kg)\n'
     printf '      %-16s %s   monitoring %s\n' "NATS" \
@@ -210,6 +212,7 @@ banner() {
     printf '      %-16s gRPC %s\n' "referral" "$(env_of kg NRM_REFERRAL_ENDPOINT)"
     printf '      %-16s gRPC %s\n' "shelter" "$(env_of kg NRM_SHELTER_ENDPOINT)"
     printf '      %-16s gRPC %s\n' "repatriation" "$(env_of kg NRM_REPATRIATION_ENDPOINT)"
+    printf '      %-16s gRPC %s\n' "casepath" "$(env_of kg NRM_CASEPATH_ENDPOINT)"
     printf '      %-16s %s/\n' "data" "$DATA_DIR/kg"
     printf '  %-20s %s\n' "the link" "$link"
     printf '  %-20s %s   (databases ru_repatriation, kg_identification, kg_referral, …)\n' \
@@ -227,6 +230,7 @@ banner() {
     printf '    ru $IOM return consent RETURN_ID --version 1 --informed --share profile,needs,risk \\\n'
     printf '        --reintegration --attested-by iom-7 --form-ref RU-F-12\n'
     printf '    kg --as-agency kg-iom --as-role iom --as-officer iom-1 return list --direction incoming\n'
+    printf '    kg --as-agency kg-coordinator --as-role coordinator --as-officer coord-1 paths --all\n'
     printf '==========================================================\n'
     log "pids: ru run.sh=${RUN_PID[ru]} kg run.sh=${RUN_PID[kg]}"
 }

@@ -62,7 +62,9 @@ SERVICES=(
     # No partner country here (NRM_XBORDER__PARTNERS empty): it serves the
     # returns of this deployment only; `make run-federation` links two.
     repatriation:50054
-    # casepath:50055
+    # The projections of the four streams and their queries (paths, inboxes,
+    # statistics); it publishes nothing. Metrics on 9468 when all five run.
+    casepath:50055
 )
 if [[ -n ${NRM_RUN_SERVICES:-} ]]; then
     wanted=()
@@ -221,6 +223,9 @@ start_service() {
         "NRM_SEALING__MATCH_KEY=$MATCH_KEY"
         "RUST_LOG=${RUST_LOG:-info}"
     )
+    # casepath: the country of its steps and its working-day calendar, the
+    # same as repatriation's (default kg).
+    [[ $name == casepath ]] && env+=("NRM_XBORDER__COUNTRY=${NRM_XBORDER__COUNTRY:-kg}")
     (
         close_fds
         # Own session: Ctrl-C reaches this script, which stops the service
@@ -321,8 +326,9 @@ banner() {
     printf '  %-18s %s\n' "NATS monitoring" "${NRM_STACK_NATS_MONITOR_URL:--}"
     for entry in "${SERVICES[@]}"; do
         name=${entry%%:*}
-        printf '  %-18s gRPC %-18s metrics http://%s/metrics   database %s\n' \
-            "$name" "${SVC_GRPC[$name]}" "${SVC_METRICS[$name]}" "${SVC_DB[$name]}"
+        printf '  %-18s gRPC %-18s metrics http://%s/metrics   database %s%s\n' \
+            "$name" "${SVC_GRPC[$name]}" "${SVC_METRICS[$name]}" "${SVC_DB[$name]}" \
+            "$([[ $name == casepath ]] && printf '   country %s' "${NRM_XBORDER__COUNTRY:-kg}")"
         pid_list+=" $name=${SVC_PID[$name]}"
     done
     printf '  %-18s %s   (logs/, secrets/, issuer/, nrmctl.env)\n' "Data folder" "$REPO_ROOT/$DATA_DIR"
@@ -337,6 +343,9 @@ banner() {
     printf '    set -a; . %s/nrmctl.env; set +a\n' "$DATA_DIR"
     printf '    TOKEN=$(%s/nrmctl token mint --agency kg-mvd --role police --officer officer-17)   # 1 h, EdDSA\n' "$bin_rel"
     printf '    grpcurl -plaintext -H "authorization: Bearer $TOKEN" %s list\n' "$grpc"
+    if [[ -n ${SVC_GRPC[casepath]:-} ]]; then
+        printf '    %s/nrmctl --as-agency kg-coordinator --as-role coordinator paths --all   # casepath\n' "$bin_rel"
+    fi
     printf '========================================================\n'
     log "pids:$pid_list"
 }

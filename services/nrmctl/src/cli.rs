@@ -13,6 +13,7 @@ use crate::enums::{self, EnumParser};
 use crate::token::{RoleParser, parse_ttl};
 
 pub mod audit;
+pub mod casepath;
 pub mod ops;
 pub mod referral;
 pub mod repatriation;
@@ -85,6 +86,16 @@ pub struct Global {
         default_value = "http://127.0.0.1:50054"
     )]
     pub repatriation_endpoint: String,
+
+    /// gRPC endpoint of casepath (path, inbox, paths, stats).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "NRM_CASEPATH_ENDPOINT",
+        default_value = "http://127.0.0.1:50055"
+    )]
+    pub casepath_endpoint: String,
 
     /// Bearer token (JWT) sent with every call.
     #[arg(
@@ -164,6 +175,9 @@ pub enum Command {
     /// Returns home across a border (repatriation).
     #[command(subcommand)]
     Return(ReturnCommand),
+    /// casepath: paths, inboxes, statistics.
+    #[command(flatten)]
+    Casepath(casepath::CasepathCommand),
     /// Events on NATS JetStream.
     #[command(subcommand)]
     Events(EventsCommand),

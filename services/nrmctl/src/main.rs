@@ -11,6 +11,7 @@
 //! - [`consent`], [`referral`], [`plan`]: the referral service.
 //! - [`shelter`]: `shelter …`, the shelter service.
 //! - [`repatriation`]: `return …`, the repatriation service.
+//! - [`casepath`]: `path`, `inbox`, `paths`, `stats`: casepath's queries.
 //! - [`events`]: `events watch`.
 //! - [`ops`]: `ops …`, the operator's service on every service.
 //! - [`audit`]: `audit …`, the auditor's service on every service.
@@ -23,6 +24,7 @@ use clap::Parser;
 
 mod audit;
 mod case;
+mod casepath;
 mod cli;
 mod consent;
 mod enums;
@@ -66,6 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(command) => plan::run(&cli.global, command).await,
         Command::Shelter(command) => shelter::run(&cli.global, command).await,
         Command::Return(command) => repatriation::run(&cli.global, command).await,
+        Command::Casepath(command) => casepath::run(&cli.global, command).await,
         Command::Events(EventsCommand::Watch(args)) => events::watch(args).await,
         Command::Ops(command) => ops::run(&cli.global, command).await,
         Command::Permissions(args) => {
