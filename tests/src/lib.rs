@@ -17,6 +17,7 @@
 //! - [`faults`]: the fault suite (issue 8) on a private stack of its own.
 //! - [`fixtures`]: events written straight into a kernel store.
 //! - [`repatriation`]: a repatriation service with its country's keys and partners.
+//! - [`casepath`]: casepath beside a country's four services, one country or two.
 //! - [`homecoming`]: the home country's keys, and the link's stand-in that
 //!   sends a destination country's sealed crossing messages.
 //! - [`tables`]: every table of a service's database, snapshotted when the
@@ -24,6 +25,7 @@
 
 pub mod beds;
 pub mod canary;
+pub mod casepath;
 pub mod consent;
 pub mod faults;
 pub mod federation;
