@@ -247,38 +247,35 @@ impl CasepathApp {
     }
 
     /// Stops casepath, drops its read models (every `cp_*` table emptied,
-    /// its checkpoints deleted) and starts it again on the same database.
+    /// its checkpoints deleted) and starts it again on the same database,
+    /// where it rebuilds them from the streams.
     ///
     /// # Panics
     /// When the database refuses.
-    pub async fn drop_read_models_and_restart(self) -> Self {
-        let pool = self.pool.clone();
+    pub async fn drop_read_models_and_restart(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
         let tables: Vec<String> = sqlx::query_scalar(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 'cp\\_%'",
         )
-        .fetch_all(&pool)
+        .fetch_all(&self.pool)
         .await
         .expect("casepath's tables");
         assert!(tables.len() >= 10, "the cp_* tables: {tables:?}");
-        let settings = {
-            let mut s = self;
-            s.shutdown.cancel();
-            if let Some(task) = s.task.take() {
-                let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-            }
-            s.settings.clone()
-        };
         // The names come from the catalogue, not from a caller.
         sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {}", tables.join(", "))))
-            .execute(&pool)
+            .execute(&self.pool)
             .await
             .expect("truncate the read models");
         sqlx::query("DELETE FROM projection_checkpoints WHERE projection LIKE 'casepath%'")
-            .execute(&pool)
+            .execute(&self.pool)
             .await
             .expect("delete the checkpoints");
-        pool.close().await;
-        Self::spawn_with(settings).await
+        let fresh = Self::spawn_with(self.settings.clone()).await;
+        let old = std::mem::replace(self, fresh);
+        old.pool.close().await;
     }
 
     /// The checkpoint of `projection` (0 when it has none yet).
@@ -665,27 +662,40 @@ impl Country {
     /// # Panics
     /// When the service refuses.
     pub async fn consent(&self, holder: &Caller, case: &Case, recipient: &str, purposes: &[rf::ServiceKind]) -> String {
-        self.referral
-            .client
-            .clone()
-            .record_consent(authorized(
-                rf::RecordConsentRequest {
-                    request_id: rid(),
-                    person_id: case.person_id.clone(),
-                    case_id: case.case_id.clone(),
-                    given_by: rf::ConsentGiver::Person as i32,
-                    recipient_agency: recipient.to_owned(),
-                    purposes: purposes.iter().map(|p| *p as i32).collect(),
-                    data_categories: vec![rf::DataCategory::Name as i32],
-                    expires_at: Some(in_hours(24 * 90)),
-                    ..Default::default()
-                },
-                &holder.token(),
-            ))
-            .await
-            .expect("record the consent")
-            .into_inner()
-            .consent_id
+        let deadline = Deadline::new("the referral service knowing the case");
+        loop {
+            let answer = self
+                .referral
+                .client
+                .clone()
+                .record_consent(authorized(
+                    rf::RecordConsentRequest {
+                        request_id: rid(),
+                        person_id: case.person_id.clone(),
+                        case_id: case.case_id.clone(),
+                        given_by: rf::ConsentGiver::Person as i32,
+                        recipient_agency: recipient.to_owned(),
+                        purposes: purposes.iter().map(|p| *p as i32).collect(),
+                        data_categories: vec![rf::DataCategory::Name as i32],
+                        expires_at: Some(in_hours(24 * 90)),
+                        ..Default::default()
+                    },
+                    &holder.token(),
+                ))
+                .await;
+            match answer {
+                Ok(answer) => return answer.into_inner().consent_id,
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::NotFound
+                    ) =>
+                {
+                    deadline.tick().await;
+                }
+                Err(status) => panic!("record a consent: {status:?}"),
+            }
+        }
     }
 
     /// `holder` refers the person to `receiver` under `consent_id`; the
@@ -721,7 +731,14 @@ impl Country {
                 .await;
             match answer {
                 Ok(answer) => return answer.into_inner().referral_id,
-                Err(status) if status.code() == tonic::Code::FailedPrecondition => deadline.tick().await,
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::NotFound
+                    ) =>
+                {
+                    deadline.tick().await;
+                }
                 Err(status) => panic!("create a referral: {status:?}"),
             }
         }
