@@ -392,7 +392,7 @@ fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
 }
 
 /// The first event of a case, as the identification service writes it (coded fields, sealed identifiers).
-fn report_event(case: CaseId) -> pb::IdentificationEvent {
+pub(crate) fn report_event(case: CaseId) -> pb::IdentificationEvent {
     let person_id = uuid::Uuid::now_v7().to_string();
     let now = chrono::Utc::now();
     pb::IdentificationEvent {
@@ -428,7 +428,7 @@ fn report_event(case: CaseId) -> pb::IdentificationEvent {
 }
 
 /// A later event of a case.
-fn screening_event(case: CaseId) -> pb::IdentificationEvent {
+pub(crate) fn screening_event(case: CaseId) -> pb::IdentificationEvent {
     pb::IdentificationEvent {
         event: Some(Event::ScreeningCompleted(pb::ScreeningCompleted {
             case_id: case.to_string(),

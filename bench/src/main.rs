@@ -5,7 +5,9 @@
 //! over-book), its free-capacity query, and the latency from an accepted
 //! referral to the bed held ([`shelter`]); last the catch-up after an outage:
 //! the relay emptying a backlog of commits, and a projection runner
-//! following a stream it is behind ([`catchup`]). `make bench` runs it on a private stack
+//! following a stream it is behind ([`catchup`]); and casepath: the replay
+//! of a million events, the lag from a command to a watched path, the
+//! statistics over 100,000 persons ([`casepath`]). `make bench` runs it on a private stack
 //! (`scripts/bench.sh`); the servers come from `NRM_TEST_DATABASE_URL` and
 //! `NRM_TEST_NATS_URL`, as for the tests.
 //!
@@ -15,6 +17,7 @@
 //! `--only` runs some sections alone.
 
 mod append;
+mod casepath;
 mod catchup;
 mod e2e;
 mod raw;
@@ -50,6 +53,8 @@ enum Section {
     Relay,
     /// A projection runner's catch-up (rebuild, live, after an outage).
     Projection,
+    /// casepath: replay, command → watched path, statistics.
+    Casepath,
 }
 
 /// Benchmark of Köpür's append path and of report → NATS latency.
@@ -129,6 +134,21 @@ struct Args {
     /// Aggregates the relay's concentrated backlog is spread over (0: skip that backlog).
     #[arg(long, env = "NRM_BENCH_CATCHUP_HOT_AGGREGATES", default_value_t = 100)]
     catchup_hot_aggregates: usize,
+    /// Events casepath replays from the identification stream (0: skip the replay).
+    #[arg(long, env = "NRM_BENCH_CASEPATH_EVENTS", default_value_t = 1_000_000)]
+    casepath_events: usize,
+    /// Commands a second from acknowledgement to a watched casepath path (0: skip it).
+    #[arg(long, env = "NRM_BENCH_CASEPATH_RATE", default_value_t = 500)]
+    casepath_rate: u64,
+    /// Seconds of those commands.
+    #[arg(long, env = "NRM_BENCH_CASEPATH_SECONDS", default_value_t = 10)]
+    casepath_seconds: u64,
+    /// Paths watched meanwhile (the commands go round them).
+    #[arg(long, env = "NRM_BENCH_CASEPATH_WATCHED", default_value_t = 50)]
+    casepath_watched: usize,
+    /// Persons of the statistics query (0: skip it).
+    #[arg(long, env = "NRM_BENCH_CASEPATH_PERSONS", default_value_t = 100_000)]
+    casepath_persons: usize,
     /// Seconds the whole run may wait, in total, for other processes to
     /// leave the CPUs before a measurement (runs disturbed anyway are flagged).
     #[arg(long, env = "NRM_BENCH_QUIET_WAIT", default_value_t = 30)]
@@ -217,6 +237,7 @@ async fn run(
         Section::Shelter,
         Section::Relay,
         Section::Projection,
+        Section::Casepath,
     ];
     env.partial = !all.iter().all(|&section| args.runs(section));
     env.sections = all
@@ -279,6 +300,18 @@ async fn run(
     };
     if catchup_plan.commits > 0 && (catchup_plan.relay || catchup_plan.projection) {
         report.catchup = Some(catchup::run(&settings.url, nats_url, &catchup_plan, &mut plan.quiet_budget).await?);
+    }
+
+    if args.runs(Section::Casepath) && !nats_url.is_empty() {
+        stats::wait_for_quiet(&mut plan.quiet_budget, 0.10).await;
+        let casepath_plan = casepath::Plan {
+            events: args.casepath_events,
+            rate: args.casepath_rate,
+            seconds: args.casepath_seconds,
+            watched: args.casepath_watched,
+            persons: args.casepath_persons,
+        };
+        report.casepath = Some(casepath::run(&settings.url, nats_url, &casepath_plan).await?);
     }
     Ok(report)
 }

@@ -107,6 +107,8 @@ pub struct Report {
     pub shelter: Option<ShelterResults>,
     /// The relay's and a projection runner's catch-up after an outage.
     pub catchup: Option<CatchUpResults>,
+    /// casepath: replay, lag to a watched path, statistics.
+    pub casepath: Option<crate::casepath::CasepathResults>,
 }
 
 /// The free-capacity query's aim: p99 under this many µs.
@@ -187,6 +189,9 @@ impl Report {
         }
         if let Some(catchup) = &self.catchup {
             write_catchup(&mut out, catchup, env.cpus);
+        }
+        if let Some(casepath) = &self.casepath {
+            out.push_str(&crate::casepath::markdown(casepath));
         }
         self.write_explains(&mut out);
         out
