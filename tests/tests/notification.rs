@@ -85,7 +85,28 @@ async fn a_notification_is_one_event_on_its_own_stream_and_a_retry_appends_nothi
     let app = TestApp::spawn().await;
     let (tables, before) = settled_tables(&app).await;
 
-    let filed = file(&app, notification("n-1"), &police()).await.unwrap();
+    // The caller's correlation (that of a case, say) does not reach the event.
+    let correlation = uuid::Uuid::now_v7().to_string();
+    let mut request = authorized(notification("n-1"), &police());
+    request
+        .metadata_mut()
+        .insert("x-correlation-id", correlation.parse().unwrap());
+    let filed = app
+        .client
+        .clone()
+        .file_anonymous_notification(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let metadata: String = sqlx::query_scalar("SELECT metadata::text FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(metadata.contains("correlation_id"), "{metadata}");
+    assert!(
+        !metadata.contains(&correlation),
+        "the caller's correlation is linked: {metadata}"
+    );
     let id: uuid::Uuid = filed.notification_id.parse().expect("a UUID");
     assert_eq!(id.get_version_num(), 7);
     let result = filed.result.clone().expect("a result");

@@ -2,12 +2,14 @@
 //! (`notification-<uuid>`), on the kernel's command path so that a retry with
 //! the same request ID answers as the first run did and appends nothing.
 //! The audit entry names the notification ID only; it concerns no person.
+//! Its events carry a correlation of their own, never the caller's.
 
 use chrono::Utc;
 use nrm_kernel::AppError;
 use nrm_kernel::command::{self, CallContext, OnConflict, Planned, Request};
 use nrm_kernel::validate;
 use nrm_proto::identification::v1 as pb;
+use uuid::Uuid;
 
 use super::{CONTEXT, Identification, to_new_events};
 use crate::domain::notification::{self, Command, Notification, NotificationError, NotificationId};
@@ -43,6 +45,10 @@ impl Identification {
         // names no notification that never was.
         let events = notification::decide(&Notification::default(), &command)?;
         tracing::Span::current().record("notification_id", tracing::field::display(id));
+        ctx.concerns(id);
+        // A correlation of its own: the caller's (`x-correlation-id`) may be
+        // that of a case's commands, and would link the notification to it.
+        let ctx = &CallContext::new(ctx.caller.clone(), Uuid::now_v7(), *ctx.permit());
         ctx.concerns(id);
         let request = Request {
             method: "FileAnonymousNotification",
