@@ -2,7 +2,8 @@
 //! and rebuilt by replaying.
 //!
 //! - [`CaseList`]: coded fields of every case, for listing with filters
-//!   (from the service's own stream).
+//!   (from the service's own stream; anonymous notifications are no cases
+//!   and are left out).
 //! - [`crate::homecoming::Handovers`] (a reaction, not a read model): the
 //!   cases opened on returns handed over from abroad.
 //! - [`ReferralAccess`]: consents and accepted referrals (from the referral
@@ -40,6 +41,8 @@ impl Projection for CaseList {
                     let r = opened.report.context("a case from abroad without its report")?;
                     insert_case(conn, &r, version, true).await?;
                 }
+                // An anonymous notification is no case: it is never listed.
+                Some(Event::AnonymousNotificationFiled(_)) => {}
                 Some(other) => {
                     let status = match &other {
                         Event::ScreeningCompleted(_) | Event::ReviewRequested(_) => {
