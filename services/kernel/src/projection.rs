@@ -799,10 +799,9 @@ impl<P: Projection> ProjectionRunner<P> {
     /// # Errors
     /// When the database or JetStream fails; the live model stays then.
     pub async fn rebuild_compare(&self) -> Result<RebuildReport, anyhow::Error> {
-        let (stream, identity) = self.stream().await?;
         let mut report = RebuildReport {
             projection: self.name(),
-            stream: identity.name.clone(),
+            stream: self.source.stream.clone(),
             stream_sequence: 0,
             messages: 0,
             live_digest: None,
@@ -812,6 +811,12 @@ impl<P: Projection> ProjectionRunner<P> {
         if !P::READ_MODEL {
             return Ok(report);
         }
+        let mut stream = match self.bus.find_stream_named(&self.source.stream).await {
+            Ok(stream) => stream,
+            Err(BusError::NoStream(_)) => return self.rebuild_without_stream(report).await,
+            Err(e) => return Err(e.into()),
+        };
+        let identity = StreamIdentity::of(stream.info().await?);
         let mut uow = self.store.begin().await?;
         let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
         report.live_digest = self.projection.digest(uow.conn()).await?;
@@ -849,6 +854,43 @@ impl<P: Projection> ProjectionRunner<P> {
         Ok(report)
     }
 
+    /// [`ProjectionRunner::rebuild_compare`] of a read model whose stream
+    /// does not exist (yet): one that never counted a message is what a
+    /// replay of nothing gives, the empty model; one that did stays as it
+    /// is (the stream's own service creates and refills it) and the call fails.
+    async fn rebuild_without_stream(&self, mut report: RebuildReport) -> Result<RebuildReport, anyhow::Error> {
+        let mut uow = self.store.begin().await?;
+        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        if checkpoint.sequence > 0 {
+            anyhow::bail!(
+                "stream {} does not exist, and {} had counted {} messages of it: the read model stays as it is until the stream is back",
+                self.source.stream,
+                self.name(),
+                checkpoint.sequence
+            );
+        }
+        report.live_digest = self.projection.digest(uow.conn()).await?;
+        self.reset_in(&mut uow).await?;
+        report.rebuilt_digest = self.projection.digest(uow.conn()).await?;
+        uow.commit().await?;
+        tracing::info!(projection = self.name(), stream = %self.source.stream, equal = report.equal(), "read model of a stream that does not exist yet: compared with the empty model");
+        Ok(report)
+    }
+
+    /// Resets the read model, its aggregate versions and its parked messages.
+    async fn reset_in(&self, uow: &mut UnitOfWork) -> Result<(), anyhow::Error> {
+        self.projection.reset(uow.conn()).await?;
+        sqlx::query("DELETE FROM projection_versions WHERE projection = $1")
+            .bind(self.name())
+            .execute(uow.conn())
+            .await?;
+        sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
+            .bind(self.name())
+            .execute(uow.conn())
+            .await?;
+        Ok(())
+    }
+
     /// The one replay loop of a rebuild, in `uow` (whose checkpoint row is
     /// locked): resets the read model, its aggregate versions and its parked
     /// messages, and applies every message `replay` delivers.
@@ -873,15 +915,7 @@ impl<P: Projection> ProjectionRunner<P> {
             )
         })
         .collect();
-        self.projection.reset(uow.conn()).await?;
-        sqlx::query("DELETE FROM projection_versions WHERE projection = $1")
-            .bind(self.name())
-            .execute(uow.conn())
-            .await?;
-        sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
-            .bind(self.name())
-            .execute(uow.conn())
-            .await?;
+        self.reset_in(uow).await?;
         let mut replayed = Replayed::default();
         while let Some(message) = replay.next().await? {
             let raw = Raw::delivered(&message)?;
