@@ -88,6 +88,13 @@ impl Projection for CaseList {
         sqlx::query("TRUNCATE case_list").execute(conn).await?;
         Ok(())
     }
+
+    /// Every row of `case_list`, whole (nothing in it is wall-clock).
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM case_list t").await?,
+        ))
+    }
 }
 
 /// The row of a new case (its first event: a report, or a case from abroad).
@@ -207,6 +214,11 @@ impl Projection for ReferralAccess {
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         sqlx::query("TRUNCATE consents, referrals").execute(conn).await?;
         Ok(())
+    }
+
+    /// Every row of `consents` and `referrals`, whole, each tagged with its table.
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(nrm_kernel::projection::rows_digest(conn, "SELECT 'consents ' || t::text FROM consents t UNION ALL SELECT 'referrals ' || t::text FROM referrals t").await?))
     }
 }
 
