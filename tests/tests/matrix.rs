@@ -540,6 +540,20 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
             }
             answer(system.id().report_presumed_victim(a!(request)).await)
         }
+        (permissions::IDENTIFICATION, "FileAnonymousNotification") => answer(
+            system
+                .id()
+                .file_anonymous_notification(a!(id::FileAnonymousNotificationRequest {
+                    request_id: rid(),
+                    found_country: "KG".into(),
+                    country_of_exploitation: "RU".into(),
+                    exploitation_forms: vec![id::ExploitationForm::Labour as i32],
+                    gender: common::Gender::Female as i32,
+                    age_band: common::AgeBand::AgeBand2534 as i32,
+                    citizenship: "KG".into(),
+                }))
+                .await,
+        ),
         (permissions::IDENTIFICATION, "CompleteScreening") => {
             let expected_version = case_version(system, w).await;
             answer(

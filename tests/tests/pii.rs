@@ -6,7 +6,7 @@
 //!
 //! A canary pasted into any ID or code field of any identification RPC
 //! (request, case, person and agency IDs, country and region codes, page
-//! tokens, purposes), by callers of every standing, reaches no log line, no
+//! tokens, purposes; anonymous notifications' too), by callers of every standing, reaches no log line, no
 //! span and no error message on any error path the sweep reaches.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
@@ -15,6 +15,7 @@ use nrm_e2e::canary::{Answers, NAME, PASSPORT, capture, identifiers as canary, l
 use nrm_e2e::ident::{erase, report_for};
 use nrm_e2e::{TestApp, authorized, report_request, token};
 use nrm_kernel::auth::Role;
+use nrm_proto::common::v1 as common;
 use nrm_proto::common::v1::personal_data_view::View;
 use nrm_proto::identification::v1 as pb;
 
@@ -192,6 +193,31 @@ async fn a_canary_in_any_id_or_code_field_of_any_rpc_reaches_no_log_span_or_erro
                 value.clone_into(slot);
                 let answer = client.report_presumed_victim(authorized(request, caller)).await;
                 answers.record(&ask("ReportPresumedVictim", field), answer);
+            }
+
+            // FileAnonymousNotification: every string field (an adult's band,
+            // and a child's, refused by the rule after the fields are checked).
+            for field in ["request_id", "found_country", "country_of_exploitation", "citizenship"] {
+                for band in [common::AgeBand::AgeBand2534, common::AgeBand::AgeBand1217] {
+                    let mut request = pb::FileAnonymousNotificationRequest {
+                        request_id: rid(),
+                        found_country: "KG".into(),
+                        country_of_exploitation: "RU".into(),
+                        exploitation_forms: vec![pb::ExploitationForm::Labour as i32],
+                        gender: common::Gender::Female as i32,
+                        age_band: band as i32,
+                        citizenship: "KG".into(),
+                    };
+                    let slot = match field {
+                        "request_id" => &mut request.request_id,
+                        "found_country" => &mut request.found_country,
+                        "country_of_exploitation" => &mut request.country_of_exploitation,
+                        _ => &mut request.citizenship,
+                    };
+                    value.clone_into(slot);
+                    let answer = client.file_anonymous_notification(authorized(request, caller)).await;
+                    answers.record(&ask("FileAnonymousNotification", field), answer);
+                }
             }
 
             // The commands on a case: the canary as request ID (on the case,

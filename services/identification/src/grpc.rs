@@ -91,8 +91,7 @@ impl IdentificationService for IdentificationGrpc {
         &self,
         request: Request<pb::FileAnonymousNotificationRequest>,
     ) -> Result<Response<pb::FileAnonymousNotificationResponse>, Status> {
-        // STUB: the "notify" helper implements it.
-        let _ctx = gate::context(&request)?;
-        Err(Status::unimplemented("FileAnonymousNotification"))
+        let ctx = gate::context(&request)?;
+        reply(self.app.notify(&ctx, request.get_ref()).await)
     }
 }

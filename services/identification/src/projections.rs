@@ -2,7 +2,8 @@
 //! and rebuilt by replaying.
 //!
 //! - [`CaseList`]: coded fields of every case, for listing with filters
-//!   (from the service's own stream).
+//!   (from the service's own stream; anonymous notifications are no cases
+//!   and are left out).
 //! - [`crate::homecoming::Handovers`] (a reaction, not a read model): the
 //!   cases opened on returns handed over from abroad.
 //! - [`ReferralAccess`]: consents and accepted referrals (from the referral
@@ -40,6 +41,8 @@ impl Projection for CaseList {
                     let r = opened.report.context("a case from abroad without its report")?;
                     insert_case(conn, &r, version, true).await?;
                 }
+                // An anonymous notification is no case: it is never listed.
+                Some(Event::AnonymousNotificationFiled(_)) => {}
                 Some(other) => {
                     let status = match &other {
                         Event::ScreeningCompleted(_) | Event::ReviewRequested(_) => {
@@ -84,6 +87,13 @@ impl Projection for CaseList {
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         sqlx::query("TRUNCATE case_list").execute(conn).await?;
         Ok(())
+    }
+
+    /// Every row of `case_list`, whole (nothing in it is wall-clock).
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM case_list t").await?,
+        ))
     }
 }
 
@@ -204,6 +214,11 @@ impl Projection for ReferralAccess {
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         sqlx::query("TRUNCATE consents, referrals").execute(conn).await?;
         Ok(())
+    }
+
+    /// Every row of `consents` and `referrals`, whole, each tagged with its table.
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(nrm_kernel::projection::rows_digest(conn, "SELECT 'consents ' || t::text FROM consents t UNION ALL SELECT 'referrals ' || t::text FROM referrals t").await?))
     }
 }
 

@@ -430,16 +430,31 @@ impl Replay {
     /// # Errors
     /// [`BusError::JetStream`] when the stream or the consumer cannot be had.
     pub async fn start(stream: &stream::Stream, filter: String, headers_only: bool) -> Result<Self, BusError> {
+        Self::start_until(stream, filter, headers_only, None).await
+    }
+
+    /// As [`Replay::start`], but only up to and including sequence `until`
+    /// (when given): a message past it is neither delivered nor waited for.
+    ///
+    /// # Errors
+    /// [`BusError::JetStream`] when the stream or the consumer cannot be had.
+    pub async fn start_until(
+        stream: &stream::Stream,
+        filter: String,
+        headers_only: bool,
+        until: Option<u64>,
+    ) -> Result<Self, BusError> {
         let state = stream
             .get_info()
             .await
             .map_err(|e| BusError::JetStream(e.to_string()))?
             .state;
-        if state.messages == 0 {
+        let last = until.map_or(state.last_sequence, |until| until.min(state.last_sequence));
+        if state.messages == 0 || last == 0 || last < state.first_sequence {
             return Ok(Self {
                 messages: None,
                 remaining: 0,
-                last: state.last_sequence,
+                last,
             });
         }
         let consumer = stream
@@ -458,12 +473,12 @@ impl Replay {
         Ok(Self {
             messages: Some(messages),
             remaining: state.messages,
-            last: state.last_sequence,
+            last,
         })
     }
 
-    /// The next message, or `None` once every message held at the start was
-    /// delivered.
+    /// The next message, or `None` once every message held at the start
+    /// (up to the bound, if any) was delivered.
     ///
     /// # Errors
     /// [`BusError::JetStream`] when the consumer fails.
@@ -485,8 +500,18 @@ impl Replay {
             Ok(Some(Err(e))) => Err(BusError::JetStream(e.to_string())),
             Ok(Some(Ok(message))) => {
                 self.remaining -= 1;
-                if message.info().is_ok_and(|i| i.stream_sequence >= self.last) {
-                    self.remaining = 0;
+                let info = message.info().ok().map(|i| (i.stream_sequence, i.pending));
+                if let Some((sequence, pending)) = info {
+                    if sequence > self.last {
+                        // Past the bound (the message at it was deleted or is
+                        // not among the filtered subjects): not delivered.
+                        self.remaining = 0;
+                        return Ok(None);
+                    }
+                    // At the end, or nothing more of the filtered subjects.
+                    if sequence == self.last || pending == 0 {
+                        self.remaining = 0;
+                    }
                 }
                 Ok(Some(message))
             }

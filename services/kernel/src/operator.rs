@@ -1,8 +1,12 @@
 //! The operator's service (`nrm.common.v1.OperatorService`), served by every
 //! service beside its own: the messages and timers the kernel parked, a
-//! retry of one of them, and refilling the service's stream from its event
-//! store. Only the `operator` role may call it; every call is audited. It
-//! reads and writes kernel tables only: no case data.
+//! retry of one of them, refilling the service's stream from its event
+//! store, and rebuilding the service's read models while it runs, compared
+//! with the live ones. Only the `operator` role may call it; every call is
+//! audited. It reads and writes kernel tables only (a rebuild: the read
+//! models through their own projections); no case data leaves it.
+
+use std::sync::Arc;
 
 use sqlx::{PgPool, Row};
 use tonic::{Request, Response, Status};
@@ -13,10 +17,46 @@ use crate::bus::Bus;
 use crate::error::AppError;
 use crate::gate;
 use crate::grpc::reply;
+use crate::projection::{RebuildReport, Rebuildable};
 use crate::relay;
 use crate::validate;
 use nrm_proto::common::v1 as pb;
 use pb::operator_service_server::OperatorService;
+
+/// The read models of a service, as registered by
+/// [`crate::service::Kit::project`]: what `RebuildReadModels` rebuilds.
+#[derive(Clone, Default)]
+pub struct ReadModels(Arc<[Arc<dyn Rebuildable>]>);
+
+impl ReadModels {
+    /// The registry of `models`, in this order.
+    #[must_use]
+    pub fn new(models: Vec<Arc<dyn Rebuildable>>) -> Self {
+        Self(models.into())
+    }
+
+    /// The names of the read models, in order.
+    #[must_use]
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|m| m.name()).collect()
+    }
+
+    /// The read models named `name` (empty: every one).
+    #[must_use]
+    pub fn select(&self, name: &str) -> Vec<Arc<dyn Rebuildable>> {
+        self.0
+            .iter()
+            .filter(|m| name.is_empty() || m.name() == name)
+            .cloned()
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for ReadModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
 
 /// The tonic service of one service's kernel tables and stream.
 #[derive(Debug, Clone)]
@@ -24,13 +64,38 @@ pub struct OperatorGrpc {
     pool: PgPool,
     bus: Bus,
     context: &'static str,
+    publishes: bool,
+    read_models: ReadModels,
 }
 
 impl OperatorGrpc {
-    /// Serves the kernel tables in `pool` and the stream of `context`.
+    /// Serves the kernel tables in `pool` and the stream of `context` (a
+    /// service that publishes; no read models until
+    /// [`OperatorGrpc::with_read_models`]).
     #[must_use]
     pub fn new(pool: PgPool, bus: Bus, context: &'static str) -> Self {
-        Self { pool, bus, context }
+        Self {
+            pool,
+            bus,
+            context,
+            publishes: true,
+            read_models: ReadModels::default(),
+        }
+    }
+
+    /// Whether the service has a stream of its own (`ServiceSpec.publishes`):
+    /// without one, `RefillStream` has nothing to refill.
+    #[must_use]
+    pub fn publishing(mut self, publishes: bool) -> Self {
+        self.publishes = publishes;
+        self
+    }
+
+    /// The read models `RebuildReadModels` rebuilds.
+    #[must_use]
+    pub fn with_read_models(mut self, read_models: ReadModels) -> Self {
+        self.read_models = read_models;
+        self
     }
 
     /// Audits the call with what it concerned (`subject`: parsed values
@@ -146,6 +211,13 @@ impl OperatorGrpc {
     }
 
     async fn refill(&self, request: &pb::RefillStreamRequest) -> Result<pb::RefillStreamResponse, AppError> {
+        if !self.publishes {
+            return Err(AppError::precondition(
+                "NO_STREAM",
+                self.context,
+                "this service publishes no stream",
+            ));
+        }
         let mode = if request.dry_run {
             relay::RefillMode::DryRun
         } else {
@@ -179,6 +251,62 @@ impl OperatorGrpc {
             missing: report.missing,
         })
     }
+
+    /// The read models the request names (all of them when it names none),
+    /// rebuilt one after the other and compared with the live ones.
+    async fn rebuild(&self, request: &pb::RebuildReadModelsRequest) -> Result<pb::RebuildReadModelsResponse, AppError> {
+        let name = request.projection.as_str();
+        if !name.is_empty() && !plain_name(name) {
+            return Err(AppError::invalid(
+                "projection",
+                "must be the name of a read model (lowercase letters, digits, _ and .), or empty for all",
+            ));
+        }
+        let chosen = self.read_models.select(name);
+        if chosen.is_empty() && !name.is_empty() {
+            return Err(AppError::NotFound {
+                kind: "projection",
+                id: name.to_owned(),
+            });
+        }
+        let mut read_models = Vec::with_capacity(chosen.len());
+        for model in chosen {
+            let report = model.rebuild_compare().await.map_err(|e| {
+                if crate::retry::is_transient(&e) {
+                    AppError::Unavailable(format!("rebuilding {}: {e:#}", model.name()))
+                } else {
+                    AppError::Internal(format!("rebuilding {}: {e:#}", model.name()))
+                }
+            })?;
+            read_models.push(rebuilt(report));
+        }
+        Ok(pb::RebuildReadModelsResponse { read_models })
+    }
+}
+
+/// The answer of one rebuild. A projection without a digest has empty
+/// digests and is not `equal` (it could not be compared).
+fn rebuilt(report: RebuildReport) -> pb::RebuiltReadModel {
+    let equal = report.equal();
+    pb::RebuiltReadModel {
+        projection: report.projection.to_owned(),
+        stream: report.stream,
+        stream_sequence: report.stream_sequence,
+        messages: report.messages,
+        live_digest: report.live_digest.unwrap_or_default(),
+        rebuilt_digest: report.rebuilt_digest.unwrap_or_default(),
+        equal,
+        parked: report.parked,
+    }
+}
+
+/// A name as projections and reactions have them: short, lowercase
+/// letters, digits, `_` and `.`.
+fn plain_name(name: &str) -> bool {
+    name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
 }
 
 #[tonic::async_trait]
@@ -217,9 +345,14 @@ impl OperatorService for OperatorGrpc {
         &self,
         request: Request<pb::RebuildReadModelsRequest>,
     ) -> Result<Response<pb::RebuildReadModelsResponse>, Status> {
-        // STUB: the "ops" helper implements it.
-        self.operator(&request, "RebuildReadModels", self.context).await?;
-        Err(Status::unimplemented("RebuildReadModels"))
+        let name = request.get_ref().projection.as_str();
+        let subject = match name {
+            "" => format!("{}/all", self.context),
+            name if plain_name(name) => format!("{}/{name}", self.context),
+            _ => format!("{}/?", self.context),
+        };
+        self.operator(&request, "RebuildReadModels", &subject).await?;
+        reply(self.rebuild(request.get_ref()).await)
     }
 }
 
@@ -227,12 +360,7 @@ impl OperatorService for OperatorGrpc {
 /// owner when it is a plain name, and the parsed item ID; never raw text.
 fn retried_item(context: &str, request: &pb::RetryParkedRequest) -> String {
     let kind = pb::ParkedKind::try_from(request.kind).map_or("unknown", |k| k.as_str_name());
-    let owner = if request.owner.len() <= 64
-        && request
-            .owner
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
-    {
+    let owner = if plain_name(&request.owner) {
         request.owner.as_str()
     } else {
         "?"

@@ -146,6 +146,64 @@ pub enum Outcome {
     Parked,
 }
 
+/// What a rebuild of a running read model found
+/// ([`ProjectionRunner::rebuild_compare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// The projection's name.
+    pub projection: &'static str,
+    /// Its stream.
+    pub stream: String,
+    /// The stream sequence the live model had reached and the rebuild replayed to.
+    pub stream_sequence: u64,
+    /// Messages replayed.
+    pub messages: u64,
+    /// The digest of the live model before the rebuild (`None`: the
+    /// projection has no digest).
+    pub live_digest: Option<String>,
+    /// The digest of the rebuilt model.
+    pub rebuilt_digest: Option<String>,
+    /// Messages parked during the rebuild (they kept failing).
+    pub parked: u64,
+}
+
+impl RebuildReport {
+    /// Both digests are there and the same.
+    #[must_use]
+    pub fn equal(&self) -> bool {
+        matches!((&self.live_digest, &self.rebuilt_digest), (Some(live), Some(rebuilt)) if live == rebuilt)
+    }
+}
+
+/// A running read model that can be rebuilt and compared, type-erased (the
+/// registry of [`crate::service::Kit`] serves them to the operator).
+pub trait Rebuildable: Send + Sync + 'static {
+    /// The projection's name.
+    fn name(&self) -> &'static str;
+
+    /// See [`ProjectionRunner::rebuild_compare`].
+    fn rebuild_compare(&self) -> futures::future::BoxFuture<'_, Result<RebuildReport, anyhow::Error>>;
+}
+
+impl<P: Projection> Rebuildable for ProjectionRunner<P> {
+    fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    fn rebuild_compare(&self) -> futures::future::BoxFuture<'_, Result<RebuildReport, anyhow::Error>> {
+        Box::pin(ProjectionRunner::rebuild_compare(self))
+    }
+}
+
+/// What one replay of a rebuild did.
+#[derive(Debug, Default)]
+struct Replayed {
+    /// The last message replayed: its sequence and commit ID.
+    at: (u64, Option<Uuid>),
+    messages: u64,
+    parked: u64,
+}
+
 /// Why a runner stops consuming and starts again from its checkpoint.
 #[derive(Debug, thiserror::Error)]
 enum Restart {
@@ -314,6 +372,12 @@ impl<P: Projection> ProjectionRunner<P> {
 
     /// Consumes until `shutdown`, starting again from the checkpoint after errors.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.run_shared(shutdown).await;
+    }
+
+    /// As [`ProjectionRunner::run`], for a runner shared with others (the
+    /// operator's registry of read models).
+    pub async fn run_shared(&self, shutdown: CancellationToken) {
         let mut failures = 0;
         while !shutdown.is_cancelled() {
             match self.consume(&shutdown).await {
@@ -695,7 +759,7 @@ impl<P: Projection> ProjectionRunner<P> {
             tracing::info!(projection = self.name(), stream = %identity.name, "reaction starts from the first message of the stream");
             return Ok(());
         }
-        let mut replay = Replay::start(stream, self.source.filter.clone(), false).await?;
+        let replay = Replay::start(stream, self.source.filter.clone(), false).await?;
         lock_checkpoint(uow.conn(), self.name()).await?;
         let requested: i64 =
             sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE projection = $1 AND retry_requested")
@@ -707,6 +771,135 @@ impl<P: Projection> ProjectionRunner<P> {
         if !force && requested == 0 && still_valid(stream, identity, current.as_ref()).await? {
             return Ok(());
         }
+        tracing::info!(projection = self.name(), stream = %identity.name, "rebuilding the read model from the stream");
+        let replayed = self.replay_into(&mut uow, identity, replay).await?;
+        write_checkpoint(uow.conn(), self.name(), replayed.at.0, identity, replayed.at.1).await?;
+        uow.commit().await?;
+        metrics::counter!("nrm_projection_rebuilds_total", "projection" => self.name()).increment(1);
+        tracing::info!(
+            projection = self.name(),
+            stream_sequence = replayed.at.0,
+            "read model rebuilt"
+        );
+        Ok(())
+    }
+
+    /// Rebuilds the read model while the service runs and says whether the
+    /// rebuilt model equals the live one, in one transaction: the checkpoint
+    /// row locked (the runners of every replica wait), the live model
+    /// digested, reset (with its aggregate versions and parked messages, as
+    /// a rebuild does), the stream replayed from its start up to and
+    /// including the checkpoint's sequence (the position the live model had
+    /// reached), digested again, the checkpoint written back as it was. A
+    /// checkpoint that no longer counts in the stream (recreated, or lost its
+    /// tail) is rebuilt to the stream's end, as [`ProjectionRunner::rebuild`]
+    /// does. A reaction (not a read model) is left alone: its report says it
+    /// replayed nothing and has no digests.
+    ///
+    /// # Errors
+    /// When the database or JetStream fails; the live model stays then.
+    pub async fn rebuild_compare(&self) -> Result<RebuildReport, anyhow::Error> {
+        let mut report = RebuildReport {
+            projection: self.name(),
+            stream: self.source.stream.clone(),
+            stream_sequence: 0,
+            messages: 0,
+            live_digest: None,
+            rebuilt_digest: None,
+            parked: 0,
+        };
+        if !P::READ_MODEL {
+            return Ok(report);
+        }
+        let mut stream = match self.bus.find_stream_named(&self.source.stream).await {
+            Ok(stream) => stream,
+            Err(BusError::NoStream(_)) => return self.rebuild_without_stream(report).await,
+            Err(e) => return Err(e.into()),
+        };
+        let identity = StreamIdentity::of(stream.info().await?);
+        let mut uow = self.store.begin().await?;
+        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        report.live_digest = self.projection.digest(uow.conn()).await?;
+        let same_stream = still_valid(&stream, &identity, Some(&checkpoint)).await?;
+        let until = same_stream.then_some(checkpoint.sequence);
+        if !same_stream {
+            tracing::warn!(projection = self.name(), stream = %identity.name, "the checkpoint no longer counts in the stream: rebuilt to the stream's end");
+        }
+        let replay = Replay::start_until(&stream, self.source.filter.clone(), false, until).await?;
+        tracing::info!(projection = self.name(), stream = %identity.name, stream_sequence = ?until, "rebuilding the read model to compare it with the live one");
+        let replayed = self.replay_into(&mut uow, &identity, replay).await?;
+        report.rebuilt_digest = self.projection.digest(uow.conn()).await?;
+        let (sequence, commit_id) = if same_stream {
+            (checkpoint.sequence, checkpoint.commit_id)
+        } else {
+            replayed.at
+        };
+        write_checkpoint(uow.conn(), self.name(), sequence, &identity, commit_id).await?;
+        uow.commit().await?;
+        report.stream_sequence = sequence;
+        report.messages = replayed.messages;
+        report.parked = replayed.parked;
+        metrics::counter!("nrm_projection_rebuilds_total", "projection" => self.name()).increment(1);
+        if report.live_digest.is_some() && !report.equal() {
+            metrics::counter!("nrm_projection_rebuild_differences_total", "projection" => self.name()).increment(1);
+        }
+        tracing::info!(
+            projection = self.name(),
+            stream_sequence = sequence,
+            messages = replayed.messages,
+            parked = replayed.parked,
+            equal = report.equal(),
+            "read model rebuilt and compared"
+        );
+        Ok(report)
+    }
+
+    /// [`ProjectionRunner::rebuild_compare`] of a read model whose stream
+    /// does not exist (yet): one that never counted a message is what a
+    /// replay of nothing gives, the empty model; one that did stays as it
+    /// is (the stream's own service creates and refills it) and the call fails.
+    async fn rebuild_without_stream(&self, mut report: RebuildReport) -> Result<RebuildReport, anyhow::Error> {
+        let mut uow = self.store.begin().await?;
+        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        if checkpoint.sequence > 0 {
+            anyhow::bail!(
+                "stream {} does not exist, and {} had counted {} messages of it: the read model stays as it is until the stream is back",
+                self.source.stream,
+                self.name(),
+                checkpoint.sequence
+            );
+        }
+        report.live_digest = self.projection.digest(uow.conn()).await?;
+        self.reset_in(&mut uow).await?;
+        report.rebuilt_digest = self.projection.digest(uow.conn()).await?;
+        uow.commit().await?;
+        tracing::info!(projection = self.name(), stream = %self.source.stream, equal = report.equal(), "read model of a stream that does not exist yet: compared with the empty model");
+        Ok(report)
+    }
+
+    /// Resets the read model, its aggregate versions and its parked messages.
+    async fn reset_in(&self, uow: &mut UnitOfWork) -> Result<(), anyhow::Error> {
+        self.projection.reset(uow.conn()).await?;
+        sqlx::query("DELETE FROM projection_versions WHERE projection = $1")
+            .bind(self.name())
+            .execute(uow.conn())
+            .await?;
+        sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
+            .bind(self.name())
+            .execute(uow.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The one replay loop of a rebuild, in `uow` (whose checkpoint row is
+    /// locked): resets the read model, its aggregate versions and its parked
+    /// messages, and applies every message `replay` delivers.
+    async fn replay_into(
+        &self,
+        uow: &mut UnitOfWork,
+        identity: &StreamIdentity,
+        mut replay: Replay,
+    ) -> Result<Replayed, anyhow::Error> {
         // A retried message starts a fresh round of attempts on top of its count.
         let earlier: HashMap<u64, u32> = sqlx::query_as::<_, (i64, i32)>(
             "SELECT stream_sequence, attempts FROM parked_messages WHERE projection = $1 AND retry_requested",
@@ -722,46 +915,36 @@ impl<P: Projection> ProjectionRunner<P> {
             )
         })
         .collect();
-        tracing::info!(projection = self.name(), stream = %identity.name, "rebuilding the read model from the stream");
-        self.projection.reset(uow.conn()).await?;
-        sqlx::query("DELETE FROM projection_versions WHERE projection = $1")
-            .bind(self.name())
-            .execute(uow.conn())
-            .await?;
-        sqlx::query("DELETE FROM parked_messages WHERE projection = $1")
-            .bind(self.name())
-            .execute(uow.conn())
-            .await?;
-        let mut at = (0, None);
+        self.reset_in(uow).await?;
+        let mut replayed = Replayed::default();
         while let Some(message) = replay.next().await? {
             let raw = Raw::delivered(&message)?;
             let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
-            self.apply_in_rebuild(&mut uow, identity, &raw, before).await?;
-            at = (raw.sequence, raw.commit_id());
+            if self.apply_in_rebuild(uow, identity, &raw, before).await? {
+                replayed.parked += 1;
+            }
+            replayed.messages += 1;
+            replayed.at = (raw.sequence, raw.commit_id());
         }
-        write_checkpoint(uow.conn(), self.name(), at.0, identity, at.1).await?;
-        uow.commit().await?;
-        metrics::counter!("nrm_projection_rebuilds_total", "projection" => self.name()).increment(1);
-        tracing::info!(projection = self.name(), stream_sequence = at.0, "read model rebuilt");
-        Ok(())
+        Ok(replayed)
     }
 
     /// One message of a rebuild, under a savepoint: retried, then parked,
-    /// without losing the rest of the rebuild.
+    /// without losing the rest of the rebuild. True when it was parked.
     async fn apply_in_rebuild(
         &self,
         uow: &mut UnitOfWork,
         identity: &StreamIdentity,
         raw: &Raw<'_>,
         earlier_attempts: u32,
-    ) -> Result<(), anyhow::Error> {
+    ) -> Result<bool, anyhow::Error> {
         let mut failures = 0;
         loop {
             sqlx::query("SAVEPOINT nrm_message").execute(uow.conn()).await?;
             match self.apply(uow, raw).await {
                 Ok(()) => {
                     sqlx::query("RELEASE SAVEPOINT nrm_message").execute(uow.conn()).await?;
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(err) if retry::is_transient(&err) => return Err(err),
                 Err(err) => {
@@ -781,7 +964,7 @@ impl<P: Projection> ProjectionRunner<P> {
                         .await?;
                         metrics::counter!("nrm_projection_parked_total", "projection" => self.name()).increment(1);
                         tracing::error!(projection = self.name(), stream_sequence = raw.sequence, error = %err, "message parked during a rebuild");
-                        return Ok(());
+                        return Ok(true);
                     }
                     tokio::time::sleep(self.retry.delay(failures)).await;
                 }

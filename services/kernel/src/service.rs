@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -34,8 +35,8 @@ use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::db;
 use crate::gate::Gate;
-use crate::operator::OperatorGrpc;
-use crate::projection::{Projection, ProjectionRunner, Source};
+use crate::operator::{OperatorGrpc, ReadModels};
+use crate::projection::{Projection, ProjectionRunner, Rebuildable, Source};
 use crate::relay::{Relay, RelayConfig};
 use crate::retry::RetryPolicy;
 use crate::server::{self, AUDIT_SERVICE, Background, HEALTH_SERVICE, Listeners, OPERATOR_SERVICE};
@@ -147,6 +148,7 @@ pub struct Kit {
     retry: RetryPolicy,
     listeners: Listeners,
     tasks: Vec<Task>,
+    read_models: Vec<Arc<dyn Rebuildable>>,
 }
 
 impl Kit {
@@ -173,6 +175,7 @@ impl Kit {
             bus,
             listeners,
             tasks: Vec::new(),
+            read_models: Vec::new(),
         };
         kit.spawn(|stop| auth.run_refresh(stop));
         if settings.relay.fault_abort_after_ack > 0.0 {
@@ -233,10 +236,12 @@ impl Kit {
         ProjectionRunner::new(self.store.clone(), self.bus.clone(), context, projection).with_retry(self.retry)
     }
 
-    /// Runs `projection` on the stream of `context` while the service runs.
+    /// Runs `projection` on the stream of `context` while the service runs;
+    /// a read model is also registered for the operator's rebuild
+    /// (`RebuildReadModels`).
     pub fn project<P: Projection>(&mut self, context: &'static str, projection: P) {
         let runner = self.runner(context, projection);
-        self.spawn(|stop| runner.run(stop));
+        self.run_registered(runner);
     }
 
     /// A runner of `projection` on `source`, with the service's retry
@@ -246,10 +251,28 @@ impl Kit {
     }
 
     /// Runs `projection` on `source` (any stream, for example
-    /// [`Source::inbound`] of a partner country) while the service runs.
+    /// [`Source::inbound`] of a partner country) while the service runs;
+    /// a read model is also registered, as by [`Kit::project`].
     pub fn project_source<P: Projection>(&mut self, source: Source, projection: P) {
         let runner = self.source_runner(source, projection);
-        self.spawn(|stop| runner.run(stop));
+        self.run_registered(runner);
+    }
+
+    /// Runs `runner` while the service runs and, when its projection is a
+    /// read model, registers it (the same runner) for the operator.
+    fn run_registered<P: Projection>(&mut self, runner: ProjectionRunner<P>) {
+        let runner = Arc::new(runner);
+        if P::READ_MODEL {
+            self.read_models.push(runner.clone());
+        }
+        self.spawn(move |stop| async move { runner.run_shared(stop).await });
+    }
+
+    /// The read models registered so far, by [`Kit::project`] and
+    /// [`Kit::project_source`], in the order they were.
+    #[must_use]
+    pub fn read_models(&self) -> ReadModels {
+        ReadModels::new(self.read_models.clone())
     }
 
     /// Fires `handler`'s timers, looking every `poll_interval`, while the service runs.
@@ -295,7 +318,9 @@ impl Kit {
         for task in self.tasks {
             background.spawn(task);
         }
-        let operator = OperatorGrpc::new(self.store.pool().clone(), self.bus.clone(), self.spec.context);
+        let operator = OperatorGrpc::new(self.store.pool().clone(), self.bus.clone(), self.spec.context)
+            .publishing(self.spec.publishes)
+            .with_read_models(ReadModels::new(self.read_models.clone()));
         let auditor = AuditGrpc::new(self.store.pool().clone(), self.spec.context);
         let gate = Gate::new(self.auth.clone(), self.store.pool().clone());
         let routes = routes

@@ -7,13 +7,13 @@ use nrm_proto::common::v1::{AgeBand, CommandResult, DocumentType, IdentityDocume
 use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
 use nrm_proto::identification::v1::{
     Case, CompleteScreeningRequest, DecideIdentificationRequest, ErasePersonalDataRequest, ExploitationForm,
-    GetCaseRequest, ListCasesRequest, ListCasesResponse, ReportPresumedVictimRequest, ReportPresumedVictimResponse,
-    RequestReviewRequest,
+    FileAnonymousNotificationRequest, FileAnonymousNotificationResponse, GetCaseRequest, ListCasesRequest,
+    ListCasesResponse, ReportPresumedVictimRequest, ReportPresumedVictimResponse, RequestReviewRequest,
 };
 
 use crate::cli::{
-    CaseCommand, DecideArgs, EraseArgs, GetArgs, Global, ListArgs, NumberCountry, Output, ReportArgs, ReviewArgs,
-    ScreenArgs,
+    CaseCommand, DecideArgs, EraseArgs, GetArgs, Global, ListArgs, NotifyArgs, NumberCountry, Output, ReportArgs,
+    ReviewArgs, ScreenArgs,
 };
 use crate::enums::{cli_name, shown};
 use crate::output::{self, or_dash, print_fields, print_json, time};
@@ -32,6 +32,7 @@ pub async fn run(global: &Global, command: CaseCommand) -> Result<()> {
     let mut client = Client::new(rpc::connect(global, &global.endpoint).await?);
     match command {
         CaseCommand::Report(args) => report(&mut client, global.output, *args).await,
+        CaseCommand::Notify(args) => notify(&mut client, global.output, args).await,
         CaseCommand::Screen(args) => screen(&mut client, global.output, args).await,
         CaseCommand::Decide(args) => decide(&mut client, global.output, args).await,
         CaseCommand::Review(args) => review(&mut client, global.output, args).await,
@@ -87,6 +88,32 @@ fn print_report(response: &ReportPresumedVictimResponse, request_id: &str) -> Re
             ("status", shown(response.status())),
             ("possible_duplicate", response.possible_duplicate.to_string()),
         ],
+        response.result.as_ref(),
+        request_id,
+    )
+}
+
+async fn notify(client: &mut Client, output: Output, args: NotifyArgs) -> Result<()> {
+    let request_id = rpc::request_id(args.request, output);
+    let message = FileAnonymousNotificationRequest {
+        request_id: request_id.clone(),
+        found_country: args.found_country.unwrap_or_default(),
+        country_of_exploitation: args.country_of_exploitation.unwrap_or_default(),
+        exploitation_forms: args.forms.into_iter().map(Into::into).collect(),
+        gender: args.gender.map_or(0, Into::into),
+        age_band: args.age_band.map_or(0, Into::into),
+        citizenship: args.citizenship.unwrap_or_default(),
+    };
+    let response = client.file_anonymous_notification(message).await?.into_inner();
+    match output {
+        Output::Json => print_json("nrm.identification.v1.FileAnonymousNotificationResponse", &response),
+        Output::Text => print_notification(&response, &request_id),
+    }
+}
+
+fn print_notification(response: &FileAnonymousNotificationResponse, request_id: &str) -> Result<()> {
+    rpc::print_created(
+        vec![("notification_id", response.notification_id.clone())],
         response.result.as_ref(),
         request_id,
     )

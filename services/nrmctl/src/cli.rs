@@ -269,6 +269,11 @@ pub struct MintArgs {
 pub enum CaseCommand {
     /// Report a presumed victim (prints the request ID to retry with).
     Report(Box<ReportArgs>),
+    /// File an anonymous notification: an adult who does not consent to
+    /// being referred, counted in the statistics only (coded fields, no
+    /// identifiers; never a case, never in an inbox). Prints the
+    /// notification ID and the request ID to retry with.
+    Notify(NotifyArgs),
     /// Record the screening against indicators (reported -> presumed).
     Screen(ScreenArgs),
     /// Record the formal identification decision.
@@ -385,6 +390,35 @@ pub struct ReportArgs {
     /// Address.
     #[arg(long, help_heading = "Personal identifiers (sealed before storage)")]
     pub address: Option<String>,
+
+    /// Client request ID.
+    #[command(flatten)]
+    pub request: RequestId,
+}
+
+/// `case notify`: coded fields only. A child is never only counted: report
+/// the child with `case report` (the service refuses a child's age band).
+#[derive(Debug, Args)]
+pub struct NotifyArgs {
+    /// Country where the person was found (ISO 3166-1 alpha-2).
+    #[arg(long, value_name = "CC")]
+    pub found_country: Option<String>,
+    /// Country of exploitation (ISO 3166-1 alpha-2).
+    #[arg(long, value_name = "CC")]
+    pub country_of_exploitation: Option<String>,
+    /// Form of exploitation (repeatable, or comma-separated; at least one).
+    #[arg(long = "form", value_name = "FORM", value_delimiter = ',',
+          value_parser = EnumParser::<ExploitationForm>::new())]
+    pub forms: Vec<ExploitationForm>,
+    /// Gender as recorded.
+    #[arg(long, value_parser = EnumParser::<Gender>::new())]
+    pub gender: Option<Gender>,
+    /// Age band: an adult's (18-24, 25-34, 35-49, 50-plus) or unknown.
+    #[arg(long, value_name = "BAND", value_parser = EnumParser::<AgeBand>::new())]
+    pub age_band: Option<AgeBand>,
+    /// Citizenship (ISO 3166-1 alpha-2).
+    #[arg(long, value_name = "CC")]
+    pub citizenship: Option<String>,
 
     /// Client request ID.
     #[command(flatten)]
@@ -675,6 +709,38 @@ mod tests {
         };
         assert_eq!((screen.at.case_id.as_str(), screen.at.expected_version), ("c-1", 3));
         assert_eq!(screen.indicators, [Indicator::Isolation]);
+    }
+
+    #[test]
+    fn a_notification_reads_its_coded_fields() {
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "case",
+            "notify",
+            "--found-country",
+            "KG",
+            "--country-of-exploitation",
+            "RU",
+            "--form",
+            "labour,sexual",
+            "--gender",
+            "female",
+            "--age-band",
+            "25-34",
+            "--citizenship",
+            "KG",
+            "--request-id",
+            "n-1",
+        ])
+        .expect("valid command line");
+        let Command::Case(CaseCommand::Notify(notify)) = cli.command else {
+            panic!("not a notification");
+        };
+        assert_eq!(notify.forms, [ExploitationForm::Labour, ExploitationForm::Sexual]);
+        assert_eq!(notify.age_band, Some(AgeBand::AgeBand2534));
+        assert_eq!(notify.gender, Some(Gender::Female));
+        assert_eq!(notify.country_of_exploitation.as_deref(), Some("RU"));
+        assert_eq!(notify.request.request_id.as_deref(), Some("n-1"));
     }
 
     #[test]

@@ -216,6 +216,37 @@ mod tests {
     }
 
     #[test]
+    fn an_anonymous_notification_decodes_like_any_identification_event() {
+        use nrm_proto::common::v1::{AgeBand, Gender};
+        use nrm_proto::identification::v1::{AnonymousNotificationFiled, ExploitationForm};
+        let event = IdentificationEvent {
+            event: Some(identification_event::Event::AnonymousNotificationFiled(
+                AnonymousNotificationFiled {
+                    notification_id: "notification-1".into(),
+                    filed_on: Some(prost_types::Timestamp {
+                        seconds: 1_772_582_400,
+                        nanos: 0,
+                    }),
+                    found_country: "KG".into(),
+                    country_of_exploitation: "RU".into(),
+                    exploitation_forms: vec![ExploitationForm::Labour.into()],
+                    gender: Gender::Female.into(),
+                    age_band: AgeBand::AgeBand2534.into(),
+                    citizenship: "KG".into(),
+                },
+            )),
+        };
+        let body = commit("nrm.identification.v1.IdentificationEvent", event.encode_to_vec());
+        let pool = descriptor_pool().expect("pool");
+        let line: Value = serde_json::from_str(&render(&pool, None, "s", None, &body)).expect("JSON");
+        let payload = &line["commit"]["events"][0]["payload"]["anonymous_notification_filed"];
+        assert_eq!(payload["notification_id"], "notification-1", "{line}");
+        assert_eq!(payload["age_band"], "AGE_BAND_25_34");
+        assert_eq!(payload["exploitation_forms"][0], "EXPLOITATION_FORM_LABOUR");
+        assert_eq!(payload["filed_on"], "2026-03-04T00:00:00Z");
+    }
+
+    #[test]
     fn referral_and_shelter_payloads_decode_by_their_payload_type() {
         let pool = descriptor_pool().expect("pool");
         let event = ReferralEvent {

@@ -3,6 +3,8 @@
 //! and `refill` ask the chosen services at once and print the answers in
 //! service order; a service that does not answer is reported on stderr
 //! (with its name) after the others' answers, and the exit code is 1.
+//! `rebuild` asks one service and exits 3 when a read model came out
+//! different from the live one.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -10,11 +12,11 @@ use std::future::Future;
 use anyhow::{Result, anyhow};
 use nrm_proto::common::v1::operator_service_client::OperatorServiceClient;
 use nrm_proto::common::v1::{
-    ListParkedRequest, ListParkedResponse, ParkedItem, ParkedKind, RefillStreamRequest, RefillStreamResponse,
-    RetryParkedRequest,
+    ListParkedRequest, ListParkedResponse, ParkedItem, ParkedKind, RebuildReadModelsRequest, RebuiltReadModel,
+    RefillStreamRequest, RefillStreamResponse, RetryParkedRequest,
 };
 
-use crate::cli::ops::{OpsCommand, RetryArgs, Service};
+use crate::cli::ops::{OpsCommand, RebuildArgs, RetryArgs, Service};
 use crate::cli::{Global, Output};
 use crate::enums::{cli_name, cli_name_of};
 use crate::output::{self, emit, or_dash, print_fields, print_json, print_table, time};
@@ -34,8 +36,13 @@ pub async fn run(global: &Global, command: OpsCommand) -> Result<()> {
         OpsCommand::Parked(args) => parked(global, &args.service.list()).await,
         OpsCommand::Retry(args) => retry(global, args).await,
         OpsCommand::Refill(args) => refill(global, &args.service.list(), args.dry_run).await,
+        OpsCommand::Rebuild(args) => rebuild(global, args).await,
     }
 }
+
+/// The exit code of `ops rebuild` when a read model came out different
+/// from the live one (or could not be compared).
+const DIFFERENT_EXIT: i32 = 3;
 
 /// The endpoint option of `service`.
 pub(crate) fn endpoint(global: &Global, service: Service) -> &str {
@@ -287,9 +294,121 @@ fn print_refilled(answered: &[(Service, RefillStreamResponse)]) -> Result<()> {
     Ok(())
 }
 
+/// `ops rebuild`: the service rebuilds its read models (all, or the one
+/// named) and compares them with the live ones; one line each. Exits with
+/// [`DIFFERENT_EXIT`] when one is not equal.
+async fn rebuild(global: &Global, args: RebuildArgs) -> Result<()> {
+    let endpoint = args
+        .service
+        .map_or(global.endpoint.as_str(), |service| endpoint(global, service));
+    let mut client = Client::new(rpc::connect(global, endpoint).await?);
+    let response = client
+        .rebuild_read_models(RebuildReadModelsRequest {
+            projection: args.projection.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    match global.output {
+        Output::Json => print_json("nrm.common.v1.RebuildReadModelsResponse", &response)?,
+        Output::Text => {
+            if response.read_models.is_empty() {
+                emit("no read models\n")?;
+            } else {
+                let rows: Vec<Vec<String>> = response.read_models.iter().map(rebuilt_row).collect();
+                print_table(
+                    &[
+                        "projection",
+                        "stream",
+                        "stream_sequence",
+                        "messages",
+                        "parked",
+                        "result",
+                    ],
+                    &rows,
+                )?;
+            }
+        }
+    }
+    let different: Vec<&str> = response
+        .read_models
+        .iter()
+        .filter(|m| !m.equal)
+        .map(|m| m.projection.as_str())
+        .collect();
+    if different.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "{} of {} read models differ from their rebuild: {}",
+        different.len(),
+        response.read_models.len(),
+        different.join(", ")
+    );
+    std::process::exit(DIFFERENT_EXIT);
+}
+
+fn rebuilt_row(model: &RebuiltReadModel) -> Vec<String> {
+    vec![
+        or_dash(&model.projection),
+        or_dash(&model.stream),
+        model.stream_sequence.to_string(),
+        model.messages.to_string(),
+        model.parked.to_string(),
+        rebuild_result(model),
+    ]
+}
+
+/// `equal`, `DIFFERENT (live <8> rebuilt <8>)`, or `not compared` for a
+/// read model without a digest.
+fn rebuild_result(model: &RebuiltReadModel) -> String {
+    if model.equal {
+        return "equal".to_owned();
+    }
+    if model.live_digest.is_empty() && model.rebuilt_digest.is_empty() {
+        return "not compared (no digest)".to_owned();
+    }
+    let short = |digest: &str| or_dash(&digest.chars().take(8).collect::<String>());
+    format!(
+        "DIFFERENT (live {} rebuilt {})",
+        short(&model.live_digest),
+        short(&model.rebuilt_digest)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rebuilt_read_model_is_one_line() {
+        let mut model = RebuiltReadModel {
+            projection: "identification_case_list".into(),
+            stream: "NRM_IDENTIFICATION".into(),
+            stream_sequence: 12,
+            messages: 12,
+            live_digest: "0123456789abcdef".into(),
+            rebuilt_digest: "0123456789abcdef".into(),
+            equal: true,
+            parked: 0,
+        };
+        assert_eq!(
+            rebuilt_row(&model),
+            [
+                "identification_case_list",
+                "NRM_IDENTIFICATION",
+                "12",
+                "12",
+                "0",
+                "equal"
+            ]
+        );
+        model.equal = false;
+        model.rebuilt_digest = "fedcba9876543210".into();
+        assert_eq!(rebuild_result(&model), "DIFFERENT (live 01234567 rebuilt fedcba98)");
+        model.live_digest.clear();
+        model.rebuilt_digest.clear();
+        assert_eq!(rebuild_result(&model), "not compared (no digest)");
+    }
 
     #[test]
     fn an_error_of_one_of_several_services_names_the_service() {

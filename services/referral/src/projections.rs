@@ -86,6 +86,13 @@ impl Projection for Persons {
         sqlx::query("TRUNCATE persons").execute(conn).await?;
         Ok(())
     }
+
+    /// Every row of `persons`, whole (nothing in it is wall-clock).
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM persons t").await?,
+        ))
+    }
 }
 
 /// Writes the person a case's first event (`report`, at case stream
@@ -187,5 +194,12 @@ impl Projection for Inbox {
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         sqlx::query("TRUNCATE inbox").execute(conn).await?;
         Ok(())
+    }
+
+    /// Every row of `inbox`, whole (`created_at` is the event's time, not the write's).
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM inbox t").await?,
+        ))
     }
 }

@@ -66,4 +66,11 @@ impl Projection for ReturnList {
         sqlx::query("TRUNCATE return_list").execute(conn).await?;
         Ok(())
     }
+
+    /// Every row of `return_list`, whole (`opened_at` is the event's time).
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM return_list t").await?,
+        ))
+    }
 }

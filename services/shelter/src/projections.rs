@@ -177,4 +177,14 @@ impl Projection for FreeCapacity {
             .await?;
         Ok(())
     }
+
+    /// Every row of `free_capacity`, `free_capacity_shelters` and
+    /// `free_capacity_holds`, whole, each tagged with its table (nothing in
+    /// them is wall-clock).
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        let query = "SELECT 'free_capacity ' || t::text FROM free_capacity t
+             UNION ALL SELECT 'free_capacity_shelters ' || t::text FROM free_capacity_shelters t
+             UNION ALL SELECT 'free_capacity_holds ' || t::text FROM free_capacity_holds t";
+        Ok(Some(nrm_kernel::projection::rows_digest(conn, query).await?))
+    }
 }

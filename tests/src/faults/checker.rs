@@ -69,13 +69,14 @@ const PROJECTION_TABLES: &[(Service, &[&str])] = &[
 /// Timers that fall due this soon are waited for before the read models are dumped.
 const TIMER_HORIZON: Duration = Duration::from_secs(60);
 
-/// A projection (or reaction) of a service: its checkpoint name, the stream
-/// it reads and the subjects it takes (after the subject prefix).
+/// A projection (or reaction) of a service: its checkpoint name and the
+/// context stream it reads. Every one of them takes the whole stream, as
+/// `Kit::project` runs it (`Bus::context_subjects`): its checkpoint ends at
+/// the stream's last message, whatever that message's subject.
 struct ProjectionSpec {
     service: Service,
     name: &'static str,
     stream: Service,
-    filter: &'static str,
 }
 
 const PROJECTIONS: [ProjectionSpec; 8] = [
@@ -83,49 +84,41 @@ const PROJECTIONS: [ProjectionSpec; 8] = [
         service: Service::Identification,
         name: "identification_case_list",
         stream: Service::Identification,
-        filter: "identification.v1.>",
     },
     ProjectionSpec {
         service: Service::Identification,
         name: "identification_referral_access",
         stream: Service::Referral,
-        filter: "referral.v1.>",
     },
     ProjectionSpec {
         service: Service::Referral,
         name: "referral_persons",
         stream: Service::Identification,
-        filter: "identification.v1.>",
     },
     ProjectionSpec {
         service: Service::Referral,
         name: "referral_inbox",
         stream: Service::Referral,
-        filter: "referral.v1.referral.*",
     },
     ProjectionSpec {
         service: Service::Referral,
         name: "referral_shelter_answers",
         stream: Service::Shelter,
-        filter: "shelter.v1.>",
     },
     ProjectionSpec {
         service: Service::Shelter,
         name: "shelter_free_capacity",
         stream: Service::Shelter,
-        filter: "shelter.v1.shelter.>",
     },
     ProjectionSpec {
         service: Service::Shelter,
         name: "shelter_placement",
         stream: Service::Referral,
-        filter: "referral.v1.>",
     },
     ProjectionSpec {
         service: Service::Shelter,
         name: "shelter_referrals",
         stream: Service::Referral,
-        filter: "referral.v1.>",
     },
 ];
 
@@ -367,7 +360,7 @@ impl Probe {
             }
         }
         for spec in &PROJECTIONS {
-            let target = self.last_matching(spec.stream, spec.filter);
+            let target = self.last_matching(spec.stream, &format!("{}.v1.>", spec.stream.name()));
             let checkpoint: Result<Option<i64>, _> =
                 sqlx::query_scalar("SELECT stream_sequence FROM projection_checkpoints WHERE projection = $1")
                     .bind(spec.name)

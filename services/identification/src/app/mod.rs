@@ -10,9 +10,11 @@
 //! # Layout
 //! - this module: the commands.
 //! - [`abroad`]: opening the case of a person handed over from abroad.
+//! - [`notify`]: filing an anonymous notification (its own aggregate).
 //! - [`queries`]: reading one case, listing cases.
 
 pub mod abroad;
+pub mod notify;
 pub mod queries;
 
 use chrono::Utc;

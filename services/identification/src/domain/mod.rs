@@ -9,8 +9,10 @@
 //! - this module: state, commands, `decide`, `evolve`, domain errors.
 //! - [`parse`]: validating constructors from requests, naming offending fields.
 //! - [`abroad`]: the case a return's handover opens (identified abroad).
+//! - [`notification`]: the anonymous notification, its own aggregate.
 
 pub mod abroad;
+pub mod notification;
 pub mod parse;
 
 use nrm_proto::identification::v1 as pb;
@@ -310,7 +312,7 @@ pub fn decide(case: &Case, command: &Command) -> Result<Vec<Event>, DomainError>
 pub fn evolve(mut case: Case, event: &Event) -> Case {
     case.version += 1;
     match event {
-        // STUB: the "notify" helper gives notifications their own aggregate.
+        // A notification's own aggregate ([`notification`]): never on a case's stream.
         Event::AnonymousNotificationFiled(_) => {}
         Event::PresumedVictimReported(report) => {
             case.status = Status::from_proto(report.status);

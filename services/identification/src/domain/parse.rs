@@ -150,10 +150,6 @@ pub fn age_band(age: u32) -> common::AgeBand {
     }
 }
 
-fn is_child_band(band: i32) -> bool {
-    band == common::AgeBand::AgeBand011 as i32 || band == common::AgeBand::AgeBand1217 as i32
-}
-
 /// Checks personal identifiers; returns them trimmed.
 fn personal(p: &common::PersonalIdentifiers, now: DateTime<Utc>, v: &mut Violations) -> common::PersonalIdentifiers {
     let mut out = p.clone();
@@ -290,7 +286,7 @@ pub fn report(
             }
         }
     }
-    if req.age_years.is_none() && is_child_band(age_band_value) && !req.child {
+    if req.age_years.is_none() && super::notification::is_child_band(age_band_value) && !req.child {
         v.add("child", "must be true when the age band is under 18");
     }
     if age_band_value == 0 {
@@ -319,6 +315,60 @@ pub fn report(
             ..Default::default()
         },
         personal,
+    })
+}
+
+/// A validated anonymous notification: the request ID and the coded fields.
+#[derive(Debug, Clone)]
+pub struct AnonymousNotification {
+    /// The request ID.
+    pub request_id: String,
+    /// The coded fields.
+    pub coded: super::notification::Coded,
+}
+
+/// Validates an anonymous notification: countries as a report's, at least
+/// one form of exploitation (none unspecified or repeated), gender and age
+/// band specified. A child's band is valid input, refused by the domain
+/// (`CHILD_MUST_BE_REPORTED`).
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming every offending field.
+pub fn notification(req: &pb::FileAnonymousNotificationRequest) -> Result<AnonymousNotification, nrm_kernel::AppError> {
+    let mut v = Violations::new();
+    let request_id = v.check(request_id(&req.request_id));
+    let found_country = v.check(country("found_country", &req.found_country));
+    let country_of_exploitation = v.check(country("country_of_exploitation", &req.country_of_exploitation));
+    if req.exploitation_forms.is_empty() {
+        v.add("exploitation_forms", "is required: at least one form of exploitation");
+    }
+    let forms = enum_list::<pb::ExploitationForm>("exploitation_forms", &req.exploitation_forms, &mut v);
+    let gender = v.check(enum_value::<common::Gender>("gender", req.gender, false));
+    let age_band = match enum_value::<common::AgeBand>("age_band", req.age_band, false) {
+        Ok(band) => Some(band),
+        Err(_) if req.age_band == 0 => {
+            v.add(
+                "age_band",
+                "is required: an adult age band (18 and over) or AGE_BAND_UNKNOWN",
+            );
+            None
+        }
+        Err(e) => {
+            v.push(e);
+            None
+        }
+    };
+    let citizenship = v.check(country("citizenship", &req.citizenship));
+    v.finish(|| AnonymousNotification {
+        request_id: request_id.unwrap_or_default(),
+        coded: super::notification::Coded {
+            found_country: found_country.unwrap_or_default(),
+            country_of_exploitation: country_of_exploitation.unwrap_or_default(),
+            exploitation_forms: forms,
+            gender: gender.unwrap_or_default(),
+            age_band: age_band.unwrap_or_default(),
+            citizenship: citizenship.unwrap_or_default(),
+        },
     })
 }
 
@@ -482,6 +532,71 @@ mod tests {
         assert_eq!(fields(report(&req, Utc::now(), POLICE).unwrap_err()), ["found_at"]);
         req.found_at = Some(timestamp(Utc::now() + chrono::Duration::days(2)));
         assert_eq!(fields(report(&req, Utc::now(), POLICE).unwrap_err()), ["found_at"]);
+    }
+
+    fn notification_request() -> pb::FileAnonymousNotificationRequest {
+        pb::FileAnonymousNotificationRequest {
+            request_id: "n-1".into(),
+            found_country: "kg".into(),
+            country_of_exploitation: "RU".into(),
+            exploitation_forms: vec![pb::ExploitationForm::Labour as i32],
+            gender: common::Gender::Female as i32,
+            age_band: common::AgeBand::AgeBand2534 as i32,
+            citizenship: "KG".into(),
+        }
+    }
+
+    #[test]
+    fn a_valid_notification_is_normalised() {
+        let n = notification(&notification_request()).unwrap();
+        assert_eq!(n.request_id, "n-1");
+        assert_eq!(n.coded.found_country, "KG");
+        assert_eq!(n.coded.exploitation_forms, [pb::ExploitationForm::Labour as i32]);
+        assert_eq!(n.coded.age_band, common::AgeBand::AgeBand2534 as i32);
+    }
+
+    #[test]
+    fn every_offending_notification_field_is_named_and_values_are_not_echoed() {
+        let req = pb::FileAnonymousNotificationRequest {
+            request_id: String::new(),
+            found_country: "Aigul Asanova".into(),
+            country_of_exploitation: String::new(),
+            exploitation_forms: vec![],
+            gender: 0,
+            age_band: 0,
+            citizenship: "XX".into(),
+        };
+        let err = notification(&req).unwrap_err();
+        assert!(!format!("{err:?}").contains("Asanova"));
+        assert_eq!(
+            fields(err),
+            [
+                "request_id",
+                "found_country",
+                "country_of_exploitation",
+                "exploitation_forms",
+                "gender",
+                "age_band",
+                "citizenship"
+            ]
+        );
+        let mut req = notification_request();
+        req.exploitation_forms = vec![pb::ExploitationForm::Labour as i32, 0, 99];
+        req.age_band = 42;
+        req.gender = 42;
+        assert_eq!(
+            fields(notification(&req).unwrap_err()),
+            ["exploitation_forms[1]", "exploitation_forms[2]", "gender", "age_band"]
+        );
+    }
+
+    #[test]
+    fn a_child_band_is_valid_input_for_the_domain_to_refuse() {
+        let mut req = notification_request();
+        req.age_band = common::AgeBand::AgeBand1217 as i32;
+        assert!(notification(&req).is_ok());
+        req.age_band = common::AgeBand::Unknown as i32;
+        assert!(notification(&req).is_ok());
     }
 
     #[test]

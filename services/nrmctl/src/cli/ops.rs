@@ -7,7 +7,8 @@ use nrm_proto::common::v1::ParkedKind;
 
 use crate::enums::EnumParser;
 
-/// Operations: parked messages and timers, refilling a stream from its store.
+/// Operations: parked messages and timers, refilling a stream from its
+/// store, rebuilding read models.
 #[derive(Debug, Subcommand)]
 pub enum OpsCommand {
     /// List the messages and timers whose handler kept failing and were parked.
@@ -17,6 +18,20 @@ pub enum OpsCommand {
     /// Compare each service's stream with its event store and publish again,
     /// in order, the commits the stream lacks.
     Refill(RefillArgs),
+    /// Rebuild a service's read models from their streams while it runs and
+    /// say whether each came out equal to the live one.
+    ///
+    /// Each read model is rebuilt in one transaction, up to the stream
+    /// position the live model had reached (its runners wait meanwhile and
+    /// then go on); one line per read model: its name, stream, sequence,
+    /// messages replayed, messages parked, and `equal` or
+    /// `DIFFERENT (live <digest> rebuilt <digest>)` (the rebuilt model is
+    /// the one kept). Asks the service at --endpoint (or the one --service
+    /// names).
+    ///
+    /// Exit codes: 0 every read model rebuilt equal; 3 at least one was
+    /// DIFFERENT (or could not be compared); 1 the call failed.
+    Rebuild(RebuildArgs),
 }
 
 /// A Köpür service, reached at its global endpoint option.
@@ -105,6 +120,17 @@ pub struct RefillArgs {
     pub dry_run: bool,
 }
 
+/// `ops rebuild`.
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// Only the read model of this name (default: every one of the service).
+    #[arg(long, value_name = "NAME")]
+    pub projection: Option<String>,
+    /// The service to ask, at its endpoint option (default: the one at --endpoint).
+    #[arg(long, value_enum)]
+    pub service: Option<Service>,
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -124,6 +150,32 @@ mod tests {
             panic!("not ops refill");
         };
         assert_eq!(refill.service.list(), [Service::Shelter]);
+    }
+
+    #[test]
+    fn a_rebuild_asks_one_service_for_all_or_one_read_model() {
+        let cli = Cli::try_parse_from(["nrmctl", "ops", "rebuild", "--endpoint", "http://h:1"]).expect("valid");
+        let Command::Ops(OpsCommand::Rebuild(rebuild)) = cli.command else {
+            panic!("not ops rebuild");
+        };
+        assert_eq!((rebuild.projection, rebuild.service), (None, None));
+        assert_eq!(cli.global.endpoint, "http://h:1");
+        let cli = Cli::try_parse_from([
+            "nrmctl",
+            "ops",
+            "rebuild",
+            "--projection",
+            "referral_inbox",
+            "--service",
+            "referral",
+        ])
+        .expect("valid");
+        let Command::Ops(OpsCommand::Rebuild(rebuild)) = cli.command else {
+            panic!("not ops rebuild");
+        };
+        assert_eq!(rebuild.projection.as_deref(), Some("referral_inbox"));
+        assert_eq!(rebuild.service, Some(Service::Referral));
+        assert!(Cli::try_parse_from(["nrmctl", "ops", "rebuild", "--service", "all"]).is_err());
     }
 
     #[test]
