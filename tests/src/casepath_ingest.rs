@@ -119,23 +119,35 @@ pub struct CasepathApp {
 }
 
 impl CasepathApp {
-    /// Builds and starts casepath on `base`'s subject space, its own database.
+    /// Builds and starts casepath (country kg) on `base`'s subject space, its own database.
     ///
     /// # Panics
     /// When it cannot start.
     pub async fn spawn_beside(base: &Settings) -> Self {
+        Self::spawn_on(&base.common, "kg").await
+    }
+
+    /// Builds and starts casepath of `country` on `common`'s subject space,
+    /// its own database.
+    ///
+    /// # Panics
+    /// When it cannot start.
+    pub async fn spawn_on(common: &CommonSettings, country: &str) -> Self {
         let settings = nrm_casepath::config::Settings {
             common: CommonSettings {
                 database: DatabaseSettings {
-                    url: base.database.url.clone(),
+                    url: common.database.url.clone(),
                     name: format!("test_{}", unique()),
                     max_connections: 8,
                 },
                 relay: RelaySettings::default(),
-                ..base.common.clone()
+                ..common.clone()
             },
             casepath: nrm_casepath::config::CasepathSettings::default(),
-            xborder: nrm_kernel::xborder::XborderSettings::default(),
+            xborder: nrm_kernel::xborder::XborderSettings {
+                country: country.to_owned(),
+                ..Default::default()
+            },
         };
         Self::spawn_with(settings).await
     }
@@ -210,7 +222,12 @@ impl CasepathApp {
     }
 
     fn runner<P: Projection>(&self, context: &'static str, projection: P) -> ProjectionRunner<P> {
-        ProjectionRunner::new(EventStore::new(self.pool.clone()), self.bus.clone(), context, projection)
+        ProjectionRunner::new(
+            EventStore::new(self.pool.clone()),
+            self.bus.clone(),
+            context,
+            projection,
+        )
     }
 
     /// The digests of the four read models.
@@ -225,9 +242,7 @@ impl CasepathApp {
         out.push(ReferralProjection::new(country).digest(&mut conn).await);
         out.push(ShelterProjection::new(country).digest(&mut conn).await);
         out.push(RepatriationProjection::new(country).digest(&mut conn).await);
-        out.into_iter()
-            .map(|d| d.expect("digest").expect("a digest"))
-            .collect()
+        out.into_iter().map(|d| d.expect("digest").expect("a digest")).collect()
     }
 
     /// Rebuilds the read models whose stream exists (reset and full replay).
@@ -236,18 +251,24 @@ impl CasepathApp {
     /// When a rebuild fails.
     pub async fn rebuild(&self) {
         let country = &self.country;
-        self.runner("identification", IdentificationProjection::new(country))
-            .rebuild()
-            .await
-            .expect("rebuild identification");
-        self.runner("referral", ReferralProjection::new(country))
-            .rebuild()
-            .await
-            .expect("rebuild referral");
-        self.runner("shelter", ShelterProjection::new(country))
-            .rebuild()
-            .await
-            .expect("rebuild shelter");
+        if self.last_sequence("identification").await > 0 {
+            self.runner("identification", IdentificationProjection::new(country))
+                .rebuild()
+                .await
+                .expect("rebuild identification");
+        }
+        if self.last_sequence("referral").await > 0 {
+            self.runner("referral", ReferralProjection::new(country))
+                .rebuild()
+                .await
+                .expect("rebuild referral");
+        }
+        if self.last_sequence("shelter").await > 0 {
+            self.runner("shelter", ShelterProjection::new(country))
+                .rebuild()
+                .await
+                .expect("rebuild shelter");
+        }
         if self.last_sequence("repatriation").await > 0 {
             self.runner("repatriation", RepatriationProjection::new(country))
                 .rebuild()

@@ -148,24 +148,25 @@ async fn run_flow(m: &Mechanism) -> Flow {
         .unwrap();
 
     let mut referral = m.referral.client.clone();
-    let consent_id = referral
-        .record_consent(authorized(
-            rf::RecordConsentRequest {
-                request_id: rid(),
-                person_id: reported.person_id.clone(),
-                case_id: reported.case_id.clone(),
-                given_by: rf::ConsentGiver::Person as i32,
-                recipient_agency: MSD.0.into(),
-                purposes: vec![rf::ServiceKind::Shelter as i32, rf::ServiceKind::Psychological as i32],
-                data_categories: vec![rf::DataCategory::Name as i32],
-                ..Default::default()
-            },
-            &as_(POLICE),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .consent_id;
+    // The referral service learns the person from identification's stream first.
+    let consent = rf::RecordConsentRequest {
+        request_id: rid(),
+        person_id: reported.person_id.clone(),
+        case_id: reported.case_id.clone(),
+        given_by: rf::ConsentGiver::Person as i32,
+        recipient_agency: MSD.0.into(),
+        purposes: vec![rf::ServiceKind::Shelter as i32, rf::ServiceKind::Psychological as i32],
+        data_categories: vec![rf::DataCategory::Name as i32],
+        ..Default::default()
+    };
+    let consent_id = eventually("the referral service learns the person", || {
+        let mut referral = referral.clone();
+        let consent = consent.clone();
+        async move { referral.record_consent(authorized(consent, &as_(POLICE))).await }
+    })
+    .await
+    .into_inner()
+    .consent_id;
     let request = rf::CreateReferralRequest {
         request_id: rid(),
         person_id: reported.person_id.clone(),
@@ -179,8 +180,7 @@ async fn run_flow(m: &Mechanism) -> Flow {
             region: "KG-C".into(),
         }),
     };
-    // The referral service learns the person from identification's stream first.
-    let created = eventually("the referral service learns the person", || {
+    let created = eventually("the referral accepts the consent", || {
         let mut referral = referral.clone();
         let request = request.clone();
         async move { referral.create_referral(authorized(request, &as_(POLICE))).await }
@@ -264,6 +264,11 @@ async fn run_flow(m: &Mechanism) -> Flow {
 
 /// The steps of `subject` as stored: (kind, at, source, decoded step), by time.
 async fn steps_of(casepath: &CasepathApp, subject: &str) -> Vec<(i32, DateTime<Utc>, String, cp::Step)> {
+    steps_in(casepath, subject, "kg").await
+}
+
+/// As [`steps_of`], for steps that happened in `country`.
+async fn steps_in(casepath: &CasepathApp, subject: &str, country: &str) -> Vec<(i32, DateTime<Utc>, String, cp::Step)> {
     let rows = sqlx::query(
         "SELECT kind, part, at, source, subject_id, step FROM cp_steps WHERE subject_id = $1
          ORDER BY at, stream_sequence, position",
@@ -282,17 +287,14 @@ async fn steps_of(casepath: &CasepathApp, subject: &str) -> Vec<(i32, DateTime<U
             assert_eq!(step.subject_id, subject);
             assert_eq!(step.at.map(|t| t.seconds), Some(at.timestamp()));
             assert!(step.spent.is_none());
-            assert_eq!(step.country, "kg");
+            assert_eq!(step.country, country);
             (step.kind, at, r.get::<String, _>("source"), step)
         })
         .collect()
 }
 
 fn kinds(steps: &[(i32, DateTime<Utc>, String, cp::Step)]) -> Vec<cp::StepKind> {
-    steps
-        .iter()
-        .map(|s| cp::StepKind::try_from(s.0).unwrap())
-        .collect()
+    steps.iter().map(|s| cp::StepKind::try_from(s.0).unwrap()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,14 +381,20 @@ async fn casepath_follows_every_stream_into_its_read_models_and_a_rebuild_gives_
     .unwrap();
     assert_eq!(referral.get::<Uuid, _>("person_id"), uuid(&flow.person_id));
     assert_eq!(referral.get::<Option<Uuid>, _>("case_id"), Some(uuid(&flow.case_id)));
-    assert_eq!(referral.get::<Option<Uuid>, _>("consent_id"), Some(uuid(&flow.consent_id)));
+    assert_eq!(
+        referral.get::<Option<Uuid>, _>("consent_id"),
+        Some(uuid(&flow.consent_id))
+    );
     assert_eq!(referral.get::<String, _>("referring_agency"), "kg-mvd");
     assert_eq!(referral.get::<String, _>("receiving_agency"), "kg-msd");
     assert_eq!(referral.get::<String, _>("status"), "accepted");
     assert!(referral.get::<Option<DateTime<Utc>>, _>("waiting_since").is_none());
     assert!(referral.get::<Option<DateTime<Utc>>, _>("answer_due_at").is_some());
     let accepted_at = referral.get::<Option<DateTime<Utc>>, _>("accepted_at").unwrap();
-    assert_eq!(referral.get::<Option<DateTime<Utc>>, _>("answered_at"), Some(accepted_at));
+    assert_eq!(
+        referral.get::<Option<DateTime<Utc>>, _>("answered_at"),
+        Some(accepted_at)
+    );
     let referral_steps = steps_of(&casepath, &flow.referral_id).await;
     assert_eq!(
         kinds(&referral_steps),
@@ -417,7 +425,10 @@ async fn casepath_follows_every_stream_into_its_read_models_and_a_rebuild_gives_
     .await
     .unwrap();
     assert_eq!(hold.get::<Uuid, _>("shelter_id"), uuid(&flow.shelter_id));
-    assert_eq!(hold.get::<Option<Uuid>, _>("referral_id"), Some(uuid(&flow.referral_id)));
+    assert_eq!(
+        hold.get::<Option<Uuid>, _>("referral_id"),
+        Some(uuid(&flow.referral_id))
+    );
     assert!(hold.get::<Option<Uuid>, _>("cause_commit_id").is_none());
     assert_eq!(hold.get::<String, _>("holder_agency"), "kg-msd");
     assert_eq!(hold.get::<String, _>("status"), "admitted");
@@ -478,7 +489,11 @@ async fn casepath_follows_every_stream_into_its_read_models_and_a_rebuild_gives_
     assert_eq!(after, total);
     // Every event applied once more (past the runner's guards) changes nothing.
     casepath.reapply_all().await;
-    assert_eq!(casepath.digests().await, live, "an event applied twice changed a read model");
+    assert_eq!(
+        casepath.digests().await,
+        live,
+        "an event applied twice changed a read model"
+    );
 
     // No identifier typed into the report, and not the shelter's address,
     // anywhere in casepath's database (its tables and the kernel's).
@@ -491,4 +506,136 @@ async fn casepath_follows_every_stream_into_its_read_models_and_a_rebuild_gives_
 
     casepath.stop().await;
     m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn casepath_follows_a_return_and_passes_over_its_crossing_commits() {
+    use nrm_e2e::repatriation::{CountryKeys, RepatriationApp, repatriation_settings};
+    use nrm_proto::common::v1::EventCommit;
+    use nrm_proto::repatriation::v1 as rp;
+
+    // The destination country (ru) opens a return home to kg for a case of its own.
+    let (ru, kg) = (CountryKeys::generate("ru"), CountryKeys::generate("kg"));
+    let repatriation = RepatriationApp::spawn_with(repatriation_settings(&ru, &[&kg])).await;
+    let casepath = CasepathApp::spawn_on(&repatriation.settings.common, "ru").await;
+    let iom = token("ru-iom", Role::Iom, "iom-officer-1");
+    let case_ref = rid();
+    let mut client = repatriation.client.clone();
+    let opened = client
+        .open_return(authorized(
+            rp::OpenReturnRequest {
+                request_id: rid(),
+                citizenship: "KG".into(),
+                identifiers: Some(nrm_e2e::canary::identifiers()),
+                gender: nrm_proto::common::v1::Gender::Female as i32,
+                age_band: nrm_proto::common::v1::AgeBand::AgeBand1824 as i32,
+                form_of_exploitation: "EXPLOITATION_FORM_LABOUR".into(),
+                country_of_exploitation: "RU".into(),
+                foreign_reference: case_ref.clone(),
+                identified_by: "ru-mvd".into(),
+                consulate_agency: "kg-consulate-moscow".into(),
+            },
+            &iom,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // The consent: the first step that crosses (a sealed commit on the same stream).
+    client
+        .record_return_consent(authorized(
+            rp::RecordReturnConsentRequest {
+                request_id: rid(),
+                return_id: opened.return_id.clone(),
+                expected_version: 1,
+                informed_consent_to_return: true,
+                shared_fields: vec![rp::SharedField::Identity as i32, rp::SharedField::Needs as i32],
+                consent_to_reintegration_referral: true,
+                attested_by: "iom-officer-1".into(),
+                consent_form_ref: "FORM-2026-7".into(),
+            },
+            &iom,
+        ))
+        .await
+        .unwrap();
+    // Both commits and the crossing one are on the stream before casepath is waited for.
+    let on_stream = eventually("the return's commits and its crossing are published", || {
+        let repatriation = &repatriation;
+        async move {
+            let commits: Vec<EventCommit> = repatriation
+                .messages()
+                .await
+                .iter()
+                .map(|m| EventCommit::decode(m.payload.as_ref()).unwrap())
+                .collect();
+            if commits.len() >= 3 {
+                Ok(commits)
+            } else {
+                Err(tonic::Status::not_found("not yet"))
+            }
+        }
+    })
+    .await;
+    casepath.wait_caught_up().await;
+
+    let row = sqlx::query(
+        "SELECT direction, from_country, to_country, opened_by, consulate_agency, foreign_reference, status
+         FROM cp_returns WHERE return_id = $1",
+    )
+    .bind(uuid(&opened.return_id))
+    .fetch_one(&casepath.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i32, _>("direction"), rp::Direction::Outgoing as i32);
+    assert_eq!(row.get::<String, _>("from_country"), "ru");
+    assert_eq!(row.get::<String, _>("to_country"), "kg");
+    assert_eq!(row.get::<String, _>("opened_by"), "ru-iom");
+    assert_eq!(row.get::<String, _>("consulate_agency"), "kg-consulate-moscow");
+    assert_eq!(row.get::<String, _>("foreign_reference"), case_ref);
+    assert_eq!(row.get::<i32, _>("status"), rp::ReturnStatus::Consented as i32);
+
+    // Every commit of the return's own stream is kept; the crossing commit is not.
+    let kept: Vec<Uuid> = sqlx::query_scalar("SELECT commit_id FROM cp_return_commits ORDER BY commit_id")
+        .fetch_all(&casepath.pool)
+        .await
+        .unwrap();
+    let mut own: Vec<Uuid> = on_stream
+        .iter()
+        .filter(|c| c.stream_id.starts_with("return-"))
+        .map(|c| uuid(&c.commit_id))
+        .collect();
+    own.sort();
+    assert_eq!(own.len(), 2);
+    assert_eq!(kept, own);
+    assert!(on_stream.iter().any(|c| c.stream_id.starts_with("xborder-")));
+
+    let steps = steps_in(&casepath, &opened.return_id, "ru").await;
+    assert_eq!(kinds(&steps), [cp::StepKind::ReturnOpened, cp::StepKind::ReturnConsent]);
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.2 == "casepath_repatriation" && s.3.agency == "ru-iom")
+    );
+    let Some(cp::step::Detail::Return(d)) = &steps[0].3.detail else {
+        panic!("return detail")
+    };
+    assert_eq!((d.from_country.as_str(), d.to_country.as_str()), ("ru", "kg"));
+
+    let live = casepath.digests().await;
+    casepath.rebuild().await;
+    assert_eq!(casepath.digests().await, live, "a rebuild changed a read model");
+    casepath.reapply_all().await;
+    assert_eq!(
+        casepath.digests().await,
+        live,
+        "an event applied twice changed a read model"
+    );
+
+    for canary in nrm_e2e::canary::values() {
+        let found = casepath.rows_containing(&canary).await;
+        assert!(found.is_empty(), "{canary} found in casepath: {found:?}");
+    }
+
+    casepath.stop().await;
+    repatriation.stop(&[&kg]).await;
 }
