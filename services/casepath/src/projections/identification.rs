@@ -45,11 +45,7 @@ impl Projection for IdentificationProjection {
         if effect.is_empty() {
             return Ok(());
         }
-        let conn = uow.conn();
-        for write in &effect.writes {
-            write_one(&mut *conn, write).await?;
-        }
-        super::finish(conn, NAME, delivery, &effect.steps).await
+        super::write_effect(uow.conn(), NAME, delivery, &effect, query).await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -63,16 +59,17 @@ impl Projection for IdentificationProjection {
     }
 }
 
-async fn write_one(conn: &mut PgConnection, write: &IdentificationWrite) -> Result<(), anyhow::Error> {
+/// The statement of one write, with `steps` (see [`super::write_effect`]).
+fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::Query<'q> {
     match write {
-        IdentificationWrite::Open(row) => {
-            sqlx::query(
+        IdentificationWrite::Open(row) => steps
+            .bind(sqlx::query(with_steps!(
                 "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
                    found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
                    decision, decided_at, decision_waiting_since, from_country, return_id, possible_duplicate)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-                 ON CONFLICT (case_id) DO NOTHING",
-            )
+                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)
+                 ON CONFLICT (case_id) DO NOTHING"
+            )))
             .bind(row.case_id.as_uuid())
             .bind(row.person_id.as_uuid())
             .bind(&row.reporting_agency)
@@ -91,61 +88,51 @@ async fn write_one(conn: &mut PgConnection, write: &IdentificationWrite) -> Resu
             .bind(row.decision_waiting_since)
             .bind(row.from_country.as_deref())
             .bind(row.return_id.map(|r| r.as_uuid()))
-            .bind(row.possible_duplicate)
-            .execute(conn)
-            .await?;
-        }
-        IdentificationWrite::FlagDuplicate { case_id } => {
-            sqlx::query("UPDATE cp_cases SET possible_duplicate = true WHERE case_id = $1")
-                .bind(case_id.as_uuid())
-                .execute(conn)
-                .await?;
-        }
-        IdentificationWrite::Screened { case_id } => {
-            sqlx::query("UPDATE cp_cases SET status = $2 WHERE case_id = $1")
-                .bind(case_id.as_uuid())
-                .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32)
-                .execute(conn)
-                .await?;
-        }
+            .bind(row.possible_duplicate),
+        IdentificationWrite::FlagDuplicate { case_id } => steps
+            .bind(sqlx::query(with_steps!(
+                "UPDATE cp_cases SET possible_duplicate = true WHERE case_id = $12"
+            )))
+            .bind(case_id.as_uuid()),
+        IdentificationWrite::Screened { case_id } => steps
+            .bind(sqlx::query(with_steps!(
+                "UPDATE cp_cases SET status = $13 WHERE case_id = $12"
+            )))
+            .bind(case_id.as_uuid())
+            .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32),
         IdentificationWrite::Decided {
             case_id,
             status,
             decision,
             decided_at,
-        } => {
-            sqlx::query(
-                "UPDATE cp_cases SET status = $2, decision = $3, decided_at = $4, decision_waiting_since = NULL
-                 WHERE case_id = $1",
-            )
+        } => steps
+            .bind(sqlx::query(with_steps!(
+                "UPDATE cp_cases SET status = $13, decision = $14, decided_at = $15, decision_waiting_since = NULL
+                 WHERE case_id = $12"
+            )))
             .bind(case_id.as_uuid())
             .bind(status)
             .bind(decision)
-            .bind(decided_at)
-            .execute(conn)
-            .await?;
-        }
-        IdentificationWrite::ReviewRequested { case_id, requested_at } => {
-            sqlx::query("UPDATE cp_cases SET status = $2, decision_waiting_since = $3 WHERE case_id = $1")
-                .bind(case_id.as_uuid())
-                .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32)
-                .bind(requested_at)
-                .execute(conn)
-                .await?;
-        }
-        IdentificationWrite::Erased { person_id, erased_at } => {
-            sqlx::query("UPDATE cp_cases SET erased_at = coalesce(erased_at, $2) WHERE person_id = $1")
-                .bind(person_id.as_uuid())
-                .bind(erased_at)
-                .execute(conn)
-                .await?;
-        }
-        IdentificationWrite::Notification(n) => {
-            sqlx::query(
+            .bind(decided_at),
+        IdentificationWrite::ReviewRequested { case_id, requested_at } => steps
+            .bind(sqlx::query(with_steps!(
+                "UPDATE cp_cases SET status = $13, decision_waiting_since = $14 WHERE case_id = $12"
+            )))
+            .bind(case_id.as_uuid())
+            .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32)
+            .bind(requested_at),
+        IdentificationWrite::Erased { person_id, erased_at } => steps
+            .bind(sqlx::query(with_steps!(
+                "UPDATE cp_cases SET erased_at = coalesce(erased_at, $13) WHERE person_id = $12"
+            )))
+            .bind(person_id.as_uuid())
+            .bind(erased_at),
+        IdentificationWrite::Notification(n) => steps
+            .bind(sqlx::query(with_steps!(
                 "INSERT INTO cp_notifications (notification_id, filed_on, found_country, country_of_exploitation,
                    exploitation_forms, gender, age_band, citizenship)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (notification_id) DO NOTHING",
-            )
+                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19) ON CONFLICT (notification_id) DO NOTHING"
+            )))
             .bind(n.notification_id)
             .bind(n.filed_on)
             .bind(&n.found_country)
@@ -153,10 +140,6 @@ async fn write_one(conn: &mut PgConnection, write: &IdentificationWrite) -> Resu
             .bind(&n.exploitation_forms)
             .bind(n.gender)
             .bind(n.age_band)
-            .bind(&n.citizenship)
-            .execute(conn)
-            .await?;
-        }
+            .bind(&n.citizenship),
     }
-    Ok(())
 }

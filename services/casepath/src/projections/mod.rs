@@ -4,12 +4,34 @@
 //! transaction. What an event means is [`crate::domain::steps`]; here only
 //! the SQL. Every write is idempotent (an upsert, or an update to a value
 //! the event fixes), no apply reads another table, and a commit costs one
-//! statement per row write plus one for all its steps and the notification.
+//! statement per row write, the last of them also writing all the commit's
+//! steps and notifying ([`with_steps!`]); a commit without row writes, one
+//! statement for its steps and the notification.
 //!
 //! - [`identification`]: `cp_cases`, `cp_notifications`.
 //! - [`referral`]: `cp_consents`, `cp_referrals`, `cp_goals`.
 //! - [`shelter`]: `cp_shelters`, `cp_holds`.
 //! - [`repatriation`]: `cp_returns`, `cp_return_commits`.
+
+/// `$write` (its parameters from `$12`) fused with the insert of a
+/// commit's steps (`$1`–`$11`, bound by [`Steps::bind`]) and the
+/// notification on [`CHANGED`]: one round trip for a commit's last write.
+macro_rules! with_steps {
+    ($write:literal) => {
+        concat!(
+            "WITH written AS (",
+            $write,
+            "), stepped AS (
+               INSERT INTO cp_steps (source, step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
+               SELECT $1, s.step_id, s.subject_id, s.part, s.kind, s.at, $2, $3, $4, s.position, s.step
+               FROM unnest($5::uuid[], $6::uuid[], $7::int4[], $8::int4[], $9::timestamptz[], $10::int4[], $11::bytea[])
+                 AS s(step_id, subject_id, part, kind, at, position, step)
+               ON CONFLICT (source, step_id) DO NOTHING
+             )
+             SELECT pg_notify('casepath_changed', $1)"
+        )
+    };
+}
 
 pub mod identification;
 pub mod referral;
@@ -25,7 +47,7 @@ use prost::Message as _;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::steps::{Origin, StepRow};
+use crate::domain::steps::{Effect, Origin, StepRow};
 
 pub use identification::IdentificationProjection;
 pub use referral::ReferralProjection;
@@ -58,69 +80,115 @@ fn origin<'a>(country: &'a CountryCode, delivery: &'a Delivery) -> Origin<'a> {
     }
 }
 
-/// Writes the commit's steps (in one statement, each at most once) and
-/// notifies [`CHANGED`] with `source`, in the apply's transaction.
+/// A query of a projection, borrowing what it binds.
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// A commit's steps as the parameters `$1`–`$11` of [`with_steps!`].
+struct Steps {
+    source: &'static str,
+    commit_id: Uuid,
+    causation_id: Option<Uuid>,
+    stream_sequence: i64,
+    step_ids: Vec<Uuid>,
+    subjects: Vec<Uuid>,
+    parts: Vec<i32>,
+    kinds: Vec<i32>,
+    ats: Vec<DateTime<Utc>>,
+    positions: Vec<i32>,
+    encoded: Vec<Vec<u8>>,
+}
+
+impl Steps {
+    /// The steps of `delivery`'s commit, their position in it their index.
+    fn of(source: &'static str, delivery: &Delivery, steps: &[StepRow]) -> Result<Self, anyhow::Error> {
+        let commit_id: Uuid = delivery
+            .commit
+            .commit_id
+            .parse()
+            .with_context(|| format!("commit {} has a malformed ID", delivery.commit.commit_id))?;
+        let mut out = Self {
+            source,
+            commit_id,
+            causation_id: delivery.metadata.as_ref().map(|m| m.causation_id),
+            stream_sequence: i64::try_from(delivery.stream_sequence)?,
+            step_ids: Vec::with_capacity(steps.len()),
+            subjects: Vec::with_capacity(steps.len()),
+            parts: Vec::with_capacity(steps.len()),
+            kinds: Vec::with_capacity(steps.len()),
+            ats: Vec::with_capacity(steps.len()),
+            positions: Vec::with_capacity(steps.len()),
+            encoded: Vec::with_capacity(steps.len()),
+        };
+        for (position, row) in steps.iter().enumerate() {
+            out.step_ids.push(row.step_id);
+            out.subjects.push(row.subject_id);
+            out.parts.push(row.part());
+            out.kinds.push(row.kind());
+            out.ats.push(row.at);
+            out.positions.push(i32::try_from(position)?);
+            out.encoded.push(row.step.encode_to_vec());
+        }
+        Ok(out)
+    }
+
+    /// No steps, for the writes before a commit's last.
+    fn none(&self) -> Self {
+        Self {
+            source: self.source,
+            commit_id: self.commit_id,
+            causation_id: self.causation_id,
+            stream_sequence: self.stream_sequence,
+            step_ids: Vec::new(),
+            subjects: Vec::new(),
+            parts: Vec::new(),
+            kinds: Vec::new(),
+            ats: Vec::new(),
+            positions: Vec::new(),
+            encoded: Vec::new(),
+        }
+    }
+
+    /// Binds `$1`–`$11`.
+    fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
+        query
+            .bind(self.source)
+            .bind(self.commit_id)
+            .bind(self.causation_id)
+            .bind(self.stream_sequence)
+            .bind(&self.step_ids)
+            .bind(&self.subjects)
+            .bind(&self.parts)
+            .bind(&self.kinds)
+            .bind(&self.ats)
+            .bind(&self.positions)
+            .bind(&self.encoded)
+    }
+}
+
+/// Writes what one commit does: each row write (`write` builds its query
+/// with [`with_steps!`], binding the given steps first), the last one with
+/// the commit's steps; the steps alone when there is no row write. Each in
+/// the apply's transaction, [`CHANGED`] notified with `source`.
 ///
 /// # Errors
 /// When the commit ID is malformed or the database fails.
-async fn finish(
+async fn write_effect<W>(
     conn: &mut PgConnection,
     source: &'static str,
     delivery: &Delivery,
-    steps: &[StepRow],
+    effect: &Effect<W>,
+    write: impl for<'q> Fn(&'q W, &'q Steps) -> Query<'q>,
 ) -> Result<(), anyhow::Error> {
-    if steps.is_empty() {
-        sqlx::query("SELECT pg_notify('casepath_changed', $1)")
-            .bind(source)
-            .execute(conn)
-            .await?;
+    let steps = Steps::of(source, delivery, &effect.steps)?;
+    let Some((last, before)) = effect.writes.split_last() else {
+        steps.bind(sqlx::query(with_steps!("SELECT 1"))).execute(conn).await?;
         return Ok(());
+    };
+    let none = steps.none();
+    for row in before {
+        write(row, &none).execute(&mut *conn).await?;
     }
-    let commit_id: Uuid = delivery
-        .commit
-        .commit_id
-        .parse()
-        .with_context(|| format!("commit {} has a malformed ID", delivery.commit.commit_id))?;
-    let causation_id = delivery.metadata.as_ref().map(|m| m.causation_id);
-    let mut step_ids = Vec::with_capacity(steps.len());
-    let mut subjects = Vec::with_capacity(steps.len());
-    let mut parts = Vec::with_capacity(steps.len());
-    let mut kinds = Vec::with_capacity(steps.len());
-    let mut ats: Vec<DateTime<Utc>> = Vec::with_capacity(steps.len());
-    let mut positions = Vec::with_capacity(steps.len());
-    let mut encoded = Vec::with_capacity(steps.len());
-    for (position, row) in steps.iter().enumerate() {
-        step_ids.push(row.step_id);
-        subjects.push(row.subject_id);
-        parts.push(row.part());
-        kinds.push(row.kind());
-        ats.push(row.at);
-        positions.push(i32::try_from(position)?);
-        encoded.push(row.step.encode_to_vec());
-    }
-    sqlx::query(
-        "WITH written AS (
-           INSERT INTO cp_steps (source, step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
-           SELECT $1, s.step_id, s.subject_id, s.part, s.kind, s.at, $2, $3, $4, s.position, s.step
-           FROM unnest($5::uuid[], $6::uuid[], $7::int4[], $8::int4[], $9::timestamptz[], $10::int4[], $11::bytea[])
-             AS s(step_id, subject_id, part, kind, at, position, step)
-           ON CONFLICT (source, step_id) DO NOTHING
-         )
-         SELECT pg_notify('casepath_changed', $1)",
-    )
-    .bind(source)
-    .bind(commit_id)
-    .bind(causation_id)
-    .bind(i64::try_from(delivery.stream_sequence)?)
-    .bind(&step_ids)
-    .bind(&subjects)
-    .bind(&parts)
-    .bind(&kinds)
-    .bind(&ats)
-    .bind(&positions)
-    .bind(&encoded)
-    .execute(conn)
-    .await?;
+    write(last, &steps).execute(conn).await?;
     Ok(())
 }
 

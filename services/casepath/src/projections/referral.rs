@@ -46,11 +46,7 @@ impl Projection for ReferralProjection {
         if effect.is_empty() {
             return Ok(());
         }
-        let conn = uow.conn();
-        for write in &effect.writes {
-            write_one(&mut *conn, write).await?;
-        }
-        super::finish(conn, NAME, delivery, &effect.steps).await
+        super::write_effect(uow.conn(), NAME, delivery, &effect, query).await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -65,14 +61,13 @@ impl Projection for ReferralProjection {
     }
 }
 
-async fn write_one(conn: &mut PgConnection, write: &ReferralWrite) -> Result<(), anyhow::Error> {
+/// The statement of one write, with `steps` (see [`super::write_effect`]).
+fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<'q> {
     match write {
         ReferralWrite::Consent(c) => {
-            sqlx::query(
-                "INSERT INTO cp_consents (consent_id, person_id, case_id, recipient_agency, recorded_by_agency,
+            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_consents (consent_id, person_id, case_id, recipient_agency, recorded_by_agency,
                    purposes, data_categories, recorded_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (consent_id) DO NOTHING",
-            )
+                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20) ON CONFLICT (consent_id) DO NOTHING")))
             .bind(c.consent_id.as_uuid())
             .bind(c.person_id.as_uuid())
             .bind(c.case_id.map(|i| i.as_uuid()))
@@ -82,31 +77,23 @@ async fn write_one(conn: &mut PgConnection, write: &ReferralWrite) -> Result<(),
             .bind(&c.data_categories)
             .bind(c.recorded_at)
             .bind(c.expires_at)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::ConsentEnded {
             consent_id,
             ended_at,
             end_reason,
         } => {
-            sqlx::query(
-                "UPDATE cp_consents SET ended_at = coalesce(ended_at, $2),
-                   end_reason = CASE WHEN ended_at IS NULL THEN $3 ELSE end_reason END
-                 WHERE consent_id = $1",
-            )
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_consents SET ended_at = coalesce(ended_at, $13),
+                   end_reason = CASE WHEN ended_at IS NULL THEN $14 ELSE end_reason END
+                 WHERE consent_id = $12")))
             .bind(consent_id.as_uuid())
             .bind(ended_at)
             .bind(end_reason)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::Referral(r) => {
-            sqlx::query(
-                "INSERT INTO cp_referrals (referral_id, person_id, case_id, referring_agency, receiving_agency,
+            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_referrals (referral_id, person_id, case_id, referring_agency, receiving_agency,
                    consent_id, services, urgency, status, created_at, waiting_since, answer_due_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $9, $10) ON CONFLICT (referral_id) DO NOTHING",
-            )
+                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, 'pending', $20, $20, $21) ON CONFLICT (referral_id) DO NOTHING")))
             .bind(r.referral_id.as_uuid())
             .bind(r.person_id.as_uuid())
             .bind(r.case_id.map(|i| i.as_uuid()))
@@ -117,29 +104,19 @@ async fn write_one(conn: &mut PgConnection, write: &ReferralWrite) -> Result<(),
             .bind(r.urgency)
             .bind(r.created_at)
             .bind(r.answer_due_at)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::Accepted { referral_id, at } => {
-            sqlx::query(
-                "UPDATE cp_referrals SET status = 'accepted', accepted_at = $2,
-                   answered_at = coalesce(answered_at, $2), waiting_since = NULL
-                 WHERE referral_id = $1",
-            )
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'accepted', accepted_at = $13,
+                   answered_at = coalesce(answered_at, $13), waiting_since = NULL
+                 WHERE referral_id = $12")))
             .bind(referral_id.as_uuid())
             .bind(at)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::Declined { referral_id, at } => {
-            sqlx::query(
-                "UPDATE cp_referrals SET status = 'declined', answered_at = coalesce(answered_at, $2), waiting_since = NULL
-                 WHERE referral_id = $1",
-            )
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'declined', answered_at = coalesce(answered_at, $13), waiting_since = NULL
+                 WHERE referral_id = $12")))
             .bind(referral_id.as_uuid())
             .bind(at)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::Redirected {
             referral_id,
@@ -148,60 +125,43 @@ async fn write_one(conn: &mut PgConnection, write: &ReferralWrite) -> Result<(),
             answer_due_at,
             consent_id,
         } => {
-            sqlx::query(
-                "UPDATE cp_referrals SET receiving_agency = $2, status = 'pending', waiting_since = $3,
-                   answer_due_at = $4, consent_id = coalesce($5, consent_id)
-                 WHERE referral_id = $1",
-            )
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET receiving_agency = $13, status = 'pending', waiting_since = $14,
+                   answer_due_at = $15, consent_id = coalesce($16, consent_id)
+                 WHERE referral_id = $12")))
             .bind(referral_id.as_uuid())
             .bind(receiving_agency)
             .bind(at)
             .bind(answer_due_at)
             .bind(consent_id.map(|i| i.as_uuid()))
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::Closed {
             referral_id,
             outcome,
             at,
         } => {
-            sqlx::query(
-                "UPDATE cp_referrals SET status = 'closed', outcome = $2, closed_at = $3, waiting_since = NULL
-                 WHERE referral_id = $1",
-            )
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'closed', outcome = $13, closed_at = $14, waiting_since = NULL
+                 WHERE referral_id = $12")))
             .bind(referral_id.as_uuid())
             .bind(outcome)
             .bind(at)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::Cancelled { referral_id } => {
-            sqlx::query("UPDATE cp_referrals SET status = 'cancelled', waiting_since = NULL WHERE referral_id = $1")
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'cancelled', waiting_since = NULL WHERE referral_id = $12")))
                 .bind(referral_id.as_uuid())
-                .execute(conn)
-                .await?;
         }
         ReferralWrite::Goal(g) => {
-            sqlx::query(
-                "INSERT INTO cp_goals (goal_id, person_id, kind, added_at, due_at)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (goal_id) DO NOTHING",
-            )
+            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_goals (goal_id, person_id, kind, added_at, due_at)
+                 VALUES ($12, $13, $14, $15, $16) ON CONFLICT (goal_id) DO NOTHING")))
             .bind(g.goal_id.as_uuid())
             .bind(g.person_id.as_uuid())
             .bind(g.kind)
             .bind(g.added_at)
             .bind(g.due_at)
-            .execute(conn)
-            .await?;
         }
         ReferralWrite::GoalMet { goal_id, met_at } => {
-            sqlx::query("UPDATE cp_goals SET met_at = coalesce(met_at, $2) WHERE goal_id = $1")
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_goals SET met_at = coalesce(met_at, $13) WHERE goal_id = $12")))
                 .bind(goal_id.as_uuid())
                 .bind(met_at)
-                .execute(conn)
-                .await?;
         }
     }
-    Ok(())
 }

@@ -50,11 +50,7 @@ impl Projection for RepatriationProjection {
         if effect.is_empty() {
             return Ok(());
         }
-        let conn = uow.conn();
-        for write in &effect.writes {
-            write_one(&mut *conn, write).await?;
-        }
-        super::finish(conn, NAME, delivery, &effect.steps).await
+        super::write_effect(uow.conn(), NAME, delivery, &effect, query).await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -68,19 +64,16 @@ impl Projection for RepatriationProjection {
     }
 }
 
-async fn write_one(conn: &mut PgConnection, write: &ReturnWrite) -> Result<(), anyhow::Error> {
+/// The statement of one write, with `steps` (see [`super::write_effect`]).
+fn query<'q>(write: &'q ReturnWrite, steps: &'q super::Steps) -> super::Query<'q> {
     match write {
         ReturnWrite::Commit { commit_id, return_id } => {
-            sqlx::query(
-                "INSERT INTO cp_return_commits (commit_id, return_id) VALUES ($1, $2) ON CONFLICT (commit_id) DO NOTHING",
-            )
+            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_return_commits (commit_id, return_id) VALUES ($12, $13) ON CONFLICT (commit_id) DO NOTHING")))
             .bind(commit_id.as_uuid())
             .bind(return_id.as_uuid())
-            .execute(conn)
-            .await?;
         }
-        ReturnWrite::Opened(row) => upsert(conn, row, false).await?,
-        ReturnWrite::Announced(row) => upsert(conn, row, true).await?,
+        ReturnWrite::Opened(row) => upsert(row, false, steps),
+        ReturnWrite::Announced(row) => upsert(row, true, steps),
         ReturnWrite::Status {
             return_id,
             status,
@@ -90,39 +83,39 @@ async fn write_one(conn: &mut PgConnection, write: &ReturnWrite) -> Result<(), a
                 Some((by, at)) => (Some(by.as_str()), Some(*at)),
                 None => (None, None),
             };
-            sqlx::query(
-                "UPDATE cp_returns SET status = $2, received_by = coalesce($3, received_by),
-                   handed_over_at = coalesce($4, handed_over_at)
-                 WHERE return_id = $1",
-            )
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_returns SET status = $13, received_by = coalesce($14, received_by),
+                   handed_over_at = coalesce($15, handed_over_at)
+                 WHERE return_id = $12")))
             .bind(return_id.as_uuid())
             .bind(status)
             .bind(received_by)
             .bind(handed_over_at)
-            .execute(conn)
-            .await?;
         }
     }
-    Ok(())
 }
 
 /// The return's row; an announced one takes each newer snapshot's state.
-async fn upsert(conn: &mut PgConnection, row: &ReturnRow, announced: bool) -> Result<(), anyhow::Error> {
-    let sql = if announced {
-        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
-           received_by, foreign_reference, status, opened_at, handed_over_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-         ON CONFLICT (return_id) DO UPDATE SET direction = EXCLUDED.direction, from_country = EXCLUDED.from_country,
-           to_country = EXCLUDED.to_country, opened_by = EXCLUDED.opened_by, received_by = EXCLUDED.received_by,
-           foreign_reference = EXCLUDED.foreign_reference, status = EXCLUDED.status,
-           handed_over_at = EXCLUDED.handed_over_at"
+fn upsert<'q>(row: &'q ReturnRow, announced: bool, steps: &'q super::Steps) -> super::Query<'q> {
+    let query = if announced {
+        sqlx::query(with_steps!(
+            "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
+               received_by, foreign_reference, status, opened_at, handed_over_at)
+             VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
+             ON CONFLICT (return_id) DO UPDATE SET direction = EXCLUDED.direction, from_country = EXCLUDED.from_country,
+               to_country = EXCLUDED.to_country, opened_by = EXCLUDED.opened_by, received_by = EXCLUDED.received_by,
+               foreign_reference = EXCLUDED.foreign_reference, status = EXCLUDED.status,
+               handed_over_at = EXCLUDED.handed_over_at"
+        ))
     } else {
-        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
-           received_by, foreign_reference, status, opened_at, handed_over_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-         ON CONFLICT (return_id) DO NOTHING"
+        sqlx::query(with_steps!(
+            "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
+               received_by, foreign_reference, status, opened_at, handed_over_at)
+             VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
+             ON CONFLICT (return_id) DO NOTHING"
+        ))
     };
-    sqlx::query(sql)
+    steps
+        .bind(query)
         .bind(row.return_id.as_uuid())
         .bind(row.direction)
         .bind(&row.from_country)
@@ -134,7 +127,4 @@ async fn upsert(conn: &mut PgConnection, row: &ReturnRow, announced: bool) -> Re
         .bind(row.status)
         .bind(row.opened_at)
         .bind(row.handed_over_at)
-        .execute(conn)
-        .await?;
-    Ok(())
 }

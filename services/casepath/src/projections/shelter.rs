@@ -10,7 +10,7 @@ use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
 
-use crate::domain::steps::{self, ShelterWrite};
+use crate::domain::steps::{self, HoldStatus, ShelterWrite};
 
 /// The stream it reads.
 pub const CONTEXT: &str = "shelter";
@@ -50,11 +50,7 @@ impl Projection for ShelterProjection {
         if effect.is_empty() {
             return Ok(());
         }
-        let conn = uow.conn();
-        for write in &effect.writes {
-            write_one(&mut *conn, write).await?;
-        }
-        super::finish(conn, NAME, delivery, &effect.steps).await
+        super::write_effect(uow.conn(), NAME, delivery, &effect, query).await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -68,27 +64,25 @@ impl Projection for ShelterProjection {
     }
 }
 
-async fn write_one(conn: &mut PgConnection, write: &ShelterWrite) -> Result<(), anyhow::Error> {
+/// The statement of one write, with `steps` (see [`super::write_effect`]).
+fn query<'q>(write: &'q ShelterWrite, steps: &'q super::Steps) -> super::Query<'q> {
     match write {
-        ShelterWrite::Shelter(s) => {
-            sqlx::query(
-                "INSERT INTO cp_shelters (shelter_id, code, region, operator_agency) VALUES ($1, $2, $3, $4)
+        ShelterWrite::Shelter(s) => steps
+            .bind(sqlx::query(with_steps!(
+                "INSERT INTO cp_shelters (shelter_id, code, region, operator_agency) VALUES ($12, $13, $14, $15)
                  ON CONFLICT (shelter_id) DO UPDATE SET code = EXCLUDED.code, region = EXCLUDED.region,
-                   operator_agency = EXCLUDED.operator_agency",
-            )
+                   operator_agency = EXCLUDED.operator_agency"
+            )))
             .bind(s.shelter_id.as_uuid())
             .bind(&s.code)
             .bind(&s.region)
-            .bind(&s.operator_agency)
-            .execute(conn)
-            .await?;
-        }
-        ShelterWrite::Hold(h) => {
-            sqlx::query(
+            .bind(&s.operator_agency),
+        ShelterWrite::Hold(h) => steps
+            .bind(sqlx::query(with_steps!(
                 "INSERT INTO cp_holds (hold_id, shelter_id, referral_id, cause_commit_id, holder_agency, category,
                    held_at, expires_at, status)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'held') ON CONFLICT (hold_id) DO NOTHING",
-            )
+                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, 'held') ON CONFLICT (hold_id) DO NOTHING"
+            )))
             .bind(h.hold_id.as_uuid())
             .bind(h.shelter_id.as_uuid())
             .bind(h.referral_id.map(|i| i.as_uuid()))
@@ -96,28 +90,23 @@ async fn write_one(conn: &mut PgConnection, write: &ShelterWrite) -> Result<(), 
             .bind(&h.holder_agency)
             .bind(h.category)
             .bind(h.held_at)
-            .bind(h.expires_at)
-            .execute(conn)
-            .await?;
-        }
+            .bind(h.expires_at),
         ShelterWrite::HoldStatus { hold_id, status, at } => {
             let (admitted, discharged) = match status {
-                steps::HoldStatus::Admitted => (Some(*at), None),
-                steps::HoldStatus::Discharged => (None, Some(*at)),
-                steps::HoldStatus::Released | steps::HoldStatus::Expired => (None, None),
+                HoldStatus::Admitted => (Some(*at), None),
+                HoldStatus::Discharged => (None, Some(*at)),
+                HoldStatus::Released | HoldStatus::Expired => (None, None),
             };
-            sqlx::query(
-                "UPDATE cp_holds SET status = $2, admitted_at = coalesce(admitted_at, $3),
-                   discharged_at = coalesce(discharged_at, $4)
-                 WHERE hold_id = $1",
-            )
-            .bind(hold_id.as_uuid())
-            .bind(status.as_str())
-            .bind(admitted)
-            .bind(discharged)
-            .execute(conn)
-            .await?;
+            steps
+                .bind(sqlx::query(with_steps!(
+                    "UPDATE cp_holds SET status = $13, admitted_at = coalesce(admitted_at, $14),
+                   discharged_at = coalesce(discharged_at, $15)
+                 WHERE hold_id = $12"
+                )))
+                .bind(hold_id.as_uuid())
+                .bind(status.as_str())
+                .bind(admitted)
+                .bind(discharged)
         }
     }
-    Ok(())
 }
