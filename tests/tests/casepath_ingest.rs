@@ -639,3 +639,147 @@ async fn casepath_follows_a_return_and_passes_over_its_crossing_commits() {
     casepath.stop().await;
     repatriation.stop(&[&kg]).await;
 }
+
+/// A return from ru as it crosses to kg after `upto` of its steps
+/// (opened, consent, risk, handover), coded only.
+fn crossed(return_id: &str, upto: usize) -> nrm_proto::repatriation::v1::CrossBorderReturn {
+    use nrm_proto::repatriation::v1 as rp;
+    let history = [
+        ("ReturnOpened", rp::ReturnStatus::Opened, "ru-iom"),
+        ("ReturnConsentRecorded", rp::ReturnStatus::Consented, "ru-iom"),
+        ("RiskAssessed", rp::ReturnStatus::Assessed, "ru-iom"),
+        ("ReturnHandedOver", rp::ReturnStatus::HandedOver, "ru-iom"),
+    ];
+    let at = |i: usize| prost_types::Timestamp {
+        seconds: 1_700_000_000 + i64::try_from(i).unwrap() * 3600,
+        nanos: 0,
+    };
+    rp::CrossBorderReturn {
+        return_id: return_id.to_owned(),
+        from_country: "ru".into(),
+        to_country: "kg".into(),
+        status: history[upto - 1].1 as i32,
+        origin_version: upto as u64,
+        foreign_reference: "RU-MVD-2026/118".into(),
+        received_by: if upto == 4 { "kg-iom".into() } else { String::new() },
+        handed_over_at: (upto == 4).then(|| at(3)),
+        steps: history[..upto]
+            .iter()
+            .enumerate()
+            .map(|(i, (step, status, agency))| rp::Step {
+                step: (*step).to_owned(),
+                status_after: *status as i32,
+                at: Some(at(i)),
+                agency: (*agency).to_owned(),
+                origin_version: i as u64 + 1,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_home_each_crossed_step_is_one_step_however_often_a_snapshot_repeats_it() {
+    use nrm_e2e::repatriation::{CountryKeys, RepatriationApp, repatriation_settings};
+    use nrm_proto::common::v1::EventCommit;
+    use nrm_proto::repatriation::v1 as rp;
+
+    let (ru, kg) = (CountryKeys::generate("ru"), CountryKeys::generate("kg"));
+    let settings = repatriation_settings(&kg, &[&ru]);
+    RepatriationApp::prepare_inbound(&settings, &ru).await;
+    let home = RepatriationApp::spawn_with(settings).await;
+    let casepath = CasepathApp::spawn_on(&home.settings.common, "kg").await;
+    let here = kg.key.public().clone();
+    let return_id = Uuid::now_v7().to_string();
+    // Announced after the consent (two steps), then after the handover
+    // (all four, repeating the first two).
+    home.publish_crossing(&ru, &here, 1, &crossed(&return_id, 2)).await;
+    home.publish_crossing(&ru, &here, 2, &crossed(&return_id, 4)).await;
+    eventually("the home country records both announcements", || {
+        let home = &home;
+        let stream_id = format!("return-{return_id}");
+        async move {
+            let own = home
+                .messages()
+                .await
+                .iter()
+                .map(|m| EventCommit::decode(m.payload.as_ref()).unwrap())
+                .filter(|c| c.stream_id == stream_id)
+                .count();
+            if own == 2 {
+                Ok(())
+            } else {
+                Err(tonic::Status::not_found("not yet"))
+            }
+        }
+    })
+    .await;
+    casepath.wait_caught_up().await;
+
+    let row = sqlx::query(
+        "SELECT direction, from_country, to_country, opened_by, received_by, foreign_reference, status, handed_over_at
+         FROM cp_returns WHERE return_id = $1",
+    )
+    .bind(uuid(&return_id))
+    .fetch_one(&casepath.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i32, _>("direction"), rp::Direction::Incoming as i32);
+    assert_eq!(row.get::<String, _>("from_country"), "ru");
+    assert_eq!(row.get::<String, _>("to_country"), "kg");
+    assert_eq!(row.get::<String, _>("opened_by"), "ru-iom");
+    assert_eq!(row.get::<String, _>("received_by"), "kg-iom");
+    assert_eq!(row.get::<String, _>("foreign_reference"), "RU-MVD-2026/118");
+    assert_eq!(row.get::<i32, _>("status"), rp::ReturnStatus::HandedOver as i32);
+    assert!(row.get::<Option<DateTime<Utc>>, _>("handed_over_at").is_some());
+
+    let rows = sqlx::query("SELECT kind, at, step FROM cp_steps WHERE subject_id = $1 ORDER BY at, kind")
+        .bind(uuid(&return_id))
+        .fetch_all(&casepath.pool)
+        .await
+        .unwrap();
+    let steps: Vec<cp::Step> = rows
+        .iter()
+        .map(|r| cp::Step::decode(r.get::<Vec<u8>, _>("step").as_slice()).unwrap())
+        .collect();
+    let kinds: Vec<_> = steps.iter().map(|s| cp::StepKind::try_from(s.kind).unwrap()).collect();
+    // Four crossed steps (once each, at their own times abroad), and the
+    // announcement here, once.
+    assert_eq!(
+        kinds,
+        [
+            cp::StepKind::ReturnOpened,
+            cp::StepKind::ReturnConsent,
+            cp::StepKind::RiskAssessed,
+            cp::StepKind::HandedOver,
+            cp::StepKind::ReturnAnnounced
+        ]
+    );
+    for (i, step) in steps[..4].iter().enumerate() {
+        assert_eq!(step.country, "ru");
+        assert_eq!(step.agency, "ru-iom");
+        assert_eq!(
+            step.at.unwrap().seconds,
+            1_700_000_000 + i64::try_from(i).unwrap() * 3600
+        );
+    }
+    assert_eq!(steps[4].country, "kg");
+    let Some(cp::step::Detail::Return(handed)) = &steps[3].detail else {
+        panic!("return detail")
+    };
+    assert_eq!(handed.received_by, "kg-iom");
+    assert_eq!(handed.direction, rp::Direction::Incoming as i32);
+
+    let live = casepath.digests().await;
+    casepath.rebuild().await;
+    assert_eq!(casepath.digests().await, live, "a rebuild changed a read model");
+    casepath.reapply_all().await;
+    assert_eq!(
+        casepath.digests().await,
+        live,
+        "an event applied twice changed a read model"
+    );
+
+    casepath.stop().await;
+    home.stop(&[&ru]).await;
+}
