@@ -136,13 +136,7 @@ impl<W> Effect<W> {
 /// A name-based UUID (RFC 9562 version 5: SHA-1 of namespace and name).
 #[must_use]
 pub fn uuid_v5(namespace: Uuid, name: &[u8]) -> Uuid {
-    let mut data = Vec::with_capacity(16 + name.len());
-    data.extend_from_slice(namespace.as_bytes());
-    data.extend_from_slice(name);
-    let hash = sha1(&data);
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hash[..16]);
-    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+    Uuid::new_v5(&namespace, name)
 }
 
 /// The ID of the FOUND step of the report `event_id` (REPORTED has the event's own).
@@ -160,55 +154,6 @@ pub fn crossed_step_id(return_id: ReturnId, origin_version: u64) -> Uuid {
     name.extend_from_slice(return_id.as_uuid().as_bytes());
     name.extend_from_slice(&origin_version.to_be_bytes());
     uuid_v5(STEP_NAMESPACE, &name)
-}
-
-/// SHA-1 (FIPS 180-4), only for name-based UUIDs (not for security).
-fn sha1(data: &[u8]) -> [u8; 20] {
-    let mut h: [u32; 5] = [0x6745_2301, 0xEFCD_AB89, 0x98BA_DCFE, 0x1032_5476, 0xC3D2_E1F0];
-    let bits = u64::try_from(data.len()).unwrap_or(u64::MAX).wrapping_mul(8);
-    let mut message = data.to_vec();
-    message.push(0x80);
-    while message.len() % 64 != 56 {
-        message.push(0);
-    }
-    message.extend_from_slice(&bits.to_be_bytes());
-    for block in message.chunks_exact(64) {
-        let mut w = [0u32; 80];
-        for (slot, word) in w.iter_mut().zip(block.chunks_exact(4)) {
-            *slot = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        }
-        for i in 16..80 {
-            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e] = h;
-        for (i, wi) in w.iter().enumerate() {
-            let (f, k) = match i {
-                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
-                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
-                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
-                _ => (b ^ c ^ d, 0xCA62_C1D6),
-            };
-            let t = a
-                .rotate_left(5)
-                .wrapping_add(f)
-                .wrapping_add(e)
-                .wrapping_add(k)
-                .wrapping_add(*wi);
-            e = d;
-            d = c;
-            c = b.rotate_left(30);
-            b = a;
-            a = t;
-        }
-        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    let mut out = [0u8; 20];
-    for (chunk, word) in out.chunks_exact_mut(4).zip(h) {
-        chunk.copy_from_slice(&word.to_be_bytes());
-    }
-    out
 }
 
 /// One event of a commit, with what every mapping needs of it.
@@ -1754,11 +1699,6 @@ mod tests {
         // More than one SHA-1 block.
         let long = uuid_v5(Uuid::NAMESPACE_URL, &[b'x'; 200]);
         assert_ne!(long, uuid_v5(Uuid::NAMESPACE_URL, &[b'x'; 201]));
-        assert_eq!(sha1(b"abc")[..4], [0xa9, 0x99, 0x3e, 0x36]);
-        assert_eq!(
-            sha1(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")[16..],
-            [0xe5, 0x46, 0x70, 0xf1]
-        );
     }
 
     #[test]
