@@ -282,19 +282,16 @@ mod tests {
 
     #[test]
     fn malformed_files_are_refused() {
-        assert_eq!(
-            Calendar::from_toml("utc_offset = \"6\""),
-            Err(CalendarError::Offset)
-        );
-        assert_eq!(
-            Calendar::from_toml("weekend = [\"fun\"]"),
-            Err(CalendarError::Weekday)
-        );
+        assert_eq!(Calendar::from_toml("utc_offset = \"6\""), Err(CalendarError::Offset));
+        assert_eq!(Calendar::from_toml("weekend = [\"fun\"]"), Err(CalendarError::Weekday));
         assert_eq!(
             Calendar::from_toml("holidays = [\"2026-13-01\"]"),
             Err(CalendarError::Date("holidays"))
         );
-        assert!(matches!(Calendar::from_toml("holidays = 3"), Err(CalendarError::Syntax(_))));
+        assert!(matches!(
+            Calendar::from_toml("holidays = 3"),
+            Err(CalendarError::Syntax(_))
+        ));
         assert!(matches!(Calendar::from_toml("nope = 1"), Err(CalendarError::Syntax(_))));
     }
 
@@ -303,7 +300,10 @@ mod tests {
         for country in ["kg", "kz", "tj", "uz", "tm", "ru"] {
             let text = builtin(country).unwrap();
             let cal = Calendar::from_toml(text).unwrap_or_else(|e| panic!("{country}: {e}"));
-            assert!(!cal.is_working_day(NaiveDate::from_ymd_opt(2027, 1, 1).unwrap()), "{country}");
+            assert!(
+                !cal.is_working_day(NaiveDate::from_ymd_opt(2027, 1, 1).unwrap()),
+                "{country}"
+            );
         }
         assert!(builtin("fr").is_none());
     }

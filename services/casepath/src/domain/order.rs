@@ -104,14 +104,22 @@ mod tests {
 
     #[test]
     fn steps_are_ordered_by_their_own_times_whatever_the_input_order() {
-        let steps = [step(30, 3, None, 1, 0), step(10, 1, None, 9, 0), step(20, 2, None, 5, 0)];
+        let steps = [
+            step(30, 3, None, 1, 0),
+            step(10, 1, None, 9, 0),
+            step(20, 2, None, 5, 0),
+        ];
         assert_eq!(order(&steps), vec![1, 2, 0]);
     }
 
     #[test]
     fn a_caused_step_never_comes_before_its_cause() {
         // The bed (commit 2, caused by commit 1) carries an earlier clock.
-        let steps = [step(5, 2, Some(1), 1, 0), step(10, 1, None, 7, 0), step(7, 3, None, 2, 0)];
+        let steps = [
+            step(5, 2, Some(1), 1, 0),
+            step(10, 1, None, 7, 0),
+            step(7, 3, None, 2, 0),
+        ];
         assert_eq!(order(&steps), vec![2, 1, 0]);
     }
 

@@ -359,7 +359,10 @@ mod tests {
         };
         assert_eq!(stage(&f), Stage::Identified);
         assert_eq!(stage(&Facts::default()), Stage::Unspecified);
-        let halted = [change(0, StepKind::ReturnOpened, 4), change(1, StepKind::ReturnHalted, 4)];
+        let halted = [
+            change(0, StepKind::ReturnOpened, 4),
+            change(1, StepKind::ReturnHalted, 4),
+        ];
         assert_eq!(spans(&halted).0, Stage::Unspecified);
     }
 

@@ -49,10 +49,7 @@ mod tests {
 
     #[test]
     fn a_small_cell_and_the_next_smallest_are_suppressed() {
-        assert_eq!(
-            suppress(&[40, 3, 12, 7], 5),
-            vec![false, true, false, true]
-        );
+        assert_eq!(suppress(&[40, 3, 12, 7], 5), vec![false, true, false, true]);
     }
 
     #[test]

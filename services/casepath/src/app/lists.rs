@@ -1,0 +1,604 @@
+//! `ListPaths` and `GetStatistics` (the coordinator's): one set-based query
+//! gives every person's facts (first report, coded person, forms of
+//! exploitation, counts of open and closed records, what waits), the stage
+//! is decided on them in Rust by [`crate::domain::stage::stage`], the
+//! counts are aggregated in one pass; the times are PostgreSQL's
+//! `percentile_cont` over the measured intervals.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use nrm_kernel::command::CallContext;
+use nrm_kernel::error::{AppError, Violations};
+use nrm_kernel::paging::{self, Cursor, Pager};
+use nrm_kernel::validate;
+use nrm_proto::casepath::v1 as pb;
+use nrm_proto::common::v1 as common;
+use nrm_proto::identification::v1 as id;
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use super::{Casepath, duration, ts};
+use crate::domain::stage::{self, Facts};
+use crate::domain::suppress;
+
+/// One person's facts, from [`FACTS`].
+#[derive(Debug, Clone)]
+struct PersonFacts {
+    person_id: Uuid,
+    first_reported_at: DateTime<Utc>,
+    gender: i32,
+    age_band: i32,
+    child: bool,
+    citizenship: String,
+    country_of_exploitation: String,
+    erased: bool,
+    forms: Vec<i32>,
+    facts: Facts,
+    waiting_decisions: Vec<DateTime<Utc>>,
+    overdue_referrals: i64,
+    identified_at: Option<DateTime<Utc>>,
+    last_met_at: Option<DateTime<Utc>>,
+}
+
+/// Every person first reported in [$1, $2) (NULL: unbounded) with the facts
+/// the stage is decided on; `$3` is now. Returns of a person are linked by
+/// the cases' return IDs and by `foreign_reference` = a case ID, holds by
+/// the person's referrals and by a commit of the person's returns.
+const FACTS: &str = r"
+WITH p AS (
+    SELECT person_id, min(reported_at) AS first_reported_at
+    FROM cp_cases GROUP BY person_id
+    HAVING ($1::timestamptz IS NULL OR min(reported_at) >= $1)
+       AND ($2::timestamptz IS NULL OR min(reported_at) < $2)
+),
+first_case AS (
+    SELECT DISTINCT ON (c.person_id) c.person_id, c.gender, c.age_band, c.citizenship, c.country_of_exploitation
+    FROM cp_cases c JOIN p USING (person_id)
+    ORDER BY c.person_id, c.reported_at, c.case_id
+),
+cs AS (
+    SELECT c.person_id,
+        bool_or(c.child) AS child,
+        bool_or(c.erased_at IS NOT NULL) AS erased,
+        bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
+        bool_or(c.status = 3) AS identified,
+        bool_or(c.status = 4) AS not_identified,
+        array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL) AS waiting,
+        min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
+    FROM cp_cases c JOIN p USING (person_id)
+    GROUP BY c.person_id
+),
+forms AS (
+    SELECT c.person_id, array_agg(DISTINCT f) AS forms
+    FROM cp_cases c JOIN p USING (person_id), unnest(c.exploitation_forms) AS f
+    GROUP BY c.person_id
+),
+rf AS (
+    SELECT r.person_id,
+        count(*) FILTER (WHERE r.status = 'pending') AS pending,
+        count(*) FILTER (WHERE r.status = 'accepted') AS accepted,
+        count(*) FILTER (WHERE r.status = 'closed' AND r.outcome <> 0) AS closed,
+        count(*) FILTER (WHERE r.status = 'pending' AND r.waiting_since IS NOT NULL
+                           AND coalesce(r.answer_due_at, r.waiting_since) < $3) AS overdue
+    FROM cp_referrals r JOIN p USING (person_id)
+    GROUP BY r.person_id
+),
+pr AS (
+    SELECT c.person_id, r.return_id, r.status, r.handed_over_at
+    FROM cp_cases c JOIN p USING (person_id) JOIN cp_returns r ON r.return_id = c.return_id
+    UNION
+    SELECT c.person_id, r.return_id, r.status, r.handed_over_at
+    FROM cp_cases c JOIN p USING (person_id) JOIN cp_returns r ON r.foreign_reference = c.case_id::text
+),
+rt AS (
+    SELECT person_id,
+        count(*) FILTER (WHERE handed_over_at IS NULL AND status NOT IN (10, 11)) AS open,
+        count(*) FILTER (WHERE handed_over_at IS NOT NULL OR status = 10) AS handed_over
+    FROM pr GROUP BY person_id
+),
+ph AS (
+    SELECT r.person_id, h.hold_id, h.status
+    FROM cp_referrals r JOIN p USING (person_id) JOIN cp_holds h ON h.referral_id = r.referral_id
+    UNION
+    SELECT pr.person_id, h.hold_id, h.status
+    FROM pr JOIN cp_return_commits rc ON rc.return_id = pr.return_id JOIN cp_holds h ON h.cause_commit_id = rc.commit_id
+),
+sh AS (
+    SELECT person_id, count(*) FILTER (WHERE status = 'admitted') AS admitted FROM ph GROUP BY person_id
+),
+gl AS (
+    SELECT g.person_id, count(*) AS goals, count(g.met_at) AS met, max(g.met_at) AS last_met_at
+    FROM cp_goals g JOIN p USING (person_id)
+    GROUP BY g.person_id
+)
+SELECT p.person_id, p.first_reported_at, fc.gender, fc.age_band, fc.citizenship, fc.country_of_exploitation,
+    cs.child, cs.erased, cs.presumed, cs.identified, cs.not_identified,
+    coalesce(cs.waiting, '{}') AS waiting, cs.identified_at,
+    coalesce(forms.forms, '{}') AS forms,
+    coalesce(rf.pending, 0) AS pending, coalesce(rf.accepted, 0) AS accepted,
+    coalesce(rf.closed, 0) AS closed, coalesce(rf.overdue, 0) AS overdue,
+    coalesce(rt.open, 0) AS returns_open, coalesce(rt.handed_over, 0) AS handed_over,
+    coalesce(sh.admitted, 0) AS admitted,
+    coalesce(gl.goals, 0) AS goals, coalesce(gl.met, 0) AS met, gl.last_met_at
+FROM p
+JOIN first_case fc USING (person_id)
+JOIN cs USING (person_id)
+LEFT JOIN forms USING (person_id)
+LEFT JOIN rf USING (person_id)
+LEFT JOIN rt USING (person_id)
+LEFT JOIN sh USING (person_id)
+LEFT JOIN gl USING (person_id)
+";
+
+fn count(r: &sqlx::postgres::PgRow, column: &str) -> Result<u32, sqlx::Error> {
+    let n: i64 = r.try_get(column)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+impl Casepath {
+    async fn facts(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<PersonFacts>, AppError> {
+        let rows = sqlx::query(FACTS)
+            .bind(from)
+            .bind(to)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PersonFacts {
+                    person_id: r.try_get("person_id")?,
+                    first_reported_at: r.try_get("first_reported_at")?,
+                    gender: r.try_get("gender")?,
+                    age_band: r.try_get("age_band")?,
+                    child: r.try_get("child")?,
+                    citizenship: r.try_get("citizenship")?,
+                    country_of_exploitation: r.try_get("country_of_exploitation")?,
+                    erased: r.try_get("erased")?,
+                    forms: r.try_get("forms")?,
+                    facts: Facts {
+                        reported: true,
+                        presumed: r.try_get("presumed")?,
+                        identified: r.try_get("identified")?,
+                        not_identified: r.try_get("not_identified")?,
+                        referrals_pending: count(r, "pending")?,
+                        referrals_accepted: count(r, "accepted")?,
+                        referrals_closed: count(r, "closed")?,
+                        sheltered: count(r, "admitted")?,
+                        returns_open: count(r, "returns_open")?,
+                        handed_over: count(r, "handed_over")?,
+                        goals: count(r, "goals")?,
+                        goals_met: count(r, "met")?,
+                    },
+                    waiting_decisions: r.try_get("waiting")?,
+                    overdue_referrals: r.try_get("overdue")?,
+                    identified_at: r.try_get("identified_at")?,
+                    last_met_at: r.try_get("last_met_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(AppError::from)
+    }
+
+    fn overdue(&self, p: &PersonFacts, now: DateTime<Utc>) -> u32 {
+        let decisions = p
+            .waiting_decisions
+            .iter()
+            .filter(|since| self.decision_due(**since) < now)
+            .count();
+        u32::try_from(decisions)
+            .unwrap_or(u32::MAX)
+            .saturating_add(u32::try_from(p.overdue_referrals).unwrap_or(u32::MAX))
+    }
+
+    /// `ListPaths`: every person's path, coded, newest first.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming `stage`, `page_size`, `page_token`,
+    /// `reported_from`/`reported_to`.
+    #[tracing::instrument(skip_all)]
+    pub async fn list_paths(
+        &self,
+        _ctx: &CallContext,
+        req: &pb::ListPathsRequest,
+    ) -> Result<pb::ListPathsResponse, AppError> {
+        let mut v = Violations::new();
+        let stage_filter = v
+            .check(validate::enum_value::<pb::Stage>("stage", req.stage, true))
+            .unwrap_or(0);
+        if req.page_size > paging::MAX_PAGE_SIZE.unsigned_abs() {
+            v.add("page_size", "must be 1..500 (0: 50)");
+        }
+        let page_size = paging::page_size(i32::try_from(req.page_size).unwrap_or(paging::MAX_PAGE_SIZE), &mut v);
+        let from = time_field(req.reported_from.as_ref(), "reported_from", &mut v);
+        let to = time_field(req.reported_to.as_ref(), "reported_to", &mut v);
+        if let (Some(f), Some(t)) = (from, to)
+            && f >= t
+        {
+            v.add("reported_to", "must be after reported_from");
+        }
+        let pager = Pager::new(&format!(
+            "paths|{stage_filter}|{}|{:?}|{:?}",
+            req.overdue_only,
+            from.map(|t| t.timestamp_micros()),
+            to.map(|t| t.timestamp_micros())
+        ));
+        let cursor = pager.cursor(&req.page_token, &mut v);
+        v.finish(|| ())?;
+        let now = Utc::now();
+        let mut rows: Vec<(PersonFacts, pb::Stage, u32)> = self
+            .facts(from, to, now)
+            .await?
+            .into_iter()
+            .map(|p| {
+                let s = stage::stage(&p.facts);
+                let overdue = self.overdue(&p, now);
+                (p, s, overdue)
+            })
+            .filter(|(_, s, overdue)| {
+                (stage_filter == 0 || *s as i32 == stage_filter) && (!req.overdue_only || *overdue > 0)
+            })
+            .filter(|(p, _, _)| {
+                cursor.is_none_or(|c| {
+                    (p.first_reported_at.timestamp_micros(), p.person_id) < (c.time.timestamp_micros(), c.id)
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (b.0.first_reported_at, b.0.person_id).cmp(&(a.0.first_reported_at, a.0.person_id)));
+        let size = usize::try_from(page_size).unwrap_or(50);
+        let more = rows.len() > size;
+        rows.truncate(size);
+        let persons: Vec<Uuid> = rows.iter().map(|r| r.0.person_id).collect();
+        let last_steps = self.last_steps(&persons).await?;
+        let last = rows.last().map(|r| Cursor {
+            time: r.0.first_reported_at,
+            id: r.0.person_id,
+        });
+        Ok(pb::ListPathsResponse {
+            paths: rows
+                .into_iter()
+                .map(|(p, s, overdue)| pb::PathSummary {
+                    person_id: p.person_id.to_string(),
+                    stage: s as i32,
+                    first_reported_at: Some(ts(p.first_reported_at)),
+                    last_step_at: last_steps.get(&p.person_id).copied().map(ts),
+                    overdue,
+                    person: Some(pb::Person {
+                        gender: p.gender,
+                        age_band: p.age_band,
+                        child: p.child,
+                        citizenship: p.citizenship,
+                        erased: p.erased,
+                    }),
+                })
+                .collect(),
+            next_page_token: pager.next_token(more, last),
+        })
+    }
+
+    /// The newest step time of each of `persons` (by the link rules).
+    async fn last_steps(&self, persons: &[Uuid]) -> Result<BTreeMap<Uuid, DateTime<Utc>>, AppError> {
+        if persons.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let rows = sqlx::query(
+            r"
+WITH pp AS (SELECT unnest($1::uuid[]) AS person_id),
+cs AS (SELECT c.person_id, c.case_id, c.return_id FROM cp_cases c JOIN pp USING (person_id)),
+rf AS (SELECT r.person_id, r.referral_id FROM cp_referrals r JOIN pp USING (person_id)),
+rt AS (
+    SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.return_id = cs.return_id
+    UNION
+    SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.foreign_reference = cs.case_id::text
+),
+subj AS (
+    SELECT person_id, case_id AS id FROM cs
+    UNION ALL SELECT person_id, referral_id FROM rf
+    UNION ALL SELECT c.person_id, c.consent_id FROM cp_consents c JOIN pp USING (person_id)
+    UNION ALL SELECT g.person_id, g.goal_id FROM cp_goals g JOIN pp USING (person_id)
+    UNION ALL SELECT person_id, return_id FROM rt
+    UNION ALL SELECT rf.person_id, h.hold_id FROM rf JOIN cp_holds h ON h.referral_id = rf.referral_id
+    UNION ALL SELECT rt.person_id, h.hold_id FROM rt
+        JOIN cp_return_commits rc ON rc.return_id = rt.return_id JOIN cp_holds h ON h.cause_commit_id = rc.commit_id
+)
+SELECT subj.person_id, max(s.at) AS last_at FROM subj JOIN cp_steps s ON s.subject_id = subj.id
+GROUP BY subj.person_id",
+        )
+        .bind(persons)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("person_id")?, r.try_get("last_at")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(AppError::from)
+    }
+
+    /// `GetStatistics`: counts and times for persons first reported (and
+    /// anonymous notifications filed) in [from, to).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming `from` / `to`.
+    #[tracing::instrument(skip_all)]
+    pub async fn get_statistics(
+        &self,
+        _ctx: &CallContext,
+        req: &pb::GetStatisticsRequest,
+    ) -> Result<pb::Statistics, AppError> {
+        let mut v = Violations::new();
+        let from = required_time(req.from.as_ref(), "from", &mut v);
+        let to = required_time(req.to.as_ref(), "to", &mut v);
+        let (Some(from), Some(to)) = (from, to) else {
+            return Err(v.into_error());
+        };
+        if from >= to {
+            v.add("to", "must be after from");
+        }
+        v.finish(|| ())?;
+        let k = if req.min_cell == 0 {
+            self.settings.min_cell
+        } else {
+            req.min_cell
+        };
+        let now = Utc::now();
+        let persons = self.facts(Some(from), Some(to), now).await?;
+        let mut dims = Dimensions::default();
+        for p in &persons {
+            dims.add("stage", stage::stage(&p.facts).as_str_name().to_owned());
+            for f in &p.forms {
+                dims.add("exploitation_form", form_name(*f));
+            }
+            dims.add_identity(p.gender, p.age_band, &p.citizenship, &p.country_of_exploitation);
+            dims.add("notification", "identified".into());
+        }
+        let notifications = sqlx::query(
+            "SELECT gender, age_band, citizenship, country_of_exploitation, exploitation_forms \
+             FROM cp_notifications WHERE filed_on >= $1 AND filed_on < $2",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        for n in &notifications {
+            let forms: Vec<i32> = n.try_get("exploitation_forms")?;
+            let mut seen = Vec::new();
+            for f in forms {
+                if !seen.contains(&f) {
+                    seen.push(f);
+                    dims.add("exploitation_form", form_name(f));
+                }
+            }
+            dims.add_identity(
+                n.try_get("gender")?,
+                n.try_get("age_band")?,
+                &n.try_get::<String, _>("citizenship")?,
+                &n.try_get::<String, _>("country_of_exploitation")?,
+            );
+            dims.add("notification", "anonymous".into());
+        }
+        let units = u64::try_from(persons.len() + notifications.len()).unwrap_or(u64::MAX);
+        let persons_n = u64::try_from(persons.len()).unwrap_or(u64::MAX);
+        let mut counts = Vec::new();
+        let mut suppressed_cells = 0u32;
+        for (dimension, total) in [
+            ("stage", persons_n),
+            ("exploitation_form", units),
+            ("gender", units),
+            ("age_band", units),
+            ("citizenship", units),
+            ("country_of_exploitation", units),
+            ("notification", units),
+        ] {
+            let cells: Vec<(String, u64)> = dims.cells(dimension);
+            let values: Vec<u64> = cells.iter().map(|c| c.1).collect();
+            let hidden = if req.publishable {
+                suppress::suppress(&values, u64::from(k))
+            } else {
+                vec![false; values.len()]
+            };
+            for ((value, n), hide) in cells.into_iter().zip(hidden) {
+                if hide {
+                    suppressed_cells += 1;
+                }
+                counts.push(pb::Cell {
+                    dimension: dimension.into(),
+                    value,
+                    count: if hide { 0 } else { n },
+                    suppressed: hide,
+                });
+            }
+            counts.push(pb::Cell {
+                dimension: dimension.into(),
+                value: "total".into(),
+                count: total,
+                suppressed: false,
+            });
+        }
+        let mut times = self.times(from, to).await?;
+        let reintegration: Vec<f64> = persons
+            .iter()
+            .filter(|p| p.facts.goals > 0 && p.facts.goals_met >= p.facts.goals)
+            .filter_map(|p| Some((p.last_met_at? - p.identified_at?).num_milliseconds() as f64 / 1000.0))
+            .collect();
+        times.push(measure("identification_to_reintegration", &reintegration));
+        for t in &mut times {
+            if req.publishable && suppress::time_suppressed(t.samples, u64::from(k)) {
+                t.suppressed = true;
+                t.median = None;
+                t.p90 = None;
+            }
+        }
+        Ok(pb::Statistics {
+            from: Some(ts(from)),
+            to: Some(ts(to)),
+            publishable: req.publishable,
+            min_cell: k,
+            counts,
+            times,
+            suppressed_cells,
+        })
+    }
+
+    /// The measured times of cases, referrals and returns of the period.
+    async fn times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<pb::TimeMeasure>, AppError> {
+        let rows = sqlx::query(
+            r"
+SELECT 'report_to_decision' AS measure, count(*) AS samples,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - reported_at)) AS median,
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - reported_at)) AS p90
+FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2 AND decided_at IS NOT NULL
+UNION ALL
+SELECT 'referral_to_answer', count(*),
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM answered_at - created_at)),
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM answered_at - created_at))
+FROM cp_referrals WHERE created_at >= $1 AND created_at < $2 AND answered_at IS NOT NULL
+UNION ALL
+SELECT 'return_opened_to_handover', count(*),
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM handed_over_at - opened_at)),
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM handed_over_at - opened_at))
+FROM cp_returns WHERE opened_at >= $1 AND opened_at < $2 AND handed_over_at IS NOT NULL",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let samples: i64 = r.try_get("samples")?;
+                let median: Option<f64> = r.try_get("median")?;
+                let p90: Option<f64> = r.try_get("p90")?;
+                Ok(pb::TimeMeasure {
+                    measure: r.try_get("measure")?,
+                    samples: u64::try_from(samples).unwrap_or(0),
+                    median: median.map(seconds),
+                    p90: p90.map(seconds),
+                    suppressed: false,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(AppError::from)
+    }
+}
+
+/// A duration of `s` seconds (to the millisecond).
+fn seconds(s: f64) -> prost_types::Duration {
+    #[allow(clippy::cast_possible_truncation)]
+    let ms = (s * 1000.0).round() as i64;
+    duration(chrono::TimeDelta::milliseconds(ms))
+}
+
+/// Median and 90th percentile of `values` (seconds), interpolated as
+/// PostgreSQL's `percentile_cont`.
+fn measure(name: &str, values: &[f64]) -> pb::TimeMeasure {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |p: f64| -> Option<f64> {
+        if sorted.is_empty() {
+            return None;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let pos = p * (sorted.len() - 1) as f64;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let lo = pos.floor() as usize;
+        let hi = (lo + 1).min(sorted.len() - 1);
+        #[allow(clippy::cast_precision_loss)]
+        let frac = pos - lo as f64;
+        Some(sorted[lo] + (sorted[hi] - sorted[lo]) * frac)
+    };
+    pb::TimeMeasure {
+        measure: name.into(),
+        samples: u64::try_from(values.len()).unwrap_or(0),
+        median: at(0.5).map(seconds),
+        p90: at(0.9).map(seconds),
+        suppressed: false,
+    }
+}
+
+fn form_name(f: i32) -> String {
+    id::ExploitationForm::try_from(f).map_or_else(|_| format!("EXPLOITATION_FORM_{f}"), |e| e.as_str_name().to_owned())
+}
+
+/// The counts of each dimension, by value.
+#[derive(Debug, Default)]
+struct Dimensions(BTreeMap<&'static str, BTreeMap<String, u64>>);
+
+impl Dimensions {
+    fn add(&mut self, dimension: &'static str, value: String) {
+        *self.0.entry(dimension).or_default().entry(value).or_default() += 1;
+    }
+
+    fn add_identity(&mut self, gender: i32, age_band: i32, citizenship: &str, country: &str) {
+        self.add(
+            "gender",
+            common::Gender::try_from(gender).map_or_else(|_| format!("GENDER_{gender}"), |g| g.as_str_name().into()),
+        );
+        self.add(
+            "age_band",
+            common::AgeBand::try_from(age_band)
+                .map_or_else(|_| format!("AGE_BAND_{age_band}"), |a| a.as_str_name().into()),
+        );
+        self.add("citizenship", citizenship.to_ascii_lowercase());
+        self.add("country_of_exploitation", country.to_ascii_lowercase());
+    }
+
+    /// The cells of `dimension`, each known enum value listed (zeros too).
+    fn cells(&self, dimension: &str) -> Vec<(String, u64)> {
+        let mut cells = self.0.get(dimension).cloned().unwrap_or_default();
+        let known: Vec<String> = match dimension {
+            "stage" => (1..=11)
+                .filter_map(|s| pb::Stage::try_from(s).ok())
+                .map(|s| s.as_str_name().to_owned())
+                .collect(),
+            "exploitation_form" => (1..=8).map(form_name).collect(),
+            "gender" => (1..=4)
+                .filter_map(|g| common::Gender::try_from(g).ok())
+                .map(|g| g.as_str_name().to_owned())
+                .collect(),
+            "age_band" => (1..=7)
+                .filter_map(|a| common::AgeBand::try_from(a).ok())
+                .map(|a| a.as_str_name().to_owned())
+                .collect(),
+            "notification" => vec!["identified".into(), "anonymous".into()],
+            _ => Vec::new(),
+        };
+        for k in known {
+            cells.entry(k).or_insert(0);
+        }
+        cells.into_iter().collect()
+    }
+}
+
+fn time_field(t: Option<&prost_types::Timestamp>, field: &str, v: &mut Violations) -> Option<DateTime<Utc>> {
+    let t = t?;
+    let parsed = validate::to_datetime(t);
+    if parsed.is_none() {
+        v.add(field, "is not a valid time");
+    }
+    parsed
+}
+
+fn required_time(t: Option<&prost_types::Timestamp>, field: &str, v: &mut Violations) -> Option<DateTime<Utc>> {
+    if t.is_none() {
+        v.add(field, "is required");
+        return None;
+    }
+    time_field(t, field, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_postgresql() {
+        let m = measure("x", &[10.0, 20.0, 30.0, 40.0]);
+        assert_eq!(m.median, Some(seconds(25.0)));
+        assert_eq!(m.p90, Some(seconds(37.0)));
+        assert_eq!(m.samples, 4);
+        assert_eq!(measure("y", &[]).median, None);
+    }
+}
