@@ -1248,3 +1248,65 @@ async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more
     assert_eq!(ids, BTreeSet::from([new.to_string()]));
     app.stop().await;
 }
+
+/// Not a test of a property: the time of `GetStatistics` over 100,000
+/// persons (aim < 200 ms), printed. `cargo test -p nrm-e2e --test
+/// casepath_query -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement; run by hand"]
+async fn statistics_over_100000_persons_are_timed() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    for statement in [
+        "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at, \
+         gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms, decision, decided_at, \
+         decision_waiting_since, return_id) \
+         SELECT gen_random_uuid(), gen_random_uuid(), 'kg-mvd', 'kg-prosecutor', 1 + (i % 4), \
+           timestamptz '2025-01-01' + (i || ' minutes')::interval, 1 + i % 3, 1 + i % 7, i % 10 = 0, 'kg', 'ru', \
+           ARRAY[1 + i % 8, 1 + (i + 3) % 8], CASE WHEN i % 4 = 2 THEN 1 ELSE 0 END, \
+           CASE WHEN i % 4 = 2 THEN timestamptz '2025-01-03' + (i || ' minutes')::interval END, \
+           CASE WHEN i % 4 = 0 THEN timestamptz '2025-01-01' + (i || ' minutes')::interval END, \
+           CASE WHEN i % 10 = 0 THEN gen_random_uuid() END \
+         FROM generate_series(1, 100000) i",
+        "INSERT INTO cp_referrals (referral_id, person_id, referring_agency, receiving_agency, services, urgency, \
+         status, created_at, waiting_since, answer_due_at, answered_at, outcome) \
+         SELECT gen_random_uuid(), person_id, 'kg-mvd', 'kg-msd', '{1}', 1, \
+           (ARRAY['pending', 'accepted', 'closed', 'declined'])[1 + (row_number() OVER ()) % 4], reported_at, \
+           reported_at, reported_at + interval '3 days', reported_at + interval '1 day', 1 \
+         FROM cp_cases WHERE random() < 0.6",
+        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency, \
+         foreign_reference, status, opened_at, handed_over_at) \
+         SELECT return_id, 2, 'ru', 'kg', 'ru-iom', 'kg-consulate', '', 10, reported_at, reported_at + interval '10 days' \
+         FROM cp_cases WHERE return_id IS NOT NULL",
+        "INSERT INTO cp_goals (goal_id, person_id, kind, added_at, met_at) \
+         SELECT gen_random_uuid(), person_id, 1, reported_at, \
+           CASE WHEN random() < 0.5 THEN reported_at + interval '30 days' END FROM cp_cases WHERE random() < 0.2",
+        "ANALYZE",
+    ] {
+        sqlx::query(statement).execute(&app.pool).await.unwrap();
+    }
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    let request = || pb::GetStatisticsRequest {
+        from: Some(timestamp(t("2025-01-01T00:00:00Z"))),
+        to: Some(timestamp(t("2026-01-01T00:00:00Z"))),
+        publishable: true,
+        min_cell: 0,
+    };
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let stats = client
+            .get_statistics(authorized(request(), &coordinator))
+            .await
+            .unwrap()
+            .into_inner();
+        times.push(started.elapsed());
+        assert_eq!(cell(&stats, "stage", "total").0, 100_000);
+    }
+    times.sort();
+    println!(
+        "GetStatistics over 100,000 persons: median {:?}, min {:?}, max {:?}",
+        times[2], times[0], times[4]
+    );
+    app.stop().await;
+}

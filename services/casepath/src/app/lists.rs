@@ -31,65 +31,55 @@ struct PersonFacts {
     age_band: i32,
     child: bool,
     citizenship: String,
-    country_of_exploitation: String,
     erased: bool,
-    forms: Vec<i32>,
     facts: Facts,
     waiting_decisions: Vec<DateTime<Utc>>,
     overdue_referrals: i64,
-    identified_at: Option<DateTime<Utc>>,
-    last_met_at: Option<DateTime<Utc>>,
 }
 
 /// Every person first reported in [$1, $2) (NULL: unbounded) with the facts
 /// the stage is decided on; `$3` is now. Returns of a person are linked by
 /// the cases' return IDs and by `foreign_reference` = a case ID, holds by
-/// the person's referrals and by a commit of the person's returns.
+/// the person's referrals and by a commit of the person's returns. Each
+/// table is aggregated once per person (no per-person round trips); the
+/// coded person is the one of the first case.
 const FACTS: &str = r"
-WITH p AS (
-    SELECT person_id, min(reported_at) AS first_reported_at
-    FROM cp_cases GROUP BY person_id
-    HAVING ($1::timestamptz IS NULL OR min(reported_at) >= $1)
-       AND ($2::timestamptz IS NULL OR min(reported_at) < $2)
-),
-first_case AS (
-    SELECT DISTINCT ON (c.person_id) c.person_id, c.gender, c.age_band, c.citizenship, c.country_of_exploitation
-    FROM cp_cases c JOIN p USING (person_id)
-    ORDER BY c.person_id, c.reported_at, c.case_id
+WITH fc AS (
+    SELECT DISTINCT ON (person_id) person_id, gender, age_band, citizenship, country_of_exploitation
+    FROM cp_cases ORDER BY person_id, reported_at, case_id
 ),
 cs AS (
     SELECT c.person_id,
+        min(c.reported_at) AS first_reported_at,
         bool_or(c.child) AS child,
         bool_or(c.erased_at IS NOT NULL) AS erased,
         bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
         bool_or(c.status = 3) AS identified,
         bool_or(c.status = 4) AS not_identified,
-        array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL) AS waiting,
-        min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
-    FROM cp_cases c JOIN p USING (person_id)
+        coalesce(array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL), '{}') AS waiting,
+        min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at,
+        jsonb_agg(c.exploitation_forms) AS forms
+    FROM cp_cases c
     GROUP BY c.person_id
-),
-forms AS (
-    SELECT c.person_id, array_agg(DISTINCT f) AS forms
-    FROM cp_cases c JOIN p USING (person_id), unnest(c.exploitation_forms) AS f
-    GROUP BY c.person_id
+    HAVING ($1::timestamptz IS NULL OR min(c.reported_at) >= $1)
+       AND ($2::timestamptz IS NULL OR min(c.reported_at) < $2)
 ),
 rf AS (
-    SELECT r.person_id,
-        count(*) FILTER (WHERE r.status = 'pending') AS pending,
-        count(*) FILTER (WHERE r.status = 'accepted') AS accepted,
-        count(*) FILTER (WHERE r.status = 'closed' AND r.outcome <> 0) AS closed,
-        count(*) FILTER (WHERE r.status = 'pending' AND r.waiting_since IS NOT NULL
-                           AND coalesce(r.answer_due_at, r.waiting_since) < $3) AS overdue
-    FROM cp_referrals r JOIN p USING (person_id)
-    GROUP BY r.person_id
+    SELECT person_id,
+        count(*) FILTER (WHERE status = 'pending') AS pending,
+        count(*) FILTER (WHERE status = 'accepted') AS accepted,
+        count(*) FILTER (WHERE status = 'closed' AND outcome <> 0) AS closed,
+        count(*) FILTER (WHERE status = 'pending' AND waiting_since IS NOT NULL
+                           AND coalesce(answer_due_at, waiting_since) < $3) AS overdue
+    FROM cp_referrals GROUP BY person_id
 ),
 pr AS (
     SELECT c.person_id, r.return_id, r.status, r.handed_over_at
-    FROM cp_cases c JOIN p USING (person_id) JOIN cp_returns r ON r.return_id = c.return_id
+    FROM cp_cases c JOIN cp_returns r ON r.return_id = c.return_id
     UNION
     SELECT c.person_id, r.return_id, r.status, r.handed_over_at
-    FROM cp_cases c JOIN p USING (person_id) JOIN cp_returns r ON r.foreign_reference = c.case_id::text
+    FROM cp_returns r JOIN cp_cases c ON c.case_id::text = r.foreign_reference
+    WHERE r.foreign_reference <> ''
 ),
 rt AS (
     SELECT person_id,
@@ -97,34 +87,29 @@ rt AS (
         count(*) FILTER (WHERE handed_over_at IS NOT NULL OR status = 10) AS handed_over
     FROM pr GROUP BY person_id
 ),
-ph AS (
-    SELECT r.person_id, h.hold_id, h.status
-    FROM cp_referrals r JOIN p USING (person_id) JOIN cp_holds h ON h.referral_id = r.referral_id
-    UNION
-    SELECT pr.person_id, h.hold_id, h.status
-    FROM pr JOIN cp_return_commits rc ON rc.return_id = pr.return_id JOIN cp_holds h ON h.cause_commit_id = rc.commit_id
-),
 sh AS (
-    SELECT person_id, count(*) FILTER (WHERE status = 'admitted') AS admitted FROM ph GROUP BY person_id
+    SELECT person_id, count(DISTINCT hold_id) AS admitted FROM (
+        SELECT r.person_id, h.hold_id FROM cp_holds h JOIN cp_referrals r ON r.referral_id = h.referral_id
+        WHERE h.status = 'admitted'
+        UNION ALL
+        SELECT pr.person_id, h.hold_id FROM cp_holds h
+            JOIN cp_return_commits rc ON rc.commit_id = h.cause_commit_id
+            JOIN pr ON pr.return_id = rc.return_id
+        WHERE h.status = 'admitted'
+    ) x GROUP BY person_id
 ),
 gl AS (
-    SELECT g.person_id, count(*) AS goals, count(g.met_at) AS met, max(g.met_at) AS last_met_at
-    FROM cp_goals g JOIN p USING (person_id)
-    GROUP BY g.person_id
+    SELECT person_id, count(*) AS goals, count(met_at) AS met, max(met_at) AS last_met_at
+    FROM cp_goals GROUP BY person_id
 )
-SELECT p.person_id, p.first_reported_at, fc.gender, fc.age_band, fc.citizenship, fc.country_of_exploitation,
-    cs.child, cs.erased, cs.presumed, cs.identified, cs.not_identified,
-    coalesce(cs.waiting, '{}') AS waiting, cs.identified_at,
-    coalesce(forms.forms, '{}') AS forms,
+SELECT cs.*, fc.gender, fc.age_band, fc.citizenship, fc.country_of_exploitation,
     coalesce(rf.pending, 0) AS pending, coalesce(rf.accepted, 0) AS accepted,
     coalesce(rf.closed, 0) AS closed, coalesce(rf.overdue, 0) AS overdue,
     coalesce(rt.open, 0) AS returns_open, coalesce(rt.handed_over, 0) AS handed_over,
     coalesce(sh.admitted, 0) AS admitted,
     coalesce(gl.goals, 0) AS goals, coalesce(gl.met, 0) AS met, gl.last_met_at
-FROM p
-JOIN first_case fc USING (person_id)
-JOIN cs USING (person_id)
-LEFT JOIN forms USING (person_id)
+FROM cs
+JOIN fc USING (person_id)
 LEFT JOIN rf USING (person_id)
 LEFT JOIN rt USING (person_id)
 LEFT JOIN sh USING (person_id)
@@ -143,12 +128,17 @@ impl Casepath {
         to: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<Vec<PersonFacts>, AppError> {
+        // The plan's estimates are far off for these aggregates; JIT
+        // compiling it costs more than running it.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
         let rows = sqlx::query(FACTS)
             .bind(from)
             .bind(to)
             .bind(now)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         rows.iter()
             .map(|r| {
                 Ok(PersonFacts {
@@ -158,9 +148,7 @@ impl Casepath {
                     age_band: r.try_get("age_band")?,
                     child: r.try_get("child")?,
                     citizenship: r.try_get("citizenship")?,
-                    country_of_exploitation: r.try_get("country_of_exploitation")?,
                     erased: r.try_get("erased")?,
-                    forms: r.try_get("forms")?,
                     facts: Facts {
                         reported: true,
                         presumed: r.try_get("presumed")?,
@@ -177,8 +165,6 @@ impl Casepath {
                     },
                     waiting_decisions: r.try_get("waiting")?,
                     overdue_referrals: r.try_get("overdue")?,
-                    identified_at: r.try_get("identified_at")?,
-                    last_met_at: r.try_get("last_met_at")?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -249,7 +235,7 @@ impl Casepath {
                 })
             })
             .collect();
-        rows.sort_by(|a, b| (b.0.first_reported_at, b.0.person_id).cmp(&(a.0.first_reported_at, a.0.person_id)));
+        rows.sort_by_key(|r| std::cmp::Reverse((r.0.first_reported_at, r.0.person_id)));
         let size = usize::try_from(page_size).unwrap_or(50);
         let more = rows.len() > size;
         rows.truncate(size);
@@ -345,43 +331,11 @@ GROUP BY subj.person_id",
             req.min_cell
         };
         let now = Utc::now();
-        let persons = self.facts(Some(from), Some(to), now).await?;
-        let mut dims = Dimensions::default();
-        for p in &persons {
-            dims.add("stage", stage::stage(&p.facts).as_str_name().to_owned());
-            for f in &p.forms {
-                dims.add("exploitation_form", form_name(*f));
-            }
-            dims.add_identity(p.gender, p.age_band, &p.citizenship, &p.country_of_exploitation);
-            dims.add("notification", "identified".into());
-        }
-        let notifications = sqlx::query(
-            "SELECT gender, age_band, citizenship, country_of_exploitation, exploitation_forms \
-             FROM cp_notifications WHERE filed_on >= $1 AND filed_on < $2",
-        )
-        .bind(from)
-        .bind(to)
-        .fetch_all(&self.pool)
-        .await?;
-        for n in &notifications {
-            let forms: Vec<i32> = n.try_get("exploitation_forms")?;
-            let mut seen = Vec::new();
-            for f in forms {
-                if !seen.contains(&f) {
-                    seen.push(f);
-                    dims.add("exploitation_form", form_name(f));
-                }
-            }
-            dims.add_identity(
-                n.try_get("gender")?,
-                n.try_get("age_band")?,
-                &n.try_get::<String, _>("citizenship")?,
-                &n.try_get::<String, _>("country_of_exploitation")?,
-            );
-            dims.add("notification", "anonymous".into());
-        }
-        let units = u64::try_from(persons.len() + notifications.len()).unwrap_or(u64::MAX);
-        let persons_n = u64::try_from(persons.len()).unwrap_or(u64::MAX);
+        let (mut dims, persons, reintegration) = self.person_counts(from, to, now).await?;
+        dims.add_count("notification", "identified".into(), persons);
+        let notifications = self.notification_counts(&mut dims, from, to).await?;
+        let units = persons + notifications;
+        let persons_n = persons;
         let mut counts = Vec::new();
         let mut suppressed_cells = 0u32;
         for (dimension, total) in [
@@ -419,12 +373,7 @@ GROUP BY subj.person_id",
             });
         }
         let mut times = self.times(from, to).await?;
-        let reintegration: Vec<f64> = persons
-            .iter()
-            .filter(|p| p.facts.goals > 0 && p.facts.goals_met >= p.facts.goals)
-            .filter_map(|p| Some((p.last_met_at? - p.identified_at?).num_milliseconds() as f64 / 1000.0))
-            .collect();
-        times.push(measure("identification_to_reintegration", &reintegration));
+        times.push(reintegration);
         for t in &mut times {
             if req.publishable && suppress::time_suppressed(t.samples, u64::from(k)) {
                 t.suppressed = true;
@@ -441,6 +390,110 @@ GROUP BY subj.person_id",
             times,
             suppressed_cells,
         })
+    }
+
+    /// The counts of the persons first reported in [from, to), per
+    /// dimension, aggregated in the database (the stage by
+    /// [`stage::sql_case`], the same precedence as [`stage::stage`]); the
+    /// number of persons; the time from identification to reintegration.
+    async fn person_counts(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<(Dimensions, u64, pb::TimeMeasure), AppError> {
+        let case = stage::sql_case();
+        let sql = format!(
+            r"
+WITH f AS MATERIALIZED ({FACTS}),
+s AS (SELECT f.*, {case} AS stage FROM f),
+done AS (
+    SELECT extract(epoch FROM last_met_at - identified_at) AS secs FROM s
+    WHERE goals > 0 AND met >= goals AND identified_at IS NOT NULL AND last_met_at IS NOT NULL
+)
+SELECT 'stage' AS dimension, stage::text AS value, count(*)::float8 AS n FROM s GROUP BY 2
+UNION ALL SELECT 'gender', gender::text, count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'age_band', age_band::text, count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'citizenship', lower(citizenship), count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'country_of_exploitation', lower(country_of_exploitation), count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'exploitation_form', e.value, count(*) FROM s
+    CROSS JOIN LATERAL (
+        SELECT DISTINCT x FROM jsonb_array_elements(s.forms) AS a, jsonb_array_elements_text(a) AS x
+    ) AS e(value)
+    GROUP BY 2
+UNION ALL SELECT 'persons', '', count(*) FROM s
+UNION ALL SELECT 'reintegration', 'samples', count(*) FROM done
+UNION ALL SELECT 'reintegration', 'median', percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM done
+UNION ALL SELECT 'reintegration', 'p90', percentile_cont(0.9) WITHIN GROUP (ORDER BY secs) FROM done"
+        );
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(Some(from))
+            .bind(Some(to))
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut dims = Dimensions::default();
+        let mut persons = 0u64;
+        let mut reintegration = pb::TimeMeasure {
+            measure: "identification_to_reintegration".into(),
+            ..pb::TimeMeasure::default()
+        };
+        for r in &rows {
+            let dimension: String = r.try_get("dimension")?;
+            let value: String = r.try_get("value")?;
+            let n: Option<f64> = r.try_get("n")?;
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let count = n.unwrap_or(0.0).max(0.0) as u64;
+            match (dimension.as_str(), value.as_str()) {
+                ("persons", _) => persons = count,
+                ("reintegration", "samples") => reintegration.samples = count,
+                ("reintegration", "median") => reintegration.median = n.map(seconds),
+                ("reintegration", "p90") => reintegration.p90 = n.map(seconds),
+                (d, v) => dims.add_coded(d, v, count),
+            }
+        }
+        Ok((dims, persons, reintegration))
+    }
+
+    /// Adds the anonymous notifications filed in [from, to) to `dims`; how many.
+    async fn notification_counts(
+        &self,
+        dims: &mut Dimensions,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<u64, AppError> {
+        let rows = sqlx::query(
+            r"
+WITH n AS (SELECT * FROM cp_notifications WHERE filed_on >= $1 AND filed_on < $2)
+SELECT 'gender' AS dimension, gender::text AS value, count(*) AS n FROM n GROUP BY 2
+UNION ALL SELECT 'age_band', age_band::text, count(*) FROM n GROUP BY 2
+UNION ALL SELECT 'citizenship', lower(citizenship), count(*) FROM n GROUP BY 2
+UNION ALL SELECT 'country_of_exploitation', lower(country_of_exploitation), count(*) FROM n GROUP BY 2
+UNION ALL SELECT 'exploitation_form', e.value::text, count(*) FROM n
+    CROSS JOIN LATERAL (SELECT DISTINCT unnest(n.exploitation_forms)) AS e(value) GROUP BY 2
+UNION ALL SELECT 'notifications', '', count(*) FROM n",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = 0;
+        for r in &rows {
+            let dimension: String = r.try_get("dimension")?;
+            let value: String = r.try_get("value")?;
+            let n: i64 = r.try_get("n")?;
+            let count = u64::try_from(n).unwrap_or(0);
+            if dimension == "notifications" {
+                total = count;
+            } else {
+                dims.add_coded(&dimension, &value, count);
+            }
+        }
+        dims.add_count("notification", "anonymous".into(), total);
+        Ok(total)
     }
 
     /// The measured times of cases, referrals and returns of the period.
@@ -491,58 +544,40 @@ fn seconds(s: f64) -> prost_types::Duration {
     duration(chrono::TimeDelta::milliseconds(ms))
 }
 
-/// Median and 90th percentile of `values` (seconds), interpolated as
-/// PostgreSQL's `percentile_cont`.
-fn measure(name: &str, values: &[f64]) -> pb::TimeMeasure {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let at = |p: f64| -> Option<f64> {
-        if sorted.is_empty() {
-            return None;
-        }
-        #[allow(clippy::cast_precision_loss)]
-        let pos = p * (sorted.len() - 1) as f64;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let lo = pos.floor() as usize;
-        let hi = (lo + 1).min(sorted.len() - 1);
-        #[allow(clippy::cast_precision_loss)]
-        let frac = pos - lo as f64;
-        Some(sorted[lo] + (sorted[hi] - sorted[lo]) * frac)
-    };
-    pb::TimeMeasure {
-        measure: name.into(),
-        samples: u64::try_from(values.len()).unwrap_or(0),
-        median: at(0.5).map(seconds),
-        p90: at(0.9).map(seconds),
-        suppressed: false,
-    }
-}
-
 fn form_name(f: i32) -> String {
     id::ExploitationForm::try_from(f).map_or_else(|_| format!("EXPLOITATION_FORM_{f}"), |e| e.as_str_name().to_owned())
 }
 
 /// The counts of each dimension, by value.
 #[derive(Debug, Default)]
-struct Dimensions(BTreeMap<&'static str, BTreeMap<String, u64>>);
+struct Dimensions(BTreeMap<String, BTreeMap<String, u64>>);
 
 impl Dimensions {
-    fn add(&mut self, dimension: &'static str, value: String) {
-        *self.0.entry(dimension).or_default().entry(value).or_default() += 1;
+    fn add_count(&mut self, dimension: &str, value: String, n: u64) {
+        *self
+            .0
+            .entry(dimension.to_owned())
+            .or_default()
+            .entry(value)
+            .or_default() += n;
     }
 
-    fn add_identity(&mut self, gender: i32, age_band: i32, citizenship: &str, country: &str) {
-        self.add(
-            "gender",
-            common::Gender::try_from(gender).map_or_else(|_| format!("GENDER_{gender}"), |g| g.as_str_name().into()),
-        );
-        self.add(
-            "age_band",
-            common::AgeBand::try_from(age_band)
-                .map_or_else(|_| format!("AGE_BAND_{age_band}"), |a| a.as_str_name().into()),
-        );
-        self.add("citizenship", citizenship.to_ascii_lowercase());
-        self.add("country_of_exploitation", country.to_ascii_lowercase());
+    /// Adds `n` for a value as the database gives it: an enum number for
+    /// stage, gender, age band and form (named here), a code otherwise.
+    fn add_coded(&mut self, dimension: &str, value: &str, n: u64) {
+        let number = value.parse::<i32>().ok();
+        let named = match (dimension, number) {
+            ("stage", Some(s)) => pb::Stage::try_from(s).map_or_else(|_| value.to_owned(), |s| s.as_str_name().into()),
+            ("gender", Some(g)) => {
+                common::Gender::try_from(g).map_or_else(|_| format!("GENDER_{g}"), |g| g.as_str_name().into())
+            }
+            ("age_band", Some(a)) => {
+                common::AgeBand::try_from(a).map_or_else(|_| format!("AGE_BAND_{a}"), |a| a.as_str_name().into())
+            }
+            ("exploitation_form", Some(f)) => form_name(f),
+            _ => value.to_owned(),
+        };
+        self.add_count(dimension, named, n);
     }
 
     /// The cells of `dimension`, each known enum value listed (zeros too).
@@ -587,18 +622,4 @@ fn required_time(t: Option<&prost_types::Timestamp>, field: &str, v: &mut Violat
         return None;
     }
     time_field(t, field, v)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_interpolate_like_postgresql() {
-        let m = measure("x", &[10.0, 20.0, 30.0, 40.0]);
-        assert_eq!(m.median, Some(seconds(25.0)));
-        assert_eq!(m.p90, Some(seconds(37.0)));
-        assert_eq!(m.samples, 4);
-        assert_eq!(measure("y", &[]).median, None);
-    }
 }

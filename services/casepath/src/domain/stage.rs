@@ -60,36 +60,98 @@ pub struct Facts {
     pub goals_met: u32,
 }
 
+/// What decides one rung of the precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    AllGoalsMet,
+    GoalsOpen,
+    Sheltered,
+    ReturnOpen,
+    Accepted,
+    Pending,
+    ClosedWithOutcome,
+    HandedOver,
+    Identified,
+    NotIdentified,
+    Presumed,
+    Reported,
+}
+
+/// The precedence (see the module's documentation), first match wins.
+const PRECEDENCE: [(Holds, Stage); 12] = [
+    (Holds::AllGoalsMet, Stage::Reintegrated),
+    (Holds::GoalsOpen, Stage::Reintegrating),
+    (Holds::Sheltered, Stage::Sheltered),
+    (Holds::ReturnOpen, Stage::Returning),
+    (Holds::Accepted, Stage::Assisted),
+    (Holds::Pending, Stage::Referred),
+    (Holds::ClosedWithOutcome, Stage::Reintegrated),
+    (Holds::HandedOver, Stage::Returned),
+    (Holds::Identified, Stage::Identified),
+    (Holds::NotIdentified, Stage::NotIdentified),
+    (Holds::Presumed, Stage::Presumed),
+    (Holds::Reported, Stage::Reported),
+];
+
+impl Holds {
+    fn of(self, f: &Facts) -> bool {
+        match self {
+            Holds::AllGoalsMet => f.goals > 0 && f.goals_met >= f.goals,
+            Holds::GoalsOpen => f.goals > 0,
+            Holds::Sheltered => f.sheltered > 0,
+            Holds::ReturnOpen => f.returns_open > 0,
+            Holds::Accepted => f.referrals_accepted > 0,
+            Holds::Pending => f.referrals_pending > 0,
+            Holds::ClosedWithOutcome => f.referrals_closed > 0,
+            Holds::HandedOver => f.handed_over > 0,
+            Holds::Identified => f.identified,
+            Holds::NotIdentified => f.not_identified,
+            Holds::Presumed => f.presumed,
+            Holds::Reported => f.reported,
+        }
+    }
+
+    /// The same condition over the columns of casepath's facts query.
+    fn sql(self) -> &'static str {
+        match self {
+            Holds::AllGoalsMet => "goals > 0 AND met >= goals",
+            Holds::GoalsOpen => "goals > 0",
+            Holds::Sheltered => "admitted > 0",
+            Holds::ReturnOpen => "returns_open > 0",
+            Holds::Accepted => "accepted > 0",
+            Holds::Pending => "pending > 0",
+            Holds::ClosedWithOutcome => "closed > 0",
+            Holds::HandedOver => "handed_over > 0",
+            Holds::Identified => "identified",
+            Holds::NotIdentified => "not_identified",
+            Holds::Presumed => "presumed",
+            Holds::Reported => "true",
+        }
+    }
+}
+
 /// The stage of `facts` (see the module's precedence).
 #[must_use]
 pub fn stage(f: &Facts) -> Stage {
-    if f.goals > 0 && f.goals_met >= f.goals {
-        Stage::Reintegrated
-    } else if f.goals > 0 {
-        Stage::Reintegrating
-    } else if f.sheltered > 0 {
-        Stage::Sheltered
-    } else if f.returns_open > 0 {
-        Stage::Returning
-    } else if f.referrals_accepted > 0 {
-        Stage::Assisted
-    } else if f.referrals_pending > 0 {
-        Stage::Referred
-    } else if f.referrals_closed > 0 {
-        Stage::Reintegrated
-    } else if f.handed_over > 0 {
-        Stage::Returned
-    } else if f.identified {
-        Stage::Identified
-    } else if f.not_identified {
-        Stage::NotIdentified
-    } else if f.presumed {
-        Stage::Presumed
-    } else if f.reported {
-        Stage::Reported
-    } else {
-        Stage::Unspecified
+    PRECEDENCE
+        .iter()
+        .find(|(holds, _)| holds.of(f))
+        .map_or(Stage::Unspecified, |(_, stage)| *stage)
+}
+
+/// The precedence as a SQL `CASE` giving the stage's number, over the
+/// columns of casepath's facts query (`goals`, `met`, `admitted`,
+/// `returns_open`, `accepted`, `pending`, `closed`, `handed_over`,
+/// `identified`, `not_identified`, `presumed`; every row is reported), so
+/// that statistics count stages in the database by the same rules.
+#[must_use]
+pub fn sql_case() -> String {
+    let mut out = String::from("CASE");
+    for (holds, stage) in PRECEDENCE {
+        out.push_str(&format!(" WHEN {} THEN {}", holds.sql(), stage as i32));
     }
+    out.push_str(" END");
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,6 +426,14 @@ mod tests {
             change(1, StepKind::ReturnHalted, 4),
         ];
         assert_eq!(spans(&halted).0, Stage::Unspecified);
+    }
+
+    #[test]
+    fn the_sql_case_follows_the_same_precedence() {
+        let sql = sql_case();
+        assert!(sql.starts_with("CASE WHEN goals > 0 AND met >= goals THEN 11 WHEN goals > 0 THEN 10"));
+        assert!(sql.ends_with("WHEN presumed THEN 2 WHEN true THEN 1 END"));
+        assert_eq!(sql.matches(" WHEN ").count(), PRECEDENCE.len());
     }
 
     #[test]
