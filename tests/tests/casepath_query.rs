@@ -1154,6 +1154,27 @@ async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more
             .unwrap();
     assert_eq!(opened, 1, "the opening of the watch is audited");
 
+    // The listener's connection is cut (as when PostgreSQL restarts): it
+    // comes back by itself, and the change still arrives.
+    let listening = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'";
+    let before: Vec<i32> = sqlx::query_scalar(listening).fetch_all(pool).await.unwrap();
+    assert_eq!(before.len(), 1, "one listener per service");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(before[0])
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut back = false;
+    for _ in 0..200 {
+        let now: Vec<i32> = sqlx::query_scalar(listening).fetch_all(pool).await.unwrap();
+        if now.len() == 1 && now[0] != before[0] {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the listener reconnected within 10 s");
+
     // A service delivered: the step arrives.
     insert_step(
         pool,
