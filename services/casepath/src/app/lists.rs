@@ -44,25 +44,34 @@ struct PersonFacts {
 /// table is aggregated once per person (no per-person round trips); the
 /// coded person is the one of the first case.
 const FACTS: &str = r"
-WITH fc AS (
-    SELECT DISTINCT ON (person_id) person_id, gender, age_band, citizenship, country_of_exploitation
-    FROM cp_cases ORDER BY person_id, reported_at, case_id
+WITH cs AS (
+    SELECT * FROM (
+        SELECT c.person_id,
+            count(*) AS cases,
+            min(c.reported_at) AS first_reported_at,
+            min(c.gender) AS gender,
+            min(c.age_band) AS age_band,
+            min(c.citizenship) AS citizenship,
+            min(c.country_of_exploitation) AS country_of_exploitation,
+            bool_or(c.child) AS child,
+            bool_or(c.erased_at IS NOT NULL) AS erased,
+            bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
+            bool_or(c.status = 3) AS identified,
+            bool_or(c.status = 4) AS not_identified,
+            coalesce(array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL), '{}') AS waiting,
+            min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at,
+            jsonb_agg(c.exploitation_forms) AS forms
+        FROM cp_cases c
+        GROUP BY c.person_id
+    ) AS g
+    WHERE ($1::timestamptz IS NULL OR g.first_reported_at >= $1)
+      AND ($2::timestamptz IS NULL OR g.first_reported_at < $2)
 ),
-cs AS (
-    SELECT c.person_id,
-        min(c.reported_at) AS first_reported_at,
-        bool_or(c.child) AS child,
-        bool_or(c.erased_at IS NOT NULL) AS erased,
-        bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
-        bool_or(c.status = 3) AS identified,
-        bool_or(c.status = 4) AS not_identified,
-        coalesce(array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL), '{}') AS waiting,
-        min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at,
-        jsonb_agg(c.exploitation_forms) AS forms
-    FROM cp_cases c
-    GROUP BY c.person_id
-    HAVING ($1::timestamptz IS NULL OR min(c.reported_at) >= $1)
-       AND ($2::timestamptz IS NULL OR min(c.reported_at) < $2)
+-- The coded person is the first case's; only persons with several cases need the look.
+fc AS (
+    SELECT DISTINCT ON (c.person_id) c.person_id, c.gender, c.age_band, c.citizenship, c.country_of_exploitation
+    FROM cp_cases c JOIN cs ON cs.person_id = c.person_id AND cs.cases > 1
+    ORDER BY c.person_id, c.reported_at, c.case_id
 ),
 rf AS (
     SELECT person_id,
@@ -102,14 +111,18 @@ gl AS (
     SELECT person_id, count(*) AS goals, count(met_at) AS met, max(met_at) AS last_met_at
     FROM cp_goals GROUP BY person_id
 )
-SELECT cs.*, fc.gender, fc.age_band, fc.citizenship, fc.country_of_exploitation,
+SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.identified, cs.not_identified,
+    cs.waiting, cs.identified_at, cs.forms,
+    coalesce(fc.gender, cs.gender) AS gender, coalesce(fc.age_band, cs.age_band) AS age_band,
+    coalesce(fc.citizenship, cs.citizenship) AS citizenship,
+    coalesce(fc.country_of_exploitation, cs.country_of_exploitation) AS country_of_exploitation,
     coalesce(rf.pending, 0) AS pending, coalesce(rf.accepted, 0) AS accepted,
     coalesce(rf.closed, 0) AS closed, coalesce(rf.overdue, 0) AS overdue,
     coalesce(rt.open, 0) AS returns_open, coalesce(rt.handed_over, 0) AS handed_over,
     coalesce(sh.admitted, 0) AS admitted,
     coalesce(gl.goals, 0) AS goals, coalesce(gl.met, 0) AS met, gl.last_met_at
 FROM cs
-JOIN fc USING (person_id)
+LEFT JOIN fc USING (person_id)
 LEFT JOIN rf USING (person_id)
 LEFT JOIN rt USING (person_id)
 LEFT JOIN sh USING (person_id)
