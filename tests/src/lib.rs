@@ -24,6 +24,7 @@
 
 pub mod beds;
 pub mod canary;
+pub mod casepath_seed;
 pub mod consent;
 pub mod faults;
 pub mod federation;
