@@ -26,6 +26,7 @@
 pub mod beds;
 pub mod canary;
 pub mod casepath;
+pub mod casepath_seed;
 pub mod consent;
 pub mod faults;
 pub mod federation;

@@ -53,7 +53,7 @@ async fn every_rpc_names_the_malformed_fields_and_no_canary_leaks() {
 
     // A person ID that is no UUID, or carries a canary.
     let mut bad_ids: Vec<String> = canary::values();
-    bad_ids.extend(["".into(), "p-1".into(), format!("{} ", uuid::Uuid::now_v7())]);
+    bad_ids.extend(["".into(), "p-1".into(), format!("{}-1", uuid::Uuid::now_v7())]);
     for who in [&coordinator, &msd] {
         for id in &bad_ids {
             let request = || cp::GetPathRequest { person_id: id.clone() };

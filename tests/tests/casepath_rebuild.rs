@@ -139,13 +139,15 @@ async fn the_rebuilt_read_models_equal_the_live_ones() {
 
     // The operator's rebuild while casepath runs (`nrmctl ops rebuild`,
     // OperatorService.RebuildReadModels): every read model equal.
-    let out = std::process::Command::new(binary("nrmctl"))
+    // Not std's: a blocking wait would stop this runtime, and casepath in it.
+    let out = tokio::process::Command::new(binary("nrmctl"))
         .args(["--as-agency", "kg-ops", "--as-role", "operator", "--endpoint"])
         .arg(&world.kg.casepath.endpoint)
         .args(["ops", "rebuild"])
         .env("NRM_ISSUER_KEY", issuer_key_path())
         .env_remove("NRM_TOKEN")
         .output()
+        .await
         .expect("run nrmctl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     println!("nrmctl ops rebuild:\n{text}");

@@ -930,6 +930,12 @@ async fn call(system: &System, w: &World, row: &Permission, me: &Agency) -> Answ
                     }))
                     .await
                     .map(|_| ()),
+                "RebuildReadModels" => ops
+                    .rebuild_read_models(a!(common::RebuildReadModelsRequest {
+                        projection: "identification_case_list".into(),
+                    }))
+                    .await
+                    .map(|_| ()),
                 _ => ops
                     .refill_stream(a!(common::RefillStreamRequest { dry_run: true }))
                     .await
@@ -972,9 +978,13 @@ struct Trial {
 
 fn trials() -> Vec<Trial> {
     let mut trials = Vec::new();
-    // The repatriation service's rows have a sweep of their own, against
-    // that service (tests/tests/repatriation.rs).
-    for row in MATRIX.iter().filter(|r| r.service != permissions::REPATRIATION) {
+    // The repatriation service's and casepath's rows have sweeps of their
+    // own, against those services (tests/tests/repatriation.rs,
+    // tests/tests/casepath_matrix.rs).
+    for row in MATRIX
+        .iter()
+        .filter(|r| r.service != permissions::REPATRIATION && r.service != permissions::CASEPATH)
+    {
         for role in Role::ALL {
             let u = unique();
             let me = Agency::new(format!("{}-{u}", role.as_str().replace('_', "-")), role);

@@ -1,16 +1,14 @@
 //! The gRPC face of the service: take the caller the gate admitted, call the
 //! application, map back. No rules live here.
-//!
-//! STUB: the query helper replaces this file.
 
-use std::pin::Pin;
-
-use futures::Stream;
+use nrm_kernel::gate;
+use nrm_kernel::grpc::reply;
 use nrm_proto::casepath::v1 as pb;
 use pb::casepath_service_server::CasepathService;
 use tonic::{Request, Response, Status};
 
 use crate::app::Casepath;
+use crate::app::watch::{Answers, token_expiry};
 
 /// The tonic service.
 #[derive(Debug, Clone)]
@@ -26,47 +24,61 @@ impl CasepathGrpc {
     }
 }
 
-type Watch<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// When the caller's (verified) token expires.
+fn expiry<T>(request: &Request<T>) -> Option<chrono::DateTime<chrono::Utc>> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(token_expiry)
+}
 
 #[tonic::async_trait]
 impl CasepathService for CasepathGrpc {
-    type WatchPathStream = Watch<pb::Path>;
-    type WatchInboxStream = Watch<pb::Inbox>;
+    type WatchPathStream = Answers<pb::Path>;
+    type WatchInboxStream = Answers<pb::Inbox>;
 
-    async fn get_path(&self, _request: Request<pb::GetPathRequest>) -> Result<Response<pb::Path>, Status> {
-        let _ = &self.app;
-        Err(Status::unimplemented("GetPath"))
+    async fn get_path(&self, request: Request<pb::GetPathRequest>) -> Result<Response<pb::Path>, Status> {
+        let ctx = gate::context(&request)?;
+        reply(self.app.get_path(&ctx, request.get_ref()).await)
     }
 
     async fn watch_path(
         &self,
-        _request: Request<pb::GetPathRequest>,
+        request: Request<pb::GetPathRequest>,
     ) -> Result<Response<Self::WatchPathStream>, Status> {
-        Err(Status::unimplemented("WatchPath"))
+        let ctx = gate::context(&request)?;
+        let expires_at = expiry(&request);
+        reply(self.app.watch_path(ctx, request.get_ref(), expires_at).await)
     }
 
-    async fn list_inbox(&self, _request: Request<pb::ListInboxRequest>) -> Result<Response<pb::Inbox>, Status> {
-        Err(Status::unimplemented("ListInbox"))
+    async fn list_inbox(&self, request: Request<pb::ListInboxRequest>) -> Result<Response<pb::Inbox>, Status> {
+        let ctx = gate::context(&request)?;
+        reply(self.app.list_inbox(&ctx, request.get_ref()).await)
     }
 
     async fn watch_inbox(
         &self,
-        _request: Request<pb::ListInboxRequest>,
+        request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<Self::WatchInboxStream>, Status> {
-        Err(Status::unimplemented("WatchInbox"))
+        let ctx = gate::context(&request)?;
+        let expires_at = expiry(&request);
+        reply(self.app.watch_inbox(ctx, request.get_ref(), expires_at).await)
     }
 
     async fn list_paths(
         &self,
-        _request: Request<pb::ListPathsRequest>,
+        request: Request<pb::ListPathsRequest>,
     ) -> Result<Response<pb::ListPathsResponse>, Status> {
-        Err(Status::unimplemented("ListPaths"))
+        let ctx = gate::context(&request)?;
+        reply(self.app.list_paths(&ctx, request.get_ref()).await)
     }
 
     async fn get_statistics(
         &self,
-        _request: Request<pb::GetStatisticsRequest>,
+        request: Request<pb::GetStatisticsRequest>,
     ) -> Result<Response<pb::Statistics>, Status> {
-        Err(Status::unimplemented("GetStatistics"))
+        let ctx = gate::context(&request)?;
+        reply(self.app.get_statistics(&ctx, request.get_ref()).await)
     }
 }

@@ -551,6 +551,12 @@ impl Projection for ReferralsView {
         sqlx::query("TRUNCATE shelter_referrals").execute(conn).await?;
         Ok(())
     }
+
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM shelter_referrals t").await?,
+        ))
+    }
 }
 
 /// Expires holds whose timer fired.

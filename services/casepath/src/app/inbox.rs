@@ -1,0 +1,236 @@
+//! `ListInbox`: what waits for an agency's answer. Referrals waiting for
+//! their receiving agency (`cp_referrals.waiting_since` set: created or
+//! redirected, not yet answered, closed or cancelled; a referral whose
+//! consent ended was cancelled by the referral service), and identification
+//! decisions waiting for the competent authority (`decision_waiting_since`
+//! set), due N working days (`NRM_CASEPATH__DECISION_WORKING_DAYS`) after
+//! the waiting day on the country's calendar.
+//!
+//! Order: by due time, which puts what is overdue first (the most overdue
+//! first) and then what is due soonest; ties by subject ID. Pages are
+//! keyset pages on (due time, subject ID).
+
+use chrono::{DateTime, TimeDelta, Utc};
+use nrm_kernel::command::CallContext;
+use nrm_kernel::error::{AppError, Violations};
+use nrm_kernel::paging::{self, Cursor, Pager};
+use nrm_kernel::permissions::Standing;
+use nrm_kernel::validate;
+use nrm_proto::casepath::v1 as pb;
+use uuid::Uuid;
+
+use super::path::{CASE_COLUMNS, CaseRow, REFERRAL_COLUMNS, ReferralRow, case_row, referral_row};
+use super::{Casepath, duration, ts};
+
+/// The inbox item of a waiting referral.
+#[must_use]
+pub(crate) fn referral_item(r: &ReferralRow, now: DateTime<Utc>) -> pb::InboxItem {
+    let since = r.waiting_since.unwrap_or(now);
+    let due = r.answer_due_at.unwrap_or(since);
+    pb::InboxItem {
+        kind: pb::InboxKind::ReferralAnswer as i32,
+        subject_id: r.referral_id.to_string(),
+        person_id: r.person_id.to_string(),
+        agency: r.receiving_agency.clone(),
+        waiting_since: Some(ts(since)),
+        due_at: Some(ts(due)),
+        time_left: Some(duration(due - now)),
+        overdue: due < now,
+        urgency: r.urgency,
+        services: r.services.clone(),
+    }
+}
+
+/// The inbox item of a decision waiting since `since`, due at `due`.
+#[must_use]
+pub(crate) fn decision_item(
+    c: &CaseRow,
+    since: DateTime<Utc>,
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> pb::InboxItem {
+    pb::InboxItem {
+        kind: pb::InboxKind::IdentificationDecision as i32,
+        subject_id: c.case_id.to_string(),
+        person_id: c.person_id.to_string(),
+        agency: c.competent_authority.clone(),
+        waiting_since: Some(ts(since)),
+        due_at: Some(ts(due)),
+        time_left: Some(duration(due - now)),
+        overdue: due < now,
+        ..pb::InboxItem::default()
+    }
+}
+
+fn key(item: &pb::InboxItem) -> (i64, i32, String) {
+    let due = item.due_at.unwrap_or_default();
+    (due.seconds, due.nanos, item.subject_id.clone())
+}
+
+/// Sorts items by due time (overdue first, most overdue first), then ID.
+pub fn sort(items: &mut [pb::InboxItem]) {
+    items.sort_by_key(key);
+}
+
+/// A parsed inbox request.
+#[derive(Debug, Clone)]
+pub struct InboxQuery {
+    /// The agency whose inbox; none: the coordinator's view of everything overdue.
+    pub agency: Option<String>,
+    /// Referrals wanted.
+    pub referrals: bool,
+    /// Decisions wanted.
+    pub decisions: bool,
+    /// Only what is overdue.
+    pub overdue_only: bool,
+    page_size: i32,
+    pager: Pager,
+    cursor: Option<Cursor>,
+}
+
+impl InboxQuery {
+    /// Parses `req` for the caller of `ctx`.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming `kind`, `page_size`, `page_token` or
+    /// `agency`; `PERMISSION_DENIED` when a caller other than the
+    /// coordinator names another agency.
+    pub fn parse(ctx: &CallContext, req: &pb::ListInboxRequest) -> Result<Self, AppError> {
+        let mut v = Violations::new();
+        let kind = v
+            .check(validate::enum_value::<pb::InboxKind>("kind", req.kind, true))
+            .unwrap_or(0);
+        if req.page_size > paging::MAX_PAGE_SIZE.unsigned_abs() {
+            v.add("page_size", "must be 1..500 (0: 50)");
+        }
+        let page_size = paging::page_size(i32::try_from(req.page_size).unwrap_or(paging::MAX_PAGE_SIZE), &mut v);
+        if req.agency.len() > 100 {
+            v.add("agency", "must be an agency code of at most 100 characters");
+        }
+        let everything = ctx.permit().any();
+        let agency = if req.agency.is_empty() {
+            (!everything).then(|| ctx.agency().to_owned())
+        } else if everything || req.agency == ctx.agency() {
+            Some(req.agency.clone())
+        } else {
+            if v.is_empty() {
+                return Err(AppError::PermissionDenied(
+                    "only the coordinator reads another agency's inbox".into(),
+                ));
+            }
+            None
+        };
+        let pager = Pager::new(&format!(
+            "inbox|{}|{kind}|{}",
+            agency.as_deref().unwrap_or("*"),
+            req.overdue_only
+        ));
+        let cursor = pager.cursor(&req.page_token, &mut v);
+        let overdue_only = req.overdue_only || agency.is_none();
+        v.finish(|| Self {
+            agency,
+            referrals: kind == 0 || kind == pb::InboxKind::ReferralAnswer as i32,
+            decisions: kind == 0 || kind == pb::InboxKind::IdentificationDecision as i32,
+            overdue_only,
+            page_size,
+            pager,
+            cursor,
+        })
+    }
+}
+
+impl Casepath {
+    /// The inbox `query` asks for, as the caller of `ctx` may see it.
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn inbox(&self, ctx: &CallContext, query: &InboxQuery) -> Result<pb::Inbox, AppError> {
+        let now = Utc::now();
+        let agency = ctx.agency();
+        let permit = ctx.permit();
+        let mut items = Vec::new();
+        if query.referrals {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {REFERRAL_COLUMNS} FROM cp_referrals \
+                 WHERE waiting_since IS NOT NULL AND status = 'pending' \
+                   AND ($1::text IS NULL OR receiving_agency = $1) \
+                   AND ($2::timestamptz IS NULL OR coalesce(answer_due_at, waiting_since) < $2)"
+            )))
+            .bind(query.agency.as_deref())
+            .bind(query.overdue_only.then_some(now))
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                let r = referral_row(row)?;
+                let standing = Standing {
+                    addressees: vec![&r.receiving_agency],
+                    ..Standing::default()
+                };
+                if permit.admits(agency, &standing) {
+                    items.push(referral_item(&r, now));
+                }
+            }
+        }
+        if query.decisions {
+            // A decision due N working days later is at least N days old
+            // when overdue: the database pre-selects on that.
+            let days = i64::from(self.settings.decision_working_days);
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {CASE_COLUMNS} FROM cp_cases \
+                 WHERE decision_waiting_since IS NOT NULL \
+                   AND ($1::text IS NULL OR competent_authority = $1) \
+                   AND ($2::timestamptz IS NULL OR decision_waiting_since < $2)"
+            )))
+            .bind(query.agency.as_deref())
+            .bind(query.overdue_only.then(|| now - TimeDelta::days(days)))
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                let c = case_row(row)?;
+                let Some(since) = c.decision_waiting_since else {
+                    continue;
+                };
+                let standing = Standing {
+                    competent_authority: Some(&c.competent_authority),
+                    ..Standing::default()
+                };
+                let due = self.decision_due(since);
+                if permit.admits(agency, &standing) && (!query.overdue_only || due < now) {
+                    items.push(decision_item(&c, since, due, now));
+                }
+            }
+        }
+        sort(&mut items);
+        let after = |item: &pb::InboxItem| match query.cursor {
+            None => true,
+            Some(c) => {
+                let due = item.due_at.as_ref().and_then(validate::to_datetime).unwrap_or_default();
+                let id = item.subject_id.parse::<Uuid>().unwrap_or_default();
+                (due.timestamp_micros(), id) > (c.time.timestamp_micros(), c.id)
+            }
+        };
+        let mut page: Vec<pb::InboxItem> = items.into_iter().filter(after).collect();
+        let size = usize::try_from(query.page_size).unwrap_or(50);
+        let more = page.len() > size;
+        page.truncate(size);
+        let last = page.last().map(|item| Cursor {
+            time: item.due_at.as_ref().and_then(validate::to_datetime).unwrap_or_default(),
+            id: item.subject_id.parse().unwrap_or_default(),
+        });
+        Ok(pb::Inbox {
+            next_page_token: query.pager.next_token(more, last),
+            items: page,
+            as_of: Some(ts(now)),
+        })
+    }
+
+    /// `ListInbox`.
+    ///
+    /// # Errors
+    /// As [`InboxQuery::parse`] and [`Casepath::inbox`].
+    #[tracing::instrument(skip_all)]
+    pub async fn list_inbox(&self, ctx: &CallContext, req: &pb::ListInboxRequest) -> Result<pb::Inbox, AppError> {
+        let query = InboxQuery::parse(ctx, req)?;
+        self.inbox(ctx, &query).await
+    }
+}

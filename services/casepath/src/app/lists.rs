@@ -1,0 +1,638 @@
+//! `ListPaths` and `GetStatistics` (the coordinator's): one set-based query
+//! gives every person's facts (first report, coded person, forms of
+//! exploitation, counts of open and closed records, what waits), the stage
+//! is decided on them in Rust by [`crate::domain::stage::stage`], the
+//! counts are aggregated in one pass; the times are PostgreSQL's
+//! `percentile_cont` over the measured intervals.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use nrm_kernel::command::CallContext;
+use nrm_kernel::error::{AppError, Violations};
+use nrm_kernel::paging::{self, Cursor, Pager};
+use nrm_kernel::validate;
+use nrm_proto::casepath::v1 as pb;
+use nrm_proto::common::v1 as common;
+use nrm_proto::identification::v1 as id;
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use super::{Casepath, duration, ts};
+use crate::domain::stage::{self, Facts};
+use crate::domain::suppress;
+
+/// One person's facts, from [`FACTS`].
+#[derive(Debug, Clone)]
+struct PersonFacts {
+    person_id: Uuid,
+    first_reported_at: DateTime<Utc>,
+    gender: i32,
+    age_band: i32,
+    child: bool,
+    citizenship: String,
+    erased: bool,
+    facts: Facts,
+    waiting_decisions: Vec<DateTime<Utc>>,
+    overdue_referrals: i64,
+}
+
+/// Every person first reported in [$1, $2) (NULL: unbounded) with the facts
+/// the stage is decided on; `$3` is now. Returns of a person are linked by
+/// the cases' return IDs and by `foreign_reference` = a case ID, holds by
+/// the person's referrals and by a commit of the person's returns. Each
+/// table is aggregated once per person (no per-person round trips); the
+/// coded person is the one of the first case.
+const FACTS: &str = r"
+WITH cs AS (
+    SELECT * FROM (
+        SELECT c.person_id,
+            count(*) AS cases,
+            min(c.reported_at) AS first_reported_at,
+            min(c.gender) AS gender,
+            min(c.age_band) AS age_band,
+            min(c.citizenship) AS citizenship,
+            min(c.country_of_exploitation) AS country_of_exploitation,
+            bool_or(c.child) AS child,
+            bool_or(c.erased_at IS NOT NULL) AS erased,
+            bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
+            bool_or(c.status = 3) AS identified,
+            bool_or(c.status = 4) AS not_identified,
+            coalesce(array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL), '{}') AS waiting,
+            min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at,
+            jsonb_agg(c.exploitation_forms) AS forms
+        FROM cp_cases c
+        GROUP BY c.person_id
+    ) AS g
+    WHERE ($1::timestamptz IS NULL OR g.first_reported_at >= $1)
+      AND ($2::timestamptz IS NULL OR g.first_reported_at < $2)
+),
+-- The coded person is the first case's; only persons with several cases need the look.
+fc AS (
+    SELECT DISTINCT ON (c.person_id) c.person_id, c.gender, c.age_band, c.citizenship, c.country_of_exploitation
+    FROM cp_cases c JOIN cs ON cs.person_id = c.person_id AND cs.cases > 1
+    ORDER BY c.person_id, c.reported_at, c.case_id
+),
+rf AS (
+    SELECT person_id,
+        count(*) FILTER (WHERE status = 'pending') AS pending,
+        count(*) FILTER (WHERE status = 'accepted') AS accepted,
+        count(*) FILTER (WHERE status = 'closed' AND outcome <> 0) AS closed,
+        count(*) FILTER (WHERE status = 'pending' AND waiting_since IS NOT NULL
+                           AND coalesce(answer_due_at, waiting_since) < $3) AS overdue
+    FROM cp_referrals GROUP BY person_id
+),
+pr AS (
+    SELECT c.person_id, r.return_id, r.status, r.handed_over_at
+    FROM cp_cases c JOIN cp_returns r ON r.return_id = c.return_id
+    UNION
+    SELECT c.person_id, r.return_id, r.status, r.handed_over_at
+    FROM cp_returns r JOIN cp_cases c ON c.case_id::text = r.foreign_reference
+    WHERE r.foreign_reference <> ''
+),
+rt AS (
+    SELECT person_id,
+        count(*) FILTER (WHERE handed_over_at IS NULL AND status NOT IN (10, 11)) AS open,
+        count(*) FILTER (WHERE handed_over_at IS NOT NULL OR status = 10) AS handed_over
+    FROM pr GROUP BY person_id
+),
+sh AS (
+    SELECT person_id, count(DISTINCT hold_id) AS admitted FROM (
+        SELECT r.person_id, h.hold_id FROM cp_holds h JOIN cp_referrals r ON r.referral_id = h.referral_id
+        WHERE h.status = 'admitted'
+        UNION ALL
+        SELECT pr.person_id, h.hold_id FROM cp_holds h
+            JOIN cp_return_commits rc ON rc.commit_id = h.cause_commit_id
+            JOIN pr ON pr.return_id = rc.return_id
+        WHERE h.status = 'admitted'
+    ) x GROUP BY person_id
+),
+gl AS (
+    SELECT person_id, count(*) AS goals, count(met_at) AS met, max(met_at) AS last_met_at
+    FROM cp_goals GROUP BY person_id
+)
+SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.identified, cs.not_identified,
+    cs.waiting, cs.identified_at, cs.forms,
+    coalesce(fc.gender, cs.gender) AS gender, coalesce(fc.age_band, cs.age_band) AS age_band,
+    coalesce(fc.citizenship, cs.citizenship) AS citizenship,
+    coalesce(fc.country_of_exploitation, cs.country_of_exploitation) AS country_of_exploitation,
+    coalesce(rf.pending, 0) AS pending, coalesce(rf.accepted, 0) AS accepted,
+    coalesce(rf.closed, 0) AS closed, coalesce(rf.overdue, 0) AS overdue,
+    coalesce(rt.open, 0) AS returns_open, coalesce(rt.handed_over, 0) AS handed_over,
+    coalesce(sh.admitted, 0) AS admitted,
+    coalesce(gl.goals, 0) AS goals, coalesce(gl.met, 0) AS met, gl.last_met_at
+FROM cs
+LEFT JOIN fc USING (person_id)
+LEFT JOIN rf USING (person_id)
+LEFT JOIN rt USING (person_id)
+LEFT JOIN sh USING (person_id)
+LEFT JOIN gl USING (person_id)
+";
+
+fn count(r: &sqlx::postgres::PgRow, column: &str) -> Result<u32, sqlx::Error> {
+    let n: i64 = r.try_get(column)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+impl Casepath {
+    async fn facts(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<PersonFacts>, AppError> {
+        // The plan's estimates are far off for these aggregates; JIT
+        // compiling it costs more than running it.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        let rows = sqlx::query(FACTS)
+            .bind(from)
+            .bind(to)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PersonFacts {
+                    person_id: r.try_get("person_id")?,
+                    first_reported_at: r.try_get("first_reported_at")?,
+                    gender: r.try_get("gender")?,
+                    age_band: r.try_get("age_band")?,
+                    child: r.try_get("child")?,
+                    citizenship: r.try_get("citizenship")?,
+                    erased: r.try_get("erased")?,
+                    facts: Facts {
+                        reported: true,
+                        presumed: r.try_get("presumed")?,
+                        identified: r.try_get("identified")?,
+                        not_identified: r.try_get("not_identified")?,
+                        referrals_pending: count(r, "pending")?,
+                        referrals_accepted: count(r, "accepted")?,
+                        referrals_closed: count(r, "closed")?,
+                        sheltered: count(r, "admitted")?,
+                        returns_open: count(r, "returns_open")?,
+                        handed_over: count(r, "handed_over")?,
+                        goals: count(r, "goals")?,
+                        goals_met: count(r, "met")?,
+                    },
+                    waiting_decisions: r.try_get("waiting")?,
+                    overdue_referrals: r.try_get("overdue")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(AppError::from)
+    }
+
+    fn overdue(&self, p: &PersonFacts, now: DateTime<Utc>) -> u32 {
+        let decisions = p
+            .waiting_decisions
+            .iter()
+            .filter(|since| self.decision_due(**since) < now)
+            .count();
+        u32::try_from(decisions)
+            .unwrap_or(u32::MAX)
+            .saturating_add(u32::try_from(p.overdue_referrals).unwrap_or(u32::MAX))
+    }
+
+    /// `ListPaths`: every person's path, coded, newest first.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming `stage`, `page_size`, `page_token`,
+    /// `reported_from`/`reported_to`.
+    #[tracing::instrument(skip_all)]
+    pub async fn list_paths(
+        &self,
+        _ctx: &CallContext,
+        req: &pb::ListPathsRequest,
+    ) -> Result<pb::ListPathsResponse, AppError> {
+        let mut v = Violations::new();
+        let stage_filter = v
+            .check(validate::enum_value::<pb::Stage>("stage", req.stage, true))
+            .unwrap_or(0);
+        if req.page_size > paging::MAX_PAGE_SIZE.unsigned_abs() {
+            v.add("page_size", "must be 1..500 (0: 50)");
+        }
+        let page_size = paging::page_size(i32::try_from(req.page_size).unwrap_or(paging::MAX_PAGE_SIZE), &mut v);
+        let from = time_field(req.reported_from.as_ref(), "reported_from", &mut v);
+        let to = time_field(req.reported_to.as_ref(), "reported_to", &mut v);
+        if let (Some(f), Some(t)) = (from, to)
+            && f >= t
+        {
+            v.add("reported_to", "must be after reported_from");
+        }
+        let pager = Pager::new(&format!(
+            "paths|{stage_filter}|{}|{:?}|{:?}",
+            req.overdue_only,
+            from.map(|t| t.timestamp_micros()),
+            to.map(|t| t.timestamp_micros())
+        ));
+        let cursor = pager.cursor(&req.page_token, &mut v);
+        v.finish(|| ())?;
+        let now = Utc::now();
+        let mut rows: Vec<(PersonFacts, pb::Stage, u32)> = self
+            .facts(from, to, now)
+            .await?
+            .into_iter()
+            .map(|p| {
+                let s = stage::stage(&p.facts);
+                let overdue = self.overdue(&p, now);
+                (p, s, overdue)
+            })
+            .filter(|(_, s, overdue)| {
+                (stage_filter == 0 || *s as i32 == stage_filter) && (!req.overdue_only || *overdue > 0)
+            })
+            .filter(|(p, _, _)| {
+                cursor.is_none_or(|c| {
+                    (p.first_reported_at.timestamp_micros(), p.person_id) < (c.time.timestamp_micros(), c.id)
+                })
+            })
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse((r.0.first_reported_at, r.0.person_id)));
+        let size = usize::try_from(page_size).unwrap_or(50);
+        let more = rows.len() > size;
+        rows.truncate(size);
+        let persons: Vec<Uuid> = rows.iter().map(|r| r.0.person_id).collect();
+        let last_steps = self.last_steps(&persons).await?;
+        let last = rows.last().map(|r| Cursor {
+            time: r.0.first_reported_at,
+            id: r.0.person_id,
+        });
+        Ok(pb::ListPathsResponse {
+            paths: rows
+                .into_iter()
+                .map(|(p, s, overdue)| pb::PathSummary {
+                    person_id: p.person_id.to_string(),
+                    stage: s as i32,
+                    first_reported_at: Some(ts(p.first_reported_at)),
+                    last_step_at: last_steps.get(&p.person_id).copied().map(ts),
+                    overdue,
+                    person: Some(pb::Person {
+                        gender: p.gender,
+                        age_band: p.age_band,
+                        child: p.child,
+                        citizenship: p.citizenship,
+                        erased: p.erased,
+                    }),
+                })
+                .collect(),
+            next_page_token: pager.next_token(more, last),
+        })
+    }
+
+    /// The newest step time of each of `persons` (by the link rules).
+    async fn last_steps(&self, persons: &[Uuid]) -> Result<BTreeMap<Uuid, DateTime<Utc>>, AppError> {
+        if persons.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let rows = sqlx::query(
+            r"
+WITH pp AS (SELECT unnest($1::uuid[]) AS person_id),
+cs AS (SELECT c.person_id, c.case_id, c.return_id FROM cp_cases c JOIN pp USING (person_id)),
+rf AS (SELECT r.person_id, r.referral_id FROM cp_referrals r JOIN pp USING (person_id)),
+rt AS (
+    SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.return_id = cs.return_id
+    UNION
+    SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.foreign_reference = cs.case_id::text
+),
+subj AS (
+    SELECT person_id, case_id AS id FROM cs
+    UNION ALL SELECT person_id, referral_id FROM rf
+    UNION ALL SELECT c.person_id, c.consent_id FROM cp_consents c JOIN pp USING (person_id)
+    UNION ALL SELECT g.person_id, g.goal_id FROM cp_goals g JOIN pp USING (person_id)
+    UNION ALL SELECT person_id, return_id FROM rt
+    UNION ALL SELECT rf.person_id, h.hold_id FROM rf JOIN cp_holds h ON h.referral_id = rf.referral_id
+    UNION ALL SELECT rt.person_id, h.hold_id FROM rt
+        JOIN cp_return_commits rc ON rc.return_id = rt.return_id JOIN cp_holds h ON h.cause_commit_id = rc.commit_id
+)
+SELECT subj.person_id, max(s.at) AS last_at FROM subj JOIN cp_steps s ON s.subject_id = subj.id
+GROUP BY subj.person_id",
+        )
+        .bind(persons)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("person_id")?, r.try_get("last_at")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(AppError::from)
+    }
+
+    /// `GetStatistics`: counts and times for persons first reported (and
+    /// anonymous notifications filed) in [from, to).
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming `from` / `to`.
+    #[tracing::instrument(skip_all)]
+    pub async fn get_statistics(
+        &self,
+        _ctx: &CallContext,
+        req: &pb::GetStatisticsRequest,
+    ) -> Result<pb::Statistics, AppError> {
+        let mut v = Violations::new();
+        let from = required_time(req.from.as_ref(), "from", &mut v);
+        let to = required_time(req.to.as_ref(), "to", &mut v);
+        let (Some(from), Some(to)) = (from, to) else {
+            return Err(v.into_error());
+        };
+        if from >= to {
+            v.add("to", "must be after from");
+        }
+        v.finish(|| ())?;
+        let k = if req.min_cell == 0 {
+            self.settings.min_cell
+        } else {
+            req.min_cell
+        };
+        let now = Utc::now();
+        let (mut dims, persons, reintegration) = self.person_counts(from, to, now).await?;
+        dims.add_count("notification", "identified".into(), persons);
+        let notifications = self.notification_counts(&mut dims, from, to).await?;
+        let units = persons + notifications;
+        let persons_n = persons;
+        let mut counts = Vec::new();
+        let mut suppressed_cells = 0u32;
+        for (dimension, total) in [
+            ("stage", persons_n),
+            ("exploitation_form", units),
+            ("gender", units),
+            ("age_band", units),
+            ("citizenship", units),
+            ("country_of_exploitation", units),
+            ("notification", units),
+        ] {
+            let cells: Vec<(String, u64)> = dims.cells(dimension);
+            let values: Vec<u64> = cells.iter().map(|c| c.1).collect();
+            let hidden = if req.publishable {
+                suppress::suppress(&values, u64::from(k))
+            } else {
+                vec![false; values.len()]
+            };
+            for ((value, n), hide) in cells.into_iter().zip(hidden) {
+                if hide {
+                    suppressed_cells += 1;
+                }
+                counts.push(pb::Cell {
+                    dimension: dimension.into(),
+                    value,
+                    count: if hide { 0 } else { n },
+                    suppressed: hide,
+                });
+            }
+            counts.push(pb::Cell {
+                dimension: dimension.into(),
+                value: "total".into(),
+                count: total,
+                suppressed: false,
+            });
+        }
+        let mut times = self.times(from, to).await?;
+        times.push(reintegration);
+        for t in &mut times {
+            if req.publishable && suppress::time_suppressed(t.samples, u64::from(k)) {
+                t.suppressed = true;
+                t.median = None;
+                t.p90 = None;
+            }
+        }
+        Ok(pb::Statistics {
+            from: Some(ts(from)),
+            to: Some(ts(to)),
+            publishable: req.publishable,
+            min_cell: k,
+            counts,
+            times,
+            suppressed_cells,
+        })
+    }
+
+    /// The counts of the persons first reported in [from, to), per
+    /// dimension, aggregated in the database (the stage by
+    /// [`stage::sql_case`], the same precedence as [`stage::stage`]); the
+    /// number of persons; the time from identification to reintegration.
+    async fn person_counts(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<(Dimensions, u64, pb::TimeMeasure), AppError> {
+        let case = stage::sql_case();
+        let sql = format!(
+            r"
+WITH f AS MATERIALIZED ({FACTS}),
+s AS (SELECT f.*, {case} AS stage FROM f),
+done AS (
+    SELECT extract(epoch FROM last_met_at - identified_at) AS secs FROM s
+    WHERE goals > 0 AND met >= goals AND identified_at IS NOT NULL AND last_met_at IS NOT NULL
+)
+SELECT 'stage' AS dimension, stage::text AS value, count(*)::float8 AS n FROM s GROUP BY 2
+UNION ALL SELECT 'gender', gender::text, count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'age_band', age_band::text, count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'citizenship', lower(citizenship), count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'country_of_exploitation', lower(country_of_exploitation), count(*) FROM s GROUP BY 2
+UNION ALL SELECT 'exploitation_form', e.value, count(*) FROM s
+    CROSS JOIN LATERAL (
+        SELECT DISTINCT x FROM jsonb_array_elements(s.forms) AS a, jsonb_array_elements_text(a) AS x
+    ) AS e(value)
+    GROUP BY 2
+UNION ALL SELECT 'persons', '', count(*) FROM s
+UNION ALL SELECT 'reintegration', 'samples', count(*) FROM done
+UNION ALL SELECT 'reintegration', 'median', percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM done
+UNION ALL SELECT 'reintegration', 'p90', percentile_cont(0.9) WITHIN GROUP (ORDER BY secs) FROM done"
+        );
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(Some(from))
+            .bind(Some(to))
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut dims = Dimensions::default();
+        let mut persons = 0u64;
+        let mut reintegration = pb::TimeMeasure {
+            measure: "identification_to_reintegration".into(),
+            ..pb::TimeMeasure::default()
+        };
+        for r in &rows {
+            let dimension: String = r.try_get("dimension")?;
+            let value: String = r.try_get("value")?;
+            let n: Option<f64> = r.try_get("n")?;
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let count = n.unwrap_or(0.0).max(0.0) as u64;
+            match (dimension.as_str(), value.as_str()) {
+                ("persons", _) => persons = count,
+                ("reintegration", "samples") => reintegration.samples = count,
+                ("reintegration", "median") => reintegration.median = n.map(seconds),
+                ("reintegration", "p90") => reintegration.p90 = n.map(seconds),
+                (d, v) => dims.add_coded(d, v, count),
+            }
+        }
+        Ok((dims, persons, reintegration))
+    }
+
+    /// Adds the anonymous notifications filed in [from, to) to `dims`; how many.
+    async fn notification_counts(
+        &self,
+        dims: &mut Dimensions,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<u64, AppError> {
+        let rows = sqlx::query(
+            r"
+WITH n AS (SELECT * FROM cp_notifications WHERE filed_on >= $1 AND filed_on < $2)
+SELECT 'gender' AS dimension, gender::text AS value, count(*) AS n FROM n GROUP BY 2
+UNION ALL SELECT 'age_band', age_band::text, count(*) FROM n GROUP BY 2
+UNION ALL SELECT 'citizenship', lower(citizenship), count(*) FROM n GROUP BY 2
+UNION ALL SELECT 'country_of_exploitation', lower(country_of_exploitation), count(*) FROM n GROUP BY 2
+UNION ALL SELECT 'exploitation_form', e.value::text, count(*) FROM n
+    CROSS JOIN LATERAL (SELECT DISTINCT unnest(n.exploitation_forms)) AS e(value) GROUP BY 2
+UNION ALL SELECT 'notifications', '', count(*) FROM n",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut total = 0;
+        for r in &rows {
+            let dimension: String = r.try_get("dimension")?;
+            let value: String = r.try_get("value")?;
+            let n: i64 = r.try_get("n")?;
+            let count = u64::try_from(n).unwrap_or(0);
+            if dimension == "notifications" {
+                total = count;
+            } else {
+                dims.add_coded(&dimension, &value, count);
+            }
+        }
+        dims.add_count("notification", "anonymous".into(), total);
+        Ok(total)
+    }
+
+    /// The measured times of cases, referrals and returns of the period.
+    async fn times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<pb::TimeMeasure>, AppError> {
+        let rows = sqlx::query(
+            r"
+SELECT 'report_to_decision' AS measure, count(*) AS samples,
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - reported_at)) AS median,
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - reported_at)) AS p90
+FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2 AND decided_at IS NOT NULL
+UNION ALL
+SELECT 'referral_to_answer', count(*),
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM answered_at - created_at)),
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM answered_at - created_at))
+FROM cp_referrals WHERE created_at >= $1 AND created_at < $2 AND answered_at IS NOT NULL
+UNION ALL
+SELECT 'return_opened_to_handover', count(*),
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM handed_over_at - opened_at)),
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM handed_over_at - opened_at))
+FROM cp_returns WHERE opened_at >= $1 AND opened_at < $2 AND handed_over_at IS NOT NULL",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let samples: i64 = r.try_get("samples")?;
+                let median: Option<f64> = r.try_get("median")?;
+                let p90: Option<f64> = r.try_get("p90")?;
+                Ok(pb::TimeMeasure {
+                    measure: r.try_get("measure")?,
+                    samples: u64::try_from(samples).unwrap_or(0),
+                    median: median.map(seconds),
+                    p90: p90.map(seconds),
+                    suppressed: false,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(AppError::from)
+    }
+}
+
+/// A duration of `s` seconds (to the millisecond).
+fn seconds(s: f64) -> prost_types::Duration {
+    #[allow(clippy::cast_possible_truncation)]
+    let ms = (s * 1000.0).round() as i64;
+    duration(chrono::TimeDelta::milliseconds(ms))
+}
+
+fn form_name(f: i32) -> String {
+    id::ExploitationForm::try_from(f).map_or_else(|_| format!("EXPLOITATION_FORM_{f}"), |e| e.as_str_name().to_owned())
+}
+
+/// The counts of each dimension, by value.
+#[derive(Debug, Default)]
+struct Dimensions(BTreeMap<String, BTreeMap<String, u64>>);
+
+impl Dimensions {
+    fn add_count(&mut self, dimension: &str, value: String, n: u64) {
+        *self
+            .0
+            .entry(dimension.to_owned())
+            .or_default()
+            .entry(value)
+            .or_default() += n;
+    }
+
+    /// Adds `n` for a value as the database gives it: an enum number for
+    /// stage, gender, age band and form (named here), a code otherwise.
+    fn add_coded(&mut self, dimension: &str, value: &str, n: u64) {
+        let number = value.parse::<i32>().ok();
+        let named = match (dimension, number) {
+            ("stage", Some(s)) => pb::Stage::try_from(s).map_or_else(|_| value.to_owned(), |s| s.as_str_name().into()),
+            ("gender", Some(g)) => {
+                common::Gender::try_from(g).map_or_else(|_| format!("GENDER_{g}"), |g| g.as_str_name().into())
+            }
+            ("age_band", Some(a)) => {
+                common::AgeBand::try_from(a).map_or_else(|_| format!("AGE_BAND_{a}"), |a| a.as_str_name().into())
+            }
+            ("exploitation_form", Some(f)) => form_name(f),
+            _ => value.to_owned(),
+        };
+        self.add_count(dimension, named, n);
+    }
+
+    /// The cells of `dimension`, each known enum value listed (zeros too).
+    fn cells(&self, dimension: &str) -> Vec<(String, u64)> {
+        let mut cells = self.0.get(dimension).cloned().unwrap_or_default();
+        let known: Vec<String> = match dimension {
+            "stage" => (1..=11)
+                .filter_map(|s| pb::Stage::try_from(s).ok())
+                .map(|s| s.as_str_name().to_owned())
+                .collect(),
+            "exploitation_form" => (1..=8).map(form_name).collect(),
+            "gender" => (1..=4)
+                .filter_map(|g| common::Gender::try_from(g).ok())
+                .map(|g| g.as_str_name().to_owned())
+                .collect(),
+            "age_band" => (1..=7)
+                .filter_map(|a| common::AgeBand::try_from(a).ok())
+                .map(|a| a.as_str_name().to_owned())
+                .collect(),
+            "notification" => vec!["identified".into(), "anonymous".into()],
+            _ => Vec::new(),
+        };
+        for k in known {
+            cells.entry(k).or_insert(0);
+        }
+        cells.into_iter().collect()
+    }
+}
+
+fn time_field(t: Option<&prost_types::Timestamp>, field: &str, v: &mut Violations) -> Option<DateTime<Utc>> {
+    let t = t?;
+    let parsed = validate::to_datetime(t);
+    if parsed.is_none() {
+        v.add(field, "is not a valid time");
+    }
+    parsed
+}
+
+fn required_time(t: Option<&prost_types::Timestamp>, field: &str, v: &mut Violations) -> Option<DateTime<Utc>> {
+    if t.is_none() {
+        v.add(field, "is required");
+        return None;
+    }
+    time_field(t, field, v)
+}

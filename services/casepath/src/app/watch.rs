@@ -1,0 +1,287 @@
+//! Watching: one listener per service on PostgreSQL's channel
+//! `casepath_changed` (every projection notifies it in its apply
+//! transaction) bumps a change counter; each watcher sends its answer at
+//! once and then re-runs the same query, with the same permission checks,
+//! on each change (coalesced: at most one query per
+//! `NRM_CASEPATH__WATCH_INTERVAL_MS`), sending it only when it differs from
+//! the last one sent (times that only age — `as_of`, `time_left`, `spent` —
+//! are not differences). A watch ends with the query's error (a path the
+//! caller no longer sees: `PERMISSION_DENIED`), with `UNAUTHENTICATED` when
+//! the caller's token expires, when the client goes away, and when the
+//! service stops.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use nrm_kernel::command::CallContext;
+use nrm_kernel::error::AppError;
+use nrm_proto::casepath::v1 as pb;
+use sqlx::postgres::PgListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::Casepath;
+use super::inbox::InboxQuery;
+use super::path::parse_person;
+
+/// The channel the projections notify.
+pub const CHANNEL: &str = "casepath_changed";
+
+/// Listens on [`CHANNEL`] until `stop`, bumping `changes` on every
+/// notification and on every (re)connect, and reconnecting when
+/// PostgreSQL goes away.
+pub async fn listen(pool: sqlx::PgPool, changes: Arc<watch::Sender<u64>>, stop: CancellationToken) {
+    let bump = || changes.send_modify(|n| *n = n.wrapping_add(1));
+    while !stop.is_cancelled() {
+        let connected = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let mut listener = match connected {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "casepath_changed listener cannot connect; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        // Whatever changed while nobody listened is looked at again.
+        bump();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => bump(),
+                    // The connection was lost; the next call reconnects.
+                    Ok(None) => bump(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "casepath_changed listener failed; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The expiry (`exp`) of the bearer token in an `authorization` value the
+/// gate already verified; none when it cannot be read.
+#[must_use]
+pub fn token_expiry(authorization: &str) -> Option<DateTime<Utc>> {
+    let token = authorization
+        .strip_prefix("Bearer ")
+        .or_else(|| authorization.strip_prefix("bearer "))?
+        .trim();
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    DateTime::from_timestamp(claims.get("exp")?.as_i64()?, 0)
+}
+
+/// A stream of answers.
+pub type Answers<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// A path without what only ages.
+fn path_key(p: &pb::Path) -> pb::Path {
+    let mut p = p.clone();
+    p.as_of = None;
+    for s in &mut p.steps {
+        s.spent = None;
+    }
+    for s in &mut p.stages {
+        s.spent = None;
+    }
+    for w in &mut p.waiting {
+        w.time_left = None;
+    }
+    p
+}
+
+/// An inbox without what only ages.
+fn inbox_key(i: &pb::Inbox) -> pb::Inbox {
+    let mut i = i.clone();
+    i.as_of = None;
+    for item in &mut i.items {
+        item.time_left = None;
+    }
+    i
+}
+
+impl Casepath {
+    /// Runs `query` on every change until the watch ends; `first` was sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow<T, K, F, Fut>(
+        self,
+        first: T,
+        key: fn(&T) -> K,
+        mut query: F,
+        expires_at: Option<DateTime<Utc>>,
+        mut changes: watch::Receiver<u64>,
+        tx: mpsc::Sender<Result<T, Status>>,
+    ) where
+        T: Send + 'static,
+        K: PartialEq + Send,
+        F: FnMut() -> Fut + Send,
+        Fut: Future<Output = Result<T, AppError>> + Send,
+    {
+        let interval = Duration::from_millis(self.settings.watch_interval_ms);
+        let mut last = key(&first);
+        let expiry = async {
+            match expires_at {
+                Some(at) => {
+                    let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(expiry);
+        let mut next_query = tokio::time::Instant::now() + interval;
+        loop {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = &mut expiry => {
+                    let _ = tx.send(Err(Status::unauthenticated("the token expired; watch again with a new one"))).await;
+                    return;
+                }
+                () = tx.closed() => return,
+                () = self.closing.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the service is stopping; watch again"))).await;
+                    return;
+                }
+            }
+            // Coalesce: changes arriving until the interval is over are one.
+            tokio::select! {
+                () = tokio::time::sleep_until(next_query) => {}
+                () = tx.closed() => return,
+            }
+            changes.borrow_and_update();
+            next_query = tokio::time::Instant::now() + interval;
+            match query().await {
+                Ok(answer) => {
+                    let k = key(&answer);
+                    if k != last {
+                        last = k;
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `WatchPath`: the path now (audited like a `GetPath`), then on every change.
+    ///
+    /// # Errors
+    /// As [`Casepath::get_path`], for the first answer.
+    #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
+    pub async fn watch_path(
+        &self,
+        ctx: CallContext,
+        req: &pb::GetPathRequest,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<Answers<pb::Path>, AppError> {
+        let person = parse_person(&req.person_id)?;
+        tracing::Span::current().record("person_id", tracing::field::display(person));
+        ctx.concerns(person);
+        ctx.concerns_person(person);
+        let changes = self.changes.subscribe();
+        let first = self.path_of(&ctx, person).await?;
+        self.audit_path(&ctx, "WatchPath", &first).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let _ = tx.send(Ok(first.clone())).await;
+        let app = self.clone();
+        let query_app = self.clone();
+        tokio::spawn(async move {
+            let query = move || {
+                let (app, ctx) = (query_app.clone(), ctx.clone());
+                async move { app.path_of(&ctx, person).await }
+            };
+            app.follow(first, path_key, query, expires_at, changes, tx).await;
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// `WatchInbox`: the inbox now, then on every change.
+    ///
+    /// # Errors
+    /// As [`Casepath::list_inbox`], for the first answer.
+    #[tracing::instrument(skip_all)]
+    pub async fn watch_inbox(
+        &self,
+        ctx: CallContext,
+        req: &pb::ListInboxRequest,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<Answers<pb::Inbox>, AppError> {
+        let query = InboxQuery::parse(&ctx, req)?;
+        let changes = self.changes.subscribe();
+        let first = self.inbox(&ctx, &query).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let _ = tx.send(Ok(first.clone())).await;
+        let app = self.clone();
+        let query_app = self.clone();
+        tokio::spawn(async move {
+            let run = move || {
+                let (app, ctx, query) = (query_app.clone(), ctx.clone(), query.clone());
+                async move { app.inbox(&ctx, &query).await }
+            };
+            app.follow(first, inbox_key, run, expires_at, changes, tx).await;
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_expiry_is_read_from_the_token() {
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"sub":"o","exp":1790000000}"#);
+        let header = format!("Bearer aGVhZA.{payload}.c2ln");
+        assert_eq!(token_expiry(&header), DateTime::from_timestamp(1_790_000_000, 0));
+        assert_eq!(token_expiry("Basic x"), None);
+        assert_eq!(token_expiry("Bearer not-a-jwt"), None);
+    }
+
+    #[test]
+    fn only_aging_times_are_ignored_when_comparing() {
+        let a = pb::Path {
+            as_of: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+            steps: vec![pb::Step {
+                kind: 2,
+                spent: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+                ..pb::Step::default()
+            }],
+            ..pb::Path::default()
+        };
+        let mut b = a.clone();
+        b.as_of = Some(prost_types::Timestamp { seconds: 9, nanos: 0 });
+        b.steps[0].spent = Some(prost_types::Duration { seconds: 50, nanos: 0 });
+        assert_eq!(path_key(&a), path_key(&b));
+        b.steps[0].kind = 3;
+        assert_ne!(path_key(&a), path_key(&b));
+    }
+}

@@ -1,0 +1,1125 @@
+//! casepath's query API against a real PostgreSQL and the casepath binary,
+//! with the `cp_*` tables seeded by SQL here (as the projections would fill
+//! them): each role sees exactly the parts of a path the matrix grants it
+//! and no other step; an agency out of scope is refused; the inbox's order
+//! and deadlines on a calendar with a public holidays file; publishable
+//! statistics with a small cell and its complement suppressed and the totals
+//! right; a watch that follows a seeded change and ends when the caller sees
+//! nothing any more.
+
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use futures::StreamExt as _;
+use nrm_e2e::casepath_seed::{CaseSeed, Casepath, Client, StepSeed, consent, insert_step, notify, referral, step};
+use nrm_e2e::{authorized, token};
+use nrm_kernel::auth::Role;
+use nrm_kernel::validate::{timestamp, to_datetime};
+use nrm_proto::casepath::v1 as pb;
+use pb::{PathPart as P, StepKind as K};
+use sqlx::PgPool;
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
+use uuid::Uuid;
+
+fn t(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+}
+
+fn bad_fields(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// A person with a record in every part, seen differently by every role.
+struct Scenario {
+    person: Uuid,
+    case: Uuid,
+    to_msd: Uuid,
+    to_moh: Uuid,
+}
+
+async fn seed_scenario(pool: &PgPool) -> Scenario {
+    let person = Uuid::now_v7();
+    let ret = Uuid::now_v7();
+    let mut case = CaseSeed::new(person, "kg-mvd", "kg-prosecutor", t("2026-03-02T04:00:00Z"));
+    case.status = 3;
+    case.return_id = Some(ret);
+    case.decided_at = Some(t("2026-03-04T04:00:00Z"));
+    case.insert(pool).await;
+    let k_msd = consent(pool, person, case.case_id, "kg-msd").await;
+    let k_moh = consent(pool, person, case.case_id, "kg-moh").await;
+    let to_msd = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        Some(k_msd),
+        "accepted",
+        t("2026-03-05T04:00:00Z"),
+        None,
+    )
+    .await;
+    let to_moh = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-moh",
+        Some(k_moh),
+        "pending",
+        t("2026-03-06T04:00:00Z"),
+        Some(t("2026-03-09T04:00:00Z")),
+    )
+    .await;
+    let shelter = Uuid::now_v7();
+    sqlx::query("INSERT INTO cp_shelters (shelter_id, code, region, operator_agency) VALUES ($1, 'SH-1', 'KG-C', 'kg-shelter-1')")
+        .bind(shelter)
+        .execute(pool)
+        .await
+        .unwrap();
+    let hold = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO cp_holds (hold_id, shelter_id, referral_id, holder_agency, category, held_at, status, admitted_at) \
+         VALUES ($1, $2, $3, 'kg-msd', 1, $4, 'admitted', $5)",
+    )
+    .bind(hold)
+    .bind(shelter)
+    .bind(to_msd)
+    .bind(t("2026-03-05T04:30:00Z"))
+    .bind(t("2026-03-07T04:00:00Z"))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency, \
+         foreign_reference, status, opened_at, handed_over_at) \
+         VALUES ($1, 2, 'ru', 'kg', 'ru-iom', 'kg-consulate-moscow', '', 10, $2, $3)",
+    )
+    .bind(ret)
+    .bind(t("2026-03-08T04:00:00Z"))
+    .bind(t("2026-03-09T04:00:00Z"))
+    .execute(pool)
+    .await
+    .unwrap();
+    let goal = Uuid::now_v7();
+    sqlx::query("INSERT INTO cp_goals (goal_id, person_id, kind, added_at) VALUES ($1, $2, 1, $3)")
+        .bind(goal)
+        .bind(person)
+        .bind(t("2026-03-10T04:00:00Z"))
+        .execute(pool)
+        .await
+        .unwrap();
+    // An unrelated person's step must never show.
+    insert_step(
+        pool,
+        step(
+            Uuid::now_v7(),
+            P::Identification,
+            K::Reported,
+            t("2026-03-02T05:00:00Z"),
+            1,
+        ),
+    )
+    .await;
+
+    let c = case.case_id;
+    let reported = Uuid::now_v7();
+    let identified = pb::step::Detail::Identification(pb::IdentificationDetail {
+        case_id: c.to_string(),
+        possible_duplicate: true,
+        ..pb::IdentificationDetail::default()
+    });
+    insert_step(
+        pool,
+        StepSeed {
+            commit: reported,
+            position: 1,
+            ..step(c, P::Identification, K::Reported, t("2026-03-02T04:00:00Z"), 1)
+        },
+    )
+    .await;
+    insert_step(
+        pool,
+        StepSeed {
+            commit: reported,
+            position: 0,
+            ..step(c, P::Identification, K::Found, t("2026-03-02T04:00:00Z"), 1)
+        },
+    )
+    .await;
+    insert_step(
+        pool,
+        step(c, P::Identification, K::Screened, t("2026-03-03T04:00:00Z"), 2),
+    )
+    .await;
+    insert_step(
+        pool,
+        StepSeed {
+            detail: Some(identified),
+            ..step(c, P::Identification, K::Identified, t("2026-03-04T04:00:00Z"), 3)
+        },
+    )
+    .await;
+    insert_step(
+        pool,
+        step(k_msd, P::Consents, K::ConsentRecorded, t("2026-03-04T05:00:00Z"), 1),
+    )
+    .await;
+    insert_step(
+        pool,
+        step(k_moh, P::Consents, K::ConsentRecorded, t("2026-03-04T06:00:00Z"), 2),
+    )
+    .await;
+    insert_step(
+        pool,
+        step(to_msd, P::Referrals, K::ReferralSent, t("2026-03-05T04:00:00Z"), 3),
+    )
+    .await;
+    let accepted = Uuid::now_v7();
+    insert_step(
+        pool,
+        StepSeed {
+            commit: accepted,
+            ..step(to_msd, P::Referrals, K::ReferralAccepted, t("2026-03-05T05:00:00Z"), 4)
+        },
+    )
+    .await;
+    // The shelter's clock is behind: the bed held because of the acceptance
+    // carries an earlier time, and must still come after it.
+    insert_step(
+        pool,
+        StepSeed {
+            cause: Some(accepted),
+            ..step(hold, P::Shelter, K::BedHeld, t("2026-03-05T04:30:00Z"), 1)
+        },
+    )
+    .await;
+    insert_step(
+        pool,
+        step(to_moh, P::Referrals, K::ReferralSent, t("2026-03-06T04:00:00Z"), 5),
+    )
+    .await;
+    insert_step(pool, step(hold, P::Shelter, K::Admitted, t("2026-03-07T04:00:00Z"), 2)).await;
+    insert_step(
+        pool,
+        step(ret, P::Return, K::ReturnAnnounced, t("2026-03-08T04:00:00Z"), 1),
+    )
+    .await;
+    insert_step(pool, step(ret, P::Return, K::HandedOver, t("2026-03-09T04:00:00Z"), 2)).await;
+    insert_step(
+        pool,
+        step(goal, P::Plan, K::PlanGoalAdded, t("2026-03-10T04:00:00Z"), 6),
+    )
+    .await;
+    Scenario {
+        person,
+        case: c,
+        to_msd,
+        to_moh,
+    }
+}
+
+async fn get_path(client: &mut Client, person: &str, token: &str) -> Result<pb::Path, Status> {
+    client
+        .get_path(authorized(
+            pb::GetPathRequest {
+                person_id: person.into(),
+            },
+            token,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn parts(path: &pb::Path) -> Vec<P> {
+    path.parts.iter().map(|p| P::try_from(*p).unwrap()).collect()
+}
+
+fn signature(steps: &[pb::Step]) -> Vec<(P, K, String)> {
+    steps
+        .iter()
+        .map(|s| {
+            (
+                P::try_from(s.part).unwrap(),
+                K::try_from(s.kind).unwrap(),
+                s.subject_id.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn each_role_sees_exactly_the_parts_the_matrix_grants_and_no_other_step() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    let s = seed_scenario(&app.pool).await;
+    let person = s.person.to_string();
+
+    // The coordinator: everything, in order, with durations and stages.
+    let full = get_path(&mut client, &person, &token("kg-coordinator", Role::Coordinator, "c-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        parts(&full),
+        vec![
+            P::Person,
+            P::Identification,
+            P::Consents,
+            P::Referrals,
+            P::Shelter,
+            P::Return,
+            P::Plan
+        ]
+    );
+    let kinds: Vec<K> = full.steps.iter().map(|s| K::try_from(s.kind).unwrap()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            K::Found,
+            K::Reported,
+            K::Screened,
+            K::Identified,
+            K::ConsentRecorded,
+            K::ConsentRecorded,
+            K::ReferralSent,
+            K::ReferralAccepted,
+            K::BedHeld,
+            K::ReferralSent,
+            K::Admitted,
+            K::ReturnAnnounced,
+            K::HandedOver,
+            K::PlanGoalAdded,
+        ],
+        "ordered by time, the caused bed after its cause, ties by position"
+    );
+    assert_eq!(
+        full.steps[2].spent,
+        Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0
+        })
+    );
+    assert!(
+        full.steps.last().unwrap().spent.as_ref().unwrap().seconds > 0,
+        "the last step runs to now"
+    );
+    assert_eq!(full.stage, pb::Stage::Reintegrating as i32);
+    assert!(!full.stages.is_empty());
+    assert_eq!(full.stages[0].stage, pb::Stage::Reported as i32);
+    assert_eq!(full.person.as_ref().unwrap().citizenship, "kg");
+    assert_eq!(full.as_of, Some(timestamp(t("2026-03-10T04:00:00Z"))));
+    assert_eq!(full.waiting.len(), 1, "the referral waiting for MoH");
+    assert_eq!(full.waiting[0].subject_id, s.to_moh.to_string());
+    assert!(full.waiting[0].overdue);
+    let dup = |p: &pb::Path| {
+        p.steps
+            .iter()
+            .any(|s| matches!(&s.detail, Some(pb::step::Detail::Identification(d)) if d.possible_duplicate))
+    };
+    assert!(dup(&full));
+
+    let (msd, moh, c) = (s.to_msd.to_string(), s.to_moh.to_string(), s.case.to_string());
+    let _ = c;
+    // role, agency, parts, the referrals it sees.
+    let table: Vec<(Role, &str, Vec<P>, Vec<&str>)> = vec![
+        (
+            Role::Police,
+            "kg-mvd",
+            vec![P::Person, P::Identification, P::Consents, P::Referrals],
+            vec![&msd, &moh],
+        ),
+        (
+            Role::Prosecutor,
+            "kg-prosecutor",
+            vec![P::Person, P::Identification, P::Consents],
+            vec![],
+        ),
+        (
+            Role::Msd,
+            "kg-msd",
+            vec![P::Person, P::Referrals, P::Shelter, P::Return, P::Plan],
+            vec![&msd],
+        ),
+        (Role::Moh, "kg-moh", vec![P::Referrals], vec![&moh]),
+        (Role::Shelter, "kg-shelter-1", vec![P::Shelter], vec![]),
+        (Role::Iom, "kg-iom", vec![P::Return], vec![]),
+        (Role::Consulate, "kg-consulate-moscow", vec![P::Return], vec![]),
+    ];
+    println!("| role | agency | parts | steps |");
+    for (role, agency, want, referrals) in &table {
+        let path = get_path(&mut client, &person, &token(agency, *role, "o-1"))
+            .await
+            .unwrap();
+        println!("| {role} | {agency} | {:?} | {} |", parts(&path), path.steps.len());
+        assert_eq!(&parts(&path), want, "{role}");
+        let expected: Vec<(P, K, String)> = signature(&full.steps)
+            .into_iter()
+            .filter(|(p, _, subject)| want.contains(p) && (*p != P::Referrals || referrals.contains(&subject.as_str())))
+            .collect();
+        assert_eq!(signature(&path.steps), expected, "{role}: exactly its steps");
+        assert_eq!(path.person.is_some(), want.contains(&P::Person), "{role}");
+        assert_eq!(
+            path.stage != 0,
+            want.contains(&P::Identification),
+            "{role}: stage only with identification"
+        );
+        assert!(path.stages.is_empty(), "{role}: stages are the coordinator's");
+        assert_eq!(
+            dup(&path),
+            *role == Role::Prosecutor,
+            "{role}: possible_duplicate is the authority's"
+        );
+        let waiting: Vec<&str> = path.waiting.iter().map(|w| w.subject_id.as_str()).collect();
+        let want_waiting: Vec<&str> = if referrals.contains(&moh.as_str()) {
+            vec![&moh]
+        } else {
+            vec![]
+        };
+        assert_eq!(waiting, want_waiting, "{role}: waiting in the parts shown");
+    }
+    for (role, agency) in [(Role::Auditor, "kg-audit"), (Role::Operator, "kg-ops")] {
+        let refused = get_path(&mut client, &person, &token(agency, role, "o-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{role}");
+    }
+    // An agency out of scope, and the same answer for an unknown person.
+    let stranger = token("kg-mvd-osh", Role::Police, "o-2");
+    let refused = get_path(&mut client, &person, &stranger).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let unknown = Uuid::now_v7().to_string();
+    let refused_unknown = get_path(&mut client, &unknown, &stranger).await.unwrap_err();
+    assert_eq!(refused_unknown.code(), Code::PermissionDenied);
+    assert_eq!(refused.message(), refused_unknown.message(), "no oracle");
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    assert_eq!(
+        get_path(&mut client, &unknown, &coordinator).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let bad = get_path(&mut client, "Aigerim Bekova", &coordinator).await.unwrap_err();
+    assert_eq!(bad_fields(&bad), vec!["person_id"]);
+    assert!(!bad.message().contains("Aigerim"));
+
+    // Every answered path is audited, under the person, with its parts.
+    let audited: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT agency, action, purpose FROM audit_log WHERE person_id = $1 AND outcome = 'ok' ORDER BY seq",
+    )
+    .bind(s.person)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited.len(), 1 + table.len());
+    assert_eq!(
+        audited[0],
+        (
+            "kg-coordinator".into(),
+            "GetPath".into(),
+            "PATH:person+identification+consents+referrals+shelter+return+plan".into()
+        )
+    );
+    assert!(audited.contains(&("kg-moh".into(), "GetPath".into(), "PATH:referrals".into())));
+    let denied: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE person_id = $1 AND outcome = 'denied'")
+        .bind(s.person)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(denied, 1, "the stranger's refusal, under the person");
+    app.stop().await;
+}
+
+async fn inbox(client: &mut Client, req: pb::ListInboxRequest, token: &str) -> Result<pb::Inbox, Status> {
+    client
+        .list_inbox(authorized(req, token))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn the_inbox_puts_the_most_overdue_first_with_deadlines_on_the_calendar_with_its_holiday() {
+    let dir = std::env::temp_dir().join(format!("nrm-calendar-{}", nrm_e2e::unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("calendar.toml");
+    std::fs::write(
+        &file,
+        "utc_offset = \"+06:00\"\nweekend = [\"sat\", \"sun\"]\nholidays = [\"2026-03-09\"]\n",
+    )
+    .unwrap();
+    let app = Casepath::start(&[("NRM_CASEPATH__CALENDAR_FILE", file.to_str().unwrap())]).await;
+    let mut client = app.client.clone();
+    let pool = &app.pool;
+    // Thursday 5 March, 10:00 local: Fri 6, (Mon 9 a holiday), Tue 10, Wed 11,
+    // Thu 12, Fri 13: due at the end of Friday 13 local.
+    let mut a = CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-prosecutor", t("2026-03-05T04:00:00Z"));
+    a.waiting_since = Some(t("2026-03-05T04:00:00Z"));
+    a.insert(pool).await;
+    // Friday 6 March: Tue 10 … Mon 16 (the weekend and the holiday skipped).
+    let mut b = CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-prosecutor", t("2026-03-06T04:00:00Z"));
+    b.waiting_since = Some(t("2026-03-06T04:00:00Z"));
+    b.insert(pool).await;
+    // Waiting since now: not due yet.
+    let mut fresh = CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-prosecutor", Utc::now());
+    fresh.waiting_since = Some(Utc::now());
+    fresh.insert(pool).await;
+    // Another authority's, and a decided one: never in this inbox.
+    let mut other = CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-mvd", t("2026-03-01T04:00:00Z"));
+    other.waiting_since = Some(t("2026-03-01T04:00:00Z"));
+    other.insert(pool).await;
+    CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-prosecutor", t("2026-03-01T04:00:00Z"))
+        .insert(pool)
+        .await;
+    // Referrals: one to the prosecutor (its inbox scope is decisions only), two to MSD.
+    let person = Uuid::now_v7();
+    let to_prosecutor = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-prosecutor",
+        None,
+        "pending",
+        t("2026-03-01T04:00:00Z"),
+        Some(t("2026-03-02T04:00:00Z")),
+    )
+    .await;
+    let late = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        None,
+        "pending",
+        t("2026-03-10T04:00:00Z"),
+        Some(t("2026-03-11T04:00:00Z")),
+    )
+    .await;
+    let soon = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        None,
+        "pending",
+        Utc::now(),
+        Some(Utc::now() + TimeDelta::hours(72)),
+    )
+    .await;
+    referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        None,
+        "cancelled",
+        t("2026-03-10T04:00:00Z"),
+        None,
+    )
+    .await;
+
+    let prosecutor = token("kg-prosecutor", Role::Prosecutor, "p-1");
+    let got = inbox(&mut client, pb::ListInboxRequest::default(), &prosecutor)
+        .await
+        .unwrap();
+    let subjects: Vec<String> = got.items.iter().map(|i| i.subject_id.clone()).collect();
+    assert_eq!(
+        subjects,
+        vec![a.case_id.to_string(), b.case_id.to_string(), fresh.case_id.to_string()]
+    );
+    assert_eq!(
+        got.items[0].due_at,
+        Some(timestamp(t("2026-03-13T18:00:00Z"))),
+        "the holiday is skipped"
+    );
+    assert_eq!(
+        got.items[1].due_at,
+        Some(timestamp(t("2026-03-16T18:00:00Z"))),
+        "weekend and holiday skipped"
+    );
+    assert!(got.items[0].overdue && got.items[1].overdue && !got.items[2].overdue);
+    assert!(got.items[0].time_left.unwrap().seconds < 0 && got.items[2].time_left.unwrap().seconds > 0);
+    assert!(
+        got.items
+            .iter()
+            .all(|i| i.kind == pb::InboxKind::IdentificationDecision as i32)
+    );
+
+    // Paging: one at a time, in the same order.
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = inbox(
+            &mut client,
+            pb::ListInboxRequest {
+                page_size: 1,
+                page_token: page_token.clone(),
+                ..Default::default()
+            },
+            &prosecutor,
+        )
+        .await
+        .unwrap();
+        seen.extend(page.items.iter().map(|i| i.subject_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, subjects);
+    let overdue = inbox(
+        &mut client,
+        pb::ListInboxRequest {
+            overdue_only: true,
+            ..Default::default()
+        },
+        &prosecutor,
+    )
+    .await
+    .unwrap();
+    assert_eq!(overdue.items.len(), 2);
+
+    let msd = token("kg-msd", Role::Msd, "m-1");
+    let got = inbox(&mut client, pb::ListInboxRequest::default(), &msd).await.unwrap();
+    let subjects: Vec<String> = got.items.iter().map(|i| i.subject_id.clone()).collect();
+    assert_eq!(
+        subjects,
+        vec![late.to_string(), soon.to_string()],
+        "referrals only, the overdue one first"
+    );
+    assert_eq!(got.items[0].services, vec![1, 2]);
+
+    // The coordinator: a named agency's inbox, or what is overdue everywhere.
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    let named = inbox(
+        &mut client,
+        pb::ListInboxRequest {
+            agency: "kg-prosecutor".into(),
+            ..Default::default()
+        },
+        &coordinator,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        named.items.len(),
+        4,
+        "the coordinator sees both kinds of the prosecutor's"
+    );
+    let everywhere = inbox(&mut client, pb::ListInboxRequest::default(), &coordinator)
+        .await
+        .unwrap();
+    assert_eq!(everywhere.items.len(), 5, "overdue: 3 decisions and 2 referrals");
+    assert!(everywhere.items.iter().all(|i| i.overdue));
+    let order: Vec<String> = everywhere.items.iter().map(|i| i.subject_id.clone()).collect();
+    assert_eq!(
+        order,
+        vec![
+            to_prosecutor.to_string(),
+            other.case_id.to_string(),
+            late.to_string(),
+            a.case_id.to_string(),
+            b.case_id.to_string()
+        ],
+        "most overdue first"
+    );
+
+    // Refusals.
+    let refused = inbox(
+        &mut client,
+        pb::ListInboxRequest {
+            agency: "kg-msd".into(),
+            ..Default::default()
+        },
+        &prosecutor,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let bad = inbox(
+        &mut client,
+        pb::ListInboxRequest {
+            page_size: 501,
+            page_token: "nope".into(),
+            ..Default::default()
+        },
+        &prosecutor,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad_fields(&bad), vec!["page_size", "page_token"]);
+    let shelter = inbox(
+        &mut client,
+        pb::ListInboxRequest::default(),
+        &token("kg-iom", Role::Consulate, "x"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(shelter.code(), Code::PermissionDenied, "a role without the row");
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn cell(stats: &pb::Statistics, dimension: &str, value: &str) -> (u64, bool) {
+    stats
+        .counts
+        .iter()
+        .find(|c| c.dimension == dimension && c.value == value)
+        .map(|c| (c.count, c.suppressed))
+        .unwrap_or_else(|| panic!("no cell {dimension}={value}"))
+}
+
+#[tokio::test]
+async fn publishable_statistics_suppress_a_small_cell_and_its_complement_and_keep_the_totals() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    let pool = &app.pool;
+    let from = t("2025-01-01T00:00:00Z");
+    let to = t("2025-02-01T00:00:00Z");
+    // 22 persons in January: 12 female, 3 male, 7 other; 6 decided 1..6 h after the report.
+    for (i, gender) in std::iter::repeat_n(1, 12)
+        .chain(std::iter::repeat_n(2, 3))
+        .chain(std::iter::repeat_n(3, 7))
+        .enumerate()
+    {
+        let at = from + TimeDelta::hours(i64::try_from(i).unwrap() * 10);
+        let mut c = CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-prosecutor", at);
+        c.gender = gender;
+        if i < 6 {
+            c.status = 3;
+            c.decided_at = Some(at + TimeDelta::hours(i64::try_from(i).unwrap() + 1));
+        }
+        c.insert(pool).await;
+    }
+    // Outside the period.
+    CaseSeed::new(Uuid::now_v7(), "kg-mvd", "kg-prosecutor", t("2025-02-01T00:00:00Z"))
+        .insert(pool)
+        .await;
+    // Two anonymous notifications in January (female), one in March.
+    for filed in ["2025-01-10T00:00:00Z", "2025-01-11T00:00:00Z", "2025-03-01T00:00:00Z"] {
+        sqlx::query(
+            "INSERT INTO cp_notifications (notification_id, filed_on, found_country, country_of_exploitation, \
+             exploitation_forms, gender, age_band, citizenship) VALUES ($1, $2, 'kg', 'ru', '{2,2,1}', 1, 4, 'kg')",
+        )
+        .bind(Uuid::now_v7())
+        .bind(t(filed))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    // Two referrals answered: too few samples to publish their time.
+    for _ in 0..2 {
+        referral(
+            pool,
+            Uuid::now_v7(),
+            "kg-mvd",
+            "kg-msd",
+            None,
+            "accepted",
+            from + TimeDelta::days(3),
+            None,
+        )
+        .await;
+    }
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    let ask = |publishable: bool| pb::GetStatisticsRequest {
+        from: Some(timestamp(from)),
+        to: Some(timestamp(to)),
+        publishable,
+        min_cell: 0,
+    };
+    let raw = client
+        .get_statistics(authorized(ask(false), &coordinator))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cell(&raw, "gender", "GENDER_FEMALE"), (14, false));
+    assert_eq!(cell(&raw, "gender", "GENDER_MALE"), (3, false));
+    assert_eq!(cell(&raw, "gender", "GENDER_OTHER"), (7, false));
+    assert_eq!(cell(&raw, "gender", "total"), (24, false));
+    assert_eq!(cell(&raw, "notification", "identified"), (22, false));
+    assert_eq!(cell(&raw, "notification", "anonymous"), (2, false));
+    assert_eq!(cell(&raw, "stage", "total"), (22, false));
+    assert_eq!(cell(&raw, "stage", "STAGE_IDENTIFIED"), (6, false));
+    assert_eq!(cell(&raw, "stage", "STAGE_REPORTED"), (16, false));
+    assert_eq!(
+        cell(&raw, "exploitation_form", "EXPLOITATION_FORM_LABOUR"),
+        (24, false),
+        "once per person and form"
+    );
+    assert_eq!(cell(&raw, "exploitation_form", "EXPLOITATION_FORM_SEXUAL"), (2, false));
+    assert_eq!(raw.suppressed_cells, 0);
+    let decision = raw.times.iter().find(|m| m.measure == "report_to_decision").unwrap();
+    assert_eq!(decision.samples, 6);
+    assert_eq!(
+        decision.median,
+        Some(prost_types::Duration {
+            seconds: 12_600,
+            nanos: 0
+        }),
+        "3.5 h"
+    );
+    assert_eq!(
+        decision.p90,
+        Some(prost_types::Duration {
+            seconds: 19_800,
+            nanos: 0
+        }),
+        "5.5 h"
+    );
+
+    let published = client
+        .get_statistics(authorized(ask(true), &coordinator))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.min_cell, 5);
+    assert_eq!(cell(&published, "gender", "GENDER_MALE"), (0, true), "the small cell");
+    assert_eq!(cell(&published, "gender", "GENDER_OTHER"), (0, true), "its complement");
+    assert_eq!(cell(&published, "gender", "GENDER_FEMALE"), (14, false));
+    assert_eq!(cell(&published, "gender", "GENDER_UNKNOWN"), (0, false), "zeros stay");
+    assert_eq!(
+        cell(&published, "gender", "total"),
+        (24, false),
+        "totals are never suppressed"
+    );
+    assert_eq!(cell(&published, "notification", "anonymous"), (0, true));
+    assert_eq!(cell(&published, "notification", "identified"), (0, true));
+    assert_eq!(cell(&published, "notification", "total"), (24, false));
+    let answer = published
+        .times
+        .iter()
+        .find(|m| m.measure == "referral_to_answer")
+        .unwrap();
+    assert!(answer.suppressed && answer.median.is_none() && answer.samples == 2);
+    assert!(
+        !published
+            .times
+            .iter()
+            .find(|m| m.measure == "report_to_decision")
+            .unwrap()
+            .suppressed
+    );
+    assert_eq!(
+        published.suppressed_cells as usize,
+        published.counts.iter().filter(|c| c.suppressed).count()
+    );
+    // k = 11 (the CTDC's): the 7 is small now too.
+    let strict = client
+        .get_statistics(authorized(
+            pb::GetStatisticsRequest {
+                min_cell: 11,
+                ..ask(true)
+            },
+            &coordinator,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cell(&strict, "gender", "GENDER_OTHER"), (0, true));
+    assert!(strict.times.iter().all(|m| m.suppressed));
+
+    let bad = client
+        .get_statistics(authorized(
+            pb::GetStatisticsRequest {
+                from: Some(timestamp(to)),
+                to: Some(timestamp(from)),
+                ..ask(true)
+            },
+            &coordinator,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&bad), vec!["to"]);
+    let bad = client
+        .get_statistics(authorized(pb::GetStatisticsRequest::default(), &coordinator))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&bad), vec!["from", "to"]);
+    let refused = client
+        .get_statistics(authorized(ask(true), &token("kg-mvd", Role::Police, "p")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // The list of paths: newest first, filtered by stage, paged.
+    let list = |stage: pb::Stage, page_token: String| pb::ListPathsRequest {
+        stage: stage as i32,
+        reported_from: Some(timestamp(from)),
+        reported_to: Some(timestamp(to)),
+        page_size: 4,
+        page_token,
+        ..Default::default()
+    };
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_paths(authorized(list(pb::Stage::Unspecified, page_token), &coordinator))
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.paths);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(all.len(), 22);
+    let times: Vec<DateTime<Utc>> = all
+        .iter()
+        .map(|p| to_datetime(p.first_reported_at.as_ref().unwrap()).unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] > w[1]), "newest first");
+    let identified = client
+        .list_paths(authorized(list(pb::Stage::Identified, String::new()), &coordinator))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(identified.paths.len(), 4);
+    assert!(identified.paths.iter().all(|p| p.stage == pb::Stage::Identified as i32));
+    app.stop().await;
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::Path>) -> Result<pb::Path, Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("the stream is open")
+}
+
+#[tokio::test]
+async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more() {
+    let app = Casepath::start(&[("NRM_CASEPATH__WATCH_INTERVAL_MS", "50")]).await;
+    let mut client = app.client.clone();
+    let pool = &app.pool;
+    let person = Uuid::now_v7();
+    let case = CaseSeed::new(person, "kg-mvd", "kg-prosecutor", t("2026-03-02T04:00:00Z"));
+    case.insert(pool).await;
+    let k = consent(pool, person, case.case_id, "kg-msd").await;
+    let r = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        Some(k),
+        "accepted",
+        t("2026-03-05T04:00:00Z"),
+        None,
+    )
+    .await;
+    insert_step(
+        pool,
+        step(r, P::Referrals, K::ReferralSent, t("2026-03-05T04:00:00Z"), 1),
+    )
+    .await;
+    insert_step(
+        pool,
+        step(r, P::Referrals, K::ReferralAccepted, t("2026-03-05T05:00:00Z"), 2),
+    )
+    .await;
+
+    let msd = token("kg-msd", Role::Msd, "m-1");
+    let mut stream = client
+        .watch_path(authorized(
+            pb::GetPathRequest {
+                person_id: person.to_string(),
+            },
+            &msd,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await.unwrap();
+    assert_eq!(parts(&first), vec![P::Person, P::Referrals]);
+    assert_eq!(first.steps.len(), 2);
+    let opened: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE person_id = $1 AND action = 'WatchPath'")
+            .bind(person)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(opened, 1, "the opening of the watch is audited");
+
+    // The listener's connection is cut (as when PostgreSQL restarts): it
+    // comes back by itself, and the change still arrives.
+    let listening = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'";
+    let before: Vec<i32> = sqlx::query_scalar(listening).fetch_all(pool).await.unwrap();
+    assert_eq!(before.len(), 1, "one listener per service");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(before[0])
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut back = false;
+    for _ in 0..200 {
+        let now: Vec<i32> = sqlx::query_scalar(listening).fetch_all(pool).await.unwrap();
+        if now.len() == 1 && now[0] != before[0] {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the listener reconnected within 10 s");
+
+    // A service delivered: the step arrives.
+    insert_step(
+        pool,
+        step(r, P::Referrals, K::ServiceDelivered, t("2026-03-06T04:00:00Z"), 3),
+    )
+    .await;
+    notify(pool).await;
+    let second = next(&mut stream).await.unwrap();
+    assert_eq!(second.steps.len(), 3);
+    assert_eq!(second.steps[2].kind, K::ServiceDelivered as i32);
+
+    // The consent ends: the person's data leave MSD's view.
+    sqlx::query("UPDATE cp_consents SET ended_at = now(), end_reason = 1 WHERE consent_id = $1")
+        .bind(k)
+        .execute(pool)
+        .await
+        .unwrap();
+    notify(pool).await;
+    let third = next(&mut stream).await.unwrap();
+    assert_eq!(parts(&third), vec![P::Referrals], "no person part without the consent");
+    assert!(third.person.is_none());
+
+    // The referral goes to another agency: MSD sees nothing any more.
+    sqlx::query("UPDATE cp_referrals SET receiving_agency = 'kg-msd-osh' WHERE referral_id = $1")
+        .bind(r)
+        .execute(pool)
+        .await
+        .unwrap();
+    notify(pool).await;
+    let end = next(&mut stream).await.unwrap_err();
+    assert_eq!(end.code(), Code::PermissionDenied);
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends");
+    assert!(closed.is_none());
+
+    // A token that expires ends the watch with UNAUTHENTICATED.
+    let short = nrm_e2e::issuer_key()
+        .sign(&nrm_issuer::TokenClaims::new(
+            nrm_issuer::DEFAULT_ISSUER,
+            nrm_issuer::DEFAULT_AUDIENCE,
+            "kg-mvd",
+            Role::Police.as_str(),
+            "p-1",
+            2,
+        ))
+        .unwrap();
+    let mut stream = client
+        .watch_path(authorized(
+            pb::GetPathRequest {
+                person_id: person.to_string(),
+            },
+            &short,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut stream).await.is_ok());
+    let expired = next(&mut stream).await.unwrap_err();
+    assert_eq!(expired.code(), Code::Unauthenticated);
+
+    // The inbox, live: a new referral to MSD appears.
+    let mut inbox = client
+        .watch_inbox(authorized(pb::ListInboxRequest::default(), &msd))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.items.is_empty());
+    let new = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        None,
+        "pending",
+        Utc::now(),
+        Some(Utc::now() + TimeDelta::hours(24)),
+    )
+    .await;
+    notify(pool).await;
+    let second = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let ids: BTreeSet<String> = second.items.iter().map(|i| i.subject_id.clone()).collect();
+    assert_eq!(ids, BTreeSet::from([new.to_string()]));
+    app.stop().await;
+}
+
+/// Not a test of a property: the time of `GetStatistics` over 100,000
+/// persons (aim < 200 ms), printed. `cargo test -p nrm-e2e --test
+/// casepath_query -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement; run by hand"]
+async fn statistics_over_100000_persons_are_timed() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    for statement in [
+        "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at, \
+         gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms, decision, decided_at, \
+         decision_waiting_since, return_id) \
+         SELECT gen_random_uuid(), gen_random_uuid(), 'kg-mvd', 'kg-prosecutor', 1 + (i % 4), \
+           timestamptz '2025-01-01' + (i || ' minutes')::interval, 1 + i % 3, 1 + i % 7, i % 10 = 0, 'kg', 'ru', \
+           ARRAY[1 + i % 8, 1 + (i + 3) % 8], CASE WHEN i % 4 = 2 THEN 1 ELSE 0 END, \
+           CASE WHEN i % 4 = 2 THEN timestamptz '2025-01-03' + (i || ' minutes')::interval END, \
+           CASE WHEN i % 4 = 0 THEN timestamptz '2025-01-01' + (i || ' minutes')::interval END, \
+           CASE WHEN i % 10 = 0 THEN gen_random_uuid() END \
+         FROM generate_series(1, 100000) i",
+        "INSERT INTO cp_referrals (referral_id, person_id, referring_agency, receiving_agency, services, urgency, \
+         status, created_at, waiting_since, answer_due_at, answered_at, outcome) \
+         SELECT gen_random_uuid(), person_id, 'kg-mvd', 'kg-msd', '{1}', 1, \
+           (ARRAY['pending', 'accepted', 'closed', 'declined'])[1 + (row_number() OVER ()) % 4], reported_at, \
+           reported_at, reported_at + interval '3 days', reported_at + interval '1 day', 1 \
+         FROM cp_cases WHERE random() < 0.6",
+        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency, \
+         foreign_reference, status, opened_at, handed_over_at) \
+         SELECT return_id, 2, 'ru', 'kg', 'ru-iom', 'kg-consulate', '', 10, reported_at, reported_at + interval '10 days' \
+         FROM cp_cases WHERE return_id IS NOT NULL",
+        "INSERT INTO cp_goals (goal_id, person_id, kind, added_at, met_at) \
+         SELECT gen_random_uuid(), person_id, 1, reported_at, \
+           CASE WHEN random() < 0.5 THEN reported_at + interval '30 days' END FROM cp_cases WHERE random() < 0.2",
+        "ANALYZE",
+    ] {
+        sqlx::query(statement).execute(&app.pool).await.unwrap();
+    }
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    let request = || pb::GetStatisticsRequest {
+        from: Some(timestamp(t("2025-01-01T00:00:00Z"))),
+        to: Some(timestamp(t("2026-01-01T00:00:00Z"))),
+        publishable: true,
+        min_cell: 0,
+    };
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let stats = client
+            .get_statistics(authorized(request(), &coordinator))
+            .await
+            .unwrap()
+            .into_inner();
+        times.push(started.elapsed());
+        assert_eq!(cell(&stats, "stage", "total").0, 100_000);
+    }
+    times.sort();
+    println!(
+        "GetStatistics over 100,000 persons: median {:?}, min {:?}, max {:?}",
+        times[2], times[0], times[4]
+    );
+    app.stop().await;
+}
