@@ -46,7 +46,9 @@ fn steady_path(mut path: cp::Path) -> cp::Path {
     path
 }
 
-async fn capture(country: &Country) -> Views {
+/// `at`: the moment the statistics' period is counted around, the same for
+/// the live capture and the rebuilt one (the period is echoed back).
+async fn capture(country: &Country, at: chrono::DateTime<chrono::Utc>) -> Views {
     let coordinator = country.caller(Role::Coordinator);
     let summaries = country.casepath.all_paths(&coordinator).await;
     let mut paths = Vec::new();
@@ -74,10 +76,10 @@ async fn capture(country: &Country) -> Views {
             &coordinator,
             cp::GetStatisticsRequest {
                 from: Some(nrm_kernel::validate::timestamp(
-                    chrono::Utc::now() - chrono::Duration::days(3),
+                    at - chrono::Duration::days(3),
                 )),
                 to: Some(nrm_kernel::validate::timestamp(
-                    chrono::Utc::now() + chrono::Duration::days(1),
+                    at + chrono::Duration::days(1),
                 )),
                 publishable: false,
                 min_cell: 0,
@@ -110,8 +112,9 @@ async fn the_rebuilt_read_models_equal_the_live_ones() {
         .await;
     kg.settle().await;
 
-    let live_kg = capture(&world.kg).await;
-    let live_ru = capture(&world.ru).await;
+    let at = chrono::Utc::now();
+    let live_kg = capture(&world.kg, at).await;
+    let live_ru = capture(&world.ru, at).await;
     assert_eq!(live_kg.summaries.len(), 3, "{:?}", live_kg.summaries);
     assert!(
         live_kg
@@ -126,8 +129,8 @@ async fn the_rebuilt_read_models_equal_the_live_ones() {
         country.casepath.drop_read_models_and_restart().await;
         country.casepath.caught_up().await;
     }
-    let rebuilt_kg = capture(&world.kg).await;
-    let rebuilt_ru = capture(&world.ru).await;
+    let rebuilt_kg = capture(&world.kg, at).await;
+    let rebuilt_ru = capture(&world.ru, at).await;
     assert_eq!(rebuilt_kg, live_kg, "kg: rebuilt from the streams equals live");
     assert_eq!(rebuilt_ru, live_ru, "ru: rebuilt from the streams equals live");
     println!(
@@ -159,7 +162,7 @@ async fn the_rebuilt_read_models_equal_the_live_ones() {
             .unwrap_or_else(|| panic!("{projection} in {text}"));
         assert!(line.contains("equal") && !line.contains("DIFFERENT"), "{line}");
     }
-    assert_eq!(capture(&world.kg).await, live_kg, "and the views after it are the same");
+    assert_eq!(capture(&world.kg, at).await, live_kg, "and the views after it are the same");
 
     world.stop().await;
 }

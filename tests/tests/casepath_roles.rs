@@ -18,6 +18,8 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+use std::collections::HashMap;
+
 use nrm_e2e::casepath::{CONSULATE, Caller, Countries, Country, SHELTER_OPERATOR, Walk, Walked};
 use nrm_kernel::auth::Role;
 use nrm_kernel::permissions::{self, CASEPATH, PATH_PARTS, Standing};
@@ -43,6 +45,7 @@ fn part_of(name: &str) -> PathPart {
 }
 
 /// What the test knows of the person's records in one country.
+#[derive(Clone)]
 struct Facts {
     /// Reporting agency and competent authority of the person's case.
     case_holders: Vec<String>,
@@ -51,6 +54,45 @@ struct Facts {
     consented: Vec<String>,
     /// Who opened the return (ru's IOM office).
     opened_by: String,
+    /// Each referral's referring agency and its addressee now (its last
+    /// redirection's), as its steps tell them: a step such as an acceptance
+    /// carries only what changed, the referral's parties are the
+    /// referral's.
+    referrals: HashMap<String, (String, String)>,
+    /// Each bed hold's holder, as its steps tell it (an admission carries
+    /// only what changed).
+    holders: HashMap<String, String>,
+}
+
+/// The holder of each bed hold in `full`.
+fn hold_holders(full: &cp::Path) -> HashMap<String, String> {
+    let mut holders: HashMap<String, String> = HashMap::new();
+    for step in &full.steps {
+        if let Some(Detail::Shelter(h)) = &step.detail {
+            let entry = holders.entry(h.hold_id.clone()).or_default();
+            if !h.holder_agency.is_empty() {
+                entry.clone_from(&h.holder_agency);
+            }
+        }
+    }
+    holders
+}
+
+/// The parties of each referral in `full`.
+fn referral_parties(full: &cp::Path) -> HashMap<String, (String, String)> {
+    let mut parties: HashMap<String, (String, String)> = HashMap::new();
+    for step in &full.steps {
+        if let Some(Detail::Referral(r)) = &step.detail {
+            let entry = parties.entry(r.referral_id.clone()).or_default();
+            if !r.referring_agency.is_empty() {
+                entry.0.clone_from(&r.referring_agency);
+            }
+            if !r.receiving_agency.is_empty() {
+                entry.1.clone_from(&r.receiving_agency);
+            }
+        }
+    }
+    parties
 }
 
 /// The standing of `agency` to the record of `step` (or, for `None`, to the person).
@@ -70,14 +112,17 @@ fn standing<'a>(facts: &'a Facts, step: Option<&'a cp::Step>, agency: &str) -> S
             consented: false,
             ..holders()
         },
-        Some(Detail::Referral(r)) => Standing {
-            owner: Some(r.referring_agency.as_str()),
-            addressees: vec![r.receiving_agency.as_str()],
-            ..Standing::default()
-        },
+        Some(Detail::Referral(r)) => {
+            let (owner, addressee) = &facts.referrals[&r.referral_id];
+            Standing {
+                owner: Some(owner.as_str()),
+                addressees: vec![addressee.as_str()],
+                ..Standing::default()
+            }
+        }
         Some(Detail::Shelter(h)) => Standing {
             shelter_operator: Some(SHELTER_OPERATOR),
-            addressees: vec![h.holder_agency.as_str()],
+            addressees: vec![facts.holders[&h.hold_id].as_str()],
             ..Standing::default()
         },
         Some(Detail::Return(r)) => Standing {
@@ -120,6 +165,11 @@ async fn check_country(country: &Country, person_id: &str, facts: &Facts, caller
         .path(person_id, &country.caller(Role::Coordinator))
         .await
         .unwrap();
+    let facts = &Facts {
+        referrals: referral_parties(&full),
+        holders: hold_holders(&full),
+        ..facts.clone()
+    };
     for step in &full.steps {
         assert_eq!(
             detail_part(step.detail.as_ref()) as i32,
@@ -227,6 +277,8 @@ fn facts_kg(walked: &Walked, full: &cp::Path) -> Facts {
         competent_authority: identification.competent_authority,
         consented: vec!["kg-msd".into()],
         opened_by: "ru-iom".into(),
+        referrals: HashMap::new(),
+        holders: HashMap::new(),
     }
 }
 
@@ -249,6 +301,8 @@ async fn each_role_sees_exactly_the_parts_and_records_the_matrix_gives_it() {
         competent_authority: "ru-mvd".into(),
         consented: vec![],
         opened_by: "ru-iom".into(),
+        referrals: HashMap::new(),
+        holders: HashMap::new(),
     };
     pairs += check_country(&world.ru, &walked.ru_case.person_id, &ru_facts, &callers(&world.ru)).await;
     println!("(role, part) pairs tried: {pairs}");

@@ -481,6 +481,7 @@ impl Casepath {
             let bytes: Vec<u8> = r.try_get("step")?;
             let step = pb::Step::decode(bytes.as_slice())
                 .map_err(|e| AppError::Internal(format!("a stored step does not decode: {e}")))?;
+            let after_peers = step.kind == pb::StepKind::CaseOpenedFromAbroad as i32;
             steps.push(StepRow {
                 subject_id: r.try_get("subject_id")?,
                 part: r.try_get("part")?,
@@ -490,6 +491,7 @@ impl Casepath {
                     causation_id: r.try_get("causation_id")?,
                     stream_sequence: r.try_get("stream_sequence")?,
                     position: r.try_get("position")?,
+                    after_peers,
                 },
                 step,
             });

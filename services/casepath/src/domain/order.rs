@@ -5,6 +5,11 @@
 //! that commit's ID): a caused step whose own time is earlier is placed
 //! right after its cause. Equal times are ordered by (stream sequence,
 //! position in the commit), and a caused step always after its cause.
+//! Some steps follow another at the same time by their nature, not by a
+//! recorded cause: a case opened on a handover is dated at the handover
+//! (in another service and stream), and comes after it ([`Ordering::after_peers`]).
+//! Steps still equal are ordered by commit ID, so that every read gives the
+//! same order.
 
 use std::collections::HashMap;
 
@@ -24,6 +29,9 @@ pub struct Ordering {
     pub stream_sequence: i64,
     /// Its place in its commit.
     pub position: i32,
+    /// It comes after the other steps of its time (a case opened on a
+    /// handover, dated at it).
+    pub after_peers: bool,
 }
 
 /// The indices of `steps` in timeline order.
@@ -41,7 +49,8 @@ pub fn order(steps: &[Ordering]) -> Vec<usize> {
     let mut indices: Vec<usize> = (0..steps.len()).collect();
     indices.sort_by_key(|&i| {
         let (at, depth) = keys[i].unwrap_or((steps[i].at, 0));
-        (at, depth, steps[i].stream_sequence, steps[i].position, i)
+        let s = &steps[i];
+        (at, s.after_peers, depth, s.stream_sequence, s.position, s.commit_id, i)
     });
     indices
 }
@@ -99,6 +108,7 @@ mod tests {
             causation_id: cause.map(Uuid::from_u128),
             stream_sequence: seq,
             position: pos,
+            after_peers: false,
         }
     }
 
@@ -144,6 +154,24 @@ mod tests {
     fn a_cycle_does_not_hang() {
         let steps = [step(1, 1, Some(2), 1, 0), step(2, 2, Some(1), 2, 0)];
         assert_eq!(order(&steps).len(), 2);
+    }
+
+    #[test]
+    fn a_step_after_its_peers_follows_the_others_of_its_time_whatever_its_sequence() {
+        // A case opened on a handover (commit 1, sequence 1) and the
+        // handover (commit 2, sequence 9, another stream), at the same time.
+        let mut opened = step(10, 1, None, 1, 0);
+        opened.after_peers = true;
+        let steps = [opened, step(10, 2, None, 9, 0), step(11, 3, None, 0, 0)];
+        assert_eq!(order(&steps), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn equal_steps_are_ordered_by_commit_whatever_the_input_order() {
+        let a = step(10, 7, None, 3, 0);
+        let b = step(10, 5, None, 3, 0);
+        assert_eq!(order(&[a, b]), vec![1, 0]);
+        assert_eq!(order(&[b, a]), vec![0, 1]);
     }
 
     #[test]

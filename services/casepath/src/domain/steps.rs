@@ -1299,7 +1299,7 @@ pub struct ReturnRow {
     pub to_country: String,
     /// The agency that opened it (destination country).
     pub opened_by: String,
-    /// The home country's consulate (outgoing).
+    /// The home country's consulate (from the opening, or from the snapshot for an incoming return).
     pub consulate_agency: String,
     /// The agency that received the person at home.
     pub received_by: String,
@@ -1548,7 +1548,14 @@ fn announced(
         let Some(kind) = return_step_kind(&crossed.step) else {
             continue;
         };
-        let at = ev.time(crossed.at.as_ref())?;
+        // A handover at the time it was stated to happen, as the
+        // destination's own path shows it (and as the case it opens here is
+        // dated), not when it was recorded.
+        let stated = match kind {
+            Kind::HandedOver => snapshot.handed_over_at.as_ref(),
+            _ => None,
+        };
+        let at = ev.time(stated.or(crossed.at.as_ref()))?;
         let mut detail = rp_detail(return_id, rp::Direction::Incoming as i32, crossed.status_after);
         detail.from_country.clone_from(&snapshot.from_country);
         detail.to_country.clone_from(&snapshot.to_country);
@@ -1581,7 +1588,7 @@ fn incoming_row(return_id: ReturnId, snapshot: &rp::CrossBorderReturn, recorded:
         from_country: snapshot.from_country.clone(),
         to_country: snapshot.to_country.clone(),
         opened_by: opened.map(|s| s.agency.clone()).unwrap_or_default(),
-        consulate_agency: String::new(),
+        consulate_agency: snapshot.consulate_agency.clone(),
         received_by: snapshot.received_by.clone(),
         foreign_reference: snapshot.foreign_reference.clone(),
         status: snapshot.status,

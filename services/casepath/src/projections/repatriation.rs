@@ -102,7 +102,8 @@ fn upsert<'q>(row: &'q ReturnRow, announced: bool, steps: &'q super::Steps) -> s
                received_by, foreign_reference, status, opened_at, handed_over_at)
              VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
              ON CONFLICT (return_id) DO UPDATE SET direction = EXCLUDED.direction, from_country = EXCLUDED.from_country,
-               to_country = EXCLUDED.to_country, opened_by = EXCLUDED.opened_by, received_by = EXCLUDED.received_by,
+               to_country = EXCLUDED.to_country, opened_by = EXCLUDED.opened_by, consulate_agency = EXCLUDED.consulate_agency,
+               received_by = EXCLUDED.received_by,
                foreign_reference = EXCLUDED.foreign_reference, status = EXCLUDED.status,
                handed_over_at = EXCLUDED.handed_over_at"
         ))

@@ -82,6 +82,7 @@ pub fn snapshot(
         }
         out.foreign_reference.clone_from(&opened.foreign_reference);
         out.identified_by.clone_from(&opened.identified_by);
+        out.consulate_agency.clone_from(&opened.consulate_agency);
     }
     if let Some(risk) = &state.risk {
         if state.shares(SharedField::Needs) {
