@@ -547,11 +547,13 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     // Every acknowledged consent reaches its watch (or the run fails after 30 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if acks.iter().all(|(key, _)| seen.contains_key(key)) || Instant::now() > deadline {
+        let all_seen = {
+            let seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            acks.iter().all(|(key, _)| seen.contains_key(key))
+        };
+        if all_seen || Instant::now() > deadline {
             break;
         }
-        drop(seen);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut histogram = stats::new_histogram()?;
@@ -624,7 +626,7 @@ async fn statistics(database_url: &str, nats_url: &str, persons: usize) -> anyho
     let mut client = casepath.client.clone();
     // One call first: a warm cache, and a check that everyone is counted.
     let first = client
-        .get_statistics(authorized(request.clone(), &coordinator)?)
+        .get_statistics(authorized(request, &coordinator)?)
         .await?
         .into_inner();
     let total = first
@@ -638,9 +640,7 @@ async fn statistics(database_url: &str, nats_url: &str, persons: usize) -> anyho
     let mut histogram = stats::new_histogram()?;
     for _ in 0..STATS_CALLS {
         let started = Instant::now();
-        client
-            .get_statistics(authorized(request.clone(), &coordinator)?)
-            .await?;
+        client.get_statistics(authorized(request, &coordinator)?).await?;
         stats::record(&mut histogram, started.elapsed());
     }
     casepath.stop().await;

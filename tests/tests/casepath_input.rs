@@ -41,6 +41,9 @@ fn assert_names<T: std::fmt::Debug>(what: &str, answer: Result<T, Status>, named
     assert_clean(format!("{status:?}").as_bytes(), what);
 }
 
+/// Spoils one field of a request.
+type Mangle<R> = fn(&mut R);
+
 #[tokio::test]
 async fn every_rpc_names_the_malformed_fields_and_no_canary_leaks() {
     let logs = capture();
@@ -80,7 +83,7 @@ async fn every_rpc_names_the_malformed_fields_and_no_canary_leaks() {
         f(&mut r);
         r
     };
-    let bad_inboxes: [(fn(&mut cp::ListInboxRequest), &[&str]); 4] = [
+    let bad_inboxes: [(Mangle<cp::ListInboxRequest>, &[&str]); 4] = [
         (|r| r.page_token = "not-a-token".into(), &["page_token"]),
         (|r| r.page_token = canary::NAME.into(), &["page_token"]),
         (|r| r.page_size = 501, &["page_size"]),

@@ -75,12 +75,8 @@ async fn capture(country: &Country, at: chrono::DateTime<chrono::Utc>) -> Views 
         .statistics(
             &coordinator,
             cp::GetStatisticsRequest {
-                from: Some(nrm_kernel::validate::timestamp(
-                    at - chrono::Duration::days(3),
-                )),
-                to: Some(nrm_kernel::validate::timestamp(
-                    at + chrono::Duration::days(1),
-                )),
+                from: Some(nrm_kernel::validate::timestamp(at - chrono::Duration::days(3))),
+                to: Some(nrm_kernel::validate::timestamp(at + chrono::Duration::days(1))),
                 publishable: false,
                 min_cell: 0,
             },
@@ -162,7 +158,11 @@ async fn the_rebuilt_read_models_equal_the_live_ones() {
             .unwrap_or_else(|| panic!("{projection} in {text}"));
         assert!(line.contains("equal") && !line.contains("DIFFERENT"), "{line}");
     }
-    assert_eq!(capture(&world.kg, at).await, live_kg, "and the views after it are the same");
+    assert_eq!(
+        capture(&world.kg, at).await,
+        live_kg,
+        "and the views after it are the same"
+    );
 
     world.stop().await;
 }
