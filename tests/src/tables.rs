@@ -278,8 +278,14 @@ impl ServiceTables {
             let Some(stream) = stream else {
                 return Some(format!("projection {projection} has not started"));
             };
-            // A runner waiting for a stream that does not exist has nothing to do.
             let Ok(mut stream) = self.jetstream.get_stream(&stream).await else {
+                // The service's own stream is created by its relay once it
+                // runs: until then the runner will still find it and write
+                // its identity. A runner waiting for another context's
+                // stream that does not exist has nothing to do.
+                if stream.ends_with(&format!("_{}", self.service.to_ascii_uppercase())) {
+                    return Some(format!("the relay has not created the {stream} stream yet"));
+                }
                 continue;
             };
             // The stream exists but the runner has not found it yet: it will
