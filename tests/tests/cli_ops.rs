@@ -163,7 +163,8 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
     assert_eq!(item["owner"], "identification_case_list", "{item}");
     assert_eq!(item["item_id"], "2", "{item}");
     assert_eq!(item["source"], app.stream_name(), "{item}");
-    assert_eq!(item["attempts"], 3, "{item}");
+    // Undecodable: parked at its first failure, with nothing held behind it.
+    assert_eq!(item["attempts"], 1, "{item}");
     assert_eq!(item["retry_requested"], false, "{item}");
     assert_eq!(parked_items(&app).len(), 1);
 
@@ -202,14 +203,14 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
             &app.stream_name(),
             &poison_subject,
             "-",
-            "3"
+            "1"
         ],
         "{listed}"
     );
     assert_eq!(row[0][9], "false", "{listed}");
 
     // A retry: asked, then run by the projection's runner; it fails again,
-    // so the item stays parked with another round of attempts counted.
+    // so the item stays parked with one more attempt counted.
     let retried = stdout(&nrmctl(
         &app,
         "operator",
@@ -231,9 +232,9 @@ async fn an_operator_lists_and_retries_a_parked_message_and_refills_the_stream_w
     assert!(retried.contains("within about a second"), "{retried}");
     eventually("the runner tried it again", Duration::from_secs(20), || async {
         let items = parked_items(&app);
-        // A read model's message is retried by a rebuild: another round of
-        // three attempts, then parked again.
-        (items.len() == 1 && items[0]["attempts"] == 6 && items[0]["retry_requested"] == false).then_some(())
+        // A read model's message is retried by a rebuild: it fails once
+        // more and is parked again.
+        (items.len() == 1 && items[0]["attempts"] == 2 && items[0]["retry_requested"] == false).then_some(())
     })
     .await;
 

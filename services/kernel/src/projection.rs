@@ -40,7 +40,9 @@
 //!   with growing back-off ([`RetryPolicy`]); transient database faults are
 //!   retried as long as they last and count nothing; after the policy's
 //!   attempts the message is parked (`parked_messages`, a metric and a log
-//!   line with its IDs) and the checkpoint moves on. An operator lists and
+//!   line with its IDs) and the checkpoint moves on; a message that cannot
+//!   be decoded or mapped ([`Unprocessable`]) is parked at its first failure,
+//!   so that nothing waits behind it. An operator lists and
 //!   retries parked messages (`nrmctl ops parked`, `nrmctl ops retry`).
 
 use std::collections::HashMap;
@@ -120,6 +122,29 @@ pub async fn rows_digest(conn: &mut PgConnection, query: &'static str) -> Result
     )))
     .fetch_one(conn)
     .await
+}
+
+/// An error of the message itself, not of the moment: it cannot be decoded,
+/// or what it says cannot be mapped. Trying again can only fail again, so a
+/// runner parks the message at its first failure instead of holding every
+/// message behind it through the retry policy's back-off. A handler returns
+/// it (or wraps its own error in it, with [`Unprocessable::new`]) for such
+/// errors; any other error is retried first.
+#[derive(Debug, thiserror::Error)]
+#[error("unprocessable message: {0}")]
+pub struct Unprocessable(#[source] pub anyhow::Error);
+
+impl Unprocessable {
+    /// `err` as an error of the message.
+    pub fn new(err: impl Into<anyhow::Error>) -> Self {
+        Self(err.into())
+    }
+}
+
+/// Whether `err` is an error of the message itself ([`Unprocessable`]).
+#[must_use]
+pub fn is_unprocessable(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| cause.is::<Unprocessable>())
 }
 
 /// One message as a handler sees it.
@@ -271,7 +296,7 @@ impl<'a> Raw<'a> {
         Ok(Delivery {
             stream_sequence: self.sequence,
             subject: self.subject.to_owned(),
-            commit: EventCommit::decode(self.payload)?,
+            commit: EventCommit::decode(self.payload).map_err(Unprocessable::new)?,
             metadata: bus::metadata_from_headers(self.headers),
         })
     }
@@ -534,7 +559,7 @@ impl<P: Projection> ProjectionRunner<P> {
             } else {
                 failures += 1;
                 metrics::counter!("nrm_projection_errors_total", "projection" => self.name()).increment(1);
-                if self.retry.exhausted(failures) {
+                if is_unprocessable(&err) || self.retry.exhausted(failures) {
                     return self.handle_raw(stream, identity, raw, Some((failures, &err))).await;
                 }
                 tracing::error!(projection = self.name(), stream_sequence = raw.sequence, attempt = failures, error = %err, "projection handler failed; retrying the message");
@@ -952,7 +977,7 @@ impl<P: Projection> ProjectionRunner<P> {
                         .execute(uow.conn())
                         .await?;
                     failures += 1;
-                    if self.retry.exhausted(failures) {
+                    if is_unprocessable(&err) || self.retry.exhausted(failures) {
                         park_message(
                             uow.conn(),
                             self.name(),
