@@ -8,7 +8,9 @@
 
 use std::process::{Command, Output};
 
+use nrm_e2e::casepath::{CasepathApp, casepath_settings};
 use nrm_e2e::fixtures::{metadata, reported};
+use nrm_e2e::repatriation::{CountryKeys, RepatriationApp, repatriation_settings};
 use nrm_e2e::{Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, issuer_key_path, token};
 use nrm_kernel::audit::{self, BreakKind, Entry, Outcome};
 use nrm_kernel::auth::Role;
@@ -300,12 +302,14 @@ async fn call_code(channel: &Channel, service: &str, method: &str, token: Option
     answer.map_or_else(|status| status.code(), |_| tonic::Code::Ok)
 }
 
-fn nrmctl(endpoints: [&str; 3], role: &str, args: &[&str]) -> Output {
+fn nrmctl(endpoints: [&str; 5], role: &str, args: &[&str]) -> Output {
     Command::new(binary("nrmctl"))
         .args(args)
         .env("NRM_ENDPOINT", endpoints[0])
         .env("NRM_REFERRAL_ENDPOINT", endpoints[1])
         .env("NRM_SHELTER_ENDPOINT", endpoints[2])
+        .env("NRM_REPATRIATION_ENDPOINT", endpoints[3])
+        .env("NRM_CASEPATH_ENDPOINT", endpoints[4])
         .env("NRM_ISSUER_KEY", issuer_key_path())
         .env("NRM_AGENCY", "kg-audit")
         .env("NRM_ROLE", role)
@@ -342,12 +346,22 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
     let identification = TestApp::spawn().await;
     let referral = ReferralApp::spawn_beside(&identification).await;
     let shelter = ShelterApp::spawn().await;
+    let repatriation = RepatriationApp::spawn_with(repatriation_settings(&CountryKeys::generate("kg"), &[])).await;
+    let casepath = CasepathApp::spawn_with(casepath_settings(&identification.settings.nats, "kg")).await;
     let endpoints = [
         identification.endpoint.as_str(),
         referral.endpoint.as_str(),
         shelter.endpoint.as_str(),
+        repatriation.endpoint.as_str(),
+        casepath.endpoint.as_str(),
     ];
-    let pools = [&identification.pool, &referral.pool, &shelter.pool];
+    let pools = [
+        &identification.pool,
+        &referral.pool,
+        &shelter.pool,
+        &repatriation.pool,
+        &casepath.pool,
+    ];
     let auditor = token("kg-audit", Role::Auditor, "auditor-1");
     let count = |pool: &PgPool, outcome: &'static str| {
         let pool = pool.clone();
@@ -365,6 +379,8 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
             "nrm.identification.v1.IdentificationService",
             "nrm.referral.v1.ReferralService",
             "nrm.shelter.v1.ShelterService",
+            "nrm.repatriation.v1.RepatriationService",
+            "nrm.casepath.v1.CasepathService",
         ]
         .into_iter()
         .zip(pools),
@@ -426,11 +442,13 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
         );
     }
 
-    // Entries about one person in all three services, listed merged by time.
+    // Entries about one person in all five services, listed merged by time.
     let person = Uuid::now_v7();
     read_person(&identification.pool, person, "kg-mvd", "ReadPersonalData").await;
     read_person(&referral.pool, person, "kg-msd", "GetReferral").await;
     read_person(&shelter.pool, person, "kg-shelter-1", "GetShelter").await;
+    read_person(&repatriation.pool, person, "kg-iom", "GetReturn").await;
+    read_person(&casepath.pool, person, "kg-coordinator", "GetPath").await;
     let listed = nrmctl(endpoints, "auditor", &["audit", "person", &person.to_string()]);
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     let listed = text(&listed);
@@ -451,6 +469,8 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
             ("identification", "kg-mvd", "ReadPersonalData"),
             ("referral", "kg-msd", "GetReferral"),
             ("shelter", "kg-shelter-1", "GetShelter"),
+            ("repatriation", "kg-iom", "GetReturn"),
+            ("casepath", "kg-coordinator", "GetPath"),
         ],
         "{listed}"
     );
@@ -459,7 +479,7 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
         .iter()
         .filter(|r| r[5] == "ListEntries" && r[4] == "auditor-1")
         .count();
-    assert_eq!(own, 3, "{listed}");
+    assert_eq!(own, 5, "{listed}");
     let times: Vec<&str> = rows.iter().map(|r| r[0]).collect();
     let mut sorted = times.clone();
     sorted.sort_unstable();
@@ -480,7 +500,13 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
         .collect();
     assert_eq!(
         rows.iter().map(|r| (r[0].as_str(), r[3].as_str())).collect::<Vec<_>>(),
-        [("identification", "OK"), ("referral", "OK"), ("shelter", "OK")],
+        [
+            ("identification", "OK"),
+            ("referral", "OK"),
+            ("shelter", "OK"),
+            ("repatriation", "OK"),
+            ("casepath", "OK")
+        ],
         "{verified}"
     );
     let heads: Vec<String> = rows.iter().map(|r| format!("{}={}", r[0], r[2])).collect();
@@ -549,6 +575,8 @@ async fn the_auditor_reads_the_audit_of_every_service_and_nothing_else() {
         .unwrap_err();
     assert_eq!(page.code(), tonic::Code::InvalidArgument);
 
+    casepath.stop().await;
+    repatriation.stop(&[]).await;
     shelter.stop().await;
     referral.stop().await;
     identification.stop().await;

@@ -21,6 +21,8 @@ fn nrmctl(app: &TestApp, role: &str, args: &[&str]) -> Output {
         .env("NRM_ENDPOINT", &app.endpoint)
         .env("NRM_REFERRAL_ENDPOINT", NOBODY)
         .env("NRM_SHELTER_ENDPOINT", NOBODY)
+        .env("NRM_REPATRIATION_ENDPOINT", NOBODY)
+        .env("NRM_CASEPATH_ENDPOINT", NOBODY)
         .env("NRM_ISSUER_KEY", issuer_key_path())
         .env("NRM_AGENCY", "kg-ops")
         .env("NRM_ROLE", role)
@@ -111,7 +113,16 @@ async fn a_fresh_service_has_no_parked_items() {
     assert!(errors.contains("error: referral: cannot connect to"), "{errors}");
     assert!(errors.contains("error: shelter: cannot connect to"), "{errors}");
     assert!(
-        errors.contains("2 of 3 services did not answer: referral, shelter"),
+        errors.contains("4 of 5 services did not answer: referral, shelter, repatriation, casepath"),
+        "{errors}"
+    );
+    // A refill of every service asks those that publish a stream: casepath,
+    // which only reads, is not among them.
+    let refill = nrmctl(&app, "operator", &["ops", "refill", "--dry-run"]);
+    assert_eq!(refill.status.code(), Some(1));
+    let errors = String::from_utf8_lossy(&refill.stderr);
+    assert!(
+        errors.contains("3 of 4 services did not answer: referral, shelter, repatriation"),
         "{errors}"
     );
     app.stop().await;

@@ -35,7 +35,7 @@ pub async fn run(global: &Global, command: OpsCommand) -> Result<()> {
     match command {
         OpsCommand::Parked(args) => parked(global, &args.service.list()).await,
         OpsCommand::Retry(args) => retry(global, args).await,
-        OpsCommand::Refill(args) => refill(global, &args.service.list(), args.dry_run).await,
+        OpsCommand::Refill(args) => refill(global, &args.service.publishing(), args.dry_run).await,
         OpsCommand::Rebuild(args) => rebuild(global, args).await,
     }
 }
@@ -50,6 +50,8 @@ pub(crate) fn endpoint(global: &Global, service: Service) -> &str {
         Service::Identification => &global.endpoint,
         Service::Referral => &global.referral_endpoint,
         Service::Shelter => &global.shelter_endpoint,
+        Service::Repatriation => &global.repatriation_endpoint,
+        Service::Casepath => &global.casepath_endpoint,
     }
 }
 

@@ -78,10 +78,10 @@ fn parse_expected_head(text: &str) -> Result<(Service, Anchor), String> {
     let (service, anchor) = text
         .split_once('=')
         .ok_or("must be SERVICE=SEQ:HASH (e.g. identification=42:<64 hex digits>)")?;
-    let service = Service::ALL
-        .into_iter()
-        .find(|s| s.name() == service)
-        .ok_or_else(|| format!("unknown service '{service}'; one of identification, referral, shelter"))?;
+    let service = Service::ALL.into_iter().find(|s| s.name() == service).ok_or_else(|| {
+        let names: Vec<&str> = Service::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown service '{service}'; one of {}", names.join(", "))
+    })?;
     let anchor = Anchor::parse(&anchor.to_ascii_lowercase()).map_err(str::to_owned)?;
     Ok((service, anchor))
 }

@@ -43,11 +43,21 @@ pub enum Service {
     Referral,
     /// The shelter service (--shelter-endpoint).
     Shelter,
+    /// The repatriation service (--repatriation-endpoint).
+    Repatriation,
+    /// casepath (--casepath-endpoint): read models only, no stream of its own.
+    Casepath,
 }
 
 impl Service {
     /// Every service, in the order answers are printed.
-    pub const ALL: [Service; 3] = [Service::Identification, Service::Referral, Service::Shelter];
+    pub const ALL: [Service; 5] = [
+        Service::Identification,
+        Service::Referral,
+        Service::Shelter,
+        Service::Repatriation,
+        Service::Casepath,
+    ];
 
     /// The service's name as on the command line.
     pub const fn name(self) -> &'static str {
@@ -55,7 +65,14 @@ impl Service {
             Service::Identification => "identification",
             Service::Referral => "referral",
             Service::Shelter => "shelter",
+            Service::Repatriation => "repatriation",
+            Service::Casepath => "casepath",
         }
+    }
+
+    /// Whether the service publishes a stream of its own (casepath only reads).
+    pub const fn publishes(self) -> bool {
+        !matches!(self, Service::Casepath)
     }
 }
 
@@ -68,7 +85,11 @@ pub enum Services {
     Referral,
     /// The shelter service (--shelter-endpoint).
     Shelter,
-    /// Each of the three.
+    /// The repatriation service (--repatriation-endpoint).
+    Repatriation,
+    /// casepath (--casepath-endpoint).
+    Casepath,
+    /// Each of them (for `refill`, each that publishes a stream).
     All,
 }
 
@@ -79,7 +100,19 @@ impl Services {
             Services::Identification => vec![Service::Identification],
             Services::Referral => vec![Service::Referral],
             Services::Shelter => vec![Service::Shelter],
+            Services::Repatriation => vec![Service::Repatriation],
+            Services::Casepath => vec![Service::Casepath],
             Services::All => Service::ALL.to_vec(),
+        }
+    }
+
+    /// The services chosen that publish a stream of their own: all of them
+    /// but casepath when every service is chosen (one named is asked, and
+    /// casepath answers that it publishes none).
+    pub fn publishing(self) -> Vec<Service> {
+        match self {
+            Services::All => Service::ALL.into_iter().filter(|s| s.publishes()).collect(),
+            one => one.list(),
         }
     }
 }
@@ -112,7 +145,8 @@ pub struct RetryArgs {
 /// `ops refill`.
 #[derive(Debug, Args)]
 pub struct RefillArgs {
-    /// The services whose stream is compared with their store.
+    /// The services whose stream is compared with their store (`all`: each
+    /// that publishes one, casepath aside).
     #[arg(long, value_enum, default_value_t = Services::All)]
     pub service: Services,
     /// Only compare and count what the stream lacks; put nothing back.
