@@ -373,6 +373,21 @@ async fn each_role_sees_exactly_the_parts_the_matrix_grants_and_no_other_step() 
             "{role}: stage only with identification"
         );
         assert!(path.stages.is_empty(), "{role}: stages are the coordinator's");
+        // The stage and `as_of` come from the steps the role sees: the last
+        // of them, never a later one of a part it does not see.
+        let last_seen = path
+            .steps
+            .iter()
+            .filter_map(|s| s.at)
+            .max_by_key(|t| (t.seconds, t.nanos));
+        assert_eq!(path.as_of, last_seen, "{role}: as_of of its own steps");
+        if !want.contains(&P::Plan) {
+            assert_ne!(
+                path.stage,
+                pb::Stage::Reintegrating as i32,
+                "{role}: not the plan's stage"
+            );
+        }
         assert_eq!(
             dup(&path),
             *role == Role::Prosecutor,
@@ -433,6 +448,21 @@ async fn each_role_sees_exactly_the_parts_the_matrix_grants_and_no_other_step() 
         .await
         .unwrap();
     assert_eq!(denied, 1, "the stranger's refusal, under the person");
+
+    // Police reporting are their own competent authority by default: then
+    // the reporter is never told that the person was reported before (no
+    // oracle), the coordinator still is.
+    sqlx::query("UPDATE cp_cases SET competent_authority = reporting_agency WHERE case_id = $1")
+        .bind(s.case)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let own = get_path(&mut client, &person, &token("kg-mvd", Role::Police, "o-1"))
+        .await
+        .unwrap();
+    assert!(own.parts.contains(&(P::Identification as i32)));
+    assert!(!dup(&own), "the reporting authority learns nothing of a duplicate");
+    assert!(dup(&get_path(&mut client, &person, &coordinator).await.unwrap()));
     app.stop().await;
 }
 
@@ -661,6 +691,60 @@ async fn the_inbox_puts_the_most_overdue_first_with_deadlines_on_the_calendar_wi
     .await
     .unwrap_err();
     assert_eq!(shelter.code(), Code::PermissionDenied, "a role without the row");
+    // Not an agency code: named, and never written anywhere.
+    let typed = inbox(
+        &mut client,
+        pb::ListInboxRequest {
+            agency: "Aigerim Bekova".into(),
+            ..Default::default()
+        },
+        &prosecutor,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad_fields(&typed), vec!["agency"]);
+    assert!(!typed.message().contains("Aigerim"));
+    // Every answered inbox is on the trail with whose it was, and the refusal
+    // with the inbox asked for.
+    let trail: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT agency, split_part(action, ':', 1), subject_id, outcome FROM audit_log
+         WHERE action IN ('ListInbox', 'ListInbox:denied') ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(
+        trail.contains(&(
+            "kg-prosecutor".into(),
+            "ListInbox".into(),
+            "inbox:kg-prosecutor".into(),
+            "ok".into()
+        )),
+        "{trail:?}"
+    );
+    assert!(
+        trail.contains(&(
+            "kg-coordinator".into(),
+            "ListInbox".into(),
+            "inbox:*".into(),
+            "ok".into()
+        )),
+        "{trail:?}"
+    );
+    assert!(
+        trail.contains(&(
+            "kg-prosecutor".into(),
+            "ListInbox".into(),
+            "inbox:kg-msd".into(),
+            "denied".into()
+        )),
+        "{trail:?}"
+    );
+    let leaked: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE audit_log::text LIKE '%Aigerim%'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(leaked, 0);
     app.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }

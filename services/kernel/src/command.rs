@@ -172,6 +172,20 @@ impl CallContext {
     pub fn agency(&self) -> &str {
         &self.caller.actor.agency
     }
+
+    /// Whether the caller is told of possible duplicates of a case reported
+    /// by `reporting_agency` and handled by `competent_authority`: the
+    /// national coordinator, and the competent authority unless it is also
+    /// the reporting agency (police reporting are their own competent
+    /// authority by default). A reporter never learns whether, or by whom,
+    /// the person was reported before (no oracle), in any service.
+    #[must_use]
+    pub fn sees_possible_duplicates(&self, reporting_agency: &str, competent_authority: &str) -> bool {
+        self.caller.role == crate::auth::Role::Coordinator
+            || (!competent_authority.is_empty()
+                && self.agency() == competent_authority
+                && self.agency() != reporting_agency)
+    }
 }
 
 /// The fingerprint of a request to `method`: a retry must carry the same one.

@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use nrm_kernel::audit;
 use nrm_kernel::auth::Role;
 use nrm_kernel::command::CallContext;
 use nrm_kernel::error::{AppError, FieldViolation};
@@ -358,11 +357,10 @@ fn decide(ctx: &CallContext, records: &Records, now: DateTime<Utc>) -> Sight {
             parts.push(part);
         }
     }
-    let coordinator = part_permit(role, PATH_IDENTIFICATION).is_some_and(|p| p.any());
     let duplicates = records
         .cases
         .iter()
-        .filter(|c| coordinator || c.competent_authority == agency)
+        .filter(|c| ctx.sees_possible_duplicates(&c.reporting_agency, &c.competent_authority))
         .map(|c| c.case_id)
         .collect();
     Sight {
@@ -535,8 +533,15 @@ impl Casepath {
         let orderings: Vec<order::Ordering> = records.steps.iter().map(|s| s.ordering).collect();
         let ordered = order::order(&orderings);
         let child: HashMap<Uuid, bool> = records.cases.iter().map(|c| (c.case_id, c.child)).collect();
+        let coordinator = part_permit(ctx.caller.role, PATH_PERSON).is_some_and(|p| p.any());
+        // The stage, and the time the path stands at, come from the steps the
+        // caller sees (the coordinator sees them all): a reporter does not
+        // learn from the stage that the person was admitted to a shelter,
+        // nor from `as_of` when a step it cannot see happened.
+        let seen = |s: &&StepRow| coordinator || sight.admitted.contains(&(s.part, s.subject_id));
         let changes: Vec<stage::Change<'_>> = ordered
             .iter()
+            .filter(|&&i| seen(&&records.steps[i]))
             .map(|&i| {
                 let s = &records.steps[i];
                 stage::Change {
@@ -549,7 +554,6 @@ impl Casepath {
             })
             .collect();
         let (current, spans) = stage::spans(&changes);
-        let coordinator = part_permit(ctx.caller.role, PATH_PERSON).is_some_and(|p| p.any());
         let mut steps: Vec<pb::Step> = ordered
             .iter()
             .map(|&i| &records.steps[i])
@@ -636,7 +640,7 @@ impl Casepath {
                 Vec::new()
             },
             waiting,
-            as_of: records.steps.iter().map(|s| s.ordering.at).max().map(ts),
+            as_of: records.steps.iter().filter(seen).map(|s| s.ordering.at).max().map(ts),
         }
     }
 
@@ -649,9 +653,7 @@ impl Casepath {
             .map(part_name)
             .collect();
         let purpose = format!("{PURPOSE}:{}", parts.join("+"));
-        let mut conn = self.pool.acquire().await?;
-        audit::append(&mut conn, &ctx.audit_entry(action, &path.person_id, &purpose)).await?;
-        Ok(())
+        self.audit_read(ctx, action, &path.person_id, &purpose).await
     }
 
     /// `GetPath`: the path, audited.

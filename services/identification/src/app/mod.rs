@@ -56,17 +56,6 @@ pub fn standing(report: &pb::PresumedVictimReported) -> Standing<'_> {
     }
 }
 
-/// Whether `ctx`'s caller is told of possible duplicates of a case: the
-/// national coordinator, and the competent authority handling it unless it
-/// is also the reporting agency (police reporting are their own competent
-/// authority by default): a reporter never learns whether, or by whom, the
-/// person was reported before.
-#[must_use]
-pub fn sees_duplicates(ctx: &CallContext, reporting_agency: &str, competent_authority: &str) -> bool {
-    ctx.caller.role == Role::Coordinator
-        || (!competent_authority.is_empty() && ctx.agency() == competent_authority && ctx.agency() != reporting_agency)
-}
-
 /// Whether `ctx`'s caller is told that an erasure of a case was requested:
 /// the coordinator and the agencies holding the case.
 #[must_use]

@@ -16,7 +16,7 @@ use nrm_proto::identification::v1 as pb;
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{Identification, person_of, sees_duplicates, sees_erasure_requests, standing};
+use super::{Identification, person_of, sees_erasure_requests, standing};
 use crate::domain::{Case, parse};
 
 impl Identification {
@@ -71,7 +71,7 @@ impl Identification {
                     .await?
             }
         };
-        let duplicates = sees_duplicates(ctx, &report.reporting_agency, &report.competent_authority);
+        let duplicates = ctx.sees_possible_duplicates(&report.reporting_agency, &report.competent_authority);
         let erasure_requested =
             sees_erasure_requests(ctx, &report.reporting_agency, &report.competent_authority) && !case.erased && {
                 sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM erasure_requests WHERE case_id = $1)")
@@ -321,7 +321,7 @@ impl Identification {
             let reporting_agency: String = row.get("reporting_agency");
             let erasure_requested = sees_erasure_requests(ctx, &reporting_agency, &competent_authority)
                 && row.get::<bool, _>("erasure_requested");
-            let matching: Vec<Uuid> = if sees_duplicates(ctx, &reporting_agency, &competent_authority) {
+            let matching: Vec<Uuid> = if ctx.sees_possible_duplicates(&reporting_agency, &competent_authority) {
                 row.get("matching_case_ids")
             } else {
                 Vec::new()

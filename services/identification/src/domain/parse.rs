@@ -35,26 +35,7 @@ pub fn country(field: &str, code: &str) -> Result<String, FieldViolation> {
     }
 }
 
-/// An agency code as in tokens (`kg-mvd`): 1–64 letters, digits, `-`, `_` or `.`.
-///
-/// # Errors
-/// A violation of `field`.
-pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
-    if text.is_empty() {
-        return Err(FieldViolation::new(field, "is required: an agency code such as kg-mvd"));
-    }
-    if text.len() > 64
-        || !text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(FieldViolation::new(
-            field,
-            "must be an agency code: 1-64 letters, digits, '-', '_' or '.'",
-        ));
-    }
-    Ok(text.to_owned())
-}
+pub use nrm_kernel::validate::agency;
 
 /// Who reports: the reporting agency, and whether it is police or a
 /// prosecutor (its own competent authority by default).
