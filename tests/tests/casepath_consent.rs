@@ -96,6 +96,9 @@ async fn a_withdrawn_consent_removes_the_person_from_the_agencys_view_within_a_s
         .unwrap();
     let withdrawn = Instant::now();
 
+    // Updates sent, and whether the watch ended refused.
+    let mut updates = 0i64;
+    let mut refused = 0i64;
     let watched = async {
         loop {
             match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
@@ -103,12 +106,14 @@ async fn a_withdrawn_consent_removes_the_person_from_the_agencys_view_within_a_s
                 Ok(None) => return (withdrawn.elapsed(), "the watch ended"),
                 Ok(Some(Err(status))) => {
                     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+                    refused += 1;
                     return (withdrawn.elapsed(), "the watch ended with PERMISSION_DENIED");
                 }
                 Ok(Some(Ok(path))) if !shows_the_person(&path) => {
+                    updates += 1;
                     return (withdrawn.elapsed(), "the watch sent a path without the person");
                 }
-                Ok(Some(Ok(_))) => {}
+                Ok(Some(Ok(_))) => updates += 1,
             }
         }
     };
@@ -140,6 +145,21 @@ async fn a_withdrawn_consent_removes_the_person_from_the_agencys_view_within_a_s
         watch_after <= WITHIN,
         "WatchPath lost the person's data only after {watch_after:?}"
     );
+
+    // Every update the watch sent was audited before it left, and a watch
+    // that ended refused left the refusal on the trail.
+    let audited: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT outcome, count(*) FROM audit_log
+         WHERE action IN ('WatchPath:update', 'WatchPath:denied') AND agency = $1 AND person_id = $2::uuid
+         GROUP BY outcome ORDER BY outcome",
+    )
+    .bind(&msd.agency)
+    .bind(&case.person_id)
+    .fetch_all(&kg.casepath.pool)
+    .await
+    .unwrap();
+    let of = |outcome: &str| audited.iter().find(|(o, _)| o == outcome).map_or(0, |(_, n)| *n);
+    assert_eq!((of("ok"), of("denied")), (updates, refused), "{audited:?}");
 
     // And it stays so: the path as MSD sees it now, after everything settled.
     kg.settle().await;

@@ -24,13 +24,17 @@ impl CasepathGrpc {
     }
 }
 
-/// When the caller's (verified) token expires.
-fn expiry<T>(request: &Request<T>) -> Option<chrono::DateTime<chrono::Utc>> {
+/// When the caller's token expires. The gate verified it and requires its
+/// `exp`; a watch whose end cannot be read is refused rather than left open
+/// for ever.
+fn expiry<T>(request: &Request<T>) -> Result<Option<chrono::DateTime<chrono::Utc>>, Status> {
     request
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(token_expiry)
+        .map(Some)
+        .ok_or_else(|| Status::unauthenticated("the token's expiry cannot be read; a watch needs one"))
 }
 
 #[tonic::async_trait]
@@ -48,7 +52,7 @@ impl CasepathService for CasepathGrpc {
         request: Request<pb::GetPathRequest>,
     ) -> Result<Response<Self::WatchPathStream>, Status> {
         let ctx = gate::context(&request)?;
-        let expires_at = expiry(&request);
+        let expires_at = expiry(&request)?;
         reply(self.app.watch_path(ctx, request.get_ref(), expires_at).await)
     }
 
@@ -62,7 +66,7 @@ impl CasepathService for CasepathGrpc {
         request: Request<pb::ListInboxRequest>,
     ) -> Result<Response<Self::WatchInboxStream>, Status> {
         let ctx = gate::context(&request)?;
-        let expires_at = expiry(&request);
+        let expires_at = expiry(&request)?;
         reply(self.app.watch_inbox(ctx, request.get_ref(), expires_at).await)
     }
 

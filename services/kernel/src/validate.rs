@@ -88,6 +88,29 @@ pub fn enum_list<E: TryFrom<i32>>(field: &str, values: &[i32], v: &mut Violation
     out
 }
 
+/// An agency code as tokens carry it (`kg-mvd`, `kg-consulate-moscow`):
+/// 1–64 letters, digits, `-`, `_` or `.`; never a name. The one rule of
+/// every service for an agency a caller names.
+///
+/// # Errors
+/// A violation of `field` (the text itself is never quoted).
+pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
+    if text.is_empty() {
+        return Err(FieldViolation::new(field, "is required: an agency code such as kg-msd"));
+    }
+    if text.len() > 64
+        || !text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(FieldViolation::new(
+            field,
+            "must be an agency code: 1-64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 /// An ISO 3166-2 region code (`KG-O`, `KG-GB`), upper-cased: two letters, a
 /// hyphen, one to three letters or digits. `None` when `text` is not one
 /// (each service words its own violation).

@@ -104,15 +104,22 @@ impl InboxQuery {
             v.add("page_size", "must be 1..500 (0: 50)");
         }
         let page_size = paging::page_size(i32::try_from(req.page_size).unwrap_or(paging::MAX_PAGE_SIZE), &mut v);
-        if req.agency.len() > 100 {
-            v.add("agency", "must be an agency code of at most 100 characters");
-        }
+        let named = if req.agency.is_empty() {
+            None
+        } else {
+            v.check(validate::agency("agency", &req.agency))
+        };
         let everything = ctx.permit().any();
         let agency = if req.agency.is_empty() {
             (!everything).then(|| ctx.agency().to_owned())
         } else if everything || req.agency == ctx.agency() {
             Some(req.agency.clone())
         } else {
+            if let Some(named) = &named {
+                // A code (checked above), never free text: the refusal's
+                // audit entry says whose inbox was asked for.
+                ctx.concerns(format!("inbox:{named}"));
+            }
             if v.is_empty() {
                 return Err(AppError::PermissionDenied(
                     "only the coordinator reads another agency's inbox".into(),
@@ -231,6 +238,22 @@ impl Casepath {
     #[tracing::instrument(skip_all)]
     pub async fn list_inbox(&self, ctx: &CallContext, req: &pb::ListInboxRequest) -> Result<pb::Inbox, AppError> {
         let query = InboxQuery::parse(ctx, req)?;
-        self.inbox(ctx, &query).await
+        let inbox = self.inbox(ctx, &query).await?;
+        self.audit_inbox(ctx, "ListInbox", &query, &inbox).await?;
+        Ok(inbox)
+    }
+
+    /// Audits an answered inbox (`action`: the RPC) before it leaves: whose
+    /// inbox (`*`: every agency's), and how many items.
+    pub(crate) async fn audit_inbox(
+        &self,
+        ctx: &CallContext,
+        action: &str,
+        query: &InboxQuery,
+        inbox: &pb::Inbox,
+    ) -> Result<(), AppError> {
+        let subject = format!("inbox:{}", query.agency.as_deref().unwrap_or("*"));
+        let purpose = format!("INBOX:{} items", inbox.items.len());
+        self.audit_read(ctx, action, &subject, &purpose).await
     }
 }

@@ -203,7 +203,7 @@ impl Casepath {
     #[tracing::instrument(skip_all)]
     pub async fn list_paths(
         &self,
-        _ctx: &CallContext,
+        ctx: &CallContext,
         req: &pb::ListPathsRequest,
     ) -> Result<pb::ListPathsResponse, AppError> {
         let mut v = Violations::new();
@@ -258,6 +258,13 @@ impl Casepath {
             time: r.0.first_reported_at,
             id: r.0.person_id,
         });
+        // Coded persons with their first-report times: the read is on the trail.
+        let purpose = format!(
+            "PATHS:stage={stage_filter}:overdue={}:{} paths",
+            req.overdue_only,
+            rows.len()
+        );
+        self.audit_read(ctx, "ListPaths", "paths", &purpose).await?;
         Ok(pb::ListPathsResponse {
             paths: rows
                 .into_iter()

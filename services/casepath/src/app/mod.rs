@@ -110,6 +110,21 @@ impl Casepath {
         &self.calendar
     }
 
+    /// Writes the audit entry of an answered read (`action`: the RPC) on
+    /// `subject` (parsed IDs and codes only) for `purpose`, before the
+    /// answer leaves: a read that cannot be audited is not answered.
+    pub(crate) async fn audit_read(
+        &self,
+        ctx: &nrm_kernel::command::CallContext,
+        action: &str,
+        subject: &str,
+        purpose: &str,
+    ) -> Result<(), nrm_kernel::error::AppError> {
+        let mut conn = self.pool.acquire().await?;
+        nrm_kernel::audit::append(&mut conn, &ctx.audit_entry(action, subject, purpose)).await?;
+        Ok(())
+    }
+
     /// When an identification decision waiting since `since` is due.
     fn decision_due(&self, since: DateTime<Utc>) -> DateTime<Utc> {
         self.calendar

@@ -190,7 +190,9 @@ impl Casepath {
         }
     }
 
-    /// `WatchPath`: the path now (audited like a `GetPath`), then on every change.
+    /// `WatchPath`: the path now (audited like a `GetPath`), then on every
+    /// change; each changed path is audited again (`WatchPath:update`)
+    /// before it is sent, since it may show parts the first did not.
     ///
     /// # Errors
     /// As [`Casepath::get_path`], for the first answer.
@@ -213,9 +215,35 @@ impl Casepath {
         let app = self.clone();
         let query_app = self.clone();
         tokio::spawn(async move {
+            // The last path audited: an update is audited once, when it differs.
+            let audited = std::sync::Arc::new(tokio::sync::Mutex::new(path_key(&first)));
             let query = move || {
-                let (app, ctx) = (query_app.clone(), ctx.clone());
-                async move { app.path_of(&ctx, person).await }
+                let (app, ctx, audited) = (query_app.clone(), ctx.clone(), audited.clone());
+                async move {
+                    let path = match app.path_of(&ctx, person).await {
+                        Ok(path) => path,
+                        Err(e) => {
+                            if matches!(e, AppError::PermissionDenied(_)) {
+                                // The watch ends refused (a consent withdrawn, a case
+                                // handed on): the refusal is on the trail as well.
+                                let subject = person.to_string();
+                                let entry = ctx
+                                    .audit_entry("WatchPath:denied", &subject, "refused")
+                                    .outcome(nrm_kernel::audit::Outcome::Denied);
+                                let mut conn = app.pool.acquire().await?;
+                                nrm_kernel::audit::append(&mut conn, &entry).await?;
+                            }
+                            return Err(e);
+                        }
+                    };
+                    let key = path_key(&path);
+                    let mut last = audited.lock().await;
+                    if *last != key {
+                        app.audit_path(&ctx, "WatchPath:update", &path).await?;
+                        *last = key;
+                    }
+                    Ok(path)
+                }
             };
             app.follow(first, path_key, query, expires_at, changes, tx).await;
         });
@@ -236,6 +264,7 @@ impl Casepath {
         let query = InboxQuery::parse(&ctx, req)?;
         let changes = self.changes.subscribe();
         let first = self.inbox(&ctx, &query).await?;
+        self.audit_inbox(&ctx, "WatchInbox", &query, &first).await?;
         let (tx, rx) = mpsc::channel(4);
         let _ = tx.send(Ok(first.clone())).await;
         let app = self.clone();

@@ -15,26 +15,7 @@ use super::referral;
 /// Tolerated clock skew of a caller's "when it happened" times.
 const SKEW_SECONDS: i64 = 300;
 
-/// An agency code as in tokens (`kg-msd`): 1–64 letters, digits, `-`, `_` or `.`.
-///
-/// # Errors
-/// A violation of `field`.
-pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
-    if text.is_empty() {
-        return Err(FieldViolation::new(field, "is required: an agency code such as kg-msd"));
-    }
-    if text.len() > 64
-        || !text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(FieldViolation::new(
-            field,
-            "must be an agency code: 1-64 letters, digits, '-', '_' or '.'",
-        ));
-    }
-    Ok(text.to_owned())
-}
+pub use nrm_kernel::validate::agency;
 
 /// A non-empty list of services.
 fn services(field: &str, values: &[i32], v: &mut Violations) -> Vec<i32> {

@@ -42,16 +42,7 @@ pub fn country(field: &str, text: &str) -> Result<String, FieldViolation> {
     Ok(code)
 }
 
-/// An agency code as tokens carry it (`kg-consulate-moscow`): 1–64
-/// letters, digits, `-`, `_` or `.`.
-///
-/// # Errors
-/// A violation of `field`.
-pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
-    coded(field, text, 64, "an agency code such as kg-iom", |c| {
-        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
-    })
-}
+pub use nrm_kernel::validate::agency;
 
 /// A coded reference (a case ID, a file or form number, a pseudonymous
 /// officer ID): 1–64 letters, digits, `-`, `_`, `.`, `/` or `:`; never a name.
