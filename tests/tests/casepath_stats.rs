@@ -772,7 +772,17 @@ async fn the_csv_says_whether_it_may_be_published() {
     );
     let public = nrmctl_stats(
         &app.process.endpoint,
-        &[&["--csv", "--publishable", "--min-cell", "7"][..], &period[..]].concat(),
+        // Dates, as the README's example: --to is the last day included.
+        &[
+            "--csv",
+            "--publishable",
+            "--min-cell",
+            "7",
+            "--from",
+            "2025-02-01",
+            "--to",
+            "2025-02-28",
+        ],
     )
     .await;
     assert!(
