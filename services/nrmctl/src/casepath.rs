@@ -183,6 +183,9 @@ async fn stats(client: &mut Client, output: Output, args: StatsArgs) -> Result<(
     match output {
         Output::Json => print_json("nrm.casepath.v1.Statistics", &statistics),
         Output::Text => {
+            if !statistics.publishable {
+                emit("NOT FOR PUBLICATION: exact counts for internal use\n\n")?;
+            }
             print_fields(&[
                 ("from", time(statistics.from.as_ref())),
                 ("to", time(statistics.to.as_ref())),
@@ -195,8 +198,9 @@ async fn stats(client: &mut Client, output: Output, args: StatsArgs) -> Result<(
                 .counts
                 .iter()
                 .map(|c| {
+                    // Not "<k": a complementary cell or a total may be large.
                     let count = if c.suppressed {
-                        format!("<{}", statistics.min_cell)
+                        "suppressed".to_owned()
                     } else {
                         c.count.to_string()
                     };
@@ -209,12 +213,17 @@ async fn stats(client: &mut Client, output: Output, args: StatsArgs) -> Result<(
                 .times
                 .iter()
                 .map(|t| {
-                    let (median, p90) = if t.suppressed {
-                        ("suppressed".to_owned(), "suppressed".to_owned())
+                    let (samples, median, p90) = if t.suppressed {
+                        let s = || "suppressed".to_owned();
+                        (s(), s(), s())
                     } else {
-                        (duration(t.median.as_ref()), duration(t.p90.as_ref()))
+                        (
+                            t.samples.to_string(),
+                            duration(t.median.as_ref()),
+                            duration(t.p90.as_ref()),
+                        )
                     };
-                    vec![t.measure.clone(), t.samples.to_string(), median, p90]
+                    vec![t.measure.clone(), samples, median, p90]
                 })
                 .collect();
             print_table(&["MEASURE", "SAMPLES", "MEDIAN", "P90"], &rows)
@@ -442,10 +451,24 @@ fn field(text: &str) -> String {
     }
 }
 
-/// The statistics as CSV: the cells, an empty line, the times. A
+/// The statistics as CSV: what they are (a first line `NOT FOR
+/// PUBLICATION` when they are exact; whether publishable, the k, the
+/// period), an empty line, the cells, an empty line, the times. A
 /// suppressed count or time is empty, never a misleading 0.
 fn csv(statistics: &Statistics) -> String {
-    let mut out = String::from("dimension,value,count,suppressed\n");
+    let mut out = String::new();
+    if !statistics.publishable {
+        out.push_str("NOT FOR PUBLICATION,exact counts for internal use\n");
+    }
+    let _ = writeln!(
+        out,
+        "publishable,{}\nmin_cell,{}\nfrom,{}\nto,{}\n",
+        if statistics.publishable { "yes" } else { "no" },
+        statistics.min_cell,
+        field(&time(statistics.from.as_ref())),
+        field(&time(statistics.to.as_ref())),
+    );
+    out.push_str("dimension,value,count,suppressed\n");
     for cell in &statistics.counts {
         let count = if cell.suppressed {
             String::new()
@@ -462,16 +485,19 @@ fn csv(statistics: &Statistics) -> String {
     }
     out.push_str("\nmeasure,samples,median_seconds,p90_seconds,suppressed\n");
     for time in &statistics.times {
-        let (median, p90) = if time.suppressed {
-            (String::new(), String::new())
+        let (samples, median, p90) = if time.suppressed {
+            (String::new(), String::new(), String::new())
         } else {
-            (seconds(time.median.as_ref()), seconds(time.p90.as_ref()))
+            (
+                time.samples.to_string(),
+                seconds(time.median.as_ref()),
+                seconds(time.p90.as_ref()),
+            )
         };
         let _ = writeln!(
             out,
-            "{},{},{median},{p90},{}",
+            "{},{samples},{median},{p90},{}",
             field(&time.measure),
-            time.samples,
             time.suppressed
         );
     }
@@ -495,9 +521,18 @@ mod tests {
         assert_eq!(duration(None), "-");
     }
 
-    #[test]
-    fn csv_has_two_sections_and_leaves_suppressed_values_empty() {
-        let statistics = Statistics {
+    fn statistics(publishable: bool) -> Statistics {
+        Statistics {
+            from: Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0,
+            }),
+            to: Some(prost_types::Timestamp {
+                seconds: 1_769_904_000,
+                nanos: 0,
+            }),
+            publishable,
+            min_cell: if publishable { 5 } else { 0 },
             counts: vec![
                 Cell {
                     dimension: "gender".into(),
@@ -517,31 +552,52 @@ mod tests {
                     measure: "report_to_decision".into(),
                     samples: 9,
                     median: Some(prost_types::Duration {
-                        seconds: 3_600,
+                        seconds: 86_400,
                         nanos: 0,
                     }),
                     p90: Some(prost_types::Duration {
-                        seconds: 7_200,
+                        seconds: 172_800,
                         nanos: 0,
                     }),
                     suppressed: false,
                 },
                 TimeMeasure {
                     measure: "referral_to_answer".into(),
-                    samples: 2,
+                    samples: 0,
                     median: None,
                     p90: None,
                     suppressed: true,
                 },
             ],
-            ..Statistics::default()
-        };
+            suppressed_cells: 1,
+        }
+    }
+
+    #[test]
+    fn csv_says_what_it_is_then_cells_then_times_with_suppressed_values_empty() {
         assert_eq!(
-            csv(&statistics),
-            "dimension,value,count,suppressed\ngender,total,12,false\ngender,GENDER_MALE,,true\n\n\
-             measure,samples,median_seconds,p90_seconds,suppressed\nreport_to_decision,9,3600,7200,false\n\
-             referral_to_answer,2,,,true\n"
+            csv(&statistics(true)),
+            "publishable,yes\nmin_cell,5\nfrom,2026-01-01T00:00:00Z\nto,2026-02-01T00:00:00Z\n\n\
+             dimension,value,count,suppressed\ngender,total,12,false\ngender,GENDER_MALE,,true\n\n\
+             measure,samples,median_seconds,p90_seconds,suppressed\nreport_to_decision,9,86400,172800,false\n\
+             referral_to_answer,,,,true\n"
         );
         assert_eq!(field("a,b"), "\"a,b\"");
+    }
+
+    #[test]
+    fn an_exact_csv_says_not_for_publication_on_its_first_line() {
+        let exact = csv(&statistics(false));
+        assert_eq!(
+            exact.lines().take(5).collect::<Vec<_>>(),
+            vec![
+                "NOT FOR PUBLICATION,exact counts for internal use",
+                "publishable,no",
+                "min_cell,0",
+                "from,2026-01-01T00:00:00Z",
+                "to,2026-02-01T00:00:00Z",
+            ]
+        );
+        assert!(!csv(&statistics(true)).contains("NOT FOR PUBLICATION"));
     }
 }

@@ -325,17 +325,31 @@ GROUP BY subj.person_id",
     }
 
     /// `GetStatistics`: counts and times for persons first reported (and
-    /// anonymous notifications filed) in [from, to).
+    /// anonymous notifications filed) in [from, to); exact, or publishable
+    /// by the rules of [`suppress`].
     ///
     /// # Errors
-    /// `INVALID_ARGUMENT` naming `from` / `to`.
-    #[tracing::instrument(skip_all)]
+    /// `INVALID_ARGUMENT` naming `from` / `to` (missing, reversed; in a
+    /// publishable request not the first of a month at 00:00:00Z) and
+    /// `min_cell` (in a publishable request, below the configured one).
+    #[tracing::instrument(skip_all, fields(publishable = req.publishable))]
     pub async fn get_statistics(
         &self,
         _ctx: &CallContext,
         req: &pb::GetStatisticsRequest,
     ) -> Result<pb::Statistics, AppError> {
         let mut v = Violations::new();
+        let k = if req.publishable {
+            suppress::k(req.min_cell, self.settings.min_cell).unwrap_or_else(|least| {
+                v.add(
+                    "min_cell",
+                    format!("must be 0 or at least {least} for publishable statistics"),
+                );
+                least
+            })
+        } else {
+            0
+        };
         let from = required_time(req.from.as_ref(), "from", &mut v);
         let to = required_time(req.to.as_ref(), "to", &mut v);
         let (Some(from), Some(to)) = (from, to) else {
@@ -344,61 +358,64 @@ GROUP BY subj.person_id",
         if from >= to {
             v.add("to", "must be after from");
         }
+        if req.publishable {
+            publishable_period(from, to, &mut v);
+        }
         v.finish(|| ())?;
-        let k = if req.min_cell == 0 {
-            self.settings.min_cell
-        } else {
-            req.min_cell
-        };
         let now = Utc::now();
         let (mut dims, persons, reintegration) = self.person_counts(from, to, now).await?;
-        dims.add_count("notification", "identified".into(), persons);
+        dims.add_count("notification", suppress::IDENTIFIED.into(), persons);
         let notifications = self.notification_counts(&mut dims, from, to).await?;
         let units = persons + notifications;
-        let persons_n = persons;
-        let mut counts = Vec::new();
-        let mut suppressed_cells = 0u32;
-        for (dimension, total) in [
-            ("stage", persons_n),
+        let table: Vec<suppress::Dimension> = [
+            (suppress::STAGE, persons),
             ("exploitation_form", units),
             ("gender", units),
             ("age_band", units),
             ("citizenship", units),
             ("country_of_exploitation", units),
-            ("notification", units),
-        ] {
-            let cells: Vec<(String, u64)> = dims.cells(dimension);
-            let values: Vec<u64> = cells.iter().map(|c| c.1).collect();
-            let hidden = if req.publishable {
-                suppress::suppress(&values, u64::from(k))
-            } else {
-                vec![false; values.len()]
-            };
-            for ((value, n), hide) in cells.into_iter().zip(hidden) {
-                if hide {
-                    suppressed_cells += 1;
-                }
-                counts.push(pb::Cell {
-                    dimension: dimension.into(),
-                    value,
-                    count: if hide { 0 } else { n },
-                    suppressed: hide,
-                });
+            (suppress::NOTIFICATION, units),
+        ]
+        .into_iter()
+        .map(|(name, total)| suppress::Dimension {
+            name: name.into(),
+            cells: dims.cells(name),
+            total,
+            open: matches!(name, "citizenship" | "country_of_exploitation"),
+        })
+        .collect();
+        let shown = if req.publishable {
+            suppress::publish(table, units, u64::from(k))
+        } else {
+            table.into_iter().map(suppress::Shown::exact).collect()
+        };
+        let cell = |dimension: &str, value: String, count: Option<u64>| pb::Cell {
+            dimension: dimension.into(),
+            value,
+            count: count.unwrap_or(0),
+            suppressed: count.is_none(),
+        };
+        let mut counts = Vec::new();
+        for d in shown {
+            for (value, count) in d.cells {
+                counts.push(cell(&d.name, value, count));
             }
-            counts.push(pb::Cell {
-                dimension: dimension.into(),
-                value: "total".into(),
-                count: total,
-                suppressed: false,
-            });
+            counts.push(cell(&d.name, "total".into(), d.total));
         }
+        let suppressed_cells = u32::try_from(counts.iter().filter(|c| c.suppressed).count()).unwrap_or(u32::MAX);
         let mut times = self.times(from, to).await?;
         times.push(reintegration);
-        for t in &mut times {
-            if req.publishable && suppress::time_suppressed(t.samples, u64::from(k)) {
-                t.suppressed = true;
-                t.median = None;
-                t.p90 = None;
+        if req.publishable {
+            for t in &mut times {
+                if suppress::time_suppressed(t.samples, units, u64::from(k)) {
+                    t.suppressed = true;
+                    t.samples = 0;
+                    t.median = None;
+                    t.p90 = None;
+                } else {
+                    t.median = t.median.as_ref().map(whole_days);
+                    t.p90 = t.p90.as_ref().map(whole_days);
+                }
             }
         }
         Ok(pb::Statistics {
@@ -555,6 +572,28 @@ FROM cp_returns WHERE opened_at >= $1 AND opened_at < $2 AND handed_over_at IS N
             .collect::<Result<_, sqlx::Error>>()
             .map_err(AppError::from)
     }
+}
+
+/// A publishable period is whole calendar months in UTC
+/// ([`suppress::is_month_start`]).
+fn publishable_period(from: DateTime<Utc>, to: DateTime<Utc>, v: &mut Violations) {
+    for (t, field) in [(from, "from"), (to, "to")] {
+        if !suppress::is_month_start(t) {
+            v.add(
+                field,
+                "must be the first of a month at 00:00:00Z for publishable statistics",
+            );
+        }
+    }
+}
+
+/// A duration rounded to the nearest whole day ([`suppress::nearest_day_ms`]).
+fn whole_days(d: &prost_types::Duration) -> prost_types::Duration {
+    let ms = d
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(d.nanos / 1_000_000));
+    duration(chrono::TimeDelta::milliseconds(suppress::nearest_day_ms(ms)))
 }
 
 /// A duration of `s` seconds (to the millisecond).
