@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use chrono::{TimeDelta, Utc};
+use chrono::{Datelike as _, Months, NaiveTime, TimeDelta, Utc};
 use nrm_e2e::casepath_seed::{CaseSeed, Casepath, Client, insert_step, referral, step};
 use nrm_e2e::{authorized, token};
 use nrm_kernel::auth::Role;
@@ -122,12 +122,18 @@ async fn call(
             .await
             .map(drop),
         "GetStatistics" => {
-            let now = Utc::now();
+            // A publishable period is whole UTC months.
+            let month = Utc::now()
+                .date_naive()
+                .with_day(1)
+                .unwrap()
+                .and_time(NaiveTime::MIN)
+                .and_utc();
             client
                 .get_statistics(authorized(
                     pb::GetStatisticsRequest {
-                        from: Some(timestamp(now - TimeDelta::days(30))),
-                        to: Some(timestamp(now + TimeDelta::days(1))),
+                        from: Some(timestamp(month - Months::new(1))),
+                        to: Some(timestamp(month + Months::new(1))),
                         publishable: true,
                         min_cell: 0,
                     },

@@ -495,6 +495,31 @@ async fn a_month_with_one_person_publishes_nothing_but_suppressed_cells() {
         shape(&public),
         "an empty month and a month of one look alike"
     );
+    // Each answer is on the trail: the period, exact or publishable, k.
+    let audited: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT agency, subject_id, purpose FROM audit_log WHERE action = 'GetStatistics' AND outcome = 'ok' ORDER BY seq",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let march = format!("statistics:{}..{}", from.to_rfc3339(), to.to_rfc3339());
+    assert_eq!(
+        audited[..2],
+        [
+            (
+                "kg-coordinator".to_owned(),
+                march.clone(),
+                "STATISTICS:exact".to_owned()
+            ),
+            (
+                "kg-coordinator".to_owned(),
+                march,
+                "STATISTICS:publishable:k=5".to_owned()
+            ),
+        ],
+        "{audited:?}"
+    );
+    assert_eq!(audited.len(), 4, "{audited:?}");
     app.stop().await;
 }
 

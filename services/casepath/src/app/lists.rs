@@ -335,7 +335,7 @@ GROUP BY subj.person_id",
     #[tracing::instrument(skip_all, fields(publishable = req.publishable))]
     pub async fn get_statistics(
         &self,
-        _ctx: &CallContext,
+        ctx: &CallContext,
         req: &pb::GetStatisticsRequest,
     ) -> Result<pb::Statistics, AppError> {
         let mut v = Violations::new();
@@ -418,6 +418,14 @@ GROUP BY subj.person_id",
                 }
             }
         }
+        // Which figures left, for whom: the period, exact or publishable, k.
+        let subject = format!("statistics:{}..{}", from.to_rfc3339(), to.to_rfc3339());
+        let purpose = if req.publishable {
+            format!("STATISTICS:publishable:k={k}")
+        } else {
+            "STATISTICS:exact".to_owned()
+        };
+        self.audit_read(ctx, "GetStatistics", &subject, &purpose).await?;
         Ok(pb::Statistics {
             from: Some(ts(from)),
             to: Some(ts(to)),

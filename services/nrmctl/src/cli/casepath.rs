@@ -121,16 +121,19 @@ pub struct StatsArgs {
     #[arg(long, value_name = "DATE", value_parser = parse_to)]
     pub to: prost_types::Timestamp,
     /// Suppress cells below --min-cell and the complementary cells that
-    /// would reveal them.
+    /// would reveal them. The period must then be whole calendar months
+    /// (e.g. --from 2026-01-01 --to 2026-03-31); times are rounded to days.
     #[arg(long)]
     pub publishable: bool,
     /// The smallest count shown [default: the service's, 5]; the CTDC
-    /// public data use 11.
+    /// public data use 11. Below the service's own, refused.
     #[arg(long, value_name = "K")]
     pub min_cell: Option<u32>,
-    /// CSV on stdout: `dimension,value,count,suppressed` rows, an empty
-    /// line, then `measure,samples,median_seconds,p90_seconds,suppressed`
-    /// rows (a suppressed count or time is left empty).
+    /// CSV on stdout: header lines (`NOT FOR PUBLICATION` when exact;
+    /// publishable, min_cell, from, to), an empty line,
+    /// `dimension,value,count,suppressed` rows, an empty line, then
+    /// `measure,samples,median_seconds,p90_seconds,suppressed` rows (a
+    /// suppressed count or time is left empty).
     #[arg(long)]
     pub csv: bool,
 }
