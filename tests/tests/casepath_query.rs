@@ -463,6 +463,23 @@ async fn each_role_sees_exactly_the_parts_the_matrix_grants_and_no_other_step() 
     assert!(own.parts.contains(&(P::Identification as i32)));
     assert!(!dup(&own), "the reporting authority learns nothing of a duplicate");
     assert!(dup(&get_path(&mut client, &person, &coordinator).await.unwrap()));
+
+    // The consent under MSD's accepted referral lets another agency in (as
+    // one a redirected referral carried along would): MSD no longer sees
+    // the person.
+    let as_msd = token("kg-msd", Role::Msd, "o-1");
+    assert!(get_path(&mut client, &person, &as_msd).await.unwrap().person.is_some());
+    sqlx::query(
+        "UPDATE cp_consents SET recipient_agency = 'kg-ngo-other'
+         WHERE consent_id = (SELECT consent_id FROM cp_referrals WHERE referral_id = $1)",
+    )
+    .bind(s.to_msd)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let msd_now = get_path(&mut client, &person, &as_msd).await.unwrap();
+    assert!(msd_now.person.is_none(), "{msd_now:#?}");
+    assert!(!msd_now.parts.contains(&(P::Plan as i32)));
     app.stop().await;
 }
 

@@ -52,6 +52,8 @@ pub(crate) struct CaseRow {
 pub(crate) struct ConsentRow {
     pub consent_id: Uuid,
     pub case_id: Option<Uuid>,
+    /// The agency the consent lets in.
+    pub recipient_agency: String,
     pub expires_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
 }
@@ -234,14 +236,16 @@ impl<'a> Standings<'a> {
         }
     }
 
-    /// The agency has an accepted referral for the person under an active consent.
+    /// The agency has an accepted referral for the person under an active
+    /// consent that lets that agency in (a consent for another agency, say
+    /// one a redirected referral carried along, lets nobody else in).
     fn consented(&self, agency: &str) -> bool {
         self.records.referrals.iter().any(|r| {
             r.receiving_agency == agency
                 && r.status == "accepted"
                 && r.consent_id
                     .and_then(|c| self.consents.get(&c))
-                    .is_some_and(|c| c.active(self.now))
+                    .is_some_and(|c| c.recipient_agency == agency && c.active(self.now))
         })
     }
 
@@ -388,7 +392,7 @@ impl Casepath {
         .map(case_row)
         .collect::<Result<Vec<_>, _>>()?;
         let consents = sqlx::query(
-            "SELECT consent_id, case_id, expires_at, ended_at FROM cp_consents WHERE person_id = $1 \
+            "SELECT consent_id, case_id, recipient_agency, expires_at, ended_at FROM cp_consents WHERE person_id = $1 \
              ORDER BY recorded_at, consent_id",
         )
         .bind(person)
@@ -399,6 +403,7 @@ impl Casepath {
             Ok(ConsentRow {
                 consent_id: r.try_get("consent_id")?,
                 case_id: r.try_get("case_id")?,
+                recipient_agency: r.try_get("recipient_agency")?,
                 expires_at: r.try_get("expires_at")?,
                 ended_at: r.try_get("ended_at")?,
             })
