@@ -229,6 +229,24 @@ pub fn token(agency: &str, role: Role, officer: &str) -> String {
         .expect("mint token")
 }
 
+/// The field names of an `INVALID_ARGUMENT`, in the order the service
+/// named them.
+///
+/// # Panics
+/// When the status is another code or carries no `BadRequest` details.
+#[must_use]
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
 /// Adds `authorization: Bearer <token>` to a request.
 pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

@@ -25,15 +25,13 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Datelike as _, TimeDelta, TimeZone as _, Utc};
 use nrm_e2e::casepath::{Country, rid};
 use nrm_e2e::casepath_seed::{CaseSeed, Casepath, referral};
-use nrm_e2e::{authorized, binary, issuer_key_path, token};
+use nrm_e2e::{authorized, bad_fields, binary, issuer_key_path, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::validate::timestamp;
 use nrm_proto::casepath::v1 as cp;
 use nrm_proto::common::v1::{AgeBand, Gender};
 use nrm_proto::identification::v1 as idpb;
 use sqlx::PgPool;
-use tonic::Code;
-use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
 /// The cells of one dimension, value → (count, suppressed).
@@ -185,18 +183,6 @@ fn assert_publishable(public: &cp::Statistics, raw: &cp::Statistics) -> u32 {
         }
     }
     suppressed
-}
-
-/// The field names of an `INVALID_ARGUMENT`.
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 /// A case of a new person reported at `at`, of `citizenship`; decided

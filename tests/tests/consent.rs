@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use nrm_e2e::consent::{assert_refused, record_before_issue_9};
-use nrm_e2e::{ReferralApp, TestApp, authorized, person, report_request, token};
+use nrm_e2e::{ReferralApp, TestApp, authorized, bad_fields, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::identification::v1 as idpb;
 use nrm_proto::referral::v1 as pb;
@@ -58,17 +58,6 @@ fn precondition(status: &tonic::Status) -> String {
         .violations[0]
         .r#type
         .clone()
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 /// Reports a person as `reporter`; waits until the referral service knows

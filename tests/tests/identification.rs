@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 use nrm_e2e::ident::{assert_refusal_audited, audit_since, coded_case, erase, read_case, report_for};
-use nrm_e2e::{TestApp, authorized, person, report_request, token};
+use nrm_e2e::{TestApp, authorized, bad_fields, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::personal_data_view::View;
 use nrm_proto::identification::v1 as pb;
@@ -13,17 +13,6 @@ use tonic_types::StatusExt as _;
 
 fn police() -> String {
     token("kg-mvd", Role::Police, "officer-17")
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 async fn report(app: &TestApp, request_id: &str) -> pb::ReportPresumedVictimResponse {

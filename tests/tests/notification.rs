@@ -12,7 +12,7 @@
 
 use nrm_e2e::canary::{NAME, PASSPORT, capture, leaks, values};
 use nrm_e2e::ident::assert_refusal_audited;
-use nrm_e2e::{TestApp, authorized, person, report_request, token};
+use nrm_e2e::{TestApp, authorized, bad_fields, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1 as common;
 use nrm_proto::identification::v1 as pb;
@@ -65,17 +65,6 @@ async fn settled_tables(app: &TestApp) -> (nrm_e2e::tables::ServiceTables, nrm_e
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     panic!("the service's stream does not exist after 10 s");
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use nrm_e2e::consent::assert_refused;
-use nrm_e2e::{ReferralApp, ShelterFeed, TestApp, authorized, person, report_request, token};
+use nrm_e2e::{ReferralApp, ShelterFeed, TestApp, authorized, bad_fields, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_proto::common::v1::CommandResult;
 use nrm_proto::identification::v1 as idpb;
@@ -52,17 +52,6 @@ fn precondition(status: &tonic::Status) -> String {
         .violations[0]
         .r#type
         .clone()
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 /// Reports a person (police), screens and decides; returns (case ID, person ID).

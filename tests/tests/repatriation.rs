@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use nrm_e2e::repatriation::{CountryKeys, RepatriationApp, repatriation_settings};
-use nrm_e2e::{authorized, canary, messages, token};
+use nrm_e2e::{authorized, bad_fields, canary, messages, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::ids::ReturnId;
 use nrm_kernel::validate::timestamp;
@@ -47,17 +47,6 @@ fn now() -> prost_types::Timestamp {
 
 fn in_days(days: i64) -> prost_types::Timestamp {
     timestamp(chrono::Utc::now() + chrono::Duration::days(days))
-}
-
-fn bad_fields(status: &Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 fn reason(status: &Status) -> String {

@@ -11,7 +11,7 @@ use nrm_e2e::beds::{
     NEED_REGION, ReferralFeed, accepted_referral, accepted_referral_for, approve, assert_only_audited,
     wait_followed as wait_placed,
 };
-use nrm_e2e::{ShelterApp, authorized, token, unique};
+use nrm_e2e::{ShelterApp, authorized, bad_fields, token, unique};
 use nrm_kernel::auth::Role;
 use nrm_proto::shelter::v1 as pb;
 use pb::BedCategory::{Children, Men, Women};
@@ -38,17 +38,6 @@ fn coordinator() -> String {
 
 fn rid() -> String {
     Uuid::now_v7().to_string()
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 fn reason(status: &tonic::Status) -> String {

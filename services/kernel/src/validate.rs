@@ -95,8 +95,18 @@ pub fn enum_list<E: TryFrom<i32>>(field: &str, values: &[i32], v: &mut Violation
 /// # Errors
 /// A violation of `field` (the text itself is never quoted).
 pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
+    code(field, text, "an agency code", " such as kg-msd")
+}
+
+/// A code of an organisation or a thing (`what`, e.g. "a provider code";
+/// `example` follows it when the field is missing): 1–64 letters, digits,
+/// `-`, `_` or `.`, so never a person's name.
+///
+/// # Errors
+/// A violation of `field` (the text itself is never quoted).
+pub fn code(field: &str, text: &str, what: &str, example: &str) -> Result<String, FieldViolation> {
     if text.is_empty() {
-        return Err(FieldViolation::new(field, "is required: an agency code such as kg-msd"));
+        return Err(FieldViolation::new(field, format!("is required: {what}{example}")));
     }
     if text.len() > 64
         || !text
@@ -105,7 +115,7 @@ pub fn agency(field: &str, text: &str) -> Result<String, FieldViolation> {
     {
         return Err(FieldViolation::new(
             field,
-            "must be an agency code: 1-64 letters, digits, '-', '_' or '.'",
+            format!("must be {what}: 1-64 letters, digits, '-', '_' or '.'"),
         ));
     }
     Ok(text.to_owned())

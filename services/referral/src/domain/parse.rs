@@ -100,20 +100,7 @@ pub fn status_code(field: &str, text: &str) -> Result<String, FieldViolation> {
 /// # Errors
 /// A violation of `field`.
 pub fn provider(field: &str, text: &str) -> Result<String, FieldViolation> {
-    if text.is_empty() {
-        return Err(FieldViolation::new(field, "is required: a provider code"));
-    }
-    if text.len() > 64
-        || !text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(FieldViolation::new(
-            field,
-            "must be a provider code: 1-64 letters, digits, '-', '_' or '.'",
-        ));
-    }
-    Ok(text.to_owned())
+    nrm_kernel::validate::code(field, text, "a provider code", "")
 }
 
 /// A coded reference (a guardian, a decision, who took it): 1-64 letters,
