@@ -85,9 +85,15 @@ impl Deadline {
     /// A wait of [`WAIT`] for `what`.
     #[must_use]
     pub fn new(what: impl Into<String>) -> Self {
+        Self::within(what, WAIT)
+    }
+
+    /// A wait of `bound` for `what` (for what must happen promptly).
+    #[must_use]
+    pub fn within(what: impl Into<String>, bound: Duration) -> Self {
         Self {
-            until: tokio::time::Instant::now() + WAIT,
-            what: what.into(),
+            until: tokio::time::Instant::now() + bound,
+            what: format!("{} within {bound:?}", what.into()),
         }
     }
 
@@ -96,11 +102,7 @@ impl Deadline {
     /// # Panics
     /// Once the wait is over.
     pub async fn tick(&self) {
-        assert!(
-            tokio::time::Instant::now() < self.until,
-            "{} not within {WAIT:?}",
-            self.what
-        );
+        assert!(tokio::time::Instant::now() < self.until, "{} did not happen", self.what);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -341,7 +343,21 @@ impl CasepathApp {
     /// # Panics
     /// After [`WAIT`], with the last path seen.
     pub async fn wait_path(&self, person_id: &str, caller: &Caller, done: impl Fn(&cp::Path) -> bool) -> cp::Path {
-        let deadline = Deadline::new(format!("a path of {person_id} for {}", caller.agency));
+        self.wait_path_within(person_id, caller, WAIT, done).await
+    }
+
+    /// As [`CasepathApp::wait_path`], within `bound`.
+    ///
+    /// # Panics
+    /// After `bound`, with the last path seen.
+    pub async fn wait_path_within(
+        &self,
+        person_id: &str,
+        caller: &Caller,
+        bound: Duration,
+        done: impl Fn(&cp::Path) -> bool,
+    ) -> cp::Path {
+        let deadline = Deadline::within(format!("a path of {person_id} for {}", caller.agency), bound);
         loop {
             let seen = self.path(person_id, caller).await;
             if let Ok(path) = &seen
