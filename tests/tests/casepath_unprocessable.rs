@@ -8,13 +8,15 @@
 //! - an event whose required ID is malformed: parked at its first failure
 //!   (attempts 1), and the good commit after it is on the path promptly;
 //! - a malformed optional link (a case from abroad's return ID): the case
-//!   opens, unlinked.
+//!   opens, unlinked;
+//! - a return naming its case in upper case and braces: linked to the
+//!   case, as if typed canonically.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 use std::time::Duration;
 
-use nrm_casepath::domain::steps::IDENTIFICATION_PAYLOAD;
+use nrm_casepath::domain::steps::{IDENTIFICATION_PAYLOAD, REPATRIATION_PAYLOAD};
 use nrm_e2e::casepath::{Caller, CasepathApp, agency_of, casepath_settings, kinds};
 use nrm_e2e::{authorized, token};
 use nrm_kernel::auth::Role;
@@ -24,6 +26,7 @@ use nrm_proto::common::v1 as common;
 use nrm_proto::common::v1::operator_service_client::OperatorServiceClient;
 use nrm_proto::common::v1::{CommittedEvent, EventCommit};
 use nrm_proto::identification::v1 as id;
+use nrm_proto::repatriation::v1 as rp;
 use prost::Message as _;
 use uuid::Uuid;
 
@@ -43,6 +46,7 @@ impl Harness {
         let bus = Bus::connect(&nats).await.unwrap();
         // The services that own them create the streams; here, the test.
         bus.ensure_stream("identification").await.unwrap();
+        bus.ensure_stream("repatriation").await.unwrap();
         let app = CasepathApp::spawn_with(casepath_settings(&nats, "kg")).await;
         Self { app, bus }
     }
@@ -242,5 +246,57 @@ async fn an_unknown_event_is_skipped_a_malformed_one_parked_at_once_and_the_comm
     assert_eq!(item.attempts, 1);
     assert!(item.last_error.contains("case_id"), "{}", item.last_error);
     assert!(!item.last_error.contains("CASE-not-a-uuid"), "{}", item.last_error);
+    h.app.stop().await;
+}
+
+#[tokio::test]
+async fn a_return_naming_its_case_in_upper_case_with_braces_is_linked_to_it() {
+    let h = Harness::start().await;
+    let (case_id, person_id) = (Uuid::now_v7().to_string(), Uuid::now_v7().to_string());
+    h.publish(
+        "identification",
+        IDENTIFICATION_PAYLOAD,
+        "case",
+        &case_id,
+        vec![ident(id::identification_event::Event::PresumedVictimReported(report(
+            &case_id, &person_id,
+        )))],
+    )
+    .await;
+    let return_id = Uuid::now_v7().to_string();
+    let opened = rp::RepatriationEvent {
+        event: Some(rp::repatriation_event::Event::ReturnOpened(rp::ReturnOpened {
+            return_id: return_id.clone(),
+            citizenship: "TJ".into(),
+            foreign_reference: format!("{{{}}}", case_id.to_uppercase()),
+            opened_by: "kg-iom".into(),
+            consulate_agency: "tj-consulate-bishkek".into(),
+            ..Default::default()
+        })),
+    };
+    h.publish(
+        "repatriation",
+        REPATRIATION_PAYLOAD,
+        "return",
+        &return_id,
+        vec![opened.encode_to_vec()],
+    )
+    .await;
+    let path = h
+        .app
+        .wait_path(&person_id, &coordinator(), |p| {
+            kinds(p).contains(&cp::StepKind::ReturnOpened)
+        })
+        .await;
+    assert_eq!(
+        kinds(&path),
+        [cp::StepKind::Found, cp::StepKind::Reported, cp::StepKind::ReturnOpened]
+    );
+    let stored: String = sqlx::query_scalar("SELECT foreign_reference FROM cp_returns WHERE return_id = $1::uuid")
+        .bind(&return_id)
+        .fetch_one(&h.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, case_id);
     h.app.stop().await;
 }

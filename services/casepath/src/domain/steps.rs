@@ -39,6 +39,10 @@
 //!   and empty in the step's detail) and reported in [`Effect::skipped`]
 //!   (`nrm_casepath_malformed_links_total{projection, field}`), so the
 //!   record stays on its path, only unlinked.
+//! - A return's `foreign_reference` is free text; one that is a UUID in
+//!   any accepted form (upper case, braces, no hyphens, `urn:uuid:`) is
+//!   stored in the canonical lower-case form, so that it matches a case ID
+//!   ([`normalise_reference`]); anything else is kept as typed.
 
 use std::cell::RefCell;
 
@@ -1434,6 +1438,17 @@ pub enum ReturnWrite {
     },
 }
 
+/// A return's foreign reference as stored: a UUID in any form the `uuid`
+/// crate reads (upper case, braces, no hyphens, `urn:uuid:`, surrounding
+/// blanks) in its canonical lower-case hyphenated form, so that it matches
+/// `cp_cases.case_id::text`; anything else as typed.
+#[must_use]
+pub fn normalise_reference(text: &str) -> String {
+    text.trim()
+        .parse::<Uuid>()
+        .map_or_else(|_| text.to_owned(), |u| u.to_string())
+}
+
 /// The step kind of a return step by its event's name (as steps cross).
 #[must_use]
 pub fn return_step_kind(name: &str) -> Option<Kind> {
@@ -1530,7 +1545,7 @@ pub fn repatriation(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<
                         opened_by: o.opened_by,
                         consulate_agency: o.consulate_agency,
                         received_by: String::new(),
-                        foreign_reference: o.foreign_reference,
+                        foreign_reference: normalise_reference(&o.foreign_reference),
                         status: rp::ReturnStatus::Opened as i32,
                         opened_at: at.1,
                         handed_over_at: None,
@@ -1687,7 +1702,7 @@ fn incoming_row(return_id: ReturnId, snapshot: &rp::CrossBorderReturn, recorded:
         opened_by: opened.map(|s| s.agency.clone()).unwrap_or_default(),
         consulate_agency: snapshot.consulate_agency.clone(),
         received_by: snapshot.received_by.clone(),
-        foreign_reference: snapshot.foreign_reference.clone(),
+        foreign_reference: normalise_reference(&snapshot.foreign_reference),
         status: snapshot.status,
         opened_at: opened.and_then(|s| datetime(s.at.as_ref())).unwrap_or(recorded),
         handed_over_at: datetime(snapshot.handed_over_at.as_ref()),
@@ -2760,5 +2775,25 @@ mod tests {
         };
         assert_eq!(d.return_id, "");
         assert_eq!(effect.skipped.len(), 1);
+    }
+
+    #[test]
+    fn a_foreign_reference_that_is_a_uuid_is_stored_canonical() {
+        let id = Uuid::now_v7();
+        let canonical = id.to_string();
+        let upper = canonical.to_uppercase();
+        for typed in [
+            canonical.clone(),
+            upper.clone(),
+            format!("{{{upper}}}"),
+            format!(" {canonical}\n"),
+            id.simple().to_string().to_uppercase(),
+            format!("urn:uuid:{canonical}"),
+        ] {
+            assert_eq!(normalise_reference(&typed), canonical, "{typed}");
+        }
+        for typed in ["", "KG-2026-0017", "{not a uuid}", " 12 "] {
+            assert_eq!(normalise_reference(typed), typed, "kept as typed");
+        }
     }
 }
