@@ -442,11 +442,16 @@ impl Casepath {
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let referral_ids: Vec<Uuid> = referrals.iter().map(|r| r.referral_id).collect();
         let all_returns: Vec<Uuid> = returns.iter().map(|r| r.return_id).collect();
+        // Two index scans (by referral; by the return's commits) united,
+        // not one OR that only a scan of every hold can answer.
         let holds = sqlx::query(
-            "SELECT h.hold_id, h.holder_agency, s.operator_agency FROM cp_holds h \
+            "SELECT h.hold_id, h.holder_agency, s.operator_agency FROM ( \
+                 SELECT hold_id FROM cp_holds WHERE referral_id = ANY($1) \
+                 UNION \
+                 SELECT h.hold_id FROM cp_return_commits rc JOIN cp_holds h ON h.cause_commit_id = rc.commit_id \
+                 WHERE rc.return_id = ANY($2) \
+             ) x JOIN cp_holds h USING (hold_id) \
              LEFT JOIN cp_shelters s ON s.shelter_id = h.shelter_id \
-             WHERE h.referral_id = ANY($1) \
-                OR h.cause_commit_id IN (SELECT commit_id FROM cp_return_commits WHERE return_id = ANY($2)) \
              ORDER BY h.held_at, h.hold_id",
         )
         .bind(&referral_ids)
