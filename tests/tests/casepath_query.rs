@@ -436,6 +436,39 @@ async fn each_role_sees_exactly_the_parts_the_matrix_grants_and_no_other_step() 
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_bed_held_for_a_referral_shows_once_as_the_shelter_records_it_or_else_as_the_referral_does() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    let s = seed_scenario(&app.pool).await;
+    // The referral service records the same bed on the referral.
+    insert_step(
+        &app.pool,
+        step(s.to_msd, P::Referrals, K::BedHeld, t("2026-03-05T04:31:00Z"), 7),
+    )
+    .await;
+    let person = s.person.to_string();
+    let beds = |path: &pb::Path| -> Vec<P> {
+        path.steps
+            .iter()
+            .filter(|st| st.kind == K::BedHeld as i32)
+            .map(|st| P::try_from(st.part).unwrap())
+            .collect()
+    };
+    // Who sees the shelter's record sees that one only.
+    let full = get_path(&mut client, &person, &token("kg-coordinator", Role::Coordinator, "c-1"))
+        .await
+        .unwrap();
+    assert_eq!(beds(&full), [P::Shelter], "{full:#?}");
+    // The referring police do not see the shelter part: the referral's record.
+    let police = get_path(&mut client, &person, &token("kg-mvd", Role::Police, "p-1"))
+        .await
+        .unwrap();
+    assert!(!parts(&police).contains(&P::Shelter));
+    assert_eq!(beds(&police), [P::Referrals], "{police:#?}");
+    app.stop().await;
+}
+
 async fn inbox(client: &mut Client, req: pb::ListInboxRequest, token: &str) -> Result<pb::Inbox, Status> {
     client
         .list_inbox(authorized(req, token))
