@@ -1095,6 +1095,68 @@ async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more
     app.stop().await;
 }
 
+/// The next answer of an inbox watch, within `bound`.
+async fn next_inbox(stream: &mut tonic::Streaming<pb::Inbox>, bound: Duration) -> pb::Inbox {
+    tokio::time::timeout(bound, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("an answer within {bound:?}"))
+        .expect("the stream is open")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_inbox_watch_pushes_an_item_that_becomes_overdue_without_any_other_change() {
+    let app = Casepath::start(&[]).await;
+    let client = app.client.clone();
+    let msd = token("kg-msd", Role::Msd, "m-1");
+    // An answer due in two seconds; written without a change notification,
+    // and nothing else writes to this database.
+    let due = Utc::now() + TimeDelta::seconds(2);
+    let waiting = referral(
+        &app.pool,
+        Uuid::now_v7(),
+        "kg-mvd",
+        "kg-msd",
+        None,
+        "pending",
+        Utc::now(),
+        Some(due),
+    )
+    .await;
+    let watch = |overdue_only: bool| {
+        let mut client = client.clone();
+        let msd = msd.clone();
+        async move {
+            client
+                .watch_inbox(authorized(
+                    pb::ListInboxRequest {
+                        overdue_only,
+                        ..pb::ListInboxRequest::default()
+                    },
+                    &msd,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let (mut all, mut overdue) = (watch(false).await, watch(true).await);
+    let first = next_inbox(&mut all, Duration::from_secs(10)).await;
+    assert_eq!(first.items.len(), 1);
+    assert!(!first.items[0].overdue);
+    assert!(next_inbox(&mut overdue, Duration::from_secs(10)).await.items.is_empty());
+    // Pushed once the due time has passed (due in 2 s; 3 s of slack).
+    let pushed = next_inbox(&mut all, Duration::from_secs(5)).await;
+    assert_eq!(pushed.items.len(), 1);
+    assert_eq!(pushed.items[0].subject_id, waiting.to_string());
+    assert!(pushed.items[0].overdue, "{pushed:?}");
+    assert!(Utc::now() >= due);
+    let listed = next_inbox(&mut overdue, Duration::from_secs(5)).await;
+    assert_eq!(listed.items.len(), 1, "an overdue-only watch lists it once overdue");
+    assert!(listed.items[0].overdue);
+    app.stop().await;
+}
+
 /// Not a test of a property: the time of `GetStatistics` over 100,000
 /// persons (aim < 200 ms), printed. `cargo test -p nrm-e2e --test
 /// casepath_query -- --ignored --nocapture`.
