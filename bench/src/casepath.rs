@@ -37,7 +37,7 @@ use nrm_kernel::bus::Bus;
 use nrm_kernel::ids::CaseId;
 use nrm_kernel::relay::{Relay, RelayConfig};
 use nrm_kernel::retry::RetryPolicy;
-use nrm_kernel::service::{CommonSettings, Service as _};
+use nrm_kernel::service::{CommonSettings, Service};
 use nrm_kernel::settings::{DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings};
 use nrm_kernel::store::{EventStore, NewEvent};
 use nrm_proto::casepath::v1 as cp;
@@ -129,6 +129,23 @@ fn database(database_url: &str, tag: &str) -> DatabaseSettings {
     }
 }
 
+/// Runs a built service in the background until the token returned is
+/// cancelled (the task ends then); a failure is printed, naming `what`.
+/// Shared by the benches that start a service in-process.
+pub(crate) fn run_in_background<S: Service + 'static>(
+    app: S,
+    what: &'static str,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        if let Err(err) = app.run_until_stopped(stop).await {
+            eprintln!("bench: {what} failed: {err:#}");
+        }
+    });
+    (shutdown, task)
+}
+
 fn common(database_url: &str, tag: &str, nats: &NatsSettings) -> anyhow::Result<CommonSettings> {
     Ok(CommonSettings {
         server: ServerSettings {
@@ -168,13 +185,7 @@ impl Casepath {
             .context("build casepath")?;
         let addr = app.kit().grpc_addr()?;
         let pool = app.kit().pool().clone();
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            if let Err(err) = app.run_until_stopped(stop).await {
-                eprintln!("bench: casepath failed: {err:#}");
-            }
-        });
+        let (shutdown, task) = run_in_background(app, "casepath");
         let client = CasepathServiceClient::connect(format!("http://{addr}"))
             .await
             .context("connect to casepath")?;

@@ -241,13 +241,7 @@ impl Service {
             .await
             .context("build the shelter service")?;
         let addr = app.kit().grpc_addr()?;
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            if let Err(err) = app.run_until_stopped(stop).await {
-                eprintln!("bench: the shelter service failed: {err:#}");
-            }
-        });
+        let (shutdown, task) = crate::casepath::run_in_background(app, "the shelter service");
         let client = ShelterServiceClient::connect(format!("http://{addr}"))
             .await
             .context("connect to the shelter service")?;

@@ -85,9 +85,15 @@ impl Deadline {
     /// A wait of [`WAIT`] for `what`.
     #[must_use]
     pub fn new(what: impl Into<String>) -> Self {
+        Self::within(what, WAIT)
+    }
+
+    /// A wait of `bound` for `what` (for what must happen promptly).
+    #[must_use]
+    pub fn within(what: impl Into<String>, bound: Duration) -> Self {
         Self {
-            until: tokio::time::Instant::now() + WAIT,
-            what: what.into(),
+            until: tokio::time::Instant::now() + bound,
+            what: format!("{} within {bound:?}", what.into()),
         }
     }
 
@@ -96,12 +102,37 @@ impl Deadline {
     /// # Panics
     /// Once the wait is over.
     pub async fn tick(&self) {
-        assert!(
-            tokio::time::Instant::now() < self.until,
-            "{} not within {WAIT:?}",
-            self.what
-        );
+        assert!(tokio::time::Instant::now() < self.until, "{} did not happen", self.what);
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Calls `call` (a request with a fresh request ID each time: a refusal
+/// is an answer too) until the service answers, while it does not know yet
+/// what the request names (`FAILED_PRECONDITION`, `PERMISSION_DENIED` or `NOT_FOUND`: the
+/// events it needs are still on their way); the answer.
+///
+/// # Panics
+/// On any other refusal, or after [`WAIT`].
+pub async fn until_known<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Deadline::new(what);
+    loop {
+        match call().await {
+            Ok(answer) => return answer.into_inner(),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::NotFound
+                ) =>
+            {
+                deadline.tick().await;
+            }
+            Err(status) => panic!("{what}: {status:?}"),
+        }
     }
 }
 
@@ -341,7 +372,21 @@ impl CasepathApp {
     /// # Panics
     /// After [`WAIT`], with the last path seen.
     pub async fn wait_path(&self, person_id: &str, caller: &Caller, done: impl Fn(&cp::Path) -> bool) -> cp::Path {
-        let deadline = Deadline::new(format!("a path of {person_id} for {}", caller.agency));
+        self.wait_path_within(person_id, caller, WAIT, done).await
+    }
+
+    /// As [`CasepathApp::wait_path`], within `bound`.
+    ///
+    /// # Panics
+    /// After `bound`, with the last path seen.
+    pub async fn wait_path_within(
+        &self,
+        person_id: &str,
+        caller: &Caller,
+        bound: Duration,
+        done: impl Fn(&cp::Path) -> bool,
+    ) -> cp::Path {
+        let deadline = Deadline::within(format!("a path of {person_id} for {}", caller.agency), bound);
         loop {
             let seen = self.path(person_id, caller).await;
             if let Ok(path) = &seen
@@ -662,40 +707,24 @@ impl Country {
     /// # Panics
     /// When the service refuses.
     pub async fn consent(&self, holder: &Caller, case: &Case, recipient: &str, purposes: &[rf::ServiceKind]) -> String {
-        let deadline = Deadline::new("the referral service knowing the case");
-        loop {
-            let answer = self
-                .referral
-                .client
-                .clone()
-                .record_consent(authorized(
-                    rf::RecordConsentRequest {
-                        request_id: rid(),
-                        person_id: case.person_id.clone(),
-                        case_id: case.case_id.clone(),
-                        given_by: rf::ConsentGiver::Person as i32,
-                        recipient_agency: recipient.to_owned(),
-                        purposes: purposes.iter().map(|p| *p as i32).collect(),
-                        data_categories: vec![rf::DataCategory::Name as i32],
-                        expires_at: Some(in_hours(24 * 90)),
-                        ..Default::default()
-                    },
-                    &holder.token(),
-                ))
-                .await;
-            match answer {
-                Ok(answer) => return answer.into_inner().consent_id,
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::NotFound
-                    ) =>
-                {
-                    deadline.tick().await;
-                }
-                Err(status) => panic!("record a consent: {status:?}"),
-            }
-        }
+        until_known("record a consent: the referral service knowing the case", || {
+            let mut client = self.referral.client.clone();
+            let request = rf::RecordConsentRequest {
+                request_id: rid(),
+                person_id: case.person_id.clone(),
+                case_id: case.case_id.clone(),
+                given_by: rf::ConsentGiver::Person as i32,
+                recipient_agency: recipient.to_owned(),
+                purposes: purposes.iter().map(|p| *p as i32).collect(),
+                data_categories: vec![rf::DataCategory::Name as i32],
+                expires_at: Some(in_hours(24 * 90)),
+                ..Default::default()
+            };
+            let request = authorized(request, &holder.token());
+            async move { client.record_consent(request).await }
+        })
+        .await
+        .consent_id
     }
 
     /// `holder` refers the person to `receiver` under `consent_id`; the
@@ -711,37 +740,23 @@ impl Country {
         services: &[rf::ServiceKind],
         consent_id: &str,
     ) -> String {
-        let mut c = self.referral.client.clone();
-        let deadline = Deadline::new("the referral service knowing the person");
-        loop {
-            let answer = c
-                .create_referral(authorized(
-                    rf::CreateReferralRequest {
-                        request_id: rid(),
-                        person_id: case.person_id.clone(),
-                        case_id: case.case_id.clone(),
-                        receiving_agency: receiver.to_owned(),
-                        services: services.iter().map(|s| *s as i32).collect(),
-                        urgency: rf::Urgency::Normal as i32,
-                        consent_id: consent_id.to_owned(),
-                        shelter_need: None,
-                    },
-                    &holder.token(),
-                ))
-                .await;
-            match answer {
-                Ok(answer) => return answer.into_inner().referral_id,
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied | tonic::Code::NotFound
-                    ) =>
-                {
-                    deadline.tick().await;
-                }
-                Err(status) => panic!("create a referral: {status:?}"),
-            }
-        }
+        until_known("create a referral: the referral service knowing the person", || {
+            let mut client = self.referral.client.clone();
+            let request = rf::CreateReferralRequest {
+                request_id: rid(),
+                person_id: case.person_id.clone(),
+                case_id: case.case_id.clone(),
+                receiving_agency: receiver.to_owned(),
+                services: services.iter().map(|s| *s as i32).collect(),
+                urgency: rf::Urgency::Normal as i32,
+                consent_id: consent_id.to_owned(),
+                shelter_need: None,
+            };
+            let request = authorized(request, &holder.token());
+            async move { client.create_referral(request).await }
+        })
+        .await
+        .referral_id
     }
 
     /// The referral's current version.

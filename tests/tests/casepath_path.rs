@@ -13,7 +13,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use nrm_e2e::casepath::{Countries, Walk, duration, kinds, time};
+use nrm_e2e::casepath::{Countries, Country, Walk, duration, kinds, time};
 use nrm_kernel::auth::Role;
 use nrm_proto::casepath::v1::{self as cp, Stage, StepKind as K};
 
@@ -40,19 +40,22 @@ fn assert_durations(path: &cp::Path, country: &str) {
     assert_eq!(total, (last - first).to_std().unwrap(), "{country}: the spans add up");
 }
 
+/// `person_id`'s path as `country`'s coordinator sees it.
+async fn coordinators_path(country: &Country, person_id: &str) -> cp::Path {
+    country
+        .casepath
+        .path(person_id, &country.caller(Role::Coordinator))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_coordinators_path_shows_every_step_in_order_in_both_countries() {
     let world = Countries::start().await;
     let walked = Walk::run(&world).await;
 
     // ru: the identification, then the return run there.
-    let ru_coordinator = world.ru.caller(Role::Coordinator);
-    let ru_path = world
-        .ru
-        .casepath
-        .path(&walked.ru_case.person_id, &ru_coordinator)
-        .await
-        .unwrap();
+    let ru_path = coordinators_path(&world.ru, &walked.ru_case.person_id).await;
     let expected_ru = [
         K::Found,
         K::Reported,
@@ -86,13 +89,7 @@ async fn the_coordinators_path_shows_every_step_in_order_in_both_countries() {
 
     // kg: the return as it crossed (each step as recorded in ru), the bed
     // held when the need was announced, then everything at home.
-    let kg_coordinator = world.kg.caller(Role::Coordinator);
-    let kg_path = world
-        .kg
-        .casepath
-        .path(&walked.kg_case.person_id, &kg_coordinator)
-        .await
-        .unwrap();
+    let kg_path = coordinators_path(&world.kg, &walked.kg_case.person_id).await;
     let expected_kg = [
         K::ReturnOpened,
         K::ReturnConsent,

@@ -15,29 +15,17 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::StreamExt as _;
 use nrm_e2e::casepath_seed::{CaseSeed, Casepath, Client, StepSeed, consent, insert_step, notify, referral, step};
-use nrm_e2e::{authorized, token};
+use nrm_e2e::{authorized, bad_fields, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::validate::{timestamp, to_datetime};
 use nrm_proto::casepath::v1 as pb;
 use pb::{PathPart as P, StepKind as K};
 use sqlx::PgPool;
 use tonic::{Code, Status};
-use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
 fn t(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
-}
-
-fn bad_fields(status: &Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    status
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
 }
 
 /// A person with a record in every part, seen differently by every role.
@@ -480,6 +468,39 @@ async fn each_role_sees_exactly_the_parts_the_matrix_grants_and_no_other_step() 
     let msd_now = get_path(&mut client, &person, &as_msd).await.unwrap();
     assert!(msd_now.person.is_none(), "{msd_now:#?}");
     assert!(!msd_now.parts.contains(&(P::Plan as i32)));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bed_held_for_a_referral_shows_once_as_the_shelter_records_it_or_else_as_the_referral_does() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    let s = seed_scenario(&app.pool).await;
+    // The referral service records the same bed on the referral.
+    insert_step(
+        &app.pool,
+        step(s.to_msd, P::Referrals, K::BedHeld, t("2026-03-05T04:31:00Z"), 7),
+    )
+    .await;
+    let person = s.person.to_string();
+    let beds = |path: &pb::Path| -> Vec<P> {
+        path.steps
+            .iter()
+            .filter(|st| st.kind == K::BedHeld as i32)
+            .map(|st| P::try_from(st.part).unwrap())
+            .collect()
+    };
+    // Who sees the shelter's record sees that one only.
+    let full = get_path(&mut client, &person, &token("kg-coordinator", Role::Coordinator, "c-1"))
+        .await
+        .unwrap();
+    assert_eq!(beds(&full), [P::Shelter], "{full:#?}");
+    // The referring police do not see the shelter part: the referral's record.
+    let police = get_path(&mut client, &person, &token("kg-mvd", Role::Police, "p-1"))
+        .await
+        .unwrap();
+    assert!(!parts(&police).contains(&P::Shelter));
+    assert_eq!(beds(&police), [P::Referrals], "{police:#?}");
     app.stop().await;
 }
 
@@ -1172,64 +1193,64 @@ async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more
     app.stop().await;
 }
 
-/// Not a test of a property: the time of `GetStatistics` over 100,000
-/// persons (aim < 200 ms), printed. `cargo test -p nrm-e2e --test
-/// casepath_query -- --ignored --nocapture`.
+/// The next answer of an inbox watch, within `bound`.
+async fn next_inbox(stream: &mut tonic::Streaming<pb::Inbox>, bound: Duration) -> pb::Inbox {
+    tokio::time::timeout(bound, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("an answer within {bound:?}"))
+        .expect("the stream is open")
+        .unwrap()
+}
+
 #[tokio::test]
-#[ignore = "a measurement; run by hand"]
-async fn statistics_over_100000_persons_are_timed() {
+async fn an_inbox_watch_pushes_an_item_that_becomes_overdue_without_any_other_change() {
     let app = Casepath::start(&[]).await;
-    let mut client = app.client.clone();
-    for statement in [
-        "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at, \
-         gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms, decision, decided_at, \
-         decision_waiting_since, return_id) \
-         SELECT gen_random_uuid(), gen_random_uuid(), 'kg-mvd', 'kg-prosecutor', 1 + (i % 4), \
-           timestamptz '2025-01-01' + (i || ' minutes')::interval, 1 + i % 3, 1 + i % 7, i % 10 = 0, 'kg', 'ru', \
-           ARRAY[1 + i % 8, 1 + (i + 3) % 8], CASE WHEN i % 4 = 2 THEN 1 ELSE 0 END, \
-           CASE WHEN i % 4 = 2 THEN timestamptz '2025-01-03' + (i || ' minutes')::interval END, \
-           CASE WHEN i % 4 = 0 THEN timestamptz '2025-01-01' + (i || ' minutes')::interval END, \
-           CASE WHEN i % 10 = 0 THEN gen_random_uuid() END \
-         FROM generate_series(1, 100000) i",
-        "INSERT INTO cp_referrals (referral_id, person_id, referring_agency, receiving_agency, services, urgency, \
-         status, created_at, waiting_since, answer_due_at, answered_at, outcome) \
-         SELECT gen_random_uuid(), person_id, 'kg-mvd', 'kg-msd', '{1}', 1, \
-           (ARRAY['pending', 'accepted', 'closed', 'declined'])[1 + (row_number() OVER ()) % 4], reported_at, \
-           reported_at, reported_at + interval '3 days', reported_at + interval '1 day', 1 \
-         FROM cp_cases WHERE random() < 0.6",
-        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency, \
-         foreign_reference, status, opened_at, handed_over_at) \
-         SELECT return_id, 2, 'ru', 'kg', 'ru-iom', 'kg-consulate', '', 10, reported_at, reported_at + interval '10 days' \
-         FROM cp_cases WHERE return_id IS NOT NULL",
-        "INSERT INTO cp_goals (goal_id, person_id, kind, added_at, met_at) \
-         SELECT gen_random_uuid(), person_id, 1, reported_at, \
-           CASE WHEN random() < 0.5 THEN reported_at + interval '30 days' END FROM cp_cases WHERE random() < 0.2",
-        "ANALYZE",
-    ] {
-        sqlx::query(statement).execute(&app.pool).await.unwrap();
-    }
-    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
-    let request = || pb::GetStatisticsRequest {
-        from: Some(timestamp(t("2025-01-01T00:00:00Z"))),
-        to: Some(timestamp(t("2026-01-01T00:00:00Z"))),
-        publishable: true,
-        min_cell: 0,
+    let client = app.client.clone();
+    let msd = token("kg-msd", Role::Msd, "m-1");
+    // An answer due in two seconds; written without a change notification,
+    // and nothing else writes to this database.
+    let due = Utc::now() + TimeDelta::seconds(2);
+    let waiting = referral(
+        &app.pool,
+        Uuid::now_v7(),
+        "kg-mvd",
+        "kg-msd",
+        None,
+        "pending",
+        Utc::now(),
+        Some(due),
+    )
+    .await;
+    let watch = |overdue_only: bool| {
+        let mut client = client.clone();
+        let msd = msd.clone();
+        async move {
+            client
+                .watch_inbox(authorized(
+                    pb::ListInboxRequest {
+                        overdue_only,
+                        ..pb::ListInboxRequest::default()
+                    },
+                    &msd,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+        }
     };
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let started = std::time::Instant::now();
-        let stats = client
-            .get_statistics(authorized(request(), &coordinator))
-            .await
-            .unwrap()
-            .into_inner();
-        times.push(started.elapsed());
-        assert_eq!(cell(&stats, "stage", "total").0, 100_000);
-    }
-    times.sort();
-    println!(
-        "GetStatistics over 100,000 persons: median {:?}, min {:?}, max {:?}",
-        times[2], times[0], times[4]
-    );
+    let (mut all, mut overdue) = (watch(false).await, watch(true).await);
+    let first = next_inbox(&mut all, Duration::from_secs(10)).await;
+    assert_eq!(first.items.len(), 1);
+    assert!(!first.items[0].overdue);
+    assert!(next_inbox(&mut overdue, Duration::from_secs(10)).await.items.is_empty());
+    // Pushed once the due time has passed (due in 2 s; 3 s of slack).
+    let pushed = next_inbox(&mut all, Duration::from_secs(5)).await;
+    assert_eq!(pushed.items.len(), 1);
+    assert_eq!(pushed.items[0].subject_id, waiting.to_string());
+    assert!(pushed.items[0].overdue, "{pushed:?}");
+    assert!(Utc::now() >= due);
+    let listed = next_inbox(&mut overdue, Duration::from_secs(5)).await;
+    assert_eq!(listed.items.len(), 1, "an overdue-only watch lists it once overdue");
+    assert!(listed.items[0].overdue);
     app.stop().await;
 }

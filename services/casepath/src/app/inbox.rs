@@ -146,13 +146,36 @@ impl InboxQuery {
     }
 }
 
+/// The earliest of `next` and `due`, when `due` is still ahead of `now`.
+fn earliest(next: &mut Option<DateTime<Utc>>, due: DateTime<Utc>, now: DateTime<Utc>) {
+    if due >= now && next.is_none_or(|n| due < n) {
+        *next = Some(due);
+    }
+}
+
 impl Casepath {
     /// The inbox `query` asks for, as the caller of `ctx` may see it.
     ///
     /// # Errors
     /// The database's.
     pub async fn inbox(&self, ctx: &CallContext, query: &InboxQuery) -> Result<pb::Inbox, AppError> {
+        Ok(self.inbox_until(ctx, query).await?.0)
+    }
+
+    /// As [`Casepath::inbox`], with the earliest due time still ahead among
+    /// the items the query looks at (shown or, asked for overdue only, not
+    /// yet): when the answer changes by the clock alone (an item becomes
+    /// overdue, or overdue enough to be listed). A watcher wakes then.
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn inbox_until(
+        &self,
+        ctx: &CallContext,
+        query: &InboxQuery,
+    ) -> Result<(pb::Inbox, Option<DateTime<Utc>>), AppError> {
         let now = Utc::now();
+        let mut next: Option<DateTime<Utc>> = None;
         let agency = ctx.agency();
         let permit = ctx.permit();
         let mut items = Vec::new();
@@ -174,7 +197,27 @@ impl Casepath {
                     ..Standing::default()
                 };
                 if permit.admits(agency, &standing) {
-                    items.push(referral_item(&r, now));
+                    let item = referral_item(&r, now);
+                    if let Some(due) = item.due_at.as_ref().and_then(validate::to_datetime) {
+                        earliest(&mut next, due, now);
+                    }
+                    items.push(item);
+                }
+            }
+            if query.overdue_only {
+                // Not yet overdue, so not listed: the first of them to be.
+                let due: Option<DateTime<Utc>> = sqlx::query_scalar(
+                    "SELECT min(coalesce(answer_due_at, waiting_since)) FROM cp_referrals \
+                     WHERE waiting_since IS NOT NULL AND status = 'pending' \
+                       AND ($1::text IS NULL OR receiving_agency = $1) \
+                       AND coalesce(answer_due_at, waiting_since) >= $2",
+                )
+                .bind(query.agency.as_deref())
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+                if let Some(due) = due {
+                    earliest(&mut next, due, now);
                 }
             }
         }
@@ -202,8 +245,27 @@ impl Casepath {
                     ..Standing::default()
                 };
                 let due = self.decision_due(since);
-                if permit.admits(agency, &standing) && (!query.overdue_only || due < now) {
+                if !permit.admits(agency, &standing) {
+                    continue;
+                }
+                earliest(&mut next, due, now);
+                if !query.overdue_only || due < now {
                     items.push(decision_item(&c, since, due, now));
+                }
+            }
+            if query.overdue_only {
+                // Waiting for less than N days, so not fetched: the due time
+                // of the oldest of them is the first (due grows with since).
+                let since: Option<DateTime<Utc>> = sqlx::query_scalar(
+                    "SELECT min(decision_waiting_since) FROM cp_cases \
+                     WHERE decision_waiting_since >= $2 AND ($1::text IS NULL OR competent_authority = $1)",
+                )
+                .bind(query.agency.as_deref())
+                .bind(now - TimeDelta::days(days))
+                .fetch_one(&self.pool)
+                .await?;
+                if let Some(since) = since {
+                    earliest(&mut next, self.decision_due(since), now);
                 }
             }
         }
@@ -224,11 +286,12 @@ impl Casepath {
             time: item.due_at.as_ref().and_then(validate::to_datetime).unwrap_or_default(),
             id: item.subject_id.parse().unwrap_or_default(),
         });
-        Ok(pb::Inbox {
+        let inbox = pb::Inbox {
             next_page_token: query.pager.next_token(more, last),
             items: page,
             as_of: Some(ts(now)),
-        })
+        };
+        Ok((inbox, next))
     }
 
     /// `ListInbox`.

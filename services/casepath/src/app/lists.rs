@@ -1,9 +1,12 @@
-//! `ListPaths` and `GetStatistics` (the coordinator's): one set-based query
-//! gives every person's facts (first report, coded person, forms of
-//! exploitation, counts of open and closed records, what waits), the stage
-//! is decided on them in Rust by [`crate::domain::stage::stage`], the
-//! counts are aggregated in one pass; the times are PostgreSQL's
-//! `percentile_cont` over the measured intervals.
+//! `ListPaths` and `GetStatistics` (the coordinator's). For `ListPaths` one
+//! set-based query ([`FACTS`]) gives every person's facts (first report,
+//! coded person, counts of open and closed records, what waits) and the
+//! stage is decided on them in Rust by [`crate::domain::stage::stage`].
+//! `GetStatistics` counts in the database ([`STATS`]: the same persons and
+//! links, the stage by the same precedence in SQL, each dimension in one
+//! grouping pass); the times are PostgreSQL's `percentile_cont` over the
+//! measured intervals. Both queries share their links to a person
+//! (`first_case!`, `linked!`).
 
 use std::collections::BTreeMap;
 
@@ -37,52 +40,25 @@ struct PersonFacts {
     overdue_referrals: i64,
 }
 
-/// Every person first reported in [$1, $2) (NULL: unbounded) with the facts
-/// the stage is decided on; `$3` is now. Returns of a person are linked by
-/// the cases' return IDs and by `foreign_reference` = a case ID, holds by
-/// the person's referrals and by a commit of the person's returns. Each
-/// table is aggregated once per person (no per-person round trips); the
-/// coded person is the one of the first case.
-const FACTS: &str = r"
-WITH cs AS (
-    SELECT * FROM (
-        SELECT c.person_id,
-            count(*) AS cases,
-            min(c.reported_at) AS first_reported_at,
-            min(c.gender) AS gender,
-            min(c.age_band) AS age_band,
-            min(c.citizenship) AS citizenship,
-            min(c.country_of_exploitation) AS country_of_exploitation,
-            bool_or(c.child) AS child,
-            bool_or(c.erased_at IS NOT NULL) AS erased,
-            bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
-            bool_or(c.status = 3) AS identified,
-            bool_or(c.status = 4) AS not_identified,
-            coalesce(array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL), '{}') AS waiting,
-            min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at,
-            jsonb_agg(c.exploitation_forms) AS forms
-        FROM cp_cases c
-        GROUP BY c.person_id
-    ) AS g
-    WHERE ($1::timestamptz IS NULL OR g.first_reported_at >= $1)
-      AND ($2::timestamptz IS NULL OR g.first_reported_at < $2)
-),
--- The coded person is the first case's; only persons with several cases need the look.
-fc AS (
+/// The coded person of a person with several cases: the first case's
+/// (after a `cs` of persons with their number of `cases`).
+macro_rules! first_case {
+    () => {
+        r"fc AS (
     SELECT DISTINCT ON (c.person_id) c.person_id, c.gender, c.age_band, c.citizenship, c.country_of_exploitation
     FROM cp_cases c JOIN cs ON cs.person_id = c.person_id AND cs.cases > 1
     ORDER BY c.person_id, c.reported_at, c.case_id
-),
-rf AS (
-    SELECT person_id,
-        count(*) FILTER (WHERE status = 'pending') AS pending,
-        count(*) FILTER (WHERE status = 'accepted') AS accepted,
-        count(*) FILTER (WHERE status = 'closed' AND outcome <> 0) AS closed,
-        count(*) FILTER (WHERE status = 'pending' AND waiting_since IS NOT NULL
-                           AND coalesce(answer_due_at, waiting_since) < $3) AS overdue
-    FROM cp_referrals GROUP BY person_id
-),
-pr AS (
+)"
+    };
+}
+
+/// What links to a person beyond its cases (after a `cs` of persons):
+/// returns by the cases' return IDs and by `foreign_reference` = a case ID
+/// (`pr`, counted in `rt`), holds admitted by the person's referrals and by
+/// a commit of the person's returns (`sh`), plan goals (`gl`).
+macro_rules! linked {
+    () => {
+        r"pr AS (
     SELECT c.person_id, r.return_id, r.status, r.handed_over_at
     FROM cp_cases c JOIN cp_returns r ON r.return_id = c.return_id
     UNION
@@ -110,14 +86,19 @@ sh AS (
 gl AS (
     SELECT person_id, count(*) AS goals, count(met_at) AS met, max(met_at) AS last_met_at
     FROM cp_goals GROUP BY person_id
-)
-SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.identified, cs.not_identified,
-    cs.waiting, cs.identified_at, cs.forms,
-    coalesce(fc.gender, cs.gender) AS gender, coalesce(fc.age_band, cs.age_band) AS age_band,
+)"
+    };
+}
+
+/// A person's coded fields (of the first case) and counts of linked
+/// records, from `cs` and the CTEs of [`first_case!`] and [`linked!`] and
+/// an `rf` of referral counts; the end of a select list and its `FROM`.
+macro_rules! person_columns {
+    () => {
+        r"    coalesce(fc.gender, cs.gender) AS gender, coalesce(fc.age_band, cs.age_band) AS age_band,
     coalesce(fc.citizenship, cs.citizenship) AS citizenship,
     coalesce(fc.country_of_exploitation, cs.country_of_exploitation) AS country_of_exploitation,
-    coalesce(rf.pending, 0) AS pending, coalesce(rf.accepted, 0) AS accepted,
-    coalesce(rf.closed, 0) AS closed, coalesce(rf.overdue, 0) AS overdue,
+    coalesce(rf.pending, 0) AS pending, coalesce(rf.accepted, 0) AS accepted, coalesce(rf.closed, 0) AS closed,
     coalesce(rt.open, 0) AS returns_open, coalesce(rt.handed_over, 0) AS handed_over,
     coalesce(sh.admitted, 0) AS admitted,
     coalesce(gl.goals, 0) AS goals, coalesce(gl.met, 0) AS met, gl.last_met_at
@@ -126,8 +107,130 @@ LEFT JOIN fc USING (person_id)
 LEFT JOIN rf USING (person_id)
 LEFT JOIN rt USING (person_id)
 LEFT JOIN sh USING (person_id)
-LEFT JOIN gl USING (person_id)
-";
+LEFT JOIN gl USING (person_id)"
+    };
+}
+
+/// Every person first reported in [$1, $2) (NULL: unbounded) with the facts
+/// the stage is decided on; `$3` is now. Returns of a person are linked by
+/// the cases' return IDs and by `foreign_reference` = a case ID, holds by
+/// the person's referrals and by a commit of the person's returns. Each
+/// table is aggregated once per person (no per-person round trips); the
+/// coded person is the one of the first case.
+const FACTS: &str = concat!(
+    r"
+WITH cs AS (
+    SELECT * FROM (
+        SELECT c.person_id,
+            count(*) AS cases,
+            min(c.reported_at) AS first_reported_at,
+            min(c.gender) AS gender,
+            min(c.age_band) AS age_band,
+            min(c.citizenship) AS citizenship,
+            min(c.country_of_exploitation) AS country_of_exploitation,
+            bool_or(c.child) AS child,
+            bool_or(c.erased_at IS NOT NULL) AS erased,
+            bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
+            bool_or(c.status = 3) AS identified,
+            bool_or(c.status = 4) AS not_identified,
+            coalesce(array_agg(c.decision_waiting_since) FILTER (WHERE c.decision_waiting_since IS NOT NULL), '{}') AS waiting,
+            min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
+        FROM cp_cases c
+        GROUP BY c.person_id
+    ) AS g
+    WHERE ($1::timestamptz IS NULL OR g.first_reported_at >= $1)
+      AND ($2::timestamptz IS NULL OR g.first_reported_at < $2)
+),
+",
+    first_case!(),
+    r",
+rf AS (
+    SELECT person_id,
+        count(*) FILTER (WHERE status = 'pending') AS pending,
+        count(*) FILTER (WHERE status = 'accepted') AS accepted,
+        count(*) FILTER (WHERE status = 'closed' AND outcome <> 0) AS closed,
+        count(*) FILTER (WHERE status = 'pending' AND waiting_since IS NOT NULL
+                           AND coalesce(answer_due_at, waiting_since) < $3) AS overdue
+    FROM cp_referrals GROUP BY person_id
+),
+",
+    linked!(),
+    r"
+SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.identified, cs.not_identified,
+    cs.waiting, cs.identified_at,
+    coalesce(rf.overdue, 0) AS overdue,
+",
+    person_columns!(),
+    r"
+"
+);
+
+/// The counts of the persons first reported in [$1, $2), one row per
+/// (dimension, value), and the time from identification to reintegration;
+/// `{case}` is replaced by [`stage::sql_case`]. The same persons and facts
+/// as [`FACTS`] (what the stage needs only), in fewer passes: the persons
+/// with a case in the period are picked by `cp_cases_reported` before the
+/// cases are grouped, the coded dimensions and the total are one grouping
+/// over the persons, the forms one distinct pass over their cases.
+const STATS: &str = concat!(
+    r"
+WITH cs AS MATERIALIZED (
+    SELECT c.person_id,
+        count(*) AS cases,
+        min(c.gender) AS gender,
+        min(c.age_band) AS age_band,
+        min(c.citizenship) AS citizenship,
+        min(c.country_of_exploitation) AS country_of_exploitation,
+        bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
+        bool_or(c.status = 3) AS identified,
+        bool_or(c.status = 4) AS not_identified,
+        min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
+    FROM cp_cases c
+    WHERE c.person_id IN (SELECT person_id FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2)
+    GROUP BY c.person_id
+    HAVING min(c.reported_at) >= $1 AND min(c.reported_at) < $2
+),
+",
+    first_case!(),
+    r",
+rf AS (
+    SELECT person_id,
+        count(*) FILTER (WHERE status = 'pending') AS pending,
+        count(*) FILTER (WHERE status = 'accepted') AS accepted,
+        count(*) FILTER (WHERE status = 'closed' AND outcome <> 0) AS closed
+    FROM cp_referrals GROUP BY person_id
+),
+",
+    linked!(),
+    r",
+s AS MATERIALIZED (
+    SELECT p.identified_at, p.gender, p.age_band, p.citizenship, p.country_of_exploitation,
+        p.goals, p.met, p.last_met_at, {case} AS stage
+    FROM (
+        SELECT cs.identified_at, cs.presumed, cs.identified, cs.not_identified,
+",
+    person_columns!(),
+    r"
+    ) p
+),
+done AS (
+    SELECT extract(epoch FROM last_met_at - identified_at) AS secs FROM s
+    WHERE goals > 0 AND met >= goals AND identified_at IS NOT NULL AND last_met_at IS NOT NULL
+),
+forms AS (
+    SELECT DISTINCT c.person_id, f FROM cp_cases c JOIN cs USING (person_id) CROSS JOIN unnest(c.exploitation_forms) AS f
+)
+SELECT CASE WHEN GROUPING(stage) = 0 THEN 'stage' WHEN GROUPING(gender) = 0 THEN 'gender'
+        WHEN GROUPING(age_band) = 0 THEN 'age_band' WHEN GROUPING(lower(citizenship)) = 0 THEN 'citizenship'
+        WHEN GROUPING(lower(country_of_exploitation)) = 0 THEN 'country_of_exploitation' ELSE 'persons' END AS dimension,
+    coalesce(stage::text, gender::text, age_band::text, lower(citizenship), lower(country_of_exploitation), '') AS value,
+    count(*)::float8 AS n
+FROM s GROUP BY GROUPING SETS ((stage), (gender), (age_band), (lower(citizenship)), (lower(country_of_exploitation)), ())
+UNION ALL SELECT 'exploitation_form', f::text, count(*) FROM forms GROUP BY 2
+UNION ALL SELECT 'reintegration', 'samples', count(*) FROM done
+UNION ALL SELECT 'reintegration', 'median', percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM done
+UNION ALL SELECT 'reintegration', 'p90', percentile_cont(0.9) WITHIN GROUP (ORDER BY secs) FROM done"
+);
 
 fn count(r: &sqlx::postgres::PgRow, column: &str) -> Result<u32, sqlx::Error> {
     let n: i64 = r.try_get(column)?;
@@ -362,8 +465,7 @@ GROUP BY subj.person_id",
             publishable_period(from, to, &mut v);
         }
         v.finish(|| ())?;
-        let now = Utc::now();
-        let (mut dims, persons, reintegration) = self.person_counts(from, to, now).await?;
+        let (mut dims, persons, reintegration) = self.person_counts(from, to).await?;
         dims.add_count("notification", suppress::IDENTIFIED.into(), persons);
         let notifications = self.notification_counts(&mut dims, from, to).await?;
         let units = persons + notifications;
@@ -438,45 +540,21 @@ GROUP BY subj.person_id",
     }
 
     /// The counts of the persons first reported in [from, to), per
-    /// dimension, aggregated in the database (the stage by
+    /// dimension, aggregated in the database by [`STATS`] (the stage by
     /// [`stage::sql_case`], the same precedence as [`stage::stage`]); the
     /// number of persons; the time from identification to reintegration.
     async fn person_counts(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-        now: DateTime<Utc>,
     ) -> Result<(Dimensions, u64, pb::TimeMeasure), AppError> {
-        let case = stage::sql_case();
-        let sql = format!(
-            r"
-WITH f AS MATERIALIZED ({FACTS}),
-s AS (SELECT f.*, {case} AS stage FROM f),
-done AS (
-    SELECT extract(epoch FROM last_met_at - identified_at) AS secs FROM s
-    WHERE goals > 0 AND met >= goals AND identified_at IS NOT NULL AND last_met_at IS NOT NULL
-)
-SELECT 'stage' AS dimension, stage::text AS value, count(*)::float8 AS n FROM s GROUP BY 2
-UNION ALL SELECT 'gender', gender::text, count(*) FROM s GROUP BY 2
-UNION ALL SELECT 'age_band', age_band::text, count(*) FROM s GROUP BY 2
-UNION ALL SELECT 'citizenship', lower(citizenship), count(*) FROM s GROUP BY 2
-UNION ALL SELECT 'country_of_exploitation', lower(country_of_exploitation), count(*) FROM s GROUP BY 2
-UNION ALL SELECT 'exploitation_form', e.value, count(*) FROM s
-    CROSS JOIN LATERAL (
-        SELECT DISTINCT x FROM jsonb_array_elements(s.forms) AS a, jsonb_array_elements_text(a) AS x
-    ) AS e(value)
-    GROUP BY 2
-UNION ALL SELECT 'persons', '', count(*) FROM s
-UNION ALL SELECT 'reintegration', 'samples', count(*) FROM done
-UNION ALL SELECT 'reintegration', 'median', percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM done
-UNION ALL SELECT 'reintegration', 'p90', percentile_cont(0.9) WITHIN GROUP (ORDER BY secs) FROM done"
-        );
+        let sql = STATS.replace("{case}", &stage::sql_case());
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        // The stage's CASE is built from a fixed table, not from a caller.
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(Some(from))
-            .bind(Some(to))
-            .bind(now)
+            .bind(from)
+            .bind(to)
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;

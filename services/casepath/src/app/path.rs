@@ -7,7 +7,10 @@
 //! part is shown when the role has its row `GetPath (<part>)` and the
 //! caller's agency stands in it to at least one of the part's records (the
 //! person part: to the person); within a part only the steps of admitted
-//! records are shown. The answered path is audited before it leaves.
+//! records are shown. A bed held for a referral is recorded twice (by the
+//! shelter on the hold, by the referral service on the referral): a caller
+//! who sees the shelter's step is not shown the referral's as well. The
+//! answered path is audited before it leaves.
 
 use std::collections::{HashMap, HashSet};
 
@@ -92,6 +95,7 @@ struct ReturnRow {
 #[derive(Debug, Clone)]
 struct HoldRow {
     hold_id: Uuid,
+    referral_id: Option<Uuid>,
     holder_agency: String,
     operator_agency: Option<String>,
 }
@@ -445,11 +449,16 @@ impl Casepath {
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let referral_ids: Vec<Uuid> = referrals.iter().map(|r| r.referral_id).collect();
         let all_returns: Vec<Uuid> = returns.iter().map(|r| r.return_id).collect();
+        // Two index scans (by referral; by the return's commits) united,
+        // not one OR that only a scan of every hold can answer.
         let holds = sqlx::query(
-            "SELECT h.hold_id, h.holder_agency, s.operator_agency FROM cp_holds h \
+            "SELECT h.hold_id, h.referral_id, h.holder_agency, s.operator_agency FROM ( \
+                 SELECT hold_id FROM cp_holds WHERE referral_id = ANY($1) \
+                 UNION \
+                 SELECT h.hold_id FROM cp_return_commits rc JOIN cp_holds h ON h.cause_commit_id = rc.commit_id \
+                 WHERE rc.return_id = ANY($2) \
+             ) x JOIN cp_holds h USING (hold_id) \
              LEFT JOIN cp_shelters s ON s.shelter_id = h.shelter_id \
-             WHERE h.referral_id = ANY($1) \
-                OR h.cause_commit_id IN (SELECT commit_id FROM cp_return_commits WHERE return_id = ANY($2)) \
              ORDER BY h.held_at, h.hold_id",
         )
         .bind(&referral_ids)
@@ -460,6 +469,7 @@ impl Casepath {
         .map(|r| {
             Ok(HoldRow {
                 hold_id: r.try_get("hold_id")?,
+                referral_id: r.try_get("referral_id")?,
                 holder_agency: r.try_get("holder_agency")?,
                 operator_agency: r.try_get("operator_agency")?,
             })
@@ -559,10 +569,30 @@ impl Casepath {
             })
             .collect();
         let (current, spans) = stage::spans(&changes);
+        // A bed is recorded twice: by the shelter (BED_HELD of the hold, with
+        // its details) and by the referral it is for (BED_HELD of the
+        // referral). A caller who sees the shelter's sees that one only.
+        let beds_shown: HashSet<Uuid> = records
+            .steps
+            .iter()
+            .filter(|s| {
+                s.step.kind == pb::StepKind::BedHeld as i32
+                    && s.part == pb::PathPart::Shelter as i32
+                    && sight.admitted.contains(&(s.part, s.subject_id))
+            })
+            .filter_map(|s| records.holds.iter().find(|h| h.hold_id == s.subject_id))
+            .filter_map(|h| h.referral_id)
+            .collect();
+        let shown = |s: &&StepRow| {
+            sight.admitted.contains(&(s.part, s.subject_id))
+                && !(s.step.kind == pb::StepKind::BedHeld as i32
+                    && s.part == pb::PathPart::Referrals as i32
+                    && beds_shown.contains(&s.subject_id))
+        };
         let mut steps: Vec<pb::Step> = ordered
             .iter()
             .map(|&i| &records.steps[i])
-            .filter(|s| sight.admitted.contains(&(s.part, s.subject_id)))
+            .filter(shown)
             .map(|s| {
                 let mut step = s.step.clone();
                 step.part = s.part;
@@ -579,7 +609,7 @@ impl Casepath {
         let times: Vec<DateTime<Utc>> = ordered
             .iter()
             .map(|&i| &records.steps[i])
-            .filter(|s| sight.admitted.contains(&(s.part, s.subject_id)))
+            .filter(shown)
             .map(|s| s.ordering.at)
             .collect();
         for (i, step) in steps.iter_mut().enumerate() {

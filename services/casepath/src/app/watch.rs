@@ -5,7 +5,10 @@
 //! on each change (coalesced: at most one query per
 //! `NRM_CASEPATH__WATCH_INTERVAL_MS`), sending it only when it differs from
 //! the last one sent (times that only age — `as_of`, `time_left`, `spent` —
-//! are not differences). A watch ends with the query's error (a path the
+//! are not differences). An answer also changes by the clock alone, when
+//! an item it shows (or, overdue only, would show) passes its due time:
+//! each watcher also wakes then, at the earliest due time still ahead of
+//! its last answer, without any change. A watch ends with the query's error (a path the
 //! caller no longer sees: `PERMISSION_DENIED`), with `UNAUTHENTICATED` when
 //! the caller's token expires, when the client goes away, and when the
 //! service stops.
@@ -122,12 +125,35 @@ fn inbox_key(i: &pb::Inbox) -> pb::Inbox {
     i
 }
 
+/// The earliest due time still ahead among `items` (not yet overdue).
+fn next_due(items: &[pb::InboxItem]) -> Option<DateTime<Utc>> {
+    items
+        .iter()
+        .filter(|i| !i.overdue)
+        .filter_map(|i| i.due_at.as_ref().and_then(nrm_kernel::validate::to_datetime))
+        .min()
+}
+
+/// Sleeps until just after `at` (an item is overdue once its due time has
+/// passed); forever without one.
+async fn sleep_past(at: Option<DateTime<Utc>>) {
+    match at {
+        Some(at) => {
+            let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::time::sleep(left + Duration::from_millis(1)).await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 impl Casepath {
-    /// Runs `query` on every change until the watch ends; `first` was sent.
+    /// Runs `query` on every change, and when the clock alone changes the
+    /// answer (the due time `query` returns beside it), until the watch
+    /// ends; `first` (with its due time) was sent.
     #[allow(clippy::too_many_arguments)]
     async fn follow<T, K, F, Fut>(
         self,
-        first: T,
+        first: (T, Option<DateTime<Utc>>),
         key: fn(&T) -> K,
         mut query: F,
         expires_at: Option<DateTime<Utc>>,
@@ -137,9 +163,10 @@ impl Casepath {
         T: Send + 'static,
         K: PartialEq + Send,
         F: FnMut() -> Fut + Send,
-        Fut: Future<Output = Result<T, AppError>> + Send,
+        Fut: Future<Output = Result<(T, Option<DateTime<Utc>>), AppError>> + Send,
     {
         let interval = Duration::from_millis(self.settings.watch_interval_ms);
+        let (first, mut due) = first;
         let mut last = key(&first);
         let expiry = async {
             match expires_at {
@@ -155,6 +182,7 @@ impl Casepath {
         loop {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
+                () = sleep_past(due) => {}
                 () = &mut expiry => {
                     let _ = tx.send(Err(Status::unauthenticated("the token expired; watch again with a new one"))).await;
                     return;
@@ -173,7 +201,8 @@ impl Casepath {
             changes.borrow_and_update();
             next_query = tokio::time::Instant::now() + interval;
             match query().await {
-                Ok(answer) => {
+                Ok((answer, next)) => {
+                    due = next;
                     let k = key(&answer);
                     if k != last {
                         last = k;
@@ -242,10 +271,12 @@ impl Casepath {
                         app.audit_path(&ctx, "WatchPath:update", &path).await?;
                         *last = key;
                     }
-                    Ok(path)
+                    let due = next_due(&path.waiting);
+                    Ok((path, due))
                 }
             };
-            app.follow(first, path_key, query, expires_at, changes, tx).await;
+            let due = next_due(&first.waiting);
+            app.follow((first, due), path_key, query, expires_at, changes, tx).await;
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -263,16 +294,16 @@ impl Casepath {
     ) -> Result<Answers<pb::Inbox>, AppError> {
         let query = InboxQuery::parse(&ctx, req)?;
         let changes = self.changes.subscribe();
-        let first = self.inbox(&ctx, &query).await?;
-        self.audit_inbox(&ctx, "WatchInbox", &query, &first).await?;
+        let first = self.inbox_until(&ctx, &query).await?;
+        self.audit_inbox(&ctx, "WatchInbox", &query, &first.0).await?;
         let (tx, rx) = mpsc::channel(4);
-        let _ = tx.send(Ok(first.clone())).await;
+        let _ = tx.send(Ok(first.0.clone())).await;
         let app = self.clone();
         let query_app = self.clone();
         tokio::spawn(async move {
             let run = move || {
                 let (app, ctx, query) = (query_app.clone(), ctx.clone(), query.clone());
-                async move { app.inbox(&ctx, &query).await }
+                async move { app.inbox_until(&ctx, &query).await }
             };
             app.follow(first, inbox_key, run, expires_at, changes, tx).await;
         });

@@ -296,6 +296,21 @@ mod tests {
     }
 
     #[test]
+    fn kyrgyzstans_2026_is_as_the_production_calendar_has_it() {
+        let cal = Calendar::from_toml(builtin("kg").unwrap()).unwrap();
+        let day = |m, d| NaiveDate::from_ymd_opt(2026, m, d).unwrap();
+        // Off: the New Year holidays as extended, Orozo Ait, the May holidays.
+        for (m, d) in [(1, 2), (1, 9), (1, 12), (3, 20), (5, 4), (5, 8), (8, 31)] {
+            assert!(!cal.is_working_day(day(m, d)), "2026-{m:02}-{d:02} is off");
+        }
+        // Worked: a holiday kept as a working day, and the Mondays after a
+        // holiday on a weekend (no longer moved).
+        for (m, d) in [(1, 13), (2, 23), (3, 9), (3, 23), (11, 9)] {
+            assert!(cal.is_working_day(day(m, d)), "2026-{m:02}-{d:02} is worked");
+        }
+    }
+
+    #[test]
     fn every_builtin_calendar_parses() {
         for country in ["kg", "kz", "tj", "uz", "tm", "ru"] {
             let text = builtin(country).unwrap();

@@ -15,6 +15,36 @@
 //! Nothing here reads an identifier: events carry them only sealed, and the
 //! shelter's sealed address is not even decoded (a view of the message
 //! without that field is decoded instead).
+//!
+//! # What one bad event does
+//! One event must never stall a stream, nor be silently half-applied:
+//! - An event of a variant this version does not know (a newer service's:
+//!   its payload is not empty but decodes to no variant) is skipped and
+//!   reported in [`Effect::skipped`] (the projection counts it in
+//!   `nrm_casepath_unknown_events_total` and logs its IDs); the commit's
+//!   other events are applied. Variants this version knows but has no use
+//!   for map to nothing and are not reported.
+//! - Required, because a row or a step cannot exist without them: the
+//!   commit's and each event's ID, the ID of the record the event is about
+//!   (the case, consent, referral, goal, hold, shelter, notification; a
+//!   return's from its stream ID), the person of a new case, consent,
+//!   referral or goal, and the event's time (its own, else when it was
+//!   recorded). Any of them missing or malformed, an empty event, or a
+//!   payload that does not decode is a [`StepError`]: the projection parks
+//!   the message at once (it can only fail again).
+//! - Optional, because the path only uses them to link records of
+//!   different streams: a case's, consent's or referral's `case_id`, a
+//!   referral's `consent_id`, a hold's `referral_id`, a case from abroad's
+//!   `return_id`. Empty is absent; malformed is stored as absent too (NULL,
+//!   and empty in the step's detail) and reported in [`Effect::skipped`]
+//!   (`nrm_casepath_malformed_links_total{projection, field}`), so the
+//!   record stays on its path, only unlinked.
+//! - A return's `foreign_reference` is free text; one that is a UUID in
+//!   any accepted form (upper case, braces, no hyphens, `urn:uuid:`) is
+//!   stored in the canonical lower-case form, so that it matches a case ID
+//!   ([`normalise_reference`]); anything else is kept as typed.
+
+use std::cell::RefCell;
 
 use chrono::{DateTime, Utc};
 use nrm_kernel::ids::{CaseId, CommitId, ConsentId, GoalId, HoldId, PersonId, ReferralId, ReturnId, ShelterId};
@@ -114,6 +144,8 @@ pub struct Effect<W> {
     pub writes: Vec<W>,
     /// Steps, in event order (their position in the commit is their index).
     pub steps: Vec<StepRow>,
+    /// What was left out of the commit (see the module's rules).
+    pub skipped: Vec<Skipped>,
 }
 
 impl<W> Default for Effect<W> {
@@ -121,8 +153,26 @@ impl<W> Default for Effect<W> {
         Self {
             writes: Vec::new(),
             steps: Vec::new(),
+            skipped: Vec::new(),
         }
     }
+}
+
+/// Something of a commit left out rather than failing it (IDs only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skipped {
+    /// An event of a variant this version does not know: not applied.
+    UnknownEvent {
+        /// The event's ID.
+        event_id: Uuid,
+    },
+    /// An optional link that is not a UUID: stored as absent.
+    MalformedLink {
+        /// The event's ID.
+        event_id: Uuid,
+        /// The field.
+        field: &'static str,
+    },
 }
 
 impl<W> Effect<W> {
@@ -161,6 +211,8 @@ struct Ev<'a> {
     committed: &'a CommittedEvent,
     id: Uuid,
     recorded_at: Option<Timestamp>,
+    /// The commit's [`Effect::skipped`], gathered while mapping.
+    skipped: &'a RefCell<Vec<Skipped>>,
 }
 
 impl Ev<'_> {
@@ -169,22 +221,42 @@ impl Ev<'_> {
             .parse::<Uuid>()
             .map(wrap)
             .map_err(|_| StepError::MalformedId {
-                event: self.committed.event_id.clone(),
+                event: self.id.to_string(),
                 field,
             })
     }
 
-    /// An optional ID (empty: none).
-    fn parse_opt<T, F: FnOnce(Uuid) -> T>(
-        &self,
-        field: &'static str,
-        text: &str,
-        wrap: F,
-    ) -> Result<Option<T>, StepError> {
+    /// An optional link: empty is none; malformed is none too, reported
+    /// in [`Effect::skipped`].
+    fn link<T, F: FnOnce(Uuid) -> T>(&self, field: &'static str, text: &str, wrap: F) -> Option<T> {
         if text.trim().is_empty() {
-            Ok(None)
-        } else {
-            self.parse(field, text, wrap).map(Some)
+            return None;
+        }
+        let parsed = self.parse(field, text, wrap).ok();
+        if parsed.is_none() {
+            self.skipped.borrow_mut().push(Skipped::MalformedLink {
+                event_id: self.id,
+                field,
+            });
+        }
+        parsed
+    }
+
+    /// The event's variant; none for a variant this version does not know
+    /// (reported in [`Effect::skipped`]).
+    ///
+    /// # Errors
+    /// An empty event (no payload at all).
+    fn known<T>(&self, variant: Option<T>) -> Result<Option<T>, StepError> {
+        match variant {
+            Some(v) => Ok(Some(v)),
+            None if self.committed.payload.is_empty() => Err(StepError::Empty(self.id.to_string())),
+            None => {
+                self.skipped
+                    .borrow_mut()
+                    .push(Skipped::UnknownEvent { event_id: self.id });
+                Ok(None)
+            }
         }
     }
 
@@ -195,7 +267,7 @@ impl Ev<'_> {
             .into_iter()
             .flatten()
             .find_map(|t| to_datetime(&t).map(|d| (t, d)))
-            .ok_or_else(|| StepError::NoTime(self.committed.event_id.clone()))
+            .ok_or_else(|| StepError::NoTime(self.id.to_string()))
     }
 
     fn recorded(&self) -> Result<(Timestamp, DateTime<Utc>), StepError> {
@@ -203,27 +275,31 @@ impl Ev<'_> {
     }
 }
 
-/// The events of `commit`, each with its ID parsed.
-fn events(commit: &EventCommit) -> Result<Vec<Ev<'_>>, StepError> {
+/// The events of `commit`, each with its ID parsed, gathering what they
+/// skip into `skipped`.
+fn events<'a>(commit: &'a EventCommit, skipped: &'a RefCell<Vec<Skipped>>) -> Result<Vec<Ev<'a>>, StepError> {
     commit
         .events
         .iter()
-        .map(|committed| {
+        .enumerate()
+        .map(|(index, committed)| {
+            // Not the malformed text itself: only where it is.
             let id = committed.event_id.parse::<Uuid>().map_err(|_| StepError::MalformedId {
-                event: committed.event_id.clone(),
+                event: format!("#{index} of its commit"),
                 field: "event_id",
             })?;
             Ok(Ev {
                 committed,
                 id,
                 recorded_at: committed.recorded_at,
+                skipped,
             })
         })
         .collect()
 }
 
 fn decode<M: prost::Message + Default>(ev: &Ev<'_>) -> Result<M, StepError> {
-    M::decode(ev.committed.payload.as_slice()).map_err(|_| StepError::Undecodable(ev.committed.event_id.clone()))
+    M::decode(ev.committed.payload.as_slice()).map_err(|_| StepError::Undecodable(ev.id.to_string()))
 }
 
 /// A step with its common fields.
@@ -379,10 +455,11 @@ pub fn identification(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effec
     if commit.payload_type != IDENTIFICATION_PAYLOAD {
         return Ok(effect);
     }
-    for ev in events(commit)? {
-        let event = decode::<id::IdentificationEvent>(&ev)?
-            .event
-            .ok_or_else(|| StepError::Empty(ev.committed.event_id.clone()))?;
+    let skipped = RefCell::new(Vec::new());
+    for ev in events(commit, &skipped)? {
+        let Some(event) = ev.known(decode::<id::IdentificationEvent>(&ev)?.event)? else {
+            continue;
+        };
         let case = |text: &str| ev.parse("case_id", text, CaseId::from_uuid);
         let ident = |case_id: CaseId| cp::IdentificationDetail {
             case_id: case_id.to_string(),
@@ -517,7 +594,7 @@ pub fn identification(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effec
                 let abroad = opened.identified_abroad.unwrap_or_default();
                 let mut row = case_row(&ev, &r)?;
                 let at = ev.time(abroad.handed_over_at.as_ref().or(r.reported_at.as_ref()))?;
-                let return_id = ev.parse_opt("return_id", &abroad.return_id, ReturnId::from_uuid)?;
+                let return_id = ev.link("return_id", &abroad.return_id, ReturnId::from_uuid);
                 row.status = id::CaseStatus::Identified as i32;
                 row.decision = id::Decision::Identified as i32;
                 row.decided_at = Some(at.1);
@@ -527,7 +604,7 @@ pub fn identification(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effec
                 let mut detail = report_detail(&r);
                 detail.decision = id::Decision::Identified as i32;
                 detail.from_country.clone_from(&abroad.from_country);
-                detail.return_id.clone_from(&abroad.return_id);
+                detail.return_id = return_id.map(|r| r.to_string()).unwrap_or_default();
                 effect.steps.push(step(
                     ev.id,
                     row.case_id.as_uuid(),
@@ -556,6 +633,7 @@ pub fn identification(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effec
             }
         }
     }
+    effect.skipped = skipped.into_inner();
     Ok(effect)
 }
 
@@ -747,10 +825,11 @@ pub fn referral(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<Refe
     if commit.payload_type != REFERRAL_PAYLOAD {
         return Ok(effect);
     }
-    for ev in events(commit)? {
-        let event = decode::<rf::ReferralEvent>(&ev)?
-            .event
-            .ok_or_else(|| StepError::Empty(ev.committed.event_id.clone()))?;
+    let skipped = RefCell::new(Vec::new());
+    for ev in events(commit, &skipped)? {
+        let Some(event) = ev.known(decode::<rf::ReferralEvent>(&ev)?.event)? else {
+            continue;
+        };
         let country = origin.country;
         let referral_id = |text: &str| ev.parse("referral_id", text, ReferralId::from_uuid);
         let refd = |referral_id: ReferralId| cp::ReferralDetail {
@@ -795,7 +874,7 @@ pub fn referral(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<Refe
                 effect.writes.push(ReferralWrite::Consent(ConsentRow {
                     consent_id,
                     person_id: ev.parse("person_id", &c.person_id, PersonId::from_uuid)?,
-                    case_id: ev.parse_opt("case_id", &c.case_id, CaseId::from_uuid)?,
+                    case_id: ev.link("case_id", &c.case_id, CaseId::from_uuid),
                     recipient_agency: c.recipient_agency,
                     recorded_by_agency: c.recorded_by_agency,
                     purposes: c.purposes,
@@ -846,10 +925,10 @@ pub fn referral(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<Refe
                 effect.writes.push(ReferralWrite::Referral(ReferralRow {
                     referral_id: id,
                     person_id: ev.parse("person_id", &r.person_id, PersonId::from_uuid)?,
-                    case_id: ev.parse_opt("case_id", &r.case_id, CaseId::from_uuid)?,
+                    case_id: ev.link("case_id", &r.case_id, CaseId::from_uuid),
                     referring_agency: r.referring_agency,
                     receiving_agency: r.receiving_agency,
-                    consent_id: ev.parse_opt("consent_id", &r.consent_id, ConsentId::from_uuid)?,
+                    consent_id: ev.link("consent_id", &r.consent_id, ConsentId::from_uuid),
                     services: r.services,
                     urgency: r.urgency,
                     created_at: at.1,
@@ -898,7 +977,7 @@ pub fn referral(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<Refe
                     receiving_agency: r.receiving_agency,
                     at: at.1,
                     answer_due_at: datetime(r.answer_due_at.as_ref()),
-                    consent_id: ev.parse_opt("consent_id", &r.consent_id, ConsentId::from_uuid)?,
+                    consent_id: ev.link("consent_id", &r.consent_id, ConsentId::from_uuid),
                 });
             }
             Event::ReferralOverdue(o) => {
@@ -1019,6 +1098,7 @@ pub fn referral(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<Refe
             }
         }
     }
+    effect.skipped = skipped.into_inner();
     Ok(effect)
 }
 
@@ -1045,11 +1125,13 @@ fn plan_step(
 // ---------------------------------------------------------------- shelter
 
 /// `nrm.shelter.v1.ShelterEvent` as casepath reads it: the variants it
-/// uses, and the shelter's registration without its sealed address (field
-/// 4 is skipped on the wire, never decoded).
+/// uses, the shelter's registration without its sealed address (field
+/// 4 is skipped on the wire, never decoded), and the variants it has no
+/// use for kept undecoded (so that only a variant this version does not
+/// know decodes to none).
 #[derive(Clone, PartialEq, prost::Message)]
 struct ShelterEventView {
-    #[prost(oneof = "ShelterVariant", tags = "1, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "ShelterVariant", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     event: Option<ShelterVariant>,
 }
 
@@ -1067,6 +1149,15 @@ enum ShelterVariant {
     PersonAdmitted(sh::PersonAdmitted),
     #[prost(message, tag = "7")]
     PersonDischarged(sh::PersonDischarged),
+    /// `capacity_changed`, undecoded.
+    #[prost(bytes, tag = "2")]
+    CapacityChanged(Vec<u8>),
+    /// `no_bed_available`, undecoded.
+    #[prost(bytes, tag = "8")]
+    NoBedAvailable(Vec<u8>),
+    /// `shelter_approved`, undecoded.
+    #[prost(bytes, tag = "9")]
+    ShelterApproved(Vec<u8>),
 }
 
 /// `nrm.shelter.v1.ShelterRegistered`, coded fields only.
@@ -1174,9 +1265,9 @@ pub fn shelter(
     if commit.payload_type != SHELTER_PAYLOAD {
         return Ok(effect);
     }
-    for ev in events(commit)? {
-        // Variants casepath has no use for (capacity, approval, no bed) decode to none.
-        let Some(event) = decode::<ShelterEventView>(&ev)?.event else {
+    let skipped = RefCell::new(Vec::new());
+    for ev in events(commit, &skipped)? {
+        let Some(event) = ev.known(decode::<ShelterEventView>(&ev)?.event)? else {
             continue;
         };
         let hold = |text: &str| ev.parse("hold_id", text, HoldId::from_uuid);
@@ -1205,6 +1296,11 @@ pub fn shelter(
             )
         };
         let (step_row, write) = match event {
+            ShelterVariant::CapacityChanged(_)
+            | ShelterVariant::NoBedAvailable(_)
+            | ShelterVariant::ShelterApproved(_) => {
+                continue;
+            }
             ShelterVariant::ShelterRegistered(s) => {
                 effect.writes.push(ShelterWrite::Shelter(ShelterRow {
                     shelter_id: ev.parse("shelter_id", &s.shelter_id, ShelterId::from_uuid)?,
@@ -1216,13 +1312,15 @@ pub fn shelter(
             }
             ShelterVariant::BedHeld(b) => {
                 let hold_id = hold(&b.hold_id)?;
-                let referral_id = ev.parse_opt("referral_id", &b.referral_id, ReferralId::from_uuid)?;
+                let referral_id = ev.link("referral_id", &b.referral_id, ReferralId::from_uuid);
                 let at = ev.recorded()?;
                 let row = HoldRow {
                     hold_id,
                     shelter_id: ev.parse("shelter_id", &b.shelter_id, ShelterId::from_uuid)?,
                     referral_id,
-                    cause_commit_id: if referral_id.is_none() { cause } else { None },
+                    // A bed for an arrival names no referral; one whose
+                    // referral is malformed is linked to neither.
+                    cause_commit_id: if b.referral_id.trim().is_empty() { cause } else { None },
                     holder_agency: b.holder_agency.clone(),
                     category: b.category,
                     held_at: at.1,
@@ -1281,6 +1379,7 @@ pub fn shelter(
         effect.steps.push(step_row);
         effect.writes.push(write);
     }
+    effect.skipped = skipped.into_inner();
     Ok(effect)
 }
 
@@ -1339,6 +1438,17 @@ pub enum ReturnWrite {
     },
 }
 
+/// A return's foreign reference as stored: a UUID in any form the `uuid`
+/// crate reads (upper case, braces, no hyphens, `urn:uuid:`, surrounding
+/// blanks) in its canonical lower-case hyphenated form, so that it matches
+/// `cp_cases.case_id::text`; anything else as typed.
+#[must_use]
+pub fn normalise_reference(text: &str) -> String {
+    text.trim()
+        .parse::<Uuid>()
+        .map_or_else(|_| text.to_owned(), |u| u.to_string())
+}
+
 /// The step kind of a return step by its event's name (as steps cross).
 #[must_use]
 pub fn return_step_kind(name: &str) -> Option<Kind> {
@@ -1385,15 +1495,16 @@ pub fn repatriation(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<
         .parse::<Uuid>()
         .map(CommitId::from_uuid)
         .map_err(|_| StepError::MalformedId {
-            event: commit.commit_id.clone(),
+            event: "(the commit)".to_owned(),
             field: "commit_id",
         })?;
     effect.writes.push(ReturnWrite::Commit { commit_id, return_id });
     let outgoing = rp::Direction::Outgoing as i32;
-    for ev in events(commit)? {
-        let event = decode::<rp::RepatriationEvent>(&ev)?
-            .event
-            .ok_or_else(|| StepError::Empty(ev.committed.event_id.clone()))?;
+    let skipped = RefCell::new(Vec::new());
+    for ev in events(commit, &skipped)? {
+        let Some(event) = ev.known(decode::<rp::RepatriationEvent>(&ev)?.event)? else {
+            continue;
+        };
         let rd = |status: rp::ReturnStatus| rp_detail(return_id, outgoing, status as i32);
         let here = |kind: Kind, at, agency: &str, detail: cp::ReturnDetail| {
             step(
@@ -1434,7 +1545,7 @@ pub fn repatriation(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<
                         opened_by: o.opened_by,
                         consulate_agency: o.consulate_agency,
                         received_by: String::new(),
-                        foreign_reference: o.foreign_reference,
+                        foreign_reference: normalise_reference(&o.foreign_reference),
                         status: rp::ReturnStatus::Opened as i32,
                         opened_at: at.1,
                         handed_over_at: None,
@@ -1524,6 +1635,7 @@ pub fn repatriation(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<
         effect.steps.push(step_row);
         effect.writes.push(write);
     }
+    effect.skipped = skipped.into_inner();
     Ok(effect)
 }
 
@@ -1590,7 +1702,7 @@ fn incoming_row(return_id: ReturnId, snapshot: &rp::CrossBorderReturn, recorded:
         opened_by: opened.map(|s| s.agency.clone()).unwrap_or_default(),
         consulate_agency: snapshot.consulate_agency.clone(),
         received_by: snapshot.received_by.clone(),
-        foreign_reference: snapshot.foreign_reference.clone(),
+        foreign_reference: normalise_reference(&snapshot.foreign_reference),
         status: snapshot.status,
         opened_at: opened.and_then(|s| datetime(s.at.as_ref())).unwrap_or(recorded),
         handed_over_at: datetime(snapshot.handed_over_at.as_ref()),
@@ -2232,6 +2344,8 @@ mod tests {
             Event::ShelterApproved(sh::ShelterApproved::default()),
         ]);
         let effect = shelter(&c, Some(cause), &KG).unwrap();
+        // Variants known but of no use are not unknown ones.
+        assert!(effect.skipped.is_empty(), "{:?}", effect.skipped);
         assert_eq!(
             kinds(&effect.steps),
             [
@@ -2481,5 +2595,205 @@ mod tests {
         assert_eq!(row.opened_by, "ru-mvd");
         assert_eq!(row.received_by, "kg-iom");
         assert_eq!(row.foreign_reference, "ref-1");
+    }
+
+    /// A payload of a variant no version here knows: oneof field 999 (as a
+    /// newer service would write it), hand-encoded.
+    fn unknown_variant() -> Vec<u8> {
+        let mut payload = Vec::new();
+        prost::encoding::encode_key(999, prost::encoding::WireType::LengthDelimited, &mut payload);
+        prost::encoding::encode_varint(2, &mut payload);
+        payload.extend_from_slice(&[0x08, 0x01]);
+        payload
+    }
+
+    fn event_id(c: &EventCommit, index: usize) -> Uuid {
+        c.events[index].event_id.parse().unwrap()
+    }
+
+    #[test]
+    fn an_unknown_variant_is_skipped_and_reported_and_the_others_apply() {
+        use id::identification_event::Event;
+        let (case_id, person_id) = (uuid(), uuid());
+        let payload = |e| id::IdentificationEvent { event: Some(e) }.encode_to_vec();
+        let c = commit(
+            IDENTIFICATION_PAYLOAD,
+            &format!("case-{case_id}"),
+            vec![
+                payload(Event::PresumedVictimReported(report(&case_id, &person_id))),
+                unknown_variant(),
+                payload(Event::ScreeningCompleted(id::ScreeningCompleted {
+                    case_id: case_id.clone(),
+                    indicators: vec![1],
+                    screened_at: Some(ts(300)),
+                })),
+            ],
+        );
+        let effect = identification(&c, &KG).unwrap();
+        assert_eq!(kinds(&effect.steps), [Kind::Found, Kind::Reported, Kind::Screened]);
+        assert_eq!(effect.writes.len(), 2);
+        assert_eq!(
+            effect.skipped,
+            [Skipped::UnknownEvent {
+                event_id: event_id(&c, 1)
+            }]
+        );
+
+        // The same on every stream.
+        let skipped_of = |payload_type: &str, stream: &str| {
+            let c = commit(payload_type, stream, vec![unknown_variant()]);
+            let skipped = match payload_type {
+                REFERRAL_PAYLOAD => referral(&c, &KG).unwrap().skipped,
+                SHELTER_PAYLOAD => shelter(&c, None, &KG).unwrap().skipped,
+                _ => repatriation(&c, &KG).unwrap().skipped,
+            };
+            assert_eq!(
+                skipped,
+                [Skipped::UnknownEvent {
+                    event_id: event_id(&c, 0)
+                }],
+                "{payload_type}"
+            );
+        };
+        skipped_of(REFERRAL_PAYLOAD, &format!("referral-{}", uuid()));
+        skipped_of(SHELTER_PAYLOAD, &format!("shelter-{}", uuid()));
+        skipped_of(REPATRIATION_PAYLOAD, &format!("return-{}", uuid()));
+    }
+
+    #[test]
+    fn an_empty_event_or_a_malformed_required_id_is_an_error_naming_only_ids() {
+        use id::identification_event::Event;
+        let mut c = ident(vec![]);
+        c.events = vec![CommittedEvent {
+            event_id: uuid(),
+            recorded_at: Some(ts(9000)),
+            ..Default::default()
+        }];
+        assert_eq!(
+            identification(&c, &KG).unwrap_err(),
+            StepError::Empty(c.events[0].event_id.clone())
+        );
+        let c = ident(vec![Event::ScreeningCompleted(id::ScreeningCompleted {
+            case_id: "Canarybek".into(),
+            ..Default::default()
+        })]);
+        let err = identification(&c, &KG).unwrap_err();
+        assert_eq!(
+            err,
+            StepError::MalformedId {
+                event: c.events[0].event_id.clone(),
+                field: "case_id"
+            }
+        );
+        assert!(!err.to_string().contains("Canarybek"), "{err}");
+        let mut c = ident(vec![Event::ScreeningCompleted(id::ScreeningCompleted::default())]);
+        c.events[0].event_id = "Canarybek".into();
+        let err = identification(&c, &KG).unwrap_err();
+        assert!(
+            matches!(err, StepError::MalformedId { field: "event_id", .. }),
+            "{err:?}"
+        );
+        assert!(!err.to_string().contains("Canarybek"), "{err}");
+        let mut r = report(&uuid(), &uuid());
+        r.person_id = "not-a-person".into();
+        let err = identification(&ident(vec![Event::PresumedVictimReported(r)]), &KG).unwrap_err();
+        assert!(
+            matches!(err, StepError::MalformedId { field: "person_id", .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_optional_link_is_absent_and_reported_and_the_record_kept() {
+        use rf::referral_event::Event;
+        let referral_id = uuid();
+        let c = refer(vec![Event::ReferralCreated(rf::ReferralCreated {
+            referral_id: referral_id.clone(),
+            person_id: uuid(),
+            case_id: "{not-a-case}".into(),
+            consent_id: "  ".into(),
+            referring_agency: "kg-mvd".into(),
+            receiving_agency: "kg-msd".into(),
+            created_at: Some(ts(100)),
+            ..Default::default()
+        })]);
+        let effect = referral(&c, &KG).unwrap();
+        assert_eq!(kinds(&effect.steps), [Kind::ReferralSent]);
+        let [ReferralWrite::Referral(row)] = effect.writes.as_slice() else {
+            panic!("a referral")
+        };
+        assert_eq!(row.referral_id.to_string(), referral_id);
+        assert_eq!((row.case_id, row.consent_id), (None, None));
+        // Blank is simply absent; only the malformed one is reported.
+        assert_eq!(
+            effect.skipped,
+            [Skipped::MalformedLink {
+                event_id: event_id(&c, 0),
+                field: "case_id"
+            }]
+        );
+
+        // A hold whose referral is malformed: linked to neither a referral
+        // nor, as a bed for an arrival would be, to the commit that caused it.
+        let c = shelter_commit(vec![sh::shelter_event::Event::BedHeld(sh::BedHeld {
+            shelter_id: uuid(),
+            hold_id: uuid(),
+            referral_id: "R-17".into(),
+            ..Default::default()
+        })]);
+        let effect = shelter(&c, Some(CommitId::new()), &KG).unwrap();
+        let [ShelterWrite::Hold(row)] = effect.writes.as_slice() else {
+            panic!("a hold")
+        };
+        assert_eq!((row.referral_id, row.cause_commit_id), (None, None));
+        assert_eq!(
+            effect.skipped,
+            [Skipped::MalformedLink {
+                event_id: event_id(&c, 0),
+                field: "referral_id"
+            }]
+        );
+
+        // A case from abroad with a malformed return: opened, unlinked.
+        let c = ident(vec![id::identification_event::Event::CaseOpenedFromAbroad(
+            id::CaseOpenedFromAbroad {
+                report: Some(report(&uuid(), &uuid())),
+                identified_abroad: Some(id::IdentifiedAbroad {
+                    return_id: "ret-1".into(),
+                    from_country: "ru".into(),
+                    ..Default::default()
+                }),
+            },
+        )]);
+        let effect = identification(&c, &KG).unwrap();
+        let [IdentificationWrite::Open(row)] = effect.writes.as_slice() else {
+            panic!("a case")
+        };
+        assert_eq!(row.return_id, None);
+        let Some(Detail::Identification(d)) = &effect.steps[0].step.detail else {
+            panic!("identification detail")
+        };
+        assert_eq!(d.return_id, "");
+        assert_eq!(effect.skipped.len(), 1);
+    }
+
+    #[test]
+    fn a_foreign_reference_that_is_a_uuid_is_stored_canonical() {
+        let id = Uuid::now_v7();
+        let canonical = id.to_string();
+        let upper = canonical.to_uppercase();
+        for typed in [
+            canonical.clone(),
+            upper.clone(),
+            format!("{{{upper}}}"),
+            format!(" {canonical}\n"),
+            id.simple().to_string().to_uppercase(),
+            format!("urn:uuid:{canonical}"),
+        ] {
+            assert_eq!(normalise_reference(&typed), canonical, "{typed}");
+        }
+        for typed in ["", "KG-2026-0017", "{not a uuid}", " 12 "] {
+            assert_eq!(normalise_reference(typed), typed, "kept as typed");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `casepath_identification`: the identification stream into `cp_cases`,
 //! `cp_notifications` and the identification steps.
 
-use nrm_kernel::projection::{Delivery, Projection, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
@@ -41,7 +41,9 @@ impl Projection for IdentificationProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let effect = steps::identification(&delivery.commit, &super::origin(&self.country, delivery))?;
+        let effect = steps::identification(&delivery.commit, &super::origin(&self.country, delivery))
+            .map_err(Unprocessable::new)?;
+        super::report_skipped(NAME, delivery, &effect.skipped);
         if effect.is_empty() {
             return Ok(());
         }

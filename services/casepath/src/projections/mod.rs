@@ -6,7 +6,11 @@
 //! the event fixes), no apply reads another table, and a commit costs one
 //! statement per row write, the last of them also writing all the commit's
 //! steps and notifying ([`with_steps!`]); a commit without row writes, one
-//! statement for its steps and the notification.
+//! statement for its steps and the notification. A commit the mapping
+//! refuses ([`crate::domain::steps::StepError`], or a malformed commit ID)
+//! is returned as [`Unprocessable`], so the runner parks it at its first
+//! failure instead of holding the stream behind it; what the mapping
+//! skips is counted and logged with IDs only.
 //!
 //! - [`identification`]: `cp_cases`, `cp_notifications`.
 //! - [`referral`]: `cp_consents`, `cp_referrals`, `cp_goals`.
@@ -40,14 +44,14 @@ pub mod shelter;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use nrm_kernel::projection::Delivery;
+use nrm_kernel::projection::{Delivery, Unprocessable};
 use nrm_kernel::service::Kit;
 use nrm_kernel::xborder::CountryCode;
 use prost::Message as _;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::steps::{Effect, Origin, StepRow};
+use crate::domain::steps::{Effect, Origin, Skipped, StepRow};
 
 pub use identification::IdentificationProjection;
 pub use referral::ReferralProjection;
@@ -63,6 +67,37 @@ pub fn register(kit: &mut Kit, country: &CountryCode) {
     kit.project(referral::CONTEXT, ReferralProjection::new(country));
     kit.project(shelter::CONTEXT, ShelterProjection::new(country));
     kit.project(repatriation::CONTEXT, RepatriationProjection::new(country));
+}
+
+/// Counts and logs (IDs only) what the mapping of `delivery`'s commit left
+/// out: events of a variant this version does not know
+/// (`nrm_casepath_unknown_events_total{projection}`) and malformed optional
+/// links stored as absent (`nrm_casepath_malformed_links_total{projection, field}`).
+fn report_skipped(projection: &'static str, delivery: &Delivery, skipped: &[Skipped]) {
+    for s in skipped {
+        match *s {
+            Skipped::UnknownEvent { event_id } => {
+                metrics::counter!("nrm_casepath_unknown_events_total", "projection" => projection).increment(1);
+                tracing::warn!(
+                    projection,
+                    stream_sequence = delivery.stream_sequence,
+                    event_id = %event_id,
+                    "an event of a variant this version does not know was skipped; the commit's other events were applied"
+                );
+            }
+            Skipped::MalformedLink { event_id, field } => {
+                metrics::counter!("nrm_casepath_malformed_links_total", "projection" => projection, "field" => field)
+                    .increment(1);
+                tracing::warn!(
+                    projection,
+                    stream_sequence = delivery.stream_sequence,
+                    event_id = %event_id,
+                    field,
+                    "an optional link is not a UUID; stored as absent"
+                );
+            }
+        }
+    }
 }
 
 /// Who acted, as the steps record it: the agency of the commit's actor, or
@@ -101,16 +136,18 @@ struct Steps {
 impl Steps {
     /// The steps of `delivery`'s commit, their position in it their index.
     fn of(source: &'static str, delivery: &Delivery, steps: &[StepRow]) -> Result<Self, anyhow::Error> {
+        // Errors of the message itself: parked at once.
         let commit_id: Uuid = delivery
             .commit
             .commit_id
             .parse()
-            .with_context(|| format!("commit {} has a malformed ID", delivery.commit.commit_id))?;
+            .context("the commit's ID is not a UUID")
+            .map_err(Unprocessable::new)?;
         let mut out = Self {
             source,
             commit_id,
             causation_id: delivery.metadata.as_ref().map(|m| m.causation_id),
-            stream_sequence: i64::try_from(delivery.stream_sequence)?,
+            stream_sequence: i64::try_from(delivery.stream_sequence).map_err(Unprocessable::new)?,
             step_ids: Vec::with_capacity(steps.len()),
             subjects: Vec::with_capacity(steps.len()),
             parts: Vec::with_capacity(steps.len()),
@@ -171,7 +208,7 @@ impl Steps {
 /// the apply's transaction, [`CHANGED`] notified with `source`.
 ///
 /// # Errors
-/// When the commit ID is malformed or the database fails.
+/// When the commit ID is malformed ([`Unprocessable`]) or the database fails.
 async fn write_effect<W>(
     conn: &mut PgConnection,
     source: &'static str,

@@ -1,7 +1,7 @@
 //! `casepath_referral`: the referral stream (consents, referrals, plans)
 //! into `cp_consents`, `cp_referrals`, `cp_goals` and their steps.
 
-use nrm_kernel::projection::{Delivery, Projection, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
@@ -42,7 +42,9 @@ impl Projection for ReferralProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let effect = steps::referral(&delivery.commit, &super::origin(&self.country, delivery))?;
+        let effect =
+            steps::referral(&delivery.commit, &super::origin(&self.country, delivery)).map_err(Unprocessable::new)?;
+        super::report_skipped(NAME, delivery, &effect.skipped);
         if effect.is_empty() {
             return Ok(());
         }

@@ -6,7 +6,7 @@
 //! often a later snapshot repeats them). Crossing commits (`xborder-*`,
 //! sealed for the partner) are skipped: casepath cannot open them.
 
-use nrm_kernel::projection::{Delivery, Projection, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
@@ -46,7 +46,9 @@ impl Projection for RepatriationProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let effect = steps::repatriation(&delivery.commit, &super::origin(&self.country, delivery))?;
+        let effect = steps::repatriation(&delivery.commit, &super::origin(&self.country, delivery))
+            .map_err(Unprocessable::new)?;
+        super::report_skipped(NAME, delivery, &effect.skipped);
         if effect.is_empty() {
             return Ok(());
         }

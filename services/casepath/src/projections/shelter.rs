@@ -5,7 +5,7 @@
 //! return when read.
 
 use nrm_kernel::ids::CommitId;
-use nrm_kernel::projection::{Delivery, Projection, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
@@ -46,7 +46,9 @@ impl Projection for ShelterProjection {
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
         let cause = delivery.metadata.as_ref().map(|m| CommitId::from_uuid(m.causation_id));
-        let effect = steps::shelter(&delivery.commit, cause, &super::origin(&self.country, delivery))?;
+        let effect = steps::shelter(&delivery.commit, cause, &super::origin(&self.country, delivery))
+            .map_err(Unprocessable::new)?;
+        super::report_skipped(NAME, delivery, &effect.skipped);
         if effect.is_empty() {
             return Ok(());
         }
