@@ -112,16 +112,32 @@ pub trait Projection: Send + Sync + 'static {
 /// that a rebuild cannot reproduce (the time a row was written) must be left
 /// out of the text.
 ///
+/// The lines are the non-NULL ones, sorted bytewise (`COLLATE "C"`) by
+/// PostgreSQL (which spills a large sort to disk) and streamed into the
+/// hash here, joined by `\n`: memory stays flat however many rows the
+/// model holds, and the value is the SHA-256 of the same text an
+/// aggregation of the lines in PostgreSQL would give.
+///
 /// # Errors
 /// When the query fails.
 pub async fn rows_digest(conn: &mut PgConnection, query: &'static str) -> Result<String, sqlx::Error> {
+    use futures::TryStreamExt as _;
+    use sha2::Digest as _;
     // The query is the projection's own constant text, never a caller's.
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT encode(sha256(convert_to(coalesce(string_agg(r.line, E'\\n' ORDER BY r.line COLLATE \"C\"), ''), 'UTF8')), 'hex')
-         FROM ({query}) AS r(line)"
+    let mut lines = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+        "SELECT r.line FROM ({query}) AS r(line) WHERE r.line IS NOT NULL ORDER BY r.line COLLATE \"C\""
     )))
-    .fetch_one(conn)
-    .await
+    .fetch(conn);
+    let mut hash = sha2::Sha256::new();
+    let mut first = true;
+    while let Some(line) = lines.try_next().await? {
+        if !first {
+            hash.update(b"\n");
+        }
+        first = false;
+        hash.update(line.as_bytes());
+    }
+    Ok(format!("{:x}", hash.finalize()))
 }
 
 /// An error of the message itself, not of the moment: it cannot be decoded,
