@@ -44,6 +44,17 @@
 //!   be decoded or mapped ([`Unprocessable`]) is parked at its first failure,
 //!   so that nothing waits behind it. An operator lists and
 //!   retries parked messages (`nrmctl ops parked`, `nrmctl ops retry`).
+//! - **Catching up in batches.** A read model that finds messages waiting
+//!   (after a start or an outage) applies up to 500 (`BATCH`) consecutive ones
+//!   in one transaction with one checkpoint write, their aggregates'
+//!   versions read in one statement and written in one; any failure rolls
+//!   the batch back and its messages are applied one by one as above
+//!   (retries and parking unchanged). A rebuild likewise replays a batch
+//!   under one savepoint. A read model's transactions commit without
+//!   waiting for the disk (`synchronous_commit = off`): its checkpoint
+//!   commits with its effects, so a tail lost in a crash of PostgreSQL is
+//!   applied again from the stream. A reaction keeps one message per
+//!   transaction, committed durably: the relay publishes what it appends.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -52,7 +63,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use prost::Message as _;
 use sqlx::{PgConnection, Row};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +82,17 @@ const PARKED_POLL: Duration = Duration::from_secs(1);
 
 /// Longest an error text kept with a parked item.
 const MAX_ERROR_TEXT: usize = 500;
+
+/// Most messages a read model applies in one transaction (the live runner
+/// catching up) or under one savepoint (a rebuild).
+const BATCH: usize = 500;
+
+/// Longest the live runner spends gathering the messages of one batch.
+const BATCH_TIME: Duration = Duration::from_millis(50);
+
+/// Most aggregates whose versions a rebuild keeps in memory; past it the
+/// versions are read again from `projection_versions`, a batch at a time.
+const VERSIONS_KEPT: usize = 200_000;
 
 /// A read model (or a reaction) fed by one stream (a [`Source`]).
 pub trait Projection: Send + Sync + 'static {
@@ -243,6 +265,111 @@ struct Replayed {
     at: (u64, Option<Uuid>),
     messages: u64,
     parked: u64,
+}
+
+/// The last version applied per source aggregate (`projection_versions`),
+/// as one transaction sees it: each aggregate read once (locked), changes
+/// kept in memory and written back with one statement ([`Versions::flush`]).
+#[derive(Debug, Default)]
+struct Versions {
+    /// An aggregate missing from `known` has no row (the table was emptied
+    /// in this transaction, by a reset).
+    complete: bool,
+    /// Versions as the table holds them in this transaction (`None`: no row).
+    known: HashMap<String, Option<i64>>,
+    /// Versions admitted since the last flush.
+    pending: HashMap<String, i64>,
+}
+
+impl Versions {
+    /// After a reset in this transaction: nothing to read.
+    fn after_reset() -> Self {
+        Self {
+            complete: true,
+            ..Self::default()
+        }
+    }
+
+    /// Reads (and locks) the rows of the aggregates among `ids` not known yet.
+    async fn load<'a>(
+        &mut self,
+        conn: &mut PgConnection,
+        projection: &str,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), anyhow::Error> {
+        if self.complete {
+            return Ok(());
+        }
+        let mut missing: Vec<&str> = ids
+            .into_iter()
+            .filter(|id| !self.known.contains_key(*id) && !self.pending.contains_key(*id))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, version FROM projection_versions WHERE projection = $1 AND stream_id = ANY($2) FOR UPDATE",
+        )
+        .bind(projection)
+        .bind(&missing)
+        .fetch_all(&mut *conn)
+        .await?;
+        for id in missing {
+            self.known.insert(id.to_owned(), None);
+        }
+        for (id, version) in rows {
+            self.known.insert(id, Some(version));
+        }
+        Ok(())
+    }
+
+    /// Whether a commit that brings `stream_id` to `last` moves it forward
+    /// (then it is noted); the aggregate must have been loaded.
+    fn admit(&mut self, stream_id: &str, last: i64) -> Option<i64> {
+        let applied = self
+            .pending
+            .get(stream_id)
+            .copied()
+            .or_else(|| self.known.get(stream_id).copied().flatten());
+        if applied.is_some_and(|v| last <= v) {
+            return applied;
+        }
+        self.pending.insert(stream_id.to_owned(), last);
+        None
+    }
+
+    /// Writes the versions admitted since the last flush, in one statement.
+    async fn flush(&mut self, conn: &mut PgConnection, projection: &str) -> Result<(), anyhow::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let (ids, versions): (Vec<&str>, Vec<i64>) = self.pending.iter().map(|(id, v)| (id.as_str(), *v)).unzip();
+        sqlx::query(
+            "INSERT INTO projection_versions (projection, stream_id, version)
+             SELECT $1, v.stream_id, v.version FROM unnest($2::text[], $3::int8[]) AS v(stream_id, version)
+             ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version",
+        )
+        .bind(projection)
+        .bind(&ids)
+        .bind(&versions)
+        .execute(conn)
+        .await?;
+        for (id, version) in self.pending.drain() {
+            self.known.insert(id, Some(version));
+        }
+        if self.known.len() > VERSIONS_KEPT {
+            self.known.clear();
+            self.complete = false;
+        }
+        Ok(())
+    }
+
+    /// Forgets what was admitted since the last flush (rolled back).
+    fn discard(&mut self) {
+        self.pending.clear();
+    }
 }
 
 /// Why a runner stops consuming and starts again from its checkpoint.
@@ -539,16 +666,94 @@ impl<P: Projection> ProjectionRunner<P> {
             let Some(message) = next else {
                 anyhow::bail!("message stream ended");
             };
-            let message = message?;
+            let mut batch = vec![message?];
+            // A read model catching up takes what has come already, in one
+            // transaction; the consumer's error (or end) after them waits
+            // until they are applied.
+            let mut after = None;
+            if P::READ_MODEL {
+                let gathering = std::time::Instant::now();
+                while batch.len() < BATCH && gathering.elapsed() < BATCH_TIME {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(message))) => batch.push(message),
+                        Some(Some(Err(e))) => {
+                            after = Some(anyhow::Error::from(e));
+                            break;
+                        }
+                        Some(None) => {
+                            after = Some(anyhow::anyhow!("message stream ended"));
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
             // After a reconnection the server may have lost (and since
             // refilled) its unsynced tail: check the checkpoint against the
             // stream before applying anything more.
             if self.bus.connections() != connections {
                 return Err(Restart::Reconnected.into());
             }
-            let raw = Raw::delivered(&message)?;
-            self.handle_with_retries(&stream, &identity, &raw, shutdown).await?;
+            let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
+            if raws.len() == 1 || !self.handle_batch(&identity, &raws).await? {
+                for raw in &raws {
+                    self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
+                }
+            }
+            if let Some(err) = after {
+                return Err(err);
+            }
         }
+    }
+
+    /// Applies consecutive messages of a read model in one transaction, with
+    /// one checkpoint write. False when they could not all be applied so (a
+    /// handler failed, a message does not decode, a sequence is missing, the
+    /// database failed): nothing was written then, and the caller applies
+    /// them one by one, with retries and parking. Messages at or below the
+    /// checkpoint are passed over.
+    async fn handle_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<bool, anyhow::Error> {
+        match self.try_batch(identity, raws).await {
+            Ok(applied) => Ok(applied),
+            Err(err) if err.downcast_ref::<Restart>().is_some() => Err(err),
+            Err(err) => {
+                tracing::debug!(projection = self.name(), messages = raws.len(), error = %err, "a batch failed: its messages one by one");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn try_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<bool, anyhow::Error> {
+        let mut uow = self.store.begin().await?;
+        read_model_commit(uow.conn()).await?;
+        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
+        if !fresh && checkpoint.identity.as_ref() != Some(identity) {
+            return Err(Restart::OtherStream.into());
+        }
+        let new: Vec<&Raw<'_>> = raws.iter().filter(|r| r.sequence > checkpoint.sequence).collect();
+        let Some(last) = new.last() else {
+            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name())
+                .increment(raws.len() as u64);
+            return Ok(true);
+        };
+        let consecutive = new
+            .iter()
+            .zip(checkpoint.sequence + 1..)
+            .all(|(raw, expected)| raw.sequence == expected);
+        if !consecutive {
+            return Ok(false);
+        }
+        let deliveries = new.iter().map(|r| r.delivery()).collect::<Result<Vec<_>, _>>()?;
+        self.apply_all(&mut uow, &deliveries, &mut Versions::default()).await?;
+        write_checkpoint(uow.conn(), self.name(), last.sequence, identity, last.commit_id()).await?;
+        uow.commit().await?;
+        metrics::counter!("nrm_projection_applied_total", "projection" => self.name()).increment(new.len() as u64);
+        let passed = raws.len() - new.len();
+        if passed > 0 {
+            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name()).increment(passed as u64);
+        }
+        Ok(true)
     }
 
     /// Applies one message (retrying, then parking it) unless the checkpoint
@@ -610,6 +815,9 @@ impl<P: Projection> ProjectionRunner<P> {
         park: Option<(u32, &anyhow::Error)>,
     ) -> Result<Outcome, anyhow::Error> {
         let mut uow = self.store.begin().await?;
+        if P::READ_MODEL {
+            read_model_commit(uow.conn()).await?;
+        }
         let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
         // A checkpoint that never counted anything takes this stream's identity.
         let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
@@ -648,7 +856,9 @@ impl<P: Projection> ProjectionRunner<P> {
             tracing::error!(projection = self.name(), stream = %identity.name, stream_sequence = raw.sequence, commit_id = ?raw.commit_id(), attempts, error = %err, "message parked: the handler kept failing");
             Outcome::Parked
         } else {
-            self.apply(&mut uow, raw).await?;
+            let mut versions = Versions::default();
+            self.apply(&mut uow, raw, &mut versions).await?;
+            versions.flush(uow.conn(), self.name()).await?;
             Outcome::Applied
         };
         write_checkpoint(uow.conn(), self.name(), raw.sequence, identity, raw.commit_id()).await?;
@@ -662,43 +872,63 @@ impl<P: Projection> ProjectionRunner<P> {
     /// Decodes and applies one message in `uow`, in the span of the command
     /// that caused it, unless its aggregate is already past it: a commit at
     /// or below the last version applied for its aggregate changes nothing.
-    async fn apply(&self, uow: &mut UnitOfWork, raw: &Raw<'_>) -> Result<(), anyhow::Error> {
+    /// The version it brings is noted in `versions`, written by its flush.
+    async fn apply(&self, uow: &mut UnitOfWork, raw: &Raw<'_>, versions: &mut Versions) -> Result<(), anyhow::Error> {
         let delivery = raw.delivery()?;
+        versions
+            .load(uow.conn(), self.name(), [delivery.commit.stream_id.as_str()])
+            .await?;
+        self.apply_delivery(uow, &delivery, versions).await
+    }
+
+    /// [`ProjectionRunner::apply`] of a decoded message whose aggregate
+    /// `versions` has loaded.
+    async fn apply_delivery(
+        &self,
+        uow: &mut UnitOfWork,
+        delivery: &Delivery,
+        versions: &mut Versions,
+    ) -> Result<(), anyhow::Error> {
         let last = delivery.commit.events.iter().map(|e| e.version).max();
         if let Some(last) = last {
-            let applied: Option<i64> = sqlx::query_scalar(
-                "SELECT version FROM projection_versions WHERE projection = $1 AND stream_id = $2 FOR UPDATE",
-            )
-            .bind(self.name())
-            .bind(&delivery.commit.stream_id)
-            .fetch_optional(uow.conn())
-            .await?;
             let last = i64::try_from(last)?;
-            if applied.is_some_and(|v| last <= v) {
+            if let Some(applied) = versions.admit(&delivery.commit.stream_id, last) {
                 metrics::counter!("nrm_projection_stale_total", "projection" => self.name()).increment(1);
-                tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied = ?applied, stream_sequence = raw.sequence, "commit older than its aggregate's last applied version: skipped");
+                tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied, stream_sequence = delivery.stream_sequence, "commit older than its aggregate's last applied version: skipped");
                 return Ok(());
             }
-            sqlx::query(
-                "INSERT INTO projection_versions (projection, stream_id, version) VALUES ($1, $2, $3)
-                 ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version",
-            )
-            .bind(self.name())
-            .bind(&delivery.commit.stream_id)
-            .bind(last)
-            .execute(uow.conn())
-            .await?;
         }
         let span = tracing::info_span!(
             "projection.apply",
             projection = self.name(),
             stream_id = %delivery.commit.stream_id,
-            stream_sequence = raw.sequence
+            stream_sequence = delivery.stream_sequence
         );
         if let Some(metadata) = &delivery.metadata {
             telemetry::continue_trace(&span, metadata);
         }
-        self.projection.apply(uow, &delivery).instrument(span).await
+        self.projection.apply(uow, delivery).instrument(span).await
+    }
+
+    /// Applies `deliveries` (decoded, in stream order) in `uow`, their
+    /// aggregates' versions read in one statement and written in one.
+    async fn apply_all(
+        &self,
+        uow: &mut UnitOfWork,
+        deliveries: &[Delivery],
+        versions: &mut Versions,
+    ) -> Result<(), anyhow::Error> {
+        versions
+            .load(
+                uow.conn(),
+                self.name(),
+                deliveries.iter().map(|d| d.commit.stream_id.as_str()),
+            )
+            .await?;
+        for delivery in deliveries {
+            self.apply_delivery(uow, delivery, versions).await?;
+        }
+        versions.flush(uow.conn(), self.name()).await
     }
 
     /// Retries the parked messages an operator asked for. A read model is
@@ -740,8 +970,12 @@ impl<P: Projection> ProjectionRunner<P> {
                 continue;
             }
             let message = stream.get_raw_message(u64::try_from(sequence)?).await;
+            let mut versions = Versions::default();
             let result = match &message {
-                Ok(m) => self.apply(&mut uow, &Raw::stored(m)).await,
+                Ok(m) => match self.apply(&mut uow, &Raw::stored(m), &mut versions).await {
+                    Ok(()) => versions.flush(uow.conn(), self.name()).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(anyhow::anyhow!("message no longer in the stream: {e}")),
             };
             match result {
@@ -958,16 +1192,59 @@ impl<P: Projection> ProjectionRunner<P> {
         .collect();
         self.reset_in(uow).await?;
         let mut replayed = Replayed::default();
-        while let Some(message) = replay.next().await? {
-            let raw = Raw::delivered(&message)?;
-            let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
-            if self.apply_in_rebuild(uow, identity, &raw, before).await? {
-                replayed.parked += 1;
+        let mut versions = Versions::after_reset();
+        loop {
+            let batch = next_batch(&mut replay).await?;
+            if batch.is_empty() {
+                return Ok(replayed);
             }
-            replayed.messages += 1;
-            replayed.at = (raw.sequence, raw.commit_id());
+            self.replay_batch(uow, identity, &batch, &earlier, &mut versions, &mut replayed)
+                .await?;
         }
-        Ok(replayed)
+    }
+
+    /// Messages of a rebuild under one savepoint; when one of them fails,
+    /// the savepoint is rolled back and each message applied on its own
+    /// ([`ProjectionRunner::apply_in_rebuild`]: retried, then parked).
+    async fn replay_batch(
+        &self,
+        uow: &mut UnitOfWork,
+        identity: &StreamIdentity,
+        batch: &[async_nats::jetstream::Message],
+        earlier: &HashMap<u64, u32>,
+        versions: &mut Versions,
+        replayed: &mut Replayed,
+    ) -> Result<(), anyhow::Error> {
+        let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
+        sqlx::query("SAVEPOINT nrm_batch").execute(uow.conn()).await?;
+        let applied = match raws.iter().map(Raw::delivery).collect::<Result<Vec<_>, _>>() {
+            Ok(deliveries) => self.apply_all(uow, &deliveries, versions).await,
+            Err(err) => Err(err),
+        };
+        match applied {
+            Ok(()) => {
+                sqlx::query("RELEASE SAVEPOINT nrm_batch").execute(uow.conn()).await?;
+            }
+            Err(err) if retry::is_transient(&err) => return Err(err),
+            Err(err) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT nrm_batch")
+                    .execute(uow.conn())
+                    .await?;
+                versions.discard();
+                tracing::debug!(projection = self.name(), error = %err, messages = raws.len(), "a batch of a rebuild failed: its messages one by one");
+                for raw in &raws {
+                    let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
+                    if self.apply_in_rebuild(uow, identity, raw, before, versions).await? {
+                        replayed.parked += 1;
+                    }
+                }
+            }
+        }
+        if let Some(last) = raws.last() {
+            replayed.at = (last.sequence, last.commit_id());
+        }
+        replayed.messages += raws.len() as u64;
+        Ok(())
     }
 
     /// One message of a rebuild, under a savepoint: retried, then parked,
@@ -978,11 +1255,16 @@ impl<P: Projection> ProjectionRunner<P> {
         identity: &StreamIdentity,
         raw: &Raw<'_>,
         earlier_attempts: u32,
+        versions: &mut Versions,
     ) -> Result<bool, anyhow::Error> {
         let mut failures = 0;
         loop {
             sqlx::query("SAVEPOINT nrm_message").execute(uow.conn()).await?;
-            match self.apply(uow, raw).await {
+            let applied = match self.apply(uow, raw, versions).await {
+                Ok(()) => versions.flush(uow.conn(), self.name()).await,
+                Err(err) => Err(err),
+            };
+            match applied {
                 Ok(()) => {
                     sqlx::query("RELEASE SAVEPOINT nrm_message").execute(uow.conn()).await?;
                     return Ok(false);
@@ -992,6 +1274,7 @@ impl<P: Projection> ProjectionRunner<P> {
                     sqlx::query("ROLLBACK TO SAVEPOINT nrm_message")
                         .execute(uow.conn())
                         .await?;
+                    versions.discard();
                     failures += 1;
                     if is_unprocessable(&err) || self.retry.exhausted(failures) {
                         park_message(
@@ -1012,6 +1295,18 @@ impl<P: Projection> ProjectionRunner<P> {
             }
         }
     }
+}
+
+/// The next messages of `replay`, at most [`BATCH`]; none at its end.
+async fn next_batch(replay: &mut Replay) -> Result<Vec<async_nats::jetstream::Message>, anyhow::Error> {
+    let mut batch = Vec::new();
+    while batch.len() < BATCH {
+        match replay.next().await? {
+            Some(message) => batch.push(message),
+            None => break,
+        }
+    }
+    Ok(batch)
 }
 
 /// Whether `checkpoint` counts in `stream` as it is now: same identity, and
@@ -1107,6 +1402,15 @@ async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<Ch
     .fetch_one(&mut *conn)
     .await?;
     Ok(checkpoint_from_row(&row)?)
+}
+
+/// Lets the transaction of a read model (never a reaction's, whose events
+/// the relay publishes) return before its commit is flushed to disk: its
+/// checkpoint commits with its effects, so a tail lost in a crash of
+/// PostgreSQL is applied again from the stream.
+async fn read_model_commit(conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(conn).await?;
+    Ok(())
 }
 
 async fn write_checkpoint(
