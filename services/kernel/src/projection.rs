@@ -55,6 +55,12 @@
 //!   commits with its effects, so a tail lost in a crash of PostgreSQL is
 //!   applied again from the stream. A reaction keeps one message per
 //!   transaction, committed durably: the relay publishes what it appends.
+//! - **Comparisons leave the live model alone.** An operator's comparison
+//!   of a read model with a rebuild ([`ProjectionRunner::rebuild_compare`])
+//!   replays into temporary copies of its tables ([`Projection::tables`])
+//!   on a connection of its own and takes no lock: the live model keeps
+//!   following its stream meanwhile. Only a model found different is
+//!   rebuilt in place, atomically.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -125,6 +131,20 @@ pub trait Projection: Send + Sync + 'static {
     fn digest(&self, conn: &mut PgConnection) -> impl Future<Output = Result<Option<String>, anyhow::Error>> + Send {
         let _ = conn;
         async { Ok(None) }
+    }
+
+    /// Every table the read model owns (writes in [`Projection::apply`],
+    /// empties in [`Projection::reset`], reads in [`Projection::digest`]),
+    /// by its plain name, unqualified. With them a comparison
+    /// ([`ProjectionRunner::rebuild_compare`]) replays into private copies
+    /// of them (temporary tables shadowing these names on a connection of
+    /// its own) and leaves the live model alone; without them (empty, the
+    /// default) it rebuilds the live model under its checkpoint lock.
+    /// Every statement of the three methods must name these tables
+    /// unqualified (never `public.…`), and `apply` must read no table of the
+    /// model that is not listed (it would see the live one).
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
     }
 }
 
@@ -1059,17 +1079,35 @@ impl<P: Projection> ProjectionRunner<P> {
         Ok(())
     }
 
-    /// Rebuilds the read model while the service runs and says whether the
-    /// rebuilt model equals the live one, in one transaction: the checkpoint
-    /// row locked (the runners of every replica wait), the live model
-    /// digested, reset (with its aggregate versions and parked messages, as
-    /// a rebuild does), the stream replayed from its start up to and
-    /// including the checkpoint's sequence (the position the live model had
-    /// reached), digested again, the checkpoint written back as it was. A
-    /// checkpoint that no longer counts in the stream (recreated, or lost its
-    /// tail) is rebuilt to the stream's end, as [`ProjectionRunner::rebuild`]
-    /// does. A reaction (not a read model) is left alone: its report says it
-    /// replayed nothing and has no digests.
+    /// Rebuilds the read model from its stream while the service runs and
+    /// says whether that equals the live model, up to the very message the
+    /// live model had reached (its checkpoint).
+    ///
+    /// A read model that lists its [`Projection::tables`] and has a digest
+    /// is first compared in a *shadow*: in one snapshot (repeatable read,
+    /// no lock) the checkpoint and the digest of the live model (a message
+    /// commits with its checkpoint, so the two belong together); then, on a
+    /// new connection of its own (no statement prepared on it before, closed
+    /// afterwards), temporary tables copied from the model's (they shadow
+    /// the live names on that connection), the stream replayed into them up
+    /// to and including that checkpoint through the same apply path, a
+    /// batch per short transaction (a long one would hold back every
+    /// relay's horizon, and with it every live update), and digested. The
+    /// live model, its checkpoint and its runners are never touched or
+    /// waited for. Equal: that is the report. Different: the live model is
+    /// repaired as below, and that comparison is the report.
+    ///
+    /// Otherwise, and to repair, in one transaction: the checkpoint row
+    /// locked (the runners of every replica wait), the live model digested,
+    /// reset (with its aggregate versions and parked messages, as a rebuild
+    /// does), the stream replayed from its start up to and including the
+    /// checkpoint's sequence, digested again, the checkpoint written back as
+    /// it was.
+    ///
+    /// A checkpoint that no longer counts in the stream (recreated, or lost
+    /// its tail) is rebuilt to the stream's end, as
+    /// [`ProjectionRunner::rebuild`] does. A reaction (not a read model) is
+    /// left alone: its report says it replayed nothing and has no digests.
     ///
     /// # Errors
     /// When the database or JetStream fails; the live model stays then.
@@ -1092,24 +1130,171 @@ impl<P: Projection> ProjectionRunner<P> {
             Err(e) => return Err(e.into()),
         };
         let identity = StreamIdentity::of(stream.info().await?);
+        if !self.projection.tables().is_empty() {
+            let (checkpoint, live) = self.live_snapshot().await?;
+            if live.is_some() && still_valid(&stream, &identity, checkpoint.as_ref()).await? {
+                let checkpoint = checkpoint.unwrap_or_default();
+                let (rebuilt, replayed) = self.shadow_replay(&stream, &identity, checkpoint.sequence).await?;
+                if rebuilt == live {
+                    report.stream_sequence = checkpoint.sequence;
+                    report.messages = replayed.messages;
+                    report.parked = replayed.parked;
+                    report.live_digest = live;
+                    report.rebuilt_digest = rebuilt;
+                    metrics::counter!("nrm_projection_rebuilds_total", "projection" => self.name()).increment(1);
+                    tracing::info!(
+                        projection = self.name(),
+                        stream_sequence = checkpoint.sequence,
+                        messages = replayed.messages,
+                        parked = replayed.parked,
+                        equal = true,
+                        "read model compared with its shadow rebuild: equal, left as it is"
+                    );
+                    return Ok(report);
+                }
+                tracing::warn!(
+                    projection = self.name(),
+                    stream_sequence = checkpoint.sequence,
+                    "the shadow rebuild differs from the live read model: rebuilding the live model"
+                );
+            }
+        }
+        self.rebuild_compare_locked(&stream, &identity, report).await
+    }
+
+    /// The checkpoint and the digest of the live model, in one snapshot and
+    /// without a lock.
+    async fn live_snapshot(&self) -> Result<(Option<Checkpoint>, Option<String>), anyhow::Error> {
+        let mut tx = self.store.pool().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let checkpoint = read_checkpoint_in(&mut tx, self.name()).await?;
+        let digest = self.projection.digest(&mut tx).await?;
+        tx.rollback().await?;
+        Ok((checkpoint, digest))
+    }
+
+    /// Replays the stream up to and including `until` into temporary copies
+    /// of the model's tables on a connection of its own; the digest of
+    /// that copy. Nothing of it outlives the connection, closed here.
+    async fn shadow_replay(
+        &self,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        until: u64,
+    ) -> Result<(Option<String>, Replayed), anyhow::Error> {
+        // One connection, new: no statement of it was ever prepared against
+        // the live tables (a cached plan keeps the table it was planned on).
+        // It is never replaced: a second connection would not have the
+        // temporary tables (and each batch checks that they are there).
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .test_before_acquire(false)
+            .connect_lazy_with((*self.store.pool().connect_options()).clone());
+        let result = self.shadow_replay_on(&pool, stream, identity, until).await;
+        pool.close().await;
+        result
+    }
+
+    async fn shadow_replay_on(
+        &self,
+        pool: &sqlx::PgPool,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        until: u64,
+    ) -> Result<(Option<String>, Replayed), anyhow::Error> {
+        let mut tables: Vec<&'static str> = self.projection.tables().to_vec();
+        tables.extend(["projection_versions", "parked_messages", "projection_checkpoints"]);
+        if let Some(bad) = tables.iter().find(|t| {
+            t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        }) {
+            anyhow::bail!("projection {} lists a table that is no plain name: {bad}", self.name());
+        }
+        let store = EventStore::new(pool.clone());
+        let mut uow = store.begin().await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(uow.conn())
+            .await?;
+        // A model of many rows: temporary tables live in this session's buffers.
+        sqlx::query("SET temp_buffers = '64MB'").execute(uow.conn()).await?;
+        sqlx::query("SET synchronous_commit = off").execute(uow.conn()).await?;
+        sqlx::query("SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), false)")
+            .execute(uow.conn())
+            .await?;
+        for table in &tables {
+            let schema: Option<String> = sqlx::query_scalar(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = to_regclass(quote_ident($1))",
+            )
+            .bind(table)
+            .fetch_optional(uow.conn())
+            .await?;
+            let schema =
+                schema.ok_or_else(|| anyhow::anyhow!("table {table} of projection {} does not exist", self.name()))?;
+            // Names checked above, the schema quoted by PostgreSQL's own rules.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TEMPORARY TABLE \"{table}\" (LIKE {}.\"{table}\" INCLUDING ALL)",
+                quote_identifier(&schema)
+            )))
+            .execute(uow.conn())
+            .await?;
+        }
+        uow.commit().await?;
+        tracing::info!(projection = self.name(), stream = %identity.name, stream_sequence = until, "replaying the stream into a shadow of the read model to compare it with the live one");
+        let mut replay = Replay::start_until(stream, self.source.filter.clone(), false, Some(until)).await?;
+        let mut replayed = Replayed::default();
+        let mut versions = Versions::after_reset();
+        let none = HashMap::new();
+        loop {
+            let batch = next_batch(&mut replay).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut uow = store.begin().await?;
+            still_shadowed(uow.conn(), &tables, pid).await?;
+            self.replay_batch(&mut uow, identity, &batch, &none, &mut versions, &mut replayed)
+                .await?;
+            uow.commit().await?;
+        }
+        let mut conn = pool.acquire().await?;
+        still_shadowed(&mut conn, &tables, pid).await?;
+        let digest = self.projection.digest(&mut conn).await?;
+        Ok((digest, replayed))
+    }
+
+    /// [`ProjectionRunner::rebuild_compare`] under the checkpoint lock,
+    /// the live model rebuilt in place.
+    async fn rebuild_compare_locked(
+        &self,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        mut report: RebuildReport,
+    ) -> Result<RebuildReport, anyhow::Error> {
         let mut uow = self.store.begin().await?;
         let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
         report.live_digest = self.projection.digest(uow.conn()).await?;
-        let same_stream = still_valid(&stream, &identity, Some(&checkpoint)).await?;
+        let same_stream = still_valid(stream, identity, Some(&checkpoint)).await?;
         let until = same_stream.then_some(checkpoint.sequence);
         if !same_stream {
             tracing::warn!(projection = self.name(), stream = %identity.name, "the checkpoint no longer counts in the stream: rebuilt to the stream's end");
         }
-        let replay = Replay::start_until(&stream, self.source.filter.clone(), false, until).await?;
+        let replay = Replay::start_until(stream, self.source.filter.clone(), false, until).await?;
         tracing::info!(projection = self.name(), stream = %identity.name, stream_sequence = ?until, "rebuilding the read model to compare it with the live one");
-        let replayed = self.replay_into(&mut uow, &identity, replay).await?;
+        let replayed = self.replay_into(&mut uow, identity, replay).await?;
         report.rebuilt_digest = self.projection.digest(uow.conn()).await?;
         let (sequence, commit_id) = if same_stream {
             (checkpoint.sequence, checkpoint.commit_id)
         } else {
             replayed.at
         };
-        write_checkpoint(uow.conn(), self.name(), sequence, &identity, commit_id).await?;
+        write_checkpoint(uow.conn(), self.name(), sequence, identity, commit_id).await?;
         uow.commit().await?;
         report.stream_sequence = sequence;
         report.messages = replayed.messages;
@@ -1459,6 +1644,27 @@ async fn park_message(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Fails unless `conn` is still the shadow's connection (backend `pid`)
+/// and each of `tables` resolves to its temporary copy there.
+async fn still_shadowed(conn: &mut PgConnection, tables: &[&str], pid: i32) -> Result<(), anyhow::Error> {
+    let (now, all): (i32, bool) = sqlx::query_as(
+        "SELECT pg_backend_pid(), coalesce(bool_and(c.relnamespace = pg_my_temp_schema()), false)
+         FROM unnest($1::text[]) AS t(name) LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name))",
+    )
+    .bind(tables)
+    .fetch_one(conn)
+    .await?;
+    if now != pid || !all {
+        anyhow::bail!("the shadow's connection lost its temporary tables");
+    }
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// An error as kept with a parked item: the chain, shortened. Handlers'
