@@ -3,19 +3,24 @@
 //! shadow, it leaves the live model alone (live commands keep reaching it
 //! while the comparison runs, and none of its rows is rewritten); a changed
 //! row is still found different and set right; nothing of the shadow is left.
+//! And a read model catching up on a backlog applies it in batches, each
+//! message once and in stream order, a poison message parked alone.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use nrm_e2e::fixtures::{metadata, reported};
-use nrm_e2e::{TestApp, authorized, person, report_request, token};
+use nrm_e2e::fixtures::{append_case, metadata, reported};
+use nrm_e2e::{Parts, TestApp, authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
-use nrm_kernel::store::EventStore;
+use nrm_kernel::projection::{Delivery, Projection, ProjectionRunner};
+use nrm_kernel::store::{EventStore, UnitOfWork};
 use nrm_proto::common::v1 as common;
 use nrm_proto::common::v1::operator_service_client::OperatorServiceClient;
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const CASE_LIST: &str = "identification_case_list";
@@ -174,8 +179,9 @@ async fn live_commands_reach_the_read_model_while_a_comparison_runs_and_it_is_le
         n += 1;
     }
     let report = comparison.await.unwrap();
+    let slowest = seen_during.iter().map(|(lag, _)| *lag).max().unwrap_or_default();
     println!(
-        "comparison of {} messages; {} live commands reached the list meanwhile (ack → listed, checkpoint): {seen_during:?}",
+        "comparison of {} messages; {} live commands reached the list meanwhile, the slowest {slowest:?} after its acknowledgement",
         report.messages,
         seen_during.len()
     );
@@ -270,4 +276,135 @@ async fn a_changed_row_is_found_different_and_set_right_and_the_next_comparison_
     )
     .await;
     app.stop().await;
+}
+
+/// Keeps one row per message it applied: its sequence and aggregate.
+struct Recorder;
+
+impl Projection for Recorder {
+    fn name(&self) -> &'static str {
+        "test_recorder"
+    }
+
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        sqlx::query("INSERT INTO test_recorded (stream_sequence, stream_id) VALUES ($1, $2)")
+            .bind(i64::try_from(delivery.stream_sequence)?)
+            .bind(&delivery.commit.stream_id)
+            .execute(uow.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query("DELETE FROM test_recorded").execute(conn).await?;
+        Ok(())
+    }
+}
+
+async fn scalar(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_caught_up_in_batches_each_message_once_in_order_a_poison_message_parked_alone() {
+    const CASES: usize = 600;
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    sqlx::query("CREATE TABLE test_recorded (applied BIGSERIAL PRIMARY KEY, stream_sequence BIGINT NOT NULL, stream_id TEXT NOT NULL)")
+        .execute(&parts.pool)
+        .await
+        .unwrap();
+    let checkpoint_of = || {
+        scalar(
+            &parts.pool,
+            "SELECT coalesce(max(stream_sequence), 0) FROM projection_checkpoints WHERE projection = 'test_recorder' AND stream_created IS NOT NULL",
+        )
+    };
+    // The runner starts on the empty stream (its checkpoint takes the
+    // stream's identity) and stops: what follows is a catch-up, not a rebuild.
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(
+        ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", Recorder).run(shutdown.clone()),
+    );
+    eventually("the runner counts in the stream", Duration::from_secs(15), || async {
+        let known: i64 = scalar(&parts.pool, "SELECT count(*) FROM projection_checkpoints WHERE projection = 'test_recorder' AND stream_created IS NOT NULL").await;
+        (known == 1).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.unwrap();
+
+    // The backlog: cases, a message no handler can decode in the middle,
+    // more cases, then the first case's commit again under another ID (an
+    // older version than its aggregate's: changes nothing).
+    for _ in 0..CASES / 2 {
+        append_case(&parts, &store, Uuid::now_v7()).await;
+    }
+    parts.publish_all(&mut parts.relay(&store)).await;
+    let poison_subject = parts.bus.subject("identification", "case", &Uuid::now_v7().to_string());
+    let poison = parts
+        .bus
+        .jetstream()
+        .publish(poison_subject, b"\xff\xff not a commit".as_slice().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    for _ in 0..CASES / 2 {
+        append_case(&parts, &store, Uuid::now_v7()).await;
+    }
+    parts.publish_all(&mut parts.relay(&store)).await;
+    let first = parts.messages().await.remove(0);
+    let mut headers = first.headers.clone();
+    headers.insert("Nats-Msg-Id", Uuid::now_v7().to_string().as_str());
+    let stale = parts
+        .bus
+        .jetstream()
+        .publish_with_headers(first.subject.to_string(), headers, first.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    assert_eq!(stale, u64::try_from(CASES).unwrap() + 2);
+
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(
+        ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", Recorder).run(shutdown.clone()),
+    );
+    let stale_at = i64::try_from(stale).unwrap();
+    eventually(
+        "the runner reaches the end of the backlog",
+        Duration::from_secs(30),
+        || async { (checkpoint_of().await == stale_at).then_some(()) },
+    )
+    .await;
+    shutdown.cancel();
+    runner.await.unwrap();
+
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT stream_sequence FROM test_recorded ORDER BY applied")
+        .fetch_all(&parts.pool)
+        .await
+        .unwrap();
+    let poison = i64::try_from(poison).unwrap();
+    let expected: Vec<i64> = (1..stale_at).filter(|s| *s != poison).collect();
+    assert_eq!(
+        applied, expected,
+        "every message once, in stream order; neither the poison nor the stale one"
+    );
+    let parked: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT stream_sequence, attempts FROM parked_messages WHERE projection = 'test_recorder'")
+            .fetch_all(&parts.pool)
+            .await
+            .unwrap();
+    assert_eq!(parked, [(poison, 1)], "the poison message parked at its first failure");
+    let transactions = scalar(&parts.pool, "SELECT count(DISTINCT xmin::text) FROM test_recorded").await;
+    println!("{} messages applied in {transactions} transactions", applied.len());
+    assert!(
+        transactions < i64::try_from(applied.len()).unwrap() / 10,
+        "caught up in batches: {transactions} transactions for {} messages",
+        applied.len()
+    );
+    parts.drop_all().await;
 }

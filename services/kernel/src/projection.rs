@@ -93,6 +93,11 @@ const MAX_ERROR_TEXT: usize = 500;
 /// catching up) or under one savepoint (a rebuild).
 const BATCH: usize = 500;
 
+/// Messages a shadow comparison replays per transaction: each holds back
+/// the horizon of every relay on the cluster while it is open (what commits
+/// meanwhile is published after it), so they stay short.
+const SHADOW_BATCH: usize = 100;
+
 /// Longest the live runner spends gathering the messages of one batch.
 const BATCH_TIME: Duration = Duration::from_millis(50);
 
@@ -390,6 +395,17 @@ impl Versions {
     fn discard(&mut self) {
         self.pending.clear();
     }
+}
+
+/// What became of a batch of the live runner ([`ProjectionRunner::handle_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batched {
+    /// Applied (or at or below the checkpoint already), in one transaction.
+    Applied,
+    /// Nothing written: the message at this index failed.
+    FailedAt(usize),
+    /// Nothing written, for a reason of the batch as a whole.
+    Failed,
 }
 
 /// Why a runner stops consuming and starts again from its checkpoint.
@@ -715,9 +731,32 @@ impl<P: Projection> ProjectionRunner<P> {
                 return Err(Restart::Reconnected.into());
             }
             let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
-            if raws.len() == 1 || !self.handle_batch(&identity, &raws).await? {
-                for raw in &raws {
-                    self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
+            let mut rest = raws.as_slice();
+            while let Some((first, after_first)) = rest.split_first() {
+                if after_first.is_empty() {
+                    self.handle_with_retries(&stream, &identity, first, shutdown).await?;
+                    break;
+                }
+                match self.handle_batch(&identity, rest).await? {
+                    Batched::Applied => break,
+                    // The ones before the failing message as a batch again,
+                    // that one on its own (retried, parked), then the rest.
+                    Batched::FailedAt(at) => {
+                        let (before, from) = rest.split_at(at);
+                        let batched =
+                            before.len() >= 2 && self.handle_batch(&identity, before).await? == Batched::Applied;
+                        let single = if batched { &from[..1] } else { &rest[..=at] };
+                        for raw in single {
+                            self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
+                        }
+                        rest = &from[1..];
+                    }
+                    Batched::Failed => {
+                        for raw in rest {
+                            self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
+                        }
+                        break;
+                    }
                 }
             }
             if let Some(err) = after {
@@ -727,23 +766,23 @@ impl<P: Projection> ProjectionRunner<P> {
     }
 
     /// Applies consecutive messages of a read model in one transaction, with
-    /// one checkpoint write. False when they could not all be applied so (a
-    /// handler failed, a message does not decode, a sequence is missing, the
-    /// database failed): nothing was written then, and the caller applies
-    /// them one by one, with retries and parking. Messages at or below the
-    /// checkpoint are passed over.
-    async fn handle_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<bool, anyhow::Error> {
+    /// one checkpoint write. When they cannot all be applied so (a handler
+    /// fails, a message does not decode, a sequence is missing, the database
+    /// fails) nothing is written, and the caller applies them one by one,
+    /// with retries and parking: from the message that failed, when that is
+    /// known. Messages at or below the checkpoint are passed over.
+    async fn handle_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<Batched, anyhow::Error> {
         match self.try_batch(identity, raws).await {
-            Ok(applied) => Ok(applied),
+            Ok(batched) => Ok(batched),
             Err(err) if err.downcast_ref::<Restart>().is_some() => Err(err),
             Err(err) => {
                 tracing::debug!(projection = self.name(), messages = raws.len(), error = %err, "a batch failed: its messages one by one");
-                Ok(false)
+                Ok(Batched::Failed)
             }
         }
     }
 
-    async fn try_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<bool, anyhow::Error> {
+    async fn try_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<Batched, anyhow::Error> {
         let mut uow = self.store.begin().await?;
         read_model_commit(uow.conn()).await?;
         let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
@@ -751,29 +790,48 @@ impl<P: Projection> ProjectionRunner<P> {
         if !fresh && checkpoint.identity.as_ref() != Some(identity) {
             return Err(Restart::OtherStream.into());
         }
-        let new: Vec<&Raw<'_>> = raws.iter().filter(|r| r.sequence > checkpoint.sequence).collect();
+        // In stream order: the ones not applied yet are the tail.
+        let passed = raws.iter().take_while(|r| r.sequence <= checkpoint.sequence).count();
+        let new = &raws[passed..];
+        if passed > 0 {
+            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name()).increment(passed as u64);
+        }
         let Some(last) = new.last() else {
-            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name())
-                .increment(raws.len() as u64);
-            return Ok(true);
+            return Ok(Batched::Applied);
         };
         let consecutive = new
             .iter()
             .zip(checkpoint.sequence + 1..)
             .all(|(raw, expected)| raw.sequence == expected);
         if !consecutive {
-            return Ok(false);
+            return Ok(Batched::Failed);
         }
-        let deliveries = new.iter().map(|r| r.delivery()).collect::<Result<Vec<_>, _>>()?;
-        self.apply_all(&mut uow, &deliveries, &mut Versions::default()).await?;
+        let mut deliveries = Vec::with_capacity(new.len());
+        for (at, raw) in new.iter().enumerate() {
+            match raw.delivery() {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(_) => return Ok(Batched::FailedAt(passed + at)),
+            }
+        }
+        let mut versions = Versions::default();
+        versions
+            .load(
+                uow.conn(),
+                self.name(),
+                deliveries.iter().map(|d| d.commit.stream_id.as_str()),
+            )
+            .await?;
+        for (at, delivery) in deliveries.iter().enumerate() {
+            if let Err(err) = self.apply_delivery(&mut uow, delivery, &mut versions).await {
+                tracing::debug!(projection = self.name(), stream_sequence = delivery.stream_sequence, error = %err, "a message of a batch failed: it is applied on its own");
+                return Ok(Batched::FailedAt(passed + at));
+            }
+        }
+        versions.flush(uow.conn(), self.name()).await?;
         write_checkpoint(uow.conn(), self.name(), last.sequence, identity, last.commit_id()).await?;
         uow.commit().await?;
         metrics::counter!("nrm_projection_applied_total", "projection" => self.name()).increment(new.len() as u64);
-        let passed = raws.len() - new.len();
-        if passed > 0 {
-            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name()).increment(passed as u64);
-        }
-        Ok(true)
+        Ok(Batched::Applied)
     }
 
     /// Applies one message (retrying, then parking it) unless the checkpoint
@@ -1253,7 +1311,7 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut versions = Versions::after_reset();
         let none = HashMap::new();
         loop {
-            let batch = next_batch(&mut replay).await?;
+            let batch = next_batch(&mut replay, SHADOW_BATCH).await?;
             if batch.is_empty() {
                 break;
             }
@@ -1262,6 +1320,9 @@ impl<P: Projection> ProjectionRunner<P> {
             self.replay_batch(&mut uow, identity, &batch, &none, &mut versions, &mut replayed)
                 .await?;
             uow.commit().await?;
+            // This service's relay may have found a commit held back by
+            // that transaction: it need not wait for its next poll.
+            self.store.appended_signal().notify_one();
         }
         let mut conn = pool.acquire().await?;
         still_shadowed(&mut conn, &tables, pid).await?;
@@ -1379,7 +1440,7 @@ impl<P: Projection> ProjectionRunner<P> {
         let mut replayed = Replayed::default();
         let mut versions = Versions::after_reset();
         loop {
-            let batch = next_batch(&mut replay).await?;
+            let batch = next_batch(&mut replay, BATCH).await?;
             if batch.is_empty() {
                 return Ok(replayed);
             }
@@ -1482,10 +1543,10 @@ impl<P: Projection> ProjectionRunner<P> {
     }
 }
 
-/// The next messages of `replay`, at most [`BATCH`]; none at its end.
-async fn next_batch(replay: &mut Replay) -> Result<Vec<async_nats::jetstream::Message>, anyhow::Error> {
+/// The next messages of `replay`, at most `most`; none at its end.
+async fn next_batch(replay: &mut Replay, most: usize) -> Result<Vec<async_nats::jetstream::Message>, anyhow::Error> {
     let mut batch = Vec::new();
-    while batch.len() < BATCH {
+    while batch.len() < most {
         match replay.next().await? {
             Some(message) => batch.push(message),
             None => break,
