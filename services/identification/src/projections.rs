@@ -28,6 +28,10 @@ impl Projection for CaseList {
         "identification_case_list"
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["case_list"]
+    }
+
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
         let conn = uow.conn();
         for committed in &delivery.commit.events {
@@ -148,6 +152,10 @@ fn timestamp(t: Option<prost_types::Timestamp>) -> Option<DateTime<chrono::Utc>>
 impl Projection for ReferralAccess {
     fn name(&self) -> &'static str {
         "identification_referral_access"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["consents", "referrals"]
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {

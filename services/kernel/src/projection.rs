@@ -44,6 +44,23 @@
 //!   be decoded or mapped ([`Unprocessable`]) is parked at its first failure,
 //!   so that nothing waits behind it. An operator lists and
 //!   retries parked messages (`nrmctl ops parked`, `nrmctl ops retry`).
+//! - **Catching up in batches.** A read model that finds messages waiting
+//!   (after a start or an outage) applies up to 500 (`BATCH`) consecutive ones
+//!   in one transaction with one checkpoint write, their aggregates'
+//!   versions read in one statement and written in one; any failure rolls
+//!   the batch back and its messages are applied one by one as above
+//!   (retries and parking unchanged). A rebuild likewise replays a batch
+//!   under one savepoint. A read model's transactions commit without
+//!   waiting for the disk (`synchronous_commit = off`): its checkpoint
+//!   commits with its effects, so a tail lost in a crash of PostgreSQL is
+//!   applied again from the stream. A reaction keeps one message per
+//!   transaction, committed durably: the relay publishes what it appends.
+//! - **Comparisons leave the live model alone.** An operator's comparison
+//!   of a read model with a rebuild ([`ProjectionRunner::rebuild_compare`])
+//!   replays into temporary copies of its tables ([`Projection::tables`])
+//!   on a connection of its own and takes no lock: the live model keeps
+//!   following its stream meanwhile. Only a model found different is
+//!   rebuilt in place, atomically.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -52,7 +69,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use prost::Message as _;
 use sqlx::{PgConnection, Row};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +88,22 @@ const PARKED_POLL: Duration = Duration::from_secs(1);
 
 /// Longest an error text kept with a parked item.
 const MAX_ERROR_TEXT: usize = 500;
+
+/// Most messages a read model applies in one transaction (the live runner
+/// catching up) or under one savepoint (a rebuild).
+const BATCH: usize = 500;
+
+/// Messages a shadow comparison replays per transaction: each holds back
+/// the horizon of every relay on the cluster while it is open (what commits
+/// meanwhile is published after it), so they stay short.
+const SHADOW_BATCH: usize = 100;
+
+/// Longest the live runner spends gathering the messages of one batch.
+const BATCH_TIME: Duration = Duration::from_millis(50);
+
+/// Most aggregates whose versions a rebuild keeps in memory; past it the
+/// versions are read again from `projection_versions`, a batch at a time.
+const VERSIONS_KEPT: usize = 200_000;
 
 /// A read model (or a reaction) fed by one stream (a [`Source`]).
 pub trait Projection: Send + Sync + 'static {
@@ -104,6 +137,20 @@ pub trait Projection: Send + Sync + 'static {
         let _ = conn;
         async { Ok(None) }
     }
+
+    /// Every table the read model owns (writes in [`Projection::apply`],
+    /// empties in [`Projection::reset`], reads in [`Projection::digest`]),
+    /// by its plain name, unqualified. With them a comparison
+    /// ([`ProjectionRunner::rebuild_compare`]) replays into private copies
+    /// of them (temporary tables shadowing these names on a connection of
+    /// its own) and leaves the live model alone; without them (empty, the
+    /// default) it rebuilds the live model under its checkpoint lock.
+    /// Every statement of the three methods must name these tables
+    /// unqualified (never `public.…`), and `apply` must read no table of the
+    /// model that is not listed (it would see the live one).
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// SHA-256 (hex) of the rows `query` returns, each one text column (for
@@ -112,16 +159,32 @@ pub trait Projection: Send + Sync + 'static {
 /// that a rebuild cannot reproduce (the time a row was written) must be left
 /// out of the text.
 ///
+/// The lines are the non-NULL ones, sorted bytewise (`COLLATE "C"`) by
+/// PostgreSQL (which spills a large sort to disk) and streamed into the
+/// hash here, joined by `\n`: memory stays flat however many rows the
+/// model holds, and the value is the SHA-256 of the same text an
+/// aggregation of the lines in PostgreSQL would give.
+///
 /// # Errors
 /// When the query fails.
 pub async fn rows_digest(conn: &mut PgConnection, query: &'static str) -> Result<String, sqlx::Error> {
+    use futures::TryStreamExt as _;
+    use sha2::Digest as _;
     // The query is the projection's own constant text, never a caller's.
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT encode(sha256(convert_to(coalesce(string_agg(r.line, E'\\n' ORDER BY r.line COLLATE \"C\"), ''), 'UTF8')), 'hex')
-         FROM ({query}) AS r(line)"
+    let mut lines = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+        "SELECT r.line FROM ({query}) AS r(line) WHERE r.line IS NOT NULL ORDER BY r.line COLLATE \"C\""
     )))
-    .fetch_one(conn)
-    .await
+    .fetch(conn);
+    let mut hash = sha2::Sha256::new();
+    let mut first = true;
+    while let Some(line) = lines.try_next().await? {
+        if !first {
+            hash.update(b"\n");
+        }
+        first = false;
+        hash.update(line.as_bytes());
+    }
+    Ok(format!("{:x}", hash.finalize()))
 }
 
 /// An error of the message itself, not of the moment: it cannot be decoded,
@@ -227,6 +290,122 @@ struct Replayed {
     at: (u64, Option<Uuid>),
     messages: u64,
     parked: u64,
+}
+
+/// The last version applied per source aggregate (`projection_versions`),
+/// as one transaction sees it: each aggregate read once (locked), changes
+/// kept in memory and written back with one statement ([`Versions::flush`]).
+#[derive(Debug, Default)]
+struct Versions {
+    /// An aggregate missing from `known` has no row (the table was emptied
+    /// in this transaction, by a reset).
+    complete: bool,
+    /// Versions as the table holds them in this transaction (`None`: no row).
+    known: HashMap<String, Option<i64>>,
+    /// Versions admitted since the last flush.
+    pending: HashMap<String, i64>,
+}
+
+impl Versions {
+    /// After a reset in this transaction: nothing to read.
+    fn after_reset() -> Self {
+        Self {
+            complete: true,
+            ..Self::default()
+        }
+    }
+
+    /// Reads (and locks) the rows of the aggregates among `ids` not known yet.
+    async fn load<'a>(
+        &mut self,
+        conn: &mut PgConnection,
+        projection: &str,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), anyhow::Error> {
+        if self.complete {
+            return Ok(());
+        }
+        let mut missing: Vec<&str> = ids
+            .into_iter()
+            .filter(|id| !self.known.contains_key(*id) && !self.pending.contains_key(*id))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT stream_id, version FROM projection_versions WHERE projection = $1 AND stream_id = ANY($2) FOR UPDATE",
+        )
+        .bind(projection)
+        .bind(&missing)
+        .fetch_all(&mut *conn)
+        .await?;
+        for id in missing {
+            self.known.insert(id.to_owned(), None);
+        }
+        for (id, version) in rows {
+            self.known.insert(id, Some(version));
+        }
+        Ok(())
+    }
+
+    /// Whether a commit that brings `stream_id` to `last` moves it forward
+    /// (then it is noted); the aggregate must have been loaded.
+    fn admit(&mut self, stream_id: &str, last: i64) -> Option<i64> {
+        let applied = self
+            .pending
+            .get(stream_id)
+            .copied()
+            .or_else(|| self.known.get(stream_id).copied().flatten());
+        if applied.is_some_and(|v| last <= v) {
+            return applied;
+        }
+        self.pending.insert(stream_id.to_owned(), last);
+        None
+    }
+
+    /// Writes the versions admitted since the last flush, in one statement.
+    async fn flush(&mut self, conn: &mut PgConnection, projection: &str) -> Result<(), anyhow::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let (ids, versions): (Vec<&str>, Vec<i64>) = self.pending.iter().map(|(id, v)| (id.as_str(), *v)).unzip();
+        sqlx::query(
+            "INSERT INTO projection_versions (projection, stream_id, version)
+             SELECT $1, v.stream_id, v.version FROM unnest($2::text[], $3::int8[]) AS v(stream_id, version)
+             ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version",
+        )
+        .bind(projection)
+        .bind(&ids)
+        .bind(&versions)
+        .execute(conn)
+        .await?;
+        for (id, version) in self.pending.drain() {
+            self.known.insert(id, Some(version));
+        }
+        if self.known.len() > VERSIONS_KEPT {
+            self.known.clear();
+            self.complete = false;
+        }
+        Ok(())
+    }
+
+    /// Forgets what was admitted since the last flush (rolled back).
+    fn discard(&mut self) {
+        self.pending.clear();
+    }
+}
+
+/// What became of a batch of the live runner ([`ProjectionRunner::handle_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batched {
+    /// Applied (or at or below the checkpoint already), in one transaction.
+    Applied,
+    /// Nothing written: the message at this index failed.
+    FailedAt(usize),
+    /// Nothing written, for a reason of the batch as a whole.
+    Failed,
 }
 
 /// Why a runner stops consuming and starts again from its checkpoint.
@@ -523,16 +702,136 @@ impl<P: Projection> ProjectionRunner<P> {
             let Some(message) = next else {
                 anyhow::bail!("message stream ended");
             };
-            let message = message?;
+            let mut batch = vec![message?];
+            // A read model catching up takes what has come already, in one
+            // transaction; the consumer's error (or end) after them waits
+            // until they are applied.
+            let mut after = None;
+            if P::READ_MODEL {
+                let gathering = std::time::Instant::now();
+                while batch.len() < BATCH && gathering.elapsed() < BATCH_TIME {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(message))) => batch.push(message),
+                        Some(Some(Err(e))) => {
+                            after = Some(anyhow::Error::from(e));
+                            break;
+                        }
+                        Some(None) => {
+                            after = Some(anyhow::anyhow!("message stream ended"));
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
             // After a reconnection the server may have lost (and since
             // refilled) its unsynced tail: check the checkpoint against the
             // stream before applying anything more.
             if self.bus.connections() != connections {
                 return Err(Restart::Reconnected.into());
             }
-            let raw = Raw::delivered(&message)?;
-            self.handle_with_retries(&stream, &identity, &raw, shutdown).await?;
+            let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
+            let mut rest = raws.as_slice();
+            while let Some((first, after_first)) = rest.split_first() {
+                if after_first.is_empty() {
+                    self.handle_with_retries(&stream, &identity, first, shutdown).await?;
+                    break;
+                }
+                match self.handle_batch(&identity, rest).await? {
+                    Batched::Applied => break,
+                    // The ones before the failing message as a batch again,
+                    // that one on its own (retried, parked), then the rest.
+                    Batched::FailedAt(at) => {
+                        let (before, from) = rest.split_at(at);
+                        let batched =
+                            before.len() >= 2 && self.handle_batch(&identity, before).await? == Batched::Applied;
+                        let single = if batched { &from[..1] } else { &rest[..=at] };
+                        for raw in single {
+                            self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
+                        }
+                        rest = &from[1..];
+                    }
+                    Batched::Failed => {
+                        for raw in rest {
+                            self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
+                        }
+                        break;
+                    }
+                }
+            }
+            if let Some(err) = after {
+                return Err(err);
+            }
         }
+    }
+
+    /// Applies consecutive messages of a read model in one transaction, with
+    /// one checkpoint write. When they cannot all be applied so (a handler
+    /// fails, a message does not decode, a sequence is missing, the database
+    /// fails) nothing is written, and the caller applies them one by one,
+    /// with retries and parking: from the message that failed, when that is
+    /// known. Messages at or below the checkpoint are passed over.
+    async fn handle_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<Batched, anyhow::Error> {
+        match self.try_batch(identity, raws).await {
+            Ok(batched) => Ok(batched),
+            Err(err) if err.downcast_ref::<Restart>().is_some() => Err(err),
+            Err(err) => {
+                tracing::debug!(projection = self.name(), messages = raws.len(), error = %err, "a batch failed: its messages one by one");
+                Ok(Batched::Failed)
+            }
+        }
+    }
+
+    async fn try_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<Batched, anyhow::Error> {
+        let mut uow = self.store.begin().await?;
+        read_model_commit(uow.conn()).await?;
+        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
+        if !fresh && checkpoint.identity.as_ref() != Some(identity) {
+            return Err(Restart::OtherStream.into());
+        }
+        // In stream order: the ones not applied yet are the tail.
+        let passed = raws.iter().take_while(|r| r.sequence <= checkpoint.sequence).count();
+        let new = &raws[passed..];
+        if passed > 0 {
+            metrics::counter!("nrm_projection_redelivered_total", "projection" => self.name()).increment(passed as u64);
+        }
+        let Some(last) = new.last() else {
+            return Ok(Batched::Applied);
+        };
+        let consecutive = new
+            .iter()
+            .zip(checkpoint.sequence + 1..)
+            .all(|(raw, expected)| raw.sequence == expected);
+        if !consecutive {
+            return Ok(Batched::Failed);
+        }
+        let mut deliveries = Vec::with_capacity(new.len());
+        for (at, raw) in new.iter().enumerate() {
+            match raw.delivery() {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(_) => return Ok(Batched::FailedAt(passed + at)),
+            }
+        }
+        let mut versions = Versions::default();
+        versions
+            .load(
+                uow.conn(),
+                self.name(),
+                deliveries.iter().map(|d| d.commit.stream_id.as_str()),
+            )
+            .await?;
+        for (at, delivery) in deliveries.iter().enumerate() {
+            if let Err(err) = self.apply_delivery(&mut uow, delivery, &mut versions).await {
+                tracing::debug!(projection = self.name(), stream_sequence = delivery.stream_sequence, error = %err, "a message of a batch failed: it is applied on its own");
+                return Ok(Batched::FailedAt(passed + at));
+            }
+        }
+        versions.flush(uow.conn(), self.name()).await?;
+        write_checkpoint(uow.conn(), self.name(), last.sequence, identity, last.commit_id()).await?;
+        uow.commit().await?;
+        metrics::counter!("nrm_projection_applied_total", "projection" => self.name()).increment(new.len() as u64);
+        Ok(Batched::Applied)
     }
 
     /// Applies one message (retrying, then parking it) unless the checkpoint
@@ -594,6 +893,9 @@ impl<P: Projection> ProjectionRunner<P> {
         park: Option<(u32, &anyhow::Error)>,
     ) -> Result<Outcome, anyhow::Error> {
         let mut uow = self.store.begin().await?;
+        if P::READ_MODEL {
+            read_model_commit(uow.conn()).await?;
+        }
         let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
         // A checkpoint that never counted anything takes this stream's identity.
         let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
@@ -632,7 +934,9 @@ impl<P: Projection> ProjectionRunner<P> {
             tracing::error!(projection = self.name(), stream = %identity.name, stream_sequence = raw.sequence, commit_id = ?raw.commit_id(), attempts, error = %err, "message parked: the handler kept failing");
             Outcome::Parked
         } else {
-            self.apply(&mut uow, raw).await?;
+            let mut versions = Versions::default();
+            self.apply(&mut uow, raw, &mut versions).await?;
+            versions.flush(uow.conn(), self.name()).await?;
             Outcome::Applied
         };
         write_checkpoint(uow.conn(), self.name(), raw.sequence, identity, raw.commit_id()).await?;
@@ -646,43 +950,63 @@ impl<P: Projection> ProjectionRunner<P> {
     /// Decodes and applies one message in `uow`, in the span of the command
     /// that caused it, unless its aggregate is already past it: a commit at
     /// or below the last version applied for its aggregate changes nothing.
-    async fn apply(&self, uow: &mut UnitOfWork, raw: &Raw<'_>) -> Result<(), anyhow::Error> {
+    /// The version it brings is noted in `versions`, written by its flush.
+    async fn apply(&self, uow: &mut UnitOfWork, raw: &Raw<'_>, versions: &mut Versions) -> Result<(), anyhow::Error> {
         let delivery = raw.delivery()?;
+        versions
+            .load(uow.conn(), self.name(), [delivery.commit.stream_id.as_str()])
+            .await?;
+        self.apply_delivery(uow, &delivery, versions).await
+    }
+
+    /// [`ProjectionRunner::apply`] of a decoded message whose aggregate
+    /// `versions` has loaded.
+    async fn apply_delivery(
+        &self,
+        uow: &mut UnitOfWork,
+        delivery: &Delivery,
+        versions: &mut Versions,
+    ) -> Result<(), anyhow::Error> {
         let last = delivery.commit.events.iter().map(|e| e.version).max();
         if let Some(last) = last {
-            let applied: Option<i64> = sqlx::query_scalar(
-                "SELECT version FROM projection_versions WHERE projection = $1 AND stream_id = $2 FOR UPDATE",
-            )
-            .bind(self.name())
-            .bind(&delivery.commit.stream_id)
-            .fetch_optional(uow.conn())
-            .await?;
             let last = i64::try_from(last)?;
-            if applied.is_some_and(|v| last <= v) {
+            if let Some(applied) = versions.admit(&delivery.commit.stream_id, last) {
                 metrics::counter!("nrm_projection_stale_total", "projection" => self.name()).increment(1);
-                tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied = ?applied, stream_sequence = raw.sequence, "commit older than its aggregate's last applied version: skipped");
+                tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied, stream_sequence = delivery.stream_sequence, "commit older than its aggregate's last applied version: skipped");
                 return Ok(());
             }
-            sqlx::query(
-                "INSERT INTO projection_versions (projection, stream_id, version) VALUES ($1, $2, $3)
-                 ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version",
-            )
-            .bind(self.name())
-            .bind(&delivery.commit.stream_id)
-            .bind(last)
-            .execute(uow.conn())
-            .await?;
         }
         let span = tracing::info_span!(
             "projection.apply",
             projection = self.name(),
             stream_id = %delivery.commit.stream_id,
-            stream_sequence = raw.sequence
+            stream_sequence = delivery.stream_sequence
         );
         if let Some(metadata) = &delivery.metadata {
             telemetry::continue_trace(&span, metadata);
         }
-        self.projection.apply(uow, &delivery).instrument(span).await
+        self.projection.apply(uow, delivery).instrument(span).await
+    }
+
+    /// Applies `deliveries` (decoded, in stream order) in `uow`, their
+    /// aggregates' versions read in one statement and written in one.
+    async fn apply_all(
+        &self,
+        uow: &mut UnitOfWork,
+        deliveries: &[Delivery],
+        versions: &mut Versions,
+    ) -> Result<(), anyhow::Error> {
+        versions
+            .load(
+                uow.conn(),
+                self.name(),
+                deliveries.iter().map(|d| d.commit.stream_id.as_str()),
+            )
+            .await?;
+        for delivery in deliveries {
+            self.apply_delivery(uow, delivery, versions).await?;
+        }
+        versions.flush(uow.conn(), self.name()).await
     }
 
     /// Retries the parked messages an operator asked for. A read model is
@@ -724,8 +1048,12 @@ impl<P: Projection> ProjectionRunner<P> {
                 continue;
             }
             let message = stream.get_raw_message(u64::try_from(sequence)?).await;
+            let mut versions = Versions::default();
             let result = match &message {
-                Ok(m) => self.apply(&mut uow, &Raw::stored(m)).await,
+                Ok(m) => match self.apply(&mut uow, &Raw::stored(m), &mut versions).await {
+                    Ok(()) => versions.flush(uow.conn(), self.name()).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(anyhow::anyhow!("message no longer in the stream: {e}")),
             };
             match result {
@@ -809,17 +1137,35 @@ impl<P: Projection> ProjectionRunner<P> {
         Ok(())
     }
 
-    /// Rebuilds the read model while the service runs and says whether the
-    /// rebuilt model equals the live one, in one transaction: the checkpoint
-    /// row locked (the runners of every replica wait), the live model
-    /// digested, reset (with its aggregate versions and parked messages, as
-    /// a rebuild does), the stream replayed from its start up to and
-    /// including the checkpoint's sequence (the position the live model had
-    /// reached), digested again, the checkpoint written back as it was. A
-    /// checkpoint that no longer counts in the stream (recreated, or lost its
-    /// tail) is rebuilt to the stream's end, as [`ProjectionRunner::rebuild`]
-    /// does. A reaction (not a read model) is left alone: its report says it
-    /// replayed nothing and has no digests.
+    /// Rebuilds the read model from its stream while the service runs and
+    /// says whether that equals the live model, up to the very message the
+    /// live model had reached (its checkpoint).
+    ///
+    /// A read model that lists its [`Projection::tables`] and has a digest
+    /// is first compared in a *shadow*: in one snapshot (repeatable read,
+    /// no lock) the checkpoint and the digest of the live model (a message
+    /// commits with its checkpoint, so the two belong together); then, on a
+    /// new connection of its own (no statement prepared on it before, closed
+    /// afterwards), temporary tables copied from the model's (they shadow
+    /// the live names on that connection), the stream replayed into them up
+    /// to and including that checkpoint through the same apply path, a
+    /// batch per short transaction (a long one would hold back every
+    /// relay's horizon, and with it every live update), and digested. The
+    /// live model, its checkpoint and its runners are never touched or
+    /// waited for. Equal: that is the report. Different: the live model is
+    /// repaired as below, and that comparison is the report.
+    ///
+    /// Otherwise, and to repair, in one transaction: the checkpoint row
+    /// locked (the runners of every replica wait), the live model digested,
+    /// reset (with its aggregate versions and parked messages, as a rebuild
+    /// does), the stream replayed from its start up to and including the
+    /// checkpoint's sequence, digested again, the checkpoint written back as
+    /// it was.
+    ///
+    /// A checkpoint that no longer counts in the stream (recreated, or lost
+    /// its tail) is rebuilt to the stream's end, as
+    /// [`ProjectionRunner::rebuild`] does. A reaction (not a read model) is
+    /// left alone: its report says it replayed nothing and has no digests.
     ///
     /// # Errors
     /// When the database or JetStream fails; the live model stays then.
@@ -842,24 +1188,174 @@ impl<P: Projection> ProjectionRunner<P> {
             Err(e) => return Err(e.into()),
         };
         let identity = StreamIdentity::of(stream.info().await?);
+        if !self.projection.tables().is_empty() {
+            let (checkpoint, live) = self.live_snapshot().await?;
+            if live.is_some() && still_valid(&stream, &identity, checkpoint.as_ref()).await? {
+                let checkpoint = checkpoint.unwrap_or_default();
+                let (rebuilt, replayed) = self.shadow_replay(&stream, &identity, checkpoint.sequence).await?;
+                if rebuilt == live {
+                    report.stream_sequence = checkpoint.sequence;
+                    report.messages = replayed.messages;
+                    report.parked = replayed.parked;
+                    report.live_digest = live;
+                    report.rebuilt_digest = rebuilt;
+                    metrics::counter!("nrm_projection_rebuilds_total", "projection" => self.name()).increment(1);
+                    tracing::info!(
+                        projection = self.name(),
+                        stream_sequence = checkpoint.sequence,
+                        messages = replayed.messages,
+                        parked = replayed.parked,
+                        equal = true,
+                        "read model compared with its shadow rebuild: equal, left as it is"
+                    );
+                    return Ok(report);
+                }
+                tracing::warn!(
+                    projection = self.name(),
+                    stream_sequence = checkpoint.sequence,
+                    "the shadow rebuild differs from the live read model: rebuilding the live model"
+                );
+            }
+        }
+        self.rebuild_compare_locked(&stream, &identity, report).await
+    }
+
+    /// The checkpoint and the digest of the live model, in one snapshot and
+    /// without a lock.
+    async fn live_snapshot(&self) -> Result<(Option<Checkpoint>, Option<String>), anyhow::Error> {
+        let mut tx = self.store.pool().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let checkpoint = read_checkpoint_in(&mut tx, self.name()).await?;
+        let digest = self.projection.digest(&mut tx).await?;
+        tx.rollback().await?;
+        Ok((checkpoint, digest))
+    }
+
+    /// Replays the stream up to and including `until` into temporary copies
+    /// of the model's tables on a connection of its own; the digest of
+    /// that copy. Nothing of it outlives the connection, closed here.
+    async fn shadow_replay(
+        &self,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        until: u64,
+    ) -> Result<(Option<String>, Replayed), anyhow::Error> {
+        // One connection, new: no statement of it was ever prepared against
+        // the live tables (a cached plan keeps the table it was planned on).
+        // It is never replaced: a second connection would not have the
+        // temporary tables (and each batch checks that they are there).
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .test_before_acquire(false)
+            .connect_lazy_with((*self.store.pool().connect_options()).clone());
+        let result = self.shadow_replay_on(&pool, stream, identity, until).await;
+        pool.close().await;
+        result
+    }
+
+    async fn shadow_replay_on(
+        &self,
+        pool: &sqlx::PgPool,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        until: u64,
+    ) -> Result<(Option<String>, Replayed), anyhow::Error> {
+        let mut tables: Vec<&'static str> = self.projection.tables().to_vec();
+        tables.extend(["projection_versions", "parked_messages", "projection_checkpoints"]);
+        if let Some(bad) = tables.iter().find(|t| {
+            t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        }) {
+            anyhow::bail!("projection {} lists a table that is no plain name: {bad}", self.name());
+        }
+        let store = EventStore::new(pool.clone());
+        let mut uow = store.begin().await?;
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(uow.conn())
+            .await?;
+        // A model of many rows: temporary tables live in this session's buffers.
+        sqlx::query("SET temp_buffers = '64MB'").execute(uow.conn()).await?;
+        sqlx::query("SET synchronous_commit = off").execute(uow.conn()).await?;
+        sqlx::query("SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), false)")
+            .execute(uow.conn())
+            .await?;
+        for table in &tables {
+            let schema: Option<String> = sqlx::query_scalar(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = to_regclass(quote_ident($1))",
+            )
+            .bind(table)
+            .fetch_optional(uow.conn())
+            .await?;
+            let schema =
+                schema.ok_or_else(|| anyhow::anyhow!("table {table} of projection {} does not exist", self.name()))?;
+            // Names checked above, the schema quoted by PostgreSQL's own rules.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TEMPORARY TABLE \"{table}\" (LIKE {}.\"{table}\" INCLUDING ALL)",
+                quote_identifier(&schema)
+            )))
+            .execute(uow.conn())
+            .await?;
+        }
+        uow.commit().await?;
+        tracing::info!(projection = self.name(), stream = %identity.name, stream_sequence = until, "replaying the stream into a shadow of the read model to compare it with the live one");
+        let mut replay = Replay::start_until(stream, self.source.filter.clone(), false, Some(until)).await?;
+        let mut replayed = Replayed::default();
+        let mut versions = Versions::after_reset();
+        let none = HashMap::new();
+        loop {
+            let batch = next_batch(&mut replay, SHADOW_BATCH).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut uow = store.begin().await?;
+            still_shadowed(uow.conn(), &tables, pid).await?;
+            self.replay_batch(&mut uow, identity, &batch, &none, &mut versions, &mut replayed)
+                .await?;
+            uow.commit().await?;
+            // This service's relay may have found a commit held back by
+            // that transaction: it need not wait for its next poll.
+            self.store.appended_signal().notify_one();
+        }
+        let mut conn = pool.acquire().await?;
+        still_shadowed(&mut conn, &tables, pid).await?;
+        let digest = self.projection.digest(&mut conn).await?;
+        Ok((digest, replayed))
+    }
+
+    /// [`ProjectionRunner::rebuild_compare`] under the checkpoint lock,
+    /// the live model rebuilt in place.
+    async fn rebuild_compare_locked(
+        &self,
+        stream: &Stream,
+        identity: &StreamIdentity,
+        mut report: RebuildReport,
+    ) -> Result<RebuildReport, anyhow::Error> {
         let mut uow = self.store.begin().await?;
         let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
         report.live_digest = self.projection.digest(uow.conn()).await?;
-        let same_stream = still_valid(&stream, &identity, Some(&checkpoint)).await?;
+        let same_stream = still_valid(stream, identity, Some(&checkpoint)).await?;
         let until = same_stream.then_some(checkpoint.sequence);
         if !same_stream {
             tracing::warn!(projection = self.name(), stream = %identity.name, "the checkpoint no longer counts in the stream: rebuilt to the stream's end");
         }
-        let replay = Replay::start_until(&stream, self.source.filter.clone(), false, until).await?;
+        let replay = Replay::start_until(stream, self.source.filter.clone(), false, until).await?;
         tracing::info!(projection = self.name(), stream = %identity.name, stream_sequence = ?until, "rebuilding the read model to compare it with the live one");
-        let replayed = self.replay_into(&mut uow, &identity, replay).await?;
+        let replayed = self.replay_into(&mut uow, identity, replay).await?;
         report.rebuilt_digest = self.projection.digest(uow.conn()).await?;
         let (sequence, commit_id) = if same_stream {
             (checkpoint.sequence, checkpoint.commit_id)
         } else {
             replayed.at
         };
-        write_checkpoint(uow.conn(), self.name(), sequence, &identity, commit_id).await?;
+        write_checkpoint(uow.conn(), self.name(), sequence, identity, commit_id).await?;
         uow.commit().await?;
         report.stream_sequence = sequence;
         report.messages = replayed.messages;
@@ -942,16 +1438,59 @@ impl<P: Projection> ProjectionRunner<P> {
         .collect();
         self.reset_in(uow).await?;
         let mut replayed = Replayed::default();
-        while let Some(message) = replay.next().await? {
-            let raw = Raw::delivered(&message)?;
-            let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
-            if self.apply_in_rebuild(uow, identity, &raw, before).await? {
-                replayed.parked += 1;
+        let mut versions = Versions::after_reset();
+        loop {
+            let batch = next_batch(&mut replay, BATCH).await?;
+            if batch.is_empty() {
+                return Ok(replayed);
             }
-            replayed.messages += 1;
-            replayed.at = (raw.sequence, raw.commit_id());
+            self.replay_batch(uow, identity, &batch, &earlier, &mut versions, &mut replayed)
+                .await?;
         }
-        Ok(replayed)
+    }
+
+    /// Messages of a rebuild under one savepoint; when one of them fails,
+    /// the savepoint is rolled back and each message applied on its own
+    /// ([`ProjectionRunner::apply_in_rebuild`]: retried, then parked).
+    async fn replay_batch(
+        &self,
+        uow: &mut UnitOfWork,
+        identity: &StreamIdentity,
+        batch: &[async_nats::jetstream::Message],
+        earlier: &HashMap<u64, u32>,
+        versions: &mut Versions,
+        replayed: &mut Replayed,
+    ) -> Result<(), anyhow::Error> {
+        let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
+        sqlx::query("SAVEPOINT nrm_batch").execute(uow.conn()).await?;
+        let applied = match raws.iter().map(Raw::delivery).collect::<Result<Vec<_>, _>>() {
+            Ok(deliveries) => self.apply_all(uow, &deliveries, versions).await,
+            Err(err) => Err(err),
+        };
+        match applied {
+            Ok(()) => {
+                sqlx::query("RELEASE SAVEPOINT nrm_batch").execute(uow.conn()).await?;
+            }
+            Err(err) if retry::is_transient(&err) => return Err(err),
+            Err(err) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT nrm_batch")
+                    .execute(uow.conn())
+                    .await?;
+                versions.discard();
+                tracing::debug!(projection = self.name(), error = %err, messages = raws.len(), "a batch of a rebuild failed: its messages one by one");
+                for raw in &raws {
+                    let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
+                    if self.apply_in_rebuild(uow, identity, raw, before, versions).await? {
+                        replayed.parked += 1;
+                    }
+                }
+            }
+        }
+        if let Some(last) = raws.last() {
+            replayed.at = (last.sequence, last.commit_id());
+        }
+        replayed.messages += raws.len() as u64;
+        Ok(())
     }
 
     /// One message of a rebuild, under a savepoint: retried, then parked,
@@ -962,11 +1501,16 @@ impl<P: Projection> ProjectionRunner<P> {
         identity: &StreamIdentity,
         raw: &Raw<'_>,
         earlier_attempts: u32,
+        versions: &mut Versions,
     ) -> Result<bool, anyhow::Error> {
         let mut failures = 0;
         loop {
             sqlx::query("SAVEPOINT nrm_message").execute(uow.conn()).await?;
-            match self.apply(uow, raw).await {
+            let applied = match self.apply(uow, raw, versions).await {
+                Ok(()) => versions.flush(uow.conn(), self.name()).await,
+                Err(err) => Err(err),
+            };
+            match applied {
                 Ok(()) => {
                     sqlx::query("RELEASE SAVEPOINT nrm_message").execute(uow.conn()).await?;
                     return Ok(false);
@@ -976,6 +1520,7 @@ impl<P: Projection> ProjectionRunner<P> {
                     sqlx::query("ROLLBACK TO SAVEPOINT nrm_message")
                         .execute(uow.conn())
                         .await?;
+                    versions.discard();
                     failures += 1;
                     if is_unprocessable(&err) || self.retry.exhausted(failures) {
                         park_message(
@@ -996,6 +1541,18 @@ impl<P: Projection> ProjectionRunner<P> {
             }
         }
     }
+}
+
+/// The next messages of `replay`, at most `most`; none at its end.
+async fn next_batch(replay: &mut Replay, most: usize) -> Result<Vec<async_nats::jetstream::Message>, anyhow::Error> {
+    let mut batch = Vec::new();
+    while batch.len() < most {
+        match replay.next().await? {
+            Some(message) => batch.push(message),
+            None => break,
+        }
+    }
+    Ok(batch)
 }
 
 /// Whether `checkpoint` counts in `stream` as it is now: same identity, and
@@ -1093,6 +1650,15 @@ async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<Ch
     Ok(checkpoint_from_row(&row)?)
 }
 
+/// Lets the transaction of a read model (never a reaction's, whose events
+/// the relay publishes) return before its commit is flushed to disk: its
+/// checkpoint commits with its effects, so a tail lost in a crash of
+/// PostgreSQL is applied again from the stream.
+async fn read_model_commit(conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(conn).await?;
+    Ok(())
+}
+
 async fn write_checkpoint(
     conn: &mut PgConnection,
     projection: &str,
@@ -1139,6 +1705,27 @@ async fn park_message(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Fails unless `conn` is still the shadow's connection (backend `pid`)
+/// and each of `tables` resolves to its temporary copy there.
+async fn still_shadowed(conn: &mut PgConnection, tables: &[&str], pid: i32) -> Result<(), anyhow::Error> {
+    let (now, all): (i32, bool) = sqlx::query_as(
+        "SELECT pg_backend_pid(), coalesce(bool_and(c.relnamespace = pg_my_temp_schema()), false)
+         FROM unnest($1::text[]) AS t(name) LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name))",
+    )
+    .bind(tables)
+    .fetch_one(conn)
+    .await?;
+    if now != pid || !all {
+        anyhow::bail!("the shadow's connection lost its temporary tables");
+    }
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// An error as kept with a parked item: the chain, shortened. Handlers'

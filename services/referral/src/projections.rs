@@ -31,6 +31,10 @@ impl Projection for Persons {
         "referral_persons"
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["persons"]
+    }
+
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
         if delivery.commit.payload_type != IDENTIFICATION_PAYLOAD {
             return Ok(());
@@ -135,6 +139,10 @@ pub struct Inbox;
 impl Projection for Inbox {
     fn name(&self) -> &'static str {
         "referral_inbox"
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["inbox"]
     }
 
     /// Folds the referral from the store up to the commit's last version

@@ -22,6 +22,10 @@ impl Projection for ReturnList {
         "repatriation_return_list"
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["return_list"]
+    }
+
     /// Folds the return from the store up to the commit's last version (the
     /// same fold commands use) and keeps the newest.
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {

@@ -54,6 +54,10 @@ impl Projection for FreeCapacity {
         "shelter_free_capacity"
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["free_capacity", "free_capacity_shelters", "free_capacity_holds"]
+    }
+
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
         let Some(id) = delivery.commit.stream_id.strip_prefix("shelter-") else {
             return Ok(());

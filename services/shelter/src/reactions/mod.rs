@@ -533,6 +533,10 @@ impl Projection for ReferralsView {
         "shelter_referrals"
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["shelter_referrals"]
+    }
+
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
         if delivery.commit.payload_type != REFERRAL_PAYLOAD_TYPE {
             return Ok(());
