@@ -64,6 +64,12 @@ impl Projection for RepatriationProjection {
     async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
         Ok(Some(rows_digest(conn, DIGEST).await?))
     }
+
+    /// Its own tables and `cp_steps`, of which its digest counts its own
+    /// rows (a rebuild compares in a shadow of them).
+    fn tables(&self) -> &'static [&'static str] {
+        &["cp_returns", "cp_return_commits", "cp_steps"]
+    }
 }
 
 /// The statement of one write, with `steps` (see [`super::write_effect`]).

@@ -21,9 +21,11 @@ pub enum OpsCommand {
     /// Rebuild a service's read models from their streams while it runs and
     /// say whether each came out equal to the live one.
     ///
-    /// Each read model is rebuilt in one transaction, up to the stream
-    /// position the live model had reached (its runners wait meanwhile and
-    /// then go on); one line per read model: its name, stream, sequence,
+    /// Each read model is replayed, up to the stream position the live
+    /// model had reached, into a shadow of its tables while the live one
+    /// goes on; only one that came out different is then rebuilt in place,
+    /// in one transaction (its runner waits for it). One line per read
+    /// model: its name, stream, sequence,
     /// messages replayed, messages parked, and `equal` or
     /// `DIFFERENT (live <digest> rebuilt <digest>)` (the rebuilt model is
     /// the one kept). Asks the service at --endpoint (or the one --service
