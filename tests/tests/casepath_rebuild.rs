@@ -164,5 +164,51 @@ async fn the_rebuilt_read_models_equal_the_live_ones() {
         "and the views after it are the same"
     );
 
+    // A view changed behind casepath's back (an insider, a bug): the shadow
+    // comparison finds it, the live view is rebuilt from the streams, and
+    // the next comparison is equal again.
+    let changed = sqlx::query("UPDATE cp_cases SET citizenship = 'zz' WHERE case_id = (SELECT case_id FROM cp_cases ORDER BY case_id LIMIT 1)")
+        .execute(&world.kg.casepath.pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(changed, 1);
+    let rebuild = || async {
+        let out = tokio::process::Command::new(binary("nrmctl"))
+            .args(["--as-agency", "kg-ops", "--as-role", "operator"])
+            .args(["--casepath-endpoint", &world.kg.casepath.endpoint])
+            .args([
+                "ops",
+                "rebuild",
+                "--service",
+                "casepath",
+                "--projection",
+                "casepath_identification",
+            ])
+            .env("NRM_ISSUER_KEY", issuer_key_path())
+            .env_remove("NRM_TOKEN")
+            .output()
+            .await
+            .expect("run nrmctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = rebuild().await;
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("DIFFERENT"), "{text}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM cp_cases WHERE citizenship = 'zz'")
+        .fetch_one(&world.kg.casepath.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the live view was rebuilt from the streams");
+    let (code, text) = rebuild().await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("equal") && !text.contains("DIFFERENT"), "{text}");
+    assert_eq!(
+        capture(&world.kg, at).await,
+        live_kg,
+        "the views are the live ones again"
+    );
+
     world.stop().await;
 }
