@@ -241,9 +241,6 @@ async fn drive(
     faults: &Arc<inject::FaultLog>,
 ) -> anyhow::Result<Verdict> {
     services.set_abort_after_ack(plan.abort_after_ack);
-    if plan.dedupe_probe {
-        services.arm_dedupe_probe();
-    }
     for service in inject::Service::ALL {
         services.start(service).await?;
     }
@@ -252,6 +249,12 @@ async fn drive(
     let clients = load::Clients::new(services)?;
     let load = Arc::new(load::Load::new(plan, clients.clone(), history.clone()));
     load.setup(&mut rng.fork(1)).await.context("registering the shelters")?;
+    // Only now: a relay aborting while the shelters are registered is
+    // restarted at once; one kept off past the de-duplication window then
+    // would hold their beds back longer than registering waits.
+    if plan.dedupe_probe {
+        services.arm_dedupe_probe();
+    }
     println!(
         "fault suite: stack up, services up, {} shelters registered; load and faults start",
         load.shelter_count()
