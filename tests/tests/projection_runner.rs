@@ -408,3 +408,121 @@ async fn a_backlog_is_caught_up_in_batches_each_message_once_in_order_a_poison_m
     );
     parts.drop_all().await;
 }
+
+/// A reaction (no read model) that fails, as unprocessable, on the stream
+/// sequences listed in `test_poison`, and records what it acted on.
+struct Reaction;
+
+impl Projection for Reaction {
+    const READ_MODEL: bool = false;
+
+    fn name(&self) -> &'static str {
+        "test_reaction"
+    }
+
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        let sequence = i64::try_from(delivery.stream_sequence)?;
+        let poisoned: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM test_poison WHERE stream_sequence = $1)")
+            .bind(sequence)
+            .fetch_one(uow.conn())
+            .await?;
+        if poisoned {
+            return Err(nrm_kernel::projection::Unprocessable::new(anyhow::anyhow!("poisoned for the test")).into());
+        }
+        sqlx::query("INSERT INTO test_reacted (stream_sequence, stream_id) VALUES ($1, $2)")
+            .bind(sequence)
+            .bind(&delivery.commit.stream_id)
+            .execute(uow.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, _conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_reaction_message_whose_aggregate_moved_past_it_stays_parked_and_says_why() {
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    for ddl in [
+        "CREATE TABLE test_poison (stream_sequence BIGINT PRIMARY KEY)",
+        "CREATE TABLE test_reacted (stream_sequence BIGINT PRIMARY KEY, stream_id TEXT NOT NULL)",
+        "INSERT INTO test_poison VALUES (1), (2)",
+    ] {
+        sqlx::query(ddl).execute(&parts.pool).await.unwrap();
+    }
+    // Case a (sequence 1) and case b (2) are parked; a's next version (3)
+    // is acted on, so a's aggregate moves past its parked first version.
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    append_case(&parts, &store, a).await;
+    append_case(&parts, &store, b).await;
+    let mut uow = store.begin().await.unwrap();
+    uow.append(
+        &format!("case-{a}"),
+        1,
+        &[reported(a)],
+        &metadata(),
+        &parts.bus.subject("identification", "case", &a.to_string()),
+    )
+    .await
+    .unwrap();
+    uow.commit().await.unwrap();
+    parts.publish_all(&mut parts.relay(&store)).await;
+
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(
+        ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", Reaction).run(shutdown.clone()),
+    );
+    eventually("both parked, the third acted on", Duration::from_secs(15), || async {
+        let parked = scalar(
+            &parts.pool,
+            "SELECT count(*) FROM parked_messages WHERE projection = 'test_reaction'",
+        )
+        .await;
+        let reacted = scalar(&parts.pool, "SELECT count(*) FROM test_reacted").await;
+        (parked == 2 && reacted == 1).then_some(())
+    })
+    .await;
+
+    // The cause is gone; the operator retries both.
+    for sql in [
+        "DELETE FROM test_poison",
+        "UPDATE parked_messages SET retry_requested = true WHERE projection = 'test_reaction'",
+    ] {
+        sqlx::query(sql).execute(&parts.pool).await.unwrap();
+    }
+    eventually("the retries ran", Duration::from_secs(15), || async {
+        let waiting = scalar(
+            &parts.pool,
+            "SELECT count(*) FROM parked_messages WHERE projection = 'test_reaction' AND retry_requested",
+        )
+        .await;
+        (waiting == 0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.unwrap();
+
+    let reacted: Vec<i64> = sqlx::query_scalar("SELECT stream_sequence FROM test_reacted ORDER BY stream_sequence")
+        .fetch_all(&parts.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        reacted,
+        [2, 3],
+        "b acted on at its retry; a's first version not, after its second"
+    );
+    let parked: Vec<(i64, String, bool)> = sqlx::query_as(
+        "SELECT stream_sequence, last_error, retry_requested FROM parked_messages WHERE projection = 'test_reaction'",
+    )
+    .fetch_all(&parts.pool)
+    .await
+    .unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].0, 1);
+    assert!(parked[0].1.contains("moved past"), "{parked:?}");
+    assert!(!parked[0].2);
+    parts.drop_all().await;
+}

@@ -352,6 +352,14 @@ impl Versions {
 
     /// Whether a commit that brings `stream_id` to `last` moves it forward
     /// (then it is noted); the aggregate must have been loaded.
+    /// The last version applied (or admitted) of `stream_id`, if any.
+    fn applied(&self, stream_id: &str) -> Option<i64> {
+        self.pending
+            .get(stream_id)
+            .copied()
+            .or_else(|| self.known.get(stream_id).copied().flatten())
+    }
+
     fn admit(&mut self, stream_id: &str, last: i64) -> Option<i64> {
         let applied = self
             .pending
@@ -959,6 +967,32 @@ impl<P: Projection> ProjectionRunner<P> {
         self.apply_delivery(uow, &delivery, versions).await
     }
 
+    /// A reaction's parked message, applied on an operator's retry unless
+    /// its aggregate has moved past it meanwhile: then acting on it could
+    /// act on a state that no longer holds, and passing it over in silence
+    /// would lose it (the version guard's "stale" is for redeliveries, not
+    /// for a message never applied), so it stays parked, saying why.
+    async fn retry_one(
+        &self,
+        uow: &mut UnitOfWork,
+        raw: &Raw<'_>,
+        versions: &mut Versions,
+    ) -> Result<(), anyhow::Error> {
+        let delivery = raw.delivery()?;
+        let stream_id = delivery.commit.stream_id.as_str();
+        versions.load(uow.conn(), self.name(), [stream_id]).await?;
+        if let Some(last) = delivery.commit.events.iter().map(|e| e.version).max()
+            && let Some(applied) = versions
+                .applied(stream_id)
+                .filter(|v| i64::try_from(last).is_ok_and(|l| l <= *v))
+        {
+            anyhow::bail!(
+                "its aggregate has moved past it (this commit ends at version {last}, version {applied} was applied since): not applied, left parked"
+            );
+        }
+        self.apply_delivery(uow, &delivery, versions).await
+    }
+
     /// [`ProjectionRunner::apply`] of a decoded message whose aggregate
     /// `versions` has loaded.
     async fn apply_delivery(
@@ -1050,7 +1084,7 @@ impl<P: Projection> ProjectionRunner<P> {
             let message = stream.get_raw_message(u64::try_from(sequence)?).await;
             let mut versions = Versions::default();
             let result = match &message {
-                Ok(m) => match self.apply(&mut uow, &Raw::stored(m), &mut versions).await {
+                Ok(m) => match self.retry_one(&mut uow, &Raw::stored(m), &mut versions).await {
                     Ok(()) => versions.flush(uow.conn(), self.name()).await,
                     Err(e) => Err(e),
                 },
