@@ -34,6 +34,7 @@ struct Scenario {
     case: Uuid,
     to_msd: Uuid,
     to_moh: Uuid,
+    hold: Uuid,
 }
 
 async fn seed_scenario(pool: &PgPool) -> Scenario {
@@ -213,6 +214,7 @@ async fn seed_scenario(pool: &PgPool) -> Scenario {
         case: c,
         to_msd,
         to_moh,
+        hold,
     }
 }
 
@@ -477,9 +479,19 @@ async fn a_bed_held_for_a_referral_shows_once_as_the_shelter_records_it_or_else_
     let mut client = app.client.clone();
     let s = seed_scenario(&app.pool).await;
     // The referral service records the same bed on the referral.
+    let on_referral = |hold: Uuid| {
+        Some(pb::step::Detail::Referral(pb::ReferralDetail {
+            referral_id: s.to_msd.to_string(),
+            hold_id: hold.to_string(),
+            ..pb::ReferralDetail::default()
+        }))
+    };
     insert_step(
         &app.pool,
-        step(s.to_msd, P::Referrals, K::BedHeld, t("2026-03-05T04:31:00Z"), 7),
+        StepSeed {
+            detail: on_referral(s.hold),
+            ..step(s.to_msd, P::Referrals, K::BedHeld, t("2026-03-05T04:31:00Z"), 7)
+        },
     )
     .await;
     let person = s.person.to_string();
@@ -501,6 +513,20 @@ async fn a_bed_held_for_a_referral_shows_once_as_the_shelter_records_it_or_else_
         .unwrap();
     assert!(!parts(&police).contains(&P::Shelter));
     assert_eq!(beds(&police), [P::Referrals], "{police:#?}");
+    // A second bed for the same referral (after a redirect) whose hold has
+    // no shelter step here: its referral step shows, the first still once.
+    insert_step(
+        &app.pool,
+        StepSeed {
+            detail: on_referral(Uuid::now_v7()),
+            ..step(s.to_msd, P::Referrals, K::BedHeld, t("2026-03-06T04:31:00Z"), 8)
+        },
+    )
+    .await;
+    let full = get_path(&mut client, &person, &token("kg-coordinator", Role::Coordinator, "c-1"))
+        .await
+        .unwrap();
+    assert_eq!(beds(&full), [P::Shelter, P::Referrals], "{full:#?}");
     app.stop().await;
 }
 
@@ -1190,6 +1216,14 @@ async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more
         .unwrap();
     let ids: BTreeSet<String> = second.items.iter().map(|i| i.subject_id.clone()).collect();
     assert_eq!(ids, BTreeSet::from([new.to_string()]));
+    // Both answers are on the trail, the update as such.
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE agency = 'kg-msd' AND action LIKE 'WatchInbox%' ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, ["WatchInbox", "WatchInbox:update"]);
     app.stop().await;
 }
 

@@ -3,8 +3,8 @@
 //! hold a stream for about 13 s). Commits are published straight onto the
 //! context streams, as a newer or a faulty service would write them:
 //! - an event of a variant this version does not know (oneof field 999,
-//!   hand-encoded) between two good ones: skipped, the two applied, nothing
-//!   parked;
+//!   hand-encoded) between two good ones: the whole commit parked at its
+//!   first failure (never half of it applied), the commits after it go on;
 //! - an event whose required ID is malformed: parked at its first failure
 //!   (attempts 1), and the good commit after it is on the path promptly;
 //! - a malformed optional link (a case from abroad's return ID): the case
@@ -159,24 +159,25 @@ async fn an_unknown_event_is_skipped_a_malformed_one_parked_at_once_and_the_comm
 
     // An unknown variant between two good events of one commit.
     let (case_2, person_2) = ids();
-    h.publish(
-        "identification",
-        IDENTIFICATION_PAYLOAD,
-        "case",
-        &case_2,
-        vec![
-            ident(pv(report(&case_2, &person_2))),
-            unknown_variant(),
-            ident(id::identification_event::Event::ScreeningCompleted(
-                id::ScreeningCompleted {
-                    case_id: case_2.clone(),
-                    indicators: vec![1],
-                    screened_at: Some(nrm_e2e::casepath::now()),
-                },
-            )),
-        ],
-    )
-    .await;
+    let unknown = h
+        .publish(
+            "identification",
+            IDENTIFICATION_PAYLOAD,
+            "case",
+            &case_2,
+            vec![
+                ident(pv(report(&case_2, &person_2))),
+                unknown_variant(),
+                ident(id::identification_event::Event::ScreeningCompleted(
+                    id::ScreeningCompleted {
+                        case_id: case_2.clone(),
+                        indicators: vec![1],
+                        screened_at: Some(nrm_e2e::casepath::now()),
+                    },
+                )),
+            ],
+        )
+        .await;
     // A required ID that is not one.
     let malformed = h
         .publish(
@@ -219,14 +220,25 @@ async fn an_unknown_event_is_skipped_a_malformed_one_parked_at_once_and_the_comm
         .wait_path_within(&person_3, &coordinator(), PROMPTLY, |p| !p.steps.is_empty())
         .await;
     assert_eq!(kinds(&path_3), [cp::StepKind::CaseOpenedFromAbroad]);
-    let path_2 = h
+    // Nothing of the commit with the unknown event: not half of a command.
+    let half = h
         .app
-        .wait_path_within(&person_2, &coordinator(), PROMPTLY, |p| !p.steps.is_empty())
+        .client
+        .clone()
+        .get_path(authorized(
+            cp::GetPathRequest {
+                person_id: person_2.clone(),
+            },
+            &coordinator().token(),
+        ))
         .await;
     assert_eq!(
-        kinds(&path_2),
-        [cp::StepKind::Found, cp::StepKind::Reported, cp::StepKind::Screened],
-        "the unknown event skipped, the two around it applied"
+        half.map(|p| p.into_inner().steps.len()).unwrap_or_else(|s| {
+            assert_eq!(s.code(), tonic::Code::NotFound, "{s:?}");
+            0
+        }),
+        0,
+        "no step of the commit with the unknown event"
     );
     let return_of_3: Option<Uuid> = sqlx::query_scalar("SELECT return_id FROM cp_cases WHERE case_id = $1::uuid")
         .bind(&case_3)
@@ -235,15 +247,23 @@ async fn an_unknown_event_is_skipped_a_malformed_one_parked_at_once_and_the_comm
         .unwrap();
     assert_eq!(return_of_3, None, "a malformed link is stored as absent");
 
-    // Only the malformed commit is parked, at its first failure, and its
-    // error does not repeat what it carried.
+    // Both bad commits are parked, each at its first failure, saying why
+    // without repeating what they carried.
     let parked = h.parked().await;
-    assert_eq!(parked.len(), 1, "{parked:?}");
-    let item = &parked[0];
-    assert_eq!(item.kind, common::ParkedKind::Message as i32);
-    assert_eq!(item.owner, "casepath_identification");
-    assert_eq!(item.item_id, malformed.to_string());
-    assert_eq!(item.attempts, 1);
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    for item in &parked {
+        assert_eq!(item.kind, common::ParkedKind::Message as i32);
+        assert_eq!(item.owner, "casepath_identification");
+        assert_eq!(item.attempts, 1, "{item:?}");
+    }
+    let of = |sequence: u64| {
+        parked
+            .iter()
+            .find(|i| i.item_id == sequence.to_string())
+            .unwrap_or_else(|| panic!("{sequence} not parked: {parked:?}"))
+    };
+    assert!(of(unknown).last_error.contains("does not know"), "{:?}", of(unknown));
+    let item = of(malformed);
     assert!(item.last_error.contains("case_id"), "{}", item.last_error);
     assert!(!item.last_error.contains("CASE-not-a-uuid"), "{}", item.last_error);
     h.app.stop().await;

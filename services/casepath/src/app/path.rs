@@ -95,7 +95,6 @@ struct ReturnRow {
 #[derive(Debug, Clone)]
 struct HoldRow {
     hold_id: Uuid,
-    referral_id: Option<Uuid>,
     holder_agency: String,
     operator_agency: Option<String>,
 }
@@ -452,7 +451,7 @@ impl Casepath {
         // Two index scans (by referral; by the return's commits) united,
         // not one OR that only a scan of every hold can answer.
         let holds = sqlx::query(
-            "SELECT h.hold_id, h.referral_id, h.holder_agency, s.operator_agency FROM ( \
+            "SELECT h.hold_id, h.holder_agency, s.operator_agency FROM ( \
                  SELECT hold_id FROM cp_holds WHERE referral_id = ANY($1) \
                  UNION \
                  SELECT h.hold_id FROM cp_return_commits rc JOIN cp_holds h ON h.cause_commit_id = rc.commit_id \
@@ -469,7 +468,6 @@ impl Casepath {
         .map(|r| {
             Ok(HoldRow {
                 hold_id: r.try_get("hold_id")?,
-                referral_id: r.try_get("referral_id")?,
                 holder_agency: r.try_get("holder_agency")?,
                 operator_agency: r.try_get("operator_agency")?,
             })
@@ -571,8 +569,10 @@ impl Casepath {
         let (current, spans) = stage::spans(&changes);
         // A bed is recorded twice: by the shelter (BED_HELD of the hold, with
         // its details) and by the referral it is for (BED_HELD of the
-        // referral). A caller who sees the shelter's sees that one only.
-        let beds_shown: HashSet<Uuid> = records
+        // referral, naming the hold). A caller who sees the shelter's step of
+        // a hold sees that one only; a hold it cannot see (another agency's,
+        // after a redirect) still shows as the referral's step.
+        let holds_shown: HashSet<String> = records
             .steps
             .iter()
             .filter(|s| {
@@ -580,14 +580,13 @@ impl Casepath {
                     && s.part == pb::PathPart::Shelter as i32
                     && sight.admitted.contains(&(s.part, s.subject_id))
             })
-            .filter_map(|s| records.holds.iter().find(|h| h.hold_id == s.subject_id))
-            .filter_map(|h| h.referral_id)
+            .map(|s| s.subject_id.to_string())
             .collect();
         let shown = |s: &&StepRow| {
             sight.admitted.contains(&(s.part, s.subject_id))
                 && !(s.step.kind == pb::StepKind::BedHeld as i32
                     && s.part == pb::PathPart::Referrals as i32
-                    && beds_shown.contains(&s.subject_id))
+                    && matches!(&s.step.detail, Some(pb::step::Detail::Referral(d)) if holds_shown.contains(&d.hold_id)))
         };
         let mut steps: Vec<pb::Step> = ordered
             .iter()

@@ -281,7 +281,8 @@ impl Casepath {
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    /// `WatchInbox`: the inbox now, then on every change.
+    /// `WatchInbox`: the inbox now, then on every change (each changed
+    /// inbox audited as `WatchInbox:update` before it is sent).
     ///
     /// # Errors
     /// As [`Casepath::list_inbox`], for the first answer.
@@ -301,9 +302,20 @@ impl Casepath {
         let app = self.clone();
         let query_app = self.clone();
         tokio::spawn(async move {
+            // As for a path: each changed inbox is audited before it is sent.
+            let audited = std::sync::Arc::new(tokio::sync::Mutex::new(inbox_key(&first.0)));
             let run = move || {
-                let (app, ctx, query) = (query_app.clone(), ctx.clone(), query.clone());
-                async move { app.inbox_until(&ctx, &query).await }
+                let (app, ctx, query, audited) = (query_app.clone(), ctx.clone(), query.clone(), audited.clone());
+                async move {
+                    let answer = app.inbox_until(&ctx, &query).await?;
+                    let key = inbox_key(&answer.0);
+                    let mut last = audited.lock().await;
+                    if *last != key {
+                        app.audit_inbox(&ctx, "WatchInbox:update", &query, &answer.0).await?;
+                        *last = key;
+                    }
+                    Ok(answer)
+                }
             };
             app.follow(first, inbox_key, run, expires_at, changes, tx).await;
         });

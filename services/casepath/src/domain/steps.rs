@@ -19,11 +19,14 @@
 //! # What one bad event does
 //! One event must never stall a stream, nor be silently half-applied:
 //! - An event of a variant this version does not know (a newer service's:
-//!   its payload is not empty but decodes to no variant) is skipped and
-//!   reported in [`Effect::skipped`] (the projection counts it in
-//!   `nrm_casepath_unknown_events_total` and logs its IDs); the commit's
-//!   other events are applied. Variants this version knows but has no use
-//!   for map to nothing and are not reported.
+//!   its payload is not empty but decodes to no variant) fails the whole
+//!   commit ([`StepError::UnknownEvent`]): the projection parks it at once,
+//!   durably and listed by `nrmctl ops parked`, rather than apply the rest
+//!   of the commit without it (half a command) or pass it over unseen.
+//!   Upgrade casepath before the services whose events it reads; after an
+//!   upgrade, `nrmctl ops retry` applies a parked commit in its place (a
+//!   rebuild). Variants this version knows but has no use for map to
+//!   nothing.
 //! - Required, because a row or a step cannot exist without them: the
 //!   commit's and each event's ID, the ID of the record the event is about
 //!   (the case, consent, referral, goal, hold, shelter, notification; a
@@ -82,6 +85,9 @@ pub enum StepError {
     /// An event has no variant set.
     #[error("event {0} is empty")]
     Empty(String),
+    /// An event of a variant this version does not know (a newer service's).
+    #[error("event {0} is of a kind this version of casepath does not know: upgrade casepath, then retry")]
+    UnknownEvent(String),
     /// An ID field is not a UUID.
     #[error("event {event}: {field} is not a UUID")]
     MalformedId {
@@ -161,11 +167,6 @@ impl<W> Default for Effect<W> {
 /// Something of a commit left out rather than failing it (IDs only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skipped {
-    /// An event of a variant this version does not know: not applied.
-    UnknownEvent {
-        /// The event's ID.
-        event_id: Uuid,
-    },
     /// An optional link that is not a UUID: stored as absent.
     MalformedLink {
         /// The event's ID.
@@ -242,21 +243,16 @@ impl Ev<'_> {
         parsed
     }
 
-    /// The event's variant; none for a variant this version does not know
-    /// (reported in [`Effect::skipped`]).
+    /// The event's variant.
     ///
     /// # Errors
-    /// An empty event (no payload at all).
+    /// An empty event (no payload at all), or one of a variant this
+    /// version does not know.
     fn known<T>(&self, variant: Option<T>) -> Result<Option<T>, StepError> {
         match variant {
             Some(v) => Ok(Some(v)),
             None if self.committed.payload.is_empty() => Err(StepError::Empty(self.id.to_string())),
-            None => {
-                self.skipped
-                    .borrow_mut()
-                    .push(Skipped::UnknownEvent { event_id: self.id });
-                Ok(None)
-            }
+            None => Err(StepError::UnknownEvent(self.id.to_string())),
         }
     }
 
@@ -1026,10 +1022,16 @@ pub fn referral(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effect<Refe
             }
             Event::BedHoldRecorded(b) => {
                 let id = referral_id(&b.referral_id)?;
+                let mut detail = refd(id);
+                // Only to match the shelter's step of the same hold: a link.
+                detail.hold_id = ev
+                    .link("hold_id", &b.hold_id, HoldId::from_uuid)
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
                 let at = ev.recorded()?;
                 effect
                     .steps
-                    .push(on_referral(id, Kind::BedHeld, at, origin.agency, refd(id)));
+                    .push(on_referral(id, Kind::BedHeld, at, origin.agency, detail));
             }
             Event::NoBedRecorded(n) => {
                 let id = referral_id(&n.referral_id)?;
@@ -2612,7 +2614,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_variant_is_skipped_and_reported_and_the_others_apply() {
+    fn an_unknown_variant_fails_the_whole_commit_on_every_stream() {
         use id::identification_event::Event;
         let (case_id, person_id) = (uuid(), uuid());
         let payload = |e| id::IdentificationEvent { event: Some(e) }.encode_to_vec();
@@ -2622,42 +2624,26 @@ mod tests {
             vec![
                 payload(Event::PresumedVictimReported(report(&case_id, &person_id))),
                 unknown_variant(),
-                payload(Event::ScreeningCompleted(id::ScreeningCompleted {
-                    case_id: case_id.clone(),
-                    indicators: vec![1],
-                    screened_at: Some(ts(300)),
-                })),
             ],
         );
-        let effect = identification(&c, &KG).unwrap();
-        assert_eq!(kinds(&effect.steps), [Kind::Found, Kind::Reported, Kind::Screened]);
-        assert_eq!(effect.writes.len(), 2);
-        assert_eq!(
-            effect.skipped,
-            [Skipped::UnknownEvent {
-                event_id: event_id(&c, 1)
-            }]
-        );
-
-        // The same on every stream.
-        let skipped_of = |payload_type: &str, stream: &str| {
-            let c = commit(payload_type, stream, vec![unknown_variant()]);
-            let skipped = match payload_type {
-                REFERRAL_PAYLOAD => referral(&c, &KG).unwrap().skipped,
-                SHELTER_PAYLOAD => shelter(&c, None, &KG).unwrap().skipped,
-                _ => repatriation(&c, &KG).unwrap().skipped,
+        let unknown = event_id(&c, 1).to_string();
+        assert!(matches!(identification(&c, &KG), Err(StepError::UnknownEvent(e)) if e == unknown));
+        for (payload_type, stream) in [
+            (REFERRAL_PAYLOAD, format!("referral-{}", uuid())),
+            (SHELTER_PAYLOAD, format!("shelter-{}", uuid())),
+            (REPATRIATION_PAYLOAD, format!("return-{}", uuid())),
+        ] {
+            let c = commit(payload_type, &stream, vec![unknown_variant()]);
+            let failed = match payload_type {
+                REFERRAL_PAYLOAD => referral(&c, &KG).err(),
+                SHELTER_PAYLOAD => shelter(&c, None, &KG).err(),
+                _ => repatriation(&c, &KG).err(),
             };
-            assert_eq!(
-                skipped,
-                [Skipped::UnknownEvent {
-                    event_id: event_id(&c, 0)
-                }],
-                "{payload_type}"
+            assert!(
+                matches!(failed, Some(StepError::UnknownEvent(_))),
+                "{payload_type}: {failed:?}"
             );
-        };
-        skipped_of(REFERRAL_PAYLOAD, &format!("referral-{}", uuid()));
-        skipped_of(SHELTER_PAYLOAD, &format!("shelter-{}", uuid()));
-        skipped_of(REPATRIATION_PAYLOAD, &format!("return-{}", uuid()));
+        }
     }
 
     #[test]

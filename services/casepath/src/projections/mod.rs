@@ -70,21 +70,11 @@ pub fn register(kit: &mut Kit, country: &CountryCode) {
 }
 
 /// Counts and logs (IDs only) what the mapping of `delivery`'s commit left
-/// out: events of a variant this version does not know
-/// (`nrm_casepath_unknown_events_total{projection}`) and malformed optional
-/// links stored as absent (`nrm_casepath_malformed_links_total{projection, field}`).
+/// out: malformed optional links stored as absent
+/// (`nrm_casepath_malformed_links_total{projection, field}`).
 fn report_skipped(projection: &'static str, delivery: &Delivery, skipped: &[Skipped]) {
     for s in skipped {
         match *s {
-            Skipped::UnknownEvent { event_id } => {
-                metrics::counter!("nrm_casepath_unknown_events_total", "projection" => projection).increment(1);
-                tracing::warn!(
-                    projection,
-                    stream_sequence = delivery.stream_sequence,
-                    event_id = %event_id,
-                    "an event of a variant this version does not know was skipped; the commit's other events were applied"
-                );
-            }
             Skipped::MalformedLink { event_id, field } => {
                 metrics::counter!("nrm_casepath_malformed_links_total", "projection" => projection, "field" => field)
                     .increment(1);
