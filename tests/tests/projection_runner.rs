@@ -526,3 +526,81 @@ async fn a_retried_reaction_message_whose_aggregate_moved_past_it_stays_parked_a
     assert!(!parked[0].2);
     parts.drop_all().await;
 }
+
+/// A read model that lists one table but also writes another.
+struct Leaky;
+
+impl Projection for Leaky {
+    fn name(&self) -> &'static str {
+        "test_leaky"
+    }
+
+    async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
+        let sequence = i64::try_from(delivery.stream_sequence)?;
+        for sql in [
+            "INSERT INTO test_listed (stream_sequence) VALUES ($1)",
+            "INSERT INTO test_unlisted (stream_sequence) VALUES ($1)",
+        ] {
+            sqlx::query(sql).bind(sequence).execute(uow.conn()).await?;
+        }
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query("DELETE FROM test_listed").execute(&mut *conn).await?;
+        sqlx::query("DELETE FROM test_unlisted").execute(conn).await?;
+        Ok(())
+    }
+
+    async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
+        Ok(Some(
+            nrm_kernel::projection::rows_digest(conn, "SELECT t::text FROM test_listed t").await?,
+        ))
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["test_listed"]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_comparison_never_writes_a_table_the_projection_does_not_list() {
+    let parts = Parts::new().await;
+    let store = EventStore::new(parts.pool.clone());
+    for ddl in [
+        "CREATE TABLE test_listed (stream_sequence BIGINT PRIMARY KEY)",
+        "CREATE TABLE test_unlisted (stream_sequence BIGINT PRIMARY KEY)",
+    ] {
+        sqlx::query(ddl).execute(&parts.pool).await.unwrap();
+    }
+    for _ in 0..3 {
+        append_case(&parts, &store, Uuid::now_v7()).await;
+    }
+    parts.publish_all(&mut parts.relay(&store)).await;
+    let shutdown = CancellationToken::new();
+    let runner = tokio::spawn(
+        ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", Leaky).run(shutdown.clone()),
+    );
+    eventually("the three applied", Duration::from_secs(15), || async {
+        (scalar(&parts.pool, "SELECT count(*) FROM test_unlisted").await == 3).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    runner.await.unwrap();
+
+    let before: Vec<(i64, String)> = sqlx::query_as("SELECT stream_sequence, xmin::text FROM test_unlisted ORDER BY 1")
+        .fetch_all(&parts.pool)
+        .await
+        .unwrap();
+    let compared = ProjectionRunner::new(store.clone(), parts.bus.clone(), "identification", Leaky)
+        .rebuild_compare()
+        .await;
+    let err = compared.expect_err("a projection writing outside tables() cannot be compared in a shadow");
+    assert!(format!("{err:#}").contains("tables()"), "{err:#}");
+    let after: Vec<(i64, String)> = sqlx::query_as("SELECT stream_sequence, xmin::text FROM test_unlisted ORDER BY 1")
+        .fetch_all(&parts.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the live table it does not list is untouched");
+    parts.drop_all().await;
+}

@@ -1339,6 +1339,17 @@ impl<P: Projection> ProjectionRunner<P> {
             .await?;
         }
         uow.commit().await?;
+        // From now on the session writes nothing but its temporary tables:
+        // PostgreSQL refuses any other write (and NOTIFY) in a read-only
+        // transaction, so a projection writing a table it does not list in
+        // `tables()` fails the comparison instead of writing the live one.
+        // `nrm.shadow` tells a projection's statements that they replay
+        // into a shadow.
+        sqlx::query(
+            "SELECT set_config('nrm.shadow', 'on', false), set_config('default_transaction_read_only', 'on', false)",
+        )
+        .execute(&mut *pool.acquire().await?)
+        .await?;
         tracing::info!(projection = self.name(), stream = %identity.name, stream_sequence = until, "replaying the stream into a shadow of the read model to compare it with the live one");
         let mut replay = Replay::start_until(stream, self.source.filter.clone(), false, Some(until)).await?;
         let mut replayed = Replayed::default();
@@ -1351,9 +1362,13 @@ impl<P: Projection> ProjectionRunner<P> {
             }
             let mut uow = store.begin().await?;
             still_shadowed(uow.conn(), &tables, pid).await?;
-            self.replay_batch(&mut uow, identity, &batch, &none, &mut versions, &mut replayed)
-                .await?;
-            uow.commit().await?;
+            // Impatient: a failing message is set aside in the shadow at once
+            // (the transaction holds back every relay while it is open, and
+            // a shadow that differs is rebuilt in place, patiently, anyway).
+            self.replay_batch(&mut uow, identity, &batch, &none, &mut versions, &mut replayed, false)
+                .await
+                .map_err(|e| self.outside_tables(e))?;
+            uow.commit().await.map_err(|e| self.outside_tables(e.into()))?;
             // This service's relay may have found a commit held back by
             // that transaction: it need not wait for its next poll.
             self.store.appended_signal().notify_one();
@@ -1362,6 +1377,27 @@ impl<P: Projection> ProjectionRunner<P> {
         still_shadowed(&mut conn, &tables, pid).await?;
         let digest = self.projection.digest(&mut conn).await?;
         Ok((digest, replayed))
+    }
+
+    /// A shadow's error: a write refused as read-only (25006) means the
+    /// projection writes a table outside [`Projection::tables`], a fault of
+    /// the code, not a passing one.
+    fn outside_tables(&self, err: anyhow::Error) -> anyhow::Error {
+        let read_only = err.chain().any(|cause| {
+            cause
+                .downcast_ref::<sqlx::Error>()
+                .and_then(|e| e.as_database_error())
+                .and_then(|d| d.code())
+                .is_some_and(|code| code == "25006")
+        });
+        if read_only {
+            anyhow::anyhow!(
+                "projection {} writes a table (or sends a notification) outside the tables it lists in tables(): its comparison cannot be made in a shadow",
+                self.name()
+            )
+        } else {
+            err
+        }
     }
 
     /// [`ProjectionRunner::rebuild_compare`] under the checkpoint lock,
@@ -1478,7 +1514,7 @@ impl<P: Projection> ProjectionRunner<P> {
             if batch.is_empty() {
                 return Ok(replayed);
             }
-            self.replay_batch(uow, identity, &batch, &earlier, &mut versions, &mut replayed)
+            self.replay_batch(uow, identity, &batch, &earlier, &mut versions, &mut replayed, true)
                 .await?;
         }
     }
@@ -1486,6 +1522,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// Messages of a rebuild under one savepoint; when one of them fails,
     /// the savepoint is rolled back and each message applied on its own
     /// ([`ProjectionRunner::apply_in_rebuild`]: retried, then parked).
+    #[allow(clippy::too_many_arguments)] // One call site each for rebuilds and shadows.
     async fn replay_batch(
         &self,
         uow: &mut UnitOfWork,
@@ -1494,6 +1531,7 @@ impl<P: Projection> ProjectionRunner<P> {
         earlier: &HashMap<u64, u32>,
         versions: &mut Versions,
         replayed: &mut Replayed,
+        patient: bool,
     ) -> Result<(), anyhow::Error> {
         let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
         sqlx::query("SAVEPOINT nrm_batch").execute(uow.conn()).await?;
@@ -1514,7 +1552,10 @@ impl<P: Projection> ProjectionRunner<P> {
                 tracing::debug!(projection = self.name(), error = %err, messages = raws.len(), "a batch of a rebuild failed: its messages one by one");
                 for raw in &raws {
                     let before = earlier.get(&raw.sequence).copied().unwrap_or(0);
-                    if self.apply_in_rebuild(uow, identity, raw, before, versions).await? {
+                    if self
+                        .apply_in_rebuild(uow, identity, raw, before, versions, patient)
+                        .await?
+                    {
                         replayed.parked += 1;
                     }
                 }
@@ -1536,6 +1577,7 @@ impl<P: Projection> ProjectionRunner<P> {
         raw: &Raw<'_>,
         earlier_attempts: u32,
         versions: &mut Versions,
+        patient: bool,
     ) -> Result<bool, anyhow::Error> {
         let mut failures = 0;
         loop {
@@ -1556,7 +1598,7 @@ impl<P: Projection> ProjectionRunner<P> {
                         .await?;
                     versions.discard();
                     failures += 1;
-                    if is_unprocessable(&err) || self.retry.exhausted(failures) {
+                    if !patient || is_unprocessable(&err) || self.retry.exhausted(failures) {
                         park_message(
                             uow.conn(),
                             self.name(),

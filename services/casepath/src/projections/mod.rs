@@ -19,7 +19,9 @@
 
 /// `$write` (its parameters from `$12`) fused with the insert of a
 /// commit's steps (`$1`–`$11`, bound by [`Steps::bind`]) and the
-/// notification on [`CHANGED`]: one round trip for a commit's last write.
+/// notification on [`CHANGED`] (none when the kernel replays into a shadow
+/// to compare, `nrm.shadow` = on: nothing live changed, and no watcher
+/// should look again): one round trip for a commit's last write.
 macro_rules! with_steps {
     ($write:literal) => {
         concat!(
@@ -32,7 +34,7 @@ macro_rules! with_steps {
                  AS s(step_id, subject_id, part, kind, at, position, step)
                ON CONFLICT (source, step_id) DO NOTHING
              )
-             SELECT pg_notify('casepath_changed', $1)"
+             SELECT pg_notify('casepath_changed', $1) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'"
         )
     };
 }
