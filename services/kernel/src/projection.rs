@@ -741,6 +741,11 @@ impl<P: Projection> ProjectionRunner<P> {
             let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
             let mut rest = raws.as_slice();
             while let Some((first, after_first)) = rest.split_first() {
+                // Again before each step: one by one, with retries, a batch
+                // can take long enough for NATS to reconnect meanwhile.
+                if self.bus.connections() != connections {
+                    return Err(Restart::Reconnected.into());
+                }
                 if after_first.is_empty() {
                     self.handle_with_retries(&stream, &identity, first, shutdown).await?;
                     break;
@@ -761,6 +766,9 @@ impl<P: Projection> ProjectionRunner<P> {
                     }
                     Batched::Failed => {
                         for raw in rest {
+                            if self.bus.connections() != connections {
+                                return Err(Restart::Reconnected.into());
+                            }
                             self.handle_with_retries(&stream, &identity, raw, shutdown).await?;
                         }
                         break;
