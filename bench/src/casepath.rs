@@ -20,7 +20,8 @@
 //!   pacing of updates does not hide the lag behind it.
 //! - Statistics: `--casepath-persons` persons written straight into
 //!   casepath's read model (cases reported over a year, half of them
-//!   decided), then `GetStatistics` for the year, publishable, called
+//!   decided), then `GetStatistics` for the thirteen whole months that
+//!   hold them, publishable, called
 //!   sequentially: p50/p99 (aim < 200 ms).
 
 use std::collections::HashMap;
@@ -627,10 +628,24 @@ async fn statistics(database_url: &str, nats_url: &str, persons: usize) -> anyho
     .context("write the persons into cp_cases")?;
     sqlx::raw_sql("ANALYZE cp_cases").execute(&casepath.pool).await?;
     let coordinator = token("kg-coordinator", Role::Coordinator, "bench-coordinator")?;
-    let now = chrono::Utc::now();
+    // Publishable figures are of whole calendar months: the thirteen that
+    // hold the year of reports, up to the first of next month.
+    use chrono::Datelike as _;
+    let this_month = chrono::Utc::now()
+        .date_naive()
+        .with_day(1)
+        .context("the first of this month")?;
+    let month_start = |months_ahead: i32| -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+        let date = if months_ahead >= 0 {
+            this_month.checked_add_months(chrono::Months::new(months_ahead.unsigned_abs()))
+        } else {
+            this_month.checked_sub_months(chrono::Months::new(months_ahead.unsigned_abs()))
+        };
+        Ok(date.context("a month")?.and_time(chrono::NaiveTime::MIN).and_utc())
+    };
     let request = cp::GetStatisticsRequest {
-        from: Some(nrm_kernel::validate::timestamp(now - chrono::Duration::days(366))),
-        to: Some(nrm_kernel::validate::timestamp(now + chrono::Duration::days(1))),
+        from: Some(nrm_kernel::validate::timestamp(month_start(-12)?)),
+        to: Some(nrm_kernel::validate::timestamp(month_start(1)?)),
         publishable: true,
         min_cell: 0,
     };
