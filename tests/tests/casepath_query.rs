@@ -799,11 +799,30 @@ async fn the_inbox_puts_the_most_overdue_first_with_deadlines_on_the_calendar_wi
         trail.contains(&(
             "kg-prosecutor".into(),
             "ListInbox".into(),
-            "inbox:kg-msd".into(),
+            "inbox:another-agency".into(),
             "denied".into()
         )),
         "{trail:?}"
     );
+    // The coordinator may name any agency; a code-shaped text that is no
+    // agency casepath knows (a name typed in) is not kept on the trail.
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    inbox(
+        &mut client,
+        pb::ListInboxRequest {
+            agency: "Aigerim.Bekova".into(),
+            ..Default::default()
+        },
+        &coordinator,
+    )
+    .await
+    .unwrap();
+    let last: String =
+        sqlx::query_scalar("SELECT subject_id FROM audit_log WHERE action = 'ListInbox' ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(last, "inbox:unknown-agency");
     let leaked: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE audit_log::text LIKE '%Aigerim%'")
         .fetch_one(&app.pool)
         .await

@@ -115,10 +115,11 @@ impl InboxQuery {
         } else if everything || req.agency == ctx.agency() {
             Some(req.agency.clone())
         } else {
-            if let Some(named) = &named {
-                // A code (checked above), never free text: the refusal's
-                // audit entry says whose inbox was asked for.
-                ctx.concerns(format!("inbox:{named}"));
+            if named.is_some() {
+                // The refusal's audit entry says another agency's inbox was
+                // asked for; not which: a code-shaped text can still be a
+                // name or a number typed in, and the trail keeps it for ever.
+                ctx.concerns("inbox:another-agency");
             }
             if v.is_empty() {
                 return Err(AppError::PermissionDenied(
@@ -315,7 +316,27 @@ impl Casepath {
         query: &InboxQuery,
         inbox: &pb::Inbox,
     ) -> Result<(), AppError> {
-        let subject = format!("inbox:{}", query.agency.as_deref().unwrap_or("*"));
+        // An agency named as casepath knows it (one a referral went to, or
+        // a case's competent authority); any other text the coordinator
+        // typed stays off the trail.
+        let subject = match query.agency.as_deref() {
+            None => "inbox:*".to_owned(),
+            Some(agency) if agency == ctx.agency() => format!("inbox:{agency}"),
+            Some(agency) => {
+                let known: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM cp_referrals WHERE receiving_agency = $1)
+                         OR EXISTS (SELECT 1 FROM cp_cases WHERE competent_authority = $1)",
+                )
+                .bind(agency)
+                .fetch_one(&self.pool)
+                .await?;
+                if known {
+                    format!("inbox:{agency}")
+                } else {
+                    "inbox:unknown-agency".to_owned()
+                }
+            }
+        };
         let purpose = format!("INBOX:{} items", inbox.items.len());
         self.audit_read(ctx, action, &subject, &purpose).await
     }

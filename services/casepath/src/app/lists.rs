@@ -508,8 +508,14 @@ GROUP BY subj.person_id",
         let mut times = self.times(from, to).await?;
         times.push(reintegration);
         if req.publishable {
+            // The persons a time is measured on are a part of the stage
+            // cells (those reintegrated, for the last measure): with a stage
+            // cell suppressed, an exact number of samples would bound it, so
+            // the numbers are withheld, and the reintegration time with them.
+            let stage_hidden = counts.iter().any(|c| c.dimension == suppress::STAGE && c.suppressed);
             for t in &mut times {
-                if suppress::time_suppressed(t.samples, units, u64::from(k)) {
+                let of_a_stage = t.measure == "identification_to_reintegration";
+                if suppress::time_suppressed(t.samples, units, u64::from(k)) || (stage_hidden && of_a_stage) {
                     t.suppressed = true;
                     t.samples = 0;
                     t.median = None;
@@ -517,6 +523,9 @@ GROUP BY subj.person_id",
                 } else {
                     t.median = t.median.as_ref().map(whole_days);
                     t.p90 = t.p90.as_ref().map(whole_days);
+                    if stage_hidden {
+                        t.samples = 0;
+                    }
                 }
             }
         }
