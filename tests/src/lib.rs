@@ -229,6 +229,25 @@ pub fn token(agency: &str, role: Role, officer: &str) -> String {
         .expect("mint token")
 }
 
+/// Polls `check` every 10 ms until it gives a value, for at most `within`.
+///
+/// # Panics
+/// After `within`, naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// The field names of an `INVALID_ARGUMENT`, in the order the service
 /// named them.
 ///

@@ -4,11 +4,10 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use std::future::Future;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nrm_e2e::{TestApp, authorized, binary, issuer_key_path, person, report_request, settings, token};
+use nrm_e2e::{TestApp, authorized, binary, eventually, issuer_key_path, person, report_request, settings, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::retry::RetryPolicy;
 
@@ -54,22 +53,6 @@ fn parked_items(app: &TestApp) -> Vec<serde_json::Value> {
         &["--output", "json", "ops", "parked", "--service", "identification"],
     ));
     listed["identification"]["items"].as_array().expect("items").clone()
-}
-
-/// Polls `check` until it gives a value, for at most `within`.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The data rows of a table printed by nrmctl, split on whitespace (the

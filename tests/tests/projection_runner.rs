@@ -8,11 +8,10 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use nrm_e2e::fixtures::{append_case, metadata, reported};
-use nrm_e2e::{Parts, TestApp, authorized, person, report_request, token};
+use nrm_e2e::{Parts, TestApp, authorized, eventually, person, report_request, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::bus::Bus;
 use nrm_kernel::projection::{Delivery, Projection, ProjectionRunner};
@@ -67,22 +66,6 @@ async fn report(app: &TestApp, n: usize) -> Uuid {
         .case_id
         .parse()
         .unwrap()
-}
-
-/// Polls `check` every few milliseconds until it gives a value, for at most `within`.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 async fn listed(app: &TestApp, case_id: Uuid) -> bool {

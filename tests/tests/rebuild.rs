@@ -6,15 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use std::future::Future;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use nrm_e2e::fixtures::{append_case, case_list};
 use nrm_e2e::repatriation::{CountryKeys, RepatriationApp, repatriation_settings};
 use nrm_e2e::{
-    Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, issuer_key_path, person, report_request, token,
+    Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, eventually, issuer_key_path, person, report_request,
+    token,
 };
 use nrm_identification::projections::CaseList;
 use nrm_kernel::auth::{Caller, Role};
@@ -117,22 +117,6 @@ async fn listed(app: &TestApp) -> Vec<pb::CaseSummary> {
         .cases;
     cases.sort_by(|a, b| a.case_id.cmp(&b.case_id));
     cases
-}
-
-/// Polls `check` until it gives a value, for at most `within`.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The case list once it holds `count` cases.
