@@ -179,26 +179,32 @@ impl System {
         (reported.case_id, reported.person_id)
     }
 
+    /// Records a consent once the referral service knows the person (it
+    /// learns of it from identification's stream, a moment after the report).
     async fn consent(&self, case_id: &str, person_id: &str, agency: &str, purposes: &[rf::ServiceKind]) -> String {
-        let mut referral = self.referral().await;
-        referral
-            .record_consent(authorized(
-                rf::RecordConsentRequest {
-                    request_id: rid(),
-                    person_id: person_id.to_owned(),
-                    case_id: case_id.to_owned(),
-                    given_by: rf::ConsentGiver::Person as i32,
-                    recipient_agency: agency.to_owned(),
-                    purposes: purposes.iter().map(|p| *p as i32).collect(),
-                    data_categories: vec![rf::DataCategory::Name as i32, rf::DataCategory::Phone as i32],
-                    ..Default::default()
-                },
-                &as_(POLICE),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .consent_id
+        let referral = self.referral().await;
+        let request = || rf::RecordConsentRequest {
+            // A fresh request ID each time: a refusal is the answer of its ID.
+            request_id: rid(),
+            person_id: person_id.to_owned(),
+            case_id: case_id.to_owned(),
+            given_by: rf::ConsentGiver::Person as i32,
+            recipient_agency: agency.to_owned(),
+            purposes: purposes.iter().map(|p| *p as i32).collect(),
+            data_categories: vec![rf::DataCategory::Name as i32, rf::DataCategory::Phone as i32],
+            ..Default::default()
+        };
+        eventually("the referral service learns the person", || {
+            let mut referral = referral.clone();
+            let request = request();
+            async move {
+                referral
+                    .record_consent(authorized(request, &as_(POLICE)))
+                    .await
+                    .map(|r| r.into_inner().consent_id)
+            }
+        })
+        .await
     }
 
     /// Creates a referral once the referral service knows the person.
