@@ -149,13 +149,16 @@ async fn sleep_past(at: Option<DateTime<Utc>>) {
 impl Casepath {
     /// Runs `query` on every change, and when the clock alone changes the
     /// answer (the due time `query` returns beside it), until the watch
-    /// ends; `first` (with its due time) was sent.
+    /// ends; `first` (with its due time) was sent. An answer that differs
+    /// from the last one sent goes through `announce` (its audit) before it
+    /// is sent.
     #[allow(clippy::too_many_arguments)]
-    async fn follow<T, K, F, Fut>(
+    async fn follow<T, K, F, Fut, A, AFut>(
         self,
         first: (T, Option<DateTime<Utc>>),
         key: fn(&T) -> K,
         mut query: F,
+        mut announce: A,
         expires_at: Option<DateTime<Utc>>,
         mut changes: watch::Receiver<u64>,
         tx: mpsc::Sender<Result<T, Status>>,
@@ -164,6 +167,8 @@ impl Casepath {
         K: PartialEq + Send,
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<(T, Option<DateTime<Utc>>), AppError>> + Send,
+        A: FnMut(T) -> AFut + Send,
+        AFut: Future<Output = Result<T, AppError>> + Send,
     {
         let interval = Duration::from_millis(self.settings.watch_interval_ms);
         let (first, mut due) = first;
@@ -206,6 +211,13 @@ impl Casepath {
                     let k = key(&answer);
                     if k != last {
                         last = k;
+                        let answer = match announce(answer).await {
+                            Ok(answer) => answer,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        };
                         if tx.send(Ok(answer)).await.is_err() {
                             return;
                         }
@@ -243,11 +255,10 @@ impl Casepath {
         let _ = tx.send(Ok(first.clone())).await;
         let app = self.clone();
         let query_app = self.clone();
+        let announce_ctx = ctx.clone();
         tokio::spawn(async move {
-            // The last path audited: an update is audited once, when it differs.
-            let audited = std::sync::Arc::new(tokio::sync::Mutex::new(path_key(&first)));
             let query = move || {
-                let (app, ctx, audited) = (query_app.clone(), ctx.clone(), audited.clone());
+                let (app, ctx) = (query_app.clone(), ctx.clone());
                 async move {
                     let path = match app.path_of(&ctx, person).await {
                         Ok(path) => path,
@@ -265,18 +276,21 @@ impl Casepath {
                             return Err(e);
                         }
                     };
-                    let key = path_key(&path);
-                    let mut last = audited.lock().await;
-                    if *last != key {
-                        app.audit_path(&ctx, "WatchPath:update", &path).await?;
-                        *last = key;
-                    }
                     let due = next_due(&path.waiting);
                     Ok((path, due))
                 }
             };
+            let announce_app = app.clone();
+            let announce = move |path: pb::Path| {
+                let (app, ctx) = (announce_app.clone(), announce_ctx.clone());
+                async move {
+                    app.audit_path(&ctx, "WatchPath:update", &path).await?;
+                    Ok(path)
+                }
+            };
             let due = next_due(&first.waiting);
-            app.follow((first, due), path_key, query, expires_at, changes, tx).await;
+            app.follow((first, due), path_key, query, announce, expires_at, changes, tx)
+                .await;
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -301,23 +315,22 @@ impl Casepath {
         let _ = tx.send(Ok(first.0.clone())).await;
         let app = self.clone();
         let query_app = self.clone();
+        let (announce_ctx, announce_query) = (ctx.clone(), query.clone());
         tokio::spawn(async move {
-            // As for a path: each changed inbox is audited before it is sent.
-            let audited = std::sync::Arc::new(tokio::sync::Mutex::new(inbox_key(&first.0)));
             let run = move || {
-                let (app, ctx, query, audited) = (query_app.clone(), ctx.clone(), query.clone(), audited.clone());
+                let (app, ctx, query) = (query_app.clone(), ctx.clone(), query.clone());
+                async move { app.inbox_until(&ctx, &query).await }
+            };
+            let announce_app = app.clone();
+            let announce = move |inbox: pb::Inbox| {
+                let (app, ctx, query) = (announce_app.clone(), announce_ctx.clone(), announce_query.clone());
                 async move {
-                    let answer = app.inbox_until(&ctx, &query).await?;
-                    let key = inbox_key(&answer.0);
-                    let mut last = audited.lock().await;
-                    if *last != key {
-                        app.audit_inbox(&ctx, "WatchInbox:update", &query, &answer.0).await?;
-                        *last = key;
-                    }
-                    Ok(answer)
+                    app.audit_inbox(&ctx, "WatchInbox:update", &query, &inbox).await?;
+                    Ok(inbox)
                 }
             };
-            app.follow(first, inbox_key, run, expires_at, changes, tx).await;
+            app.follow(first, inbox_key, run, announce, expires_at, changes, tx)
+                .await;
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
