@@ -361,11 +361,7 @@ impl Versions {
     }
 
     fn admit(&mut self, stream_id: &str, last: i64) -> Option<i64> {
-        let applied = self
-            .pending
-            .get(stream_id)
-            .copied()
-            .or_else(|| self.known.get(stream_id).copied().flatten());
+        let applied = self.applied(stream_id);
         if applied.is_some_and(|v| last <= v) {
             return applied;
         }
