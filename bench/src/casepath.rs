@@ -11,11 +11,14 @@
 //!   its start until its identification checkpoint is at the stream's end:
 //!   events per second (aim ≥ 50,000/s).
 //! - Lag: the identification and referral services and casepath
-//!   in-process; `--casepath-watched` persons reported, each with a
-//!   WatchPath open as the police who hold the case; then consents
-//!   recorded for them round-robin at `--casepath-rate` commands a second
-//!   for `--casepath-seconds`: from each RecordConsent's acknowledgement to
-//!   the first watched path showing that consent, p50/p99 (aim p99 < 100 ms).
+//!   in-process; `--casepath-loaded` persons reported (and each given a
+//!   first consent), `--casepath-watched` of them with a WatchPath open as
+//!   the police who hold the case; then consents recorded round-robin over
+//!   all of them at `--casepath-rate` commands a second for
+//!   `--casepath-seconds` (each person its own aggregate, a command every
+//!   few seconds, as in real use: not a queue of version conflicts on a
+//!   few): from each watched person's RecordConsent acknowledgement to the
+//!   first watched path showing that consent, p50/p99 (aim p99 < 100 ms).
 //!   casepath runs with `NRM_CASEPATH__WATCH_INTERVAL_MS=10` so that its
 //!   pacing of updates does not hide the lag behind it.
 //! - Statistics: `--casepath-persons` persons written straight into
@@ -77,6 +80,8 @@ pub struct Plan {
     pub seconds: u64,
     /// Persons watched during the lag phase.
     pub watched: usize,
+    /// Persons the lag phase's commands go round (at least `watched`).
+    pub loaded: usize,
     /// Persons of the statistics query (0: skip it).
     pub persons: usize,
 }
@@ -95,7 +100,15 @@ pub struct CasepathResults {
 /// The lag phase.
 #[derive(Debug, Clone, Default)]
 pub struct Lag {
-    /// Commands acknowledged.
+    /// Persons the commands went round, and how many were watched.
+    pub persons: usize,
+    /// Watched persons.
+    pub watched: usize,
+    /// Commands not acknowledged, by gRPC code.
+    pub refused: std::collections::BTreeMap<String, usize>,
+    /// Commands acknowledged, of all persons.
+    pub acknowledged: usize,
+    /// Commands for the watched persons acknowledged.
     pub sent: usize,
     /// Of those, seen on a watched path.
     pub seen: usize,
@@ -433,9 +446,9 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     let casepath = Casepath::start(database_url, &nats, 10).await?;
     let police = token("kg-mvd", Role::Police, "bench-officer")?;
 
-    // The watched persons: reported, known to the referral service, watched.
+    // The persons: reported, known to the referral service; the first `watched` watched.
     let mut persons = Vec::new();
-    for i in 0..plan.watched {
+    for i in 0..plan.loaded.max(plan.watched) {
         let answer = services
             .identification
             .clone()
@@ -453,7 +466,7 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     // seen[(person, n)] = when the watch first showed n consents.
     let seen: Arc<Mutex<HashMap<(usize, usize), Instant>>> = Arc::default();
     let mut watchers = Vec::new();
-    for (index, (_, person_id)) in persons.iter().enumerate() {
+    for (index, (_, person_id)) in persons.iter().enumerate().take(plan.watched) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut stream = loop {
             match casepath
@@ -517,7 +530,7 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     }
     // Wait until every watch shows its first consent.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() < persons.len() {
+    while seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() < plan.watched.min(persons.len()) {
         if Instant::now() > deadline {
             bail!("the watched paths did not show the first consents within 60 s");
         }
@@ -541,10 +554,10 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
         let request = authorized(consent(case_id, person_id), &police)?;
         let mut client = services.referral.clone();
         let tx = ack_tx.clone();
+        let watched = index < plan.watched;
         senders.push(tokio::spawn(async move {
-            if client.record_consent(request).await.is_ok() {
-                let _ = tx.send(((index, n), Instant::now()));
-            }
+            let answer = client.record_consent(request).await.map(|_| ()).map_err(|s| s.code());
+            let _ = tx.send((watched, (index, n), Instant::now(), answer));
         }));
     }
     for sender in senders {
@@ -553,8 +566,17 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     let achieved = total as f64 / started.elapsed().as_secs_f64();
     drop(ack_tx);
     let mut acks = Vec::new();
-    while let Some(ack) = ack_rx.recv().await {
-        acks.push(ack);
+    let mut acknowledged = 0;
+    let mut refused: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    while let Some((watched, key, at, answer)) = ack_rx.recv().await {
+        if let Err(code) = answer {
+            *refused.entry(format!("{code:?}")).or_default() += 1;
+            continue;
+        }
+        acknowledged += 1;
+        if watched {
+            acks.push((key, at));
+        }
     }
     // Every acknowledged consent reaches its watch (or the run fails after 30 s).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -587,6 +609,10 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     services.stop().await;
     delete_streams(&bus).await;
     Ok(Lag {
+        persons: persons.len(),
+        watched: plan.watched.min(persons.len()),
+        acknowledged,
+        refused,
         sent: acks.len(),
         seen: shown,
         rate: plan.rate,
@@ -691,8 +717,11 @@ pub async fn run(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Res
     }
     if plan.rate > 0 && plan.seconds > 0 && plan.watched > 0 {
         eprintln!(
-            "bench: casepath lag, {} commands/s for {} s over {} watched paths",
-            plan.rate, plan.seconds, plan.watched
+            "bench: casepath lag, {} commands/s for {} s over {} persons, {} of them watched",
+            plan.rate,
+            plan.seconds,
+            plan.loaded.max(plan.watched),
+            plan.watched
         );
         results.lag = Some(lag(database_url, nats_url, plan).await?);
     }
@@ -721,9 +750,21 @@ pub fn markdown(r: &CasepathResults) -> String {
     if let Some(lag) = &r.lag {
         let _ = writeln!(
             out,
-            "| RecordConsent acknowledged → watched path shows it, {} commands/s asked ({:.0} achieved), {} of {} seen | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | p99 < {} ms: {} |",
+            "| RecordConsent acknowledged → watched path shows it, {} commands/s asked ({:.0} achieved, {} acknowledged, not acknowledged: {}) over {} persons, {} watched; of the watched persons' commands {} of {} seen | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | p99 < {} ms: {} |",
             lag.rate,
             lag.achieved,
+            lag.acknowledged,
+            if lag.refused.is_empty() {
+                "none".to_owned()
+            } else {
+                lag.refused
+                    .iter()
+                    .map(|(code, n)| format!("{code} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            lag.persons,
+            lag.watched,
             lag.seen,
             lag.sent,
             lag.p50_us as f64 / 1000.0,

@@ -143,9 +143,13 @@ struct Args {
     /// Seconds of those commands.
     #[arg(long, env = "NRM_BENCH_CASEPATH_SECONDS", default_value_t = 10)]
     casepath_seconds: u64,
-    /// Paths watched meanwhile (the commands go round them).
+    /// Paths watched meanwhile (of the loaded persons; their commands are timed).
     #[arg(long, env = "NRM_BENCH_CASEPATH_WATCHED", default_value_t = 50)]
     casepath_watched: usize,
+    /// Persons the commands go round (each its own aggregate, so that the
+    /// load does not become a queue of version conflicts on a few).
+    #[arg(long, env = "NRM_BENCH_CASEPATH_LOADED", default_value_t = 1_000)]
+    casepath_loaded: usize,
     /// Persons of the statistics query (0: skip it).
     #[arg(long, env = "NRM_BENCH_CASEPATH_PERSONS", default_value_t = 100_000)]
     casepath_persons: usize,
@@ -309,6 +313,7 @@ async fn run(
             rate: args.casepath_rate,
             seconds: args.casepath_seconds,
             watched: args.casepath_watched,
+            loaded: args.casepath_loaded,
             persons: args.casepath_persons,
         };
         report.casepath = Some(casepath::run(&settings.url, nats_url, &casepath_plan).await?);
