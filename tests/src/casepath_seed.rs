@@ -215,6 +215,21 @@ pub async fn insert_step(pool: &PgPool, s: StepSeed) {
     .unwrap();
 }
 
+/// Notifies a change that touched `keys` only, as a projection's commit
+/// that wrote those rows does.
+pub async fn notify_touched(pool: &PgPool, keys: &[Uuid]) {
+    let mut touched = nrm_casepath::domain::changes::Touched::default();
+    for k in keys {
+        touched.key(*k);
+    }
+    sqlx::query("SELECT pg_notify('casepath_changed', $1)")
+        .bind(touched.payload("casepath_referral"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Notifies a change a watcher cannot narrow down (every watcher looks).
 pub async fn notify(pool: &PgPool) {
     sqlx::query("SELECT pg_notify('casepath_changed', 'test')")
         .execute(pool)

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::StreamExt as _;
-use nrm_e2e::casepath_seed::{CaseSeed, Casepath, Client, StepSeed, consent, insert_step, notify, referral, step};
+use nrm_e2e::casepath_seed::{
+    CaseSeed, Casepath, Client, StepSeed, consent, insert_step, notify, notify_touched, referral, step,
+};
 use nrm_e2e::{authorized, bad_fields, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::validate::{timestamp, to_datetime};
@@ -1243,6 +1245,99 @@ async fn a_watch_follows_a_change_and_ends_when_the_caller_sees_nothing_any_more
     .await
     .unwrap();
     assert_eq!(audited, ["WatchInbox", "WatchInbox:update"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_path_watch_looks_again_only_for_a_change_of_its_own_records() {
+    let app = Casepath::start(&[("NRM_CASEPATH__WATCH_INTERVAL_MS", "1")]).await;
+    let mut client = app.client.clone();
+    let pool = &app.pool;
+    // Two people, each with a case and a referral.
+    let mut referrals = Vec::new();
+    let mut persons = Vec::new();
+    for _ in 0..2 {
+        let person = Uuid::now_v7();
+        let case = CaseSeed::new(person, "kg-mvd", "kg-prosecutor", t("2026-03-02T04:00:00Z"));
+        case.insert(pool).await;
+        let r = referral(
+            pool,
+            person,
+            "kg-mvd",
+            "kg-msd",
+            None,
+            "accepted",
+            t("2026-03-05T04:00:00Z"),
+            None,
+        )
+        .await;
+        insert_step(
+            pool,
+            step(r, P::Referrals, K::ReferralSent, t("2026-03-05T04:00:00Z"), 1),
+        )
+        .await;
+        persons.push(person);
+        referrals.push(r);
+    }
+    let (a, other) = (persons[0], referrals[1]);
+    let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
+    let mut stream = client
+        .watch_path(authorized(
+            pb::GetPathRequest {
+                person_id: a.to_string(),
+            },
+            &coordinator,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await.unwrap();
+    let before = first.steps.len();
+
+    // A step of A's referral is written, but the change announced touches
+    // only the other person's referral: A's watch does not look again (had
+    // it looked, it would send the path with this one step more)…
+    insert_step(
+        pool,
+        step(
+            referrals[0],
+            P::Referrals,
+            K::ReferralAccepted,
+            t("2026-03-05T05:00:00Z"),
+            2,
+        ),
+    )
+    .await;
+    notify_touched(pool, &[other, persons[1]]).await;
+    // (time for a watcher that looked at every change to send its answer)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // …until a change touches its own records: then it sees both steps.
+    insert_step(
+        pool,
+        step(
+            referrals[0],
+            P::Referrals,
+            K::ServiceDelivered,
+            t("2026-03-06T04:00:00Z"),
+            3,
+        ),
+    )
+    .await;
+    notify_touched(pool, &[referrals[0]]).await;
+    let second = next(&mut stream).await.unwrap();
+    assert_eq!(
+        second.steps.len(),
+        before + 2,
+        "the first update comes with A's own change, carrying both new steps"
+    );
+
+    // A new record of A's (found by the person, unknown to the last read)
+    // wakes it too: the change names the person.
+    let later = referral(pool, a, "kg-mvd", "kg-msd", None, "pending", Utc::now(), None).await;
+    insert_step(pool, step(later, P::Referrals, K::ReferralSent, Utc::now(), 4)).await;
+    notify_touched(pool, &[later, a]).await;
+    let third = next(&mut stream).await.unwrap();
+    assert_eq!(third.steps.len(), before + 3);
     app.stop().await;
 }
 

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 use nrm_kernel::service::Kit;
 use nrm_kernel::xborder::CountryCode;
-use tokio::sync::watch as tokio_watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CasepathSettings;
@@ -37,9 +36,10 @@ pub struct Casepath {
     pool: sqlx::PgPool,
     calendar: Arc<Calendar>,
     settings: CasepathSettings,
-    /// A counter bumped on every `casepath_changed` notification (and on
-    /// every reconnect of the listener, which may have missed some).
-    changes: Arc<tokio_watch::Sender<u64>>,
+    /// Every `casepath_changed` notification's change (and
+    /// [`Touched::All`](crate::domain::changes::Touched::All) on every
+    /// reconnect of the listener, which may have missed some).
+    changes: tokio::sync::broadcast::Sender<watch::Change>,
     /// Cancelled when the service stops: open watches end.
     closing: CancellationToken,
 }
@@ -78,8 +78,7 @@ impl Casepath {
     /// When the calendar is malformed.
     pub fn build(kit: &mut Kit, settings: &CasepathSettings, country: &CountryCode) -> Result<Self, anyhow::Error> {
         let calendar = load_calendar(settings, country)?;
-        let (tx, _) = tokio_watch::channel(0u64);
-        let changes = Arc::new(tx);
+        let (changes, _) = tokio::sync::broadcast::channel(watch::BACKLOG);
         let closing = CancellationToken::new();
         let pool = kit.pool().clone();
         {

@@ -95,6 +95,7 @@ struct ReturnRow {
 #[derive(Debug, Clone)]
 struct HoldRow {
     hold_id: Uuid,
+    shelter_id: Uuid,
     holder_agency: String,
     operator_agency: Option<String>,
 }
@@ -122,6 +123,22 @@ struct Records {
 impl Records {
     fn known(&self) -> bool {
         !(self.cases.is_empty() && self.referrals.is_empty() && self.consents.is_empty() && self.goals.is_empty())
+    }
+
+    /// What a watch of `person`'s path must look again for: the person and
+    /// every ID this read filtered or joined on — each record's own and
+    /// the shelters of its holds (the rule of [`crate::domain::changes`]).
+    /// The steps' subjects are among the records.
+    fn interest(&self, person: Uuid) -> HashSet<Uuid> {
+        let mut out = HashSet::from([person]);
+        out.extend(self.cases.iter().map(|c| c.case_id));
+        out.extend(self.cases.iter().filter_map(|c| c.return_id));
+        out.extend(self.consents.iter().map(|c| c.consent_id));
+        out.extend(self.referrals.iter().map(|r| r.referral_id));
+        out.extend(&self.goals);
+        out.extend(self.returns.iter().map(|r| r.return_id));
+        out.extend(self.holds.iter().flat_map(|h| [h.hold_id, h.shelter_id]));
+        out
     }
 }
 
@@ -451,7 +468,7 @@ impl Casepath {
         // Two index scans (by referral; by the return's commits) united,
         // not one OR that only a scan of every hold can answer.
         let holds = sqlx::query(
-            "SELECT h.hold_id, h.holder_agency, s.operator_agency FROM ( \
+            "SELECT h.hold_id, h.shelter_id, h.holder_agency, s.operator_agency FROM ( \
                  SELECT hold_id FROM cp_holds WHERE referral_id = ANY($1) \
                  UNION \
                  SELECT h.hold_id FROM cp_return_commits rc JOIN cp_holds h ON h.cause_commit_id = rc.commit_id \
@@ -468,6 +485,7 @@ impl Casepath {
         .map(|r| {
             Ok(HoldRow {
                 hold_id: r.try_get("hold_id")?,
+                shelter_id: r.try_get("shelter_id")?,
                 holder_agency: r.try_get("holder_agency")?,
                 operator_agency: r.try_get("operator_agency")?,
             })
@@ -524,6 +542,19 @@ impl Casepath {
     /// `PERMISSION_DENIED` when the caller sees no part (also for an unknown
     /// person), `NOT_FOUND` for the coordinator and an unknown person.
     pub async fn path_of(&self, ctx: &CallContext, person: Uuid) -> Result<pb::Path, AppError> {
+        Ok(self.path_watched(ctx, person).await?.0)
+    }
+
+    /// [`Casepath::path_of`], with what a watch of it must look again for
+    /// ([`Records::interest`], of the same read).
+    ///
+    /// # Errors
+    /// As [`Casepath::path_of`].
+    pub(crate) async fn path_watched(
+        &self,
+        ctx: &CallContext,
+        person: Uuid,
+    ) -> Result<(pb::Path, HashSet<Uuid>), AppError> {
         let now = Utc::now();
         let records = self.records(person).await?;
         let sight = decide(ctx, &records, now);
@@ -539,7 +570,7 @@ impl Casepath {
                 "the caller's agency sees no part of this path".into(),
             ));
         }
-        Ok(self.view(ctx, person, &records, &sight, now))
+        Ok((self.view(ctx, person, &records, &sight, now), records.interest(person)))
     }
 
     fn view(&self, ctx: &CallContext, person: Uuid, records: &Records, sight: &Sight, now: DateTime<Utc>) -> pb::Path {

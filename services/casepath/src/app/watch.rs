@@ -1,8 +1,11 @@
 //! Watching: one listener per service on PostgreSQL's channel
 //! `casepath_changed` (every projection notifies it in its apply
-//! transaction) bumps a change counter; each watcher sends its answer at
-//! once and then re-runs the same query, with the same permission checks,
-//! on each change (coalesced: at most one query per
+//! transaction, with the keys of what the commit touched:
+//! [`crate::domain::changes`]) hands each change to every watcher; each
+//! watcher sends its answer at once and then re-runs the same query, with
+//! the same permission checks, on each change that concerns it (a path's:
+//! one that touches its person or a record its last read found; an
+//! inbox's: every change), coalesced (at most one query per
 //! `NRM_CASEPATH__WATCH_INTERVAL_MS`), sending it only when it differs from
 //! the last one sent (times that only age — `as_of`, `time_left`, `spent` —
 //! are not differences). An answer also changes by the clock alone, when
@@ -13,6 +16,7 @@
 //! the caller's token expires, when the client goes away, and when the
 //! service stops.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,23 +29,37 @@ use nrm_kernel::command::CallContext;
 use nrm_kernel::error::AppError;
 use nrm_proto::casepath::v1 as pb;
 use sqlx::postgres::PgListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+use uuid::Uuid;
 
 use super::Casepath;
 use super::inbox::InboxQuery;
 use super::path::parse_person;
+use crate::domain::changes::Touched;
 
 /// The channel the projections notify.
 pub const CHANNEL: &str = "casepath_changed";
 
-/// Listens on [`CHANNEL`] until `stop`, bumping `changes` on every
-/// notification and on every (re)connect, and reconnecting when
+/// How many changes a watcher may fall behind by before it is told it
+/// missed some (and then looks again, as for any change).
+pub const BACKLOG: usize = 1024;
+
+/// A change as every watcher receives it.
+pub type Change = Arc<Touched>;
+
+/// Listens on [`CHANNEL`] until `stop`, handing every notification's
+/// change to `changes`, and [`Touched::All`] on every (re)connect (what
+/// changed while nobody listened is looked at again); reconnects when
 /// PostgreSQL goes away.
-pub async fn listen(pool: sqlx::PgPool, changes: Arc<watch::Sender<u64>>, stop: CancellationToken) {
-    let bump = || changes.send_modify(|n| *n = n.wrapping_add(1));
+pub async fn listen(pool: sqlx::PgPool, changes: broadcast::Sender<Change>, stop: CancellationToken) {
+    // None listening is no error.
+    let hand = |t: Touched| {
+        let _ = changes.send(Arc::new(t));
+    };
     while !stop.is_cancelled() {
         let connected = async {
             let mut listener = PgListener::connect_with(&pool).await?;
@@ -60,14 +78,14 @@ pub async fn listen(pool: sqlx::PgPool, changes: Arc<watch::Sender<u64>>, stop: 
             }
         };
         // Whatever changed while nobody listened is looked at again.
-        bump();
+        hand(Touched::All);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 received = listener.try_recv() => match received {
-                    Ok(Some(_)) => bump(),
+                    Ok(Some(n)) => hand(Touched::parse(n.payload())),
                     // The connection was lost; the next call reconnects.
-                    Ok(None) => bump(),
+                    Ok(None) => hand(Touched::All),
                     Err(e) => {
                         tracing::warn!(error = %e, "casepath_changed listener failed; reconnecting");
                         break;
@@ -146,32 +164,36 @@ async fn sleep_past(at: Option<DateTime<Utc>>) {
     }
 }
 
+/// An answer, the earliest time the clock alone changes it, and the keys
+/// whose change may change it (`None`: any change).
+type Answer<T> = (T, Option<DateTime<Utc>>, Option<HashSet<Uuid>>);
+
 impl Casepath {
-    /// Runs `query` on every change, and when the clock alone changes the
-    /// answer (the due time `query` returns beside it), until the watch
-    /// ends; `first` (with its due time) was sent. An answer that differs
-    /// from the last one sent goes through `announce` (its audit) before it
-    /// is sent.
+    /// Runs `query` on every change that concerns its last answer, and
+    /// when the clock alone changes the answer (the due time `query`
+    /// returns beside it), until the watch ends; `first` was sent. An
+    /// answer that differs from the last one sent goes through `announce`
+    /// (its audit) before it is sent.
     #[allow(clippy::too_many_arguments)]
     async fn follow<T, K, F, Fut, A, AFut>(
         self,
-        first: (T, Option<DateTime<Utc>>),
+        first: Answer<T>,
         key: fn(&T) -> K,
         mut query: F,
         mut announce: A,
         expires_at: Option<DateTime<Utc>>,
-        mut changes: watch::Receiver<u64>,
+        mut changes: broadcast::Receiver<Change>,
         tx: mpsc::Sender<Result<T, Status>>,
     ) where
         T: Send + 'static,
         K: PartialEq + Send,
         F: FnMut() -> Fut + Send,
-        Fut: Future<Output = Result<(T, Option<DateTime<Utc>>), AppError>> + Send,
+        Fut: Future<Output = Result<Answer<T>, AppError>> + Send,
         A: FnMut(T) -> AFut + Send,
         AFut: Future<Output = Result<T, AppError>> + Send,
     {
         let interval = Duration::from_millis(self.settings.watch_interval_ms);
-        let (first, mut due) = first;
+        let (first, mut due, mut interest) = first;
         let mut last = key(&first);
         let expiry = async {
             match expires_at {
@@ -186,7 +208,12 @@ impl Casepath {
         let mut next_query = tokio::time::Instant::now() + interval;
         loop {
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
+                received = changes.recv() => match received {
+                    Ok(change) => if !change.concerns(interest.as_ref()) { continue },
+                    // Some were missed: any of them may have concerned it.
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
                 () = sleep_past(due) => {}
                 () = &mut expiry => {
                     let _ = tx.send(Err(Status::unauthenticated("the token expired; watch again with a new one"))).await;
@@ -203,11 +230,20 @@ impl Casepath {
                 () = tokio::time::sleep_until(next_query) => {}
                 () = tx.closed() => return,
             }
-            changes.borrow_and_update();
+            // What arrived until now committed before the query's read: it
+            // sees all of it.
+            loop {
+                match changes.try_recv() {
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return,
+                }
+            }
             next_query = tokio::time::Instant::now() + interval;
             match query().await {
-                Ok((answer, next)) => {
+                Ok((answer, next, keys)) => {
                     due = next;
+                    interest = keys;
                     let k = key(&answer);
                     if k != last {
                         last = k;
@@ -249,7 +285,7 @@ impl Casepath {
         ctx.concerns(person);
         ctx.concerns_person(person);
         let changes = self.changes.subscribe();
-        let first = self.path_of(&ctx, person).await?;
+        let (first, interest) = self.path_watched(&ctx, person).await?;
         self.audit_path(&ctx, "WatchPath", &first).await?;
         let (tx, rx) = mpsc::channel(4);
         let _ = tx.send(Ok(first.clone())).await;
@@ -260,8 +296,8 @@ impl Casepath {
             let query = move || {
                 let (app, ctx) = (query_app.clone(), ctx.clone());
                 async move {
-                    let path = match app.path_of(&ctx, person).await {
-                        Ok(path) => path,
+                    let (path, interest) = match app.path_watched(&ctx, person).await {
+                        Ok(watched) => watched,
                         Err(e) => {
                             if matches!(e, AppError::PermissionDenied(_)) {
                                 // The watch ends refused (a consent withdrawn, a case
@@ -277,7 +313,7 @@ impl Casepath {
                         }
                     };
                     let due = next_due(&path.waiting);
-                    Ok((path, due))
+                    Ok((path, due, Some(interest)))
                 }
             };
             let announce_app = app.clone();
@@ -289,13 +325,22 @@ impl Casepath {
                 }
             };
             let due = next_due(&first.waiting);
-            app.follow((first, due), path_key, query, announce, expires_at, changes, tx)
-                .await;
+            app.follow(
+                (first, due, Some(interest)),
+                path_key,
+                query,
+                announce,
+                expires_at,
+                changes,
+                tx,
+            )
+            .await;
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    /// `WatchInbox`: the inbox now, then on every change (each changed
+    /// `WatchInbox`: the inbox now, then on every change (any change may
+    /// concern an agency's inbox; each changed
     /// inbox audited as `WatchInbox:update` before it is sent).
     ///
     /// # Errors
@@ -319,7 +364,10 @@ impl Casepath {
         tokio::spawn(async move {
             let run = move || {
                 let (app, ctx, query) = (query_app.clone(), ctx.clone(), query.clone());
-                async move { app.inbox_until(&ctx, &query).await }
+                async move {
+                    let (inbox, due) = app.inbox_until(&ctx, &query).await?;
+                    Ok((inbox, due, None))
+                }
             };
             let announce_app = app.clone();
             let announce = move |inbox: pb::Inbox| {
@@ -329,8 +377,16 @@ impl Casepath {
                     Ok(inbox)
                 }
             };
-            app.follow(first, inbox_key, run, announce, expires_at, changes, tx)
-                .await;
+            app.follow(
+                (first.0, first.1, None),
+                inbox_key,
+                run,
+                announce,
+                expires_at,
+                changes,
+                tx,
+            )
+            .await;
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }

@@ -61,6 +61,8 @@ use nrm_proto::shelter::v1 as sh;
 use prost_types::Timestamp;
 use uuid::Uuid;
 
+use crate::domain::changes::{Touched, Touches};
+
 use cp::step::Detail;
 use cp::{PathPart as Part, StepKind as Kind};
 
@@ -181,6 +183,22 @@ impl<W> Effect<W> {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.steps.is_empty()
+    }
+}
+
+impl<W: Touches> Effect<W> {
+    /// The keys the commit touches: its writes' and its steps' subjects
+    /// (see [`crate::domain::changes`]).
+    #[must_use]
+    pub fn touched(&self) -> Touched {
+        let mut t = Touched::default();
+        for w in &self.writes {
+            w.touch(&mut t);
+        }
+        for s in &self.steps {
+            t.key(s.subject_id);
+        }
+        t
     }
 }
 
@@ -439,6 +457,25 @@ pub enum IdentificationWrite {
     },
     /// An anonymous notification (statistics only).
     Notification(NotificationRow),
+}
+
+impl Touches for IdentificationWrite {
+    fn touch(&self, t: &mut Touched) {
+        match self {
+            Self::Open(row) => {
+                t.key(row.case_id.as_uuid());
+                t.key(row.person_id.as_uuid());
+                t.maybe(row.return_id.map(|r| r.as_uuid()));
+            }
+            Self::FlagDuplicate { case_id }
+            | Self::Screened { case_id }
+            | Self::Decided { case_id, .. }
+            | Self::ReviewRequested { case_id, .. } => t.key(case_id.as_uuid()),
+            Self::Erased { person_id, .. } => t.key(person_id.as_uuid()),
+            // On no path.
+            Self::Notification(_) => {}
+        }
+    }
 }
 
 /// The identification stream's commit `commit`.
@@ -808,6 +845,42 @@ pub enum ReferralWrite {
         /// When.
         met_at: DateTime<Utc>,
     },
+}
+
+impl Touches for ReferralWrite {
+    fn touch(&self, t: &mut Touched) {
+        match self {
+            Self::Consent(c) => {
+                t.key(c.consent_id.as_uuid());
+                t.key(c.person_id.as_uuid());
+                t.maybe(c.case_id.map(|i| i.as_uuid()));
+            }
+            Self::ConsentEnded { consent_id, .. } => t.key(consent_id.as_uuid()),
+            Self::Referral(r) => {
+                t.key(r.referral_id.as_uuid());
+                t.key(r.person_id.as_uuid());
+                t.maybe(r.case_id.map(|i| i.as_uuid()));
+                t.maybe(r.consent_id.map(|i| i.as_uuid()));
+            }
+            Self::Redirected {
+                referral_id,
+                consent_id,
+                ..
+            } => {
+                t.key(referral_id.as_uuid());
+                t.maybe(consent_id.map(|i| i.as_uuid()));
+            }
+            Self::Accepted { referral_id, .. }
+            | Self::Declined { referral_id, .. }
+            | Self::Closed { referral_id, .. }
+            | Self::Cancelled { referral_id } => t.key(referral_id.as_uuid()),
+            Self::Goal(g) => {
+                t.key(g.goal_id.as_uuid());
+                t.key(g.person_id.as_uuid());
+            }
+            Self::GoalMet { goal_id, .. } => t.key(goal_id.as_uuid()),
+        }
+    }
 }
 
 /// The referral stream's commit `commit`.
@@ -1253,6 +1326,25 @@ pub enum ShelterWrite {
     },
 }
 
+impl Touches for ShelterWrite {
+    fn touch(&self, t: &mut Touched) {
+        match self {
+            Self::Shelter(s) => t.key(s.shelter_id.as_uuid()),
+            Self::Hold(h) => {
+                t.key(h.hold_id.as_uuid());
+                t.key(h.shelter_id.as_uuid());
+                t.maybe(h.referral_id.map(|i| i.as_uuid()));
+                // Found through the commits of a return, which no read
+                // lists before the bed is held: every watcher looks.
+                if h.cause_commit_id.is_some() {
+                    t.all();
+                }
+            }
+            Self::HoldStatus { hold_id, .. } => t.key(hold_id.as_uuid()),
+        }
+    }
+}
+
 /// The shelter stream's commit `commit`; `cause` is the commit that caused
 /// it (the delivery metadata's causation ID).
 ///
@@ -1438,6 +1530,22 @@ pub enum ReturnWrite {
         /// Handed over: to whom and when.
         handover: Option<(String, DateTime<Utc>)>,
     },
+}
+
+impl Touches for ReturnWrite {
+    fn touch(&self, t: &mut Touched) {
+        match self {
+            Self::Commit { commit_id, return_id } => {
+                t.key(commit_id.as_uuid());
+                t.key(return_id.as_uuid());
+            }
+            Self::Opened(row) | Self::Announced(row) => {
+                t.key(row.return_id.as_uuid());
+                t.text(&row.foreign_reference);
+            }
+            Self::Status { return_id, .. } => t.key(return_id.as_uuid()),
+        }
+    }
 }
 
 /// A return's foreign reference as stored: a UUID in any form the `uuid`
@@ -1723,6 +1831,113 @@ mod tests {
 
     fn ts(seconds: i64) -> Timestamp {
         Timestamp { seconds, nanos: 0 }
+    }
+
+    fn touched<W: Touches>(writes: Vec<W>, steps: Vec<StepRow>) -> Touched {
+        Effect {
+            writes,
+            steps,
+            skipped: Vec::new(),
+        }
+        .touched()
+    }
+
+    fn keys(ids: &[Uuid]) -> Touched {
+        Touched::Keys(ids.iter().copied().collect())
+    }
+
+    #[test]
+    fn a_commit_touches_its_rows_keys_the_links_a_path_follows_and_its_steps_subjects() {
+        let (person, referral, consent, hold, shelter) = (
+            PersonId::new(),
+            ReferralId::new(),
+            ConsentId::new(),
+            HoldId::new(),
+            ShelterId::new(),
+        );
+        let at = Utc::now();
+        // A new referral names its person (the path finds it by the person).
+        let sent = ReferralWrite::Referral(ReferralRow {
+            referral_id: referral,
+            person_id: person,
+            case_id: None,
+            referring_agency: "kg-mvd".into(),
+            receiving_agency: "kg-msd".into(),
+            consent_id: Some(consent),
+            services: vec![],
+            urgency: 0,
+            created_at: at,
+            answer_due_at: None,
+        });
+        assert_eq!(
+            touched(vec![sent], vec![]),
+            keys(&[referral.as_uuid(), person.as_uuid(), consent.as_uuid()])
+        );
+        // An answer touches the referral; its step, its subject.
+        let step = StepRow {
+            step_id: Uuid::now_v7(),
+            subject_id: referral.as_uuid(),
+            at,
+            step: cp::Step::default(),
+        };
+        assert_eq!(
+            touched(
+                vec![ReferralWrite::Accepted {
+                    referral_id: referral,
+                    at
+                }],
+                vec![step]
+            ),
+            keys(&[referral.as_uuid()])
+        );
+        // A bed held for a referral: the hold, its shelter, the referral.
+        let held = |cause: Option<CommitId>| {
+            ShelterWrite::Hold(HoldRow {
+                hold_id: hold,
+                shelter_id: shelter,
+                referral_id: cause.is_none().then_some(referral),
+                cause_commit_id: cause,
+                holder_agency: "kg-msd".into(),
+                category: 0,
+                held_at: at,
+                expires_at: None,
+            })
+        };
+        assert_eq!(
+            touched(vec![held(None)], vec![]),
+            keys(&[hold.as_uuid(), shelter.as_uuid(), referral.as_uuid()])
+        );
+        // … for an arrival, found through a return's commits: everyone looks.
+        assert_eq!(touched(vec![held(Some(CommitId::new()))], vec![]), Touched::All);
+        // An anonymous notification is on no path.
+        let notification = IdentificationWrite::Notification(NotificationRow {
+            notification_id: Uuid::now_v7(),
+            filed_on: at,
+            found_country: "kg".into(),
+            country_of_exploitation: "ru".into(),
+            exploitation_forms: vec![],
+            gender: 0,
+            age_band: 0,
+            citizenship: "kg".into(),
+        });
+        assert_eq!(touched(vec![notification], vec![]), Touched::default());
+        // A return touches itself and the case it refers to.
+        let case = CaseId::new();
+        let ret = ReturnId::new();
+        let announced = ReturnWrite::Announced(ReturnRow {
+            return_id: ret,
+            direction: 0,
+            from_country: "ru".into(),
+            to_country: "kg".into(),
+            opened_by: "ru-iom".into(),
+            consulate_agency: "kg-consulate-moscow".into(),
+            received_by: String::new(),
+            foreign_reference: case.as_uuid().to_string(),
+            status: 0,
+            opened_at: at,
+            handed_over_at: None,
+        });
+        assert_eq!(touched(vec![announced], vec![]), keys(&[ret.as_uuid(), case.as_uuid()]));
     }
 
     fn at(seconds: i64) -> DateTime<Utc> {

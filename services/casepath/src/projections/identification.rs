@@ -75,7 +75,7 @@ fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::
                 "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
                    found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
                    decision, decided_at, decision_waiting_since, from_country, return_id, possible_duplicate)
-                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)
+                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)
                  ON CONFLICT (case_id) DO NOTHING"
             )))
             .bind(row.case_id.as_uuid())
@@ -99,12 +99,12 @@ fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::
             .bind(row.possible_duplicate),
         IdentificationWrite::FlagDuplicate { case_id } => steps
             .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET possible_duplicate = true WHERE case_id = $12"
+                "UPDATE cp_cases SET possible_duplicate = true WHERE case_id = $13"
             )))
             .bind(case_id.as_uuid()),
         IdentificationWrite::Screened { case_id } => steps
             .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET status = $13 WHERE case_id = $12"
+                "UPDATE cp_cases SET status = $14 WHERE case_id = $13"
             )))
             .bind(case_id.as_uuid())
             .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32),
@@ -115,8 +115,8 @@ fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::
             decided_at,
         } => steps
             .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET status = $13, decision = $14, decided_at = $15, decision_waiting_since = NULL
-                 WHERE case_id = $12"
+                "UPDATE cp_cases SET status = $14, decision = $15, decided_at = $16, decision_waiting_since = NULL
+                 WHERE case_id = $13"
             )))
             .bind(case_id.as_uuid())
             .bind(status)
@@ -124,14 +124,14 @@ fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::
             .bind(decided_at),
         IdentificationWrite::ReviewRequested { case_id, requested_at } => steps
             .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET status = $13, decision_waiting_since = $14 WHERE case_id = $12"
+                "UPDATE cp_cases SET status = $14, decision_waiting_since = $15 WHERE case_id = $13"
             )))
             .bind(case_id.as_uuid())
             .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32)
             .bind(requested_at),
         IdentificationWrite::Erased { person_id, erased_at } => steps
             .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET erased_at = coalesce(erased_at, $13) WHERE person_id = $12"
+                "UPDATE cp_cases SET erased_at = coalesce(erased_at, $14) WHERE person_id = $13"
             )))
             .bind(person_id.as_uuid())
             .bind(erased_at),
@@ -139,7 +139,7 @@ fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::
             .bind(sqlx::query(with_steps!(
                 "INSERT INTO cp_notifications (notification_id, filed_on, found_country, country_of_exploitation,
                    exploitation_forms, gender, age_band, citizenship)
-                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19) ON CONFLICT (notification_id) DO NOTHING"
+                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20) ON CONFLICT (notification_id) DO NOTHING"
             )))
             .bind(n.notification_id)
             .bind(n.filed_on)

@@ -17,9 +17,10 @@
 //! - [`shelter`]: `cp_shelters`, `cp_holds`.
 //! - [`repatriation`]: `cp_returns`, `cp_return_commits`.
 
-/// `$write` (its parameters from `$12`) fused with the insert of a
+/// `$write` (its parameters from `$13`) fused with the insert of a
 /// commit's steps (`$1`–`$11`, bound by [`Steps::bind`]) and the
-/// notification on [`CHANGED`] (none when the kernel replays into a shadow
+/// notification on [`CHANGED`] of what the commit touched (`$12`, see
+/// [`crate::domain::changes`]; none when the kernel replays into a shadow
 /// to compare, `nrm.shadow` = on: nothing live changed, and no watcher
 /// should look again): one round trip for a commit's last write.
 macro_rules! with_steps {
@@ -34,7 +35,7 @@ macro_rules! with_steps {
                  AS s(step_id, subject_id, part, kind, at, position, step)
                ON CONFLICT (source, step_id) DO NOTHING
              )
-             SELECT pg_notify('casepath_changed', $1) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'"
+             SELECT pg_notify('casepath_changed', $12) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'"
         )
     };
 }
@@ -53,6 +54,7 @@ use prost::Message as _;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::domain::changes::{Touched, Touches};
 use crate::domain::steps::{Effect, Origin, Skipped, StepRow};
 
 pub use identification::IdentificationProjection;
@@ -60,7 +62,8 @@ pub use referral::ReferralProjection;
 pub use repatriation::RepatriationProjection;
 pub use shelter::ShelterProjection;
 
-/// The PostgreSQL channel every apply notifies (payload: the projection's name).
+/// The PostgreSQL channel every apply notifies (payload: the projection's
+/// name and what the commit touched, [`Touched::payload`]).
 pub const CHANGED: &str = "casepath_changed";
 
 /// Runs the projections of every context's stream while the service runs.
@@ -110,7 +113,8 @@ fn origin<'a>(country: &'a CountryCode, delivery: &'a Delivery) -> Origin<'a> {
 /// A query of a projection, borrowing what it binds.
 type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// A commit's steps as the parameters `$1`–`$11` of [`with_steps!`].
+/// A commit's steps and what it touched, as the parameters `$1`–`$12` of
+/// [`with_steps!`].
 struct Steps {
     source: &'static str,
     commit_id: Uuid,
@@ -123,11 +127,18 @@ struct Steps {
     ats: Vec<DateTime<Utc>>,
     positions: Vec<i32>,
     encoded: Vec<Vec<u8>>,
+    /// The notification's payload.
+    notice: String,
 }
 
 impl Steps {
     /// The steps of `delivery`'s commit, their position in it their index.
-    fn of(source: &'static str, delivery: &Delivery, steps: &[StepRow]) -> Result<Self, anyhow::Error> {
+    fn of(
+        source: &'static str,
+        delivery: &Delivery,
+        steps: &[StepRow],
+        touched: &Touched,
+    ) -> Result<Self, anyhow::Error> {
         // Errors of the message itself: parked at once.
         let commit_id: Uuid = delivery
             .commit
@@ -147,6 +158,7 @@ impl Steps {
             ats: Vec::with_capacity(steps.len()),
             positions: Vec::with_capacity(steps.len()),
             encoded: Vec::with_capacity(steps.len()),
+            notice: touched.payload(source),
         };
         for (position, row) in steps.iter().enumerate() {
             out.step_ids.push(row.step_id);
@@ -160,7 +172,8 @@ impl Steps {
         Ok(out)
     }
 
-    /// No steps, for the writes before a commit's last.
+    /// No steps, for the writes before a commit's last (the same
+    /// notification: PostgreSQL sends a transaction's equal ones once).
     fn none(&self) -> Self {
         Self {
             source: self.source,
@@ -174,10 +187,11 @@ impl Steps {
             ats: Vec::new(),
             positions: Vec::new(),
             encoded: Vec::new(),
+            notice: self.notice.clone(),
         }
     }
 
-    /// Binds `$1`–`$11`.
+    /// Binds `$1`–`$12`.
     fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
         query
             .bind(self.source)
@@ -191,24 +205,26 @@ impl Steps {
             .bind(&self.ats)
             .bind(&self.positions)
             .bind(&self.encoded)
+            .bind(&self.notice)
     }
 }
 
 /// Writes what one commit does: each row write (`write` builds its query
 /// with [`with_steps!`], binding the given steps first), the last one with
 /// the commit's steps; the steps alone when there is no row write. Each in
-/// the apply's transaction, [`CHANGED`] notified with `source`.
+/// the apply's transaction, [`CHANGED`] notified with `source` and what
+/// the commit touched.
 ///
 /// # Errors
 /// When the commit ID is malformed ([`Unprocessable`]) or the database fails.
-async fn write_effect<W>(
+async fn write_effect<W: Touches>(
     conn: &mut PgConnection,
     source: &'static str,
     delivery: &Delivery,
     effect: &Effect<W>,
     write: impl for<'q> Fn(&'q W, &'q Steps) -> Query<'q>,
 ) -> Result<(), anyhow::Error> {
-    let steps = Steps::of(source, delivery, &effect.steps)?;
+    let steps = Steps::of(source, delivery, &effect.steps, &effect.touched())?;
     let Some((last, before)) = effect.writes.split_last() else {
         steps.bind(sqlx::query(with_steps!("SELECT 1"))).execute(conn).await?;
         return Ok(());
@@ -221,11 +237,18 @@ async fn write_effect<W>(
     Ok(())
 }
 
-/// Deletes `source`'s own rows of `cp_steps` (each projection's reset).
+/// Deletes `source`'s own rows of `cp_steps` (each projection's reset),
+/// and tells every watcher to look again (unless in a shadow).
 async fn reset_steps(conn: &mut PgConnection, source: &'static str) -> Result<(), anyhow::Error> {
     sqlx::query("DELETE FROM cp_steps WHERE source = $1")
         .bind(source)
-        .execute(conn)
+        .execute(&mut *conn)
         .await?;
+    sqlx::query(
+        "SELECT pg_notify('casepath_changed', $1) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'",
+    )
+    .bind(Touched::All.payload(source))
+    .execute(conn)
+    .await?;
     Ok(())
 }

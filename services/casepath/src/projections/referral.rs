@@ -75,7 +75,7 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
         ReferralWrite::Consent(c) => {
             steps.bind(sqlx::query(with_steps!("INSERT INTO cp_consents (consent_id, person_id, case_id, recipient_agency, recorded_by_agency,
                    purposes, data_categories, recorded_at, expires_at)
-                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20) ON CONFLICT (consent_id) DO NOTHING")))
+                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (consent_id) DO NOTHING")))
             .bind(c.consent_id.as_uuid())
             .bind(c.person_id.as_uuid())
             .bind(c.case_id.map(|i| i.as_uuid()))
@@ -91,9 +91,9 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
             ended_at,
             end_reason,
         } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_consents SET ended_at = coalesce(ended_at, $13),
-                   end_reason = CASE WHEN ended_at IS NULL THEN $14 ELSE end_reason END
-                 WHERE consent_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_consents SET ended_at = coalesce(ended_at, $14),
+                   end_reason = CASE WHEN ended_at IS NULL THEN $15 ELSE end_reason END
+                 WHERE consent_id = $13")))
             .bind(consent_id.as_uuid())
             .bind(ended_at)
             .bind(end_reason)
@@ -101,7 +101,7 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
         ReferralWrite::Referral(r) => {
             steps.bind(sqlx::query(with_steps!("INSERT INTO cp_referrals (referral_id, person_id, case_id, referring_agency, receiving_agency,
                    consent_id, services, urgency, status, created_at, waiting_since, answer_due_at)
-                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, 'pending', $20, $20, $21) ON CONFLICT (referral_id) DO NOTHING")))
+                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, 'pending', $21, $21, $22) ON CONFLICT (referral_id) DO NOTHING")))
             .bind(r.referral_id.as_uuid())
             .bind(r.person_id.as_uuid())
             .bind(r.case_id.map(|i| i.as_uuid()))
@@ -114,15 +114,15 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
             .bind(r.answer_due_at)
         }
         ReferralWrite::Accepted { referral_id, at } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'accepted', accepted_at = $13,
-                   answered_at = coalesce(answered_at, $13), waiting_since = NULL
-                 WHERE referral_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'accepted', accepted_at = $14,
+                   answered_at = coalesce(answered_at, $14), waiting_since = NULL
+                 WHERE referral_id = $13")))
             .bind(referral_id.as_uuid())
             .bind(at)
         }
         ReferralWrite::Declined { referral_id, at } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'declined', answered_at = coalesce(answered_at, $13), waiting_since = NULL
-                 WHERE referral_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'declined', answered_at = coalesce(answered_at, $14), waiting_since = NULL
+                 WHERE referral_id = $13")))
             .bind(referral_id.as_uuid())
             .bind(at)
         }
@@ -133,9 +133,9 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
             answer_due_at,
             consent_id,
         } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET receiving_agency = $13, status = 'pending', waiting_since = $14,
-                   answer_due_at = $15, consent_id = coalesce($16, consent_id)
-                 WHERE referral_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET receiving_agency = $14, status = 'pending', waiting_since = $15,
+                   answer_due_at = $16, consent_id = coalesce($17, consent_id)
+                 WHERE referral_id = $13")))
             .bind(referral_id.as_uuid())
             .bind(receiving_agency)
             .bind(at)
@@ -147,19 +147,19 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
             outcome,
             at,
         } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'closed', outcome = $13, closed_at = $14, waiting_since = NULL
-                 WHERE referral_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'closed', outcome = $14, closed_at = $15, waiting_since = NULL
+                 WHERE referral_id = $13")))
             .bind(referral_id.as_uuid())
             .bind(outcome)
             .bind(at)
         }
         ReferralWrite::Cancelled { referral_id } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'cancelled', waiting_since = NULL WHERE referral_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'cancelled', waiting_since = NULL WHERE referral_id = $13")))
                 .bind(referral_id.as_uuid())
         }
         ReferralWrite::Goal(g) => {
             steps.bind(sqlx::query(with_steps!("INSERT INTO cp_goals (goal_id, person_id, kind, added_at, due_at)
-                 VALUES ($12, $13, $14, $15, $16) ON CONFLICT (goal_id) DO NOTHING")))
+                 VALUES ($13, $14, $15, $16, $17) ON CONFLICT (goal_id) DO NOTHING")))
             .bind(g.goal_id.as_uuid())
             .bind(g.person_id.as_uuid())
             .bind(g.kind)
@@ -167,7 +167,7 @@ fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<
             .bind(g.due_at)
         }
         ReferralWrite::GoalMet { goal_id, met_at } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_goals SET met_at = coalesce(met_at, $13) WHERE goal_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_goals SET met_at = coalesce(met_at, $14) WHERE goal_id = $13")))
                 .bind(goal_id.as_uuid())
                 .bind(met_at)
         }

@@ -76,7 +76,7 @@ impl Projection for RepatriationProjection {
 fn query<'q>(write: &'q ReturnWrite, steps: &'q super::Steps) -> super::Query<'q> {
     match write {
         ReturnWrite::Commit { commit_id, return_id } => {
-            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_return_commits (commit_id, return_id) VALUES ($12, $13) ON CONFLICT (commit_id) DO NOTHING")))
+            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_return_commits (commit_id, return_id) VALUES ($13, $14) ON CONFLICT (commit_id) DO NOTHING")))
             .bind(commit_id.as_uuid())
             .bind(return_id.as_uuid())
         }
@@ -91,9 +91,9 @@ fn query<'q>(write: &'q ReturnWrite, steps: &'q super::Steps) -> super::Query<'q
                 Some((by, at)) => (Some(by.as_str()), Some(*at)),
                 None => (None, None),
             };
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_returns SET status = $13, received_by = coalesce($14, received_by),
-                   handed_over_at = coalesce($15, handed_over_at)
-                 WHERE return_id = $12")))
+            steps.bind(sqlx::query(with_steps!("UPDATE cp_returns SET status = $14, received_by = coalesce($15, received_by),
+                   handed_over_at = coalesce($16, handed_over_at)
+                 WHERE return_id = $13")))
             .bind(return_id.as_uuid())
             .bind(status)
             .bind(received_by)
@@ -108,7 +108,7 @@ fn upsert<'q>(row: &'q ReturnRow, announced: bool, steps: &'q super::Steps) -> s
         sqlx::query(with_steps!(
             "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
                received_by, foreign_reference, status, opened_at, handed_over_at)
-             VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
+             VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
              ON CONFLICT (return_id) DO UPDATE SET direction = EXCLUDED.direction, from_country = EXCLUDED.from_country,
                to_country = EXCLUDED.to_country, opened_by = EXCLUDED.opened_by, consulate_agency = EXCLUDED.consulate_agency,
                received_by = EXCLUDED.received_by,
@@ -119,7 +119,7 @@ fn upsert<'q>(row: &'q ReturnRow, announced: bool, steps: &'q super::Steps) -> s
         sqlx::query(with_steps!(
             "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
                received_by, foreign_reference, status, opened_at, handed_over_at)
-             VALUES ($12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)
+             VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
              ON CONFLICT (return_id) DO NOTHING"
         ))
     };

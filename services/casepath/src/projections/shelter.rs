@@ -77,7 +77,7 @@ fn query<'q>(write: &'q ShelterWrite, steps: &'q super::Steps) -> super::Query<'
     match write {
         ShelterWrite::Shelter(s) => steps
             .bind(sqlx::query(with_steps!(
-                "INSERT INTO cp_shelters (shelter_id, code, region, operator_agency) VALUES ($12, $13, $14, $15)
+                "INSERT INTO cp_shelters (shelter_id, code, region, operator_agency) VALUES ($13, $14, $15, $16)
                  ON CONFLICT (shelter_id) DO UPDATE SET code = EXCLUDED.code, region = EXCLUDED.region,
                    operator_agency = EXCLUDED.operator_agency"
             )))
@@ -89,7 +89,7 @@ fn query<'q>(write: &'q ShelterWrite, steps: &'q super::Steps) -> super::Query<'
             .bind(sqlx::query(with_steps!(
                 "INSERT INTO cp_holds (hold_id, shelter_id, referral_id, cause_commit_id, holder_agency, category,
                    held_at, expires_at, status)
-                 VALUES ($12, $13, $14, $15, $16, $17, $18, $19, 'held') ON CONFLICT (hold_id) DO NOTHING"
+                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, 'held') ON CONFLICT (hold_id) DO NOTHING"
             )))
             .bind(h.hold_id.as_uuid())
             .bind(h.shelter_id.as_uuid())
@@ -107,9 +107,9 @@ fn query<'q>(write: &'q ShelterWrite, steps: &'q super::Steps) -> super::Query<'
             };
             steps
                 .bind(sqlx::query(with_steps!(
-                    "UPDATE cp_holds SET status = $13, admitted_at = coalesce(admitted_at, $14),
-                   discharged_at = coalesce(discharged_at, $15)
-                 WHERE hold_id = $12"
+                    "UPDATE cp_holds SET status = $14, admitted_at = coalesce(admitted_at, $15),
+                   discharged_at = coalesce(discharged_at, $16)
+                 WHERE hold_id = $13"
                 )))
                 .bind(hold_id.as_uuid())
                 .bind(status.as_str())
