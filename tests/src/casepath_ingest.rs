@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use nrm_casepath::domain::changes::WatchKey;
 use nrm_casepath::projections::{
     IdentificationProjection, ReferralProjection, RepatriationProjection, ShelterProjection,
 };
@@ -114,6 +115,7 @@ pub struct CasepathApp {
     /// The bus of its subject space.
     pub bus: Bus,
     country: CountryCode,
+    watch_key: WatchKey,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -170,11 +172,13 @@ impl CasepathApp {
             }
         });
         let country = CountryCode::parse("country", &settings.xborder.country).expect("country");
+        let watch_key = nrm_casepath::app::watch::load_key(&pool).await.expect("the watch key");
         Self {
             settings,
             pool,
             bus,
             country,
+            watch_key,
             shutdown,
             task: Some(task),
         }
@@ -238,10 +242,22 @@ impl CasepathApp {
         let mut conn = self.pool.acquire().await.expect("connection");
         let mut out = Vec::new();
         let country = &self.country;
-        out.push(IdentificationProjection::new(country).digest(&mut conn).await);
-        out.push(ReferralProjection::new(country).digest(&mut conn).await);
-        out.push(ShelterProjection::new(country).digest(&mut conn).await);
-        out.push(RepatriationProjection::new(country).digest(&mut conn).await);
+        out.push(
+            IdentificationProjection::new(country, &self.watch_key)
+                .digest(&mut conn)
+                .await,
+        );
+        out.push(
+            ReferralProjection::new(country, &self.watch_key)
+                .digest(&mut conn)
+                .await,
+        );
+        out.push(ShelterProjection::new(country, &self.watch_key).digest(&mut conn).await);
+        out.push(
+            RepatriationProjection::new(country, &self.watch_key)
+                .digest(&mut conn)
+                .await,
+        );
         out.into_iter().map(|d| d.expect("digest").expect("a digest")).collect()
     }
 
@@ -252,25 +268,28 @@ impl CasepathApp {
     pub async fn rebuild(&self) {
         let country = &self.country;
         if self.last_sequence("identification").await > 0 {
-            self.runner("identification", IdentificationProjection::new(country))
-                .rebuild()
-                .await
-                .expect("rebuild identification");
+            self.runner(
+                "identification",
+                IdentificationProjection::new(country, &self.watch_key),
+            )
+            .rebuild()
+            .await
+            .expect("rebuild identification");
         }
         if self.last_sequence("referral").await > 0 {
-            self.runner("referral", ReferralProjection::new(country))
+            self.runner("referral", ReferralProjection::new(country, &self.watch_key))
                 .rebuild()
                 .await
                 .expect("rebuild referral");
         }
         if self.last_sequence("shelter").await > 0 {
-            self.runner("shelter", ShelterProjection::new(country))
+            self.runner("shelter", ShelterProjection::new(country, &self.watch_key))
                 .rebuild()
                 .await
                 .expect("rebuild shelter");
         }
         if self.last_sequence("repatriation").await > 0 {
-            self.runner("repatriation", RepatriationProjection::new(country))
+            self.runner("repatriation", RepatriationProjection::new(country, &self.watch_key))
                 .rebuild()
                 .await
                 .expect("rebuild repatriation");
@@ -296,10 +315,26 @@ impl CasepathApp {
                     metadata: bus::metadata_from_headers(Some(&message.headers)),
                 };
                 let applied = match context {
-                    "identification" => IdentificationProjection::new(country).apply(&mut uow, &delivery).await,
-                    "referral" => ReferralProjection::new(country).apply(&mut uow, &delivery).await,
-                    "shelter" => ShelterProjection::new(country).apply(&mut uow, &delivery).await,
-                    _ => RepatriationProjection::new(country).apply(&mut uow, &delivery).await,
+                    "identification" => {
+                        IdentificationProjection::new(country, &self.watch_key)
+                            .apply(&mut uow, &delivery)
+                            .await
+                    }
+                    "referral" => {
+                        ReferralProjection::new(country, &self.watch_key)
+                            .apply(&mut uow, &delivery)
+                            .await
+                    }
+                    "shelter" => {
+                        ShelterProjection::new(country, &self.watch_key)
+                            .apply(&mut uow, &delivery)
+                            .await
+                    }
+                    _ => {
+                        RepatriationProjection::new(country, &self.watch_key)
+                            .apply(&mut uow, &delivery)
+                            .await
+                    }
                 };
                 applied.expect("apply again");
             }

@@ -222,8 +222,9 @@ pub async fn notify_touched(pool: &PgPool, keys: &[Uuid]) {
     for k in keys {
         touched.key(*k);
     }
+    let key = nrm_casepath::app::watch::load_key(pool).await.unwrap();
     sqlx::query("SELECT pg_notify('casepath_changed', $1)")
-        .bind(touched.payload("casepath_referral"))
+        .bind(touched.payload("casepath_referral", &key))
         .execute(pool)
         .await
         .unwrap();

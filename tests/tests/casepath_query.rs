@@ -1341,6 +1341,60 @@ async fn a_path_watch_looks_again_only_for_a_change_of_its_own_records() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_path_watch_lets_go_of_the_person_when_the_consent_lapses_with_nothing_else_changing() {
+    let app = Casepath::start(&[]).await;
+    let mut client = app.client.clone();
+    let pool = &app.pool;
+    let person = Uuid::now_v7();
+    let case = CaseSeed::new(person, "kg-mvd", "kg-prosecutor", t("2026-03-02T04:00:00Z"));
+    case.insert(pool).await;
+    let k = consent(pool, person, case.case_id, "kg-msd").await;
+    let r = referral(
+        pool,
+        person,
+        "kg-mvd",
+        "kg-msd",
+        Some(k),
+        "accepted",
+        t("2026-03-05T04:00:00Z"),
+        None,
+    )
+    .await;
+    insert_step(
+        pool,
+        step(r, P::Referrals, K::ReferralSent, t("2026-03-05T04:00:00Z"), 1),
+    )
+    .await;
+    // The consent lapses two seconds from now; no change is written or
+    // notified after the watch opens.
+    sqlx::query("UPDATE cp_consents SET expires_at = now() + interval '2 seconds' WHERE consent_id = $1")
+        .bind(k)
+        .execute(pool)
+        .await
+        .unwrap();
+    let msd = token("kg-msd", Role::Msd, "m-1");
+    let mut stream = client
+        .watch_path(authorized(
+            pb::GetPathRequest {
+                person_id: person.to_string(),
+            },
+            &msd,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await.unwrap();
+    assert!(first.person.is_some(), "the consent is in force");
+    let lapsed = next(&mut stream).await.unwrap();
+    assert!(
+        lapsed.person.is_none(),
+        "the person's data leave MSD's view when the consent lapses"
+    );
+    assert_eq!(parts(&lapsed), vec![P::Referrals]);
+    app.stop().await;
+}
+
 /// The next answer of an inbox watch, within `bound`.
 async fn next_inbox(stream: &mut tonic::Streaming<pb::Inbox>, bound: Duration) -> pb::Inbox {
     tokio::time::timeout(bound, stream.next())

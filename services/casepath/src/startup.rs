@@ -48,8 +48,9 @@ impl Application {
         let country = CountryCode::parse("NRM_XBORDER__COUNTRY", &settings.xborder.country)
             .map_err(|v| anyhow::anyhow!("NRM_XBORDER__COUNTRY: {}", v.description))?;
         let mut kit = Kit::build(SPEC, settings).await?;
-        crate::projections::register(&mut kit, &country);
-        let app = Casepath::build(&mut kit, &settings.casepath, &country)?;
+        let watch_key = crate::app::watch::load_key(kit.pool()).await?;
+        crate::projections::register(&mut kit, &country, &watch_key);
+        let app = Casepath::build(&mut kit, &settings.casepath, &country, watch_key)?;
         Ok(Self { kit, app })
     }
 

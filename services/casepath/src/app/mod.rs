@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CasepathSettings;
 use crate::domain::calendar::{self, Calendar};
+use crate::domain::changes::WatchKey;
 
 /// The application: casepath's queries over its read models.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Casepath {
     /// [`Touched::All`](crate::domain::changes::Touched::All) on every
     /// reconnect of the listener, which may have missed some).
     changes: tokio::sync::broadcast::Sender<watch::Change>,
+    /// The key of the tokens changes name.
+    watch_key: WatchKey,
     /// Cancelled when the service stops: open watches end.
     closing: CancellationToken,
 }
@@ -76,7 +79,12 @@ impl Casepath {
     ///
     /// # Errors
     /// When the calendar is malformed.
-    pub fn build(kit: &mut Kit, settings: &CasepathSettings, country: &CountryCode) -> Result<Self, anyhow::Error> {
+    pub fn build(
+        kit: &mut Kit,
+        settings: &CasepathSettings,
+        country: &CountryCode,
+        watch_key: WatchKey,
+    ) -> Result<Self, anyhow::Error> {
         let calendar = load_calendar(settings, country)?;
         let (changes, _) = tokio::sync::broadcast::channel(watch::BACKLOG);
         let closing = CancellationToken::new();
@@ -93,6 +101,7 @@ impl Casepath {
             calendar: Arc::new(calendar),
             settings: settings.clone(),
             changes,
+            watch_key,
             closing,
         })
     }

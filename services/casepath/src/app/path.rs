@@ -140,6 +140,17 @@ impl Records {
         out.extend(self.holds.iter().flat_map(|h| [h.hold_id, h.shelter_id]));
         out
     }
+
+    /// The earliest time after `now` a consent of the person lapses: what
+    /// the path shows may change then by the clock alone.
+    fn next_expiry(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.consents
+            .iter()
+            .filter(|c| c.ended_at.is_none())
+            .filter_map(|c| c.expires_at)
+            .filter(|at| *at > now)
+            .min()
+    }
 }
 
 /// Columns of [`CaseRow`].
@@ -546,7 +557,8 @@ impl Casepath {
     }
 
     /// [`Casepath::path_of`], with what a watch of it must look again for
-    /// ([`Records::interest`], of the same read).
+    /// ([`Records::interest`], of the same read) and when a consent of the
+    /// person lapses next ([`Records::next_expiry`]).
     ///
     /// # Errors
     /// As [`Casepath::path_of`].
@@ -554,7 +566,7 @@ impl Casepath {
         &self,
         ctx: &CallContext,
         person: Uuid,
-    ) -> Result<(pb::Path, HashSet<Uuid>), AppError> {
+    ) -> Result<(pb::Path, HashSet<Uuid>, Option<DateTime<Utc>>), AppError> {
         let now = Utc::now();
         let records = self.records(person).await?;
         let sight = decide(ctx, &records, now);
@@ -570,7 +582,11 @@ impl Casepath {
                 "the caller's agency sees no part of this path".into(),
             ));
         }
-        Ok((self.view(ctx, person, &records, &sight, now), records.interest(person)))
+        Ok((
+            self.view(ctx, person, &records, &sight, now),
+            records.interest(person),
+            records.next_expiry(now),
+        ))
     }
 
     fn view(&self, ctx: &CallContext, person: Uuid, records: &Records, sight: &Sight, now: DateTime<Utc>) -> pb::Path {

@@ -9,9 +9,10 @@
 //! `NRM_CASEPATH__WATCH_INTERVAL_MS`), sending it only when it differs from
 //! the last one sent (times that only age — `as_of`, `time_left`, `spent` —
 //! are not differences). An answer also changes by the clock alone, when
-//! an item it shows (or, overdue only, would show) passes its due time:
-//! each watcher also wakes then, at the earliest due time still ahead of
-//! its last answer, without any change. A watch ends with the query's error (a path the
+//! an item it shows (or, overdue only, would show) passes its due time,
+//! and (a path) when a consent of the person lapses: each watcher also
+//! wakes then, at the earliest such time still ahead of its last answer,
+//! without any change. A watch ends with the query's error (a path the
 //! caller no longer sees: `PERMISSION_DENIED`), with `UNAUTHENTICATED` when
 //! the caller's token expires, when the client goes away, and when the
 //! service stops.
@@ -34,12 +35,11 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use uuid::Uuid;
 
 use super::Casepath;
 use super::inbox::InboxQuery;
 use super::path::parse_person;
-use crate::domain::changes::Touched;
+use crate::domain::changes::{self, Token, WatchKey};
 
 /// The channel the projections notify.
 pub const CHANNEL: &str = "casepath_changed";
@@ -49,15 +49,28 @@ pub const CHANNEL: &str = "casepath_changed";
 pub const BACKLOG: usize = 1024;
 
 /// A change as every watcher receives it.
-pub type Change = Arc<Touched>;
+pub type Change = Arc<changes::Change>;
+
+/// The key of the tokens changes name, from casepath's database (made by
+/// its migrations).
+///
+/// # Errors
+/// When the database fails.
+pub async fn load_key(pool: &sqlx::PgPool) -> Result<WatchKey, anyhow::Error> {
+    let key: Vec<u8> = sqlx::query_scalar("SELECT key FROM casepath_watch_key")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("casepath's watch key cannot be read: {e}"))?;
+    Ok(WatchKey::new(&key))
+}
 
 /// Listens on [`CHANNEL`] until `stop`, handing every notification's
-/// change to `changes`, and [`Touched::All`] on every (re)connect (what
+/// change to `changes`, and [`changes::Change::All`] on every (re)connect (what
 /// changed while nobody listened is looked at again); reconnects when
 /// PostgreSQL goes away.
 pub async fn listen(pool: sqlx::PgPool, changes: broadcast::Sender<Change>, stop: CancellationToken) {
     // None listening is no error.
-    let hand = |t: Touched| {
+    let hand = |t: changes::Change| {
         let _ = changes.send(Arc::new(t));
     };
     while !stop.is_cancelled() {
@@ -78,14 +91,14 @@ pub async fn listen(pool: sqlx::PgPool, changes: broadcast::Sender<Change>, stop
             }
         };
         // Whatever changed while nobody listened is looked at again.
-        hand(Touched::All);
+        hand(changes::Change::All);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 received = listener.try_recv() => match received {
-                    Ok(Some(n)) => hand(Touched::parse(n.payload())),
+                    Ok(Some(n)) => hand(changes::Change::parse(n.payload())),
                     // The connection was lost; the next call reconnects.
-                    Ok(None) => hand(Touched::All),
+                    Ok(None) => hand(changes::Change::All),
                     Err(e) => {
                         tracing::warn!(error = %e, "casepath_changed listener failed; reconnecting");
                         break;
@@ -152,6 +165,14 @@ fn next_due(items: &[pb::InboxItem]) -> Option<DateTime<Utc>> {
         .min()
 }
 
+/// The earlier of two times that may be none.
+fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Sleeps until just after `at` (an item is overdue once its due time has
 /// passed); forever without one.
 async fn sleep_past(at: Option<DateTime<Utc>>) {
@@ -164,9 +185,9 @@ async fn sleep_past(at: Option<DateTime<Utc>>) {
     }
 }
 
-/// An answer, the earliest time the clock alone changes it, and the keys
-/// whose change may change it (`None`: any change).
-type Answer<T> = (T, Option<DateTime<Utc>>, Option<HashSet<Uuid>>);
+/// An answer, the earliest time the clock alone changes it, and the tokens
+/// of the keys whose change may change it (`None`: any change).
+type Answer<T> = (T, Option<DateTime<Utc>>, Option<HashSet<Token>>);
 
 impl Casepath {
     /// Runs `query` on every change that concerns its last answer, and
@@ -285,7 +306,7 @@ impl Casepath {
         ctx.concerns(person);
         ctx.concerns_person(person);
         let changes = self.changes.subscribe();
-        let (first, interest) = self.path_watched(&ctx, person).await?;
+        let (first, interest, lapses) = self.path_watched(&ctx, person).await?;
         self.audit_path(&ctx, "WatchPath", &first).await?;
         let (tx, rx) = mpsc::channel(4);
         let _ = tx.send(Ok(first.clone())).await;
@@ -296,7 +317,7 @@ impl Casepath {
             let query = move || {
                 let (app, ctx) = (query_app.clone(), ctx.clone());
                 async move {
-                    let (path, interest) = match app.path_watched(&ctx, person).await {
+                    let (path, interest, lapses) = match app.path_watched(&ctx, person).await {
                         Ok(watched) => watched,
                         Err(e) => {
                             if matches!(e, AppError::PermissionDenied(_)) {
@@ -312,8 +333,8 @@ impl Casepath {
                             return Err(e);
                         }
                     };
-                    let due = next_due(&path.waiting);
-                    Ok((path, due, Some(interest)))
+                    let due = earliest(next_due(&path.waiting), lapses);
+                    Ok((path, due, Some(app.watch_key.tokens(&interest))))
                 }
             };
             let announce_app = app.clone();
@@ -324,7 +345,8 @@ impl Casepath {
                     Ok(path)
                 }
             };
-            let due = next_due(&first.waiting);
+            let due = earliest(next_due(&first.waiting), lapses);
+            let interest = app.watch_key.tokens(&interest);
             app.follow(
                 (first, due, Some(interest)),
                 path_key,

@@ -16,17 +16,62 @@
 //! does anything that cannot be read (a notification of an older version,
 //! a listener that reconnected and may have missed some).
 //!
-//! On the wire (PostgreSQL's `pg_notify`, at most 8,000 bytes) a change is
-//! `<source>|<key>,<key>,…`, or `<source>|*` for all; beyond
-//! [`MAX_KEYS`] keys, all.
+//! On the wire (PostgreSQL's `pg_notify`, at most 8,000 bytes; anyone who
+//! may connect to the database may LISTEN) a change names no ID: each key
+//! is a [`Token`], the first 64 bits of its HMAC-SHA-256 under the
+//! database's own [`WatchKey`], so that a listener who cannot read the
+//! read models learns no link between a person, a referral and a shelter.
+//! The payload is `<source>|<token>,<token>,…` (16 hex digits each), or
+//! `<source>|*` for all; beyond [`MAX_KEYS`] keys, all. Two keys sharing a
+//! token only make a watcher look once more.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use uuid::Uuid;
 
 /// The most keys a notification names; a commit that touches more touches all.
 pub const MAX_KEYS: usize = 150;
+
+/// A key as a notification names it.
+pub type Token = u64;
+
+/// The key of the tokens (32 bytes, kept in casepath's database).
+#[derive(Clone)]
+pub struct WatchKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for WatchKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WatchKey(..)")
+    }
+}
+
+impl WatchKey {
+    /// From its bytes.
+    #[must_use]
+    pub fn new(key: &[u8]) -> Self {
+        Self(<Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length")))
+    }
+
+    /// The token of `key`.
+    #[must_use]
+    pub fn token(&self, key: Uuid) -> Token {
+        let mut mac = self.0.clone();
+        mac.update(key.as_bytes());
+        let out = mac.finalize().into_bytes();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&out[..8]);
+        u64::from_be_bytes(first)
+    }
+
+    /// The tokens of `keys`.
+    #[must_use]
+    pub fn tokens<'a>(&self, keys: impl IntoIterator<Item = &'a Uuid>) -> HashSet<Token> {
+        keys.into_iter().map(|k| self.token(*k)).collect()
+    }
+}
 
 /// What a commit changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,50 +115,76 @@ impl Touched {
         *self = Self::All;
     }
 
-    /// Whether a watcher interested in `interest` (`None`: in everything)
-    /// should look again.
+    /// The notification's payload for a commit of `source`, its keys as
+    /// tokens under `key`.
     #[must_use]
-    pub fn concerns(&self, interest: Option<&HashSet<Uuid>>) -> bool {
-        match (self, interest) {
-            (Self::All, _) | (_, None) => true,
-            (Self::Keys(keys), Some(interest)) => keys.iter().any(|k| interest.contains(k)),
-        }
-    }
-
-    /// The notification's payload for a commit of `source`.
-    #[must_use]
-    pub fn payload(&self, source: &str) -> String {
+    pub fn payload(&self, source: &str, key: &WatchKey) -> String {
         match self {
             Self::Keys(keys) if keys.len() <= MAX_KEYS => {
-                let mut out = String::with_capacity(source.len() + 1 + keys.len() * 37);
+                let tokens: BTreeSet<Token> = keys.iter().map(|k| key.token(*k)).collect();
+                let mut out = String::with_capacity(source.len() + 1 + tokens.len() * 17);
                 out.push_str(source);
                 out.push('|');
-                for (i, k) in keys.iter().enumerate() {
+                for (i, t) in tokens.iter().enumerate() {
                     if i > 0 {
                         out.push(',');
                     }
-                    let _ = write!(out, "{k}");
+                    let _ = write!(out, "{t:016x}");
                 }
                 out
             }
-            _ => format!("{source}|*"),
+            _ => everything(source),
         }
     }
+}
 
-    /// A notification's payload read back; [`Touched::All`] for anything
+/// The payload of a change of `source` that touched everything.
+#[must_use]
+pub fn everything(source: &str) -> String {
+    format!("{source}|*")
+}
+
+/// A change as a watcher receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Anything may have changed.
+    All,
+    /// The rows of these tokens.
+    Tokens(BTreeSet<Token>),
+}
+
+impl Change {
+    /// A notification's payload read back; [`Change::All`] for anything
     /// that is not one [`Touched::payload`] wrote.
     #[must_use]
     pub fn parse(payload: &str) -> Self {
-        let Some((_, keys)) = payload.split_once('|') else {
+        let Some((_, tokens)) = payload.split_once('|') else {
             return Self::All;
         };
-        if keys.is_empty() {
-            return Self::default();
+        if tokens.is_empty() {
+            return Self::Tokens(BTreeSet::new());
         }
-        keys.split(',')
-            .map(str::parse)
-            .collect::<Result<BTreeSet<Uuid>, _>>()
-            .map_or(Self::All, Self::Keys)
+        tokens
+            .split(',')
+            .map(|t| {
+                if t.len() == 16 {
+                    Token::from_str_radix(t, 16).ok()
+                } else {
+                    None
+                }
+            })
+            .collect::<Option<BTreeSet<Token>>>()
+            .map_or(Self::All, Self::Tokens)
+    }
+
+    /// Whether a watcher interested in `interest` (`None`: in everything)
+    /// should look again.
+    #[must_use]
+    pub fn concerns(&self, interest: Option<&HashSet<Token>>) -> bool {
+        match (self, interest) {
+            (Self::All, _) | (_, None) => true,
+            (Self::Tokens(tokens), Some(interest)) => tokens.iter().any(|t| interest.contains(t)),
+        }
     }
 }
 
@@ -129,47 +200,77 @@ mod tests {
 
     use super::*;
 
-    fn keys(n: usize) -> Touched {
+    fn key() -> WatchKey {
+        WatchKey::new(&[7; 32])
+    }
+
+    fn keys(n: usize) -> (Touched, Vec<Uuid>) {
         let mut t = Touched::default();
-        for _ in 0..n {
-            t.key(Uuid::now_v7());
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        for id in &ids {
+            t.key(*id);
         }
-        t
+        (t, ids)
     }
 
     #[test]
-    fn a_payload_reads_back_as_what_was_touched() {
-        let t = keys(3);
-        assert_eq!(Touched::parse(&t.payload("casepath_referral")), t);
-        assert_eq!(Touched::parse(&Touched::default().payload("x")), Touched::default());
-        assert_eq!(Touched::parse(&Touched::All.payload("x")), Touched::All);
+    fn a_payload_reads_back_as_the_tokens_of_what_was_touched_and_names_no_id() {
+        let (t, ids) = keys(3);
+        let payload = t.payload("casepath_referral", &key());
+        for id in &ids {
+            assert!(!payload.contains(&id.to_string()), "{payload}");
+            assert!(!payload.contains(&id.simple().to_string()), "{payload}");
+        }
+        assert_eq!(
+            Change::parse(&payload),
+            Change::Tokens(key().tokens(&ids).into_iter().collect())
+        );
+        assert_eq!(
+            Change::parse(&Touched::default().payload("x", &key())),
+            Change::Tokens(BTreeSet::new())
+        );
+        assert_eq!(Change::parse(&Touched::All.payload("x", &key())), Change::All);
+    }
+
+    #[test]
+    fn another_key_gives_other_tokens() {
+        let id = Uuid::now_v7();
+        assert_eq!(key().token(id), key().token(id));
+        assert_ne!(key().token(id), WatchKey::new(&[8; 32]).token(id));
     }
 
     #[test]
     fn too_many_keys_and_unreadable_payloads_touch_everything() {
-        let many = keys(MAX_KEYS + 1);
-        assert_eq!(Touched::parse(&many.payload("casepath_shelter")), Touched::All);
-        let most = keys(MAX_KEYS);
-        let payload = most.payload("casepath_repatriation");
+        let (many, _) = keys(MAX_KEYS + 1);
+        assert_eq!(Change::parse(&many.payload("casepath_shelter", &key())), Change::All);
+        let (most, ids) = keys(MAX_KEYS);
+        let payload = most.payload("casepath_repatriation", &key());
         assert!(payload.len() < 8000, "within pg_notify's limit: {}", payload.len());
-        assert_eq!(Touched::parse(&payload), most);
-        for unreadable in ["test", "", "casepath_referral|not-a-uuid", "x|,"] {
-            assert_eq!(Touched::parse(unreadable), Touched::All, "{unreadable:?}");
+        assert_eq!(
+            Change::parse(&payload),
+            Change::Tokens(key().tokens(&ids).into_iter().collect())
+        );
+        for unreadable in ["test", "", "casepath_referral|not-hex", "x|,", "x|abc"] {
+            assert_eq!(Change::parse(unreadable), Change::All, "{unreadable:?}");
         }
     }
 
     #[test]
     fn a_watcher_looks_again_only_for_what_it_reads() {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let interest = HashSet::from([a]);
+        let interest = key().tokens([&a]);
         let mut t = Touched::default();
         t.key(b);
-        assert!(!t.concerns(Some(&interest)));
-        assert!(t.concerns(None), "a watcher of everything looks at every change");
+        let change = |t: &Touched| Change::parse(&t.payload("s", &key()));
+        assert!(!change(&t).concerns(Some(&interest)));
+        assert!(
+            change(&t).concerns(None),
+            "a watcher of everything looks at every change"
+        );
         t.key(a);
-        assert!(t.concerns(Some(&interest)));
-        assert!(Touched::All.concerns(Some(&HashSet::new())));
-        assert!(!Touched::default().concerns(Some(&interest)));
+        assert!(change(&t).concerns(Some(&interest)));
+        assert!(Change::All.concerns(Some(&HashSet::new())));
+        assert!(!change(&Touched::default()).concerns(Some(&interest)));
     }
 
     #[test]

@@ -22,7 +22,8 @@
 /// notification on [`CHANGED`] of what the commit touched (`$12`, see
 /// [`crate::domain::changes`]; none when the kernel replays into a shadow
 /// to compare, `nrm.shadow` = on: nothing live changed, and no watcher
-/// should look again): one round trip for a commit's last write.
+/// should look again; none in a reset's transaction, which notified all:
+/// [`reset_steps`]): one round trip for a commit's last write.
 macro_rules! with_steps {
     ($write:literal) => {
         concat!(
@@ -35,7 +36,8 @@ macro_rules! with_steps {
                  AS s(step_id, subject_id, part, kind, at, position, step)
                ON CONFLICT (source, step_id) DO NOTHING
              )
-             SELECT pg_notify('casepath_changed', $12) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'"
+             SELECT pg_notify('casepath_changed', $12) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'
+               AND current_setting('nrm.casepath_reset', true) IS DISTINCT FROM 'on'"
         )
     };
 }
@@ -54,7 +56,7 @@ use prost::Message as _;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::changes::{Touched, Touches};
+use crate::domain::changes::{self, Touches, WatchKey};
 use crate::domain::steps::{Effect, Origin, Skipped, StepRow};
 
 pub use identification::IdentificationProjection;
@@ -63,15 +65,20 @@ pub use repatriation::RepatriationProjection;
 pub use shelter::ShelterProjection;
 
 /// The PostgreSQL channel every apply notifies (payload: the projection's
-/// name and what the commit touched, [`Touched::payload`]).
+/// name and the tokens of what the commit touched,
+/// [`Touched::payload`](changes::Touched::payload)).
 pub const CHANGED: &str = "casepath_changed";
 
-/// Runs the projections of every context's stream while the service runs.
-pub fn register(kit: &mut Kit, country: &CountryCode) {
-    kit.project(identification::CONTEXT, IdentificationProjection::new(country));
-    kit.project(referral::CONTEXT, ReferralProjection::new(country));
-    kit.project(shelter::CONTEXT, ShelterProjection::new(country));
-    kit.project(repatriation::CONTEXT, RepatriationProjection::new(country));
+/// Runs the projections of every context's stream while the service
+/// runs, notifying under `watch_key`.
+pub fn register(kit: &mut Kit, country: &CountryCode, watch_key: &WatchKey) {
+    kit.project(
+        identification::CONTEXT,
+        IdentificationProjection::new(country, watch_key),
+    );
+    kit.project(referral::CONTEXT, ReferralProjection::new(country, watch_key));
+    kit.project(shelter::CONTEXT, ShelterProjection::new(country, watch_key));
+    kit.project(repatriation::CONTEXT, RepatriationProjection::new(country, watch_key));
 }
 
 /// Counts and logs (IDs only) what the mapping of `delivery`'s commit left
@@ -133,12 +140,7 @@ struct Steps {
 
 impl Steps {
     /// The steps of `delivery`'s commit, their position in it their index.
-    fn of(
-        source: &'static str,
-        delivery: &Delivery,
-        steps: &[StepRow],
-        touched: &Touched,
-    ) -> Result<Self, anyhow::Error> {
+    fn of(source: &'static str, delivery: &Delivery, steps: &[StepRow], notice: String) -> Result<Self, anyhow::Error> {
         // Errors of the message itself: parked at once.
         let commit_id: Uuid = delivery
             .commit
@@ -158,7 +160,7 @@ impl Steps {
             ats: Vec::with_capacity(steps.len()),
             positions: Vec::with_capacity(steps.len()),
             encoded: Vec::with_capacity(steps.len()),
-            notice: touched.payload(source),
+            notice,
         };
         for (position, row) in steps.iter().enumerate() {
             out.step_ids.push(row.step_id);
@@ -220,11 +222,17 @@ impl Steps {
 async fn write_effect<W: Touches>(
     conn: &mut PgConnection,
     source: &'static str,
+    watch_key: &WatchKey,
     delivery: &Delivery,
     effect: &Effect<W>,
     write: impl for<'q> Fn(&'q W, &'q Steps) -> Query<'q>,
 ) -> Result<(), anyhow::Error> {
-    let steps = Steps::of(source, delivery, &effect.steps, &effect.touched())?;
+    let steps = Steps::of(
+        source,
+        delivery,
+        &effect.steps,
+        effect.touched().payload(source, watch_key),
+    )?;
     let Some((last, before)) = effect.writes.split_last() else {
         steps.bind(sqlx::query(with_steps!("SELECT 1"))).execute(conn).await?;
         return Ok(());
@@ -238,16 +246,21 @@ async fn write_effect<W: Touches>(
 }
 
 /// Deletes `source`'s own rows of `cp_steps` (each projection's reset),
-/// and tells every watcher to look again (unless in a shadow).
+/// and tells every watcher to look again once the reset's transaction
+/// commits (unless in a shadow); the commits replayed in that transaction
+/// then notify nothing more (`nrm.casepath_reset`, local to it): every
+/// watcher looks at them anyway, and one notification per replayed commit
+/// would only fill PostgreSQL's queue.
 async fn reset_steps(conn: &mut PgConnection, source: &'static str) -> Result<(), anyhow::Error> {
     sqlx::query("DELETE FROM cp_steps WHERE source = $1")
         .bind(source)
         .execute(&mut *conn)
         .await?;
     sqlx::query(
-        "SELECT pg_notify('casepath_changed', $1) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'",
+        "SELECT pg_notify('casepath_changed', $1), set_config('nrm.casepath_reset', 'on', true) \
+         WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'",
     )
-    .bind(Touched::All.payload(source))
+    .bind(changes::everything(source))
     .execute(conn)
     .await?;
     Ok(())

@@ -6,6 +6,8 @@ use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
 
+use crate::domain::changes::WatchKey;
+
 use crate::domain::steps::{self, ReferralWrite};
 
 /// The stream it reads.
@@ -24,14 +26,17 @@ const DIGEST: &str = "SELECT 'cp_consents|' || t::text FROM cp_consents t
 #[derive(Debug, Clone)]
 pub struct ReferralProjection {
     country: CountryCode,
+    watch_key: WatchKey,
 }
 
 impl ReferralProjection {
-    /// The projection of a deployment in `country`.
+    /// The projection of a deployment in `country`, notifying its changes
+    /// under `watch_key`.
     #[must_use]
-    pub fn new(country: &CountryCode) -> Self {
+    pub fn new(country: &CountryCode, watch_key: &WatchKey) -> Self {
         Self {
             country: country.clone(),
+            watch_key: watch_key.clone(),
         }
     }
 }
@@ -48,7 +53,7 @@ impl Projection for ReferralProjection {
         if effect.is_empty() {
             return Ok(());
         }
-        super::write_effect(uow.conn(), NAME, delivery, &effect, query).await
+        super::write_effect(uow.conn(), NAME, &self.watch_key, delivery, &effect, query).await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
