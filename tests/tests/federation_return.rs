@@ -930,15 +930,24 @@ async fn a_return_is_announced_before_departure_and_handed_over_once() {
     assert_eq!(referral.consent_id, consents[0].consent_id);
     assert_eq!(world.consents().await.len(), 2, "A's and B's");
     assert_eq!(world.referrals().await.len(), 2, "A's and B's");
-    let inbox = world
-        .referral
-        .client
-        .clone()
-        .list_inbox(authorized(rf::ListInboxRequest::default(), &kg_msd()))
-        .await
-        .unwrap()
-        .into_inner()
-        .referrals;
+    // The inbox is the referral service's read model, written after the
+    // event is on the stream: wait for it, then count.
+    let deadline = Deadline::new("A's referral in MSD's inbox");
+    let inbox = loop {
+        let inbox = world
+            .referral
+            .client
+            .clone()
+            .list_inbox(authorized(rf::ListInboxRequest::default(), &kg_msd()))
+            .await
+            .unwrap()
+            .into_inner()
+            .referrals;
+        if inbox.iter().any(|r| r.referral_id == referral.referral_id) {
+            break inbox;
+        }
+        deadline.tick().await;
+    };
     assert_eq!(
         inbox.iter().filter(|r| r.referral_id == referral.referral_id).count(),
         1,
