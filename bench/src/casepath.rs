@@ -165,6 +165,7 @@ fn common(database_url: &str, tag: &str, nats: &NatsSettings) -> anyhow::Result<
         server: ServerSettings {
             grpc_addr: "127.0.0.1:0".parse()?,
             metrics_addr: "127.0.0.1:0".parse()?,
+            ..ServerSettings::default()
         },
         database: database(database_url, tag),
         nats: nats.clone(),
@@ -437,6 +438,16 @@ fn consents(path: &cp::Path) -> usize {
         .count()
 }
 
+/// A refusal as the report names it: its code, and for a call shed at the
+/// gate (`OVERLOADED`) that too, apart from the other `UNAVAILABLE`s.
+fn refusal(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    match status.get_error_details().error_info() {
+        Some(info) if info.reason == "OVERLOADED" => format!("{:?} (OVERLOADED)", status.code()),
+        _ => format!("{:?}", status.code()),
+    }
+}
+
 /// The lag phase.
 async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<Lag> {
     let nats = space(nats_url);
@@ -556,7 +567,11 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
         let tx = ack_tx.clone();
         let watched = index < plan.watched;
         senders.push(tokio::spawn(async move {
-            let answer = client.record_consent(request).await.map(|_| ()).map_err(|s| s.code());
+            let answer = client
+                .record_consent(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| refusal(&s));
             let _ = tx.send((watched, (index, n), Instant::now(), answer));
         }));
     }
@@ -570,7 +585,7 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     let mut refused: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     while let Some((watched, key, at, answer)) = ack_rx.recv().await {
         if let Err(code) = answer {
-            *refused.entry(format!("{code:?}")).or_default() += 1;
+            *refused.entry(code).or_default() += 1;
             continue;
         }
         acknowledged += 1;

@@ -75,6 +75,7 @@ impl Service {
                 server: ServerSettings {
                     grpc_addr: "127.0.0.1:0".parse()?,
                     metrics_addr: "127.0.0.1:0".parse()?,
+                    ..ServerSettings::default()
                 },
                 database: DatabaseSettings {
                     url: database_url.to_owned(),

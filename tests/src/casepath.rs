@@ -198,6 +198,7 @@ pub fn casepath_settings(nats: &NatsSettings, country: &str) -> Settings {
             server: ServerSettings {
                 grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
                 metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+                ..ServerSettings::default()
             },
             database: DatabaseSettings {
                 url: base.common.database.url.clone(),

@@ -184,6 +184,7 @@ pub fn settings() -> Settings {
             server: ServerSettings {
                 grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
                 metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+                ..ServerSettings::default()
             },
             database: DatabaseSettings {
                 url: env.database_url.clone(),
@@ -802,6 +803,7 @@ pub fn referral_settings(identification: &Settings) -> nrm_referral::config::Set
             server: ServerSettings {
                 grpc_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
                 metrics_addr: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
+                ..ServerSettings::default()
             },
             database: DatabaseSettings {
                 url: identification.database.url.clone(),

@@ -13,6 +13,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// Domain of the `google.rpc.ErrorInfo` attached to every error.
 const ERROR_DOMAIN: &str = "kopur.nrm";
 
+/// The pause an overloaded service asks of its callers before they retry.
+const RETRY_OVERLOADED: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One invalid request field: its path (`personal.documents[0].number`) and
 /// what is wrong with it, without repeating the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +141,14 @@ pub enum AppError {
     /// The store or the bus cannot be reached. → `UNAVAILABLE` (retry with the same request ID).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The service already serves as many calls as it may at once and none
+    /// came free in time; nothing of the call ran. → `UNAVAILABLE` with
+    /// `ErrorInfo` `OVERLOADED` and a `RetryInfo` (retry with the same request ID).
+    #[error("overloaded: {limit} calls in flight")]
+    Overloaded {
+        /// The calls the service serves at once.
+        limit: usize,
+    },
     /// A bug or an unexpected failure; detail stays in the log. → `INTERNAL`.
     #[error("internal error: {0}")]
     Internal(String),
@@ -169,7 +180,7 @@ impl AppError {
             Self::Conflict { .. } => Code::Aborted,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::RequestIdReused => Code::AlreadyExists,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::Overloaded { .. } => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -207,6 +218,19 @@ impl From<AppError> for tonic::Status {
             AppError::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "dependency unavailable");
                 tonic::Status::unavailable("the service cannot reach its store or bus; retry with the same request_id")
+            }
+            AppError::Overloaded { limit } => {
+                let mut details = ErrorDetails::with_error_info(
+                    "OVERLOADED",
+                    ERROR_DOMAIN,
+                    HashMap::from([("calls_in_flight".to_owned(), limit.to_string())]),
+                );
+                details.set_retry_info(Some(RETRY_OVERLOADED));
+                tonic::Status::with_error_details(
+                    code,
+                    "the service is serving as many calls as it can: nothing was done; retry in a moment with the same request_id",
+                    details,
+                )
             }
             AppError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
@@ -251,6 +275,16 @@ mod tests {
         let status: tonic::Status = AppError::Internal("db said: secret row".into()).into();
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("secret"));
+    }
+
+    #[test]
+    fn an_overloaded_service_says_so_and_asks_for_a_pause() {
+        let status: tonic::Status = AppError::Overloaded { limit: 16 }.into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("nothing was done"));
+        let details = status.get_error_details();
+        assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("OVERLOADED"));
+        assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(RETRY_OVERLOADED));
     }
 
     #[test]

@@ -11,14 +11,23 @@
 //!   with what the attempt concerned as the application recorded it
 //!   ([`CallContext::concerns`]): parsed IDs only, never the request's text.
 //!
+//! - admits at most [`Admission::limit`] calls at once: a call beyond it
+//!   waits its turn up to [`Admission::wait`], then is refused `UNAVAILABLE`
+//!   ([`AppError::Overloaded`]) before anything of it runs. Past what the
+//!   machine can do, the excess is refused at once and the rest served at
+//!   full speed, instead of every call waiting out the database pool and
+//!   failing. Health and reflection are never held back.
+//!
 //! A handler cannot forget the check: the caller reaches it only through
 //! [`context`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
@@ -99,18 +108,71 @@ fn unauthenticated() -> Actor {
     }
 }
 
+/// How many calls the gate lets in at once, and how long one more waits.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    wait: Duration,
+}
+
+impl Admission {
+    /// At most `limit` calls at once (at least one); a call beyond waits up to `wait`.
+    #[must_use]
+    pub fn new(limit: usize, wait: Duration) -> Self {
+        let limit = limit.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            wait,
+        }
+    }
+
+    /// The calls let in at once.
+    #[must_use]
+    pub const fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// How long a call beyond the limit waits for its turn.
+    #[must_use]
+    pub const fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// A turn for one call of `rpc` (held until its response), or
+    /// [`AppError::Overloaded`] when none came free within [`Admission::wait`].
+    ///
+    /// # Errors
+    /// [`AppError::Overloaded`].
+    pub async fn enter(&self, rpc: &'static str) -> Result<OwnedSemaphorePermit, AppError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        match tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // Timed out (or closed, which this gate never does).
+            _ => {
+                metrics::counter!("nrm_calls_shed_total", "rpc" => rpc).increment(1);
+                Err(AppError::Overloaded { limit: self.limit })
+            }
+        }
+    }
+}
+
 /// Verifies and admits calls, and audits refusals in `pool`.
 #[derive(Debug, Clone)]
 pub struct Gate {
     auth: Authenticator,
     pool: PgPool,
+    admission: Admission,
 }
 
 impl Gate {
-    /// A gate verifying with `auth` and auditing in `pool`.
+    /// A gate verifying with `auth`, auditing in `pool`, letting calls in by `admission`.
     #[must_use]
-    pub fn new(auth: Authenticator, pool: PgPool) -> Self {
-        Self { auth, pool }
+    pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
+        Self { auth, pool, admission }
     }
 
     /// The tower layer of this gate.
@@ -223,10 +285,25 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         Box::pin(async move {
-            let (service, method) = match Path::of(request.uri().path()) {
-                Path::Open(_) => return inner.call(request).await,
+            let path = Path::of(request.uri().path());
+            if let Path::Open(_) = path {
+                return inner.call(request).await;
+            }
+            // Held until the response is made (for a stream: until its
+            // first message may go); shed calls are counted, not audited:
+            // nothing of them ran.
+            let rpc = if let Path::Rpc(_, method) = path {
+                method
+            } else {
+                "unknown"
+            };
+            let _turn = match gate.admission.enter(rpc).await {
+                Ok(turn) => turn,
+                Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
+            };
+            let (service, method) = match path {
                 Path::Rpc(service, method) => (service, method),
-                Path::Unknown => {
+                Path::Open(_) | Path::Unknown => {
                     // Audited as an unknown RPC: the path is the caller's text.
                     let who = match gate
                         .auth

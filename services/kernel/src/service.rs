@@ -34,7 +34,7 @@ use crate::auditor::AuditGrpc;
 use crate::auth::Authenticator;
 use crate::bus::Bus;
 use crate::db;
-use crate::gate::Gate;
+use crate::gate::{Admission, Gate};
 use crate::operator::{OperatorGrpc, ReadModels};
 use crate::projection::{Projection, ProjectionRunner, Rebuildable, Source};
 use crate::relay::{Relay, RelayConfig};
@@ -147,6 +147,7 @@ pub struct Kit {
     auth: Authenticator,
     retry: RetryPolicy,
     listeners: Listeners,
+    admission: Admission,
     tasks: Vec<Task>,
     read_models: Vec<Arc<dyn Rebuildable>>,
 }
@@ -167,6 +168,15 @@ impl Kit {
         let auth = Authenticator::new(&settings.auth)
             .await
             .context("loading the token keys (NRM_AUTH__JWKS)")?;
+        // Calls beyond what the pool can serve wait their turn at the gate,
+        // not in the pool, where they would all time out together.
+        let admission = Admission::new(
+            settings
+                .server
+                .max_calls_in_flight
+                .unwrap_or(settings.database.max_connections as usize),
+            Duration::from_millis(settings.server.call_queue_ms),
+        );
         let mut kit = Self {
             spec,
             auth: auth.clone(),
@@ -174,6 +184,7 @@ impl Kit {
             store,
             bus,
             listeners,
+            admission,
             tasks: Vec::new(),
             read_models: Vec::new(),
         };
@@ -322,7 +333,7 @@ impl Kit {
             .publishing(self.spec.publishes)
             .with_read_models(ReadModels::new(self.read_models.clone()));
         let auditor = AuditGrpc::new(self.store.pool().clone(), self.spec.context);
-        let gate = Gate::new(self.auth.clone(), self.store.pool().clone());
+        let gate = Gate::new(self.auth.clone(), self.store.pool().clone(), self.admission);
         let routes = routes
             .add_service(OperatorServiceServer::new(operator))
             .add_service(AuditServiceServer::new(auditor));

@@ -22,7 +22,8 @@ pub fn from_env<T: for<'de> Deserialize<'de>>() -> Result<T, Box<figment::Error>
         .map_err(Box::new)
 }
 
-/// Where the service listens (flattened: `NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`).
+/// Where the service listens and how many calls it serves at once
+/// (flattened: `NRM_GRPC_ADDR`, `NRM_METRICS_ADDR`, …).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ServerSettings {
     /// gRPC address (`NRM_GRPC_ADDR`, default `127.0.0.1:50051`; port 0 picks a free one).
@@ -31,6 +32,14 @@ pub struct ServerSettings {
     /// Prometheus `/metrics` address (`NRM_METRICS_ADDR`, default `127.0.0.1:9464`).
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: SocketAddr,
+    /// Calls served at once (`NRM_MAX_CALLS_IN_FLIGHT`, default: the
+    /// database pool's size); health and reflection are not counted.
+    #[serde(default)]
+    pub max_calls_in_flight: Option<usize>,
+    /// How long a call beyond that limit waits for its turn before it is
+    /// refused `UNAVAILABLE` with nothing done (`NRM_CALL_QUEUE_MS`, default 250).
+    #[serde(default = "default_call_queue_ms")]
+    pub call_queue_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -38,8 +47,14 @@ impl Default for ServerSettings {
         Self {
             grpc_addr: default_grpc_addr(),
             metrics_addr: default_metrics_addr(),
+            max_calls_in_flight: None,
+            call_queue_ms: default_call_queue_ms(),
         }
     }
+}
+
+const fn default_call_queue_ms() -> u64 {
+    250
 }
 
 fn default_grpc_addr() -> SocketAddr {
