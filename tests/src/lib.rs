@@ -249,6 +249,50 @@ where
     }
 }
 
+/// Whether a service shed the call at its gate (`UNAVAILABLE`, `OVERLOADED`):
+/// nothing of it ran.
+#[must_use]
+pub fn overloaded(status: &tonic::Status) -> bool {
+    use tonic_types::StatusExt as _;
+    status.code() == tonic::Code::Unavailable
+        && status
+            .get_error_details()
+            .error_info()
+            .is_some_and(|info| info.reason == "OVERLOADED")
+}
+
+/// `call` sent again, as a client would, while the service sheds it
+/// (after the pause its `RetryInfo` asks for), for at most 30 s; its
+/// answer or its other error.
+///
+/// # Panics
+/// When the service still sheds it after 30 s.
+pub async fn patiently<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    use tonic_types::StatusExt as _;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match call().await {
+            Err(status) if overloaded(&status) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still shed after 30 s: {status:?}"
+                );
+                let pause = status
+                    .get_error_details()
+                    .retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .unwrap_or(std::time::Duration::from_millis(500));
+                tokio::time::sleep(pause).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// The field names of an `INVALID_ARGUMENT`, in the order the service
 /// named them.
 ///

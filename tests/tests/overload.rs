@@ -6,7 +6,10 @@
 //!
 //! The service is held busy for certain, not by timing: the test holds the
 //! audit chain's head row, so that every command let in waits in PostgreSQL
-//! (with its turn at the gate) until the test lets go.
+//! (with its turn at the gate) until the test lets go; the waiting backends
+//! are those `pg_blocking_pids` names the test's own as blocking. After the
+//! release the writes are counted exactly: the two let in, nothing of the
+//! shed one (its events, answer and audit entry each missing).
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
@@ -32,18 +35,29 @@ async fn report(app: &TestApp, request_id: &str) -> Result<pb::ReportPresumedVic
         .map(tonic::Response::into_inner)
 }
 
-/// Backends of the service's database waiting for a lock.
-async fn waiting_for_a_lock(app: &TestApp) -> i64 {
+/// Backends that `holder` (a backend's pid) blocks, directly or behind
+/// another waiter (the second waiter for a row waits for the first).
+async fn blocked_by(app: &TestApp, holder: i32) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        "WITH RECURSIVE blocked(pid) AS (
+             SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))
+             UNION
+             SELECT a.pid FROM pg_stat_activity a JOIN blocked b ON b.pid = ANY(pg_blocking_pids(a.pid))
+         )
+         SELECT count(*) FROM blocked",
     )
+    .bind(holder)
     .fetch_one(&app.pool)
     .await
     .unwrap()
 }
 
+async fn count(app: &TestApp, table: &str) -> i64 {
+    app.count(table).await
+}
+
 #[tokio::test]
-async fn a_call_beyond_the_limit_is_refused_at_once_with_nothing_written_and_the_rest_are_served() {
+async fn a_call_beyond_the_limit_is_refused_after_its_wait_with_nothing_written_and_the_rest_are_served() {
     let mut s = settings();
     s.common.server = ServerSettings {
         max_calls_in_flight: Some(2),
@@ -51,11 +65,20 @@ async fn a_call_beyond_the_limit_is_refused_at_once_with_nothing_written_and_the
         ..s.common.server
     };
     let app = TestApp::spawn_with(s).await;
-    // A first report, so that everything a report touches exists.
+    let tables = app.tables();
+    // A first report, so that everything a report touches exists, and
+    // what one report writes is known.
     report(&app, &Uuid::now_v7().to_string()).await.unwrap();
+    let before = tables.snapshot().await;
+    let (events, audited) = (count(&app, "events").await, count(&app, "audit_log").await);
+    assert!(events > 0 && audited > 0);
 
     // Every command appends to the audit chain under its head row's lock.
     let mut holder = app.pool.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
     sqlx::query("SELECT seq FROM audit_chain_head FOR UPDATE")
         .execute(&mut *holder)
         .await
@@ -77,31 +100,40 @@ async fn a_call_beyond_the_limit_is_refused_at_once_with_nothing_written_and_the
         })
         .collect();
     eventually(
-        "both calls let in wait for the chain's head",
+        "both calls let in wait behind the chain's head",
         Duration::from_secs(10),
-        || async { (waiting_for_a_lock(&app).await >= 2).then_some(()) },
+        || async { (blocked_by(&app, holder_pid).await == 2).then_some(()) },
     )
     .await;
-    let before = TableSnapshot::take(&app.pool).await;
 
     // The third: refused while the two still wait (the head is still held,
-    // so it cannot have waited for them), and nothing of it written.
+    // so it cannot have waited for them), after waiting its turn.
     let shed_id = Uuid::now_v7().to_string();
+    let sent = std::time::Instant::now();
     let refused = tokio::time::timeout(Duration::from_secs(5), report(&app, &shed_id))
         .await
         .expect("the call beyond the limit is answered while the others still wait")
         .expect_err("the call beyond the limit is refused");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(200),
+        "it waited NRM_CALL_QUEUE_MS for a turn first"
+    );
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     let details = refused.get_error_details();
     assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("OVERLOADED"));
+    assert!(
+        details.error_info().is_some_and(|i| i.metadata.is_empty()),
+        "the limit is not told"
+    );
     assert!(
         details.retry_info().and_then(|r| r.retry_delay).is_some(),
         "it says how long to pause"
     );
     assert!(refused.message().contains("nothing was done"), "{}", refused.message());
+    assert_eq!(blocked_by(&app, holder_pid).await, 2, "the two let in still wait");
     TableSnapshot::take(&app.pool)
         .await
-        .assert_unchanged_since(&before, "the refused call");
+        .assert_unchanged_since(&before, "the refused call, while the two let in wait");
     assert_eq!(
         health(&app.endpoint, "").await,
         1,
@@ -115,22 +147,28 @@ async fn a_call_beyond_the_limit_is_refused_at_once_with_nothing_written_and_the
         "the shed call is counted:\n{metrics}"
     );
 
-    // Let go: the two let in are served.
+    // Let go: the two let in are served, and exactly their writes follow.
     holder.rollback().await.unwrap();
     for call in in_flight {
         let answer = call.await.unwrap().expect("a call let in is served");
         assert!(!answer.case_id.is_empty());
     }
+    tables.wait_until_quiescent().await;
+    assert_eq!(count(&app, "commands").await, 3, "the first report and the two let in");
+    assert_eq!(count(&app, "events").await, 3 * events);
+    assert_eq!(
+        count(&app, "audit_log").await,
+        3 * audited,
+        "nothing audited of the shed call"
+    );
+
     // The refused one, sent again with its request ID, runs as a first run.
     let retried = report(&app, &shed_id).await.expect("the retry is served");
     assert!(
         !retried.result.unwrap().replayed,
         "the refused call had recorded nothing to replay"
     );
-    let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(commands, 4);
+    assert_eq!(count(&app, "commands").await, 4);
+    assert_eq!(count(&app, "events").await, 4 * events);
     app.stop().await;
 }

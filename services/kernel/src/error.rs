@@ -144,11 +144,8 @@ pub enum AppError {
     /// The service already serves as many calls as it may at once and none
     /// came free in time; nothing of the call ran. → `UNAVAILABLE` with
     /// `ErrorInfo` `OVERLOADED` and a `RetryInfo` (retry with the same request ID).
-    #[error("overloaded: {limit} calls in flight")]
-    Overloaded {
-        /// The calls the service serves at once.
-        limit: usize,
-    },
+    #[error("overloaded")]
+    Overloaded,
     /// A bug or an unexpected failure; detail stays in the log. → `INTERNAL`.
     #[error("internal error: {0}")]
     Internal(String),
@@ -180,7 +177,7 @@ impl AppError {
             Self::Conflict { .. } => Code::Aborted,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::RequestIdReused => Code::AlreadyExists,
-            Self::Unavailable(_) | Self::Overloaded { .. } => Code::Unavailable,
+            Self::Unavailable(_) | Self::Overloaded => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -219,12 +216,9 @@ impl From<AppError> for tonic::Status {
                 tracing::warn!(error = %detail, "dependency unavailable");
                 tonic::Status::unavailable("the service cannot reach its store or bus; retry with the same request_id")
             }
-            AppError::Overloaded { limit } => {
-                let mut details = ErrorDetails::with_error_info(
-                    "OVERLOADED",
-                    ERROR_DOMAIN,
-                    HashMap::from([("calls_in_flight".to_owned(), limit.to_string())]),
-                );
+            AppError::Overloaded => {
+                // Not the limit: it would tell a caller how many calls to stall.
+                let mut details = ErrorDetails::with_error_info("OVERLOADED", ERROR_DOMAIN, HashMap::new());
                 details.set_retry_info(Some(RETRY_OVERLOADED));
                 tonic::Status::with_error_details(
                     code,
@@ -279,7 +273,7 @@ mod tests {
 
     #[test]
     fn an_overloaded_service_says_so_and_asks_for_a_pause() {
-        let status: tonic::Status = AppError::Overloaded { limit: 16 }.into();
+        let status: tonic::Status = AppError::Overloaded.into();
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("nothing was done"));
         let details = status.get_error_details();

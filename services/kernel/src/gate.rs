@@ -11,12 +11,16 @@
 //!   with what the attempt concerned as the application recorded it
 //!   ([`CallContext::concerns`]): parsed IDs only, never the request's text.
 //!
-//! - admits at most [`Admission::limit`] calls at once: a call beyond it
-//!   waits its turn up to [`Admission::wait`], then is refused `UNAVAILABLE`
+//! - admits at most [`Admission::limit`] calls at once (after verifying the
+//!   token, which needs no database): a call beyond it waits its turn up to
+//!   [`Admission::wait`], then is refused `UNAVAILABLE`
 //!   ([`AppError::Overloaded`]) before anything of it runs. Past what the
-//!   machine can do, the excess is refused at once and the rest served at
-//!   full speed, instead of every call waiting out the database pool and
-//!   failing. Health and reflection are never held back.
+//!   service can do, the excess is refused and the rest served at full
+//!   speed, instead of every call waiting out the database pool and
+//!   failing. An admitted call runs in a task of its own holding its turn,
+//!   so a client that goes away frees the turn only once the call's work
+//!   (and its connection) is done. Health and reflection are never held
+//!   back.
 //!
 //! A handler cannot forget the check: the caller reaches it only through
 //! [`context`].
@@ -26,14 +30,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use http_body_util::{BodyExt as _, Full, Limited};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::audit::{self, Entry, Outcome};
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Caller};
 use crate::command::CallContext;
 use crate::error::AppError;
 use crate::grpc::CORRELATION_ID;
@@ -47,6 +54,15 @@ const OPEN: [&str; 4] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
+
+/// Longest a request's body may take to arrive before the call waits for
+/// its turn: a caller that sends headers and no body holds no turn, and
+/// not for ever anything else.
+const BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Largest request body read: tonic's default limit of a decoded message
+/// (4 MiB) and its frame's five bytes.
+const BODY_LIMIT: usize = 4 * 1024 * 1024 + 5;
 
 /// What a request path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +133,9 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// At most `limit` calls at once (at least one); a call beyond waits up to `wait`.
+    /// At most `limit` calls at once (at least one: 0 is refused when the
+    /// settings are read, [`crate::settings::ServerSettings::calls_in_flight`]);
+    /// a call beyond waits up to `wait`.
     #[must_use]
     pub fn new(limit: usize, wait: Duration) -> Self {
         let limit = limit.max(1);
@@ -154,10 +172,29 @@ impl Admission {
             // Timed out (or closed, which this gate never does).
             _ => {
                 metrics::counter!("nrm_calls_shed_total", "rpc" => rpc).increment(1);
-                Err(AppError::Overloaded { limit: self.limit })
+                metrics::counter!("nrm_grpc_errors_total", "code" => "Unavailable").increment(1);
+                Err(AppError::Overloaded)
             }
         }
     }
+}
+
+/// A request with its whole body read (within [`BODY_DEADLINE`], at most
+/// [`BODY_LIMIT`] bytes); every request of these services is one message.
+///
+/// # Errors
+/// `DEADLINE_EXCEEDED` when the body did not arrive in time,
+/// `OUT_OF_RANGE` when it is too large or broke off.
+async fn whole(request: http::Request<Body>) -> Result<http::Request<Body>, Status> {
+    let (parts, body) = request.into_parts();
+    let collected = tokio::time::timeout(BODY_DEADLINE, Limited::new(body, BODY_LIMIT).collect())
+        .await
+        .map_err(|_| Status::deadline_exceeded("the request's body did not arrive within 10 s"))?
+        .map_err(|_| Status::out_of_range("the request's body is larger than 4 MiB or broke off"))?;
+    Ok(http::Request::from_parts(
+        parts,
+        Body::new(Full::new(collected.to_bytes())),
+    ))
 }
 
 /// Verifies and admits calls, and audits refusals in `pool`.
@@ -166,13 +203,22 @@ pub struct Gate {
     auth: Authenticator,
     pool: PgPool,
     admission: Admission,
+    refusals: Admission,
 }
 
 impl Gate {
-    /// A gate verifying with `auth`, auditing in `pool`, letting calls in by `admission`.
+    /// A gate verifying with `auth`, auditing in `pool`, letting calls in
+    /// by `admission`, and refusals to audit (no valid token, an unknown
+    /// RPC) by a lane of a quarter of its size (at least one).
     #[must_use]
     pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
-        Self { auth, pool, admission }
+        let refusals = Admission::new(admission.limit / 4, admission.wait);
+        Self {
+            auth,
+            pool,
+            admission,
+            refusals,
+        }
     }
 
     /// The tower layer of this gate.
@@ -181,23 +227,24 @@ impl Gate {
         GateLayer(Arc::new(self))
     }
 
-    /// The context of a call to `service`/`method` with `headers`.
+    /// The context of a call to `service`/`method` of the caller `verified`
+    /// from `metadata`.
     ///
     /// # Errors
     /// `UNAUTHENTICATED` or `PERMISSION_DENIED`, after auditing the attempt.
     async fn admit(
         &self,
-        headers: &http::HeaderMap,
+        verified: Result<Caller, AppError>,
+        metadata: &MetadataMap,
         service: &'static str,
         method: &'static str,
     ) -> Result<CallContext, Status> {
-        let metadata = MetadataMap::from_headers(headers.clone());
         let correlation_id = metadata
             .get(CORRELATION_ID)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Uuid>().ok())
             .unwrap_or_else(Uuid::now_v7);
-        let caller = match self.auth.verify(&metadata).await {
+        let caller = match verified {
             Ok(caller) => caller,
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);
@@ -215,6 +262,47 @@ impl Gate {
                 Err(refused.into())
             }
         }
+    }
+
+    /// Serves an admitted call to `path` (an RPC of the matrix, or unknown)
+    /// from the caller `verified`: refuses and audits, or hands it to
+    /// `inner` and audits the application's refusal.
+    async fn serve<S, B, R>(
+        &self,
+        mut inner: S,
+        mut request: http::Request<B>,
+        path: Path,
+        verified: Result<Caller, AppError>,
+        metadata: MetadataMap,
+    ) -> Result<http::Response<R>, S::Error>
+    where
+        S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+        R: Default,
+    {
+        let Path::Rpc(service, method) = path else {
+            // Audited as an unknown RPC: the path is the caller's text.
+            let who = verified.map_or_else(|_| unauthenticated(), |caller| caller.actor);
+            self.audit(&who, "unknown-rpc", Outcome::Denied, "").await;
+            let refused = AppError::PermissionDenied("no permission is defined for this call".into());
+            return Ok(Status::from(refused).into_http());
+        };
+        let ctx = match self.admit(verified, &metadata, service, method).await {
+            Ok(ctx) => ctx,
+            Err(status) => return Ok(status.into_http()),
+        };
+        request.extensions_mut().insert(ctx.clone());
+        let response = inner.call(request).await?;
+        let outcome = match Status::from_header_map(response.headers()).map(|s| s.code()) {
+            Some(Code::PermissionDenied) => Some(Outcome::Denied),
+            Some(Code::FailedPrecondition) => Some(Outcome::Refused),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            let subject = ctx.concerned();
+            self.audit_with(&ctx.caller.actor, method, outcome, &subject, ctx.concerned_person())
+                .await;
+        }
+        Ok(response)
     }
 
     /// Audits a refused attempt; a failure to audit is logged (the call is
@@ -263,12 +351,11 @@ pub struct GateService<S> {
     gate: Arc<Gate>,
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for GateService<S>
+impl<S, R> tower::Service<http::Request<Body>> for GateService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<Body>, Response = http::Response<R>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: Send + 'static,
     R: Default + Send + 'static,
 {
     type Response = http::Response<R>;
@@ -279,62 +366,59 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // The clone waits for readiness; the ready one serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         Box::pin(async move {
             let path = Path::of(request.uri().path());
-            if let Path::Open(_) = path {
-                return inner.call(request).await;
-            }
-            // Held until the response is made (for a stream: until its
-            // first message may go); shed calls are counted, not audited:
-            // nothing of them ran.
-            let rpc = if let Path::Rpc(_, method) = path {
-                method
-            } else {
-                "unknown"
+            let rpc = match path {
+                Path::Open(_) => return inner.call(request).await,
+                Path::Rpc(_, method) => method,
+                Path::Unknown => "unknown",
             };
-            let _turn = match gate.admission.enter(rpc).await {
+            // The whole request and the token before the turn: neither
+            // needs the database, so a body that never comes, a slow key
+            // refresh or a flood of bad tokens holds no turn.
+            let request = match whole(request).await {
+                Ok(request) => request,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let metadata = MetadataMap::from_headers(request.headers().clone());
+            let verified = gate.auth.verify(&metadata).await;
+            // A refusal to audit (no valid token, no such RPC) waits in a
+            // lane of its own, so that a flood of them cannot take the
+            // turns of the calls that may run. Shed calls are counted, not
+            // audited: nothing of them ran.
+            let lane = if verified.is_ok() && matches!(path, Path::Rpc(..)) {
+                &gate.admission
+            } else {
+                &gate.refusals
+            };
+            let turn = match lane.enter(rpc).await {
                 Ok(turn) => turn,
                 Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
             };
-            let (service, method) = match path {
-                Path::Rpc(service, method) => (service, method),
-                Path::Open(_) | Path::Unknown => {
-                    // Audited as an unknown RPC: the path is the caller's text.
-                    let who = match gate
-                        .auth
-                        .verify(&MetadataMap::from_headers(request.headers().clone()))
-                        .await
-                    {
-                        Ok(caller) => caller.actor,
-                        Err(_) => unauthenticated(),
-                    };
-                    gate.audit(&who, "unknown-rpc", Outcome::Denied, "").await;
-                    let refused = AppError::PermissionDenied("no permission is defined for this call".into());
-                    return Ok(Status::from(refused).into_http());
+            // The call runs in a task of its own that holds the turn until
+            // it ends (for a stream: until its first message may go), even
+            // when its client goes away: its transaction ends and its
+            // connection is back in the pool before another call takes
+            // the turn, and a command whose client left still completes.
+            let served = tokio::spawn(
+                async move {
+                    let _turn = turn;
+                    gate.serve(inner, request, path, verified, metadata).await
                 }
-            };
-            let ctx = match gate.admit(request.headers(), service, method).await {
-                Ok(ctx) => ctx,
-                Err(status) => return Ok(status.into_http()),
-            };
-            request.extensions_mut().insert(ctx.clone());
-            let response = inner.call(request).await?;
-            let outcome = match Status::from_header_map(response.headers()).map(|s| s.code()) {
-                Some(Code::PermissionDenied) => Some(Outcome::Denied),
-                Some(Code::FailedPrecondition) => Some(Outcome::Refused),
-                _ => None,
-            };
-            if let Some(outcome) = outcome {
-                let subject = ctx.concerned();
-                gate.audit_with(&ctx.caller.actor, method, outcome, &subject, ctx.concerned_person())
-                    .await;
+                .in_current_span(),
+            );
+            match served.await {
+                Ok(response) => response,
+                Err(failed) => {
+                    tracing::error!(rpc, error = %failed, "a call's task failed");
+                    Ok(Status::from(AppError::Internal("the call's task failed".into())).into_http())
+                }
             }
-            Ok(response)
         })
     }
 }
@@ -342,6 +426,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_beyond_the_limit_waits_its_turn_and_is_let_in_when_one_comes_free() {
+        let admission = Admission::new(1, Duration::from_secs(1));
+        let first = admission.enter("ReportPresumedVictim").await.unwrap();
+        let waiting = tokio::spawn({
+            let admission = admission.clone();
+            async move { admission.enter("ReportPresumedVictim").await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!waiting.is_finished(), "it waits while the turn is taken");
+        drop(first);
+        assert!(waiting.await.unwrap().is_ok(), "the freed turn is its");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_beyond_the_limit_is_refused_once_its_wait_is_over() {
+        let admission = Admission::new(1, Duration::from_millis(200));
+        let _first = admission.enter("ReportPresumedVictim").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let refused = admission.enter("ReportPresumedVictim").await;
+        assert!(matches!(refused, Err(AppError::Overloaded)));
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
 
     #[test]
     fn paths_are_named_only_when_known() {

@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use prost::Message as _;
 use rand::RngCore as _;
 use sha2::Sha256;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, Row};
 use unicode_normalization::UnicodeNormalization as _;
 
 use uuid::Uuid;
@@ -132,15 +132,20 @@ impl DataKey {
         })
     }
 
-    /// Loads the key of `owner`; `None` when it was deleted (erased).
+    /// Loads the key of `owner` on `db` (the pool, or a command's unit of
+    /// work); `None` when it was deleted (erased).
     ///
     /// # Errors
     /// [`SealError::Corrupt`] when the wrapped key does not verify under the master key.
-    pub async fn load(pool: &PgPool, master: &MasterKey, owner: impl KeyOwner) -> Result<Option<Self>, SealError> {
+    pub async fn load<'c>(
+        db: impl sqlx::PgExecutor<'c>,
+        master: &MasterKey,
+        owner: impl KeyOwner,
+    ) -> Result<Option<Self>, SealError> {
         let owner_id = owner.key_owner();
         let Some(row) = sqlx::query("SELECT nonce, wrapped_key FROM person_keys WHERE person_id = $1")
             .bind(owner_id)
-            .fetch_optional(pool)
+            .fetch_optional(db)
             .await?
         else {
             return Ok(None);

@@ -157,8 +157,23 @@ impl Kit {
     /// background when it is down), binds the listeners and prepares the relay.
     ///
     /// # Errors
-    /// When the database cannot be had or migrated, or a port is taken.
+    /// When `NRM_MAX_CALLS_IN_FLIGHT` is 0, the database cannot be had or
+    /// migrated, or a port is taken.
     pub async fn build(spec: ServiceSpec, settings: &CommonSettings) -> Result<Self, anyhow::Error> {
+        // Calls beyond what the pool can serve wait their turn at the gate,
+        // not in the pool, where they would all time out together.
+        let admission = Admission::new(
+            settings
+                .server
+                .calls_in_flight(settings.database.max_connections)
+                .map_err(anyhow::Error::msg)?,
+            Duration::from_millis(settings.server.call_queue_ms),
+        );
+        tracing::info!(
+            calls_in_flight = admission.limit(),
+            call_queue_ms = settings.server.call_queue_ms,
+            "calls beyond the limit wait their turn, then are refused UNAVAILABLE (OVERLOADED)"
+        );
         let pool = db::connect_and_migrate(&settings.database, spec.migrations)
             .await
             .context("preparing the database")?;
@@ -168,15 +183,6 @@ impl Kit {
         let auth = Authenticator::new(&settings.auth)
             .await
             .context("loading the token keys (NRM_AUTH__JWKS)")?;
-        // Calls beyond what the pool can serve wait their turn at the gate,
-        // not in the pool, where they would all time out together.
-        let admission = Admission::new(
-            settings
-                .server
-                .max_calls_in_flight
-                .unwrap_or(settings.database.max_connections as usize),
-            Duration::from_millis(settings.server.call_queue_ms),
-        );
         let mut kit = Self {
             spec,
             auth: auth.clone(),

@@ -32,12 +32,13 @@ pub struct ServerSettings {
     /// Prometheus `/metrics` address (`NRM_METRICS_ADDR`, default `127.0.0.1:9464`).
     #[serde(default = "default_metrics_addr")]
     pub metrics_addr: SocketAddr,
-    /// Calls served at once (`NRM_MAX_CALLS_IN_FLIGHT`, default: the
-    /// database pool's size); health and reflection are not counted.
+    /// Calls served at once (`NRM_MAX_CALLS_IN_FLIGHT`, default: half the
+    /// database pool, see [`ServerSettings::calls_in_flight`]); health and
+    /// reflection are not counted.
     #[serde(default)]
     pub max_calls_in_flight: Option<usize>,
     /// How long a call beyond that limit waits for its turn before it is
-    /// refused `UNAVAILABLE` with nothing done (`NRM_CALL_QUEUE_MS`, default 250).
+    /// refused `UNAVAILABLE` with nothing done (`NRM_CALL_QUEUE_MS`, default 1000).
     #[serde(default = "default_call_queue_ms")]
     pub call_queue_ms: u64,
 }
@@ -54,7 +55,24 @@ impl Default for ServerSettings {
 }
 
 const fn default_call_queue_ms() -> u64 {
-    250
+    1000
+}
+
+impl ServerSettings {
+    /// The calls served at once with a pool of `pool_size` connections: as
+    /// configured, or half the pool (at least one), so that the other half
+    /// stays for the service's background work (relay, projections, timers,
+    /// listeners) and calls never wait out the pool for a connection.
+    ///
+    /// # Errors
+    /// When `NRM_MAX_CALLS_IN_FLIGHT` is 0 (a service that serves nothing).
+    pub fn calls_in_flight(&self, pool_size: u32) -> Result<usize, &'static str> {
+        match self.max_calls_in_flight {
+            Some(0) => Err("NRM_MAX_CALLS_IN_FLIGHT must be at least 1 (unset: half the database pool)"),
+            Some(n) => Ok(n),
+            None => Ok(usize::try_from(pool_size / 2).unwrap_or(usize::MAX).max(1)),
+        }
+    }
 }
 
 fn default_grpc_addr() -> SocketAddr {

@@ -740,6 +740,9 @@ impl Load {
                             }
                             unknown += 1;
                         }
+                        // Shed at the gate before anything of it ran: known
+                        // not applied, so not an unknown outcome; sent again.
+                        Code::Unavailable if crate::overloaded(&status) => {}
                         Code::Internal => {
                             internal += 1;
                             unknown += 1;

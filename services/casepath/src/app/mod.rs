@@ -45,6 +45,9 @@ pub struct Casepath {
     watch_key: WatchKey,
     /// Cancelled when the service stops: open watches end.
     closing: CancellationToken,
+    /// Turns of the open watches' queries: a quarter of the pool (at least
+    /// one), whatever the number of watches.
+    rechecks: Arc<tokio::sync::Semaphore>,
 }
 
 /// The calendar the settings name: the file of `NRM_CASEPATH__CALENDAR_FILE`,
@@ -96,6 +99,11 @@ impl Casepath {
                 closing.cancel();
             });
         }
+        let rechecks = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(pool.options().get_max_connections() / 4)
+                .unwrap_or(1)
+                .max(1),
+        ));
         Ok(Self {
             pool,
             calendar: Arc::new(calendar),
@@ -103,6 +111,7 @@ impl Casepath {
             changes,
             watch_key,
             closing,
+            rechecks,
         })
     }
 

@@ -251,6 +251,16 @@ impl Casepath {
                 () = tokio::time::sleep_until(next_query) => {}
                 () = tx.closed() => return,
             }
+            // A turn among the watches' queries (they wait, they are not
+            // refused): however many watches are open, they take at most
+            // a quarter of the pool, and the gate's calls the rest.
+            let turn = tokio::select! {
+                turn = self.rechecks.clone().acquire_owned() => match turn {
+                    Ok(turn) => turn,
+                    Err(_) => return,
+                },
+                () = tx.closed() => return,
+            };
             // What arrived until now committed before the query's read: it
             // sees all of it.
             loop {
@@ -261,26 +271,31 @@ impl Casepath {
                 }
             }
             next_query = tokio::time::Instant::now() + interval;
-            match query().await {
+            let send = match query().await {
                 Ok((answer, next, keys)) => {
                     due = next;
                     interest = keys;
                     let k = key(&answer);
-                    if k != last {
+                    if k == last {
+                        None
+                    } else {
                         last = k;
-                        let answer = match announce(answer).await {
-                            Ok(answer) => answer,
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                return;
-                            }
-                        };
-                        if tx.send(Ok(answer)).await.is_err() {
-                            return;
-                        }
+                        Some(announce(answer).await)
                     }
                 }
-                Err(e) => {
+                Err(e) => Some(Err(e)),
+            };
+            // Not held while a slow client takes its answer.
+            drop(turn);
+            match send {
+                None => {}
+                Some(Ok(answer)) => {
+                    let delivered = tx.send(Ok(answer)).await;
+                    if delivered.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }

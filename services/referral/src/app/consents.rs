@@ -71,6 +71,14 @@ impl Referrals {
         self.fold(&consent::stream_id(consent_id), consent::evolve).await
     }
 
+    /// As [`Referrals::load_consent`], read inside `uow`.
+    ///
+    /// # Errors
+    /// When the store fails or an event does not decode.
+    pub(crate) async fn load_consent_in(uow: &mut UnitOfWork, consent_id: ConsentId) -> Result<Consent, AppError> {
+        Self::fold_in(uow, &consent::stream_id(consent_id), consent::evolve).await
+    }
+
     /// Records a consent, and its expiry timer, in one transaction.
     ///
     /// # Errors
@@ -98,7 +106,7 @@ impl Referrals {
         let (app, caller) = (self.clone(), ctx.clone());
         let (person_id, given) = (valid.person_id, valid.consent);
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            let person = app.case_held(&caller, person_id).await?;
+            let person = app.case_held(uow.conn(), &caller, person_id).await?;
             let mut recorded = given.clone();
             recorded.consent_id = consent_id.to_string();
             caller.agency().clone_into(&mut recorded.recorded_by_agency);
@@ -438,7 +446,7 @@ impl Referrals {
     ) -> Result<pb::ListConsentsResponse, AppError> {
         let person_id = PersonId::parse("person_id", &req.person_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
         concerning(ctx, person_id);
-        if self.case_held(ctx, person_id).await?.is_none() {
+        if self.case_held(self.store.pool(), ctx, person_id).await?.is_none() {
             return Err(rejected("person", person_id)(DomainError::UnknownPerson));
         }
         // The row's recording agency: a consent recorded before issue 9 has

@@ -159,13 +159,19 @@ impl Referrals {
         })
     }
 
-    /// What identification has told us of a person (`None`: not known yet).
-    async fn person(&self, person_id: PersonId) -> Result<Option<PersonFacts>, AppError> {
+    /// What identification has told us of a person (`None`: not known yet),
+    /// read on `db` (a command's unit of work, so that it holds one
+    /// connection, not two; or the pool).
+    async fn person<'c>(
+        &self,
+        db: impl sqlx::PgExecutor<'c>,
+        person_id: PersonId,
+    ) -> Result<Option<PersonFacts>, AppError> {
         let row = sqlx::query(
             "SELECT case_id, status, child, reporting_agency, competent_authority FROM persons WHERE person_id = $1",
         )
         .bind(person_id.as_uuid())
-        .fetch_optional(self.store.pool())
+        .fetch_optional(db)
         .await?;
         Ok(row.map(|r| PersonFacts {
             case_id: r.get::<Uuid, _>("case_id").to_string(),
@@ -182,8 +188,13 @@ impl Referrals {
     ///
     /// # Errors
     /// `PERMISSION_DENIED` (not an agency holding the case); the store's errors.
-    async fn case_held(&self, caller: &CallContext, person_id: PersonId) -> Result<Option<PersonFacts>, AppError> {
-        let person = self.person(person_id).await?;
+    async fn case_held<'c>(
+        &self,
+        db: impl sqlx::PgExecutor<'c>,
+        caller: &CallContext,
+        person_id: PersonId,
+    ) -> Result<Option<PersonFacts>, AppError> {
+        let person = self.person(db, person_id).await?;
         if let Some(person) = &person {
             caller.check(&Standing {
                 case_holders: person.case_holders(),
@@ -194,8 +205,13 @@ impl Referrals {
     }
 
     /// Whether `agency` has an accepted referral for the person under an
-    /// active consent (the `consented` scope).
-    async fn consented(&self, person_id: PersonId, agency: &str) -> Result<bool, AppError> {
+    /// active consent (the `consented` scope), read on `db`.
+    async fn consented<'c>(
+        &self,
+        db: impl sqlx::PgExecutor<'c>,
+        person_id: PersonId,
+        agency: &str,
+    ) -> Result<bool, AppError> {
         let consented: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM open_referrals o JOIN consents c ON c.consent_id = o.consent_id
              WHERE c.person_id = $1 AND c.recipient_agency = $2 AND o.accepted AND NOT c.withdrawn
@@ -203,7 +219,7 @@ impl Referrals {
         )
         .bind(person_id.as_uuid())
         .bind(agency)
-        .fetch_one(self.store.pool())
+        .fetch_one(db)
         .await?;
         Ok(consented)
     }

@@ -24,10 +24,15 @@ impl Referrals {
     /// Fails unless the caller may act on the person's plan: any plan
     /// (the coordinator), or one of a person its agency has an accepted
     /// referral for under an active consent.
-    async fn check_plan(&self, ctx: &CallContext, person_id: PersonId) -> Result<(), AppError> {
+    async fn check_plan<'c>(
+        &self,
+        db: impl sqlx::PgExecutor<'c>,
+        ctx: &CallContext,
+        person_id: PersonId,
+    ) -> Result<(), AppError> {
         ctx.concerns(person_id);
         ctx.concerns_person(person_id.as_uuid());
-        let consented = !ctx.permit().any() && self.consented(person_id, ctx.agency()).await?;
+        let consented = !ctx.permit().any() && self.consented(db, person_id, ctx.agency()).await?;
         ctx.check(&Standing {
             consented,
             ..Standing::default()
@@ -84,7 +89,7 @@ impl Referrals {
         // handler is not known to be `Send` (rust-lang/rust#110338).
         let (app, caller) = (self.clone(), ctx.clone());
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            app.check_plan(&caller, person_id).await?;
+            app.check_plan(uow.conn(), &caller, person_id).await?;
             let appended = app.append_plan(uow, &caller, person_id, &command).await?;
             Ok(Decided {
                 answer: command::result(person_id, &appended),
@@ -118,8 +123,8 @@ impl Referrals {
         // Owned, as in `on_plan`.
         let (app, caller) = (self.clone(), ctx.clone());
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            app.check_plan(&caller, person_id).await?;
-            let person_known = app.person(person_id).await?.is_some();
+            app.check_plan(uow.conn(), &caller, person_id).await?;
+            let person_known = app.person(uow.conn(), person_id).await?.is_some();
             let command = Command::AddGoal {
                 person_id: person_id.to_string(),
                 goal_id: goal_id.to_string(),
@@ -197,7 +202,7 @@ impl Referrals {
     pub async fn get_plan(&self, ctx: &CallContext, req: &pb::GetPlanRequest) -> Result<pb::Plan, AppError> {
         let person_id = PersonId::parse("person_id", &req.person_id).map_err(|v| AppError::InvalidArgument(vec![v]))?;
         traced(person_id);
-        self.check_plan(ctx, person_id).await?;
+        self.check_plan(self.store.pool(), ctx, person_id).await?;
         let state = self.load_plan(person_id).await?;
         if state.version == 0 {
             return Err(rejected(plan::NAME, person_id)(DomainError::NotFound(plan::NAME)));

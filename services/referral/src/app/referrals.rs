@@ -150,8 +150,8 @@ impl Referrals {
         let (app, caller) = (self.clone(), ctx.clone());
         let (person_id, consent_id, proposed) = (valid.person_id, valid.consent_id, valid.referral);
         command::run(&self.store, ctx, request, OnConflict::Retry, async move |uow| {
-            let person = app.case_held(&caller, person_id).await?;
-            let consent = app.load_consent(consent_id).await?;
+            let person = app.case_held(uow.conn(), &caller, person_id).await?;
+            let consent = Self::load_consent_in(uow, consent_id).await?;
             let mut created = proposed.clone();
             created.referral_id = referral_id.to_string();
             caller.agency().clone_into(&mut created.referring_agency);

@@ -84,7 +84,7 @@ impl Returns {
         let personal =
             !after.consent_withdrawn() && (after.shares(SharedField::Identity) || after.shares(SharedField::Contact));
         let identifiers = if personal {
-            self.identifiers_of(after).await?
+            self.identifiers_of(uow.conn(), after).await?
         } else {
             None
         };
@@ -244,7 +244,7 @@ impl Returns {
         identifiers: &PersonalIdentifiers,
     ) -> Result<Option<SealedData>, AppError> {
         let key = match &state.announced_identifiers {
-            Some(previous) => self.key_of(previous).await?,
+            Some(previous) => self.key_of(uow.conn(), previous).await?,
             None => Some(DataKey::create(uow.conn(), &self.master, PersonId::new()).await?),
         };
         Ok(key.map(|key| key.seal(identifiers)))

@@ -228,18 +228,29 @@ impl Returns {
         fold(&uow.read_stream(&domain::stream_id(return_id)).await?)
     }
 
-    /// The key sealing the return's identifiers; `None` when it was deleted.
-    async fn key_of(&self, sealed: &SealedData) -> Result<Option<DataKey>, AppError> {
-        Ok(DataKey::load(self.store.pool(), &self.master, key_owner(sealed)?).await?)
+    /// The key sealing the return's identifiers, read on `db` (a command's
+    /// unit of work, so that it holds one connection, not two; or the
+    /// pool); `None` when it was deleted.
+    async fn key_of<'c>(
+        &self,
+        db: impl sqlx::PgExecutor<'c>,
+        sealed: &SealedData,
+    ) -> Result<Option<DataKey>, AppError> {
+        Ok(DataKey::load(db, &self.master, key_owner(sealed)?).await?)
     }
 
     /// The identifiers of an outgoing return (with the certificate of
-    /// return once issued), opened; `None` when its key was deleted.
-    async fn identifiers_of(&self, state: &Return) -> Result<Option<PersonalIdentifiers>, AppError> {
+    /// return once issued), opened with its key read on `db`; `None` when
+    /// its key was deleted.
+    async fn identifiers_of<'c>(
+        &self,
+        db: impl sqlx::PgExecutor<'c>,
+        state: &Return,
+    ) -> Result<Option<PersonalIdentifiers>, AppError> {
         let Some(sealed) = state.opened.as_ref().and_then(|o| o.identifiers.as_ref()) else {
             return Ok(None);
         };
-        let Some(key) = self.key_of(sealed).await? else {
+        let Some(key) = self.key_of(db, sealed).await? else {
             return Ok(None);
         };
         // Never the sealing error's text: it could name what it opened.
@@ -381,7 +392,7 @@ impl Returns {
         }
         let command = match (&step.command, document_number) {
             (Command::RecordDocument(Some(issued)), Some(number)) => {
-                Command::RecordDocument(Some(self.seal_document(state, issued, number).await?))
+                Command::RecordDocument(Some(self.seal_document(uow.conn(), state, issued, number).await?))
             }
             (command, _) => command.clone(),
         };
@@ -414,15 +425,16 @@ impl Returns {
     }
 
     /// The issued document with its number sealed under the return's key.
-    async fn seal_document(
+    async fn seal_document<'c>(
         &self,
+        db: impl sqlx::PgExecutor<'c>,
         state: &Return,
         issued: &pb::TravelDocumentIssued,
         number: &str,
     ) -> Result<pb::TravelDocumentIssued, AppError> {
         let sealed = state.opened.as_ref().and_then(|o| o.identifiers.as_ref());
         let key = match sealed {
-            Some(sealed) => self.key_of(sealed).await?,
+            Some(sealed) => self.key_of(db, sealed).await?,
             None => None,
         };
         let Some(key) = key else {

@@ -188,7 +188,7 @@ impl Returns {
         .await?;
         drop(conn);
         let identifiers = if state.is_incoming() {
-            match self.key_of(sealed).await? {
+            match self.key_of(self.store.pool(), sealed).await? {
                 Some(key) => Some(
                     key.open(sealed)
                         .map_err(|_| AppError::Internal("the return's sealed data do not open".into()))?,
@@ -196,20 +196,22 @@ impl Returns {
                 None => None,
             }
         } else {
-            self.identifiers_of(state).await?.map(|mut identifiers| {
-                // The consulate issues the travel document: it needs who the
-                // person is, not where the family lives, unless the person
-                // let the home country know that too.
-                let consulate_only = state
-                    .opened
-                    .as_ref()
-                    .is_some_and(|o| o.consulate_agency == ctx.agency() && o.opened_by != ctx.agency());
-                if consulate_only && !state.shares(SharedField::Contact) {
-                    identifiers.phone.clear();
-                    identifiers.address.clear();
-                }
-                identifiers
-            })
+            self.identifiers_of(self.store.pool(), state)
+                .await?
+                .map(|mut identifiers| {
+                    // The consulate issues the travel document: it needs who the
+                    // person is, not where the family lives, unless the person
+                    // let the home country know that too.
+                    let consulate_only = state
+                        .opened
+                        .as_ref()
+                        .is_some_and(|o| o.consulate_agency == ctx.agency() && o.opened_by != ctx.agency());
+                    if consulate_only && !state.shares(SharedField::Contact) {
+                        identifiers.phone.clear();
+                        identifiers.address.clear();
+                    }
+                    identifiers
+                })
         };
         Ok(match identifiers {
             Some(identifiers) => common::personal_data_view::View::Identifiers(identifiers),
