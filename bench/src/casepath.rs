@@ -23,7 +23,8 @@
 //!   pacing of updates does not hide the lag behind it.
 //! - Statistics: `--casepath-persons` persons written straight into
 //!   casepath's read model (cases reported over a year, half of them
-//!   decided), then `GetStatistics` for the thirteen whole months that
+//!   decided; half as many persons a year before; later cases, referrals,
+//!   goals, beds and returns of a share of them), then `GetStatistics` for the thirteen whole months that
 //!   hold them, publishable, called
 //!   sequentially: p50/p99 (aim < 200 ms).
 
@@ -638,36 +639,92 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
     })
 }
 
+/// The statistics' read model: `$1` persons first reported over the last
+/// year and half as many a year before (the first statement binds `$1`);
+/// the others add records to a share of the persons written.
+const STATS_SEED: [&str; 6] = [
+    // $1 persons first reported over the last year, $1 / 2 more a year before them
+    r"INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
+             found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
+             decision, decided_at, decision_waiting_since)
+         WITH p AS (SELECT i, CASE WHEN i <= $1 THEN now() - make_interval(secs => (i * 313 % 31536000)::double precision)
+                              ELSE now() - interval '400 days' - make_interval(secs => (i * 313 % 25920000)::double precision) END AS t
+                    FROM generate_series(1, $1 + $1 / 2) AS i)
+         SELECT md5('c' || i)::uuid, md5('p' || i)::uuid, 'kg-mvd', 'kg-mvd',
+                CASE WHEN i % 2 = 0 THEN 3 ELSE 2 END, t, t - interval '1 day',
+                1 + i % 3, 1 + i % 7, i % 11 = 0,
+                (ARRAY['KG','KZ','TJ','UZ','TM'])[1 + i % 5], (ARRAY['RU','KZ','TR','AE','KR'])[1 + i % 5],
+                ARRAY[1 + i % 8],
+                CASE WHEN i % 2 = 0 THEN 1 ELSE 0 END,
+                CASE WHEN i % 2 = 0 THEN t + make_interval(secs => (i % 1209600)::double precision) END,
+                CASE WHEN i % 2 = 0 THEN NULL ELSE t END
+         FROM p",
+    // a later case of one person in twenty (spelt otherwise, other forms), half-way to now
+    r"INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
+             found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
+             decision, decided_at, decision_waiting_since)
+         SELECT md5('d' || c.case_id)::uuid, c.person_id, 'kg-mvd', 'kg-mvd', 2, c.reported_at + (now() - c.reported_at) / 2, NULL,
+                1 + (c.gender + 1) % 3, c.age_band, false, lower(c.citizenship), 'TR', ARRAY[1 + c.exploitation_forms[1] % 8, 1 + c.exploitation_forms[1] % 8, 2],
+                0, NULL, c.reported_at + (now() - c.reported_at) / 2
+         FROM cp_cases c WHERE get_byte(uuid_send(c.person_id), 1) % 20 = 7",
+    // referrals of two persons in five (a second for one in ten), of each status
+    r"INSERT INTO cp_referrals (referral_id, person_id, case_id, referring_agency, receiving_agency, services, urgency,
+             status, created_at, waiting_since, answer_due_at, answered_at, accepted_at, closed_at, outcome)
+         SELECT md5('r' || k || c.case_id)::uuid, c.person_id, c.case_id, 'kg-mvd', 'kg-ngo', ARRAY[1], 1,
+                (ARRAY['pending','accepted','closed','declined','cancelled'])[1 + (get_byte(uuid_send(c.person_id), 2) + k) % 5],
+                c.reported_at + interval '2 days',
+                CASE WHEN (get_byte(uuid_send(c.person_id), 2) + k) % 5 = 0 THEN c.reported_at + interval '2 days' END,
+                CASE WHEN (get_byte(uuid_send(c.person_id), 2) + k) % 5 = 0 THEN c.reported_at + interval '5 days' END,
+                CASE WHEN (get_byte(uuid_send(c.person_id), 2) + k) % 5 IN (1, 2, 3) THEN c.reported_at + interval '2 days' + make_interval(secs => get_byte(uuid_send(c.person_id), 3) * 1000) END,
+                CASE WHEN (get_byte(uuid_send(c.person_id), 2) + k) % 5 IN (1, 2) THEN c.reported_at + interval '3 days' END,
+                CASE WHEN (get_byte(uuid_send(c.person_id), 2) + k) % 5 = 2 THEN c.reported_at + interval '30 days' END,
+                CASE WHEN (get_byte(uuid_send(c.person_id), 2) + k) % 5 = 2 THEN 1 + k ELSE 0 END
+         FROM cp_cases c, generate_series(1, 2) AS k
+         WHERE c.found_at IS NOT NULL AND get_byte(uuid_send(c.person_id), 4) % 5 < 2 AND (k = 1 OR get_byte(uuid_send(c.person_id), 4) % 10 = 0)",
+    // plan goals of one person in eight, some met
+    r"INSERT INTO cp_goals (goal_id, person_id, kind, added_at, due_at, met_at)
+         SELECT md5('g' || k || c.case_id)::uuid, c.person_id, k, c.reported_at + interval '10 days', NULL,
+                CASE WHEN (get_byte(uuid_send(c.person_id), 5) + k) % 3 > 0 THEN c.reported_at + make_interval(days => 10 + k * 20) END
+         FROM cp_cases c, generate_series(1, 2) AS k WHERE c.found_at IS NOT NULL AND get_byte(uuid_send(c.person_id), 6) % 8 = 4",
+    // a bed for one in three accepted or closed referrals, admitted (or discharged)
+    r"INSERT INTO cp_holds (hold_id, shelter_id, referral_id, holder_agency, category, held_at, status, admitted_at, discharged_at)
+         SELECT md5('h' || r.referral_id)::uuid, md5('shelter')::uuid, r.referral_id, 'kg-ngo', 1, r.created_at,
+                CASE WHEN r.status = 'accepted' THEN 'admitted' ELSE 'discharged' END, r.accepted_at, r.closed_at
+         FROM cp_referrals r WHERE r.status IN ('accepted', 'closed') AND get_byte(uuid_send(r.referral_id), 0) % 3 = 0",
+    // a return home of one person in fifty, opened for the case (a few handed over)
+    r"INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency, foreign_reference,
+             status, opened_at, handed_over_at)
+         SELECT md5('t' || c.case_id)::uuid, 1, 'RU', 'KG', 'kg-mfa', 'kg-mfa', c.case_id::text,
+                CASE WHEN get_byte(uuid_send(c.person_id), 7) % 2 = 0 THEN 10 ELSE 2 END, c.reported_at + interval '20 days',
+                CASE WHEN get_byte(uuid_send(c.person_id), 7) % 2 = 0 THEN c.reported_at + interval '40 days' END
+         FROM cp_cases c WHERE c.found_at IS NOT NULL AND get_byte(uuid_send(c.person_id), 8) % 50 = 1",
+];
+
 /// The statistics query over `persons` persons written into casepath's read model.
 async fn statistics(database_url: &str, nats_url: &str, persons: usize) -> anyhow::Result<(usize, usize, u64, u64)> {
     let nats = space(nats_url);
     let bus = Bus::connect(&nats).await?;
     ensure_streams(&bus).await?;
     let casepath = Casepath::start(database_url, &nats, 200).await?;
-    // A year of reports: gender, age band, citizenship and form spread over
-    // their values; half decided within a fortnight.
-    sqlx::query(
-        "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
-             found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
-             decision, decided_at, decision_waiting_since)
-         SELECT gen_random_uuid(), gen_random_uuid(), 'kg-mvd', 'kg-mvd',
-                CASE WHEN i % 2 = 0 THEN 3 ELSE 2 END,
-                now() - make_interval(secs => (i % 31536000)::double precision),
-                now() - make_interval(secs => (i % 31536000)::double precision + 86400),
-                1 + i % 3, 1 + i % 7, i % 11 = 0,
-                (ARRAY['KG','KZ','TJ','UZ','TM'])[1 + i % 5], (ARRAY['RU','KZ','TR','AE','KR'])[1 + i % 5],
-                ARRAY[1 + i % 8],
-                CASE WHEN i % 2 = 0 THEN 1 ELSE 0 END,
-                CASE WHEN i % 2 = 0 THEN now() - make_interval(secs => (i % 31536000)::double precision)
-                     + make_interval(secs => (i % 1209600)::double precision) END,
-                CASE WHEN i % 2 = 0 THEN NULL ELSE now() - make_interval(secs => (i % 31536000)::double precision) END
-         FROM generate_series(1, $1) AS i",
-    )
-    .bind(i64::try_from(persons).unwrap_or(i64::MAX))
-    .execute(&casepath.pool)
-    .await
-    .context("write the persons into cp_cases")?;
-    sqlx::raw_sql("ANALYZE cp_cases").execute(&casepath.pool).await?;
+    // A year of reports (and half as many persons a year before it, who
+    // are not counted): gender, age band, citizenship and form spread over
+    // their values; half decided within a fortnight. Then the records the
+    // stage is decided on, for a share of all persons: a later case (one in
+    // twenty), referrals of each status (two in five), plan goals (one in
+    // eight), beds (a third of accepted or closed referrals), returns home
+    // (one in fifty, by the case ID).
+    let persons_in = i64::try_from(persons).unwrap_or(i64::MAX);
+    for (step, sql) in STATS_SEED.iter().enumerate() {
+        let query = sqlx::query(*sql);
+        let query = if step == 0 { query.bind(persons_in) } else { query };
+        query
+            .execute(&casepath.pool)
+            .await
+            .with_context(|| format!("write the statistics' read model (step {step})"))?;
+    }
+    sqlx::raw_sql("VACUUM ANALYZE cp_cases, cp_referrals, cp_goals, cp_holds, cp_returns")
+        .execute(&casepath.pool)
+        .await?;
     let coordinator = token("kg-coordinator", Role::Coordinator, "bench-coordinator")?;
     // Publishable figures are of whole calendar months: the thirteen that
     // hold the year of reports, up to the first of next month.

@@ -815,3 +815,156 @@ async fn the_csv_says_whether_it_may_be_published() {
     assert!(text.starts_with("NOT FOR PUBLICATION"), "{text}");
     app.stop().await;
 }
+
+/// A plan goal of `person`, met at `met` when given.
+async fn goal(pool: &PgPool, person: Uuid, added: DateTime<Utc>, met: Option<DateTime<Utc>>) {
+    sqlx::query("INSERT INTO cp_goals (goal_id, person_id, kind, added_at, met_at) VALUES ($1, $2, 1, $3, $4)")
+        .bind(Uuid::now_v7())
+        .bind(person)
+        .bind(added)
+        .bind(met)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// A bed admitted for `referral`.
+async fn admitted(pool: &PgPool, referral: Uuid, at: DateTime<Utc>) {
+    sqlx::query(
+        "INSERT INTO cp_holds (hold_id, shelter_id, referral_id, holder_agency, category, held_at, status, \
+         admitted_at) VALUES ($1, $2, $3, 'kg-ngo', 1, $4, 'admitted', $4)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(Uuid::now_v7())
+    .bind(referral)
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// An open return home opened for `case` (its ID as the foreign reference).
+async fn return_for(pool: &PgPool, case: Uuid, at: DateTime<Utc>) {
+    sqlx::query(
+        "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency, \
+         foreign_reference, status, opened_at) VALUES ($1, 1, 'RU', 'KG', 'kg-mfa', 'kg-mfa', $2, 2, $3)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(case.to_string())
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The persons first reported in the period, each with what decides its
+/// stage (a later case, a referral, a bed, a return, plan goals), are
+/// counted once in their stage, coded by their first case; persons first
+/// reported before the period (with a case in it) or after it, and their
+/// referrals, goals, beds and returns, change none of the period's figures.
+#[tokio::test]
+async fn records_of_persons_outside_the_period_change_none_of_its_figures() {
+    let app = Casepath::start(&[]).await;
+    let pool = &app.pool;
+    let (from, to) = (month(2025, 3), month(2025, 4));
+    let day = |d: i64| from + TimeDelta::days(d);
+    // In the period: assisted, with a later case (another gender, forms
+    // and citizenship: the first case codes the person).
+    let assisted = Uuid::now_v7();
+    CaseSeed::new(assisted, "kg-mvd", "kg-prosecutor", day(1))
+        .insert(pool)
+        .await;
+    let mut later = CaseSeed::new(assisted, "kg-mvd", "kg-prosecutor", day(40));
+    later.gender = 2;
+    later.insert(pool).await;
+    sqlx::query("UPDATE cp_cases SET exploitation_forms = '{2,3,3}', citizenship = 'TJ' WHERE case_id = $1")
+        .bind(later.case_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    referral(pool, assisted, "kg-mvd", "kg-ngo", None, "accepted", day(2), None).await;
+    // Reintegrated: identified, every goal met.
+    let reintegrated = case(pool, day(3), "kg", Some(TimeDelta::days(2))).await;
+    goal(pool, reintegrated, day(6), Some(day(10))).await;
+    goal(pool, reintegrated, day(6), Some(day(12))).await;
+    // Sheltered: a bed admitted for a closed referral.
+    let sheltered = case(pool, day(4), "kg", None).await;
+    let r = referral(pool, sheltered, "kg-mvd", "kg-ngo", None, "closed", day(5), None).await;
+    admitted(pool, r, day(6)).await;
+    // Returning: a return opened for the case.
+    let returning = Uuid::now_v7();
+    let c = CaseSeed::new(returning, "kg-mvd", "kg-prosecutor", day(5));
+    c.insert(pool).await;
+    return_for(pool, c.case_id, day(7)).await;
+    let exact = || async { both(&app, from, to).await.0 };
+    let before = exact().await;
+    let stage = dimension(&before, "stage");
+    assert_eq!(stage["total"], (4, false), "{stage:?}");
+    for s in [
+        "STAGE_ASSISTED",
+        "STAGE_REINTEGRATED",
+        "STAGE_SHELTERED",
+        "STAGE_RETURNING",
+    ] {
+        assert_eq!(stage[s], (1, false), "{s}: {stage:?}");
+    }
+    assert_eq!(
+        dimension(&before, "gender")["GENDER_FEMALE"].0,
+        4,
+        "coded by the first case"
+    );
+    assert_eq!(dimension(&before, "citizenship")["kg"].0, 4, "coded by the first case");
+    let forms = dimension(&before, "exploitation_form");
+    assert_eq!(forms["EXPLOITATION_FORM_LABOUR"].0, 4, "{forms:?}");
+    assert_eq!(
+        forms[&form_name(3)].0,
+        1,
+        "the later case's other form, once: {forms:?}"
+    );
+    let reintegration = before
+        .times
+        .iter()
+        .find(|t| t.measure == "identification_to_reintegration")
+        .unwrap();
+    assert_eq!(reintegration.samples, 1);
+
+    // First reported before the period, again in it, with every kind of record.
+    let earlier = Uuid::now_v7();
+    CaseSeed::new(earlier, "kg-mvd", "kg-prosecutor", from - TimeDelta::days(20))
+        .insert(pool)
+        .await;
+    let again = CaseSeed::new(earlier, "kg-mvd", "kg-prosecutor", day(8));
+    again.insert(pool).await;
+    let r = referral(pool, earlier, "kg-mvd", "kg-ngo", None, "accepted", day(9), None).await;
+    admitted(pool, r, day(9)).await;
+    goal(pool, earlier, day(9), Some(day(11))).await;
+    return_for(pool, again.case_id, day(10)).await;
+    // First reported after it, with records in the period.
+    let after = Uuid::now_v7();
+    let c = CaseSeed::new(after, "kg-mvd", "kg-prosecutor", to + TimeDelta::days(1));
+    c.insert(pool).await;
+    referral(pool, after, "kg-mvd", "kg-ngo", None, "pending", day(12), None).await;
+    goal(pool, after, day(12), None).await;
+    return_for(pool, c.case_id, day(12)).await;
+    // Records of no case at all.
+    let nobody = Uuid::now_v7();
+    referral(pool, nobody, "kg-mvd", "kg-ngo", None, "accepted", day(13), None).await;
+    goal(pool, nobody, day(13), Some(day(14))).await;
+
+    let with_others = exact().await;
+    assert_eq!(with_others.counts, before.counts);
+    // (The other times are of the records made in the period, whoever's.)
+    let of_persons = |s: &cp::Statistics| {
+        s.times
+            .iter()
+            .find(|t| t.measure == "identification_to_reintegration")
+            .cloned()
+    };
+    assert_eq!(of_persons(&with_others), of_persons(&before));
+    app.stop().await;
+}
+
+/// The name of exploitation form `f`.
+fn form_name(f: i32) -> String {
+    idpb::ExploitationForm::try_from(f).unwrap().as_str_name().to_owned()
+}

@@ -3,10 +3,13 @@
 //! coded person, counts of open and closed records, what waits) and the
 //! stage is decided on them in Rust by [`crate::domain::stage::stage`].
 //! `GetStatistics` counts in the database ([`STATS`]: the same persons and
-//! links, the stage by the same precedence in SQL, each dimension in one
-//! grouping pass); the times are PostgreSQL's `percentile_cont` over the
-//! measured intervals. Both queries share their links to a person
-//! (`first_case!`, `linked!`).
+//! links, the stage by the same precedence in SQL, each person's records
+//! grouped once and the dimensions counted over cells of persons); the
+//! times are PostgreSQL's `percentile_cont` over the measured intervals.
+//! The persons' counts, the anonymous notifications and the times are
+//! three queries run side by side. Both queries share how a return links
+//! to a person (`returns_of_persons!`) and which case codes a person
+//! (the first: `first_case!` and its lookup in [`STATS`]).
 
 use std::collections::BTreeMap;
 
@@ -52,20 +55,41 @@ macro_rules! first_case {
     };
 }
 
-/// What links to a person beyond its cases (after a `cs` of persons):
-/// returns by the cases' return IDs and by `foreign_reference` = a case ID
-/// (`pr`, counted in `rt`), holds admitted by the person's referrals and by
-/// a commit of the person's returns (`sh`), plan goals (`gl`).
-macro_rules! linked {
+/// The returns of a person (`pr`): by its cases' return IDs and by
+/// `foreign_reference` = a case ID (as text). The second link looks the case
+/// up by its primary key, one return at a time, rather than casting every
+/// case ID to text: only the canonical text of a UUID (lowercase, hyphened)
+/// can equal `case_id::text`, so the cast to `uuid` is tried on that form
+/// only, and the text is still compared.
+macro_rules! returns_of_persons {
     () => {
         r"pr AS (
     SELECT c.person_id, r.return_id, r.status, r.handed_over_at
     FROM cp_cases c JOIN cp_returns r ON r.return_id = c.return_id
     UNION
-    SELECT c.person_id, r.return_id, r.status, r.handed_over_at
-    FROM cp_returns r JOIN cp_cases c ON c.case_id::text = r.foreign_reference
-    WHERE r.foreign_reference <> ''
-),
+    SELECT x.person_id, x.return_id, x.status, x.handed_over_at FROM (
+        SELECT (SELECT c.person_id FROM cp_cases c
+                WHERE c.case_id = CASE WHEN r.foreign_reference ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                                       THEN r.foreign_reference::uuid END
+                  AND c.case_id::text = r.foreign_reference) AS person_id,
+            r.return_id, r.status, r.handed_over_at
+        FROM cp_returns r WHERE r.foreign_reference <> ''
+        OFFSET 0
+    ) AS x WHERE x.person_id IS NOT NULL
+)"
+    };
+}
+
+/// What links to a person beyond its cases (after a `cs` of persons):
+/// returns by the cases' return IDs and by `foreign_reference` = a case ID
+/// (`pr`, counted in `rt`), holds admitted by the person's referrals and by
+/// a commit of the person's returns (`sh`), plan goals (`gl`). [`STATS`]
+/// links the same records, in one grouping (`lk`).
+macro_rules! linked {
+    () => {
+        concat!(
+            returns_of_persons!(),
+            r",
 rt AS (
     SELECT person_id,
         count(*) FILTER (WHERE handed_over_at IS NULL AND status NOT IN (10, 11)) AS open,
@@ -87,6 +111,7 @@ gl AS (
     SELECT person_id, count(*) AS goals, count(met_at) AS met, max(met_at) AS last_met_at
     FROM cp_goals GROUP BY person_id
 )"
+        )
     };
 }
 
@@ -168,68 +193,126 @@ SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.
 /// The counts of the persons first reported in [$1, $2), one row per
 /// (dimension, value), and the time from identification to reintegration;
 /// `{case}` is replaced by [`stage::sql_case`]. The same persons and facts
-/// as [`FACTS`] (what the stage needs only), in fewer passes: the persons
-/// with a case in the period are picked by `cp_cases_reported` before the
-/// cases are grouped, the coded dimensions and the total are one grouping
-/// over the persons, the forms one distinct pass over their cases.
+/// as [`FACTS`], with what the stage needs only, in as few passes over
+/// 100,000s of persons as can be:
+///
+/// - `lk`: one grouping of every record linked to a person (referrals,
+///   returns by `returns_of_persons!`, admitted holds as in `linked!`,
+///   plan goals) into bits: the stage asks only whether a person has one
+///   of a kind (a pending, an accepted, a closed referral with an outcome;
+///   an open, a handed-over return; an admitted hold; a goal, an unmet
+///   goal), and when the last goal was met.
+/// - `cs`: one grouping of the cases reported from $1 on (and of later ones
+///   of a person with a case in the period), less the persons with a case
+///   before $1: exactly the persons whose first report is in the period,
+///   with all their cases; joined once to `lk`.
+/// - the coded person of a person with several cases is the first case's
+///   (as `first_case!`), looked up for those persons only, with the
+///   distinct forms of all their cases.
+/// - the dimensions, forms and the total are counted over the persons
+///   grouped by their coded values, forms and stage (some thousand cells).
 const STATS: &str = concat!(
     r"
-WITH cs AS MATERIALIZED (
-    SELECT c.person_id,
-        count(*) AS cases,
-        min(c.gender) AS gender,
-        min(c.age_band) AS age_band,
-        min(c.citizenship) AS citizenship,
-        min(c.country_of_exploitation) AS country_of_exploitation,
-        bool_or(c.status = 2 OR (c.child AND c.status = 1)) AS presumed,
-        bool_or(c.status = 3) AS identified,
-        bool_or(c.status = 4) AS not_identified,
-        min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
-    FROM cp_cases c
-    WHERE c.person_id IN (SELECT person_id FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2)
-    GROUP BY c.person_id
-    HAVING min(c.reported_at) >= $1 AND min(c.reported_at) < $2
+WITH ",
+    returns_of_persons!(),
+    r#",
+lk AS (
+    SELECT person_id, bit_or(f) AS flags, max(met_at) AS last_met_at FROM (
+        SELECT person_id,
+            CASE status WHEN 'pending' THEN 8 WHEN 'accepted' THEN 16
+                WHEN 'closed' THEN CASE WHEN outcome <> 0 THEN 32 ELSE 0 END ELSE 0 END AS f,
+            NULL::timestamptz AS met_at
+        FROM cp_referrals
+        UNION ALL
+        SELECT person_id, CASE WHEN handed_over_at IS NULL AND status NOT IN (10, 11) THEN 64 ELSE 0 END
+            | CASE WHEN handed_over_at IS NOT NULL OR status = 10 THEN 128 ELSE 0 END, NULL
+        FROM pr
+        UNION ALL
+        SELECT r.person_id, 256, NULL
+        FROM cp_holds h JOIN cp_referrals r ON r.referral_id = h.referral_id
+        WHERE h.status = 'admitted'
+        UNION ALL
+        SELECT pr.person_id, 256, NULL
+        FROM cp_holds h JOIN cp_return_commits rc ON rc.commit_id = h.cause_commit_id JOIN pr ON pr.return_id = rc.return_id
+        WHERE h.status = 'admitted'
+        UNION ALL
+        SELECT person_id, CASE WHEN met_at IS NULL THEN 1536 ELSE 512 END, met_at FROM cp_goals
+    ) l GROUP BY person_id
 ),
-",
-    first_case!(),
-    r",
-rf AS (
-    SELECT person_id,
-        count(*) FILTER (WHERE status = 'pending') AS pending,
-        count(*) FILTER (WHERE status = 'accepted') AS accepted,
-        count(*) FILTER (WHERE status = 'closed' AND outcome <> 0) AS closed
-    FROM cp_referrals GROUP BY person_id
+cs AS MATERIALIZED (
+    SELECT g.*, g.case_flags | coalesce(lk.flags, 0) AS flags, lk.last_met_at FROM (
+        SELECT c.person_id,
+            count(*) AS cases,
+            min(c.gender) AS gender,
+            min(c.age_band) AS age_band,
+            min(c.citizenship COLLATE "C") AS citizenship,
+            min(c.country_of_exploitation COLLATE "C") AS country_of_exploitation,
+            min(c.exploitation_forms) AS forms,
+            bit_or(CASE WHEN c.status = 2 OR (c.child AND c.status = 1) THEN 1 ELSE 0 END
+                | CASE WHEN c.status = 3 THEN 2 ELSE 0 END | CASE WHEN c.status = 4 THEN 4 ELSE 0 END) AS case_flags,
+            min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
+        FROM cp_cases c
+        WHERE c.reported_at >= $1
+          AND (c.reported_at < $2
+               OR c.person_id IN (SELECT person_id FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2))
+        GROUP BY c.person_id
+    ) AS g
+    LEFT JOIN lk USING (person_id)
+    WHERE NOT EXISTS (SELECT FROM cp_cases o WHERE o.person_id = g.person_id AND o.reported_at < $1)
 ),
-",
-    linked!(),
-    r",
 s AS MATERIALIZED (
-    SELECT p.identified_at, p.gender, p.age_band, p.citizenship, p.country_of_exploitation,
-        p.goals, p.met, p.last_met_at, {case} AS stage
+    SELECT p.identified_at, p.last_met_at, p.goals, p.met, p.gender, p.age_band, p.citizenship,
+        p.country_of_exploitation, p.forms, {case} AS stage
     FROM (
-        SELECT cs.identified_at, cs.presumed, cs.identified, cs.not_identified,
-",
-    person_columns!(),
-    r"
-    ) p
+        SELECT cs.identified_at, cs.last_met_at, cs.forms, cs.gender, cs.age_band,
+            lower(cs.citizenship COLLATE "default") AS citizenship,
+            lower(cs.country_of_exploitation COLLATE "default") AS country_of_exploitation,
+            cs.flags
+        FROM cs WHERE cs.cases = 1
+        UNION ALL
+        SELECT cs.identified_at, cs.last_met_at, fc.forms, fc.gender, fc.age_band,
+            lower(fc.citizenship), lower(fc.country_of_exploitation), cs.flags
+        FROM cs CROSS JOIN LATERAL (
+            SELECT c.gender, c.age_band, c.citizenship, c.country_of_exploitation,
+                (SELECT array_agg(DISTINCT e ORDER BY e) FROM cp_cases d CROSS JOIN unnest(d.exploitation_forms) AS e
+                 WHERE d.person_id = cs.person_id) AS forms
+            FROM cp_cases c WHERE c.person_id = cs.person_id
+            ORDER BY c.reported_at, c.case_id LIMIT 1
+        ) AS fc
+        WHERE cs.cases > 1
+    ) AS q
+    CROSS JOIN LATERAL (
+        SELECT q.flags & 1 <> 0 AS presumed, q.flags & 2 <> 0 AS identified, q.flags & 4 <> 0 AS not_identified,
+            (q.flags & 8 <> 0)::int AS pending, (q.flags & 16 <> 0)::int AS accepted, (q.flags & 32 <> 0)::int AS closed,
+            (q.flags & 64 <> 0)::int AS returns_open, (q.flags & 128 <> 0)::int AS handed_over,
+            (q.flags & 256 <> 0)::int AS admitted,
+            (q.flags & 512 <> 0)::int AS goals, (q.flags & 1536 = 512)::int AS met,
+            q.identified_at, q.last_met_at, q.gender, q.age_band, q.citizenship, q.country_of_exploitation, q.forms
+    ) AS p
+),
+cells AS (
+    SELECT stage, gender, age_band, citizenship, country_of_exploitation, forms, count(*) AS n
+    FROM s GROUP BY 1, 2, 3, 4, 5, 6
 ),
 done AS (
     SELECT extract(epoch FROM last_met_at - identified_at) AS secs FROM s
     WHERE goals > 0 AND met >= goals AND identified_at IS NOT NULL AND last_met_at IS NOT NULL
 ),
 forms AS (
-    SELECT DISTINCT c.person_id, f FROM cp_cases c JOIN cs USING (person_id) CROSS JOIN unnest(c.exploitation_forms) AS f
+    SELECT e.f, sum(a.n) AS n FROM (SELECT forms, sum(n) AS n FROM cells GROUP BY forms) AS a
+    CROSS JOIN LATERAL (SELECT DISTINCT unnest(a.forms)) AS e(f)
+    GROUP BY e.f
 )
 SELECT CASE WHEN GROUPING(stage) = 0 THEN 'stage' WHEN GROUPING(gender) = 0 THEN 'gender'
-        WHEN GROUPING(age_band) = 0 THEN 'age_band' WHEN GROUPING(lower(citizenship)) = 0 THEN 'citizenship'
-        WHEN GROUPING(lower(country_of_exploitation)) = 0 THEN 'country_of_exploitation' ELSE 'persons' END AS dimension,
-    coalesce(stage::text, gender::text, age_band::text, lower(citizenship), lower(country_of_exploitation), '') AS value,
-    count(*)::float8 AS n
-FROM s GROUP BY GROUPING SETS ((stage), (gender), (age_band), (lower(citizenship)), (lower(country_of_exploitation)), ())
-UNION ALL SELECT 'exploitation_form', f::text, count(*) FROM forms GROUP BY 2
+        WHEN GROUPING(age_band) = 0 THEN 'age_band' WHEN GROUPING(citizenship) = 0 THEN 'citizenship'
+        WHEN GROUPING(country_of_exploitation) = 0 THEN 'country_of_exploitation' ELSE 'persons' END AS dimension,
+    coalesce(stage::text, gender::text, age_band::text, citizenship, country_of_exploitation, '') AS value,
+    sum(n)::float8 AS n
+FROM cells GROUP BY GROUPING SETS ((stage), (gender), (age_band), (citizenship), (country_of_exploitation), ())
+UNION ALL SELECT 'exploitation_form', f::text, sum(n)::float8 FROM forms GROUP BY 2
 UNION ALL SELECT 'reintegration', 'samples', count(*) FROM done
 UNION ALL SELECT 'reintegration', 'median', percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM done
-UNION ALL SELECT 'reintegration', 'p90', percentile_cont(0.9) WITHIN GROUP (ORDER BY secs) FROM done"
+UNION ALL SELECT 'reintegration', 'p90', percentile_cont(0.9) WITHIN GROUP (ORDER BY secs) FROM done"#
 );
 
 fn count(r: &sqlx::postgres::PgRow, column: &str) -> Result<u32, sqlx::Error> {
@@ -465,9 +548,17 @@ GROUP BY subj.person_id",
             publishable_period(from, to, &mut v);
         }
         v.finish(|| ())?;
-        let (mut dims, persons, reintegration) = self.person_counts(from, to).await?;
+        // Three queries over different tables, each on its own connection.
+        let ((mut dims, persons, reintegration), (anonymous, notifications), mut times) = tokio::try_join!(
+            self.person_counts(from, to),
+            self.notification_counts(from, to),
+            self.times(from, to)
+        )?;
         dims.add_count("notification", suppress::IDENTIFIED.into(), persons);
-        let notifications = self.notification_counts(&mut dims, from, to).await?;
+        for (dimension, value, count) in anonymous {
+            dims.add_coded(&dimension, &value, count);
+        }
+        dims.add_count("notification", "anonymous".into(), notifications);
         let units = persons + notifications;
         let table: Vec<suppress::Dimension> = [
             (suppress::STAGE, persons),
@@ -505,7 +596,6 @@ GROUP BY subj.person_id",
             counts.push(cell(&d.name, "total".into(), d.total));
         }
         let suppressed_cells = u32::try_from(counts.iter().filter(|c| c.suppressed).count()).unwrap_or(u32::MAX);
-        let mut times = self.times(from, to).await?;
         times.push(reintegration);
         if req.publishable {
             // The persons a time is measured on are a part of the stage
@@ -560,6 +650,13 @@ GROUP BY subj.person_id",
         let sql = STATS.replace("{case}", &stage::sql_case());
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        // Its groupings hold a row per person: with the default work_mem
+        // they spill to disk. The plan is made for the period asked (a
+        // generic plan would guess the share of cases in it).
+        sqlx::query("SET LOCAL work_mem = '64MB'").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+            .execute(&mut *tx)
+            .await?;
         // The stage's CASE is built from a fixed table, not from a caller.
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(from)
@@ -590,13 +687,13 @@ GROUP BY subj.person_id",
         Ok((dims, persons, reintegration))
     }
 
-    /// Adds the anonymous notifications filed in [from, to) to `dims`; how many.
+    /// The counts of the anonymous notifications filed in [from, to), as
+    /// (dimension, value as the database gives it, count); how many.
     async fn notification_counts(
         &self,
-        dims: &mut Dimensions,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
-    ) -> Result<u64, AppError> {
+    ) -> Result<(Vec<(String, String, u64)>, u64), AppError> {
         let rows = sqlx::query(
             r"
 WITH n AS (SELECT * FROM cp_notifications WHERE filed_on >= $1 AND filed_on < $2)
@@ -613,6 +710,7 @@ UNION ALL SELECT 'notifications', '', count(*) FROM n",
         .fetch_all(&self.pool)
         .await?;
         let mut total = 0;
+        let mut counts = Vec::new();
         for r in &rows {
             let dimension: String = r.try_get("dimension")?;
             let value: String = r.try_get("value")?;
@@ -621,11 +719,10 @@ UNION ALL SELECT 'notifications', '', count(*) FROM n",
             if dimension == "notifications" {
                 total = count;
             } else {
-                dims.add_coded(&dimension, &value, count);
+                counts.push((dimension, value, count));
             }
         }
-        dims.add_count("notification", "anonymous".into(), total);
-        Ok(total)
+        Ok((counts, total))
     }
 
     /// The measured times of cases, referrals and returns of the period.
