@@ -67,6 +67,14 @@ impl Service for Application {
     }
 
     async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
+        // Open watches end when the service is asked to stop, so that the
+        // server, which waits for its connections, is not held open by them.
+        let closing = self.app.closing();
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            closing.cancel();
+        });
         let routes = Routes::new(CasepathServiceServer::new(CasepathGrpc::new(self.app)));
         self.kit.serve(routes, shutdown).await
     }

@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
@@ -184,17 +184,41 @@ impl Admission {
 ///
 /// # Errors
 /// `DEADLINE_EXCEEDED` when the body did not arrive in time,
-/// `OUT_OF_RANGE` when it is too large or broke off.
+/// `RESOURCE_EXHAUSTED` when it is too large, `CANCELLED` when it broke off.
 async fn whole(request: http::Request<Body>) -> Result<http::Request<Body>, Status> {
     let (parts, body) = request.into_parts();
-    let collected = tokio::time::timeout(BODY_DEADLINE, Limited::new(body, BODY_LIMIT).collect())
-        .await
-        .map_err(|_| Status::deadline_exceeded("the request's body did not arrive within 10 s"))?
-        .map_err(|_| Status::out_of_range("the request's body is larger than 4 MiB or broke off"))?;
+    let collected = match tokio::time::timeout(BODY_DEADLINE, Limited::new(body, BODY_LIMIT).collect()).await {
+        Ok(Ok(collected)) => collected,
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return Err(refused_body(Status::resource_exhausted(
+                "the request's message is larger than 4 MiB",
+            )));
+        }
+        Ok(Err(_)) => return Err(refused_body(Status::cancelled("the request's body broke off"))),
+        Err(_) => {
+            return Err(refused_body(Status::deadline_exceeded(
+                "the request's body did not arrive within 10 s",
+            )));
+        }
+    };
     Ok(http::Request::from_parts(
         parts,
         Body::new(Full::new(collected.to_bytes())),
     ))
+}
+
+/// `status`, counted in `nrm_grpc_errors_total`.
+fn refused_body(status: Status) -> Status {
+    metrics::counter!("nrm_grpc_errors_total", "code" => format!("{:?}", status.code())).increment(1);
+    status
+}
+
+/// A call refused on its headers: who, what to audit, and the answer.
+struct Refused {
+    actor: Actor,
+    action: &'static str,
+    outcome: Outcome,
+    status: Status,
 }
 
 /// Verifies and admits calls, and audits refusals in `pool`.
@@ -208,8 +232,9 @@ pub struct Gate {
 
 impl Gate {
     /// A gate verifying with `auth`, auditing in `pool`, letting calls in
-    /// by `admission`, and refusals to audit (no valid token, an unknown
-    /// RPC) by a lane of a quarter of its size (at least one).
+    /// by `admission`, and refusals to audit (no valid token, a role the
+    /// matrix refuses, an unknown RPC) by a lane of a quarter of its size
+    /// (at least one).
     #[must_use]
     pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
         let refusals = Admission::new(admission.limit / 4, admission.wait);
@@ -221,24 +246,43 @@ impl Gate {
         }
     }
 
+    /// Waits, at most `within`, until every admitted call has ended (its
+    /// turn given back): after the server stopped taking calls, so that a
+    /// call whose client went away still ends before the process does.
+    pub async fn drained(&self, within: Duration) -> bool {
+        let all = async {
+            let main = u32::try_from(self.admission.limit).unwrap_or(u32::MAX);
+            let refusals = u32::try_from(self.refusals.limit).unwrap_or(u32::MAX);
+            let _ = self.admission.permits.acquire_many(main).await;
+            let _ = self.refusals.permits.acquire_many(refusals).await;
+        };
+        tokio::time::timeout(within, all).await.is_ok()
+    }
+
     /// The tower layer of this gate.
     #[must_use]
     pub fn layer(self) -> GateLayer {
         GateLayer(Arc::new(self))
     }
 
-    /// The context of a call to `service`/`method` of the caller `verified`
-    /// from `metadata`.
-    ///
-    /// # Errors
-    /// `UNAUTHENTICATED` or `PERMISSION_DENIED`, after auditing the attempt.
-    async fn admit(
+    /// The context of a call to `path` from the caller `verified` from
+    /// `metadata`, or why it is refused: decided on the headers alone, with
+    /// no database and before the body is read.
+    fn admit(
         &self,
         verified: Result<Caller, AppError>,
         metadata: &MetadataMap,
-        service: &'static str,
-        method: &'static str,
-    ) -> Result<CallContext, Status> {
+        path: Path,
+    ) -> Result<CallContext, Refused> {
+        let Path::Rpc(service, method) = path else {
+            // Audited as an unknown RPC: the path is the caller's text.
+            return Err(Refused {
+                actor: verified.map_or_else(|_| unauthenticated(), |caller| caller.actor),
+                action: "unknown-rpc",
+                outcome: Outcome::Denied,
+                status: AppError::PermissionDenied("no permission is defined for this call".into()).into(),
+            });
+        };
         let correlation_id = metadata
             .get(CORRELATION_ID)
             .and_then(|v| v.to_str().ok())
@@ -248,9 +292,12 @@ impl Gate {
             Ok(caller) => caller,
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);
-                self.audit(&unauthenticated(), method, Outcome::Unauthenticated, "")
-                    .await;
-                return Err(refused.into());
+                return Err(Refused {
+                    actor: unauthenticated(),
+                    action: method,
+                    outcome: Outcome::Unauthenticated,
+                    status: refused.into(),
+                });
             }
         };
         match permissions::permit(service, method, None, caller.role) {
@@ -258,38 +305,28 @@ impl Gate {
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
                 tracing::warn!(rpc = method, role = %caller.role, "refused by the permission matrix");
-                self.audit(&caller.actor, method, Outcome::Denied, "").await;
-                Err(refused.into())
+                Err(Refused {
+                    actor: caller.actor,
+                    action: method,
+                    outcome: Outcome::Denied,
+                    status: refused.into(),
+                })
             }
         }
     }
 
-    /// Serves an admitted call to `path` (an RPC of the matrix, or unknown)
-    /// from the caller `verified`: refuses and audits, or hands it to
-    /// `inner` and audits the application's refusal.
-    async fn serve<S, B, R>(
+    /// Serves an admitted call of `ctx` to `method`: hands it to `inner`
+    /// and audits the application's refusal.
+    async fn serve<S, R>(
         &self,
         mut inner: S,
-        mut request: http::Request<B>,
-        path: Path,
-        verified: Result<Caller, AppError>,
-        metadata: MetadataMap,
+        mut request: http::Request<Body>,
+        ctx: CallContext,
+        method: &'static str,
     ) -> Result<http::Response<R>, S::Error>
     where
-        S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-        R: Default,
+        S: tower::Service<http::Request<Body>, Response = http::Response<R>>,
     {
-        let Path::Rpc(service, method) = path else {
-            // Audited as an unknown RPC: the path is the caller's text.
-            let who = verified.map_or_else(|_| unauthenticated(), |caller| caller.actor);
-            self.audit(&who, "unknown-rpc", Outcome::Denied, "").await;
-            let refused = AppError::PermissionDenied("no permission is defined for this call".into());
-            return Ok(Status::from(refused).into_http());
-        };
-        let ctx = match self.admit(verified, &metadata, service, method).await {
-            Ok(ctx) => ctx,
-            Err(status) => return Ok(status.into_http()),
-        };
         request.extensions_mut().insert(ctx.clone());
         let response = inner.call(request).await?;
         let outcome = match Status::from_header_map(response.headers()).map(|s| s.code()) {
@@ -378,25 +415,31 @@ where
                 Path::Rpc(_, method) => method,
                 Path::Unknown => "unknown",
             };
-            // The whole request and the token before the turn: neither
-            // needs the database, so a body that never comes, a slow key
-            // refresh or a flood of bad tokens holds no turn.
+            // Who calls, and whether the matrix lets them, from the headers
+            // alone (no database, no body): a refusal neither reads the
+            // body nor takes a turn of the calls that may run; it waits in
+            // a lane of its own for its audit entry. Shed calls are
+            // counted, not audited: nothing of them ran.
+            let metadata = MetadataMap::from_headers(request.headers().clone());
+            let verified = gate.auth.verify(&metadata).await;
+            let ctx = match gate.admit(verified, &metadata, path) {
+                Ok(ctx) => ctx,
+                Err(refused) => {
+                    let _turn = match gate.refusals.enter(rpc).await {
+                        Ok(turn) => turn,
+                        Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
+                    };
+                    gate.audit(&refused.actor, refused.action, refused.outcome, "").await;
+                    return Ok(refused.status.into_http());
+                }
+            };
+            // The whole request before the turn, so that a body that never
+            // comes holds none.
             let request = match whole(request).await {
                 Ok(request) => request,
                 Err(status) => return Ok(status.into_http()),
             };
-            let metadata = MetadataMap::from_headers(request.headers().clone());
-            let verified = gate.auth.verify(&metadata).await;
-            // A refusal to audit (no valid token, no such RPC) waits in a
-            // lane of its own, so that a flood of them cannot take the
-            // turns of the calls that may run. Shed calls are counted, not
-            // audited: nothing of them ran.
-            let lane = if verified.is_ok() && matches!(path, Path::Rpc(..)) {
-                &gate.admission
-            } else {
-                &gate.refusals
-            };
-            let turn = match lane.enter(rpc).await {
+            let turn = match gate.admission.enter(rpc).await {
                 Ok(turn) => turn,
                 Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
             };
@@ -408,7 +451,7 @@ where
             let served = tokio::spawn(
                 async move {
                     let _turn = turn;
-                    gate.serve(inner, request, path, verified, metadata).await
+                    gate.serve(inner, request, ctx, rpc).await
                 }
                 .in_current_span(),
             );

@@ -22,7 +22,11 @@ use crate::gate::Gate;
 use crate::settings::ServerSettings;
 use crate::telemetry;
 
-/// How long background tasks get to stop after the gRPC server stopped.
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
+/// How long the calls in flight, then the background tasks, get to end
+/// after the gRPC server stopped taking calls.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -311,8 +315,11 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = reflection(reflected);
     background.spawn(|stop| watch_health(health, service_name, pool, bus, stop));
     background.spawn(|stop| serve_metrics(listeners.metrics, stop));
+    let admitted = gate.clone();
     let result = tonic::transport::Server::builder()
         .trace_fn(telemetry::grpc_span)
+        // Streams one connection may open at once: beyond, the client waits.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(gate.layer())
         .add_routes(routes)
         .add_service(health_service)
@@ -323,6 +330,9 @@ pub async fn serve(
             shutdown.cancelled_owned(),
         )
         .await;
+    if !admitted.drained(DRAIN_TIMEOUT).await {
+        tracing::warn!("calls in flight did not end within 10 s");
+    }
     background.stop().await;
     tracing::info!("stopped");
     result.map_err(Into::into)

@@ -548,12 +548,24 @@ GROUP BY subj.person_id",
             publishable_period(from, to, &mut v);
         }
         v.finish(|| ())?;
-        // Three queries over different tables, each on its own connection.
-        let ((mut dims, persons, reintegration), (anonymous, notifications), mut times) = tokio::try_join!(
-            self.person_counts(from, to),
-            self.notification_counts(from, to),
-            self.times(from, to)
-        )?;
+        // The three queries in one snapshot (the figures agree with each
+        // other, which suppression relies on), on one connection (a call
+        // holds no more than one). The plan of the persons' query is made
+        // for the period asked (a generic plan would guess the share of
+        // cases in it); its groupings hold a row per person, which spill
+        // to disk with the default work_mem; JIT compiling costs more here
+        // than running.
+        let mut tx = self.pool.begin().await?;
+        sqlx::raw_sql(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+             SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; SET LOCAL plan_cache_mode = force_custom_plan",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let (mut dims, persons, reintegration) = Self::person_counts(&mut tx, from, to).await?;
+        let (anonymous, notifications) = Self::notification_counts(&mut tx, from, to).await?;
+        let mut times = Self::times(&mut tx, from, to).await?;
+        tx.commit().await?;
         dims.add_count("notification", suppress::IDENTIFIED.into(), persons);
         for (dimension, value, count) in anonymous {
             dims.add_coded(&dimension, &value, count);
@@ -643,27 +655,17 @@ GROUP BY subj.person_id",
     /// [`stage::sql_case`], the same precedence as [`stage::stage`]); the
     /// number of persons; the time from identification to reintegration.
     async fn person_counts(
-        &self,
+        conn: &mut sqlx::PgConnection,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<(Dimensions, u64, pb::TimeMeasure), AppError> {
         let sql = STATS.replace("{case}", &stage::sql_case());
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
-        // Its groupings hold a row per person: with the default work_mem
-        // they spill to disk. The plan is made for the period asked (a
-        // generic plan would guess the share of cases in it).
-        sqlx::query("SET LOCAL work_mem = '64MB'").execute(&mut *tx).await?;
-        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-            .execute(&mut *tx)
-            .await?;
         // The stage's CASE is built from a fixed table, not from a caller.
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(from)
             .bind(to)
-            .fetch_all(&mut *tx)
+            .fetch_all(conn)
             .await?;
-        tx.commit().await?;
         let mut dims = Dimensions::default();
         let mut persons = 0u64;
         let mut reintegration = pb::TimeMeasure {
@@ -690,7 +692,7 @@ GROUP BY subj.person_id",
     /// The counts of the anonymous notifications filed in [from, to), as
     /// (dimension, value as the database gives it, count); how many.
     async fn notification_counts(
-        &self,
+        conn: &mut sqlx::PgConnection,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<(Vec<(String, String, u64)>, u64), AppError> {
@@ -707,7 +709,7 @@ UNION ALL SELECT 'notifications', '', count(*) FROM n",
         )
         .bind(from)
         .bind(to)
-        .fetch_all(&self.pool)
+        .fetch_all(conn)
         .await?;
         let mut total = 0;
         let mut counts = Vec::new();
@@ -726,7 +728,11 @@ UNION ALL SELECT 'notifications', '', count(*) FROM n",
     }
 
     /// The measured times of cases, referrals and returns of the period.
-    async fn times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<pb::TimeMeasure>, AppError> {
+    async fn times(
+        conn: &mut sqlx::PgConnection,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<pb::TimeMeasure>, AppError> {
         let rows = sqlx::query(
             r"
 SELECT 'report_to_decision' AS measure, count(*) AS samples,
@@ -746,7 +752,7 @@ FROM cp_returns WHERE opened_at >= $1 AND opened_at < $2 AND handed_over_at IS N
         )
         .bind(from)
         .bind(to)
-        .fetch_all(&self.pool)
+        .fetch_all(conn)
         .await?;
         rows.iter()
             .map(|r| {

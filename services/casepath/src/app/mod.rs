@@ -50,6 +50,14 @@ pub struct Casepath {
     rechecks: Arc<tokio::sync::Semaphore>,
 }
 
+impl Casepath {
+    /// Cancelled when the service stops: cancelling it ends the open watches.
+    #[must_use]
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+}
+
 /// The calendar the settings name: the file of `NRM_CASEPATH__CALENDAR_FILE`,
 /// else the country's built-in one, else Monday–Friday without holidays in
 /// UTC (with a warning).

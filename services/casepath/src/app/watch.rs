@@ -259,7 +259,15 @@ impl Casepath {
                     Ok(turn) => turn,
                     Err(_) => return,
                 },
+                () = &mut expiry => {
+                    let _ = tx.send(Err(Status::unauthenticated("the token expired; watch again with a new one"))).await;
+                    return;
+                }
                 () = tx.closed() => return,
+                () = self.closing.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the service is stopping; watch again"))).await;
+                    return;
+                }
             };
             // What arrived until now committed before the query's read: it
             // sees all of it.
