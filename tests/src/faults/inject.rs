@@ -470,6 +470,36 @@ pub(crate) struct Services {
     binaries: [PathBuf; 3],
 }
 
+/// Ends the service processes an earlier run left running from `bin` (a
+/// run killed before it could stop them): on this run's PostgreSQL and
+/// NATS they would load the machine and answer the injector's faults, and
+/// this run's findings would not be its own.
+fn end_leftovers(bin: &std::path::Path) {
+    let Ok(bin) = std::fs::canonicalize(bin) else {
+        return;
+    };
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for process in processes.flatten() {
+        let Ok(pid) = process.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(exe) = std::fs::read_link(process.path().join("exe")) else {
+            continue;
+        };
+        if exe.starts_with(&bin) {
+            eprintln!(
+                "fault suite: ending {} (pid {pid}), left running by an earlier run",
+                exe.display()
+            );
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 /// A port nobody listens on now.
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -482,6 +512,7 @@ impl Services {
         std::fs::create_dir_all(&logs)?;
         let bin = logs.with_file_name("bin");
         std::fs::create_dir_all(&bin)?;
+        end_leftovers(&bin);
         let copy = |service: Service| -> anyhow::Result<PathBuf> {
             let to = bin.join(service.name());
             std::fs::copy(crate::binary(service.name()), &to)
