@@ -125,6 +125,41 @@ pub trait Projection: Send + Sync + 'static {
         delivery: &Delivery,
     ) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
 
+    /// Applies consecutive commits (in stream order, each newer than its
+    /// aggregate's last applied version) inside one unit of work, leaving
+    /// the read model exactly as applying them one by one with
+    /// [`Projection::apply`] would. By default it does just that, each in
+    /// the trace of the command that caused it; a projection that can write
+    /// many commits with fewer statements overrides it. An error that names
+    /// the commit it came from ([`AtCommit`]) lets the runner apply the ones
+    /// before it as a batch and that one alone; any other sends the whole
+    /// batch one by one. Nothing of a failed batch stays (the runner rolls
+    /// it back).
+    fn apply_batch(
+        &self,
+        uow: &mut UnitOfWork,
+        deliveries: &[&Delivery],
+    ) -> impl Future<Output = Result<(), anyhow::Error>> + Send {
+        async move {
+            for (index, delivery) in deliveries.iter().enumerate() {
+                let span = tracing::info_span!(
+                    "projection.apply",
+                    projection = self.name(),
+                    stream_id = %delivery.commit.stream_id,
+                    stream_sequence = delivery.stream_sequence
+                );
+                if let Some(metadata) = &delivery.metadata {
+                    telemetry::continue_trace(&span, metadata);
+                }
+                self.apply(uow, delivery)
+                    .instrument(span)
+                    .await
+                    .map_err(|source| AtCommit { index, source })?;
+            }
+            Ok(())
+        }
+    }
+
     /// Empties the read model before a rebuild (a reaction, whose effects
     /// are events, keeps them and relies on its own idempotence).
     fn reset(&self, conn: &mut PgConnection) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
@@ -202,6 +237,18 @@ impl Unprocessable {
     pub fn new(err: impl Into<anyhow::Error>) -> Self {
         Self(err.into())
     }
+}
+
+/// The error of one commit of a batch ([`Projection::apply_batch`]): the
+/// commit's index in the slice the batch was given.
+#[derive(Debug, thiserror::Error)]
+#[error("commit {index} of the batch: {source}")]
+pub struct AtCommit {
+    /// Index of the commit in the batch.
+    pub index: usize,
+    /// What failed.
+    #[source]
+    pub source: anyhow::Error,
 }
 
 /// Whether `err` is an error of the message itself ([`Unprocessable`]).
@@ -833,11 +880,17 @@ impl<P: Projection> ProjectionRunner<P> {
                 deliveries.iter().map(|d| d.commit.stream_id.as_str()),
             )
             .await?;
-        for (at, delivery) in deliveries.iter().enumerate() {
-            if let Err(err) = self.apply_delivery(&mut uow, delivery, &mut versions).await {
-                tracing::debug!(projection = self.name(), stream_sequence = delivery.stream_sequence, error = %err, "a message of a batch failed: it is applied on its own");
-                return Ok(Batched::FailedAt(passed + at));
-            }
+        if let Err(err) = self.apply_deliveries(&mut uow, &deliveries, &mut versions).await {
+            return Ok(match err.downcast_ref::<AtCommit>() {
+                Some(failed) => {
+                    tracing::debug!(projection = self.name(), stream_sequence = deliveries[failed.index].stream_sequence, error = %err, "a message of a batch failed: it is applied on its own");
+                    Batched::FailedAt(passed + failed.index)
+                }
+                None => {
+                    tracing::debug!(projection = self.name(), messages = deliveries.len(), error = %err, "a batch failed: its messages one by one");
+                    Batched::Failed
+                }
+            });
         }
         versions.flush(uow.conn(), self.name()).await?;
         write_checkpoint(uow.conn(), self.name(), last.sequence, identity, last.commit_id()).await?;
@@ -968,7 +1021,7 @@ impl<P: Projection> ProjectionRunner<P> {
         versions
             .load(uow.conn(), self.name(), [delivery.commit.stream_id.as_str()])
             .await?;
-        self.apply_delivery(uow, &delivery, versions).await
+        self.apply_one(uow, &delivery, versions).await
     }
 
     /// A reaction's parked message, applied on an operator's retry unless
@@ -994,36 +1047,67 @@ impl<P: Projection> ProjectionRunner<P> {
                 "its aggregate has moved past it (this commit ends at version {last}, version {applied} was applied since): not applied, left parked"
             );
         }
-        self.apply_delivery(uow, &delivery, versions).await
+        self.apply_one(uow, &delivery, versions).await
     }
 
     /// [`ProjectionRunner::apply`] of a decoded message whose aggregate
-    /// `versions` has loaded.
-    async fn apply_delivery(
+    /// `versions` has loaded; its error as the projection gave it.
+    async fn apply_one(
         &self,
         uow: &mut UnitOfWork,
         delivery: &Delivery,
         versions: &mut Versions,
     ) -> Result<(), anyhow::Error> {
-        let last = delivery.commit.events.iter().map(|e| e.version).max();
-        if let Some(last) = last {
-            let last = i64::try_from(last)?;
-            if let Some(applied) = versions.admit(&delivery.commit.stream_id, last) {
-                metrics::counter!("nrm_projection_stale_total", "projection" => self.name()).increment(1);
-                tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied, stream_sequence = delivery.stream_sequence, "commit older than its aggregate's last applied version: skipped");
-                return Ok(());
+        self.apply_deliveries(uow, std::slice::from_ref(delivery), versions)
+            .await
+            .map_err(|err| match err.downcast::<AtCommit>() {
+                Ok(failed) => failed.source,
+                Err(err) => err,
+            })
+    }
+
+    /// Applies decoded messages, in stream order, whose aggregates
+    /// `versions` has loaded, as one batch of the projection
+    /// ([`Projection::apply_batch`]): each unless its aggregate is already
+    /// past it (a commit at or below the last version applied for its
+    /// aggregate changes nothing); the versions they bring are noted in
+    /// `versions`, written by its flush. An error of one commit
+    /// ([`AtCommit`]) names its index in `deliveries`.
+    async fn apply_deliveries(
+        &self,
+        uow: &mut UnitOfWork,
+        deliveries: &[Delivery],
+        versions: &mut Versions,
+    ) -> Result<(), anyhow::Error> {
+        let mut admitted = Vec::with_capacity(deliveries.len());
+        let mut indices = Vec::with_capacity(deliveries.len());
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let last = delivery.commit.events.iter().map(|e| e.version).max();
+            if let Some(last) = last {
+                let last = i64::try_from(last)?;
+                if let Some(applied) = versions.admit(&delivery.commit.stream_id, last) {
+                    metrics::counter!("nrm_projection_stale_total", "projection" => self.name()).increment(1);
+                    tracing::warn!(projection = self.name(), stream_id = %delivery.commit.stream_id, version = last, applied, stream_sequence = delivery.stream_sequence, "commit older than its aggregate's last applied version: skipped");
+                    continue;
+                }
             }
+            admitted.push(delivery);
+            indices.push(index);
         }
-        let span = tracing::info_span!(
-            "projection.apply",
-            projection = self.name(),
-            stream_id = %delivery.commit.stream_id,
-            stream_sequence = delivery.stream_sequence
-        );
-        if let Some(metadata) = &delivery.metadata {
-            telemetry::continue_trace(&span, metadata);
+        if admitted.is_empty() {
+            return Ok(());
         }
-        self.projection.apply(uow, delivery).instrument(span).await
+        self.projection
+            .apply_batch(uow, &admitted)
+            .await
+            .map_err(|err| match err.downcast::<AtCommit>() {
+                // Its index among the admitted, as an index of `deliveries`.
+                Ok(AtCommit { index, source }) => match indices.get(index) {
+                    Some(&index) => AtCommit { index, source }.into(),
+                    None => source,
+                },
+                Err(err) => err,
+            })
     }
 
     /// Applies `deliveries` (decoded, in stream order) in `uow`, their
@@ -1041,9 +1125,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 deliveries.iter().map(|d| d.commit.stream_id.as_str()),
             )
             .await?;
-        for delivery in deliveries {
-            self.apply_delivery(uow, delivery, versions).await?;
-        }
+        self.apply_deliveries(uow, deliveries, versions).await?;
         versions.flush(uow.conn(), self.name()).await
     }
 
