@@ -342,6 +342,56 @@ impl CasepathApp {
         uow.commit().await.expect("commit");
     }
 
+    /// Empties the four read models and applies every message of every
+    /// stream again, straight through the projections, in one transaction:
+    /// each commit as a batch of its own, or all of a stream's commits in
+    /// one batch ([`Projection::apply_batch`]), so that a test can compare
+    /// the two with the live read models.
+    ///
+    /// # Panics
+    /// When a reset or an apply fails.
+    pub async fn reset_and_apply(&self, one_batch: bool) {
+        let store = EventStore::new(self.pool.clone());
+        let mut uow = store.begin().await.expect("begin");
+        let country = &self.country;
+        let identification = IdentificationProjection::new(country, &self.watch_key);
+        let referral = ReferralProjection::new(country, &self.watch_key);
+        let shelter = ShelterProjection::new(country, &self.watch_key);
+        let repatriation = RepatriationProjection::new(country, &self.watch_key);
+        identification.reset(uow.conn()).await.expect("reset");
+        referral.reset(uow.conn()).await.expect("reset");
+        shelter.reset(uow.conn()).await.expect("reset");
+        repatriation.reset(uow.conn()).await.expect("reset");
+        for (context, _) in PROJECTIONS {
+            let deliveries: Vec<Delivery> = messages(self.bus.jetstream(), &self.bus.stream_name(context))
+                .await
+                .into_iter()
+                .map(|message| Delivery {
+                    stream_sequence: message.sequence,
+                    subject: message.subject.to_string(),
+                    commit: EventCommit::decode(message.payload.as_ref()).expect("a commit"),
+                    metadata: bus::metadata_from_headers(Some(&message.headers)),
+                })
+                .collect();
+            let all: Vec<&Delivery> = deliveries.iter().collect();
+            let batches: Vec<&[&Delivery]> = if one_batch {
+                vec![&all[..]]
+            } else {
+                all.chunks(1).collect()
+            };
+            for batch in batches {
+                let applied = match context {
+                    "identification" => identification.apply_batch(&mut uow, batch).await,
+                    "referral" => referral.apply_batch(&mut uow, batch).await,
+                    "shelter" => shelter.apply_batch(&mut uow, batch).await,
+                    _ => repatriation.apply_batch(&mut uow, batch).await,
+                };
+                applied.expect("apply");
+            }
+        }
+        uow.commit().await.expect("commit");
+    }
+
     /// The rows of every table of casepath's database (its own and the
     /// kernel's) whose text contains `needle` (as text, or hex-encoded as
     /// in a bytea column's text): `table: row` lines.

@@ -1,13 +1,14 @@
 //! `casepath_identification`: the identification stream into `cp_cases`,
 //! `cp_notifications` and the identification steps.
 
-use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
+use super::{column, int_array};
 use crate::domain::changes::WatchKey;
-
 use crate::domain::steps::{self, IdentificationWrite};
 
 /// The stream it reads.
@@ -46,13 +47,19 @@ impl Projection for IdentificationProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let effect = steps::identification(&delivery.commit, &super::origin(&self.country, delivery))
-            .map_err(Unprocessable::new)?;
-        super::report_skipped(NAME, delivery, &effect.skipped);
-        if effect.is_empty() {
-            return Ok(());
-        }
-        super::write_effect(uow.conn(), NAME, &self.watch_key, delivery, &effect, query).await
+        self.apply_batch(uow, &[delivery]).await
+    }
+
+    async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
+        super::apply_commits(
+            uow.conn(),
+            NAME,
+            &self.country,
+            &self.watch_key,
+            deliveries,
+            |delivery, origin| steps::identification(&delivery.commit, origin),
+        )
+        .await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -72,87 +79,156 @@ impl Projection for IdentificationProjection {
     }
 }
 
-/// The statement of one write, with `steps` (see [`super::write_effect`]).
-fn query<'q>(write: &'q IdentificationWrite, steps: &'q super::Steps) -> super::Query<'q> {
-    match write {
-        IdentificationWrite::Open(row) => steps
-            .bind(sqlx::query(with_steps!(
+impl super::Write for IdentificationWrite {
+    fn row(&self) -> Option<(&'static str, Uuid)> {
+        match self {
+            Self::Open(row) => Some(("cp_cases", row.case_id.as_uuid())),
+            Self::FlagDuplicate { case_id }
+            | Self::Screened { case_id }
+            | Self::Decided { case_id, .. }
+            | Self::ReviewRequested { case_id, .. } => Some(("cp_cases", case_id.as_uuid())),
+            // Every case of the person.
+            Self::Erased { .. } => None,
+            Self::Notification(n) => Some(("cp_notifications", n.notification_id)),
+        }
+    }
+
+    async fn run(conn: &mut PgConnection, round: &[&Self]) -> Result<(), anyhow::Error> {
+        let mut open = Vec::new();
+        let mut duplicates = Vec::new();
+        let mut screened = Vec::new();
+        let mut decided = Vec::new();
+        let mut reviews = Vec::new();
+        let mut erased = Vec::new();
+        let mut notifications = Vec::new();
+        for write in round {
+            match write {
+                Self::Open(row) => open.push(&**row),
+                Self::FlagDuplicate { case_id } => duplicates.push(case_id.as_uuid()),
+                Self::Screened { case_id } => screened.push(case_id.as_uuid()),
+                Self::Decided {
+                    case_id,
+                    status,
+                    decision,
+                    decided_at,
+                } => decided.push((case_id.as_uuid(), *status, *decision, *decided_at)),
+                Self::ReviewRequested { case_id, requested_at } => reviews.push((case_id.as_uuid(), *requested_at)),
+                Self::Erased { person_id, erased_at } => erased.push((person_id.as_uuid(), *erased_at)),
+                Self::Notification(n) => notifications.push(n),
+            }
+        }
+        if !open.is_empty() {
+            sqlx::query(
                 "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
                    found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
                    decision, decided_at, decision_waiting_since, from_country, return_id, possible_duplicate)
-                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)
-                 ON CONFLICT (case_id) DO NOTHING"
-            )))
-            .bind(row.case_id.as_uuid())
-            .bind(row.person_id.as_uuid())
-            .bind(&row.reporting_agency)
-            .bind(&row.competent_authority)
-            .bind(row.status)
-            .bind(row.reported_at)
-            .bind(row.found_at)
-            .bind(row.gender)
-            .bind(row.age_band)
-            .bind(row.child)
-            .bind(&row.citizenship)
-            .bind(&row.country_of_exploitation)
-            .bind(&row.exploitation_forms)
-            .bind(row.decision)
-            .bind(row.decided_at)
-            .bind(row.decision_waiting_since)
-            .bind(row.from_country.as_deref())
-            .bind(row.return_id.map(|r| r.as_uuid()))
-            .bind(row.possible_duplicate),
-        IdentificationWrite::FlagDuplicate { case_id } => steps
-            .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET possible_duplicate = true WHERE case_id = $13"
-            )))
-            .bind(case_id.as_uuid()),
-        IdentificationWrite::Screened { case_id } => steps
-            .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET status = $14 WHERE case_id = $13"
-            )))
-            .bind(case_id.as_uuid())
-            .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32),
-        IdentificationWrite::Decided {
-            case_id,
-            status,
-            decision,
-            decided_at,
-        } => steps
-            .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET status = $14, decision = $15, decided_at = $16, decision_waiting_since = NULL
-                 WHERE case_id = $13"
-            )))
-            .bind(case_id.as_uuid())
-            .bind(status)
-            .bind(decision)
-            .bind(decided_at),
-        IdentificationWrite::ReviewRequested { case_id, requested_at } => steps
-            .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET status = $14, decision_waiting_since = $15 WHERE case_id = $13"
-            )))
-            .bind(case_id.as_uuid())
+                 SELECT v.case_id, v.person_id, v.reporting_agency, v.competent_authority, v.status, v.reported_at,
+                   v.found_at, v.gender, v.age_band, v.child, v.citizenship, v.country_of_exploitation, v.forms::int4[],
+                   v.decision, v.decided_at, v.waiting_since, v.from_country, v.return_id, v.possible_duplicate
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
+                   $7::timestamptz[], $8::int4[], $9::int4[], $10::bool[], $11::text[], $12::text[], $13::text[],
+                   $14::int4[], $15::timestamptz[], $16::timestamptz[], $17::text[], $18::uuid[], $19::bool[])
+                   AS v(case_id, person_id, reporting_agency, competent_authority, status, reported_at, found_at, gender,
+                     age_band, child, citizenship, country_of_exploitation, forms, decision, decided_at, waiting_since,
+                     from_country, return_id, possible_duplicate)
+                 ON CONFLICT (case_id) DO NOTHING",
+            )
+            .bind(column(&open, |r| r.case_id.as_uuid()))
+            .bind(column(&open, |r| r.person_id.as_uuid()))
+            .bind(column(&open, |r| r.reporting_agency.as_str()))
+            .bind(column(&open, |r| r.competent_authority.as_str()))
+            .bind(column(&open, |r| r.status))
+            .bind(column(&open, |r| r.reported_at))
+            .bind(column(&open, |r| r.found_at))
+            .bind(column(&open, |r| r.gender))
+            .bind(column(&open, |r| r.age_band))
+            .bind(column(&open, |r| r.child))
+            .bind(column(&open, |r| r.citizenship.as_str()))
+            .bind(column(&open, |r| r.country_of_exploitation.as_str()))
+            .bind(column(&open, |r| int_array(&r.exploitation_forms)))
+            .bind(column(&open, |r| r.decision))
+            .bind(column(&open, |r| r.decided_at))
+            .bind(column(&open, |r| r.decision_waiting_since))
+            .bind(column(&open, |r| r.from_country.as_deref()))
+            .bind(column(&open, |r| r.return_id.map(|i| i.as_uuid())))
+            .bind(column(&open, |r| r.possible_duplicate))
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !duplicates.is_empty() {
+            sqlx::query(
+                "UPDATE cp_cases c SET possible_duplicate = true FROM unnest($1::uuid[]) AS v(case_id)
+                 WHERE c.case_id = v.case_id",
+            )
+            .bind(duplicates)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !screened.is_empty() {
+            sqlx::query(
+                "UPDATE cp_cases c SET status = $2 FROM unnest($1::uuid[]) AS v(case_id) WHERE c.case_id = v.case_id",
+            )
+            .bind(screened)
             .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32)
-            .bind(requested_at),
-        IdentificationWrite::Erased { person_id, erased_at } => steps
-            .bind(sqlx::query(with_steps!(
-                "UPDATE cp_cases SET erased_at = coalesce(erased_at, $14) WHERE person_id = $13"
-            )))
-            .bind(person_id.as_uuid())
-            .bind(erased_at),
-        IdentificationWrite::Notification(n) => steps
-            .bind(sqlx::query(with_steps!(
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !decided.is_empty() {
+            sqlx::query(
+                "UPDATE cp_cases c SET status = v.status, decision = v.decision, decided_at = v.decided_at,
+                   decision_waiting_since = NULL
+                 FROM unnest($1::uuid[], $2::int4[], $3::int4[], $4::timestamptz[]) AS v(case_id, status, decision, decided_at)
+                 WHERE c.case_id = v.case_id",
+            )
+            .bind(column(&decided, |d| d.0))
+            .bind(column(&decided, |d| d.1))
+            .bind(column(&decided, |d| d.2))
+            .bind(column(&decided, |d| d.3))
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !reviews.is_empty() {
+            sqlx::query(
+                "UPDATE cp_cases c SET status = $3, decision_waiting_since = v.requested_at
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(case_id, requested_at) WHERE c.case_id = v.case_id",
+            )
+            .bind(column(&reviews, |r| r.0))
+            .bind(column(&reviews, |r| r.1))
+            .bind(nrm_proto::identification::v1::CaseStatus::Presumed as i32)
+            .execute(&mut *conn)
+            .await?;
+        }
+        // Alone in its round (several rows): one person.
+        for (person_id, erased_at) in erased {
+            sqlx::query("UPDATE cp_cases SET erased_at = coalesce(erased_at, $2) WHERE person_id = $1")
+                .bind(person_id)
+                .bind(erased_at)
+                .execute(&mut *conn)
+                .await?;
+        }
+        if !notifications.is_empty() {
+            sqlx::query(
                 "INSERT INTO cp_notifications (notification_id, filed_on, found_country, country_of_exploitation,
                    exploitation_forms, gender, age_band, citizenship)
-                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20) ON CONFLICT (notification_id) DO NOTHING"
-            )))
-            .bind(n.notification_id)
-            .bind(n.filed_on)
-            .bind(&n.found_country)
-            .bind(&n.country_of_exploitation)
-            .bind(&n.exploitation_forms)
-            .bind(n.gender)
-            .bind(n.age_band)
-            .bind(&n.citizenship),
+                 SELECT v.notification_id, v.filed_on, v.found_country, v.country_of_exploitation, v.forms::int4[],
+                   v.gender, v.age_band, v.citizenship
+                 FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[],
+                   $8::text[])
+                   AS v(notification_id, filed_on, found_country, country_of_exploitation, forms, gender, age_band,
+                     citizenship)
+                 ON CONFLICT (notification_id) DO NOTHING",
+            )
+            .bind(column(&notifications, |n| n.notification_id))
+            .bind(column(&notifications, |n| n.filed_on))
+            .bind(column(&notifications, |n| n.found_country.as_str()))
+            .bind(column(&notifications, |n| n.country_of_exploitation.as_str()))
+            .bind(column(&notifications, |n| int_array(&n.exploitation_forms)))
+            .bind(column(&notifications, |n| n.gender))
+            .bind(column(&notifications, |n| n.age_band))
+            .bind(column(&notifications, |n| n.citizenship.as_str()))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 }

@@ -3,61 +3,49 @@
 //! announcing every change on the channel [`CHANGED`] in the same
 //! transaction. What an event means is [`crate::domain::steps`]; here only
 //! the SQL. Every write is idempotent (an upsert, or an update to a value
-//! the event fixes), no apply reads another table, and a commit costs one
-//! statement per row write, the last of them also writing all the commit's
-//! steps and notifying ([`with_steps!`]); a commit without row writes, one
-//! statement for its steps and the notification. A commit the mapping
-//! refuses ([`crate::domain::steps::StepError`], or a malformed commit ID)
-//! is returned as [`Unprocessable`], so the runner parks it at its first
-//! failure instead of holding the stream behind it; what the mapping
-//! skips is counted and logged with IDs only.
+//! the event fixes) and no apply reads another table.
+//!
+//! A batch of commits (the runner hands over what has arrived, up to 500 in
+//! a replay: [`Projection::apply_batch`]) is written with one statement per
+//! kind of write and round, not one per write ([`write_batch`]): the
+//! writes of every commit, in stream order, are dealt into rounds, the n-th
+//! write to a row into the n-th round, so that a round changes each row at
+//! most once and its statements may run in any order; a write that may
+//! change several rows ([`Write::row`] `None`: an erasure, by person) runs
+//! alone, between everything before it and everything after it. Then one
+//! statement writes the batch's steps and notifies. A commit on its own is
+//! a batch of one: there is one way to write. A commit the mapping refuses
+//! ([`crate::domain::steps::StepError`], or a malformed commit ID) fails
+//! the batch naming it ([`AtCommit`], [`Unprocessable`]), so the runner
+//! parks it at its first failure instead of holding the stream behind it;
+//! what the mapping skips is counted and logged with IDs only.
 //!
 //! - [`identification`]: `cp_cases`, `cp_notifications`.
 //! - [`referral`]: `cp_consents`, `cp_referrals`, `cp_goals`.
 //! - [`shelter`]: `cp_shelters`, `cp_holds`.
 //! - [`repatriation`]: `cp_returns`, `cp_return_commits`.
 
-/// `$write` (its parameters from `$13`) fused with the insert of a
-/// commit's steps (`$1`–`$11`, bound by [`Steps::bind`]) and the
-/// notification on [`CHANGED`] of what the commit touched (`$12`, see
-/// [`crate::domain::changes`]; none when the kernel replays into a shadow
-/// to compare, `nrm.shadow` = on: nothing live changed, and no watcher
-/// should look again; none in a reset's transaction, which notified all:
-/// [`reset_steps`]): one round trip for a commit's last write.
-macro_rules! with_steps {
-    ($write:literal) => {
-        concat!(
-            "WITH written AS (",
-            $write,
-            "), stepped AS (
-               INSERT INTO cp_steps (source, step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
-               SELECT $1, s.step_id, s.subject_id, s.part, s.kind, s.at, $2, $3, $4, s.position, s.step
-               FROM unnest($5::uuid[], $6::uuid[], $7::int4[], $8::int4[], $9::timestamptz[], $10::int4[], $11::bytea[])
-                 AS s(step_id, subject_id, part, kind, at, position, step)
-               ON CONFLICT (source, step_id) DO NOTHING
-             )
-             SELECT pg_notify('casepath_changed', $12) WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'
-               AND current_setting('nrm.casepath_reset', true) IS DISTINCT FROM 'on'"
-        )
-    };
-}
-
 pub mod identification;
 pub mod referral;
 pub mod repatriation;
 pub mod shelter;
 
+use std::collections::HashMap;
+use std::future::Future;
+
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use nrm_kernel::projection::{Delivery, Unprocessable};
+use nrm_kernel::projection::{AtCommit, Delivery, Unprocessable};
 use nrm_kernel::service::Kit;
+use nrm_kernel::telemetry;
 use nrm_kernel::xborder::CountryCode;
 use prost::Message as _;
 use sqlx::PgConnection;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::domain::changes::{self, Touches, WatchKey};
-use crate::domain::steps::{Effect, Origin, Skipped, StepRow};
+use crate::domain::steps::{Effect, Origin, Skipped, StepError};
 
 pub use identification::IdentificationProjection;
 pub use referral::ReferralProjection;
@@ -117,132 +105,233 @@ fn origin<'a>(country: &'a CountryCode, delivery: &'a Delivery) -> Origin<'a> {
     }
 }
 
-/// A query of a projection, borrowing what it binds.
-type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+/// A write of one of the projections as a batch runs it ([`write_batch`]).
+trait Write: Touches + Send + Sync + Sized {
+    /// The one row the write changes, as its table and key. `None` when it
+    /// may change several rows: then it runs alone, after every write before
+    /// it and before every write after it.
+    fn row(&self) -> Option<(&'static str, Uuid)>;
 
-/// A commit's steps and what it touched, as the parameters `$1`–`$12` of
-/// [`with_steps!`].
+    /// Runs `round` (writes to distinct rows: their order does not matter)
+    /// with one statement per kind of write in it.
+    fn run<'a>(
+        conn: &'a mut PgConnection,
+        round: &'a [&'a Self],
+    ) -> impl Future<Output = Result<(), anyhow::Error>> + Send + 'a;
+}
+
+/// The writes of `effects` (in stream order) in the rounds they run in:
+/// the n-th write to a row since the last write that runs alone in the
+/// n-th round after it; such a write in a round of its own.
+fn rounds<W: Write>(effects: &[Effect<W>]) -> Vec<Vec<&W>> {
+    let mut rounds: Vec<Vec<&W>> = Vec::new();
+    // Rounds since the last write that ran alone.
+    let mut open: Vec<Vec<&W>> = Vec::new();
+    let mut writes_of: HashMap<(&'static str, Uuid), usize> = HashMap::new();
+    for write in effects.iter().flat_map(|e| &e.writes) {
+        match write.row() {
+            Some(row) => {
+                let n = writes_of.entry(row).or_insert(0);
+                if open.len() == *n {
+                    open.push(Vec::new());
+                }
+                open[*n].push(write);
+                *n += 1;
+            }
+            None => {
+                rounds.append(&mut open);
+                rounds.push(vec![write]);
+                writes_of.clear();
+            }
+        }
+    }
+    rounds.append(&mut open);
+    rounds
+}
+
+/// Applies `deliveries` (in stream order) to `source`'s read model, as
+/// `map` reads each commit (see the module's rules).
+///
+/// # Errors
+/// A commit the mapping refuses or whose ID is malformed: [`AtCommit`]
+/// of [`Unprocessable`]; the database's errors as they are.
+async fn apply_commits<W: Write>(
+    conn: &mut PgConnection,
+    source: &'static str,
+    country: &CountryCode,
+    watch_key: &WatchKey,
+    deliveries: &[&Delivery],
+    map: impl Fn(&Delivery, &Origin<'_>) -> Result<Effect<W>, StepError>,
+) -> Result<(), anyhow::Error> {
+    let span = tracing::info_span!(
+        "projection.apply_batch",
+        projection = source,
+        commits = deliveries.len(),
+        first_sequence = deliveries.first().map(|d| d.stream_sequence),
+        last_sequence = deliveries.last().map(|d| d.stream_sequence),
+    );
+    // A commit on its own stays in the trace of the command that caused it.
+    if let [delivery] = deliveries
+        && let Some(metadata) = &delivery.metadata
+    {
+        telemetry::continue_trace(&span, metadata);
+    }
+    let mut effects = Vec::with_capacity(deliveries.len());
+    for (index, delivery) in deliveries.iter().enumerate() {
+        let effect = map(delivery, &origin(country, delivery)).map_err(|err| AtCommit {
+            index,
+            source: Unprocessable::new(err).into(),
+        })?;
+        report_skipped(source, delivery, &effect.skipped);
+        effects.push(effect);
+    }
+    write_batch(conn, source, watch_key, deliveries, &effects)
+        .instrument(span)
+        .await
+}
+
+/// Writes what `effects` (of `deliveries`, one each) do: their rounds of
+/// writes, then their steps and the notification on [`CHANGED`] of what
+/// each commit touched. Commits that change nothing write and notify
+/// nothing.
+async fn write_batch<W: Write>(
+    conn: &mut PgConnection,
+    source: &'static str,
+    watch_key: &WatchKey,
+    deliveries: &[&Delivery],
+    effects: &[Effect<W>],
+) -> Result<(), anyhow::Error> {
+    let steps = Steps::of(source, watch_key, deliveries, effects)?;
+    for round in rounds(effects) {
+        W::run(&mut *conn, &round).await?;
+    }
+    steps.write(conn).await
+}
+
+/// Inserts a batch's steps and notifies what each of its commits touched
+/// (none when the kernel replays into a shadow to compare, `nrm.shadow` =
+/// on: nothing live changed, and no watcher should look again; none in a
+/// reset's transaction, which notified all: [`reset_steps`]).
+const STEPS: &str = "WITH stepped AS (
+   INSERT INTO cp_steps (source, step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
+   SELECT $1, s.step_id, s.subject_id, s.part, s.kind, s.at, s.commit_id, s.causation_id, s.stream_sequence, s.position, s.step
+   FROM unnest($2::uuid[], $3::uuid[], $4::int4[], $5::int4[], $6::timestamptz[], $7::uuid[], $8::uuid[], $9::int8[],
+               $10::int4[], $11::bytea[])
+     AS s(step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
+   ON CONFLICT (source, step_id) DO NOTHING
+ )
+ SELECT pg_notify('casepath_changed', n.payload) FROM unnest($12::text[]) AS n(payload)
+ WHERE current_setting('nrm.shadow', true) IS DISTINCT FROM 'on'
+   AND current_setting('nrm.casepath_reset', true) IS DISTINCT FROM 'on'";
+
+/// A batch's steps (a commit's position in it their index in the commit)
+/// and the notifications of its commits, as the parameters of [`STEPS`].
+#[derive(Default)]
 struct Steps {
     source: &'static str,
-    commit_id: Uuid,
-    causation_id: Option<Uuid>,
-    stream_sequence: i64,
     step_ids: Vec<Uuid>,
     subjects: Vec<Uuid>,
     parts: Vec<i32>,
     kinds: Vec<i32>,
     ats: Vec<DateTime<Utc>>,
+    commit_ids: Vec<Uuid>,
+    causations: Vec<Option<Uuid>>,
+    sequences: Vec<i64>,
     positions: Vec<i32>,
     encoded: Vec<Vec<u8>>,
-    /// The notification's payload.
-    notice: String,
+    /// One payload per commit that changes something.
+    notices: Vec<String>,
 }
 
 impl Steps {
-    /// The steps of `delivery`'s commit, their position in it their index.
-    fn of(source: &'static str, delivery: &Delivery, steps: &[StepRow], notice: String) -> Result<Self, anyhow::Error> {
-        // Errors of the message itself: parked at once.
-        let commit_id: Uuid = delivery
-            .commit
-            .commit_id
-            .parse()
-            .context("the commit's ID is not a UUID")
-            .map_err(Unprocessable::new)?;
+    /// The steps and notifications of `effects`, the effects of `deliveries`.
+    fn of<W: Touches>(
+        source: &'static str,
+        watch_key: &WatchKey,
+        deliveries: &[&Delivery],
+        effects: &[Effect<W>],
+    ) -> Result<Self, anyhow::Error> {
         let mut out = Self {
             source,
-            commit_id,
-            causation_id: delivery.metadata.as_ref().map(|m| m.causation_id),
-            stream_sequence: i64::try_from(delivery.stream_sequence).map_err(Unprocessable::new)?,
-            step_ids: Vec::with_capacity(steps.len()),
-            subjects: Vec::with_capacity(steps.len()),
-            parts: Vec::with_capacity(steps.len()),
-            kinds: Vec::with_capacity(steps.len()),
-            ats: Vec::with_capacity(steps.len()),
-            positions: Vec::with_capacity(steps.len()),
-            encoded: Vec::with_capacity(steps.len()),
-            notice,
+            ..Self::default()
         };
-        for (position, row) in steps.iter().enumerate() {
-            out.step_ids.push(row.step_id);
-            out.subjects.push(row.subject_id);
-            out.parts.push(row.part());
-            out.kinds.push(row.kind());
-            out.ats.push(row.at);
-            out.positions.push(i32::try_from(position)?);
-            out.encoded.push(row.step.encode_to_vec());
+        for (index, (delivery, effect)) in deliveries.iter().zip(effects).enumerate() {
+            if effect.is_empty() {
+                continue;
+            }
+            // Errors of the message itself: parked at once.
+            let unprocessable = |err: anyhow::Error| AtCommit {
+                index,
+                source: Unprocessable::new(err).into(),
+            };
+            let commit_id: Uuid = delivery
+                .commit
+                .commit_id
+                .parse()
+                .context("the commit's ID is not a UUID")
+                .map_err(unprocessable)?;
+            let sequence = i64::try_from(delivery.stream_sequence).map_err(|e| unprocessable(e.into()))?;
+            let causation = delivery.metadata.as_ref().map(|m| m.causation_id);
+            for (position, row) in effect.steps.iter().enumerate() {
+                out.step_ids.push(row.step_id);
+                out.subjects.push(row.subject_id);
+                out.parts.push(row.part());
+                out.kinds.push(row.kind());
+                out.ats.push(row.at);
+                out.commit_ids.push(commit_id);
+                out.causations.push(causation);
+                out.sequences.push(sequence);
+                out.positions.push(i32::try_from(position)?);
+                out.encoded.push(row.step.encode_to_vec());
+            }
+            out.notices.push(effect.touched().payload(source, watch_key));
         }
         Ok(out)
     }
 
-    /// No steps, for the writes before a commit's last (the same
-    /// notification: PostgreSQL sends a transaction's equal ones once).
-    fn none(&self) -> Self {
-        Self {
-            source: self.source,
-            commit_id: self.commit_id,
-            causation_id: self.causation_id,
-            stream_sequence: self.stream_sequence,
-            step_ids: Vec::new(),
-            subjects: Vec::new(),
-            parts: Vec::new(),
-            kinds: Vec::new(),
-            ats: Vec::new(),
-            positions: Vec::new(),
-            encoded: Vec::new(),
-            notice: self.notice.clone(),
+    /// Runs [`STEPS`]; nothing when no commit changed anything.
+    async fn write(self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        if self.notices.is_empty() {
+            return Ok(());
         }
-    }
-
-    /// Binds `$1`–`$12`.
-    fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
-        query
+        sqlx::query(STEPS)
             .bind(self.source)
-            .bind(self.commit_id)
-            .bind(self.causation_id)
-            .bind(self.stream_sequence)
-            .bind(&self.step_ids)
-            .bind(&self.subjects)
-            .bind(&self.parts)
-            .bind(&self.kinds)
-            .bind(&self.ats)
-            .bind(&self.positions)
-            .bind(&self.encoded)
-            .bind(&self.notice)
+            .bind(self.step_ids)
+            .bind(self.subjects)
+            .bind(self.parts)
+            .bind(self.kinds)
+            .bind(self.ats)
+            .bind(self.commit_ids)
+            .bind(self.causations)
+            .bind(self.sequences)
+            .bind(self.positions)
+            .bind(self.encoded)
+            .bind(self.notices)
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 }
 
-/// Writes what one commit does: each row write (`write` builds its query
-/// with [`with_steps!`], binding the given steps first), the last one with
-/// the commit's steps; the steps alone when there is no row write. Each in
-/// the apply's transaction, [`CHANGED`] notified with `source` and what
-/// the commit touched.
-///
-/// # Errors
-/// When the commit ID is malformed ([`Unprocessable`]) or the database fails.
-async fn write_effect<W: Touches>(
-    conn: &mut PgConnection,
-    source: &'static str,
-    watch_key: &WatchKey,
-    delivery: &Delivery,
-    effect: &Effect<W>,
-    write: impl for<'q> Fn(&'q W, &'q Steps) -> Query<'q>,
-) -> Result<(), anyhow::Error> {
-    let steps = Steps::of(
-        source,
-        delivery,
-        &effect.steps,
-        effect.touched().payload(source, watch_key),
-    )?;
-    let Some((last, before)) = effect.writes.split_last() else {
-        steps.bind(sqlx::query(with_steps!("SELECT 1"))).execute(conn).await?;
-        return Ok(());
-    };
-    let none = steps.none();
-    for row in before {
-        write(row, &none).execute(&mut *conn).await?;
+/// One column of a round's rows of one kind.
+fn column<R, T>(rows: &[R], value: impl Fn(&R) -> T) -> Vec<T> {
+    rows.iter().map(value).collect()
+}
+
+/// An integer array as PostgreSQL's literal (`{1,2}`), for a column of
+/// arrays (an `int4[]` per row cannot be a parameter of `unnest`): digits
+/// and commas only, whatever the values.
+fn int_array(values: &[i32]) -> String {
+    let mut out = String::with_capacity(2 + values.len() * 3);
+    out.push('{');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&v.to_string());
     }
-    write(last, &steps).execute(conn).await?;
-    Ok(())
+    out.push('}');
+    out
 }
 
 /// Deletes `source`'s own rows of `cp_steps` (each projection's reset),
@@ -264,4 +353,122 @@ async fn reset_steps(conn: &mut PgConnection, source: &'static str) -> Result<()
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::changes::Touched;
+
+    /// A write of row `.0` (`None`: of several rows), named `.1`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct W(Option<u128>, &'static str);
+
+    impl Touches for W {
+        fn touch(&self, _: &mut Touched) {}
+    }
+
+    impl Write for W {
+        fn row(&self) -> Option<(&'static str, Uuid)> {
+            self.0.map(|n| ("t", Uuid::from_u128(n)))
+        }
+
+        async fn run(_: &mut PgConnection, _: &[&Self]) -> Result<(), anyhow::Error> {
+            Ok(())
+        }
+    }
+
+    fn effects(commits: &[&[W]]) -> Vec<Effect<W>> {
+        commits
+            .iter()
+            .map(|writes| Effect {
+                writes: writes.to_vec(),
+                ..Effect::default()
+            })
+            .collect()
+    }
+
+    fn names(rounds: &[Vec<&W>]) -> Vec<Vec<&'static str>> {
+        rounds.iter().map(|r| r.iter().map(|w| w.1).collect()).collect()
+    }
+
+    #[test]
+    fn each_write_to_a_row_runs_in_a_round_after_the_one_before_it() {
+        let e = effects(&[
+            &[W(Some(1), "open 1"), W(Some(1), "screen 1")],
+            &[W(Some(2), "open 2")],
+            &[W(Some(1), "decide 1"), W(Some(2), "screen 2")],
+            &[W(Some(3), "open 3")],
+        ]);
+        assert_eq!(
+            names(&rounds(&e)),
+            [
+                vec!["open 1", "open 2", "open 3"],
+                vec!["screen 1", "screen 2"],
+                vec!["decide 1"],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_write_of_several_rows_runs_alone_between_what_came_before_and_after_it() {
+        let e = effects(&[
+            &[W(Some(1), "open 1"), W(Some(2), "open 2")],
+            &[W(Some(1), "screen 1")],
+            &[W(None, "erase")],
+            &[W(Some(1), "decide 1"), W(Some(3), "open 3")],
+            &[W(Some(1), "review 1")],
+        ]);
+        assert_eq!(
+            names(&rounds(&e)),
+            [
+                vec!["open 1", "open 2"],
+                vec!["screen 1"],
+                vec!["erase"],
+                vec!["decide 1", "open 3"],
+                vec!["review 1"],
+            ]
+        );
+    }
+
+    #[test]
+    fn no_round_writes_a_row_twice_and_each_row_keeps_its_order() {
+        // Rows 0..5, written in a shuffled but fixed order, several times each.
+        let order = [3u128, 1, 3, 0, 4, 1, 1, 2, 0, 3, 4, 4, 2, 1];
+        let labels = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n"];
+        let writes: Vec<W> = order.iter().zip(labels).map(|(&row, l)| W(Some(row), l)).collect();
+        let e = vec![Effect {
+            writes: writes.clone(),
+            ..Effect::default()
+        }];
+        let rounds = rounds(&e);
+        assert_eq!(
+            rounds.iter().map(Vec::len).sum::<usize>(),
+            writes.len(),
+            "every write runs once"
+        );
+        for round in &rounds {
+            let mut rows: Vec<_> = round.iter().map(|w| w.0).collect();
+            rows.sort_unstable();
+            rows.dedup();
+            assert_eq!(rows.len(), round.len(), "a round writes a row twice: {round:?}");
+        }
+        for row in 0..5 {
+            let in_rounds: Vec<&str> = rounds
+                .iter()
+                .flatten()
+                .filter(|w| w.0 == Some(row))
+                .map(|w| w.1)
+                .collect();
+            let in_stream: Vec<&str> = writes.iter().filter(|w| w.0 == Some(row)).map(|w| w.1).collect();
+            assert_eq!(in_rounds, in_stream, "row {row} out of order");
+        }
+    }
+
+    #[test]
+    fn an_array_literal_is_digits_and_commas() {
+        assert_eq!(int_array(&[]), "{}");
+        assert_eq!(int_array(&[3]), "{3}");
+        assert_eq!(int_array(&[1, -2, 30]), "{1,-2,30}");
+    }
 }

@@ -1,13 +1,14 @@
 //! `casepath_referral`: the referral stream (consents, referrals, plans)
 //! into `cp_consents`, `cp_referrals`, `cp_goals` and their steps.
 
-use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
+use super::{column, int_array};
 use crate::domain::changes::WatchKey;
-
 use crate::domain::steps::{self, ReferralWrite};
 
 /// The stream it reads.
@@ -47,13 +48,19 @@ impl Projection for ReferralProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let effect =
-            steps::referral(&delivery.commit, &super::origin(&self.country, delivery)).map_err(Unprocessable::new)?;
-        super::report_skipped(NAME, delivery, &effect.skipped);
-        if effect.is_empty() {
-            return Ok(());
-        }
-        super::write_effect(uow.conn(), NAME, &self.watch_key, delivery, &effect, query).await
+        self.apply_batch(uow, &[delivery]).await
+    }
+
+    async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
+        super::apply_commits(
+            uow.conn(),
+            NAME,
+            &self.country,
+            &self.watch_key,
+            deliveries,
+            |delivery, origin| steps::referral(&delivery.commit, origin),
+        )
+        .await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -74,107 +81,213 @@ impl Projection for ReferralProjection {
     }
 }
 
-/// The statement of one write, with `steps` (see [`super::write_effect`]).
-fn query<'q>(write: &'q ReferralWrite, steps: &'q super::Steps) -> super::Query<'q> {
-    match write {
-        ReferralWrite::Consent(c) => {
-            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_consents (consent_id, person_id, case_id, recipient_agency, recorded_by_agency,
+impl super::Write for ReferralWrite {
+    fn row(&self) -> Option<(&'static str, Uuid)> {
+        Some(match self {
+            Self::Consent(c) => ("cp_consents", c.consent_id.as_uuid()),
+            Self::ConsentEnded { consent_id, .. } => ("cp_consents", consent_id.as_uuid()),
+            Self::Referral(r) => ("cp_referrals", r.referral_id.as_uuid()),
+            Self::Accepted { referral_id, .. }
+            | Self::Declined { referral_id, .. }
+            | Self::Redirected { referral_id, .. }
+            | Self::Closed { referral_id, .. }
+            | Self::Cancelled { referral_id } => ("cp_referrals", referral_id.as_uuid()),
+            Self::Goal(g) => ("cp_goals", g.goal_id.as_uuid()),
+            Self::GoalMet { goal_id, .. } => ("cp_goals", goal_id.as_uuid()),
+        })
+    }
+
+    #[allow(clippy::too_many_lines)] // One statement per kind of write, side by side.
+    async fn run(conn: &mut PgConnection, round: &[&Self]) -> Result<(), anyhow::Error> {
+        let mut consents = Vec::new();
+        let mut ended = Vec::new();
+        let mut referrals = Vec::new();
+        let mut accepted = Vec::new();
+        let mut declined = Vec::new();
+        let mut redirected = Vec::new();
+        let mut closed = Vec::new();
+        let mut cancelled = Vec::new();
+        let mut goals = Vec::new();
+        let mut met = Vec::new();
+        for write in round {
+            match write {
+                Self::Consent(c) => consents.push(c),
+                Self::ConsentEnded {
+                    consent_id,
+                    ended_at,
+                    end_reason,
+                } => ended.push((consent_id.as_uuid(), *ended_at, *end_reason)),
+                Self::Referral(r) => referrals.push(r),
+                Self::Accepted { referral_id, at } => accepted.push((referral_id.as_uuid(), *at)),
+                Self::Declined { referral_id, at } => declined.push((referral_id.as_uuid(), *at)),
+                Self::Redirected {
+                    referral_id,
+                    receiving_agency,
+                    at,
+                    answer_due_at,
+                    consent_id,
+                } => redirected.push((
+                    referral_id.as_uuid(),
+                    receiving_agency.as_str(),
+                    *at,
+                    *answer_due_at,
+                    consent_id.map(|i| i.as_uuid()),
+                )),
+                Self::Closed {
+                    referral_id,
+                    outcome,
+                    at,
+                } => closed.push((referral_id.as_uuid(), *outcome, *at)),
+                Self::Cancelled { referral_id } => cancelled.push(referral_id.as_uuid()),
+                Self::Goal(g) => goals.push(g),
+                Self::GoalMet { goal_id, met_at } => met.push((goal_id.as_uuid(), *met_at)),
+            }
+        }
+        if !consents.is_empty() {
+            sqlx::query(
+                "INSERT INTO cp_consents (consent_id, person_id, case_id, recipient_agency, recorded_by_agency,
                    purposes, data_categories, recorded_at, expires_at)
-                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (consent_id) DO NOTHING")))
-            .bind(c.consent_id.as_uuid())
-            .bind(c.person_id.as_uuid())
-            .bind(c.case_id.map(|i| i.as_uuid()))
-            .bind(&c.recipient_agency)
-            .bind(&c.recorded_by_agency)
-            .bind(&c.purposes)
-            .bind(&c.data_categories)
-            .bind(c.recorded_at)
-            .bind(c.expires_at)
+                 SELECT v.consent_id, v.person_id, v.case_id, v.recipient_agency, v.recorded_by_agency,
+                   v.purposes::int4[], v.data_categories::int4[], v.recorded_at, v.expires_at
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
+                   $8::timestamptz[], $9::timestamptz[])
+                   AS v(consent_id, person_id, case_id, recipient_agency, recorded_by_agency, purposes, data_categories,
+                     recorded_at, expires_at)
+                 ON CONFLICT (consent_id) DO NOTHING",
+            )
+            .bind(column(&consents, |c| c.consent_id.as_uuid()))
+            .bind(column(&consents, |c| c.person_id.as_uuid()))
+            .bind(column(&consents, |c| c.case_id.map(|i| i.as_uuid())))
+            .bind(column(&consents, |c| c.recipient_agency.as_str()))
+            .bind(column(&consents, |c| c.recorded_by_agency.as_str()))
+            .bind(column(&consents, |c| int_array(&c.purposes)))
+            .bind(column(&consents, |c| int_array(&c.data_categories)))
+            .bind(column(&consents, |c| c.recorded_at))
+            .bind(column(&consents, |c| c.expires_at))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::ConsentEnded {
-            consent_id,
-            ended_at,
-            end_reason,
-        } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_consents SET ended_at = coalesce(ended_at, $14),
-                   end_reason = CASE WHEN ended_at IS NULL THEN $15 ELSE end_reason END
-                 WHERE consent_id = $13")))
-            .bind(consent_id.as_uuid())
-            .bind(ended_at)
-            .bind(end_reason)
+        if !ended.is_empty() {
+            sqlx::query(
+                "UPDATE cp_consents c SET ended_at = coalesce(c.ended_at, v.ended_at),
+                   end_reason = CASE WHEN c.ended_at IS NULL THEN v.end_reason ELSE c.end_reason END
+                 FROM unnest($1::uuid[], $2::timestamptz[], $3::int4[]) AS v(consent_id, ended_at, end_reason)
+                 WHERE c.consent_id = v.consent_id",
+            )
+            .bind(column(&ended, |e| e.0))
+            .bind(column(&ended, |e| e.1))
+            .bind(column(&ended, |e| e.2))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Referral(r) => {
-            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_referrals (referral_id, person_id, case_id, referring_agency, receiving_agency,
+        if !referrals.is_empty() {
+            sqlx::query(
+                "INSERT INTO cp_referrals (referral_id, person_id, case_id, referring_agency, receiving_agency,
                    consent_id, services, urgency, status, created_at, waiting_since, answer_due_at)
-                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, 'pending', $21, $21, $22) ON CONFLICT (referral_id) DO NOTHING")))
-            .bind(r.referral_id.as_uuid())
-            .bind(r.person_id.as_uuid())
-            .bind(r.case_id.map(|i| i.as_uuid()))
-            .bind(&r.referring_agency)
-            .bind(&r.receiving_agency)
-            .bind(r.consent_id.map(|i| i.as_uuid()))
-            .bind(&r.services)
-            .bind(r.urgency)
-            .bind(r.created_at)
-            .bind(r.answer_due_at)
+                 SELECT v.referral_id, v.person_id, v.case_id, v.referring_agency, v.receiving_agency, v.consent_id,
+                   v.services::int4[], v.urgency, 'pending', v.created_at, v.created_at, v.answer_due_at
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::uuid[], $7::text[],
+                   $8::int4[], $9::timestamptz[], $10::timestamptz[])
+                   AS v(referral_id, person_id, case_id, referring_agency, receiving_agency, consent_id, services,
+                     urgency, created_at, answer_due_at)
+                 ON CONFLICT (referral_id) DO NOTHING",
+            )
+            .bind(column(&referrals, |r| r.referral_id.as_uuid()))
+            .bind(column(&referrals, |r| r.person_id.as_uuid()))
+            .bind(column(&referrals, |r| r.case_id.map(|i| i.as_uuid())))
+            .bind(column(&referrals, |r| r.referring_agency.as_str()))
+            .bind(column(&referrals, |r| r.receiving_agency.as_str()))
+            .bind(column(&referrals, |r| r.consent_id.map(|i| i.as_uuid())))
+            .bind(column(&referrals, |r| int_array(&r.services)))
+            .bind(column(&referrals, |r| r.urgency))
+            .bind(column(&referrals, |r| r.created_at))
+            .bind(column(&referrals, |r| r.answer_due_at))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Accepted { referral_id, at } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'accepted', accepted_at = $14,
-                   answered_at = coalesce(answered_at, $14), waiting_since = NULL
-                 WHERE referral_id = $13")))
-            .bind(referral_id.as_uuid())
-            .bind(at)
+        if !accepted.is_empty() {
+            sqlx::query(
+                "UPDATE cp_referrals r SET status = 'accepted', accepted_at = v.at,
+                   answered_at = coalesce(r.answered_at, v.at), waiting_since = NULL
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(referral_id, at) WHERE r.referral_id = v.referral_id",
+            )
+            .bind(column(&accepted, |a| a.0))
+            .bind(column(&accepted, |a| a.1))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Declined { referral_id, at } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'declined', answered_at = coalesce(answered_at, $14), waiting_since = NULL
-                 WHERE referral_id = $13")))
-            .bind(referral_id.as_uuid())
-            .bind(at)
+        if !declined.is_empty() {
+            sqlx::query(
+                "UPDATE cp_referrals r SET status = 'declined', answered_at = coalesce(r.answered_at, v.at),
+                   waiting_since = NULL
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(referral_id, at) WHERE r.referral_id = v.referral_id",
+            )
+            .bind(column(&declined, |d| d.0))
+            .bind(column(&declined, |d| d.1))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Redirected {
-            referral_id,
-            receiving_agency,
-            at,
-            answer_due_at,
-            consent_id,
-        } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET receiving_agency = $14, status = 'pending', waiting_since = $15,
-                   answer_due_at = $16, consent_id = coalesce($17, consent_id)
-                 WHERE referral_id = $13")))
-            .bind(referral_id.as_uuid())
-            .bind(receiving_agency)
-            .bind(at)
-            .bind(answer_due_at)
-            .bind(consent_id.map(|i| i.as_uuid()))
+        if !redirected.is_empty() {
+            sqlx::query(
+                "UPDATE cp_referrals r SET receiving_agency = v.receiving_agency, status = 'pending',
+                   waiting_since = v.at, answer_due_at = v.answer_due_at, consent_id = coalesce(v.consent_id, r.consent_id)
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::uuid[])
+                   AS v(referral_id, receiving_agency, at, answer_due_at, consent_id)
+                 WHERE r.referral_id = v.referral_id",
+            )
+            .bind(column(&redirected, |r| r.0))
+            .bind(column(&redirected, |r| r.1))
+            .bind(column(&redirected, |r| r.2))
+            .bind(column(&redirected, |r| r.3))
+            .bind(column(&redirected, |r| r.4))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Closed {
-            referral_id,
-            outcome,
-            at,
-        } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'closed', outcome = $14, closed_at = $15, waiting_since = NULL
-                 WHERE referral_id = $13")))
-            .bind(referral_id.as_uuid())
-            .bind(outcome)
-            .bind(at)
+        if !closed.is_empty() {
+            sqlx::query(
+                "UPDATE cp_referrals r SET status = 'closed', outcome = v.outcome, closed_at = v.at, waiting_since = NULL
+                 FROM unnest($1::uuid[], $2::int4[], $3::timestamptz[]) AS v(referral_id, outcome, at)
+                 WHERE r.referral_id = v.referral_id",
+            )
+            .bind(column(&closed, |c| c.0))
+            .bind(column(&closed, |c| c.1))
+            .bind(column(&closed, |c| c.2))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Cancelled { referral_id } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_referrals SET status = 'cancelled', waiting_since = NULL WHERE referral_id = $13")))
-                .bind(referral_id.as_uuid())
+        if !cancelled.is_empty() {
+            sqlx::query(
+                "UPDATE cp_referrals r SET status = 'cancelled', waiting_since = NULL
+                 FROM unnest($1::uuid[]) AS v(referral_id) WHERE r.referral_id = v.referral_id",
+            )
+            .bind(cancelled)
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::Goal(g) => {
-            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_goals (goal_id, person_id, kind, added_at, due_at)
-                 VALUES ($13, $14, $15, $16, $17) ON CONFLICT (goal_id) DO NOTHING")))
-            .bind(g.goal_id.as_uuid())
-            .bind(g.person_id.as_uuid())
-            .bind(g.kind)
-            .bind(g.added_at)
-            .bind(g.due_at)
+        if !goals.is_empty() {
+            sqlx::query(
+                "INSERT INTO cp_goals (goal_id, person_id, kind, added_at, due_at)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[], $5::timestamptz[])
+                 ON CONFLICT (goal_id) DO NOTHING",
+            )
+            .bind(column(&goals, |g| g.goal_id.as_uuid()))
+            .bind(column(&goals, |g| g.person_id.as_uuid()))
+            .bind(column(&goals, |g| g.kind))
+            .bind(column(&goals, |g| g.added_at))
+            .bind(column(&goals, |g| g.due_at))
+            .execute(&mut *conn)
+            .await?;
         }
-        ReferralWrite::GoalMet { goal_id, met_at } => {
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_goals SET met_at = coalesce(met_at, $14) WHERE goal_id = $13")))
-                .bind(goal_id.as_uuid())
-                .bind(met_at)
+        if !met.is_empty() {
+            sqlx::query(
+                "UPDATE cp_goals g SET met_at = coalesce(g.met_at, v.met_at)
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS v(goal_id, met_at) WHERE g.goal_id = v.goal_id",
+            )
+            .bind(column(&met, |m| m.0))
+            .bind(column(&met, |m| m.1))
+            .execute(&mut *conn)
+            .await?;
         }
+        Ok(())
     }
 }

@@ -6,11 +6,13 @@
 //! often a later snapshot repeats them). Crossing commits (`xborder-*`,
 //! sealed for the partner) are skipped: casepath cannot open them.
 
-use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
+use super::column;
 use crate::domain::changes::WatchKey;
 
 use crate::domain::steps::{self, ReturnRow, ReturnWrite};
@@ -51,13 +53,19 @@ impl Projection for RepatriationProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let effect = steps::repatriation(&delivery.commit, &super::origin(&self.country, delivery))
-            .map_err(Unprocessable::new)?;
-        super::report_skipped(NAME, delivery, &effect.skipped);
-        if effect.is_empty() {
-            return Ok(());
-        }
-        super::write_effect(uow.conn(), NAME, &self.watch_key, delivery, &effect, query).await
+        self.apply_batch(uow, &[delivery]).await
+    }
+
+    async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
+        super::apply_commits(
+            uow.conn(),
+            NAME,
+            &self.country,
+            &self.watch_key,
+            deliveries,
+            |delivery, origin| steps::repatriation(&delivery.commit, origin),
+        )
+        .await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -77,68 +85,109 @@ impl Projection for RepatriationProjection {
     }
 }
 
-/// The statement of one write, with `steps` (see [`super::write_effect`]).
-fn query<'q>(write: &'q ReturnWrite, steps: &'q super::Steps) -> super::Query<'q> {
-    match write {
-        ReturnWrite::Commit { commit_id, return_id } => {
-            steps.bind(sqlx::query(with_steps!("INSERT INTO cp_return_commits (commit_id, return_id) VALUES ($13, $14) ON CONFLICT (commit_id) DO NOTHING")))
-            .bind(commit_id.as_uuid())
-            .bind(return_id.as_uuid())
+impl super::Write for ReturnWrite {
+    fn row(&self) -> Option<(&'static str, Uuid)> {
+        Some(match self {
+            Self::Commit { commit_id, .. } => ("cp_return_commits", commit_id.as_uuid()),
+            Self::Opened(row) | Self::Announced(row) => ("cp_returns", row.return_id.as_uuid()),
+            Self::Status { return_id, .. } => ("cp_returns", return_id.as_uuid()),
+        })
+    }
+
+    async fn run(conn: &mut PgConnection, round: &[&Self]) -> Result<(), anyhow::Error> {
+        let mut commits = Vec::new();
+        let mut opened = Vec::new();
+        let mut announced = Vec::new();
+        let mut moved = Vec::new();
+        for write in round {
+            match write {
+                Self::Commit { commit_id, return_id } => commits.push((commit_id.as_uuid(), return_id.as_uuid())),
+                Self::Opened(row) => opened.push(row),
+                Self::Announced(row) => announced.push(row),
+                Self::Status {
+                    return_id,
+                    status,
+                    handover,
+                } => {
+                    let (received_by, handed_over_at) = match handover {
+                        Some((by, at)) => (Some(by.as_str()), Some(*at)),
+                        None => (None, None),
+                    };
+                    moved.push((return_id.as_uuid(), *status, received_by, handed_over_at));
+                }
+            }
         }
-        ReturnWrite::Opened(row) => upsert(row, false, steps),
-        ReturnWrite::Announced(row) => upsert(row, true, steps),
-        ReturnWrite::Status {
-            return_id,
-            status,
-            handover,
-        } => {
-            let (received_by, handed_over_at) = match handover {
-                Some((by, at)) => (Some(by.as_str()), Some(*at)),
-                None => (None, None),
-            };
-            steps.bind(sqlx::query(with_steps!("UPDATE cp_returns SET status = $14, received_by = coalesce($15, received_by),
-                   handed_over_at = coalesce($16, handed_over_at)
-                 WHERE return_id = $13")))
-            .bind(return_id.as_uuid())
-            .bind(status)
-            .bind(received_by)
-            .bind(handed_over_at)
+        if !commits.is_empty() {
+            sqlx::query(
+                "INSERT INTO cp_return_commits (commit_id, return_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])
+                 ON CONFLICT (commit_id) DO NOTHING",
+            )
+            .bind(column(&commits, |c| c.0))
+            .bind(column(&commits, |c| c.1))
+            .execute(&mut *conn)
+            .await?;
         }
+        if !opened.is_empty() {
+            upsert(&opened, false).execute(&mut *conn).await?;
+        }
+        if !announced.is_empty() {
+            upsert(&announced, true).execute(&mut *conn).await?;
+        }
+        if !moved.is_empty() {
+            sqlx::query(
+                "UPDATE cp_returns r SET status = v.status, received_by = coalesce(v.received_by, r.received_by),
+                   handed_over_at = coalesce(v.handed_over_at, r.handed_over_at)
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::timestamptz[])
+                   AS v(return_id, status, received_by, handed_over_at)
+                 WHERE r.return_id = v.return_id",
+            )
+            .bind(column(&moved, |m| m.0))
+            .bind(column(&moved, |m| m.1))
+            .bind(column(&moved, |m| m.2))
+            .bind(column(&moved, |m| m.3))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 }
 
-/// The return's row; an announced one takes each newer snapshot's state.
-fn upsert<'q>(row: &'q ReturnRow, announced: bool, steps: &'q super::Steps) -> super::Query<'q> {
+/// The returns' rows; an announced one takes each newer snapshot's state.
+fn upsert<'q>(
+    rows: &[&ReturnRow],
+    announced: bool,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let query = if announced {
-        sqlx::query(with_steps!(
+        sqlx::query(
             "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
                received_by, foreign_reference, status, opened_at, handed_over_at)
-             VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+               $8::text[], $9::int4[], $10::timestamptz[], $11::timestamptz[])
              ON CONFLICT (return_id) DO UPDATE SET direction = EXCLUDED.direction, from_country = EXCLUDED.from_country,
                to_country = EXCLUDED.to_country, opened_by = EXCLUDED.opened_by, consulate_agency = EXCLUDED.consulate_agency,
                received_by = EXCLUDED.received_by,
                foreign_reference = EXCLUDED.foreign_reference, status = EXCLUDED.status,
-               handed_over_at = EXCLUDED.handed_over_at"
-        ))
+               handed_over_at = EXCLUDED.handed_over_at",
+        )
     } else {
-        sqlx::query(with_steps!(
+        sqlx::query(
             "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
                received_by, foreign_reference, status, opened_at, handed_over_at)
-             VALUES ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)
-             ON CONFLICT (return_id) DO NOTHING"
-        ))
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+               $8::text[], $9::int4[], $10::timestamptz[], $11::timestamptz[])
+             ON CONFLICT (return_id) DO NOTHING",
+        )
     };
-    steps
-        .bind(query)
-        .bind(row.return_id.as_uuid())
-        .bind(row.direction)
-        .bind(&row.from_country)
-        .bind(&row.to_country)
-        .bind(&row.opened_by)
-        .bind(&row.consulate_agency)
-        .bind(&row.received_by)
-        .bind(&row.foreign_reference)
-        .bind(row.status)
-        .bind(row.opened_at)
-        .bind(row.handed_over_at)
+    query
+        .bind(column(rows, |r| r.return_id.as_uuid()))
+        .bind(column(rows, |r| r.direction))
+        .bind(column(rows, |r| r.from_country.clone()))
+        .bind(column(rows, |r| r.to_country.clone()))
+        .bind(column(rows, |r| r.opened_by.clone()))
+        .bind(column(rows, |r| r.consulate_agency.clone()))
+        .bind(column(rows, |r| r.received_by.clone()))
+        .bind(column(rows, |r| r.foreign_reference.clone()))
+        .bind(column(rows, |r| r.status))
+        .bind(column(rows, |r| r.opened_at))
+        .bind(column(rows, |r| r.handed_over_at))
 }

@@ -5,11 +5,13 @@
 //! return when read.
 
 use nrm_kernel::ids::CommitId;
-use nrm_kernel::projection::{Delivery, Projection, Unprocessable, rows_digest};
+use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
+use super::column;
 use crate::domain::changes::WatchKey;
 
 use crate::domain::steps::{self, HoldStatus, ShelterWrite};
@@ -50,14 +52,22 @@ impl Projection for ShelterProjection {
     }
 
     async fn apply(&self, uow: &mut UnitOfWork, delivery: &Delivery) -> Result<(), anyhow::Error> {
-        let cause = delivery.metadata.as_ref().map(|m| CommitId::from_uuid(m.causation_id));
-        let effect = steps::shelter(&delivery.commit, cause, &super::origin(&self.country, delivery))
-            .map_err(Unprocessable::new)?;
-        super::report_skipped(NAME, delivery, &effect.skipped);
-        if effect.is_empty() {
-            return Ok(());
-        }
-        super::write_effect(uow.conn(), NAME, &self.watch_key, delivery, &effect, query).await
+        self.apply_batch(uow, &[delivery]).await
+    }
+
+    async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
+        super::apply_commits(
+            uow.conn(),
+            NAME,
+            &self.country,
+            &self.watch_key,
+            deliveries,
+            |delivery, origin| {
+                let cause = delivery.metadata.as_ref().map(|m| CommitId::from_uuid(m.causation_id));
+                steps::shelter(&delivery.commit, cause, origin)
+            },
+        )
+        .await
     }
 
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
@@ -77,49 +87,81 @@ impl Projection for ShelterProjection {
     }
 }
 
-/// The statement of one write, with `steps` (see [`super::write_effect`]).
-fn query<'q>(write: &'q ShelterWrite, steps: &'q super::Steps) -> super::Query<'q> {
-    match write {
-        ShelterWrite::Shelter(s) => steps
-            .bind(sqlx::query(with_steps!(
-                "INSERT INTO cp_shelters (shelter_id, code, region, operator_agency) VALUES ($13, $14, $15, $16)
+impl super::Write for ShelterWrite {
+    fn row(&self) -> Option<(&'static str, Uuid)> {
+        Some(match self {
+            Self::Shelter(s) => ("cp_shelters", s.shelter_id.as_uuid()),
+            Self::Hold(h) => ("cp_holds", h.hold_id.as_uuid()),
+            Self::HoldStatus { hold_id, .. } => ("cp_holds", hold_id.as_uuid()),
+        })
+    }
+
+    async fn run(conn: &mut PgConnection, round: &[&Self]) -> Result<(), anyhow::Error> {
+        let mut shelters = Vec::new();
+        let mut holds = Vec::new();
+        let mut moved = Vec::new();
+        for write in round {
+            match write {
+                Self::Shelter(s) => shelters.push(s),
+                Self::Hold(h) => holds.push(h),
+                Self::HoldStatus { hold_id, status, at } => {
+                    let (admitted, discharged) = match status {
+                        HoldStatus::Admitted => (Some(*at), None),
+                        HoldStatus::Discharged => (None, Some(*at)),
+                        HoldStatus::Released | HoldStatus::Expired => (None, None),
+                    };
+                    moved.push((hold_id.as_uuid(), status.as_str(), admitted, discharged));
+                }
+            }
+        }
+        if !shelters.is_empty() {
+            sqlx::query(
+                "INSERT INTO cp_shelters (shelter_id, code, region, operator_agency)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
                  ON CONFLICT (shelter_id) DO UPDATE SET code = EXCLUDED.code, region = EXCLUDED.region,
-                   operator_agency = EXCLUDED.operator_agency"
-            )))
-            .bind(s.shelter_id.as_uuid())
-            .bind(&s.code)
-            .bind(&s.region)
-            .bind(&s.operator_agency),
-        ShelterWrite::Hold(h) => steps
-            .bind(sqlx::query(with_steps!(
+                   operator_agency = EXCLUDED.operator_agency",
+            )
+            .bind(column(&shelters, |s| s.shelter_id.as_uuid()))
+            .bind(column(&shelters, |s| s.code.as_str()))
+            .bind(column(&shelters, |s| s.region.as_str()))
+            .bind(column(&shelters, |s| s.operator_agency.as_str()))
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !holds.is_empty() {
+            sqlx::query(
                 "INSERT INTO cp_holds (hold_id, shelter_id, referral_id, cause_commit_id, holder_agency, category,
                    held_at, expires_at, status)
-                 VALUES ($13, $14, $15, $16, $17, $18, $19, $20, 'held') ON CONFLICT (hold_id) DO NOTHING"
-            )))
-            .bind(h.hold_id.as_uuid())
-            .bind(h.shelter_id.as_uuid())
-            .bind(h.referral_id.map(|i| i.as_uuid()))
-            .bind(h.cause_commit_id.map(|i| i.as_uuid()))
-            .bind(&h.holder_agency)
-            .bind(h.category)
-            .bind(h.held_at)
-            .bind(h.expires_at),
-        ShelterWrite::HoldStatus { hold_id, status, at } => {
-            let (admitted, discharged) = match status {
-                HoldStatus::Admitted => (Some(*at), None),
-                HoldStatus::Discharged => (None, Some(*at)),
-                HoldStatus::Released | HoldStatus::Expired => (None, None),
-            };
-            steps
-                .bind(sqlx::query(with_steps!(
-                    "UPDATE cp_holds SET status = $14, admitted_at = coalesce(admitted_at, $15),
-                   discharged_at = coalesce(discharged_at, $16)
-                 WHERE hold_id = $13"
-                )))
-                .bind(hold_id.as_uuid())
-                .bind(status.as_str())
-                .bind(admitted)
-                .bind(discharged)
+                 SELECT v.*, 'held' FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::int4[],
+                   $7::timestamptz[], $8::timestamptz[]) AS v
+                 ON CONFLICT (hold_id) DO NOTHING",
+            )
+            .bind(column(&holds, |h| h.hold_id.as_uuid()))
+            .bind(column(&holds, |h| h.shelter_id.as_uuid()))
+            .bind(column(&holds, |h| h.referral_id.map(|i| i.as_uuid())))
+            .bind(column(&holds, |h| h.cause_commit_id.map(|i| i.as_uuid())))
+            .bind(column(&holds, |h| h.holder_agency.as_str()))
+            .bind(column(&holds, |h| h.category))
+            .bind(column(&holds, |h| h.held_at))
+            .bind(column(&holds, |h| h.expires_at))
+            .execute(&mut *conn)
+            .await?;
         }
+        if !moved.is_empty() {
+            sqlx::query(
+                "UPDATE cp_holds h SET status = v.status, admitted_at = coalesce(h.admitted_at, v.admitted_at),
+                   discharged_at = coalesce(h.discharged_at, v.discharged_at)
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                   AS v(hold_id, status, admitted_at, discharged_at)
+                 WHERE h.hold_id = v.hold_id",
+            )
+            .bind(column(&moved, |m| m.0))
+            .bind(column(&moved, |m| m.1))
+            .bind(column(&moved, |m| m.2))
+            .bind(column(&moved, |m| m.3))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 }
