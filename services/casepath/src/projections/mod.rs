@@ -107,9 +107,11 @@ fn origin<'a>(country: &'a CountryCode, delivery: &'a Delivery) -> Origin<'a> {
 
 /// A write of one of the projections as a batch runs it ([`write_batch`]).
 trait Write: Touches + Send + Sync + Sized {
-    /// The one row the write changes, as its table and key. `None` when it
-    /// may change several rows: then it runs alone, after every write before
-    /// it and before every write after it.
+    /// The one row the write changes, as its table and primary key: its
+    /// statement must read and change that row only (so that writes to
+    /// distinct rows commute). `None` when it may change or read several
+    /// rows: then it runs alone, after every write before it and before
+    /// every write after it.
     fn row(&self) -> Option<(&'static str, Uuid)>;
 
     /// Runs `round` (writes to distinct rows: their order does not matter)
@@ -170,24 +172,27 @@ async fn apply_commits<W: Write>(
         first_sequence = deliveries.first().map(|d| d.stream_sequence),
         last_sequence = deliveries.last().map(|d| d.stream_sequence),
     );
-    // A commit on its own stays in the trace of the command that caused it.
+    // A commit on its own stays in the trace of the command that caused it;
+    // a batch of several (a backlog, a replay) is a span of its own.
     if let [delivery] = deliveries
         && let Some(metadata) = &delivery.metadata
     {
         telemetry::continue_trace(&span, metadata);
     }
-    let mut effects = Vec::with_capacity(deliveries.len());
-    for (index, delivery) in deliveries.iter().enumerate() {
-        let effect = map(delivery, &origin(country, delivery)).map_err(|err| AtCommit {
-            index,
-            source: Unprocessable::new(err).into(),
-        })?;
-        report_skipped(source, delivery, &effect.skipped);
-        effects.push(effect);
+    async {
+        let mut effects = Vec::with_capacity(deliveries.len());
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let effect = map(delivery, &origin(country, delivery)).map_err(|err| AtCommit {
+                index,
+                source: Unprocessable::new(err).into(),
+            })?;
+            report_skipped(source, delivery, &effect.skipped);
+            effects.push(effect);
+        }
+        write_batch(conn, source, watch_key, deliveries, &effects).await
     }
-    write_batch(conn, source, watch_key, deliveries, &effects)
-        .instrument(span)
-        .await
+    .instrument(span)
+    .await
 }
 
 /// Writes what `effects` (of `deliveries`, one each) do: their rounds of
@@ -216,8 +221,9 @@ const STEPS: &str = "WITH stepped AS (
    INSERT INTO cp_steps (source, step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
    SELECT $1, s.step_id, s.subject_id, s.part, s.kind, s.at, s.commit_id, s.causation_id, s.stream_sequence, s.position, s.step
    FROM unnest($2::uuid[], $3::uuid[], $4::int4[], $5::int4[], $6::timestamptz[], $7::uuid[], $8::uuid[], $9::int8[],
-               $10::int4[], $11::bytea[])
-     AS s(step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step)
+               $10::int4[], $11::bytea[]) WITH ORDINALITY
+     AS s(step_id, subject_id, part, kind, at, commit_id, causation_id, stream_sequence, position, step, n)
+   ORDER BY s.n
    ON CONFLICT (source, step_id) DO NOTHING
  )
  SELECT pg_notify('casepath_changed', n.payload) FROM unnest($12::text[]) AS n(payload)
