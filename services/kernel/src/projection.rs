@@ -93,6 +93,9 @@ const MAX_ERROR_TEXT: usize = 500;
 /// catching up) or under one savepoint (a rebuild).
 const BATCH: usize = 500;
 
+/// Batches a rebuild reads from the stream ahead of the one it writes.
+const READ_AHEAD: usize = 2;
+
 /// Messages a shadow comparison replays per transaction: each holds back
 /// the horizon of every relay on the cluster while it is open (what commits
 /// meanwhile is published after it), so they stay short.
@@ -1595,8 +1598,24 @@ impl<P: Projection> ProjectionRunner<P> {
         self.reset_in(uow).await?;
         let mut replayed = Replayed::default();
         let mut versions = Versions::after_reset();
+        // The next batches are read from the stream while this one is
+        // written (the stream and the database each wait less on the other);
+        // the reader stops with the replay, however it ends.
+        let (batches, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                let batch = next_batch(&mut replay, BATCH).await;
+                let last = batch.as_ref().map_or(true, Vec::is_empty);
+                if batches.send(batch).await.is_err() || last {
+                    return;
+                }
+            }
+        }));
         loop {
-            let batch = next_batch(&mut replay, BATCH).await?;
+            let batch = next
+                .recv()
+                .await
+                .unwrap_or_else(|| Err(anyhow::anyhow!("the replay's reader stopped")))?;
             if batch.is_empty() {
                 return Ok(replayed);
             }
