@@ -47,10 +47,14 @@
 //! - **Catching up in batches.** A read model that finds messages waiting
 //!   (after a start or an outage) applies up to 500 (`BATCH`) consecutive ones
 //!   in one transaction with one checkpoint write, their aggregates'
-//!   versions read in one statement and written in one; any failure rolls
-//!   the batch back and its messages are applied one by one as above
-//!   (retries and parking unchanged). A rebuild likewise replays a batch
-//!   under one savepoint. A read model's transactions commit without
+//!   versions read in one statement and written in one, the commits
+//!   handed to the projection together ([`Projection::apply_batch`], which
+//!   may write them with fewer statements than one by one); any failure
+//!   rolls the batch back and its messages are applied one by one as above
+//!   (retries and parking unchanged), from the one that failed when the
+//!   error names it ([`AtCommit`]). A rebuild likewise replays a batch
+//!   under one savepoint, reading the next batches from the stream while
+//!   it writes one. A read model's transactions commit without
 //!   waiting for the disk (`synchronous_commit = off`): its checkpoint
 //!   commits with its effects, so a tail lost in a crash of PostgreSQL is
 //!   applied again from the stream. A reaction keeps one message per
