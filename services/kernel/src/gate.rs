@@ -33,6 +33,7 @@ use futures::future::BoxFuture;
 use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinError;
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status};
@@ -366,6 +367,16 @@ impl Gate {
     }
 }
 
+/// Logs that the task of a call to `rpc` ended without its answer: only
+/// that, never the panic's message, which could carry request data.
+fn task_failed(rpc: &'static str, failed: &JoinError) {
+    if failed.is_panic() {
+        tracing::error!(rpc, "a call's task panicked");
+    } else {
+        tracing::error!(rpc, "a call's task was cancelled");
+    }
+}
+
 /// The gate as a tower layer (see [`Gate::layer`]).
 #[derive(Debug, Clone)]
 pub struct GateLayer(Arc<Gate>);
@@ -458,7 +469,7 @@ where
             match served.await {
                 Ok(response) => response,
                 Err(failed) => {
-                    tracing::error!(rpc, error = %failed, "a call's task failed");
+                    task_failed(rpc, &failed);
                     Ok(Status::from(AppError::Internal("the call's task failed".into())).into_http())
                 }
             }
@@ -492,6 +503,43 @@ mod tests {
         let refused = admission.enter("ReportPresumedVictim").await;
         assert!(matches!(refused, Err(AppError::Overloaded)));
         assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_panicking_call_is_logged_without_its_message() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let failed = runtime.block_on(async {
+            // A panic whose message formats what the request held.
+            let name = "Aigerim Bekova";
+            tokio::spawn(async move { panic!("no bed for {name}") })
+                .await
+                .unwrap_err()
+        });
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || task_failed("HoldBed", &failed));
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("a call's task panicked"), "{logged}");
+        assert!(logged.contains("HoldBed"), "{logged}");
+        assert!(
+            !logged.contains("Aigerim"),
+            "the panic's message is not logged: {logged}"
+        );
     }
 
     #[test]
