@@ -33,6 +33,7 @@ pub mod federation;
 pub mod fixtures;
 pub mod homecoming;
 pub mod ident;
+pub mod raw;
 pub mod repatriation;
 
 use std::path::PathBuf;

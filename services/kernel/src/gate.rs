@@ -21,6 +21,15 @@
 //!   so a client that goes away frees the turn only once the call's work
 //!   (and its connection) is done. Health and reflection are never held
 //!   back.
+//! - audits a refusal decided on the headers in a task of its own that
+//!   holds its turn, so that a client that resets its stream once the
+//!   refusal has its turn cannot take the entry back. A caller without a valid token waits for that turn in
+//!   a lane of a quarter of the limit; a caller with a valid token, who is
+//!   accountable for the attempt, waits for a turn like a call let in, so a
+//!   flood of anonymous refusals cannot shed an insider's denied attempt.
+//!   A refusal shed from its lane is answered [`AppError::Overloaded`], as
+//!   any shed call, and is not audited (it is counted, as is one whose
+//!   client went away while it waited for its turn).
 //!
 //! A handler cannot forget the check: the caller reaches it only through
 //! [`context`].
@@ -216,6 +225,8 @@ fn refused_body(status: Status) -> Status {
 
 /// A call refused on its headers: who, what to audit, and the answer.
 struct Refused {
+    /// Whether the caller's token verified (the actor is then known).
+    authenticated: bool,
     actor: Actor,
     action: &'static str,
     outcome: Outcome,
@@ -233,9 +244,10 @@ pub struct Gate {
 
 impl Gate {
     /// A gate verifying with `auth`, auditing in `pool`, letting calls in
-    /// by `admission`, and refusals to audit (no valid token, a role the
-    /// matrix refuses, an unknown RPC) by a lane of a quarter of its size
-    /// (at least one).
+    /// by `admission`; the refusals of callers without a valid token (and
+    /// their unknown RPCs) wait for their audit in a lane of a quarter of
+    /// its size (at least one), those of callers with a valid token in
+    /// `admission` itself.
     #[must_use]
     pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
         let refusals = Admission::new(admission.limit / 4, admission.wait);
@@ -278,6 +290,7 @@ impl Gate {
         let Path::Rpc(service, method) = path else {
             // Audited as an unknown RPC: the path is the caller's text.
             return Err(Refused {
+                authenticated: verified.is_ok(),
                 actor: verified.map_or_else(|_| unauthenticated(), |caller| caller.actor),
                 action: "unknown-rpc",
                 outcome: Outcome::Denied,
@@ -294,6 +307,7 @@ impl Gate {
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);
                 return Err(Refused {
+                    authenticated: false,
                     actor: unauthenticated(),
                     action: method,
                     outcome: Outcome::Unauthenticated,
@@ -307,6 +321,7 @@ impl Gate {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
                 tracing::warn!(rpc = method, role = %caller.role, "refused by the permission matrix");
                 Err(Refused {
+                    authenticated: true,
                     actor: caller.actor,
                     action: method,
                     outcome: Outcome::Denied,
@@ -363,6 +378,63 @@ impl Gate {
         .await;
         if let Err(e) = written {
             tracing::error!(error = %e, rpc = method, "could not audit a refused call");
+        }
+    }
+
+    /// Audits `refused` (a call of `rpc` refused on its headers) and gives
+    /// its answer. The entry is written by a task of its own holding the
+    /// refusal's turn, so that a client that resets its stream while the
+    /// entry is being written does not take it back. The turn is a
+    /// call's when the caller's token verified (an insider's attempt is
+    /// never shed by an anonymous flood), else one of the refusals' lane;
+    /// a refusal that gets none in time is answered
+    /// [`AppError::Overloaded`] and is not audited (nothing of it ran; it
+    /// is counted in `nrm_calls_shed_total` and `nrm_refusals_shed_total`,
+    /// as is one whose client went away while it waited for its turn).
+    async fn refuse(self: Arc<Self>, refused: Refused, rpc: &'static str) -> Status {
+        let Refused {
+            authenticated,
+            actor,
+            action,
+            outcome,
+            status,
+        } = refused;
+        let (lane, name) = if authenticated {
+            (&self.admission, "calls")
+        } else {
+            (&self.refusals, "refusals")
+        };
+        // Counted when it ends unaudited: shed, or its client gone while
+        // it waited for its turn (this future dropped).
+        let mut unaudited = Unaudited(Some(name));
+        let turn = match lane.enter(rpc).await {
+            Ok(turn) => turn,
+            Err(overloaded) => return overloaded.into(),
+        };
+        unaudited.0 = None;
+        let gate = self.clone();
+        let audited = tokio::spawn(
+            async move {
+                let _turn = turn;
+                gate.audit(&actor, action, outcome, "").await;
+            }
+            .in_current_span(),
+        );
+        if let Err(failed) = audited.await {
+            task_failed(rpc, &failed);
+        }
+        status
+    }
+}
+
+/// A refusal not (yet) handed to its audit: counted in
+/// `nrm_refusals_shed_total{lane}` when dropped so.
+struct Unaudited(Option<&'static str>);
+
+impl Drop for Unaudited {
+    fn drop(&mut self) {
+        if let Some(lane) = self.0 {
+            metrics::counter!("nrm_refusals_shed_total", "lane" => lane).increment(1);
         }
     }
 }
@@ -428,20 +500,18 @@ where
             };
             // Who calls, and whether the matrix lets them, from the headers
             // alone (no database, no body): a refusal neither reads the
-            // body nor takes a turn of the calls that may run; it waits in
-            // a lane of its own for its audit entry. Shed calls are
-            // counted, not audited: nothing of them ran.
+            // body; its audit entry is written while it holds a turn (an
+            // anonymous caller's in the refusals' lane, so that a flood of
+            // them takes no turn of the calls that may run). Shed calls
+            // are counted, not audited: nothing of them ran.
             let metadata = MetadataMap::from_headers(request.headers().clone());
             let verified = gate.auth.verify(&metadata).await;
             let ctx = match gate.admit(verified, &metadata, path) {
                 Ok(ctx) => ctx,
                 Err(refused) => {
-                    let _turn = match gate.refusals.enter(rpc).await {
-                        Ok(turn) => turn,
-                        Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
-                    };
-                    gate.audit(&refused.actor, refused.action, refused.outcome, "").await;
-                    return Ok(refused.status.into_http());
+                    // Nothing of its body is read, nor kept while it waits.
+                    drop(request);
+                    return Ok(gate.refuse(refused, rpc).await.into_http());
                 }
             };
             // The whole request before the turn, so that a body that never
