@@ -21,6 +21,9 @@
 //!   so a client that goes away frees the turn only once the call's work
 //!   (and its connection) is done. Health and reflection are never held
 //!   back.
+//! - reads a request's body only for a call it admits, and only within a
+//!   process-wide budget of bytes ([`Gate::new`]): a body that finds no room
+//!   within [`Admission::wait`] is refused [`AppError::Overloaded`] too.
 //! - audits a refusal decided on the headers in a task of its own that
 //!   holds its turn, so that a client that resets its stream once the
 //!   refusal has its turn cannot take the entry back. A caller without a valid token waits for that turn in
@@ -38,8 +41,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt as _, Full};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinError;
@@ -189,32 +193,110 @@ impl Admission {
     }
 }
 
+/// The bytes of request bodies held before their call has its turn: read,
+/// or being read. A process-wide budget, so that many streams over many
+/// connections cannot make the service buffer 4 MiB each; a body that
+/// arrives in no bytes (headers only) holds nothing.
+#[derive(Debug, Clone)]
+struct Bodies {
+    bytes: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl Bodies {
+    /// Room for `budget` bytes (at least one whole body); a chunk that finds
+    /// none waits up to `wait`.
+    fn new(budget: usize, wait: Duration) -> Self {
+        let budget = budget.clamp(BODY_LIMIT, Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(budget)),
+            wait,
+        }
+    }
+
+    /// Room for `len` more bytes of a body of `rpc`, added to `held`.
+    ///
+    /// # Errors
+    /// [`AppError::Overloaded`] when none came free within the wait.
+    async fn take(
+        &self,
+        len: usize,
+        held: &mut Option<OwnedSemaphorePermit>,
+        rpc: &'static str,
+    ) -> Result<(), AppError> {
+        // `len` is at most BODY_LIMIT, checked before.
+        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        let permit = match self.bytes.clone().try_acquire_many_owned(n) {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(self.wait, self.bytes.clone().acquire_many_owned(n)).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    metrics::counter!("nrm_calls_shed_total", "rpc" => rpc).increment(1);
+                    metrics::counter!("nrm_grpc_errors_total", "code" => "Unavailable").increment(1);
+                    return Err(AppError::Overloaded);
+                }
+            },
+        };
+        match held {
+            Some(held) => held.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+
+    /// Bytes left in the budget.
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+}
+
 /// A request with its whole body read (within [`BODY_DEADLINE`], at most
-/// [`BODY_LIMIT`] bytes); every request of these services is one message.
+/// [`BODY_LIMIT`] bytes, each chunk within the budget of `bodies`), and
+/// its bytes' room in that budget; every request of these services is one
+/// message.
 ///
 /// # Errors
 /// `DEADLINE_EXCEEDED` when the body did not arrive in time,
-/// `RESOURCE_EXHAUSTED` when it is too large, `CANCELLED` when it broke off.
-async fn whole(request: http::Request<Body>) -> Result<http::Request<Body>, Status> {
-    let (parts, body) = request.into_parts();
-    let collected = match tokio::time::timeout(BODY_DEADLINE, Limited::new(body, BODY_LIMIT).collect()).await {
-        Ok(Ok(collected)) => collected,
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            return Err(refused_body(Status::resource_exhausted(
-                "the request's message is larger than 4 MiB",
-            )));
+/// `RESOURCE_EXHAUSTED` when it is too large, `CANCELLED` when it broke off,
+/// `UNAVAILABLE` ([`AppError::Overloaded`]) when the budget had no room.
+async fn whole(
+    request: http::Request<Body>,
+    bodies: &Bodies,
+    rpc: &'static str,
+) -> Result<(http::Request<Body>, Option<OwnedSemaphorePermit>), Status> {
+    let (parts, mut body) = request.into_parts();
+    let mut held = None;
+    let read = async {
+        let mut bytes = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(refused_body(Status::cancelled("the request's body broke off")));
+            };
+            // Trailers: a request of these services carries none worth keeping.
+            let Ok(data) = frame.into_data() else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            if bytes.len() + data.len() > BODY_LIMIT {
+                return Err(refused_body(Status::resource_exhausted(
+                    "the request's message is larger than 4 MiB",
+                )));
+            }
+            bodies.take(data.len(), &mut held, rpc).await.map_err(Status::from)?;
+            bytes.extend_from_slice(&data);
         }
-        Ok(Err(_)) => return Err(refused_body(Status::cancelled("the request's body broke off"))),
+        Ok(bytes.freeze())
+    };
+    let bytes: Bytes = match tokio::time::timeout(BODY_DEADLINE, read).await {
+        Ok(read) => read?,
         Err(_) => {
             return Err(refused_body(Status::deadline_exceeded(
                 "the request's body did not arrive within 10 s",
             )));
         }
     };
-    Ok(http::Request::from_parts(
-        parts,
-        Body::new(Full::new(collected.to_bytes())),
-    ))
+    Ok((http::Request::from_parts(parts, Body::new(Full::new(bytes))), held))
 }
 
 /// `status`, counted in `nrm_grpc_errors_total`.
@@ -240,6 +322,7 @@ pub struct Gate {
     pool: PgPool,
     admission: Admission,
     refusals: Admission,
+    bodies: Bodies,
 }
 
 impl Gate {
@@ -247,15 +330,22 @@ impl Gate {
     /// by `admission`; the refusals of callers without a valid token (and
     /// their unknown RPCs) wait for their audit in a lane of a quarter of
     /// its size (at least one), those of callers with a valid token in
-    /// `admission` itself.
+    /// `admission` itself. Request bodies are read within a budget of
+    /// twice the limit's bodies of 4 MiB (8 calls: 64 MiB); a chunk that
+    /// finds no room waits as long as a call for its turn.
     #[must_use]
     pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
         let refusals = Admission::new(admission.limit / 4, admission.wait);
+        let bodies = Bodies::new(
+            admission.limit.saturating_mul(2).saturating_mul(BODY_LIMIT),
+            admission.wait,
+        );
         Self {
             auth,
             pool,
             admission,
             refusals,
+            bodies,
         }
     }
 
@@ -515,15 +605,16 @@ where
                 }
             };
             // The whole request before the turn, so that a body that never
-            // comes holds none.
-            let request = match whole(request).await {
-                Ok(request) => request,
+            // comes holds none; its bytes count in the budget until then.
+            let (request, body_room) = match whole(request, &gate.bodies, rpc).await {
+                Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
             let turn = match gate.admission.enter(rpc).await {
                 Ok(turn) => turn,
                 Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
             };
+            drop(body_room);
             // The call runs in a task of its own that holds the turn until
             // it ends (for a stream: until its first message may go), even
             // when its client goes away: its transaction ends and its
@@ -573,6 +664,98 @@ mod tests {
         let refused = admission.enter("ReportPresumedVictim").await;
         assert!(matches!(refused, Err(AppError::Overloaded)));
         assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    /// A request of `rpc` whose body yields `chunk` and then, unless
+    /// `ends`, nothing more for ever (a client that stalls).
+    fn request(chunk: usize, ends: bool) -> http::Request<Body> {
+        use futures::StreamExt as _;
+        let data = (chunk > 0)
+            .then(|| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(vec![7u8; chunk]))));
+        let rest = if ends {
+            futures::stream::empty().boxed()
+        } else {
+            futures::stream::pending().boxed()
+        };
+        let body = http_body_util::StreamBody::new(futures::stream::iter(data).chain(rest));
+        http::Request::new(Body::new(body))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_finds_no_room_while_others_fill_the_budget_and_is_refused_overloaded_after_the_wait() {
+        let bodies = Bodies::new(BODY_LIMIT, Duration::from_millis(200));
+        // Almost the whole budget, held by a body that never ends.
+        let stalled = tokio::spawn({
+            let bodies = bodies.clone();
+            async move {
+                whole(request(BODY_LIMIT - 10, false), &bodies, "HoldBed")
+                    .await
+                    .map(drop)
+            }
+        });
+        for _ in 0..1000 {
+            if bodies.available() <= 10 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            bodies.available(),
+            10,
+            "the stalled body holds the room of what it sent"
+        );
+        let started = tokio::time::Instant::now();
+        let refused = whole(request(11, true), &bodies, "HoldBed")
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(200),
+            "it waited for room first"
+        );
+        assert!(!stalled.is_finished(), "the stalled body still holds its room");
+        // A body that fits is read at once.
+        let (_, room) = whole(request(10, true), &bodies, "HoldBed").await.unwrap();
+        assert_eq!(bodies.available(), 0);
+        drop(room);
+        assert_eq!(bodies.available(), 10, "its room is given back");
+        stalled.abort();
+        let _ = stalled.await;
+        assert_eq!(bodies.available(), BODY_LIMIT, "so is the stalled one's, once it ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_without_a_body_hold_no_room_in_the_budget() {
+        let bodies = Bodies::new(BODY_LIMIT, Duration::from_millis(200));
+        let silent: Vec<_> = (0..64)
+            .map(|_| {
+                let bodies = bodies.clone();
+                tokio::spawn(async move { whole(request(0, false), &bodies, "HoldBed").await.map(drop) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let (read, room) = whole(request(BODY_LIMIT, true), &bodies, "HoldBed").await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO, "a whole body found the whole budget");
+        assert_eq!(read.into_body().collect().await.unwrap().to_bytes().len(), BODY_LIMIT);
+        drop(room);
+        for call in silent {
+            let late = call.await.unwrap().unwrap_err();
+            assert_eq!(late.code(), Code::DeadlineExceeded, "a body that never came");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_4_mib_is_refused_without_taking_more_room_than_that() {
+        let bodies = Bodies::new(4 * BODY_LIMIT, Duration::from_millis(200));
+        let refused = whole(request(BODY_LIMIT + 1, true), &bodies, "HoldBed")
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(bodies.available(), 4 * BODY_LIMIT);
     }
 
     #[test]
