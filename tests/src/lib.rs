@@ -33,6 +33,7 @@ pub mod federation;
 pub mod fixtures;
 pub mod homecoming;
 pub mod ident;
+pub mod raw;
 pub mod repatriation;
 
 use std::path::PathBuf;
@@ -469,14 +470,24 @@ impl TestApp {
     }
 
     /// Stops the service and drops its database and stream.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        let _ = self.stop_timed().await;
+    }
+
+    /// Stops the service as [`TestApp::stop`] does, and tells how long it
+    /// took to end after the stop was asked (`None`: not within 15 s).
+    pub async fn stop_timed(mut self) -> Option<Duration> {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-        }
+        let asked = std::time::Instant::now();
+        let ended = match self.task.take() {
+            Some(task) => tokio::time::timeout(Duration::from_secs(15), task).await.is_ok(),
+            None => true,
+        };
+        let took = asked.elapsed();
         self.pool.close().await;
         let _ = self.jetstream.delete_stream(self.stream_name()).await;
         let _ = nrm_kernel::db::drop_database(&self.settings.database).await;
+        ended.then_some(took)
     }
 }
 

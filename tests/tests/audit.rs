@@ -7,11 +7,13 @@
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use nrm_e2e::casepath::{CasepathApp, casepath_settings};
 use nrm_e2e::fixtures::{metadata, reported};
+use nrm_e2e::raw::RawConnection;
 use nrm_e2e::repatriation::{CountryKeys, RepatriationApp, repatriation_settings};
-use nrm_e2e::{Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, issuer_key_path, token};
+use nrm_e2e::{Parts, ReferralApp, ShelterApp, TestApp, authorized, binary, eventually, issuer_key_path, token};
 use nrm_kernel::audit::{self, BreakKind, Entry, Outcome};
 use nrm_kernel::auth::Role;
 use nrm_kernel::store::{Actor, Append, Appended, AuditEntry, CommandRecord, EventStore};
@@ -658,5 +660,74 @@ async fn entries_are_listed_in_pages_by_subject() {
         .await
         .unwrap_err();
     assert_eq!(other_filters.code(), tonic::Code::InvalidArgument);
+    app.stop().await;
+}
+
+/// Backends that wait for a lock `holder` (a backend's pid) holds.
+async fn waiting_for(pool: &PgPool, holder: i32) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+        .bind(holder)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_refusal_whose_client_resets_the_stream_while_it_is_audited_is_audited_all_the_same() {
+    let app = TestApp::spawn().await;
+    // No entry yet, so no connection of the service has prepared the
+    // audit's INSERT: PostgreSQL parses it under a lock on audit_log,
+    // which the test holds, so the refusal's entry waits before anything
+    // of it is executed. A writer dropped on the reset would never send it.
+    assert_eq!(app.count("audit_log").await, 0);
+    let mut holder = app.pool.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("LOCK TABLE audit_log IN SHARE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    // Headers with a token that does not verify, and no body.
+    let mut raw = RawConnection::open(&app.endpoint, 65_535).await;
+    let (answer, mut stream) = raw
+        .call(
+            "/nrm.identification.v1.IdentificationService/ReportPresumedVictim",
+            Some("not-a-token"),
+        )
+        .await;
+    eventually(
+        "the refusal's entry waits for the table",
+        Duration::from_secs(10),
+        || async { (waiting_for(&app.pool, holder_pid).await == 1).then_some(()) },
+    )
+    .await;
+    // The client goes away while the entry is being written.
+    stream.send_reset(h2::Reason::CANCEL);
+    raw.round_trip().await;
+    assert!(answer.await.is_err(), "the stream was reset before any answer");
+    holder.rollback().await.unwrap();
+
+    let entry = eventually("the refusal's entry", Duration::from_secs(10), || async {
+        sqlx::query_as::<_, (String, String, String, String, String)>(
+            "SELECT agency, role, officer, action, outcome FROM audit_log",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert_eq!(
+        entry,
+        (
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "ReportPresumedVictim:unauthenticated".into(),
+            "unauthenticated".into()
+        )
+    );
     app.stop().await;
 }

@@ -172,3 +172,102 @@ async fn a_call_beyond_the_limit_is_refused_after_its_wait_with_nothing_written_
     assert_eq!(count(&app, "events").await, 4 * events);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_anonymous_refusals_does_not_shed_an_insiders_denied_attempt() {
+    let mut s = settings();
+    // Four calls at once: anonymous refusals wait in a lane of one.
+    s.common.server = ServerSettings {
+        max_calls_in_flight: Some(4),
+        call_queue_ms: 200,
+        ..s.common.server
+    };
+    let app = TestApp::spawn_with(s).await;
+    let before = count(&app, "audit_log").await;
+    // Every refusal's entry waits behind the audit chain's head.
+    let mut holder = app.pool.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT seq FROM audit_chain_head FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let call = |bearer: String| {
+        let client = app.client.clone();
+        tokio::spawn(async move {
+            let mut client = client;
+            client
+                .report_presumed_victim(authorized(
+                    report_request(&Uuid::now_v7().to_string(), person("Aigul Asanova", "AC1234567", "")),
+                    &bearer,
+                ))
+                .await
+                .map(drop)
+        })
+    };
+    // The anonymous lane's one turn, taken.
+    let anonymous = call("not-a-token".into());
+    eventually(
+        "the anonymous refusal's entry waits behind the chain's head",
+        Duration::from_secs(10),
+        || async { (blocked_by(&app, holder_pid).await == 1).then_some(()) },
+    )
+    .await;
+    // The next anonymous one finds the lane full and is shed as any call.
+    let shed = tokio::time::timeout(Duration::from_secs(5), call("still-not-a-token".into()))
+        .await
+        .expect("the shed refusal is answered while the first waits")
+        .unwrap()
+        .expect_err("refused");
+    assert_eq!(shed.code(), Code::Unavailable, "{shed:?}");
+    assert_eq!(
+        shed.get_error_details().error_info().map(|i| i.reason.as_str()),
+        Some("OVERLOADED")
+    );
+    assert!(shed.message().contains("nothing was done"), "{}", shed.message());
+
+    // An insider with a valid token and a role the matrix refuses is not
+    // shed by the anonymous flood: its entry waits behind the head too.
+    let insider = call(token("kg-audit", Role::Auditor, "auditor-3"));
+    eventually(
+        "the insider's denied attempt waits for its entry, not shed",
+        Duration::from_secs(10),
+        || async { (blocked_by(&app, holder_pid).await == 2).then_some(()) },
+    )
+    .await;
+    assert!(!insider.is_finished(), "not answered before its entry is written");
+
+    holder.rollback().await.unwrap();
+    let anonymous = anonymous.await.unwrap().expect_err("refused");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let insider = insider.await.unwrap().expect_err("refused");
+    assert_eq!(insider.code(), Code::PermissionDenied);
+    let entries: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT agency, action, outcome FROM audit_log ORDER BY seq OFFSET $1")
+            .bind(before)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        entries,
+        [
+            (
+                "-".into(),
+                "ReportPresumedVictim:unauthenticated".into(),
+                "unauthenticated".into()
+            ),
+            ("kg-audit".into(), "ReportPresumedVictim:denied".into(), "denied".into()),
+        ],
+        "both answered refusals are audited; the shed one, which ran nothing, is not"
+    );
+    let metrics = nrm_e2e::canary::get(&app.metrics_url).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nrm_refusals_shed_total{lane=\"refusals\"}")),
+        "the shed refusal is counted:\n{metrics}"
+    );
+    app.stop().await;
+}

@@ -1,5 +1,6 @@
 //! The identification service as its own process: killed between commit and
-//! publish, restarted, stopped with SIGTERM.
+//! publish, restarted, stopped with SIGTERM (also while a client holds a
+//! stream it does not read, and while a health watch is open).
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
@@ -7,9 +8,12 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
+use nrm_e2e::raw::{RawConnection, grpc_frame};
 use nrm_e2e::tables::ServiceTables;
-use nrm_e2e::{authorized, binary, messages, person, report_request, service_env, settings, token};
+use nrm_e2e::{TestApp, authorized, binary, messages, person, report_request, service_env, settings, token};
 use nrm_kernel::auth::Role;
+use nrm_kernel::server::{DRAIN_TIMEOUT, STOP_LIMIT};
 use nrm_proto::identification::v1::identification_service_client::IdentificationServiceClient;
 
 /// Starts the binary and returns it with the gRPC address from its log.
@@ -118,4 +122,108 @@ async fn a_service_killed_after_commit_and_before_publish_publishes_exactly_once
         .delete_stream(format!("{}_IDENTIFICATION", settings.nats.stream_prefix))
         .await;
     let _ = nrm_kernel::db::drop_database(&settings.database).await;
+}
+
+#[tokio::test]
+async fn sigterm_ends_the_process_within_its_stop_limit_while_a_client_holds_a_stream_it_does_not_read() {
+    let settings = settings();
+    let (mut child, endpoint) = start(&[], &settings);
+    // A health watch from a client that grants no flow-control window: the
+    // server can send none of its answers, so the stream cannot end and
+    // the connection cannot close by itself.
+    let mut raw = RawConnection::open(&endpoint, 0).await;
+    let (answer, mut stream) = raw.call("/grpc.health.v1.Health/Watch", None).await;
+    stream
+        .send_data(
+            grpc_frame(&tonic_health::pb::HealthCheckRequest { service: String::new() }),
+            true,
+        )
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the watch's headers")
+        .expect("the watch is open");
+    assert_eq!(answer.status(), 200);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let asked = Instant::now();
+    // systemd's TimeoutStopSec is 30 s; the stop must never need it.
+    let deadline = asked + STOP_LIMIT + Duration::from_secs(3);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the service did not stop within {STOP_LIMIT:?} of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = asked.elapsed();
+    assert!(exit.success(), "a stop past the drain exits 0, got {exit}");
+    assert!(
+        took >= DRAIN_TIMEOUT - Duration::from_millis(500),
+        "the unread stream held the stop until the drain was over ({took:?}): the test held what it says"
+    );
+    drop(raw);
+    let nats = async_nats::connect(settings.nats.url.as_str()).await.unwrap();
+    let _ = async_nats::jetstream::new(nats)
+        .delete_stream(format!("{}_IDENTIFICATION", settings.nats.stream_prefix))
+        .await;
+    let _ = nrm_kernel::db::drop_database(&settings.database).await;
+}
+
+#[tokio::test]
+async fn a_health_watch_is_told_not_serving_and_ended_when_the_stop_is_asked_without_holding_the_stop() {
+    let app = TestApp::spawn().await;
+    let channel = tonic::transport::Channel::from_shared(app.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    // Not serving until the first check of the store; then serving.
+    loop {
+        let status = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a status within 10 s")
+            .expect("the watch is open")
+            .unwrap()
+            .status;
+        if status == serving {
+            break;
+        }
+    }
+    let watching = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(status) = watch.next().await {
+            seen.push(status.map(|s| s.status).map_err(|e| e.code()));
+        }
+        seen
+    });
+    let took = app.stop_timed().await.expect("the service stops");
+    assert!(
+        took < DRAIN_TIMEOUT,
+        "the open watch must not hold the stop until the drain is over ({took:?})"
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(5), watching)
+        .await
+        .expect("the watch ended")
+        .unwrap();
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    assert_eq!(
+        seen.last(),
+        Some(&Ok(not_serving)),
+        "told not serving, then ended: {seen:?}"
+    );
 }

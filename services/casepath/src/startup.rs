@@ -69,13 +69,19 @@ impl Service for Application {
     async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), anyhow::Error> {
         // Open watches end when the service is asked to stop, so that the
         // server, which waits for its connections, is not held open by them.
+        // Nothing outlives the server: when it fails before a stop was
+        // asked, the watches end too.
         let closing = self.app.closing();
-        let stopping = shutdown.clone();
-        tokio::spawn(async move {
-            stopping.cancelled().await;
-            closing.cancel();
-        });
         let routes = Routes::new(CasepathServiceServer::new(CasepathGrpc::new(self.app)));
-        self.kit.serve(routes, shutdown).await
+        let serving = self.kit.serve(routes, shutdown.clone());
+        tokio::pin!(serving);
+        tokio::select! {
+            served = &mut serving => {
+                closing.cancel();
+                return served;
+            }
+            () = shutdown.cancelled() => closing.cancel(),
+        }
+        serving.await
     }
 }

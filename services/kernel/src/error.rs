@@ -141,8 +141,10 @@ pub enum AppError {
     /// The store or the bus cannot be reached. → `UNAVAILABLE` (retry with the same request ID).
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// The service already serves as many calls as it may at once and none
-    /// came free in time; nothing of the call ran. → `UNAVAILABLE` with
+    /// The service already serves as many calls as it may at once (or
+    /// holds as many request bodies as its budget allows, or as many
+    /// refusals waiting for their audit entry) and none came free in time;
+    /// nothing of the call ran, nothing was audited. → `UNAVAILABLE` with
     /// `ErrorInfo` `OVERLOADED` and a `RetryInfo` (retry with the same request ID).
     #[error("overloaded")]
     Overloaded,

@@ -21,6 +21,18 @@
 //!   so a client that goes away frees the turn only once the call's work
 //!   (and its connection) is done. Health and reflection are never held
 //!   back.
+//! - reads a request's body only for a call it admits, and only within a
+//!   process-wide budget of bytes ([`Gate::new`]): a body that finds no room
+//!   within [`Admission::wait`] is refused [`AppError::Overloaded`] too.
+//! - audits a refusal decided on the headers in a task of its own that
+//!   holds its turn, so that a client that resets its stream once the
+//!   refusal has its turn cannot take the entry back. A caller without a valid token waits for that turn in
+//!   a lane of a quarter of the limit; a caller with a valid token, who is
+//!   accountable for the attempt, waits for a turn like a call let in, so a
+//!   flood of anonymous refusals cannot shed an insider's denied attempt.
+//!   A refusal shed from its lane is answered [`AppError::Overloaded`], as
+//!   any shed call, and is not audited (it is counted, as is one whose
+//!   client went away while it waited for its turn).
 //!
 //! A handler cannot forget the check: the caller reaches it only through
 //! [`context`].
@@ -29,10 +41,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt as _, Full};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinError;
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Status};
@@ -179,32 +193,110 @@ impl Admission {
     }
 }
 
+/// The bytes of request bodies held before their call has its turn: read,
+/// or being read. A process-wide budget, so that many streams over many
+/// connections cannot make the service buffer 4 MiB each; a body that
+/// arrives in no bytes (headers only) holds nothing.
+#[derive(Debug, Clone)]
+struct Bodies {
+    bytes: Arc<Semaphore>,
+    wait: Duration,
+}
+
+impl Bodies {
+    /// Room for `budget` bytes (at least one whole body); a chunk that finds
+    /// none waits up to `wait`.
+    fn new(budget: usize, wait: Duration) -> Self {
+        let budget = budget.clamp(BODY_LIMIT, Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(budget)),
+            wait,
+        }
+    }
+
+    /// Room for `len` more bytes of a body of `rpc`, added to `held`.
+    ///
+    /// # Errors
+    /// [`AppError::Overloaded`] when none came free within the wait.
+    async fn take(
+        &self,
+        len: usize,
+        held: &mut Option<OwnedSemaphorePermit>,
+        rpc: &'static str,
+    ) -> Result<(), AppError> {
+        // `len` is at most BODY_LIMIT, checked before.
+        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        let permit = match self.bytes.clone().try_acquire_many_owned(n) {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(self.wait, self.bytes.clone().acquire_many_owned(n)).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    metrics::counter!("nrm_calls_shed_total", "rpc" => rpc).increment(1);
+                    metrics::counter!("nrm_grpc_errors_total", "code" => "Unavailable").increment(1);
+                    return Err(AppError::Overloaded);
+                }
+            },
+        };
+        match held {
+            Some(held) => held.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+
+    /// Bytes left in the budget.
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+}
+
 /// A request with its whole body read (within [`BODY_DEADLINE`], at most
-/// [`BODY_LIMIT`] bytes); every request of these services is one message.
+/// [`BODY_LIMIT`] bytes, each chunk within the budget of `bodies`), and
+/// its bytes' room in that budget; every request of these services is one
+/// message.
 ///
 /// # Errors
 /// `DEADLINE_EXCEEDED` when the body did not arrive in time,
-/// `RESOURCE_EXHAUSTED` when it is too large, `CANCELLED` when it broke off.
-async fn whole(request: http::Request<Body>) -> Result<http::Request<Body>, Status> {
-    let (parts, body) = request.into_parts();
-    let collected = match tokio::time::timeout(BODY_DEADLINE, Limited::new(body, BODY_LIMIT).collect()).await {
-        Ok(Ok(collected)) => collected,
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            return Err(refused_body(Status::resource_exhausted(
-                "the request's message is larger than 4 MiB",
-            )));
+/// `RESOURCE_EXHAUSTED` when it is too large, `CANCELLED` when it broke off,
+/// `UNAVAILABLE` ([`AppError::Overloaded`]) when the budget had no room.
+async fn whole(
+    request: http::Request<Body>,
+    bodies: &Bodies,
+    rpc: &'static str,
+) -> Result<(http::Request<Body>, Option<OwnedSemaphorePermit>), Status> {
+    let (parts, mut body) = request.into_parts();
+    let mut held = None;
+    let read = async {
+        let mut bytes = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(refused_body(Status::cancelled("the request's body broke off")));
+            };
+            // Trailers: a request of these services carries none worth keeping.
+            let Ok(data) = frame.into_data() else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            if bytes.len() + data.len() > BODY_LIMIT {
+                return Err(refused_body(Status::resource_exhausted(
+                    "the request's message is larger than 4 MiB",
+                )));
+            }
+            bodies.take(data.len(), &mut held, rpc).await.map_err(Status::from)?;
+            bytes.extend_from_slice(&data);
         }
-        Ok(Err(_)) => return Err(refused_body(Status::cancelled("the request's body broke off"))),
+        Ok(bytes.freeze())
+    };
+    let bytes: Bytes = match tokio::time::timeout(BODY_DEADLINE, read).await {
+        Ok(read) => read?,
         Err(_) => {
             return Err(refused_body(Status::deadline_exceeded(
                 "the request's body did not arrive within 10 s",
             )));
         }
     };
-    Ok(http::Request::from_parts(
-        parts,
-        Body::new(Full::new(collected.to_bytes())),
-    ))
+    Ok((http::Request::from_parts(parts, Body::new(Full::new(bytes))), held))
 }
 
 /// `status`, counted in `nrm_grpc_errors_total`.
@@ -215,6 +307,8 @@ fn refused_body(status: Status) -> Status {
 
 /// A call refused on its headers: who, what to audit, and the answer.
 struct Refused {
+    /// Whether the caller's token verified (the actor is then known).
+    authenticated: bool,
     actor: Actor,
     action: &'static str,
     outcome: Outcome,
@@ -228,21 +322,30 @@ pub struct Gate {
     pool: PgPool,
     admission: Admission,
     refusals: Admission,
+    bodies: Bodies,
 }
 
 impl Gate {
     /// A gate verifying with `auth`, auditing in `pool`, letting calls in
-    /// by `admission`, and refusals to audit (no valid token, a role the
-    /// matrix refuses, an unknown RPC) by a lane of a quarter of its size
-    /// (at least one).
+    /// by `admission`; the refusals of callers without a valid token (and
+    /// their unknown RPCs) wait for their audit in a lane of a quarter of
+    /// its size (at least one), those of callers with a valid token in
+    /// `admission` itself. Request bodies are read within a budget of
+    /// twice the limit's bodies of 4 MiB (8 calls: 64 MiB); a chunk that
+    /// finds no room waits as long as a call for its turn.
     #[must_use]
     pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
         let refusals = Admission::new(admission.limit / 4, admission.wait);
+        let bodies = Bodies::new(
+            admission.limit.saturating_mul(2).saturating_mul(BODY_LIMIT),
+            admission.wait,
+        );
         Self {
             auth,
             pool,
             admission,
             refusals,
+            bodies,
         }
     }
 
@@ -277,6 +380,7 @@ impl Gate {
         let Path::Rpc(service, method) = path else {
             // Audited as an unknown RPC: the path is the caller's text.
             return Err(Refused {
+                authenticated: verified.is_ok(),
                 actor: verified.map_or_else(|_| unauthenticated(), |caller| caller.actor),
                 action: "unknown-rpc",
                 outcome: Outcome::Denied,
@@ -293,6 +397,7 @@ impl Gate {
             Err(refused) => {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "Unauthenticated").increment(1);
                 return Err(Refused {
+                    authenticated: false,
                     actor: unauthenticated(),
                     action: method,
                     outcome: Outcome::Unauthenticated,
@@ -306,6 +411,7 @@ impl Gate {
                 metrics::counter!("nrm_grpc_errors_total", "code" => "PermissionDenied").increment(1);
                 tracing::warn!(rpc = method, role = %caller.role, "refused by the permission matrix");
                 Err(Refused {
+                    authenticated: true,
                     actor: caller.actor,
                     action: method,
                     outcome: Outcome::Denied,
@@ -364,6 +470,73 @@ impl Gate {
             tracing::error!(error = %e, rpc = method, "could not audit a refused call");
         }
     }
+
+    /// Audits `refused` (a call of `rpc` refused on its headers) and gives
+    /// its answer. The entry is written by a task of its own holding the
+    /// refusal's turn, so that a client that resets its stream while the
+    /// entry is being written does not take it back. The turn is a
+    /// call's when the caller's token verified (an insider's attempt is
+    /// never shed by an anonymous flood), else one of the refusals' lane;
+    /// a refusal that gets none in time is answered
+    /// [`AppError::Overloaded`] and is not audited (nothing of it ran; it
+    /// is counted in `nrm_calls_shed_total` and `nrm_refusals_shed_total`,
+    /// as is one whose client went away while it waited for its turn).
+    async fn refuse(self: Arc<Self>, refused: Refused, rpc: &'static str) -> Status {
+        let Refused {
+            authenticated,
+            actor,
+            action,
+            outcome,
+            status,
+        } = refused;
+        let (lane, name) = if authenticated {
+            (&self.admission, "calls")
+        } else {
+            (&self.refusals, "refusals")
+        };
+        // Counted when it ends unaudited: shed, or its client gone while
+        // it waited for its turn (this future dropped).
+        let mut unaudited = Unaudited(Some(name));
+        let turn = match lane.enter(rpc).await {
+            Ok(turn) => turn,
+            Err(overloaded) => return overloaded.into(),
+        };
+        unaudited.0 = None;
+        let gate = self.clone();
+        let audited = tokio::spawn(
+            async move {
+                let _turn = turn;
+                gate.audit(&actor, action, outcome, "").await;
+            }
+            .in_current_span(),
+        );
+        if let Err(failed) = audited.await {
+            task_failed(rpc, &failed);
+        }
+        status
+    }
+}
+
+/// A refusal not (yet) handed to its audit: counted in
+/// `nrm_refusals_shed_total{lane}` when dropped so.
+struct Unaudited(Option<&'static str>);
+
+impl Drop for Unaudited {
+    fn drop(&mut self) {
+        if let Some(lane) = self.0 {
+            metrics::counter!("nrm_refusals_shed_total", "lane" => lane).increment(1);
+        }
+    }
+}
+
+/// Logs that the task of a call to `rpc` ended without its answer: only
+/// that, never the panic's message, which could carry request data.
+fn task_failed(rpc: &'static str, failed: &JoinError) {
+    if failed.is_panic() {
+        tracing::error!(rpc, "a call's task panicked");
+    } else {
+        tracing::error!(rpc, "a call's task was cancelled");
+    }
 }
 
 /// The gate as a tower layer (see [`Gate::layer`]).
@@ -417,32 +590,31 @@ where
             };
             // Who calls, and whether the matrix lets them, from the headers
             // alone (no database, no body): a refusal neither reads the
-            // body nor takes a turn of the calls that may run; it waits in
-            // a lane of its own for its audit entry. Shed calls are
-            // counted, not audited: nothing of them ran.
+            // body; its audit entry is written while it holds a turn (an
+            // anonymous caller's in the refusals' lane, so that a flood of
+            // them takes no turn of the calls that may run). Shed calls
+            // are counted, not audited: nothing of them ran.
             let metadata = MetadataMap::from_headers(request.headers().clone());
             let verified = gate.auth.verify(&metadata).await;
             let ctx = match gate.admit(verified, &metadata, path) {
                 Ok(ctx) => ctx,
                 Err(refused) => {
-                    let _turn = match gate.refusals.enter(rpc).await {
-                        Ok(turn) => turn,
-                        Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
-                    };
-                    gate.audit(&refused.actor, refused.action, refused.outcome, "").await;
-                    return Ok(refused.status.into_http());
+                    // Nothing of its body is read, nor kept while it waits.
+                    drop(request);
+                    return Ok(gate.refuse(refused, rpc).await.into_http());
                 }
             };
             // The whole request before the turn, so that a body that never
-            // comes holds none.
-            let request = match whole(request).await {
-                Ok(request) => request,
+            // comes holds none; its bytes count in the budget until then.
+            let (request, body_room) = match whole(request, &gate.bodies, rpc).await {
+                Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
             let turn = match gate.admission.enter(rpc).await {
                 Ok(turn) => turn,
                 Err(overloaded) => return Ok(Status::from(overloaded).into_http()),
             };
+            drop(body_room);
             // The call runs in a task of its own that holds the turn until
             // it ends (for a stream: until its first message may go), even
             // when its client goes away: its transaction ends and its
@@ -458,7 +630,7 @@ where
             match served.await {
                 Ok(response) => response,
                 Err(failed) => {
-                    tracing::error!(rpc, error = %failed, "a call's task failed");
+                    task_failed(rpc, &failed);
                     Ok(Status::from(AppError::Internal("the call's task failed".into())).into_http())
                 }
             }
@@ -492,6 +664,135 @@ mod tests {
         let refused = admission.enter("ReportPresumedVictim").await;
         assert!(matches!(refused, Err(AppError::Overloaded)));
         assert_eq!(started.elapsed(), Duration::from_millis(200));
+    }
+
+    /// A request of `rpc` whose body yields `chunk` and then, unless
+    /// `ends`, nothing more for ever (a client that stalls).
+    fn request(chunk: usize, ends: bool) -> http::Request<Body> {
+        use futures::StreamExt as _;
+        let data = (chunk > 0)
+            .then(|| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(vec![7u8; chunk]))));
+        let rest = if ends {
+            futures::stream::empty().boxed()
+        } else {
+            futures::stream::pending().boxed()
+        };
+        let body = http_body_util::StreamBody::new(futures::stream::iter(data).chain(rest));
+        http::Request::new(Body::new(body))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_finds_no_room_while_others_fill_the_budget_and_is_refused_overloaded_after_the_wait() {
+        let bodies = Bodies::new(BODY_LIMIT, Duration::from_millis(200));
+        // Almost the whole budget, held by a body that never ends.
+        let stalled = tokio::spawn({
+            let bodies = bodies.clone();
+            async move {
+                whole(request(BODY_LIMIT - 10, false), &bodies, "HoldBed")
+                    .await
+                    .map(drop)
+            }
+        });
+        for _ in 0..1000 {
+            if bodies.available() <= 10 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            bodies.available(),
+            10,
+            "the stalled body holds the room of what it sent"
+        );
+        let started = tokio::time::Instant::now();
+        let refused = whole(request(11, true), &bodies, "HoldBed")
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(200),
+            "it waited for room first"
+        );
+        assert!(!stalled.is_finished(), "the stalled body still holds its room");
+        // A body that fits is read at once.
+        let (_, room) = whole(request(10, true), &bodies, "HoldBed").await.unwrap();
+        assert_eq!(bodies.available(), 0);
+        drop(room);
+        assert_eq!(bodies.available(), 10, "its room is given back");
+        stalled.abort();
+        let _ = stalled.await;
+        assert_eq!(bodies.available(), BODY_LIMIT, "so is the stalled one's, once it ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_without_a_body_hold_no_room_in_the_budget() {
+        let bodies = Bodies::new(BODY_LIMIT, Duration::from_millis(200));
+        let silent: Vec<_> = (0..64)
+            .map(|_| {
+                let bodies = bodies.clone();
+                tokio::spawn(async move { whole(request(0, false), &bodies, "HoldBed").await.map(drop) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let (read, room) = whole(request(BODY_LIMIT, true), &bodies, "HoldBed").await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO, "a whole body found the whole budget");
+        assert_eq!(read.into_body().collect().await.unwrap().to_bytes().len(), BODY_LIMIT);
+        drop(room);
+        for call in silent {
+            let late = call.await.unwrap().unwrap_err();
+            assert_eq!(late.code(), Code::DeadlineExceeded, "a body that never came");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_4_mib_is_refused_without_taking_more_room_than_that() {
+        let bodies = Bodies::new(4 * BODY_LIMIT, Duration::from_millis(200));
+        let refused = whole(request(BODY_LIMIT + 1, true), &bodies, "HoldBed")
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(bodies.available(), 4 * BODY_LIMIT);
+    }
+
+    #[test]
+    fn a_panicking_call_is_logged_without_its_message() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let failed = runtime.block_on(async {
+            // A panic whose message formats what the request held.
+            let name = "Aigerim Bekova";
+            tokio::spawn(async move { panic!("no bed for {name}") })
+                .await
+                .unwrap_err()
+        });
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || task_failed("HoldBed", &failed));
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("a call's task panicked"), "{logged}");
+        assert!(logged.contains("HoldBed"), "{logged}");
+        assert!(
+            !logged.contains("Aigerim"),
+            "the panic's message is not logged: {logged}"
+        );
     }
 
     #[test]

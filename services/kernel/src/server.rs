@@ -25,9 +25,19 @@ use crate::telemetry;
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
-/// How long the calls in flight, then the background tasks, get to end
-/// after the gRPC server stopped taking calls.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, from the moment a stop is asked, the gRPC server's
+/// connections and the calls in flight get to end. A connection still open
+/// then (a stream that never ends, a client that stopped reading and holds
+/// the response in HTTP/2 flow control) is not waited for.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How long the background tasks then get to end.
+pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a stop takes, [`DRAIN_TIMEOUT`] and [`BACKGROUND_TIMEOUT`]:
+/// well inside systemd's `TimeoutStopSec` (30 s, `deploy/systemd`) and the
+/// tests' 15 s.
+pub const STOP_LIMIT: Duration = DRAIN_TIMEOUT.saturating_add(BACKGROUND_TIMEOUT);
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -130,8 +140,10 @@ pub fn reflection(
 /// `SERVING` while PostgreSQL answers: the service takes commands then, also
 /// while NATS is down. [`HEALTH_DATABASE`] and [`HEALTH_BUS`] say which of the
 /// two is degraded; so do the gauge `nrm_dependency_up` and a log line at each change.
+/// On `shutdown` every entry goes `NOT_SERVING` and is then removed, which
+/// ends the health `Watch` streams (they would hold the stop open).
 pub async fn watch_health(
-    reporter: HealthReporter,
+    mut reporter: HealthReporter,
     service: &'static str,
     pool: PgPool,
     bus: Bus,
@@ -182,6 +194,9 @@ pub async fn watch_health(
             () = shutdown.cancelled() => {
                 for name in [service, "", HEALTH_DATABASE, HEALTH_BUS] {
                     reporter.set_service_status(name, ServingStatus::NotServing).await;
+                }
+                for name in [service, "", HEALTH_DATABASE, HEALTH_BUS] {
+                    reporter.clear_service_status(name).await;
                 }
                 return;
             }
@@ -275,13 +290,18 @@ impl Background {
         self.tasks.spawn(run(self.stop.clone()));
     }
 
-    /// Cancels the stop token and waits up to [`DRAIN_TIMEOUT`] for every task to end.
+    /// Cancels the stop token and waits up to [`BACKGROUND_TIMEOUT`] for every task to end.
     async fn stop(mut self) {
         self.stop.cancel();
-        let drained =
-            tokio::time::timeout(DRAIN_TIMEOUT, async { while self.tasks.join_next().await.is_some() {} }).await;
+        let drained = tokio::time::timeout(BACKGROUND_TIMEOUT, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
         if drained.is_err() {
-            tracing::warn!("background tasks did not stop within 10 s");
+            tracing::warn!(
+                within_ms = BACKGROUND_TIMEOUT.as_millis(),
+                "background tasks did not stop in time"
+            );
         }
     }
 }
@@ -290,8 +310,10 @@ impl Background {
 /// `gate`, on `listeners` beside
 /// health (of `service_name`, watched on `pool` and `bus`), reflection
 /// listing `reflected`, and `/metrics`, with `background` running, until
-/// `shutdown` is cancelled; then lets calls in flight finish and stops the
-/// background tasks. Services start through [`crate::service::Kit::serve`].
+/// `shutdown` is cancelled; then gives connections and calls in flight up
+/// to [`DRAIN_TIMEOUT`] to end and the background tasks
+/// [`BACKGROUND_TIMEOUT`]: a stop never takes longer than [`STOP_LIMIT`].
+/// Services start through [`crate::service::Kit::serve`].
 ///
 /// # Errors
 /// When the gRPC server fails.
@@ -313,25 +335,61 @@ pub async fn serve(
         health.set_service_status(name, ServingStatus::NotServing).await;
     }
     let (reflection_v1, reflection_v1alpha) = reflection(reflected);
-    background.spawn(|stop| watch_health(health, service_name, pool, bus, stop));
+    // Health ends its watches as soon as the stop is asked (or the server
+    // failed), not after the drain they would otherwise hold up.
+    let serving = shutdown.child_token();
+    let health_stop = serving.clone();
+    background.spawn(move |stop| async move {
+        tokio::select! {
+            () = watch_health(health, service_name, pool, bus, health_stop) => {}
+            () = stop.cancelled() => {}
+        }
+    });
     background.spawn(|stop| serve_metrics(listeners.metrics, stop));
     let admitted = gate.clone();
-    let result = tonic::transport::Server::builder()
-        .trace_fn(telemetry::grpc_span)
-        // Streams one connection may open at once: beyond, the client waits.
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .layer(gate.layer())
-        .add_routes(routes)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
-        .await;
-    if !admitted.drained(DRAIN_TIMEOUT).await {
-        tracing::warn!("calls in flight did not end within 10 s");
+    let mut server = Box::pin(
+        tonic::transport::Server::builder()
+            .trace_fn(telemetry::grpc_span)
+            // Streams one connection may open at once: beyond, the client waits.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .layer(gate.layer())
+            .add_routes(routes)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+                shutdown.clone().cancelled_owned(),
+            ),
+    );
+    // The server ends by itself only once every connection has closed,
+    // which a stream that never ends or a client that stopped reading
+    // would put off for ever: past the deadline it is dropped (its
+    // listener is already closed), and the process goes on stopping.
+    let (result, deadline) = tokio::select! {
+        result = &mut server => (result, tokio::time::Instant::now() + DRAIN_TIMEOUT),
+        () = shutdown.cancelled() => {
+            let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+            match tokio::time::timeout_at(deadline, &mut server).await {
+                Ok(result) => (result, deadline),
+                Err(_) => {
+                    tracing::warn!(
+                        within_ms = DRAIN_TIMEOUT.as_millis(),
+                        "connections still open after the stop was asked are not waited for"
+                    );
+                    (Ok(()), deadline)
+                }
+            }
+        }
+    };
+    drop(server);
+    serving.cancel();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !admitted.drained(left).await {
+        tracing::warn!(
+            within_ms = DRAIN_TIMEOUT.as_millis(),
+            "calls in flight did not end in time"
+        );
     }
     background.stop().await;
     tracing::info!("stopped");

@@ -38,7 +38,9 @@ pub struct ServerSettings {
     #[serde(default)]
     pub max_calls_in_flight: Option<usize>,
     /// How long a call beyond that limit waits for its turn before it is
-    /// refused `UNAVAILABLE` with nothing done (`NRM_CALL_QUEUE_MS`, default 1000).
+    /// refused `UNAVAILABLE` with nothing done (`NRM_CALL_QUEUE_MS`, default
+    /// 1000); as long waits a refusal for its turn to be audited, and a
+    /// request body for room in the gate's budget of bodies.
     #[serde(default = "default_call_queue_ms")]
     pub call_queue_ms: u64,
 }

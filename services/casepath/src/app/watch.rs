@@ -41,6 +41,49 @@ use super::inbox::InboxQuery;
 use super::path::parse_person;
 use crate::domain::changes::{self, Token, WatchKey};
 
+/// How long a watch's last answer (why it ends) waits for a client that
+/// does not take the answers before it: the watch ends without it then.
+const LAST_WORD: Duration = Duration::from_secs(1);
+
+/// Why a watch ends when the service stops.
+fn stopping() -> Status {
+    Status::unavailable("the service is stopping; watch again")
+}
+
+/// Why a watch ends when its token expires.
+fn expired() -> Status {
+    Status::unauthenticated("the token expired; watch again with a new one")
+}
+
+/// Sends `status` as a watch's last answer, waiting at most [`LAST_WORD`]
+/// for room: a client that stopped reading holds no watch open.
+async fn end_with<T>(tx: &mpsc::Sender<Result<T, Status>>, status: Status) {
+    let _ = tokio::time::timeout(LAST_WORD, tx.send(Err(status))).await;
+}
+
+/// Sends `answer` to a client that may have stopped reading, unless the
+/// service stops (`closing`) or the token expires (`expiry`) first: the
+/// watch then ends with its last answer. Whether the watch goes on (false
+/// too when the client went away).
+async fn deliver<T, E: Future<Output = ()>>(
+    tx: &mpsc::Sender<Result<T, Status>>,
+    answer: T,
+    closing: &CancellationToken,
+    expiry: std::pin::Pin<&mut E>,
+) -> bool {
+    tokio::select! {
+        sent = tx.send(Ok(answer)) => sent.is_ok(),
+        () = closing.cancelled() => {
+            end_with(tx, stopping()).await;
+            false
+        }
+        () = expiry => {
+            end_with(tx, expired()).await;
+            false
+        }
+    }
+}
+
 /// The channel the projections notify.
 pub const CHANNEL: &str = "casepath_changed";
 
@@ -237,12 +280,12 @@ impl Casepath {
                 },
                 () = sleep_past(due) => {}
                 () = &mut expiry => {
-                    let _ = tx.send(Err(Status::unauthenticated("the token expired; watch again with a new one"))).await;
+                    end_with(&tx, expired()).await;
                     return;
                 }
                 () = tx.closed() => return,
                 () = self.closing.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("the service is stopping; watch again"))).await;
+                    end_with(&tx, stopping()).await;
                     return;
                 }
             }
@@ -250,6 +293,10 @@ impl Casepath {
             tokio::select! {
                 () = tokio::time::sleep_until(next_query) => {}
                 () = tx.closed() => return,
+                () = self.closing.cancelled() => {
+                    end_with(&tx, stopping()).await;
+                    return;
+                }
             }
             // A turn among the watches' queries (they wait, they are not
             // refused): however many watches are open, they take at most
@@ -260,12 +307,12 @@ impl Casepath {
                     Err(_) => return,
                 },
                 () = &mut expiry => {
-                    let _ = tx.send(Err(Status::unauthenticated("the token expired; watch again with a new one"))).await;
+                    end_with(&tx, expired()).await;
                     return;
                 }
                 () = tx.closed() => return,
                 () = self.closing.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("the service is stopping; watch again"))).await;
+                    end_with(&tx, stopping()).await;
                     return;
                 }
             };
@@ -295,18 +342,16 @@ impl Casepath {
             };
             // Not held while a slow client takes its answer.
             drop(turn);
-            match send {
-                None => {}
-                Some(Ok(answer)) => {
-                    let delivered = tx.send(Ok(answer)).await;
-                    if delivered.is_err() {
-                        return;
-                    }
-                }
+            let went_on = match send {
+                None => true,
+                Some(Ok(answer)) => deliver(&tx, answer, &self.closing, expiry.as_mut()).await,
                 Some(Err(e)) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
+                    end_with(&tx, e.into()).await;
+                    false
                 }
+            };
+            if !went_on {
+                return;
             }
         }
     }
@@ -450,6 +495,79 @@ mod tests {
         assert_eq!(token_expiry(&header), DateTime::from_timestamp(1_790_000_000, 0));
         assert_eq!(token_expiry("Basic x"), None);
         assert_eq!(token_expiry("Bearer not-a-jwt"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_a_client_does_not_take_gives_way_to_the_stop() {
+        let (tx, mut rx) = mpsc::channel::<Result<u32, Status>>(1);
+        tx.send(Ok(1)).await.unwrap();
+        let closing = CancellationToken::new();
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let delivering = deliver(&tx, 2, &closing, never.as_mut());
+        tokio::pin!(delivering);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), &mut delivering)
+                .await
+                .is_err(),
+            "it waits for a client that does not read while nothing ends the watch"
+        );
+        closing.cancel();
+        let started = tokio::time::Instant::now();
+        let went_on = tokio::time::timeout(Duration::from_secs(60), delivering)
+            .await
+            .expect("the stop ends the watch");
+        assert!(!went_on, "the watch ends");
+        assert_eq!(started.elapsed(), LAST_WORD, "after its last word found no room");
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 1);
+        assert!(
+            rx.try_recv().is_err(),
+            "neither the answer nor the last word was queued"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_a_client_does_not_take_gives_way_to_the_token_expiring() {
+        let (tx, _rx) = mpsc::channel::<Result<u32, Status>>(1);
+        tx.send(Ok(1)).await.unwrap();
+        let expiry = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(expiry);
+        let started = tokio::time::Instant::now();
+        let closing = CancellationToken::new();
+        let delivering = deliver(&tx, 2, &closing, expiry.as_mut());
+        let went_on = tokio::time::timeout(Duration::from_secs(60), delivering)
+            .await
+            .expect("the expiry ends the watch");
+        assert!(!went_on);
+        assert_eq!(started.elapsed(), Duration::from_secs(5) + LAST_WORD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_word_reaches_a_client_that_reads() {
+        let (tx, mut rx) = mpsc::channel::<Result<u32, Status>>(1);
+        tx.send(Ok(1)).await.unwrap();
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = Vec::new();
+            while let Some(answer) = rx.recv().await {
+                got.push(answer.map_err(|s| s.code()));
+            }
+            got
+        });
+        end_with(&tx, stopping()).await;
+        drop(tx);
+        assert_eq!(reader.await.unwrap(), vec![Ok(1), Err(tonic::Code::Unavailable)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_word_waits_at_most_a_second_for_a_client_that_does_not_read() {
+        let (tx, _rx) = mpsc::channel::<Result<u32, Status>>(1);
+        tx.send(Ok(1)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(60), end_with(&tx, stopping()))
+            .await
+            .expect("the last word gives up");
+        assert_eq!(started.elapsed(), LAST_WORD);
     }
 
     #[test]
