@@ -71,16 +71,18 @@ async fn deliver<T, E: Future<Output = ()>>(
     closing: &CancellationToken,
     expiry: std::pin::Pin<&mut E>,
 ) -> bool {
+    // Biased: an expiry or a stop already come wins over room to send.
     tokio::select! {
-        sent = tx.send(Ok(answer)) => sent.is_ok(),
-        () = closing.cancelled() => {
-            end_with(tx, stopping()).await;
-            false
-        }
+        biased;
         () = expiry => {
             end_with(tx, expired()).await;
             false
         }
+        () = closing.cancelled() => {
+            end_with(tx, stopping()).await;
+            false
+        }
+        sent = tx.send(Ok(answer)) => sent.is_ok(),
     }
 }
 
@@ -272,6 +274,16 @@ impl Casepath {
         let mut next_query = tokio::time::Instant::now() + interval;
         loop {
             tokio::select! {
+                biased;
+                () = &mut expiry => {
+                    end_with(&tx, expired()).await;
+                    return;
+                }
+                () = self.closing.cancelled() => {
+                    end_with(&tx, stopping()).await;
+                    return;
+                }
+                () = tx.closed() => return,
                 received = changes.recv() => match received {
                     Ok(change) => if !change.concerns(interest.as_ref()) { continue },
                     // Some were missed: any of them may have concerned it.
@@ -279,41 +291,38 @@ impl Casepath {
                     Err(RecvError::Closed) => return,
                 },
                 () = sleep_past(due) => {}
+            }
+            // Coalesce: changes arriving until the interval is over are one.
+            tokio::select! {
+                biased;
                 () = &mut expiry => {
                     end_with(&tx, expired()).await;
                     return;
                 }
-                () = tx.closed() => return,
                 () = self.closing.cancelled() => {
                     end_with(&tx, stopping()).await;
                     return;
                 }
-            }
-            // Coalesce: changes arriving until the interval is over are one.
-            tokio::select! {
+                () = tx.closed() => return,
                 () = tokio::time::sleep_until(next_query) => {}
-                () = tx.closed() => return,
-                () = self.closing.cancelled() => {
-                    end_with(&tx, stopping()).await;
-                    return;
-                }
             }
             // A turn among the watches' queries (they wait, they are not
             // refused): however many watches are open, they take at most
             // a quarter of the pool, and the gate's calls the rest.
             let turn = tokio::select! {
-                turn = self.rechecks.clone().acquire_owned() => match turn {
-                    Ok(turn) => turn,
-                    Err(_) => return,
-                },
+                biased;
                 () = &mut expiry => {
                     end_with(&tx, expired()).await;
                     return;
                 }
-                () = tx.closed() => return,
                 () = self.closing.cancelled() => {
                     end_with(&tx, stopping()).await;
                     return;
+                }
+                () = tx.closed() => return,
+                turn = self.rechecks.clone().acquire_owned() => match turn {
+                    Ok(turn) => turn,
+                    Err(_) => return,
                 }
             };
             // What arrived until now committed before the query's read: it
@@ -326,6 +335,12 @@ impl Casepath {
                 }
             }
             next_query = tokio::time::Instant::now() + interval;
+            // Nothing is read for a token that has expired, whatever the
+            // timers said (the clock is the token's, not tokio's).
+            if expires_at.is_some_and(|at| at <= Utc::now()) {
+                end_with(&tx, expired()).await;
+                return;
+            }
             let send = match query().await {
                 Ok((answer, next, keys)) => {
                     due = next;
@@ -540,6 +555,21 @@ mod tests {
             .expect("the expiry ends the watch");
         assert!(!went_on);
         assert_eq!(started.elapsed(), Duration::from_secs(5) + LAST_WORD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_not_sent_once_the_token_has_expired_even_with_room() {
+        let (tx, mut rx) = mpsc::channel::<Result<u32, Status>>(4);
+        let expiry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(expiry);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let closing = CancellationToken::new();
+        for _ in 0..20 {
+            assert!(!deliver(&tx, 2, &closing, expiry.as_mut()).await);
+            let sent = rx.try_recv().expect("the last word was queued");
+            assert_eq!(sent.map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
+            assert!(rx.try_recv().is_err(), "the answer was sent after the expiry");
+        }
     }
 
     #[tokio::test(start_paused = true)]
