@@ -43,7 +43,20 @@ impl Drop for TelemetryGuard {
 /// # Errors
 /// When the OTLP exporter cannot be built or a subscriber is already installed.
 pub fn init(service: &'static str, settings: &TelemetrySettings) -> Result<TelemetryGuard, anyhow::Error> {
-    init_with_writer(service, settings, std::io::stdout)
+    let guard = init_with_writer(service, settings, std::io::stdout)?;
+    std::panic::set_hook(Box::new(log_panic));
+    Ok(guard)
+}
+
+/// What a service logs of a panic: that it happened, and where. Never its
+/// message, which may format what the code held (a name typed into a
+/// request); Rust's default hook would print it to stderr, the journal.
+/// Tests keep the default hook, to see their assertions.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info
+        .location()
+        .map_or_else(|| "unknown".to_owned(), |l| format!("{}:{}", l.file(), l.line()));
+    tracing::error!(location, "a thread panicked (its message is not logged)");
 }
 
 /// Installs logging and tracing with logs going to `writer` (tests capture them).
@@ -149,4 +162,48 @@ pub fn continue_trace(span: &Span, metadata: &EventMetadata) {
         carrier.insert("tracestate".into(), ts.clone());
     }
     let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panic_is_logged_without_its_message() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(log_panic));
+        let outcome = tracing::subscriber::with_default(subscriber, || {
+            std::panic::catch_unwind(|| panic!("no bed for Aigerim Bekova, passport AB0123456"))
+        });
+        std::panic::set_hook(default);
+        assert!(outcome.is_err());
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("a thread panicked"), "{text}");
+        assert!(text.contains("telemetry.rs"), "the location is logged: {text}");
+        assert!(!text.contains("Aigerim") && !text.contains("AB0123456"), "{text}");
+    }
 }
