@@ -1606,20 +1606,30 @@ impl<P: Projection> ProjectionRunner<P> {
         // written (the stream and the database each wait less on the other);
         // the reader stops with the replay, however it ends.
         let (batches, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-            loop {
-                let batch = next_batch(&mut replay, BATCH).await;
-                let last = batch.as_ref().map_or(true, Vec::is_empty);
-                if batches.send(batch).await.is_err() || last {
-                    return;
+        let mut reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            async move {
+                loop {
+                    let batch = next_batch(&mut replay, BATCH).await;
+                    let last = batch.as_ref().map_or(true, Vec::is_empty);
+                    if batches.send(batch).await.is_err() || last {
+                        return;
+                    }
                 }
             }
-        }));
+            .in_current_span(),
+        ));
         loop {
-            let batch = next
-                .recv()
-                .await
-                .unwrap_or_else(|| Err(anyhow::anyhow!("the replay's reader stopped")))?;
+            let Some(batch) = next.recv().await else {
+                // It sends an end or an error before it returns: it panicked.
+                // Not the panic's message: it may hold what the task read.
+                let how = match (&mut reader).await {
+                    Err(e) if e.is_panic() => "panicked",
+                    Err(_) => "was cancelled",
+                    Ok(()) => "returned",
+                };
+                anyhow::bail!("the replay's reader {how} before the end");
+            };
+            let batch = batch?;
             if batch.is_empty() {
                 return Ok(replayed);
             }
