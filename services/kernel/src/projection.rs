@@ -644,6 +644,9 @@ impl<P: Projection> ProjectionRunner<P> {
         while !shutdown.is_cancelled() {
             match self.consume(&shutdown).await {
                 Ok(()) => return,
+                // Whatever it was doing when the stop came (a retry's
+                // back-off): nothing to restart.
+                Err(_) if shutdown.is_cancelled() => return,
                 Err(err) => {
                     let restart = err.downcast_ref::<Restart>().is_some();
                     failures = if restart { 0 } else { failures + 1 };
