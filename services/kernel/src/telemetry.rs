@@ -30,9 +30,13 @@ pub struct TelemetryGuard {
     provider: SdkTracerProvider,
 }
 
+/// Longest the last spans are given to reach the collector at exit (a
+/// stop's own limit comes before it: `server::STOP_LIMIT`).
+const EXPORT_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Err(err) = self.provider.shutdown() {
+        if let Err(err) = self.provider.shutdown_with_timeout(EXPORT_AT_EXIT) {
             eprintln!("telemetry shutdown: {err}");
         }
     }
