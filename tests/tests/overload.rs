@@ -15,6 +15,8 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use nrm_e2e::raw::RawConnection;
 use nrm_e2e::tables::TableSnapshot;
 use nrm_e2e::{TestApp, authorized, eventually, health, person, report_request, settings, token};
 use nrm_kernel::auth::Role;
@@ -269,5 +271,197 @@ async fn a_flood_of_anonymous_refusals_does_not_shed_an_insiders_denied_attempt(
             .any(|l| l.starts_with("nrm_refusals_shed_total{lane=\"refusals\"}")),
         "the shed refusal is counted:\n{metrics}"
     );
+    app.stop().await;
+}
+
+/// Holds the audit chain's head in a transaction of the test's own, so
+/// that every audit entry waits in PostgreSQL; its backend's pid.
+async fn hold_chain(app: &TestApp) -> (sqlx::Transaction<'static, sqlx::Postgres>, i32) {
+    let mut holder = app.pool.begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT seq FROM audit_chain_head FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    (holder, pid)
+}
+
+const REPORT: &str = "/nrm.identification.v1.IdentificationService/ReportPresumedVictim";
+
+#[tokio::test]
+async fn one_callers_flood_of_denied_calls_does_not_shed_another_agencys_permitted_call() {
+    let mut s = settings();
+    // Four turns: one caller holds at most one with its refusals.
+    s.common.server = ServerSettings {
+        max_calls_in_flight: Some(4),
+        call_queue_ms: 200,
+        ..s.common.server
+    };
+    let app = TestApp::spawn_with(s).await;
+    let before = count(&app, "audit_log").await;
+    let (holder, holder_pid) = hold_chain(&app).await;
+    let denied = || {
+        let client = app.client.clone();
+        tokio::spawn(async move {
+            let mut client = client;
+            client
+                .report_presumed_victim(authorized(
+                    report_request(&Uuid::now_v7().to_string(), person("Aigul Asanova", "AC1234567", "")),
+                    &token("kg-audit", Role::Auditor, "auditor-3"),
+                ))
+                .await
+                .map(drop)
+        })
+    };
+    // The first denied call takes the caller's one refusal turn and waits
+    // for its entry; the flood after it is shed at once.
+    let first = denied();
+    eventually(
+        "the first denial's entry waits behind the chain's head",
+        Duration::from_secs(10),
+        || async { (blocked_by(&app, holder_pid).await == 1).then_some(()) },
+    )
+    .await;
+    for _ in 1..6 {
+        let shed = tokio::time::timeout(Duration::from_secs(5), denied())
+            .await
+            .expect("a denial over the caller's share is answered at once")
+            .unwrap()
+            .expect_err("refused");
+        assert_eq!(shed.code(), Code::Unavailable, "{shed:?}");
+        assert_eq!(
+            shed.get_error_details().error_info().map(|i| i.reason.as_str()),
+            Some("OVERLOADED")
+        );
+    }
+    // Another agency's permitted call still gets its turn: it waits in
+    // PostgreSQL behind the head too, not shed at the gate.
+    let permitted = tokio::spawn({
+        let app_client = app.client.clone();
+        async move {
+            let mut client = app_client;
+            client
+                .report_presumed_victim(authorized(
+                    report_request(
+                        &Uuid::now_v7().to_string(),
+                        person("Aigul Asanova", "AC1234567", "+996 555 000 111"),
+                    ),
+                    &token("kg-mvd", Role::Police, "officer-17"),
+                ))
+                .await
+                .map(drop)
+        }
+    });
+    eventually(
+        "the permitted call waits in PostgreSQL, not shed",
+        Duration::from_secs(10),
+        || async { (blocked_by(&app, holder_pid).await == 2).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!permitted.is_finished(), "not shed after the call queue's wait");
+    holder.rollback().await.unwrap();
+    permitted.await.unwrap().expect("the permitted call is served");
+    let first = first.await.unwrap().expect_err("refused");
+    assert_eq!(first.code(), Code::PermissionDenied);
+    let denials: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT action FROM audit_log ORDER BY seq OFFSET $1) a WHERE action = 'ReportPresumedVictim:denied'")
+            .bind(before)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(denials, 1, "the answered denial is audited; the shed ones ran nothing");
+    let metrics = nrm_e2e::canary::get(&app.metrics_url).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nrm_refusals_shed_total{lane=\"actor\"}")),
+        "the shed denials are counted:\n{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_caller_filling_its_body_share_does_not_shed_another_callers_small_call() {
+    let mut s = settings();
+    // Two turns: a budget of four bodies of 4 MiB; one caller's share is two.
+    s.common.server = ServerSettings {
+        max_calls_in_flight: Some(2),
+        call_queue_ms: 300,
+        ..s.common.server
+    };
+    let app = TestApp::spawn_with(s).await;
+    let flooder = token("kg-mvd", Role::Police, "officer-99");
+    let mut raw = RawConnection::open(&app.endpoint, 65_535).await;
+    // Five streams, each 4 MiB of a message that never ends: without a
+    // share, four would fill the whole budget.
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let (answer, mut stream) = raw.call(REPORT, Some(&flooder)).await;
+        let mut chunk = vec![0u8; 4 * 1024 * 1024];
+        chunk[1..5].copy_from_slice(&(4u32 * 1024 * 1024).to_be_bytes());
+        stream.send_data(Bytes::from(chunk), false).unwrap();
+        streams.push((answer, stream));
+    }
+    // The server has them (the budget's four bodies, but for its share).
+    raw.round_trip().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Another caller's small call is read at once and served.
+    report(&app, &Uuid::now_v7().to_string())
+        .await
+        .expect("another caller's call is served, not shed for room");
+    // The three streams past its share of two bodies are shed.
+    let mut shed = 0;
+    for (answer, _) in &mut streams {
+        if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), &mut *answer).await {
+            let status = tonic::Status::from_header_map(response.headers());
+            if status.as_ref().map(tonic::Status::code) == Some(Code::Unavailable) {
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!(shed, 3, "the caller's bodies past its share are shed");
+    drop(streams);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_denial_whose_client_resets_while_it_waits_for_its_turn_is_still_audited() {
+    let mut s = settings();
+    // One turn for anonymous refusals, and a long wait for it.
+    s.common.server = ServerSettings {
+        max_calls_in_flight: Some(1),
+        call_queue_ms: 10_000,
+        ..s.common.server
+    };
+    let app = TestApp::spawn_with(s).await;
+    let before = count(&app, "audit_log").await;
+    let (holder, holder_pid) = hold_chain(&app).await;
+    let mut raw = RawConnection::open(&app.endpoint, 65_535).await;
+    let (first, _first_stream) = raw.call(REPORT, Some("not-a-token")).await;
+    eventually(
+        "the first refusal's entry waits behind the chain's head",
+        Duration::from_secs(10),
+        || async { (blocked_by(&app, holder_pid).await == 1).then_some(()) },
+    )
+    .await;
+    // The second waits for the lane's one turn; its client goes away.
+    let (second, mut second_stream) = raw.call(REPORT, Some("still-not-a-token")).await;
+    raw.round_trip().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    second_stream.send_reset(h2::Reason::CANCEL);
+    raw.round_trip().await;
+    assert!(second.await.is_err(), "reset before any answer");
+    holder.rollback().await.unwrap();
+    let _ = first.await;
+    let entries = eventually("both refusals' entries", Duration::from_secs(15), || async {
+        let n: i64 = count(&app, "audit_log").await - before;
+        (n == 2).then_some(n)
+    })
+    .await;
+    assert_eq!(entries, 2);
     app.stop().await;
 }

@@ -22,22 +22,30 @@
 //!   (and its connection) is done. Health and reflection are never held
 //!   back.
 //! - reads a request's body only for a call it admits, and only within a
-//!   process-wide budget of bytes ([`Gate::new`]): a body that finds no room
-//!   within [`Admission::wait`] is refused [`AppError::Overloaded`] too.
-//! - audits a refusal decided on the headers in a task of its own that
-//!   holds its turn, so that a client that resets its stream once the
-//!   refusal has its turn cannot take the entry back. A caller without a valid token waits for that turn in
-//!   a lane of a quarter of the limit; a caller with a valid token, who is
+//!   process-wide budget of bytes ([`Gate::new`]) of which one caller
+//!   (agency and officer ID) holds at most two whole bodies across all
+//!   their streams: a body that finds no room within [`Admission::wait`]
+//!   is refused [`AppError::Overloaded`] too, and one past its caller's
+//!   share at once.
+//! - verifies the token, decides, and audits a refusal decided on the
+//!   headers in a task of its own (the body stays outside it), so that a
+//!   client that resets its stream meanwhile cannot take the entry back.
+//!   A caller without a valid token waits for its refusal's turn in a lane
+//!   of a quarter of the limit; a caller with a valid token, who is
 //!   accountable for the attempt, waits for a turn like a call let in, so a
-//!   flood of anonymous refusals cannot shed an insider's denied attempt.
-//!   A refusal shed from its lane is answered [`AppError::Overloaded`], as
-//!   any shed call, and is not audited (it is counted, as is one whose
-//!   client went away while it waited for its turn).
+//!   flood of anonymous refusals cannot shed an insider's denied attempt,
+//!   and holds at most a quarter of the limit's turns (at least one) with
+//!   refusals at once, so that one caller's denied calls cannot take the
+//!   turns of everybody else. A refusal shed from its lane or past its
+//!   caller's share is answered [`AppError::Overloaded`], as any shed
+//!   call, and is not audited (nothing of it ran: it is counted, and one
+//!   past its share logged with the caller's IDs and the RPC).
 //!
 //! A handler cannot forget the check: the caller reaches it only through
 //! [`context`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -201,7 +209,14 @@ impl Admission {
 struct Bodies {
     bytes: Arc<Semaphore>,
     wait: Duration,
+    /// Each caller's share of the budget: at most [`SHARE`] bytes across
+    /// all their streams, so that one caller cannot fill the budget.
+    shares: Shares,
 }
+
+/// The most bytes of bodies one caller (agency and officer ID) may have
+/// held at once: two whole bodies.
+const SHARE: usize = 2 * BODY_LIMIT;
 
 impl Bodies {
     /// Room for `budget` bytes (at least one whole body); a chunk that finds
@@ -211,6 +226,7 @@ impl Bodies {
         Self {
             bytes: Arc::new(Semaphore::new(budget)),
             wait,
+            shares: Shares::new(SHARE),
         }
     }
 
@@ -218,12 +234,20 @@ impl Bodies {
     ///
     /// # Errors
     /// [`AppError::Overloaded`] when none came free within the wait.
-    async fn take(
-        &self,
-        len: usize,
-        held: &mut Option<OwnedSemaphorePermit>,
-        rpc: &'static str,
-    ) -> Result<(), AppError> {
+    async fn take(&self, len: usize, held: &mut Room, actor: &ActorKey, rpc: &'static str) -> Result<(), AppError> {
+        // The caller's own share first: when it is full, the caller waits
+        // for nobody else, and is shed at once.
+        if !self.shares.take(actor, len, &mut held._share) {
+            tracing::warn!(
+                agency = %actor.0,
+                officer = %actor.1,
+                rpc,
+                "a caller's share of the body budget is full: shed"
+            );
+            metrics::counter!("nrm_calls_shed_total", "rpc" => rpc).increment(1);
+            metrics::counter!("nrm_grpc_errors_total", "code" => "Unavailable").increment(1);
+            return Err(AppError::Overloaded);
+        }
         // `len` is at most BODY_LIMIT, checked before.
         let n = u32::try_from(len).unwrap_or(u32::MAX);
         let permit = match self.bytes.clone().try_acquire_many_owned(n) {
@@ -237,9 +261,9 @@ impl Bodies {
                 }
             },
         };
-        match held {
+        match &mut held._budget {
             Some(held) => held.merge(permit),
-            None => *held = Some(permit),
+            None => held._budget = Some(permit),
         }
         Ok(())
     }
@@ -249,6 +273,102 @@ impl Bodies {
     fn available(&self) -> usize {
         self.bytes.available_permits()
     }
+}
+
+/// Who a verified caller is, for their share of the gate: agency and
+/// officer ID (IDs only).
+type ActorKey = (String, String);
+
+/// The key of `actor`.
+fn key(actor: &Actor) -> ActorKey {
+    (actor.agency.clone(), actor.officer.clone())
+}
+
+/// Per-caller shares of something the gate holds for callers (bytes of
+/// bodies being read, turns of refusals): at most `cap` units per actor
+/// across all their streams. Only actors holding some are kept, so the
+/// map never holds more entries than units are held.
+#[derive(Debug, Clone)]
+struct Shares {
+    held: Arc<Mutex<HashMap<ActorKey, usize>>>,
+    cap: usize,
+}
+
+impl Shares {
+    fn new(cap: usize) -> Self {
+        Self {
+            held: Arc::new(Mutex::new(HashMap::new())),
+            cap: cap.max(1),
+        }
+    }
+
+    /// `n` more units for `actor`, added to `held`; `false` (and nothing
+    /// taken) when that would pass the actor's cap.
+    fn take(&self, actor: &ActorKey, n: usize, held: &mut Option<Share>) -> bool {
+        let mut map = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = map.get(actor).copied().unwrap_or(0);
+        if now.saturating_add(n) > self.cap {
+            return false;
+        }
+        map.insert(actor.clone(), now + n);
+        drop(map);
+        match held {
+            Some(share) => share.n += n,
+            None => {
+                *held = Some(Share {
+                    shares: self.clone(),
+                    actor: actor.clone(),
+                    n,
+                });
+            }
+        }
+        true
+    }
+
+    /// Units `actor` holds now.
+    #[cfg(test)]
+    fn of(&self, actor: &ActorKey) -> usize {
+        self.held.lock().unwrap().get(actor).copied().unwrap_or(0)
+    }
+
+    /// Actors holding any.
+    #[cfg(test)]
+    fn actors(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+}
+
+/// Units of one actor's share, given back when dropped (the entry goes
+/// when the actor holds none).
+#[derive(Debug)]
+struct Share {
+    shares: Shares,
+    actor: ActorKey,
+    n: usize,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut map = self
+            .shares
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(now) = map.get_mut(&self.actor) {
+            *now = now.saturating_sub(self.n);
+            if *now == 0 {
+                map.remove(&self.actor);
+            }
+        }
+    }
+}
+
+/// Room a body's bytes hold until its call has its turn: in the process's
+/// budget and in its caller's share.
+#[derive(Debug, Default)]
+struct Room {
+    _budget: Option<OwnedSemaphorePermit>,
+    _share: Option<Share>,
 }
 
 /// A request with its whole body read (within [`BODY_DEADLINE`], at most
@@ -263,10 +383,11 @@ impl Bodies {
 async fn whole(
     request: http::Request<Body>,
     bodies: &Bodies,
+    actor: &ActorKey,
     rpc: &'static str,
-) -> Result<(http::Request<Body>, Option<OwnedSemaphorePermit>), Status> {
+) -> Result<(http::Request<Body>, Room), Status> {
     let (parts, mut body) = request.into_parts();
-    let mut held = None;
+    let mut held = Room::default();
     let read = async {
         let mut bytes = BytesMut::new();
         while let Some(frame) = body.frame().await {
@@ -283,7 +404,10 @@ async fn whole(
                     "the request's message is larger than 4 MiB",
                 )));
             }
-            bodies.take(data.len(), &mut held, rpc).await.map_err(Status::from)?;
+            bodies
+                .take(data.len(), &mut held, actor, rpc)
+                .await
+                .map_err(Status::from)?;
             bytes.extend_from_slice(&data);
         }
         Ok(bytes.freeze())
@@ -291,6 +415,12 @@ async fn whole(
     let bytes: Bytes = match tokio::time::timeout(BODY_DEADLINE, read).await {
         Ok(read) => read?,
         Err(_) => {
+            tracing::warn!(
+                agency = %actor.0,
+                officer = %actor.1,
+                rpc,
+                "a request's body did not arrive within its deadline"
+            );
             return Err(refused_body(Status::deadline_exceeded(
                 "the request's body did not arrive within 10 s",
             )));
@@ -322,6 +452,10 @@ pub struct Gate {
     pool: PgPool,
     admission: Admission,
     refusals: Admission,
+    /// Each verified caller's turns of refusals at once (a quarter of the
+    /// limit, at least one), so that one caller's denied calls cannot take
+    /// every turn.
+    refusers: Shares,
     bodies: Bodies,
 }
 
@@ -330,9 +464,11 @@ impl Gate {
     /// by `admission`; the refusals of callers without a valid token (and
     /// their unknown RPCs) wait for their audit in a lane of a quarter of
     /// its size (at least one), those of callers with a valid token in
-    /// `admission` itself. Request bodies are read within a budget of
-    /// twice the limit's bodies of 4 MiB (8 calls: 64 MiB); a chunk that
-    /// finds no room waits as long as a call for its turn.
+    /// `admission` itself, at most a quarter of the limit (at least one)
+    /// per caller. Request bodies are read within a budget of twice the
+    /// limit's bodies of 4 MiB (8 calls: 64 MiB), at most two bodies per
+    /// caller; a chunk that finds no room waits as long as a call for its
+    /// turn, one past its caller's share is shed at once.
     #[must_use]
     pub fn new(auth: Authenticator, pool: PgPool, admission: Admission) -> Self {
         let refusals = Admission::new(admission.limit / 4, admission.wait);
@@ -340,11 +476,13 @@ impl Gate {
             admission.limit.saturating_mul(2).saturating_mul(BODY_LIMIT),
             admission.wait,
         );
+        let refusers = Shares::new(admission.limit / 4);
         Self {
             auth,
             pool,
             admission,
             refusals,
+            refusers,
             bodies,
         }
     }
@@ -472,16 +610,17 @@ impl Gate {
     }
 
     /// Audits `refused` (a call of `rpc` refused on its headers) and gives
-    /// its answer. The entry is written by a task of its own holding the
-    /// refusal's turn, so that a client that resets its stream while the
-    /// entry is being written does not take it back. The turn is a
-    /// call's when the caller's token verified (an insider's attempt is
-    /// never shed by an anonymous flood), else one of the refusals' lane;
-    /// a refusal that gets none in time is answered
+    /// its answer; run by the call's own task ([`GateService`]), so that a
+    /// client that resets its stream does not take the entry back. The
+    /// turn is a call's when the caller's token verified (an insider's
+    /// attempt is never shed by an anonymous flood), else one of the
+    /// refusals' lane. A verified caller holds at most a quarter of the
+    /// limit's turns with refusals at once (at least one): one more is
+    /// shed before it waits for a turn, logged with the caller's IDs and
+    /// the RPC. A refusal that gets no turn is answered
     /// [`AppError::Overloaded`] and is not audited (nothing of it ran; it
-    /// is counted in `nrm_calls_shed_total` and `nrm_refusals_shed_total`,
-    /// as is one whose client went away while it waited for its turn).
-    async fn refuse(self: Arc<Self>, refused: Refused, rpc: &'static str) -> Status {
+    /// is counted in `nrm_calls_shed_total` and `nrm_refusals_shed_total`).
+    async fn refuse(&self, refused: Refused, rpc: &'static str) -> Status {
         let Refused {
             authenticated,
             actor,
@@ -494,25 +633,28 @@ impl Gate {
         } else {
             (&self.refusals, "refusals")
         };
-        // Counted when it ends unaudited: shed, or its client gone while
-        // it waited for its turn (this future dropped).
+        // Counted when it ends unaudited.
         let mut unaudited = Unaudited(Some(name));
-        let turn = match lane.enter(rpc).await {
+        let mut share = None;
+        if authenticated && !self.refusers.take(&key(&actor), 1, &mut share) {
+            unaudited.0 = Some("actor");
+            tracing::warn!(
+                agency = %actor.agency,
+                officer = %actor.officer,
+                rpc,
+                "a caller's share of refusal turns is full: shed unaudited"
+            );
+            metrics::counter!("nrm_calls_shed_total", "rpc" => rpc).increment(1);
+            metrics::counter!("nrm_grpc_errors_total", "code" => "Unavailable").increment(1);
+            return AppError::Overloaded.into();
+        }
+        let _turn = match lane.enter(rpc).await {
             Ok(turn) => turn,
             Err(overloaded) => return overloaded.into(),
         };
         unaudited.0 = None;
-        let gate = self.clone();
-        let audited = tokio::spawn(
-            async move {
-                let _turn = turn;
-                gate.audit(&actor, action, outcome, "").await;
-            }
-            .in_current_span(),
-        );
-        if let Err(failed) = audited.await {
-            task_failed(rpc, &failed);
-        }
+        self.audit(&actor, action, outcome, "").await;
+        drop(share);
         status
     }
 }
@@ -595,18 +737,36 @@ where
             // them takes no turn of the calls that may run). Shed calls
             // are counted, not audited: nothing of them ran.
             let metadata = MetadataMap::from_headers(request.headers().clone());
-            let verified = gate.auth.verify(&metadata).await;
-            let ctx = match gate.admit(verified, &metadata, path) {
-                Ok(ctx) => ctx,
-                Err(refused) => {
-                    // Nothing of its body is read, nor kept while it waits.
+            // Verifying (which may wait for the key set), deciding and
+            // auditing a refusal run in a task of their own, so that a
+            // client that resets its stream meanwhile cannot leave a
+            // refusal unaudited; the body stays here.
+            let decided = tokio::spawn({
+                let gate = gate.clone();
+                async move {
+                    let verified = gate.auth.verify(&metadata).await;
+                    match gate.admit(verified, &metadata, path) {
+                        Ok(ctx) => Ok(ctx),
+                        Err(refused) => Err(gate.refuse(refused, rpc).await),
+                    }
+                }
+                .in_current_span()
+            });
+            let ctx = match decided.await {
+                Ok(Ok(ctx)) => ctx,
+                Ok(Err(status)) => {
+                    // Nothing of its body was read.
                     drop(request);
-                    return Ok(gate.refuse(refused, rpc).await.into_http());
+                    return Ok(status.into_http());
+                }
+                Err(failed) => {
+                    task_failed(rpc, &failed);
+                    return Ok(Status::from(AppError::Internal("the call's task failed".into())).into_http());
                 }
             };
             // The whole request before the turn, so that a body that never
             // comes holds none; its bytes count in the budget until then.
-            let (request, body_room) = match whole(request, &gate.bodies, rpc).await {
+            let (request, body_room) = match whole(request, &gate.bodies, &key(&ctx.caller.actor), rpc).await {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
             };
@@ -666,6 +826,74 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(200));
     }
 
+    fn who(agency: &str, officer: &str) -> ActorKey {
+        (agency.to_owned(), officer.to_owned())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_caller_filling_its_share_is_shed_at_once_and_another_is_read() {
+        // A budget of many bodies; each caller may hold two.
+        let bodies = Bodies::new(16 * BODY_LIMIT, Duration::from_millis(200));
+        let flooder = who("kg-mvd", "officer-17");
+        let stalled: Vec<_> = (0..2)
+            .map(|_| {
+                let (bodies, flooder) = (bodies.clone(), flooder.clone());
+                tokio::spawn(async move {
+                    whole(request(BODY_LIMIT - 5, false), &bodies, &flooder, "HoldBed")
+                        .await
+                        .map(drop)
+                })
+            })
+            .collect();
+        for _ in 0..1000 {
+            if bodies.shares.of(&flooder) == 2 * (BODY_LIMIT - 5) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(bodies.shares.of(&flooder), 2 * (BODY_LIMIT - 5));
+        // Its third body passes its share: shed at once, though the budget has room.
+        let started = tokio::time::Instant::now();
+        let shed = whole(request(11, true), &bodies, &flooder, "HoldBed")
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(shed.code(), Code::Unavailable);
+        assert_eq!(started.elapsed(), Duration::ZERO, "it waits for nobody");
+        assert_eq!(bodies.shares.of(&flooder), 2 * (BODY_LIMIT - 5), "nothing more taken");
+        // Another officer is read at once.
+        let other = who("kg-mvd", "officer-18");
+        let (_, room) = whole(request(BODY_LIMIT, true), &bodies, &other, "HoldBed")
+            .await
+            .unwrap();
+        assert_eq!(bodies.shares.of(&other), BODY_LIMIT);
+        drop(room);
+        assert_eq!(bodies.shares.actors(), 1, "an actor holding nothing is forgotten");
+        for call in stalled {
+            call.abort();
+            let _ = call.await;
+        }
+        assert_eq!(bodies.shares.actors(), 0);
+        assert_eq!(bodies.available(), 16 * BODY_LIMIT);
+    }
+
+    #[test]
+    fn a_share_is_taken_up_to_its_cap_and_given_back() {
+        let shares = Shares::new(2);
+        let a = who("kg-mvd", "officer-17");
+        let (mut one, mut two, mut three) = (None, None, None);
+        assert!(shares.take(&a, 1, &mut one));
+        assert!(shares.take(&a, 1, &mut two));
+        assert!(!shares.take(&a, 1, &mut three), "over its cap");
+        assert!(three.is_none());
+        assert!(
+            shares.take(&who("kg-mvd", "officer-18"), 2, &mut three),
+            "another's own share"
+        );
+        drop((one, two, three));
+        assert_eq!(shares.actors(), 0);
+    }
+
     /// A request of `rpc` whose body yields `chunk` and then, unless
     /// `ends`, nothing more for ever (a client that stalls).
     fn request(chunk: usize, ends: bool) -> http::Request<Body> {
@@ -688,9 +916,14 @@ mod tests {
         let stalled = tokio::spawn({
             let bodies = bodies.clone();
             async move {
-                whole(request(BODY_LIMIT - 10, false), &bodies, "HoldBed")
-                    .await
-                    .map(drop)
+                whole(
+                    request(BODY_LIMIT - 10, false),
+                    &bodies,
+                    &who("kg-mvd", "officer-17"),
+                    "HoldBed",
+                )
+                .await
+                .map(drop)
             }
         });
         for _ in 0..1000 {
@@ -705,7 +938,7 @@ mod tests {
             "the stalled body holds the room of what it sent"
         );
         let started = tokio::time::Instant::now();
-        let refused = whole(request(11, true), &bodies, "HoldBed")
+        let refused = whole(request(11, true), &bodies, &who("kg-mvd", "officer-17"), "HoldBed")
             .await
             .map(drop)
             .unwrap_err();
@@ -717,7 +950,9 @@ mod tests {
         );
         assert!(!stalled.is_finished(), "the stalled body still holds its room");
         // A body that fits is read at once.
-        let (_, room) = whole(request(10, true), &bodies, "HoldBed").await.unwrap();
+        let (_, room) = whole(request(10, true), &bodies, &who("kg-mvd", "officer-17"), "HoldBed")
+            .await
+            .unwrap();
         assert_eq!(bodies.available(), 0);
         drop(room);
         assert_eq!(bodies.available(), 10, "its room is given back");
@@ -732,12 +967,23 @@ mod tests {
         let silent: Vec<_> = (0..64)
             .map(|_| {
                 let bodies = bodies.clone();
-                tokio::spawn(async move { whole(request(0, false), &bodies, "HoldBed").await.map(drop) })
+                tokio::spawn(async move {
+                    whole(request(0, false), &bodies, &who("kg-mvd", "officer-17"), "HoldBed")
+                        .await
+                        .map(drop)
+                })
             })
             .collect();
         tokio::task::yield_now().await;
         let started = tokio::time::Instant::now();
-        let (read, room) = whole(request(BODY_LIMIT, true), &bodies, "HoldBed").await.unwrap();
+        let (read, room) = whole(
+            request(BODY_LIMIT, true),
+            &bodies,
+            &who("kg-mvd", "officer-17"),
+            "HoldBed",
+        )
+        .await
+        .unwrap();
         assert_eq!(started.elapsed(), Duration::ZERO, "a whole body found the whole budget");
         assert_eq!(read.into_body().collect().await.unwrap().to_bytes().len(), BODY_LIMIT);
         drop(room);
@@ -750,10 +996,15 @@ mod tests {
     #[tokio::test]
     async fn a_body_larger_than_4_mib_is_refused_without_taking_more_room_than_that() {
         let bodies = Bodies::new(4 * BODY_LIMIT, Duration::from_millis(200));
-        let refused = whole(request(BODY_LIMIT + 1, true), &bodies, "HoldBed")
-            .await
-            .map(drop)
-            .unwrap_err();
+        let refused = whole(
+            request(BODY_LIMIT + 1, true),
+            &bodies,
+            &who("kg-mvd", "officer-17"),
+            "HoldBed",
+        )
+        .await
+        .map(drop)
+        .unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert_eq!(bodies.available(), 4 * BODY_LIMIT);
     }
