@@ -457,6 +457,9 @@ pub struct Gate {
     /// every turn.
     refusers: Shares,
     bodies: Bodies,
+    /// The tasks that verify, decide and audit refusals, which run on
+    /// after their client left: a stop waits for them too.
+    deciding: tokio_util::task::TaskTracker,
 }
 
 impl Gate {
@@ -484,6 +487,7 @@ impl Gate {
             refusals,
             refusers,
             bodies,
+            deciding: tokio_util::task::TaskTracker::new(),
         }
     }
 
@@ -494,6 +498,8 @@ impl Gate {
         let all = async {
             let main = u32::try_from(self.admission.limit).unwrap_or(u32::MAX);
             let refusals = u32::try_from(self.refusals.limit).unwrap_or(u32::MAX);
+            self.deciding.close();
+            self.deciding.wait().await;
             let _ = self.admission.permits.acquire_many(main).await;
             let _ = self.refusals.permits.acquire_many(refusals).await;
         };
@@ -741,28 +747,40 @@ where
             // auditing a refusal run in a task of their own, so that a
             // client that resets its stream meanwhile cannot leave a
             // refusal unaudited; the body stays here.
-            let decided = tokio::spawn({
+            // A refusal is said at once, so that its unread body is let go
+            // before it waits for its turn and its audit.
+            let (refusing, refused) = tokio::sync::oneshot::channel::<()>();
+            let decided = gate.deciding.spawn({
                 let gate = gate.clone();
                 async move {
                     let verified = gate.auth.verify(&metadata).await;
                     match gate.admit(verified, &metadata, path) {
                         Ok(ctx) => Ok(ctx),
-                        Err(refused) => Err(gate.refuse(refused, rpc).await),
+                        Err(denied) => {
+                            let _ = refusing.send(());
+                            Err(gate.refuse(denied, rpc).await)
+                        }
                     }
                 }
                 .in_current_span()
             });
+            // Nothing of a refused call's body is read.
+            let request = if refused.await.is_ok() {
+                drop(request);
+                None
+            } else {
+                Some(request)
+            };
             let ctx = match decided.await {
                 Ok(Ok(ctx)) => ctx,
-                Ok(Err(status)) => {
-                    // Nothing of its body was read.
-                    drop(request);
-                    return Ok(status.into_http());
-                }
+                Ok(Err(status)) => return Ok(status.into_http()),
                 Err(failed) => {
                     task_failed(rpc, &failed);
                     return Ok(Status::from(AppError::Internal("the call's task failed".into())).into_http());
                 }
+            };
+            let Some(request) = request else {
+                return Ok(Status::from(AppError::Internal("a refused call was let in".into())).into_http());
             };
             // The whole request before the turn, so that a body that never
             // comes holds none; its bytes count in the budget until then.
