@@ -231,6 +231,28 @@ pub fn token(agency: &str, role: Role, officer: &str) -> String {
         .expect("mint token")
 }
 
+/// How many backends of `pool`'s server wait, directly or behind another
+/// waiter (the second waiter for a row waits for the first), on the locks
+/// held by the backend `holder` (a `pg_backend_pid()`): a call that is
+/// certainly waiting on a lock a test holds.
+///
+/// # Panics
+/// When the query fails.
+pub async fn blocked_by(pool: &sqlx::PgPool, holder: i32) -> i64 {
+    sqlx::query_scalar(
+        "WITH RECURSIVE blocked(pid) AS (
+             SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))
+             UNION
+             SELECT a.pid FROM pg_stat_activity a JOIN blocked b ON b.pid = ANY(pg_blocking_pids(a.pid))
+         )
+         SELECT count(*) FROM blocked",
+    )
+    .bind(holder)
+    .fetch_one(pool)
+    .await
+    .expect("the waiters")
+}
+
 /// Polls `check` every 10 ms until it gives a value, for at most `within`.
 ///
 /// # Panics

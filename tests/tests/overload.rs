@@ -37,23 +37,6 @@ async fn report(app: &TestApp, request_id: &str) -> Result<pb::ReportPresumedVic
         .map(tonic::Response::into_inner)
 }
 
-/// Backends that `holder` (a backend's pid) blocks, directly or behind
-/// another waiter (the second waiter for a row waits for the first).
-async fn blocked_by(app: &TestApp, holder: i32) -> i64 {
-    sqlx::query_scalar(
-        "WITH RECURSIVE blocked(pid) AS (
-             SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))
-             UNION
-             SELECT a.pid FROM pg_stat_activity a JOIN blocked b ON b.pid = ANY(pg_blocking_pids(a.pid))
-         )
-         SELECT count(*) FROM blocked",
-    )
-    .bind(holder)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap()
-}
-
 async fn count(app: &TestApp, table: &str) -> i64 {
     app.count(table).await
 }
@@ -104,7 +87,7 @@ async fn a_call_beyond_the_limit_is_refused_after_its_wait_with_nothing_written_
     eventually(
         "both calls let in wait behind the chain's head",
         Duration::from_secs(10),
-        || async { (blocked_by(&app, holder_pid).await == 2).then_some(()) },
+        || async { (nrm_e2e::blocked_by(&app.pool, holder_pid).await == 2).then_some(()) },
     )
     .await;
 
@@ -132,7 +115,11 @@ async fn a_call_beyond_the_limit_is_refused_after_its_wait_with_nothing_written_
         "it says how long to pause"
     );
     assert!(refused.message().contains("nothing was done"), "{}", refused.message());
-    assert_eq!(blocked_by(&app, holder_pid).await, 2, "the two let in still wait");
+    assert_eq!(
+        nrm_e2e::blocked_by(&app.pool, holder_pid).await,
+        2,
+        "the two let in still wait"
+    );
     TableSnapshot::take(&app.pool)
         .await
         .assert_unchanged_since(&before, "the refused call, while the two let in wait");
@@ -214,7 +201,7 @@ async fn a_flood_of_anonymous_refusals_does_not_shed_an_insiders_denied_attempt(
     eventually(
         "the anonymous refusal's entry waits behind the chain's head",
         Duration::from_secs(10),
-        || async { (blocked_by(&app, holder_pid).await == 1).then_some(()) },
+        || async { (nrm_e2e::blocked_by(&app.pool, holder_pid).await == 1).then_some(()) },
     )
     .await;
     // The next anonymous one finds the lane full and is shed as any call.
@@ -236,7 +223,7 @@ async fn a_flood_of_anonymous_refusals_does_not_shed_an_insiders_denied_attempt(
     eventually(
         "the insider's denied attempt waits for its entry, not shed",
         Duration::from_secs(10),
-        || async { (blocked_by(&app, holder_pid).await == 2).then_some(()) },
+        || async { (nrm_e2e::blocked_by(&app.pool, holder_pid).await == 2).then_some(()) },
     )
     .await;
     assert!(!insider.is_finished(), "not answered before its entry is written");
@@ -322,7 +309,7 @@ async fn one_callers_flood_of_denied_calls_does_not_shed_another_agencys_permitt
     eventually(
         "the first denial's entry waits behind the chain's head",
         Duration::from_secs(10),
-        || async { (blocked_by(&app, holder_pid).await == 1).then_some(()) },
+        || async { (nrm_e2e::blocked_by(&app.pool, holder_pid).await == 1).then_some(()) },
     )
     .await;
     for _ in 1..6 {
@@ -358,7 +345,7 @@ async fn one_callers_flood_of_denied_calls_does_not_shed_another_agencys_permitt
     eventually(
         "the permitted call waits in PostgreSQL, not shed",
         Duration::from_secs(10),
-        || async { (blocked_by(&app, holder_pid).await == 2).then_some(()) },
+        || async { (nrm_e2e::blocked_by(&app.pool, holder_pid).await == 2).then_some(()) },
     )
     .await;
     holder.rollback().await.unwrap();
@@ -451,7 +438,7 @@ async fn a_denial_whose_client_resets_while_it_waits_for_its_turn_is_still_audit
     eventually(
         "the first refusal's entry waits behind the chain's head",
         Duration::from_secs(10),
-        || async { (blocked_by(&app, holder_pid).await == 1).then_some(()) },
+        || async { (nrm_e2e::blocked_by(&app.pool, holder_pid).await == 1).then_some(()) },
     )
     .await;
     // The second waits for the lane's one turn; its client goes away.

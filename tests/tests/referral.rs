@@ -1316,3 +1316,80 @@ async fn the_inbox_pages_with_a_token_bound_to_its_filters() {
     app.stop().await;
     id.stop().await;
 }
+
+#[tokio::test]
+async fn a_plan_goal_racing_the_withdrawal_of_its_consent_waits_for_it_and_is_refused() {
+    let id = TestApp::spawn().await;
+    let app = ReferralApp::spawn_beside(&id).await;
+    let (case_id, person_id) = identified_person(&id, Some(idpb::Decision::Identified), false).await;
+    app.wait_for_person(&person_id, idpb::CaseStatus::Identified as i32)
+        .await;
+    let services = [pb::ServiceKind::Psychological];
+    let to_msd = consent(&app, &case_id, &person_id, MSD, &services).await;
+    let referral = refer(
+        &app,
+        referral_request(&case_id, &person_id, MSD, &services, pb::Urgency::Normal, &to_msd),
+    )
+    .await;
+    let mut client = app.client.clone();
+    client
+        .accept_referral(authorized(accept(&referral.referral_id, 1), &msd()))
+        .await
+        .unwrap();
+
+    // A withdrawal under way: the consent's row held as its transaction
+    // holds it, by the test's own backend.
+    let mut withdrawal = app.pool.begin().await.unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *withdrawal)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM consents WHERE consent_id = $1::uuid FOR UPDATE")
+        .bind(&to_msd)
+        .execute(&mut *withdrawal)
+        .await
+        .unwrap();
+    let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    // MSD adds a goal to the person's plan, relying on that consent.
+    let goal = tokio::spawn({
+        let mut client = app.client.clone();
+        let person_id = person_id.clone();
+        async move {
+            client
+                .add_plan_goal(authorized(
+                    pb::AddPlanGoalRequest {
+                        request_id: rid(),
+                        person_id,
+                        kind: pb::GoalKind::Housing as i32,
+                        due_at: None,
+                    },
+                    &msd(),
+                ))
+                .await
+        }
+    });
+    // It waits for the withdrawal (it does not read the consent as it was).
+    nrm_e2e::eventually(
+        "the goal's command waits on the consent's row",
+        Duration::from_secs(10),
+        || async { (nrm_e2e::blocked_by(&app.pool, holder).await >= 1).then_some(()) },
+    )
+    .await;
+    sqlx::query("UPDATE consents SET withdrawn = true WHERE consent_id = $1::uuid")
+        .bind(&to_msd)
+        .execute(&mut *withdrawal)
+        .await
+        .unwrap();
+    withdrawal.commit().await.unwrap();
+    // Then it sees the consent withdrawn: refused, nothing written.
+    let refused = goal.await.unwrap().expect_err("a goal under a withdrawn consent");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let events_after: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(events_after, events_before, "nothing of the refused goal was written");
+}

@@ -205,7 +205,13 @@ impl Referrals {
     }
 
     /// Whether `agency` has an accepted referral for the person under an
-    /// active consent (the `consented` scope), read on `db`.
+    /// active consent (the `consented` scope), read on `db`. The consent
+    /// row it finds is locked (`FOR SHARE`) until `db`'s transaction ends,
+    /// so that a withdrawal or an expiry, which update that row, either
+    /// waits for the command that relied on it or is seen by it; the
+    /// referral rows are not locked, so that a withdrawal cancelling them
+    /// cannot deadlock with it (in autocommit, on a read, the lock ends with
+    /// the query).
     async fn consented<'c>(
         &self,
         db: impl sqlx::PgExecutor<'c>,
@@ -215,7 +221,8 @@ impl Referrals {
         let consented: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM open_referrals o JOIN consents c ON c.consent_id = o.consent_id
              WHERE c.person_id = $1 AND c.recipient_agency = $2 AND o.accepted AND NOT c.withdrawn
-               AND (c.expires_at IS NULL OR c.expires_at > now()))",
+               AND (c.expires_at IS NULL OR c.expires_at > now())
+             FOR SHARE OF c)",
         )
         .bind(person_id.as_uuid())
         .bind(agency)
