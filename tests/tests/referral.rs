@@ -1392,4 +1392,6 @@ async fn a_plan_goal_racing_the_withdrawal_of_its_consent_waits_for_it_and_is_re
         .await
         .unwrap();
     assert_eq!(events_after, events_before, "nothing of the refused goal was written");
+    app.stop().await;
+    id.stop().await;
 }
