@@ -5,6 +5,7 @@
 //! models to compare their digests, and looking for text in every column
 //! of its database.
 
+use std::future::Future;
 use std::time::Duration;
 
 use nrm_casepath::domain::changes::WatchKey;
@@ -12,6 +13,7 @@ use nrm_casepath::projections::{
     IdentificationProjection, ReferralProjection, RepatriationProjection, ShelterProjection,
 };
 use nrm_identification::config::Settings;
+use nrm_kernel::auth::Role;
 use nrm_kernel::bus::{self, Bus};
 use nrm_kernel::projection::{Delivery, Projection, ProjectionRunner};
 use nrm_kernel::service::{CommonSettings, Service as _};
@@ -21,8 +23,47 @@ use nrm_kernel::xborder::CountryCode;
 use nrm_proto::common::v1::EventCommit;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use nrm_e2e::{ReferralApp, ShelterApp, TestApp, messages, referral_settings, settings, unique};
+use nrm_e2e::{ReferralApp, ShelterApp, TestApp, messages, referral_settings, settings, token, unique};
+
+/// A token of `who` (agency, role), officer `officer-1`.
+pub fn as_(who: (&str, Role)) -> String {
+    token(who.0, who.1, "officer-1")
+}
+
+/// A fresh request ID.
+pub fn rid() -> String {
+    Uuid::now_v7().to_string()
+}
+
+/// `text` as a UUID.
+///
+/// # Panics
+/// When it is not one.
+pub fn uuid(text: &str) -> Uuid {
+    text.parse().expect("a UUID")
+}
+
+/// Retries `call` until it succeeds (events take a moment to cross the bus).
+///
+/// # Panics
+/// When it has not succeeded within 15 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut last = None;
+    for _ in 0..300 {
+        match call().await {
+            Ok(value) => return value,
+            Err(status) => last = Some(status),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within 15 s: {last:?}");
+}
 
 /// The contexts casepath follows, with the projection of each.
 pub const PROJECTIONS: [(&str, &str); 4] = [

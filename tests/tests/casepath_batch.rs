@@ -17,13 +17,10 @@
 #[path = "../src/casepath_ingest.rs"]
 mod casepath_ingest;
 
-use std::future::Future;
-use std::time::Duration;
-
-use casepath_ingest::{CasepathApp, Mechanism};
+use casepath_ingest::{CasepathApp, Mechanism, as_, eventually, rid, uuid};
 use chrono::{DateTime, Utc};
 use nrm_e2e::ident::{erase, report_for};
-use nrm_e2e::{authorized, person, report_request, token};
+use nrm_e2e::{authorized, person, report_request};
 use nrm_kernel::auth::Role;
 use nrm_proto::casepath::v1 as cp;
 use nrm_proto::identification::v1 as id;
@@ -39,35 +36,6 @@ const MOH: (&str, Role) = ("kg-moh", Role::Moh);
 const NGO: (&str, Role) = ("kg-ngo-tenir", Role::Ngo);
 const SHELTER: (&str, Role) = ("kg-shelter-chui", Role::Shelter);
 const COORDINATOR: (&str, Role) = ("kg-coordinator", Role::Coordinator);
-
-fn as_(who: (&str, Role)) -> String {
-    token(who.0, who.1, "officer-1")
-}
-
-fn rid() -> String {
-    Uuid::now_v7().to_string()
-}
-
-fn uuid(text: &str) -> Uuid {
-    text.parse().unwrap()
-}
-
-/// Retries `call` until it succeeds (events take a moment to cross the bus).
-async fn eventually<T, F, Fut>(what: &str, mut call: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    let mut last = None;
-    for _ in 0..300 {
-        match call().await {
-            Ok(value) => return value,
-            Err(status) => last = Some(status),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not happen within 15 s: {last:?}");
-}
 
 /// What the sequences made.
 struct Flow {

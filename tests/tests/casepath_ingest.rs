@@ -12,10 +12,7 @@
 #[path = "../src/casepath_ingest.rs"]
 mod casepath_ingest;
 
-use std::future::Future;
-use std::time::Duration;
-
-use casepath_ingest::{CasepathApp, Mechanism};
+use casepath_ingest::{CasepathApp, Mechanism, as_, eventually, rid, uuid};
 use chrono::{DateTime, Utc};
 use nrm_e2e::{authorized, person, report_request, token};
 use nrm_kernel::auth::Role;
@@ -37,35 +34,6 @@ const CANARY_NAME: &str = "Canarybek Zhyldyzovich";
 const CANARY_PASSPORT: &str = "CANARY9911";
 const CANARY_PHONE: &str = "+996 700 999 111";
 const CANARY_ADDRESS: &str = "Kant, Canary lane 99";
-
-fn as_(who: (&str, Role)) -> String {
-    token(who.0, who.1, "officer-1")
-}
-
-fn rid() -> String {
-    Uuid::now_v7().to_string()
-}
-
-fn uuid(text: &str) -> Uuid {
-    text.parse().unwrap()
-}
-
-/// Retries `call` until it succeeds (events take a moment to cross the bus).
-async fn eventually<T, F, Fut>(what: &str, mut call: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    let mut last = None;
-    for _ in 0..300 {
-        match call().await {
-            Ok(value) => return value,
-            Err(status) => last = Some(status),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not happen within 15 s: {last:?}");
-}
 
 /// What the flow made.
 struct Flow {
