@@ -128,10 +128,10 @@ impl super::Write for ReturnWrite {
             .await?;
         }
         if !opened.is_empty() {
-            upsert(&opened, false).execute(&mut *conn).await?;
+            upsert(&mut *conn, &opened, false).await?;
         }
         if !announced.is_empty() {
-            upsert(&announced, true).execute(&mut *conn).await?;
+            upsert(&mut *conn, &announced, true).await?;
         }
         if !moved.is_empty() {
             sqlx::query(
@@ -153,10 +153,7 @@ impl super::Write for ReturnWrite {
 }
 
 /// The returns' rows; an announced one takes each newer snapshot's state.
-fn upsert<'q>(
-    rows: &[&ReturnRow],
-    announced: bool,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+async fn upsert(conn: &mut PgConnection, rows: &[&ReturnRow], announced: bool) -> Result<(), sqlx::Error> {
     let query = if announced {
         sqlx::query(
             "INSERT INTO cp_returns (return_id, direction, from_country, to_country, opened_by, consulate_agency,
@@ -181,13 +178,16 @@ fn upsert<'q>(
     query
         .bind(column(rows, |r| r.return_id.as_uuid()))
         .bind(column(rows, |r| r.direction))
-        .bind(column(rows, |r| r.from_country.clone()))
-        .bind(column(rows, |r| r.to_country.clone()))
-        .bind(column(rows, |r| r.opened_by.clone()))
-        .bind(column(rows, |r| r.consulate_agency.clone()))
-        .bind(column(rows, |r| r.received_by.clone()))
-        .bind(column(rows, |r| r.foreign_reference.clone()))
+        .bind(column(rows, |r| r.from_country.as_str()))
+        .bind(column(rows, |r| r.to_country.as_str()))
+        .bind(column(rows, |r| r.opened_by.as_str()))
+        .bind(column(rows, |r| r.consulate_agency.as_str()))
+        .bind(column(rows, |r| r.received_by.as_str()))
+        .bind(column(rows, |r| r.foreign_reference.as_str()))
         .bind(column(rows, |r| r.status))
         .bind(column(rows, |r| r.opened_at))
         .bind(column(rows, |r| r.handed_over_at))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
