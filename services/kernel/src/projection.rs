@@ -167,6 +167,18 @@ pub trait Projection: Send + Sync + 'static {
         }
     }
 
+    /// Completes, once a replay has applied every message, what the
+    /// projection leaves undone while it replays ([`UnitOfWork::replaying`]):
+    /// rows derived from the records as a whole (per-person aggregates, for
+    /// example) are then written once, from the replayed records, instead
+    /// of after every batch. Called in the replay's transaction (a rebuild's,
+    /// after its reset; a shadow's own, on the shadow's tables), before its
+    /// checkpoint and its digest. By default: nothing.
+    fn after_replay(&self, conn: &mut PgConnection) -> impl Future<Output = Result<(), anyhow::Error>> + Send {
+        let _ = conn;
+        async { Ok(()) }
+    }
+
     /// Empties the read model before a rebuild (a reaction, whose effects
     /// are events, keeps them and relies on its own idempotence).
     fn reset(&self, conn: &mut PgConnection) -> impl Future<Output = Result<(), anyhow::Error>> + Send;
@@ -1457,6 +1469,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 break;
             }
             let mut uow = store.begin().await?;
+            uow.set_replaying();
             still_shadowed(uow.conn(), &tables, pid).await?;
             // Impatient: a failing message is set aside in the shadow at once
             // (the transaction holds back every relay while it is open, and
@@ -1469,6 +1482,13 @@ impl<P: Projection> ProjectionRunner<P> {
             // that transaction: it need not wait for its next poll.
             self.store.appended_signal().notify_one();
         }
+        let mut uow = store.begin().await?;
+        still_shadowed(uow.conn(), &tables, pid).await?;
+        self.projection
+            .after_replay(uow.conn())
+            .await
+            .map_err(|e| self.outside_tables(e))?;
+        uow.commit().await.map_err(|e| self.outside_tables(e.into()))?;
         let mut conn = pool.acquire().await?;
         still_shadowed(&mut conn, &tables, pid).await?;
         let digest = self.projection.digest(&mut conn).await?;
@@ -1603,6 +1623,7 @@ impl<P: Projection> ProjectionRunner<P> {
         })
         .collect();
         self.reset_in(uow).await?;
+        uow.set_replaying();
         let mut replayed = Replayed::default();
         let mut versions = Versions::after_reset();
         // The next batches are read from the stream while this one is
@@ -1634,6 +1655,7 @@ impl<P: Projection> ProjectionRunner<P> {
             };
             let batch = batch?;
             if batch.is_empty() {
+                self.projection.after_replay(uow.conn()).await?;
                 return Ok(replayed);
             }
             self.replay_batch(uow, identity, &batch, &earlier, &mut versions, &mut replayed, true)

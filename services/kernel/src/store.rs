@@ -435,6 +435,7 @@ impl EventStore {
             tx: self.pool.begin().await?,
             appended: Arc::clone(&self.appended),
             wrote_events: false,
+            replaying: false,
         })
     }
 }
@@ -444,12 +445,27 @@ pub struct UnitOfWork {
     tx: Transaction<'static, Postgres>,
     appended: Arc<Notify>,
     wrote_events: bool,
+    replaying: bool,
 }
 
 impl UnitOfWork {
     /// The transaction's connection, for the service's own writes.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx
+    }
+
+    /// Whether this unit of work replays a stream into a read model (a
+    /// rebuild after its reset, or a shadow of it): what a projection
+    /// derives from its records as a whole it may then leave to
+    /// [`crate::projection::Projection::after_replay`], once.
+    #[must_use]
+    pub fn replaying(&self) -> bool {
+        self.replaying
+    }
+
+    /// Marks this unit of work as a replay's (see [`UnitOfWork::replaying`]).
+    pub(crate) fn set_replaying(&mut self) {
+        self.replaying = true;
     }
 
     /// Every event of a stream, read in this transaction (on its connection,
