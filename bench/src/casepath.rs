@@ -35,6 +35,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use nrm_casepath::config::{CasepathSettings, Settings as CasepathConfig};
+use nrm_casepath::domain::changes::WatchKey;
+use nrm_casepath::projections::{IdentificationProjection, ReferralProjection};
 use nrm_identification::app::{CONTEXT, PAYLOAD_TYPE};
 use nrm_identification::domain;
 use nrm_kernel::auth::Role;
@@ -45,6 +47,7 @@ use nrm_kernel::retry::RetryPolicy;
 use nrm_kernel::service::{CommonSettings, Service};
 use nrm_kernel::settings::{DatabaseSettings, NatsSettings, RelaySettings, ServerSettings, TelemetrySettings};
 use nrm_kernel::store::{EventStore, NewEvent};
+use nrm_kernel::xborder::CountryCode;
 use nrm_proto::casepath::v1 as cp;
 use nrm_proto::casepath::v1::casepath_service_client::CasepathServiceClient;
 use nrm_proto::identification::v1 as pb;
@@ -722,9 +725,27 @@ async fn statistics(database_url: &str, nats_url: &str, persons: usize) -> anyho
             .await
             .with_context(|| format!("write the statistics' read model (step {step})"))?;
     }
-    sqlx::raw_sql("VACUUM ANALYZE cp_cases, cp_referrals, cp_goals, cp_holds, cp_returns")
-        .execute(&casepath.pool)
-        .await?;
+    // The per-person facts of those records, as a rebuild derives them at
+    // its end (the projections keep them after each batch they apply).
+    {
+        use nrm_kernel::projection::Projection as _;
+        let country = CountryCode::parse("country", "KG").map_err(|v| anyhow::anyhow!("{v:?}"))?;
+        let key = WatchKey::new(&[0; 32]);
+        let mut conn = casepath.pool.acquire().await?;
+        IdentificationProjection::new(&country, &key)
+            .after_replay(&mut conn)
+            .await
+            .context("derive the persons' case facts")?;
+        ReferralProjection::new(&country, &key)
+            .after_replay(&mut conn)
+            .await
+            .context("derive the persons' referral facts")?;
+    }
+    sqlx::raw_sql(
+        "VACUUM ANALYZE cp_cases, cp_referrals, cp_goals, cp_holds, cp_returns, cp_person_cases, cp_person_referrals",
+    )
+    .execute(&casepath.pool)
+    .await?;
     let coordinator = token("kg-coordinator", Role::Coordinator, "bench-coordinator")?;
     // Publishable figures are of whole calendar months: the thirteen that
     // hold the year of reports, up to the first of next month.

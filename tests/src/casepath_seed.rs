@@ -18,6 +18,26 @@ use crate::{ServiceProcess, process_env, settings};
 
 pub type Client = CasepathServiceClient<Channel>;
 
+/// The per-person facts of the seeded records (what `GetStatistics`
+/// reads), derived for every person as the projections derive them at the
+/// end of a rebuild: after seeding or changing records, before asking for
+/// statistics.
+pub async fn derive_facts(pool: &PgPool) {
+    use nrm_casepath::projections::{IdentificationProjection, ReferralProjection};
+    use nrm_kernel::projection::Projection as _;
+    let country = nrm_kernel::xborder::CountryCode::parse("country", "KG").unwrap();
+    let key = nrm_casepath::domain::changes::WatchKey::new(&[0; 32]);
+    let mut conn = pool.acquire().await.unwrap();
+    IdentificationProjection::new(&country, &key)
+        .after_replay(&mut conn)
+        .await
+        .unwrap();
+    ReferralProjection::new(&country, &key)
+        .after_replay(&mut conn)
+        .await
+        .unwrap();
+}
+
 /// A casepath process with its own database, and a pool on it for seeding.
 pub struct Casepath {
     pub process: ServiceProcess,

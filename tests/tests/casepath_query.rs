@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::StreamExt as _;
 use nrm_e2e::casepath_seed::{
-    CaseSeed, Casepath, Client, StepSeed, consent, insert_step, notify, notify_touched, referral, step,
+    CaseSeed, Casepath, Client, StepSeed, consent, derive_facts, insert_step, notify, notify_touched, referral, step,
 };
 use nrm_e2e::{authorized, bad_fields, token};
 use nrm_kernel::auth::Role;
@@ -895,6 +895,7 @@ async fn publishable_statistics_suppress_a_small_cell_and_its_complement_and_kee
         )
         .await;
     }
+    derive_facts(pool).await;
     let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
     let ask = |publishable: bool| pb::GetStatisticsRequest {
         from: Some(timestamp(from)),

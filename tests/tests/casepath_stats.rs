@@ -10,7 +10,8 @@
 //!
 //! Then the insider review's re-identifications, each shown closed on a
 //! casepath whose read models are seeded by SQL (as the projections fill
-//! them): (a) a small cell among zeros beside its total; (b) a month of one
+//! them, and their per-person facts derived as a rebuild derives them):
+//! (a) a small cell among zeros beside its total; (b) a month of one
 //! person; (c) periods that differ by less than a month; (d) a rare
 //! citizenship named; (e) the anonymous count as the headline total minus
 //! the persons; (f) the samples of a time; (g) a request for k = 1; (h) a
@@ -24,7 +25,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike as _, TimeDelta, TimeZone as _, Utc};
 use nrm_e2e::casepath::{Country, rid};
-use nrm_e2e::casepath_seed::{CaseSeed, Casepath, referral};
+use nrm_e2e::casepath_seed::{CaseSeed, Casepath, derive_facts, referral};
 use nrm_e2e::{authorized, bad_fields, binary, issuer_key_path, token};
 use nrm_kernel::auth::Role;
 use nrm_kernel::validate::timestamp;
@@ -229,6 +230,7 @@ async fn notification(pool: &PgPool, on: DateTime<Utc>) {
 
 /// The exact and the publishable answer for [from, to).
 async fn both(app: &Casepath, from: DateTime<Utc>, to: DateTime<Utc>) -> (cp::Statistics, cp::Statistics) {
+    derive_facts(&app.pool).await;
     let coordinator = token("kg-coordinator", Role::Coordinator, "c-1");
     let mut client = app.client.clone();
     let raw = client
@@ -777,6 +779,7 @@ async fn the_csv_says_whether_it_may_be_published() {
     for i in 0..7 {
         case(&app.pool, from + TimeDelta::days(i), "kg", None).await;
     }
+    derive_facts(&app.pool).await;
     let period = ["--from", "2025-02-01T00:00:00Z", "--to", "2025-03-01T00:00:00Z"];
     let exact = nrmctl_stats(&app.process.endpoint, &[&["--csv"][..], &period[..]].concat()).await;
     assert_eq!(

@@ -3,13 +3,14 @@
 //! coded person, counts of open and closed records, what waits) and the
 //! stage is decided on them in Rust by [`crate::domain::stage::stage`].
 //! `GetStatistics` counts in the database ([`STATS`]: the same persons and
-//! links, the stage by the same precedence in SQL, each person's records
-//! grouped once and the dimensions counted over cells of persons); the
-//! times are PostgreSQL's `percentile_cont` over the measured intervals.
+//! links, the stage by the same precedence in SQL, over the facts the
+//! projections keep per person, and the dimensions counted over cells of
+//! persons); the times are PostgreSQL's `percentile_cont` over the measured
+//! intervals.
 //! The persons' counts, the anonymous notifications and the times are
 //! three queries run side by side. Both queries share how a return links
 //! to a person (`returns_of_persons!`) and which case codes a person
-//! (the first: `first_case!` and its lookup in [`STATS`]).
+//! (the first: `first_case!`, and `cp_person_cases` for [`STATS`]).
 
 use std::collections::BTreeMap;
 
@@ -193,113 +194,69 @@ SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.
 /// The counts of the persons first reported in [$1, $2), one row per
 /// (dimension, value), and the time from identification to reintegration;
 /// `{case}` is replaced by [`stage::sql_case`]. The same persons and facts
-/// as [`FACTS`], with what the stage needs only, in as few passes over
-/// 100,000s of persons as can be:
+/// as [`FACTS`], with what the stage needs only, read from the facts the
+/// projections keep per person (`cp_person_cases` from a person's cases,
+/// `cp_person_referrals` from their referrals and goals) rather than from
+/// every record:
 ///
-/// - `lk`: one grouping of every record linked to a person (referrals,
-///   returns by `returns_of_persons!`, admitted holds as in `linked!`,
-///   plan goals) into bits: the stage asks only whether a person has one
-///   of a kind (a pending, an accepted, a closed referral with an outcome;
-///   an open, a handed-over return; an admitted hold; a goal, an unmet
-///   goal), and when the last goal was met.
-/// - `cs`: one grouping of the cases reported from $1 on (and of later ones
-///   of a person with a case in the period), less the persons with a case
-///   before $1: exactly the persons whose first report is in the period,
-///   with all their cases; joined once to `lk`.
-/// - the coded person of a person with several cases is the first case's
-///   (as `first_case!`), looked up for those persons only, with the
-///   distinct forms of all their cases.
-/// - the dimensions, forms and the total are counted over the persons
-///   grouped by their coded values, forms and stage (some thousand cells).
+/// - `lk`: the records of other streams linked to a person (returns by
+///   `returns_of_persons!`, admitted holds as in `linked!`) into bits, as
+///   the stage asks only whether a person has one of a kind (an open, a
+///   handed-over return; an admitted hold).
+/// - `cells`: the persons whose first report is in the period (an index
+///   range of `cp_person_cases`), their bits joined (the cases' and the
+///   referrals' facts and `lk`), grouped by coded values, forms, bits and
+///   the time from identification to the last goal met (some thousand cells).
+/// - the dimensions, forms and the total are counted over the cells with
+///   their stage; the reintegration times are each cell's, `n` times.
 const STATS: &str = concat!(
     r"
 WITH ",
     returns_of_persons!(),
     r#",
 lk AS (
-    SELECT person_id, bit_or(f) AS flags, max(met_at) AS last_met_at FROM (
-        SELECT person_id,
-            CASE status WHEN 'pending' THEN 8 WHEN 'accepted' THEN 16
-                WHEN 'closed' THEN CASE WHEN outcome <> 0 THEN 32 ELSE 0 END ELSE 0 END AS f,
-            NULL::timestamptz AS met_at
-        FROM cp_referrals
-        UNION ALL
+    SELECT person_id, bit_or(f) AS flags FROM (
         SELECT person_id, CASE WHEN handed_over_at IS NULL AND status NOT IN (10, 11) THEN 64 ELSE 0 END
-            | CASE WHEN handed_over_at IS NOT NULL OR status = 10 THEN 128 ELSE 0 END, NULL
+            | CASE WHEN handed_over_at IS NOT NULL OR status = 10 THEN 128 ELSE 0 END AS f
         FROM pr
         UNION ALL
-        SELECT r.person_id, 256, NULL
+        SELECT r.person_id, 256
         FROM cp_holds h JOIN cp_referrals r ON r.referral_id = h.referral_id
         WHERE h.status = 'admitted'
         UNION ALL
-        SELECT pr.person_id, 256, NULL
+        SELECT pr.person_id, 256
         FROM cp_holds h JOIN cp_return_commits rc ON rc.commit_id = h.cause_commit_id JOIN pr ON pr.return_id = rc.return_id
         WHERE h.status = 'admitted'
-        UNION ALL
-        SELECT person_id, CASE WHEN met_at IS NULL THEN 1536 ELSE 512 END, met_at FROM cp_goals
-    ) l GROUP BY person_id
-),
-cs AS MATERIALIZED (
-    SELECT g.*, g.case_flags | coalesce(lk.flags, 0) AS flags, lk.last_met_at FROM (
-        SELECT c.person_id,
-            count(*) AS cases,
-            min(c.gender) AS gender,
-            min(c.age_band) AS age_band,
-            min(c.citizenship COLLATE "C") AS citizenship,
-            min(c.country_of_exploitation COLLATE "C") AS country_of_exploitation,
-            min(c.exploitation_forms) AS forms,
-            bit_or(CASE WHEN c.status = 2 OR (c.child AND c.status = 1) THEN 1 ELSE 0 END
-                | CASE WHEN c.status = 3 THEN 2 ELSE 0 END | CASE WHEN c.status = 4 THEN 4 ELSE 0 END) AS case_flags,
-            min(c.decided_at) FILTER (WHERE c.decision = 1) AS identified_at
-        FROM cp_cases c
-        WHERE c.reported_at >= $1
-          AND (c.reported_at < $2
-               OR c.person_id IN (SELECT person_id FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2))
-        GROUP BY c.person_id
-    ) AS g
-    LEFT JOIN lk USING (person_id)
-    WHERE NOT EXISTS (SELECT FROM cp_cases o WHERE o.person_id = g.person_id AND o.reported_at < $1)
-),
-s AS MATERIALIZED (
-    SELECT p.identified_at, p.last_met_at, p.goals, p.met, p.gender, p.age_band, p.citizenship,
-        p.country_of_exploitation, p.forms, {case} AS stage
-    FROM (
-        SELECT cs.identified_at, cs.last_met_at, cs.forms, cs.gender, cs.age_band,
-            lower(cs.citizenship COLLATE "default") AS citizenship,
-            lower(cs.country_of_exploitation COLLATE "default") AS country_of_exploitation,
-            cs.flags
-        FROM cs WHERE cs.cases = 1
-        UNION ALL
-        SELECT cs.identified_at, cs.last_met_at, fc.forms, fc.gender, fc.age_band,
-            lower(fc.citizenship), lower(fc.country_of_exploitation), cs.flags
-        FROM cs CROSS JOIN LATERAL (
-            SELECT c.gender, c.age_band, c.citizenship, c.country_of_exploitation,
-                (SELECT array_agg(DISTINCT e ORDER BY e) FROM cp_cases d CROSS JOIN unnest(d.exploitation_forms) AS e
-                 WHERE d.person_id = cs.person_id) AS forms
-            FROM cp_cases c WHERE c.person_id = cs.person_id
-            ORDER BY c.reported_at, c.case_id LIMIT 1
-        ) AS fc
-        WHERE cs.cases > 1
-    ) AS q
-    CROSS JOIN LATERAL (
-        SELECT q.flags & 1 <> 0 AS presumed, q.flags & 2 <> 0 AS identified, q.flags & 4 <> 0 AS not_identified,
-            (q.flags & 8 <> 0)::int AS pending, (q.flags & 16 <> 0)::int AS accepted, (q.flags & 32 <> 0)::int AS closed,
-            (q.flags & 64 <> 0)::int AS returns_open, (q.flags & 128 <> 0)::int AS handed_over,
-            (q.flags & 256 <> 0)::int AS admitted,
-            (q.flags & 512 <> 0)::int AS goals, (q.flags & 1536 = 512)::int AS met,
-            q.identified_at, q.last_met_at, q.gender, q.age_band, q.citizenship, q.country_of_exploitation, q.forms
-    ) AS p
+    ) AS l GROUP BY person_id
 ),
 cells AS (
-    SELECT stage, gender, age_band, citizenship, country_of_exploitation, forms, count(*) AS n
-    FROM s GROUP BY 1, 2, 3, 4, 5, 6
+    SELECT pc.case_flags | coalesce(pf.flags, 0) | coalesce(lk.flags, 0) AS flags,
+        pc.gender, pc.age_band, pc.citizenship, pc.country_of_exploitation, pc.exploitation_forms AS forms,
+        CASE WHEN coalesce(pf.flags, 0) & 1536 = 512 THEN extract(epoch FROM pf.last_met_at - pc.identified_at) END AS secs,
+        count(*) AS n
+    FROM cp_person_cases pc
+    LEFT JOIN cp_person_referrals pf USING (person_id)
+    LEFT JOIN lk USING (person_id)
+    WHERE pc.first_reported_at >= $1 AND pc.first_reported_at < $2
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+),
+s AS (
+    SELECT {case} AS stage, p.gender, p.age_band, lower(p.citizenship) AS citizenship,
+        lower(p.country_of_exploitation) AS country_of_exploitation, p.forms, p.secs, p.n
+    FROM cells CROSS JOIN LATERAL (
+        SELECT cells.flags & 1 <> 0 AS presumed, cells.flags & 2 <> 0 AS identified, cells.flags & 4 <> 0 AS not_identified,
+            (cells.flags & 8 <> 0)::int AS pending, (cells.flags & 16 <> 0)::int AS accepted, (cells.flags & 32 <> 0)::int AS closed,
+            (cells.flags & 64 <> 0)::int AS returns_open, (cells.flags & 128 <> 0)::int AS handed_over,
+            (cells.flags & 256 <> 0)::int AS admitted,
+            (cells.flags & 512 <> 0)::int AS goals, (cells.flags & 1536 = 512)::int AS met,
+            cells.gender, cells.age_band, cells.citizenship, cells.country_of_exploitation, cells.forms, cells.secs, cells.n
+    ) AS p
 ),
 done AS (
-    SELECT extract(epoch FROM last_met_at - identified_at) AS secs FROM s
-    WHERE goals > 0 AND met >= goals AND identified_at IS NOT NULL AND last_met_at IS NOT NULL
+    SELECT secs FROM s CROSS JOIN generate_series(1, s.n) WHERE secs IS NOT NULL
 ),
 forms AS (
-    SELECT e.f, sum(a.n) AS n FROM (SELECT forms, sum(n) AS n FROM cells GROUP BY forms) AS a
+    SELECT e.f, sum(a.n) AS n FROM (SELECT forms, sum(n) AS n FROM s GROUP BY forms) AS a
     CROSS JOIN LATERAL (SELECT DISTINCT unnest(a.forms)) AS e(f)
     GROUP BY e.f
 )
@@ -308,7 +265,7 @@ SELECT CASE WHEN GROUPING(stage) = 0 THEN 'stage' WHEN GROUPING(gender) = 0 THEN
         WHEN GROUPING(country_of_exploitation) = 0 THEN 'country_of_exploitation' ELSE 'persons' END AS dimension,
     coalesce(stage::text, gender::text, age_band::text, citizenship, country_of_exploitation, '') AS value,
     sum(n)::float8 AS n
-FROM cells GROUP BY GROUPING SETS ((stage), (gender), (age_band), (citizenship), (country_of_exploitation), ())
+FROM s GROUP BY GROUPING SETS ((stage), (gender), (age_band), (citizenship), (country_of_exploitation), ())
 UNION ALL SELECT 'exploitation_form', f::text, sum(n)::float8 FROM forms GROUP BY 2
 UNION ALL SELECT 'reintegration', 'samples', count(*) FROM done
 UNION ALL SELECT 'reintegration', 'median', percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM done

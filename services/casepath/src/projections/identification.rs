@@ -1,5 +1,6 @@
 //! `casepath_identification`: the identification stream into `cp_cases`,
-//! `cp_notifications` and the identification steps.
+//! `cp_notifications`, the identification steps, and each person's
+//! statistical facts derived from their cases (`cp_person_cases`).
 
 use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
@@ -20,7 +21,80 @@ pub const NAME: &str = "casepath_identification";
 /// Every row the projection owns, one text line each.
 const DIGEST: &str = "SELECT 'cp_cases|' || t::text FROM cp_cases t
     UNION ALL SELECT 'cp_notifications|' || t::text FROM cp_notifications t
+    UNION ALL SELECT 'cp_person_cases|' || t::text FROM cp_person_cases t
     UNION ALL SELECT 'cp_steps|' || t::text FROM cp_steps t WHERE t.source = 'casepath_identification'";
+
+/// `cp_person_cases` from `cp_cases` (one row per person with a case, for
+/// the statistics: [`crate::app`]'s `GetStatistics` reads these rows, not
+/// every case): the first case by (`reported_at`, `case_id`) gives the time
+/// and the coded person, the distinct forms are of all the person's cases,
+/// `case_flags` has 1 for a case presumed (screened, a child reported, under
+/// review), 2 identified, 4 not identified; `identified_at` is the first
+/// decision that identified. `$prefix` names the persons to derive (`t`),
+/// `$cases` and `$facts` restrict the cases read and the facts deleted to
+/// them. Rows are written in person order; a row that would not change is
+/// not written.
+macro_rules! person_cases {
+    ($prefix:literal, $cases:literal, $facts:literal) => {
+        concat!(
+            "WITH ",
+            $prefix,
+            r"c AS (
+    SELECT person_id, case_id, reported_at, status, child, decision, decided_at, gender, age_band,
+        citizenship, country_of_exploitation, exploitation_forms
+    FROM cp_cases WHERE ",
+            $cases,
+            r"
+),
+a AS (
+    SELECT person_id, count(*)::integer AS cases,
+        bit_or(CASE WHEN status = 2 OR (child AND status = 1) THEN 1 ELSE 0 END
+            | CASE WHEN status = 3 THEN 2 ELSE 0 END | CASE WHEN status = 4 THEN 4 ELSE 0 END) AS case_flags,
+        min(decided_at) FILTER (WHERE decision = 1) AS identified_at
+    FROM c GROUP BY person_id
+),
+f AS (
+    SELECT DISTINCT ON (person_id) person_id, reported_at, gender, age_band, citizenship, country_of_exploitation
+    FROM c ORDER BY person_id, reported_at, case_id
+),
+e AS (
+    SELECT c.person_id, array_agg(DISTINCT x ORDER BY x) AS forms
+    FROM c CROSS JOIN unnest(c.exploitation_forms) AS x GROUP BY c.person_id
+),
+gone AS (
+    DELETE FROM cp_person_cases s
+    WHERE ",
+            $facts,
+            r" AND NOT EXISTS (SELECT FROM c WHERE c.person_id = s.person_id)
+)
+INSERT INTO cp_person_cases AS s (person_id, cases, first_reported_at, gender, age_band, citizenship,
+    country_of_exploitation, exploitation_forms, case_flags, identified_at)
+SELECT f.person_id, a.cases, f.reported_at, f.gender, f.age_band, f.citizenship, f.country_of_exploitation,
+    coalesce(e.forms, '{}'), a.case_flags, a.identified_at
+FROM f JOIN a USING (person_id) LEFT JOIN e USING (person_id)
+ORDER BY f.person_id
+ON CONFLICT (person_id) DO UPDATE SET cases = excluded.cases, first_reported_at = excluded.first_reported_at,
+    gender = excluded.gender, age_band = excluded.age_band, citizenship = excluded.citizenship,
+    country_of_exploitation = excluded.country_of_exploitation, exploitation_forms = excluded.exploitation_forms,
+    case_flags = excluded.case_flags, identified_at = excluded.identified_at
+WHERE (s.cases, s.first_reported_at, s.gender, s.age_band, s.citizenship, s.country_of_exploitation,
+       s.exploitation_forms, s.case_flags, s.identified_at)
+    IS DISTINCT FROM (excluded.cases, excluded.first_reported_at, excluded.gender, excluded.age_band,
+       excluded.citizenship, excluded.country_of_exploitation, excluded.exploitation_forms, excluded.case_flags,
+       excluded.identified_at)"
+        )
+    };
+}
+
+/// [`person_cases!`] of the persons of the cases `$1` and the persons `$2`.
+const PERSON_CASES_OF: &str = person_cases!(
+    "t AS (SELECT person_id FROM cp_cases WHERE case_id = ANY($1::uuid[]) UNION SELECT unnest($2::uuid[])),\n",
+    "person_id IN (SELECT person_id FROM t)",
+    "s.person_id IN (SELECT person_id FROM t)"
+);
+
+/// [`person_cases!`] of every person.
+const PERSON_CASES_ALL: &str = person_cases!("", "true", "true");
 
 /// The identification projection.
 #[derive(Debug, Clone)]
@@ -52,7 +126,7 @@ impl Projection for IdentificationProjection {
 
     async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
         super::apply_commits(
-            uow.conn(),
+            uow,
             NAME,
             &self.country,
             &self.watch_key,
@@ -65,7 +139,14 @@ impl Projection for IdentificationProjection {
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
         sqlx::query("DELETE FROM cp_cases").execute(&mut *conn).await?;
         sqlx::query("DELETE FROM cp_notifications").execute(&mut *conn).await?;
+        sqlx::query("DELETE FROM cp_person_cases").execute(&mut *conn).await?;
         super::reset_steps(conn, NAME).await
+    }
+
+    /// Every person's `cp_person_cases`, once, from the replayed cases.
+    async fn after_replay(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query(PERSON_CASES_ALL).execute(conn).await?;
+        Ok(())
     }
 
     async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
@@ -75,7 +156,7 @@ impl Projection for IdentificationProjection {
     /// Its own tables and `cp_steps`, of which its digest counts its own
     /// rows (a rebuild compares in a shadow of them).
     fn tables(&self) -> &'static [&'static str] {
-        &["cp_cases", "cp_notifications", "cp_steps"]
+        &["cp_cases", "cp_notifications", "cp_person_cases", "cp_steps"]
     }
 }
 
@@ -229,6 +310,27 @@ impl super::Write for IdentificationWrite {
             .execute(&mut *conn)
             .await?;
         }
+        Ok(())
+    }
+
+    async fn refresh(conn: &mut PgConnection, writes: &[&Self]) -> Result<(), anyhow::Error> {
+        let mut cases = Vec::new();
+        let mut persons = Vec::new();
+        for write in writes {
+            match (write, write.row()) {
+                (Self::Erased { person_id, .. }, _) => persons.push(person_id.as_uuid()),
+                (_, Some(("cp_cases", case_id))) => cases.push(case_id),
+                _ => {}
+            }
+        }
+        if cases.is_empty() && persons.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(PERSON_CASES_OF)
+            .bind(cases)
+            .bind(persons)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

@@ -37,6 +37,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use nrm_kernel::projection::{AtCommit, Delivery, Unprocessable};
 use nrm_kernel::service::Kit;
+use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::telemetry;
 use nrm_kernel::xborder::CountryCode;
 use prost::Message as _;
@@ -120,6 +121,22 @@ trait Write: Touches + Send + Sync + Sized {
         conn: &'a mut PgConnection,
         round: &'a [&'a Self],
     ) -> impl Future<Output = Result<(), anyhow::Error>> + Send + 'a;
+
+    /// Derives again, from the projection's own records, what it keeps per
+    /// person for the statistics (`cp_person_cases`, `cp_person_referrals`)
+    /// for every person whose records `writes` (all of a batch's, after
+    /// all its rounds) may have changed. Not during a replay, which derives
+    /// them for everyone once at its end ([`Projection::after_replay`]).
+    /// Nothing by default.
+    ///
+    /// [`Projection::after_replay`]: nrm_kernel::projection::Projection::after_replay
+    fn refresh<'a>(
+        conn: &'a mut PgConnection,
+        writes: &'a [&'a Self],
+    ) -> impl Future<Output = Result<(), anyhow::Error>> + Send + 'a {
+        let _ = (conn, writes);
+        async { Ok(()) }
+    }
 }
 
 /// The writes of `effects` (in stream order) in the rounds they run in:
@@ -158,7 +175,7 @@ fn rounds<W: Write>(effects: &[Effect<W>]) -> Vec<Vec<&W>> {
 /// A commit the mapping refuses or whose ID is malformed: [`AtCommit`]
 /// of [`Unprocessable`]; the database's errors as they are.
 async fn apply_commits<W: Write>(
-    conn: &mut PgConnection,
+    uow: &mut UnitOfWork,
     source: &'static str,
     country: &CountryCode,
     watch_key: &WatchKey,
@@ -189,18 +206,21 @@ async fn apply_commits<W: Write>(
             report_skipped(source, delivery, &effect.skipped);
             effects.push(effect);
         }
-        write_batch(conn, source, watch_key, deliveries, &effects).await
+        let replaying = uow.replaying();
+        write_batch(uow.conn(), replaying, source, watch_key, deliveries, &effects).await
     }
     .instrument(span)
     .await
 }
 
 /// Writes what `effects` (of `deliveries`, one each) do: their rounds of
-/// writes, then their steps and the notification on [`CHANGED`] of what
-/// each commit touched. Commits that change nothing write and notify
-/// nothing.
+/// writes, the facts of the persons they touched ([`Write::refresh`],
+/// unless `replaying`), then their steps and the notification on
+/// [`CHANGED`] of what each commit touched. Commits that change nothing
+/// write and notify nothing.
 async fn write_batch<W: Write>(
     conn: &mut PgConnection,
+    replaying: bool,
     source: &'static str,
     watch_key: &WatchKey,
     deliveries: &[&Delivery],
@@ -209,6 +229,10 @@ async fn write_batch<W: Write>(
     let steps = Steps::of(source, watch_key, deliveries, effects)?;
     for round in rounds(effects) {
         W::run(&mut *conn, &round).await?;
+    }
+    let writes: Vec<&W> = effects.iter().flat_map(|e| &e.writes).collect();
+    if !replaying && !writes.is_empty() {
+        W::refresh(&mut *conn, &writes).await?;
     }
     steps.write(conn).await
 }

@@ -1,5 +1,6 @@
 //! `casepath_referral`: the referral stream (consents, referrals, plans)
-//! into `cp_consents`, `cp_referrals`, `cp_goals` and their steps.
+//! into `cp_consents`, `cp_referrals`, `cp_goals`, their steps, and each
+//! person's statistical facts derived from them (`cp_person_referrals`).
 
 use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
@@ -21,7 +22,59 @@ pub const NAME: &str = "casepath_referral";
 const DIGEST: &str = "SELECT 'cp_consents|' || t::text FROM cp_consents t
     UNION ALL SELECT 'cp_referrals|' || t::text FROM cp_referrals t
     UNION ALL SELECT 'cp_goals|' || t::text FROM cp_goals t
+    UNION ALL SELECT 'cp_person_referrals|' || t::text FROM cp_person_referrals t
     UNION ALL SELECT 'cp_steps|' || t::text FROM cp_steps t WHERE t.source = 'casepath_referral'";
+
+/// `cp_person_referrals` from `cp_referrals` and `cp_goals` (one row per
+/// person with a referral or a plan goal, for the statistics): `flags` has
+/// 8 for a referral pending, 16 accepted, 32 closed with an outcome, 512 a
+/// plan goal, 1024 a goal not met; `last_met_at` is when the last goal was
+/// met. `$prefix`, `$records` and `$facts` as in `person_cases!`
+/// (identification).
+macro_rules! person_referrals {
+    ($prefix:literal, $records:literal, $facts:literal) => {
+        concat!(
+            "WITH ",
+            $prefix,
+            r"x AS (
+    SELECT person_id,
+        CASE status WHEN 'pending' THEN 8 WHEN 'accepted' THEN 16
+            WHEN 'closed' THEN CASE WHEN outcome <> 0 THEN 32 ELSE 0 END ELSE 0 END AS f,
+        NULL::timestamptz AS met_at
+    FROM cp_referrals WHERE ",
+            $records,
+            r"
+    UNION ALL
+    SELECT person_id, CASE WHEN met_at IS NULL THEN 1536 ELSE 512 END, met_at
+    FROM cp_goals WHERE ",
+            $records,
+            r"
+),
+gone AS (
+    DELETE FROM cp_person_referrals s
+    WHERE ",
+            $facts,
+            r" AND NOT EXISTS (SELECT FROM x WHERE x.person_id = s.person_id)
+)
+INSERT INTO cp_person_referrals AS s (person_id, flags, last_met_at)
+SELECT person_id, bit_or(f), max(met_at) FROM x GROUP BY person_id
+ORDER BY person_id
+ON CONFLICT (person_id) DO UPDATE SET flags = excluded.flags, last_met_at = excluded.last_met_at
+WHERE (s.flags, s.last_met_at) IS DISTINCT FROM (excluded.flags, excluded.last_met_at)"
+        )
+    };
+}
+
+/// [`person_referrals!`] of the persons of the referrals `$1` and the goals `$2`.
+const PERSON_REFERRALS_OF: &str = person_referrals!(
+    "t AS (SELECT person_id FROM cp_referrals WHERE referral_id = ANY($1::uuid[])
+    UNION SELECT person_id FROM cp_goals WHERE goal_id = ANY($2::uuid[])),\n",
+    "person_id IN (SELECT person_id FROM t)",
+    "s.person_id IN (SELECT person_id FROM t)"
+);
+
+/// [`person_referrals!`] of every person.
+const PERSON_REFERRALS_ALL: &str = person_referrals!("", "true", "true");
 
 /// The referral projection.
 #[derive(Debug, Clone)]
@@ -53,7 +106,7 @@ impl Projection for ReferralProjection {
 
     async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
         super::apply_commits(
-            uow.conn(),
+            uow,
             NAME,
             &self.country,
             &self.watch_key,
@@ -67,7 +120,16 @@ impl Projection for ReferralProjection {
         sqlx::query("DELETE FROM cp_consents").execute(&mut *conn).await?;
         sqlx::query("DELETE FROM cp_referrals").execute(&mut *conn).await?;
         sqlx::query("DELETE FROM cp_goals").execute(&mut *conn).await?;
+        sqlx::query("DELETE FROM cp_person_referrals")
+            .execute(&mut *conn)
+            .await?;
         super::reset_steps(conn, NAME).await
+    }
+
+    /// Every person's `cp_person_referrals`, once, from the replayed records.
+    async fn after_replay(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
+        sqlx::query(PERSON_REFERRALS_ALL).execute(conn).await?;
+        Ok(())
     }
 
     async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
@@ -77,7 +139,13 @@ impl Projection for ReferralProjection {
     /// Its own tables and `cp_steps`, of which its digest counts its own
     /// rows (a rebuild compares in a shadow of them).
     fn tables(&self) -> &'static [&'static str] {
-        &["cp_consents", "cp_referrals", "cp_goals", "cp_steps"]
+        &[
+            "cp_consents",
+            "cp_referrals",
+            "cp_goals",
+            "cp_person_referrals",
+            "cp_steps",
+        ]
     }
 }
 
@@ -288,6 +356,27 @@ impl super::Write for ReferralWrite {
             .execute(&mut *conn)
             .await?;
         }
+        Ok(())
+    }
+
+    async fn refresh(conn: &mut PgConnection, writes: &[&Self]) -> Result<(), anyhow::Error> {
+        let mut referrals = Vec::new();
+        let mut goals = Vec::new();
+        for write in writes {
+            match write.row() {
+                Some(("cp_referrals", id)) => referrals.push(id),
+                Some(("cp_goals", id)) => goals.push(id),
+                _ => {}
+            }
+        }
+        if referrals.is_empty() && goals.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(PERSON_REFERRALS_OF)
+            .bind(referrals)
+            .bind(goals)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

@@ -58,7 +58,7 @@ impl Projection for RepatriationProjection {
 
     async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
         super::apply_commits(
-            uow.conn(),
+            uow,
             NAME,
             &self.country,
             &self.watch_key,

@@ -57,7 +57,7 @@ impl Projection for ShelterProjection {
 
     async fn apply_batch(&self, uow: &mut UnitOfWork, deliveries: &[&Delivery]) -> Result<(), anyhow::Error> {
         super::apply_commits(
-            uow.conn(),
+            uow,
             NAME,
             &self.country,
             &self.watch_key,
