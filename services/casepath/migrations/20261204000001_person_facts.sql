@@ -37,9 +37,66 @@ CREATE TABLE cp_person_referrals (
     last_met_at timestamptz
 );
 
--- A deployment that already has read models gets the facts of every person
--- the one way they are derived: the two projections, having no checkpoint,
--- rebuild their read models from their streams at the next start (the
--- streams keep every message), and derive the facts at the end of it.
-DELETE FROM projection_checkpoints
-WHERE projection IN ('casepath_identification', 'casepath_referral');
+-- A deployment that already has read models: every person's facts, from the
+-- records as they stand (the statements of PERSON_CASES_ALL and
+-- PERSON_REFERRALS_ALL in the projections, as of this version). Every
+-- casepath replica of an older version must be stopped first: it would
+-- apply batches without deriving the facts.
+WITH c AS (
+    SELECT person_id, case_id, reported_at, status, child, decision, decided_at, gender, age_band,
+        citizenship, country_of_exploitation, exploitation_forms
+    FROM cp_cases WHERE true
+),
+a AS (
+    SELECT person_id, count(*)::integer AS cases,
+        bit_or(CASE WHEN status = 2 OR (child AND status = 1) THEN 1 ELSE 0 END
+            | CASE WHEN status = 3 THEN 2 ELSE 0 END | CASE WHEN status = 4 THEN 4 ELSE 0 END) AS case_flags,
+        min(decided_at) FILTER (WHERE decision = 1) AS identified_at
+    FROM c GROUP BY person_id
+),
+f AS (
+    SELECT DISTINCT ON (person_id) person_id, reported_at, gender, age_band, citizenship, country_of_exploitation
+    FROM c ORDER BY person_id, reported_at, case_id
+),
+e AS (
+    SELECT c.person_id, array_agg(DISTINCT x ORDER BY x) AS forms
+    FROM c CROSS JOIN unnest(c.exploitation_forms) AS x GROUP BY c.person_id
+),
+gone AS (
+    DELETE FROM cp_person_cases s
+    WHERE true AND NOT EXISTS (SELECT FROM c WHERE c.person_id = s.person_id)
+)
+INSERT INTO cp_person_cases AS s (person_id, cases, first_reported_at, gender, age_band, citizenship,
+    country_of_exploitation, exploitation_forms, case_flags, identified_at)
+SELECT f.person_id, a.cases, f.reported_at, f.gender, f.age_band, f.citizenship, f.country_of_exploitation,
+    coalesce(e.forms, '{}'), a.case_flags, a.identified_at
+FROM f JOIN a USING (person_id) LEFT JOIN e USING (person_id)
+ORDER BY f.person_id
+ON CONFLICT (person_id) DO UPDATE SET cases = excluded.cases, first_reported_at = excluded.first_reported_at,
+    gender = excluded.gender, age_band = excluded.age_band, citizenship = excluded.citizenship,
+    country_of_exploitation = excluded.country_of_exploitation, exploitation_forms = excluded.exploitation_forms,
+    case_flags = excluded.case_flags, identified_at = excluded.identified_at
+WHERE (s.cases, s.first_reported_at, s.gender, s.age_band, s.citizenship, s.country_of_exploitation,
+       s.exploitation_forms, s.case_flags, s.identified_at)
+    IS DISTINCT FROM (excluded.cases, excluded.first_reported_at, excluded.gender, excluded.age_band,
+       excluded.citizenship, excluded.country_of_exploitation, excluded.exploitation_forms, excluded.case_flags,
+       excluded.identified_at);
+WITH x AS (
+    SELECT person_id,
+        CASE status WHEN 'pending' THEN 8 WHEN 'accepted' THEN 16
+            WHEN 'closed' THEN CASE WHEN outcome <> 0 THEN 32 ELSE 0 END ELSE 0 END AS f,
+        NULL::timestamptz AS met_at
+    FROM cp_referrals WHERE true
+    UNION ALL
+    SELECT person_id, CASE WHEN met_at IS NULL THEN 1536 ELSE 512 END, met_at
+    FROM cp_goals WHERE true
+),
+gone AS (
+    DELETE FROM cp_person_referrals s
+    WHERE true AND NOT EXISTS (SELECT FROM x WHERE x.person_id = s.person_id)
+)
+INSERT INTO cp_person_referrals AS s (person_id, flags, last_met_at)
+SELECT person_id, bit_or(f), max(met_at) FROM x GROUP BY person_id
+ORDER BY person_id
+ON CONFLICT (person_id) DO UPDATE SET flags = excluded.flags, last_met_at = excluded.last_met_at
+WHERE (s.flags, s.last_met_at) IS DISTINCT FROM (excluded.flags, excluded.last_met_at);

@@ -167,13 +167,14 @@ pub trait Projection: Send + Sync + 'static {
         }
     }
 
-    /// Completes, once a replay has applied every message, what the
+    /// Completes, once a rebuild has replayed every message, what the
     /// projection leaves undone while it replays ([`UnitOfWork::replaying`]):
     /// rows derived from the records as a whole (per-person aggregates, for
     /// example) are then written once, from the replayed records, instead
-    /// of after every batch. Called in the replay's transaction (a rebuild's,
-    /// after its reset; a shadow's own, on the shadow's tables), before its
-    /// checkpoint and its digest. By default: nothing.
+    /// of after every batch. Called in the rebuild's one transaction (after
+    /// its reset and replay), before its checkpoint and its digest; not in
+    /// a shadow comparison, whose short transactions apply as live ones do.
+    /// By default: nothing.
     fn after_replay(&self, conn: &mut PgConnection) -> impl Future<Output = Result<(), anyhow::Error>> + Send {
         let _ = conn;
         async { Ok(()) }
@@ -1468,8 +1469,11 @@ impl<P: Projection> ProjectionRunner<P> {
             if batch.is_empty() {
                 break;
             }
+            // Not `replaying`: each batch is a short transaction of its own
+            // and derives what it touched as a live one does, so that the
+            // shadow never holds one long transaction (and with it every
+            // relay's horizon) for all of its derived rows at the end.
             let mut uow = store.begin().await?;
-            uow.set_replaying();
             still_shadowed(uow.conn(), &tables, pid).await?;
             // Impatient: a failing message is set aside in the shadow at once
             // (the transaction holds back every relay while it is open, and
@@ -1482,13 +1486,6 @@ impl<P: Projection> ProjectionRunner<P> {
             // that transaction: it need not wait for its next poll.
             self.store.appended_signal().notify_one();
         }
-        let mut uow = store.begin().await?;
-        still_shadowed(uow.conn(), &tables, pid).await?;
-        self.projection
-            .after_replay(uow.conn())
-            .await
-            .map_err(|e| self.outside_tables(e))?;
-        uow.commit().await.map_err(|e| self.outside_tables(e.into()))?;
         let mut conn = pool.acquire().await?;
         still_shadowed(&mut conn, &tables, pid).await?;
         let digest = self.projection.digest(&mut conn).await?;

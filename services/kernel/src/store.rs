@@ -454,9 +454,10 @@ impl UnitOfWork {
         &mut self.tx
     }
 
-    /// Whether this unit of work replays a stream into a read model (a
-    /// rebuild after its reset, or a shadow of it): what a projection
-    /// derives from its records as a whole it may then leave to
+    /// Whether this unit of work replays a stream into a read model: a
+    /// rebuild's one transaction, after its reset (not a shadow
+    /// comparison's short ones). What a projection derives from its records
+    /// as a whole it may then leave to
     /// [`crate::projection::Projection::after_replay`], once.
     #[must_use]
     pub fn replaying(&self) -> bool {

@@ -125,9 +125,15 @@ trait Write: Touches + Send + Sync + Sized {
     /// Derives again, from the projection's own records, what it keeps per
     /// person for the statistics (`cp_person_cases`, `cp_person_referrals`)
     /// for every person whose records `writes` (all of a batch's, after
-    /// all its rounds) may have changed. Not during a replay, which derives
+    /// all its rounds) may have changed. Not during a rebuild, which derives
     /// them for everyone once at its end ([`Projection::after_replay`]).
     /// Nothing by default.
+    ///
+    /// The persons are found from the written rows as they are after the
+    /// writes: no write deletes a record or moves it to another person. A
+    /// write that ever does must name the person it took the record from
+    /// (as an erasure names its person), or that person's facts would stay
+    /// as they were.
     ///
     /// [`Projection::after_replay`]: nrm_kernel::projection::Projection::after_replay
     fn refresh<'a>(
