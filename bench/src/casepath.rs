@@ -70,6 +70,9 @@ pub const STATS_AIM_US: u64 = 200_000;
 const BATCH: usize = 500;
 /// Longest any phase may take.
 const LIMIT: Duration = Duration::from_secs(1800);
+/// The share of the lag phase's rate the bench must have sent for its
+/// measurement to count: below it, the machine (not the services) set the pace.
+const SENT_SHARE: f64 = 0.99;
 /// Sequential statistics calls.
 const STATS_CALLS: usize = 30;
 
@@ -118,7 +121,11 @@ pub struct Lag {
     pub seen: usize,
     /// The rate asked for, and the rate achieved.
     pub rate: u64,
-    /// Achieved commands a second.
+    /// Commands a second the bench actually sent: on a busy machine its
+    /// own pacing falls behind, and a lag at a lower rate is not the one asked
+    /// for (the aim then counts as not met).
+    pub sent_rate: f64,
+    /// Commands a second acknowledged: all of them over the time until the last answer.
     pub achieved: f64,
     /// p50, p99 and the largest lag, µs.
     pub p50_us: u64,
@@ -579,6 +586,8 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
             let _ = tx.send((watched, (index, n), Instant::now(), answer));
         }));
     }
+    // The last one went out now: the rate sent, apart from the rate answered.
+    let sent_rate = total as f64 / started.elapsed().as_secs_f64();
     for sender in senders {
         let _ = sender.await;
     }
@@ -635,6 +644,7 @@ async fn lag(database_url: &str, nats_url: &str, plan: &Plan) -> anyhow::Result<
         sent: acks.len(),
         seen: shown,
         rate: plan.rate,
+        sent_rate,
         achieved,
         p50_us: histogram.value_at_quantile(0.50),
         p99_us: histogram.value_at_quantile(0.99),
@@ -843,8 +853,9 @@ pub fn markdown(r: &CasepathResults) -> String {
     if let Some(lag) = &r.lag {
         let _ = writeln!(
             out,
-            "| RecordConsent acknowledged → watched path shows it, {} commands/s asked ({:.0} achieved, {} acknowledged, not acknowledged: {}) over {} persons, {} watched; of the watched persons' commands {} of {} seen | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | p99 < {} ms: {} |",
+            "| RecordConsent acknowledged → watched path shows it, {} commands/s asked ({:.0} sent, {:.0} achieved, {} acknowledged, not acknowledged: {}) over {} persons, {} watched; of the watched persons' commands {} of {} seen | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | p99 < {} ms: {} |",
             lag.rate,
+            lag.sent_rate,
             lag.achieved,
             lag.acknowledged,
             if lag.refused.is_empty() {
@@ -864,7 +875,7 @@ pub fn markdown(r: &CasepathResults) -> String {
             lag.p99_us as f64 / 1000.0,
             lag.max_us as f64 / 1000.0,
             LAG_AIM_US / 1000,
-            met(lag.p99_us < LAG_AIM_US && lag.seen == lag.sent)
+            met(lag.p99_us < LAG_AIM_US && lag.seen == lag.sent && lag.sent_rate >= lag.rate as f64 * SENT_SHARE)
         );
     }
     if let Some((persons, calls, p50, p99)) = r.statistics {

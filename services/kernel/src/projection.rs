@@ -462,6 +462,51 @@ impl Versions {
         Ok(())
     }
 
+    /// [`Versions::flush`] and [`write_checkpoint`] in one statement: the
+    /// live runner ends every batch with both, and each round trip of a
+    /// batch is lag between a command and its read model (and time its
+    /// transaction holds back the relays' horizon).
+    async fn flush_with_checkpoint(
+        &mut self,
+        conn: &mut PgConnection,
+        projection: &str,
+        sequence: u64,
+        identity: &StreamIdentity,
+        commit_id: Option<Uuid>,
+    ) -> Result<(), anyhow::Error> {
+        if self.pending.is_empty() {
+            return write_checkpoint(conn, projection, sequence, identity, commit_id).await;
+        }
+        let (ids, versions): (Vec<&str>, Vec<i64>) = self.pending.iter().map(|(id, v)| (id.as_str(), *v)).unzip();
+        sqlx::query(
+            "WITH versions AS (
+                 INSERT INTO projection_versions (projection, stream_id, version)
+                 SELECT $1, v.stream_id, v.version FROM unnest($6::text[], $7::int8[]) AS v(stream_id, version)
+                 ON CONFLICT (projection, stream_id) DO UPDATE SET version = EXCLUDED.version
+             )
+             UPDATE projection_checkpoints
+             SET stream_sequence = $2, stream_name = $3, stream_created = $4, commit_id = $5, updated_at = now()
+             WHERE projection = $1",
+        )
+        .bind(projection)
+        .bind(i64::try_from(sequence)?)
+        .bind(&identity.name)
+        .bind(identity.created)
+        .bind(commit_id)
+        .bind(&ids)
+        .bind(&versions)
+        .execute(conn)
+        .await?;
+        for (id, version) in self.pending.drain() {
+            self.known.insert(id, Some(version));
+        }
+        if self.known.len() > VERSIONS_KEPT {
+            self.known.clear();
+            self.complete = false;
+        }
+        Ok(())
+    }
+
     /// Forgets what was admitted since the last flush (rolled back).
     fn discard(&mut self) {
         self.pending.clear();
@@ -866,8 +911,7 @@ impl<P: Projection> ProjectionRunner<P> {
 
     async fn try_batch(&self, identity: &StreamIdentity, raws: &[Raw<'_>]) -> Result<Batched, anyhow::Error> {
         let mut uow = self.store.begin().await?;
-        read_model_commit(uow.conn()).await?;
-        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        let checkpoint = lock_read_model_checkpoint(uow.conn(), self.name()).await?;
         let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
         if !fresh && checkpoint.identity.as_ref() != Some(identity) {
             return Err(Restart::OtherStream.into());
@@ -915,8 +959,9 @@ impl<P: Projection> ProjectionRunner<P> {
                 }
             });
         }
-        versions.flush(uow.conn(), self.name()).await?;
-        write_checkpoint(uow.conn(), self.name(), last.sequence, identity, last.commit_id()).await?;
+        versions
+            .flush_with_checkpoint(uow.conn(), self.name(), last.sequence, identity, last.commit_id())
+            .await?;
         uow.commit().await?;
         metrics::counter!("nrm_projection_applied_total", "projection" => self.name()).increment(new.len() as u64);
         Ok(Batched::Applied)
@@ -981,10 +1026,11 @@ impl<P: Projection> ProjectionRunner<P> {
         park: Option<(u32, &anyhow::Error)>,
     ) -> Result<Outcome, anyhow::Error> {
         let mut uow = self.store.begin().await?;
-        if P::READ_MODEL {
-            read_model_commit(uow.conn()).await?;
-        }
-        let checkpoint = lock_checkpoint(uow.conn(), self.name()).await?;
+        let checkpoint = if P::READ_MODEL {
+            lock_read_model_checkpoint(uow.conn(), self.name()).await?
+        } else {
+            lock_checkpoint(uow.conn(), self.name()).await?
+        };
         // A checkpoint that never counted anything takes this stream's identity.
         let fresh = checkpoint.identity.is_none() && checkpoint.sequence == 0;
         if !fresh && checkpoint.identity.as_ref() != Some(identity) {
@@ -1020,14 +1066,16 @@ impl<P: Projection> ProjectionRunner<P> {
             park_message(uow.conn(), self.name(), identity, raw, attempts, err).await?;
             metrics::counter!("nrm_projection_parked_total", "projection" => self.name()).increment(1);
             tracing::error!(projection = self.name(), stream = %identity.name, stream_sequence = raw.sequence, commit_id = ?raw.commit_id(), attempts, error = %err, "message parked: the handler kept failing");
+            write_checkpoint(uow.conn(), self.name(), raw.sequence, identity, raw.commit_id()).await?;
             Outcome::Parked
         } else {
             let mut versions = Versions::default();
             self.apply(&mut uow, raw, &mut versions).await?;
-            versions.flush(uow.conn(), self.name()).await?;
+            versions
+                .flush_with_checkpoint(uow.conn(), self.name(), raw.sequence, identity, raw.commit_id())
+                .await?;
             Outcome::Applied
         };
-        write_checkpoint(uow.conn(), self.name(), raw.sequence, identity, raw.commit_id()).await?;
         uow.commit().await?;
         if outcome == Outcome::Applied {
             metrics::counter!("nrm_projection_applied_total", "projection" => self.name()).increment(1);
@@ -1865,6 +1913,27 @@ async fn lock_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<Ch
     .fetch_one(&mut *conn)
     .await?;
     Ok(checkpoint_from_row(&row)?)
+}
+
+/// [`read_model_commit`] and [`lock_checkpoint`] in one round trip, for the
+/// live runner: each round trip of a batch is lag between a command and its
+/// read model. Only a runner's first transaction (no row yet) takes them
+/// one by one.
+async fn lock_read_model_checkpoint(conn: &mut PgConnection, projection: &str) -> Result<Checkpoint, anyhow::Error> {
+    let row = sqlx::query(
+        "SELECT set_config('synchronous_commit', 'off', true), stream_sequence, stream_name, stream_created, commit_id
+         FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+    )
+    .bind(projection)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(row) => Ok(checkpoint_from_row(&row)?),
+        None => {
+            read_model_commit(conn).await?;
+            lock_checkpoint(conn, projection).await
+        }
+    }
 }
 
 /// Lets the transaction of a read model (never a reaction's, whose events

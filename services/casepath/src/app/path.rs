@@ -409,9 +409,12 @@ fn decide(ctx: &CallContext, records: &Records, now: DateTime<Utc>) -> Sight {
 impl Casepath {
     /// Gathers every record of `person` in one read-only snapshot.
     async fn records(&self, person: Uuid) -> Result<Records, AppError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
+        // One snapshot for all the reads, begun in one round trip (not a
+        // BEGIN and a SET TRANSACTION apart): every watch runs this again on
+        // each change of its person, and each round trip is lag.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
         let cases = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {CASE_COLUMNS} FROM cp_cases WHERE person_id = $1 ORDER BY reported_at, case_id"
