@@ -1679,6 +1679,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 true,
             )
             .await?;
+            drop_elsewhere(messages);
         }
     }
 
@@ -1703,7 +1704,11 @@ impl<P: Projection> ProjectionRunner<P> {
         let decoded = decoded.unwrap_or_else(|| raws.iter().map(Raw::delivery).collect());
         sqlx::query("SAVEPOINT nrm_batch").execute(uow.conn()).await?;
         let applied = match decoded {
-            Ok(deliveries) => self.apply_all(uow, &deliveries, versions).await,
+            Ok(deliveries) => {
+                let applied = self.apply_all(uow, &deliveries, versions).await;
+                drop_elsewhere(deliveries);
+                applied
+            }
             Err(err) => Err(err),
         };
         match applied {
@@ -1809,6 +1814,13 @@ impl ReadBatch {
             .map(|raws| raws.iter().map(Raw::delivery).collect());
         Self { messages, deliveries }
     }
+}
+
+/// Frees `value` in a task of its own: a batch's messages and commits are
+/// thousands of allocations (header maps, strings, events), which the
+/// replay's writer need not free between two batches' writes.
+fn drop_elsewhere<T: Send + 'static>(value: T) {
+    drop(tokio::spawn(async move { drop(value) }));
 }
 
 /// The next messages of `replay`, at most `most`; none at its end.
