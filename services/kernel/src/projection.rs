@@ -1526,9 +1526,18 @@ impl<P: Projection> ProjectionRunner<P> {
             // Impatient: a failing message is set aside in the shadow at once
             // (the transaction holds back every relay while it is open, and
             // a shadow that differs is rebuilt in place, patiently, anyway).
-            self.replay_batch(&mut uow, identity, &batch, &none, &mut versions, &mut replayed, false)
-                .await
-                .map_err(|e| self.outside_tables(e))?;
+            self.replay_batch(
+                &mut uow,
+                identity,
+                &batch,
+                None,
+                &none,
+                &mut versions,
+                &mut replayed,
+                false,
+            )
+            .await
+            .map_err(|e| self.outside_tables(e))?;
             uow.commit().await.map_err(|e| self.outside_tables(e.into()))?;
             // This service's relay may have found a commit held back by
             // that transaction: it need not wait for its next poll.
@@ -1671,15 +1680,16 @@ impl<P: Projection> ProjectionRunner<P> {
         uow.set_replaying();
         let mut replayed = Replayed::default();
         let mut versions = Versions::after_reset();
-        // The next batches are read from the stream while this one is
-        // written (the stream and the database each wait less on the other);
-        // the reader stops with the replay, however it ends.
+        // The next batches are read from the stream and decoded while this
+        // one is written (the stream, the decoding and the database each
+        // wait less on the others); the reader stops with the replay,
+        // however it ends.
         let (batches, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
         let mut reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             async move {
                 loop {
-                    let batch = next_batch(&mut replay, BATCH).await;
-                    let last = batch.as_ref().map_or(true, Vec::is_empty);
+                    let batch = next_batch(&mut replay, BATCH).await.map(ReadBatch::decoded);
+                    let last = batch.as_ref().map_or(true, |b| b.messages.is_empty());
                     if batches.send(batch).await.is_err() || last {
                         return;
                     }
@@ -1698,34 +1708,52 @@ impl<P: Projection> ProjectionRunner<P> {
                 };
                 anyhow::bail!("the replay's reader {how} before the end");
             };
-            let batch = batch?;
-            if batch.is_empty() {
+            let ReadBatch { messages, deliveries } = batch?;
+            if messages.is_empty() {
                 self.projection.after_replay(uow.conn()).await?;
                 return Ok(replayed);
             }
-            self.replay_batch(uow, identity, &batch, &earlier, &mut versions, &mut replayed, true)
-                .await?;
+            self.replay_batch(
+                uow,
+                identity,
+                &messages,
+                deliveries,
+                &earlier,
+                &mut versions,
+                &mut replayed,
+                true,
+            )
+            .await?;
+            drop_elsewhere(messages);
         }
     }
 
     /// Messages of a rebuild under one savepoint; when one of them fails,
     /// the savepoint is rolled back and each message applied on its own
     /// ([`ProjectionRunner::apply_in_rebuild`]: retried, then parked).
+    /// `decoded`: their deliveries as [`ReadBatch::decoded`] gave them, if
+    /// the reader decoded them already (else they are decoded here).
     #[allow(clippy::too_many_arguments)] // One call site each for rebuilds and shadows.
     async fn replay_batch(
         &self,
         uow: &mut UnitOfWork,
         identity: &StreamIdentity,
         batch: &[async_nats::jetstream::Message],
+        decoded: Option<Result<Vec<Delivery>, anyhow::Error>>,
         earlier: &HashMap<u64, u32>,
         versions: &mut Versions,
         replayed: &mut Replayed,
         patient: bool,
     ) -> Result<(), anyhow::Error> {
         let raws = batch.iter().map(Raw::delivered).collect::<Result<Vec<_>, _>>()?;
+        let decoded = decoded.unwrap_or_else(|| raws.iter().map(Raw::delivery).collect());
         sqlx::query("SAVEPOINT nrm_batch").execute(uow.conn()).await?;
-        let applied = match raws.iter().map(Raw::delivery).collect::<Result<Vec<_>, _>>() {
-            Ok(deliveries) => self.apply_all(uow, &deliveries, versions).await,
+        let applied = match decoded {
+            Ok(deliveries) => {
+                let applied = self.apply_all(uow, &deliveries, versions).await;
+                drop_elsewhere(deliveries);
+                applied
+            }
             Err(err) => Err(err),
         };
         match applied {
@@ -1806,6 +1834,38 @@ impl<P: Projection> ProjectionRunner<P> {
             }
         }
     }
+}
+
+/// A batch of a rebuild's replay as its reader hands it over: the messages
+/// and, decoded from them ahead of their writing, their deliveries.
+struct ReadBatch {
+    messages: Vec<async_nats::jetstream::Message>,
+    /// What [`ProjectionRunner::replay_batch`] would decode from them (the
+    /// first message that does not decode, as its error: the batch then
+    /// goes one by one, and that message is parked in its place); `None`
+    /// when one is not a JetStream message, which the writer reports as
+    /// before, in its turn.
+    deliveries: Option<Result<Vec<Delivery>, anyhow::Error>>,
+}
+
+impl ReadBatch {
+    /// `messages` with their deliveries decoded.
+    fn decoded(messages: Vec<async_nats::jetstream::Message>) -> Self {
+        let deliveries = messages
+            .iter()
+            .map(Raw::delivered)
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .map(|raws| raws.iter().map(Raw::delivery).collect());
+        Self { messages, deliveries }
+    }
+}
+
+/// Frees `value` in a task of its own: a batch's messages and commits are
+/// thousands of allocations (header maps, strings, events), which the
+/// replay's writer need not free between two batches' writes.
+fn drop_elsewhere<T: Send + 'static>(value: T) {
+    drop(tokio::spawn(async move { drop(value) }));
 }
 
 /// The next messages of `replay`, at most `most`; none at its end.
