@@ -232,7 +232,7 @@ async fn write_batch<W: Write>(
     deliveries: &[&Delivery],
     effects: &[Effect<W>],
 ) -> Result<(), anyhow::Error> {
-    let steps = Steps::of(source, watch_key, deliveries, effects)?;
+    let steps = Steps::of(source, watch_key, deliveries, effects, replaying)?;
     for round in rounds(effects) {
         W::run(&mut *conn, &round).await?;
     }
@@ -275,17 +275,22 @@ struct Steps {
     sequences: Vec<i64>,
     positions: Vec<i32>,
     encoded: Vec<Vec<u8>>,
-    /// One payload per commit that changes something.
+    /// Commits that change something.
+    changed: usize,
+    /// One payload per commit that changes something; none in a rebuild,
+    /// whose reset told every watcher to look again ([`reset_steps`]).
     notices: Vec<String>,
 }
 
 impl Steps {
-    /// The steps and notifications of `effects`, the effects of `deliveries`.
+    /// The steps and notifications of `effects`, the effects of `deliveries`
+    /// (no notifications when `replaying`).
     fn of<W: Touches>(
         source: &'static str,
         watch_key: &WatchKey,
         deliveries: &[&Delivery],
         effects: &[Effect<W>],
+        replaying: bool,
     ) -> Result<Self, anyhow::Error> {
         let mut out = Self {
             source,
@@ -320,14 +325,17 @@ impl Steps {
                 out.positions.push(i32::try_from(position)?);
                 out.encoded.push(row.step.encode_to_vec());
             }
-            out.notices.push(effect.touched().payload(source, watch_key));
+            out.changed += 1;
+            if !replaying {
+                out.notices.push(effect.touched().payload(source, watch_key));
+            }
         }
         Ok(out)
     }
 
     /// Runs [`STEPS`]; nothing when no commit changed anything.
     async fn write(self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
-        if self.notices.is_empty() {
+        if self.changed == 0 {
             return Ok(());
         }
         sqlx::query(STEPS)
