@@ -70,7 +70,14 @@ async fn deliver<T, E: Future<Output = ()>>(
     answer: T,
     closing: &CancellationToken,
     expiry: std::pin::Pin<&mut E>,
+    expires_at: Option<DateTime<Utc>>,
 ) -> bool {
+    // The token's clock, not tokio's: a timer set from it runs late when
+    // the wall clock steps forward.
+    if expires_at.is_some_and(|at| at <= Utc::now()) {
+        end_with(tx, expired()).await;
+        return false;
+    }
     // Biased: an expiry or a stop already come wins over room to send.
     tokio::select! {
         biased;
@@ -342,6 +349,12 @@ impl Casepath {
                 return;
             }
             let send = match query().await {
+                // Read past the expiry (after a wait for a connection):
+                // neither audited nor sent.
+                Ok(_) if expires_at.is_some_and(|at| at <= Utc::now()) => {
+                    end_with(&tx, expired()).await;
+                    return;
+                }
                 Ok((answer, next, keys)) => {
                     due = next;
                     interest = keys;
@@ -359,7 +372,7 @@ impl Casepath {
             drop(turn);
             let went_on = match send {
                 None => true,
-                Some(Ok(answer)) => deliver(&tx, answer, &self.closing, expiry.as_mut()).await,
+                Some(Ok(answer)) => deliver(&tx, answer, &self.closing, expiry.as_mut(), expires_at).await,
                 Some(Err(e)) => {
                     end_with(&tx, e.into()).await;
                     false
@@ -519,7 +532,7 @@ mod tests {
         let closing = CancellationToken::new();
         let never = std::future::pending::<()>();
         tokio::pin!(never);
-        let delivering = deliver(&tx, 2, &closing, never.as_mut());
+        let delivering = deliver(&tx, 2, &closing, never.as_mut(), None);
         tokio::pin!(delivering);
         assert!(
             tokio::time::timeout(Duration::from_secs(60), &mut delivering)
@@ -549,7 +562,7 @@ mod tests {
         tokio::pin!(expiry);
         let started = tokio::time::Instant::now();
         let closing = CancellationToken::new();
-        let delivering = deliver(&tx, 2, &closing, expiry.as_mut());
+        let delivering = deliver(&tx, 2, &closing, expiry.as_mut(), None);
         let went_on = tokio::time::timeout(Duration::from_secs(60), delivering)
             .await
             .expect("the expiry ends the watch");
@@ -565,11 +578,28 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1)).await;
         let closing = CancellationToken::new();
         for _ in 0..20 {
-            assert!(!deliver(&tx, 2, &closing, expiry.as_mut()).await);
+            assert!(!deliver(&tx, 2, &closing, expiry.as_mut(), None).await);
             let sent = rx.try_recv().expect("the last word was queued");
             assert_eq!(sent.map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
             assert!(rx.try_recv().is_err(), "the answer was sent after the expiry");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_not_sent_past_the_tokens_own_clock_whatever_the_timer_says() {
+        let (tx, mut rx) = mpsc::channel::<Result<u32, Status>>(4);
+        // A timer that has not fired (the wall clock stepped forward).
+        let late = std::future::pending::<()>();
+        tokio::pin!(late);
+        let closing = CancellationToken::new();
+        let expired_at = Some(Utc::now() - chrono::TimeDelta::seconds(1));
+        assert!(!deliver(&tx, 2, &closing, late.as_mut(), expired_at).await);
+        let sent = rx.try_recv().expect("the last word was queued");
+        assert_eq!(sent.map_err(|s| s.code()), Err(tonic::Code::Unauthenticated));
+        assert!(rx.try_recv().is_err(), "the answer was sent after the expiry");
+        let valid = Some(Utc::now() + chrono::TimeDelta::hours(1));
+        assert!(deliver(&tx, 3, &closing, late.as_mut(), valid).await);
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 3);
     }
 
     #[tokio::test(start_paused = true)]
