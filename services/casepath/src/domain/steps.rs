@@ -418,8 +418,9 @@ pub struct NotificationRow {
 /// A write of the identification projection.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IdentificationWrite {
-    /// A case reported, or opened from abroad.
-    Open(Box<CaseRow>),
+    /// A case reported, or opened from abroad; with what the writes folded
+    /// into it set ([`IdentificationWrite::then`]; none as mapped).
+    Open(Box<CaseRow>, Changed),
     /// Earlier cases match (an event of earlier versions).
     FlagDuplicate {
         /// The case.
@@ -459,10 +460,101 @@ pub enum IdentificationWrite {
     Notification(NotificationRow),
 }
 
+/// The columns of a case that the writes folded into its opening set
+/// ([`IdentificationWrite::then`]): what they do to a case that was there
+/// before the opening (whose insert then changes nothing), one bit each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changed(u8);
+
+impl Changed {
+    /// `status`.
+    pub const STATUS: Self = Self(1);
+    /// `decision` and `decided_at`.
+    pub const DECISION: Self = Self(2);
+    /// `decision_waiting_since`.
+    pub const WAITING: Self = Self(4);
+    /// `possible_duplicate`.
+    pub const DUPLICATE: Self = Self(8);
+
+    /// Nothing set.
+    #[must_use]
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether every column of `other` is set here.
+    #[must_use]
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The bits, as stored in a statement's parameter.
+    #[must_use]
+    pub fn bits(self) -> i32 {
+        i32::from(self.0)
+    }
+}
+
+impl std::ops::BitOr for Changed {
+    type Output = Self;
+
+    fn bitor(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+}
+
+impl IdentificationWrite {
+    /// One write that does what `self` and then `later` (the next write to
+    /// the same row) do, when there is one: a case's opening absorbs the
+    /// changes to the case that follow it, so that a batch inserts the case
+    /// as they leave it instead of inserting it and updating it once per
+    /// change. The columns they set are kept ([`Changed`]): on a case that
+    /// was already there they are what changes, as if each had been applied
+    /// to it in turn (each sets its columns to values of its own, reading
+    /// none). Nothing else is absorbed (`None`).
+    #[must_use]
+    pub fn then(&self, later: &Self) -> Option<Self> {
+        let Self::Open(opened, changed) = self else {
+            return None;
+        };
+        let presumed = id::CaseStatus::Presumed as i32;
+        let mut row = opened.clone();
+        let set = match *later {
+            Self::FlagDuplicate { case_id } if case_id == row.case_id => {
+                row.possible_duplicate = true;
+                Changed::DUPLICATE
+            }
+            Self::Screened { case_id } if case_id == row.case_id => {
+                row.status = presumed;
+                Changed::STATUS
+            }
+            Self::Decided {
+                case_id,
+                status,
+                decision,
+                decided_at,
+            } if case_id == row.case_id => {
+                row.status = status;
+                row.decision = decision;
+                row.decided_at = Some(decided_at);
+                row.decision_waiting_since = None;
+                Changed::STATUS | Changed::DECISION | Changed::WAITING
+            }
+            Self::ReviewRequested { case_id, requested_at } if case_id == row.case_id => {
+                row.status = presumed;
+                row.decision_waiting_since = Some(requested_at);
+                Changed::STATUS | Changed::WAITING
+            }
+            _ => return None,
+        };
+        Some(Self::Open(row, *changed | set))
+    }
+}
+
 impl Touches for IdentificationWrite {
     fn touch(&self, t: &mut Touched) {
         match self {
-            Self::Open(row) => {
+            Self::Open(row, _) => {
                 t.key(row.case_id.as_uuid());
                 t.key(row.person_id.as_uuid());
                 t.maybe(row.return_id.map(|r| r.as_uuid()));
@@ -527,7 +619,9 @@ pub fn identification(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effec
                     country,
                     Detail::Identification(detail),
                 ));
-                effect.writes.push(IdentificationWrite::Open(Box::new(row)));
+                effect
+                    .writes
+                    .push(IdentificationWrite::Open(Box::new(row), Changed::default()));
             }
             Event::PossibleDuplicateFlagged(f) => {
                 if !f.matching_case_ids.is_empty() {
@@ -648,7 +742,9 @@ pub fn identification(commit: &EventCommit, origin: &Origin<'_>) -> Result<Effec
                     country,
                     Detail::Identification(detail),
                 ));
-                effect.writes.push(IdentificationWrite::Open(Box::new(row)));
+                effect
+                    .writes
+                    .push(IdentificationWrite::Open(Box::new(row), Changed::default()));
             }
             Event::AnonymousNotificationFiled(n) => {
                 let notification_id = ev.parse("notification_id", &n.notification_id, |u| u)?;
@@ -2063,7 +2159,7 @@ mod tests {
             assert_eq!(d.competent_authority, "kg-prosecutor");
             assert!(!d.possible_duplicate);
         }
-        let [IdentificationWrite::Open(row)] = effect.writes.as_slice() else {
+        let [IdentificationWrite::Open(row, _)] = effect.writes.as_slice() else {
             panic!("one case opened")
         };
         assert_eq!(row.person_id.to_string(), person_id);
@@ -2077,12 +2173,98 @@ mod tests {
     }
 
     #[test]
+    fn an_opening_absorbs_the_changes_to_its_case_and_keeps_which_columns_they_set() {
+        use id::identification_event::Event;
+        let (case_id, person_id) = (uuid(), uuid());
+        let effect = identification(
+            &ident(vec![Event::PresumedVictimReported(report(&case_id, &person_id))]),
+            &KG,
+        )
+        .unwrap();
+        let [opened @ IdentificationWrite::Open(row, changed)] = effect.writes.as_slice() else {
+            panic!("one case opened")
+        };
+        assert!(changed.is_empty(), "as mapped, an opening sets nothing else");
+        let case = row.case_id;
+        let presumed = id::CaseStatus::Presumed as i32;
+
+        let screened = opened.then(&IdentificationWrite::Screened { case_id: case }).unwrap();
+        let IdentificationWrite::Open(r, c) = &screened else {
+            panic!("still an opening")
+        };
+        assert_eq!((r.status, r.decision, r.decided_at), (presumed, 0, None));
+        assert_eq!(
+            r.decision_waiting_since, row.decision_waiting_since,
+            "screening leaves the deadline"
+        );
+        assert_eq!(*c, Changed::STATUS);
+
+        let decided = screened
+            .then(&IdentificationWrite::Decided {
+                case_id: case,
+                status: id::CaseStatus::NotIdentified as i32,
+                decision: id::Decision::NotIdentified as i32,
+                decided_at: at(400),
+            })
+            .unwrap();
+        let reviewed = decided
+            .then(&IdentificationWrite::ReviewRequested {
+                case_id: case,
+                requested_at: at(500),
+            })
+            .unwrap();
+        let IdentificationWrite::Open(r, c) = &reviewed else {
+            panic!("still an opening")
+        };
+        assert_eq!(r.status, presumed);
+        assert_eq!(
+            r.decision,
+            id::Decision::NotIdentified as i32,
+            "a review keeps the decision"
+        );
+        assert_eq!(r.decided_at, Some(at(400)));
+        assert_eq!(r.decision_waiting_since, Some(at(500)));
+        assert!(!r.possible_duplicate);
+        assert_eq!(*c, Changed::STATUS | Changed::DECISION | Changed::WAITING);
+
+        let flagged = reviewed
+            .then(&IdentificationWrite::FlagDuplicate { case_id: case })
+            .unwrap();
+        let IdentificationWrite::Open(r, c) = &flagged else {
+            panic!("still an opening")
+        };
+        assert!(r.possible_duplicate);
+        assert!(c.contains(Changed::DUPLICATE) && c.contains(Changed::WAITING));
+        // What the row was opened with stays.
+        assert_eq!(
+            (&r.person_id, r.reported_at, &r.reporting_agency),
+            (&row.person_id, row.reported_at, &row.reporting_agency)
+        );
+
+        // Nothing else is absorbed: another case, an erasure, a change that
+        // is not an opening's.
+        let other = CaseId::parse("c", &uuid()).unwrap();
+        assert_eq!(opened.then(&IdentificationWrite::Screened { case_id: other }), None);
+        let erased = IdentificationWrite::Erased {
+            person_id: row.person_id,
+            erased_at: at(600),
+        };
+        assert_eq!(opened.then(&erased), None);
+        assert_eq!(opened.then(opened), None, "a second opening is its own write");
+        let screening = IdentificationWrite::Screened { case_id: case };
+        assert_eq!(
+            screening.then(&IdentificationWrite::FlagDuplicate { case_id: case }),
+            None
+        );
+    }
+
+    #[test]
     fn a_report_with_matches_is_a_possible_duplicate() {
         use id::identification_event::Event;
         let mut r = report(&uuid(), &uuid());
         r.matching_case_ids = vec![uuid()];
         let effect = identification(&ident(vec![Event::PresumedVictimReported(r)]), &KG).unwrap();
-        let IdentificationWrite::Open(row) = &effect.writes[0] else {
+        let IdentificationWrite::Open(row, _) = &effect.writes[0] else {
             panic!("opened")
         };
         assert!(row.possible_duplicate);
@@ -2214,7 +2396,7 @@ mod tests {
         assert_eq!(kinds(&effect.steps), [Kind::CaseOpenedFromAbroad]);
         assert_eq!(effect.steps[0].at, at(800));
         assert_eq!(effect.steps[0].step.agency, "kg-iom");
-        let IdentificationWrite::Open(row) = &effect.writes[0] else {
+        let IdentificationWrite::Open(row, _) = &effect.writes[0] else {
             panic!("opened")
         };
         assert_eq!(row.status, id::CaseStatus::Identified as i32);
@@ -2967,7 +3149,7 @@ mod tests {
             },
         )]);
         let effect = identification(&c, &KG).unwrap();
-        let [IdentificationWrite::Open(row)] = effect.writes.as_slice() else {
+        let [IdentificationWrite::Open(row, _)] = effect.writes.as_slice() else {
             panic!("a case")
         };
         assert_eq!(row.return_id, None);

@@ -2,6 +2,8 @@
 //! `cp_notifications`, the identification steps, and each person's
 //! statistical facts derived from their cases (`cp_person_cases`).
 
+use std::collections::HashSet;
+
 use nrm_kernel::projection::{Delivery, Projection, rows_digest};
 use nrm_kernel::store::UnitOfWork;
 use nrm_kernel::xborder::CountryCode;
@@ -10,7 +12,7 @@ use uuid::Uuid;
 
 use super::{column, int_array};
 use crate::domain::changes::WatchKey;
-use crate::domain::steps::{self, IdentificationWrite};
+use crate::domain::steps::{self, CaseRow, Changed, IdentificationWrite};
 
 /// The stream it reads.
 pub const CONTEXT: &str = "identification";
@@ -160,10 +162,57 @@ impl Projection for IdentificationProjection {
     }
 }
 
+/// What the writes folded into the openings `open` set ([`Changed`]), to
+/// the cases that were there before them (the ones `inserted`, the case IDs
+/// the insert returned, leaves out): as each of those writes would have in
+/// turn. Nothing when every case was new.
+async fn changed_before(
+    conn: &mut PgConnection,
+    open: &[(&CaseRow, Changed)],
+    inserted: &[Uuid],
+) -> Result<(), anyhow::Error> {
+    if inserted.len() == open.len() {
+        return Ok(());
+    }
+    let inserted: HashSet<&Uuid> = inserted.iter().collect();
+    let before: Vec<&(&CaseRow, Changed)> = open
+        .iter()
+        .filter(|(row, changed)| !changed.is_empty() && !inserted.contains(&row.case_id.as_uuid()))
+        .collect();
+    if before.is_empty() {
+        return Ok(());
+    }
+    let bit = |of: Changed| before.iter().map(|(_, c)| c.contains(of)).collect::<Vec<bool>>();
+    sqlx::query(
+        "UPDATE cp_cases c SET
+           status = CASE WHEN v.set_status THEN v.status ELSE c.status END,
+           decision = CASE WHEN v.set_decision THEN v.decision ELSE c.decision END,
+           decided_at = CASE WHEN v.set_decision THEN v.decided_at ELSE c.decided_at END,
+           decision_waiting_since = CASE WHEN v.set_waiting THEN v.waiting_since ELSE c.decision_waiting_since END,
+           possible_duplicate = c.possible_duplicate OR v.set_duplicate
+         FROM unnest($1::uuid[], $2::bool[], $3::int4[], $4::bool[], $5::int4[], $6::timestamptz[], $7::bool[],
+           $8::timestamptz[], $9::bool[])
+           AS v(case_id, set_status, status, set_decision, decision, decided_at, set_waiting, waiting_since, set_duplicate)
+         WHERE c.case_id = v.case_id",
+    )
+    .bind(column(&before, |(r, _)| r.case_id.as_uuid()))
+    .bind(bit(Changed::STATUS))
+    .bind(column(&before, |(r, _)| r.status))
+    .bind(bit(Changed::DECISION))
+    .bind(column(&before, |(r, _)| r.decision))
+    .bind(column(&before, |(r, _)| r.decided_at))
+    .bind(bit(Changed::WAITING))
+    .bind(column(&before, |(r, _)| r.decision_waiting_since))
+    .bind(bit(Changed::DUPLICATE))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 impl super::Write for IdentificationWrite {
     fn row(&self) -> Option<(&'static str, Uuid)> {
         match self {
-            Self::Open(row) => Some(("cp_cases", row.case_id.as_uuid())),
+            Self::Open(row, _) => Some(("cp_cases", row.case_id.as_uuid())),
             Self::FlagDuplicate { case_id }
             | Self::Screened { case_id }
             | Self::Decided { case_id, .. }
@@ -172,6 +221,10 @@ impl super::Write for IdentificationWrite {
             Self::Erased { .. } => None,
             Self::Notification(n) => Some(("cp_notifications", n.notification_id)),
         }
+    }
+
+    fn then(&self, later: &Self) -> Option<Self> {
+        IdentificationWrite::then(self, later)
     }
 
     async fn run(conn: &mut PgConnection, round: &[&Self]) -> Result<(), anyhow::Error> {
@@ -184,7 +237,7 @@ impl super::Write for IdentificationWrite {
         let mut notifications = Vec::new();
         for write in round {
             match write {
-                Self::Open(row) => open.push(&**row),
+                Self::Open(row, changed) => open.push((&**row, *changed)),
                 Self::FlagDuplicate { case_id } => duplicates.push(case_id.as_uuid()),
                 Self::Screened { case_id } => screened.push(case_id.as_uuid()),
                 Self::Decided {
@@ -199,7 +252,7 @@ impl super::Write for IdentificationWrite {
             }
         }
         if !open.is_empty() {
-            sqlx::query(
+            let inserted: Vec<Uuid> = sqlx::query_scalar(
                 "INSERT INTO cp_cases (case_id, person_id, reporting_agency, competent_authority, status, reported_at,
                    found_at, gender, age_band, child, citizenship, country_of_exploitation, exploitation_forms,
                    decision, decided_at, decision_waiting_since, from_country, return_id, possible_duplicate)
@@ -212,29 +265,31 @@ impl super::Write for IdentificationWrite {
                    AS v(case_id, person_id, reporting_agency, competent_authority, status, reported_at, found_at, gender,
                      age_band, child, citizenship, country_of_exploitation, forms, decision, decided_at, waiting_since,
                      from_country, return_id, possible_duplicate)
-                 ON CONFLICT (case_id) DO NOTHING",
+                 ON CONFLICT (case_id) DO NOTHING
+                 RETURNING case_id",
             )
-            .bind(column(&open, |r| r.case_id.as_uuid()))
-            .bind(column(&open, |r| r.person_id.as_uuid()))
-            .bind(column(&open, |r| r.reporting_agency.as_str()))
-            .bind(column(&open, |r| r.competent_authority.as_str()))
-            .bind(column(&open, |r| r.status))
-            .bind(column(&open, |r| r.reported_at))
-            .bind(column(&open, |r| r.found_at))
-            .bind(column(&open, |r| r.gender))
-            .bind(column(&open, |r| r.age_band))
-            .bind(column(&open, |r| r.child))
-            .bind(column(&open, |r| r.citizenship.as_str()))
-            .bind(column(&open, |r| r.country_of_exploitation.as_str()))
-            .bind(column(&open, |r| int_array(&r.exploitation_forms)))
-            .bind(column(&open, |r| r.decision))
-            .bind(column(&open, |r| r.decided_at))
-            .bind(column(&open, |r| r.decision_waiting_since))
-            .bind(column(&open, |r| r.from_country.as_deref()))
-            .bind(column(&open, |r| r.return_id.map(|i| i.as_uuid())))
-            .bind(column(&open, |r| r.possible_duplicate))
-            .execute(&mut *conn)
+            .bind(column(&open, |(r, _)| r.case_id.as_uuid()))
+            .bind(column(&open, |(r, _)| r.person_id.as_uuid()))
+            .bind(column(&open, |(r, _)| r.reporting_agency.as_str()))
+            .bind(column(&open, |(r, _)| r.competent_authority.as_str()))
+            .bind(column(&open, |(r, _)| r.status))
+            .bind(column(&open, |(r, _)| r.reported_at))
+            .bind(column(&open, |(r, _)| r.found_at))
+            .bind(column(&open, |(r, _)| r.gender))
+            .bind(column(&open, |(r, _)| r.age_band))
+            .bind(column(&open, |(r, _)| r.child))
+            .bind(column(&open, |(r, _)| r.citizenship.as_str()))
+            .bind(column(&open, |(r, _)| r.country_of_exploitation.as_str()))
+            .bind(column(&open, |(r, _)| int_array(&r.exploitation_forms)))
+            .bind(column(&open, |(r, _)| r.decision))
+            .bind(column(&open, |(r, _)| r.decided_at))
+            .bind(column(&open, |(r, _)| r.decision_waiting_since))
+            .bind(column(&open, |(r, _)| r.from_country.as_deref()))
+            .bind(column(&open, |(r, _)| r.return_id.map(|i| i.as_uuid())))
+            .bind(column(&open, |(r, _)| r.possible_duplicate))
+            .fetch_all(&mut *conn)
             .await?;
+            changed_before(conn, &open, &inserted).await?;
         }
         if !duplicates.is_empty() {
             sqlx::query(

@@ -10,7 +10,9 @@
 //! kind of write and round, not one per write ([`write_batch`]): the
 //! writes of every commit, in stream order, are dealt into rounds, the n-th
 //! write to a row into the n-th round, so that a round changes each row at
-//! most once and its statements may run in any order; a write that may
+//! most once and its statements may run in any order (a write that the
+//! row's write before it absorbs, [`Write::then`], runs as part of that
+//! one: a case opened and decided in one batch is inserted decided); a write that may
 //! change several rows ([`Write::row`] `None`: an erasure, by person) runs
 //! alone, between everything before it and everything after it. Then one
 //! statement writes the batch's steps and notifies. A commit on its own is
@@ -30,6 +32,7 @@ pub mod referral;
 pub mod repatriation;
 pub mod shelter;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 
@@ -107,7 +110,7 @@ fn origin<'a>(country: &'a CountryCode, delivery: &'a Delivery) -> Origin<'a> {
 }
 
 /// A write of one of the projections as a batch runs it ([`write_batch`]).
-trait Write: Touches + Send + Sync + Sized {
+trait Write: Touches + Clone + Send + Sync + Sized {
     /// The one row the write changes, as its table and primary key: its
     /// statement must read and change that row only (so that writes to
     /// distinct rows commute). `None` when it may change or read several
@@ -121,6 +124,15 @@ trait Write: Touches + Send + Sync + Sized {
         conn: &'a mut PgConnection,
         round: &'a [&'a Self],
     ) -> impl Future<Output = Result<(), anyhow::Error>> + Send + 'a;
+
+    /// One write that does what `self` and then `later`, the next write to
+    /// the same row, do (to a row that is there and to one that is not),
+    /// when there is one: a batch then runs it in `self`'s round instead of
+    /// both. `None` (the default): each runs in its own round.
+    fn then(&self, later: &Self) -> Option<Self> {
+        let _ = later;
+        None
+    }
 
     /// Derives again, from the projection's own records, what it keeps per
     /// person for the statistics (`cp_person_cases`, `cp_person_referrals`)
@@ -147,25 +159,33 @@ trait Write: Touches + Send + Sync + Sized {
 
 /// The writes of `effects` (in stream order) in the rounds they run in:
 /// the n-th write to a row since the last write that runs alone in the
-/// n-th round after it; such a write in a round of its own.
-fn rounds<W: Write>(effects: &[Effect<W>]) -> Vec<Vec<&W>> {
-    let mut rounds: Vec<Vec<&W>> = Vec::new();
+/// n-th round after it; such a write in a round of its own. A write that
+/// the row's write before it absorbs ([`Write::then`]) runs as part of it.
+fn rounds<W: Write>(effects: &[Effect<W>]) -> Vec<Vec<Cow<'_, W>>> {
+    let mut rounds: Vec<Vec<Cow<'_, W>>> = Vec::new();
     // Rounds since the last write that ran alone.
-    let mut open: Vec<Vec<&W>> = Vec::new();
-    let mut writes_of: HashMap<(&'static str, Uuid), usize> = HashMap::new();
+    let mut open: Vec<Vec<Cow<'_, W>>> = Vec::new();
+    // Per row: its writes in `open` so far, and where the last one is.
+    let mut writes_of: HashMap<(&'static str, Uuid), (usize, usize)> = HashMap::new();
     for write in effects.iter().flat_map(|e| &e.writes) {
         match write.row() {
             Some(row) => {
-                let n = writes_of.entry(row).or_insert(0);
-                if open.len() == *n {
+                if let Some(&(n, at)) = writes_of.get(&row)
+                    && let Some(both) = open[n - 1][at].then(write)
+                {
+                    open[n - 1][at] = Cow::Owned(both);
+                    continue;
+                }
+                let n = writes_of.get(&row).map_or(0, |&(n, _)| n);
+                if open.len() == n {
                     open.push(Vec::new());
                 }
-                open[*n].push(write);
-                *n += 1;
+                open[n].push(Cow::Borrowed(write));
+                writes_of.insert(row, (n + 1, open[n].len() - 1));
             }
             None => {
                 rounds.append(&mut open);
-                rounds.push(vec![write]);
+                rounds.push(vec![Cow::Borrowed(write)]);
                 writes_of.clear();
             }
         }
@@ -234,6 +254,7 @@ async fn write_batch<W: Write>(
 ) -> Result<(), anyhow::Error> {
     let steps = Steps::of(source, watch_key, deliveries, effects, replaying)?;
     for round in rounds(effects) {
+        let round: Vec<&W> = round.iter().map(|write| &**write).collect();
         W::run(&mut *conn, &round).await?;
     }
     let writes: Vec<&W> = effects.iter().flat_map(|e| &e.writes).collect();
@@ -417,6 +438,12 @@ mod tests {
             self.0.map(|n| ("t", Uuid::from_u128(n)))
         }
 
+        /// An "open…" write absorbs the "fold…" writes to its row after it.
+        fn then(&self, later: &Self) -> Option<Self> {
+            (self.0.is_some() && self.0 == later.0 && self.1.starts_with("open") && later.1.starts_with("fold"))
+                .then_some(W(self.0, "open+"))
+        }
+
         async fn run(_: &mut PgConnection, _: &[&Self]) -> Result<(), anyhow::Error> {
             Ok(())
         }
@@ -432,7 +459,7 @@ mod tests {
             .collect()
     }
 
-    fn names(rounds: &[Vec<&W>]) -> Vec<Vec<&'static str>> {
+    fn names(rounds: &[Vec<Cow<'_, W>>]) -> Vec<Vec<&'static str>> {
         rounds.iter().map(|r| r.iter().map(|w| w.1).collect()).collect()
     }
 
@@ -507,6 +534,29 @@ mod tests {
             let in_stream: Vec<&str> = writes.iter().filter(|w| w.0 == Some(row)).map(|w| w.1).collect();
             assert_eq!(in_rounds, in_stream, "row {row} out of order");
         }
+    }
+
+    #[test]
+    fn a_write_its_rows_write_before_absorbs_runs_as_part_of_that_one_and_never_across_a_write_of_several_rows() {
+        let e = effects(&[
+            &[W(Some(1), "open 1"), W(Some(1), "fold 1"), W(Some(2), "open 2")],
+            &[W(Some(2), "fold 2"), W(Some(3), "open 3"), W(Some(3), "decide 3")],
+            &[W(Some(3), "fold 3"), W(Some(1), "fold 1 again")],
+            &[W(None, "erase")],
+            &[W(Some(1), "fold 1 after")],
+        ]);
+        assert_eq!(
+            names(&rounds(&e)),
+            [
+                // Row 3's decision absorbs nothing: its fold runs after it.
+                vec!["open+", "open+", "open 3"],
+                vec!["decide 3"],
+                vec!["fold 3"],
+                vec!["erase"],
+                // The erasure ran between: no opening before it absorbs this.
+                vec!["fold 1 after"],
+            ]
+        );
     }
 
     #[test]
