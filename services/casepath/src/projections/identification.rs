@@ -34,10 +34,25 @@ const DIGEST: &str = "SELECT 'cp_cases|' || t::text FROM cp_cases t
 /// review), 2 identified, 4 not identified; `identified_at` is the first
 /// decision that identified. `$prefix` names the persons to derive (`t`),
 /// `$cases` and `$facts` restrict the cases read and the facts deleted to
-/// them. Rows are written in person order; a row that would not change is
-/// not written.
+/// them. Rows are written in person order. `upsert`: over the facts there
+/// are, and a row that would not change is not written; `insert`: into an
+/// empty table.
 macro_rules! person_cases {
-    ($prefix:literal, $cases:literal, $facts:literal) => {
+    (@conflict upsert) => {
+        "ON CONFLICT (person_id) DO UPDATE SET cases = excluded.cases, first_reported_at = excluded.first_reported_at,
+    gender = excluded.gender, age_band = excluded.age_band, citizenship = excluded.citizenship,
+    country_of_exploitation = excluded.country_of_exploitation, exploitation_forms = excluded.exploitation_forms,
+    case_flags = excluded.case_flags, identified_at = excluded.identified_at
+WHERE (s.cases, s.first_reported_at, s.gender, s.age_band, s.citizenship, s.country_of_exploitation,
+       s.exploitation_forms, s.case_flags, s.identified_at)
+    IS DISTINCT FROM (excluded.cases, excluded.first_reported_at, excluded.gender, excluded.age_band,
+       excluded.citizenship, excluded.country_of_exploitation, excluded.exploitation_forms, excluded.case_flags,
+       excluded.identified_at)"
+    };
+    (@conflict insert) => {
+        ""
+    };
+    ($prefix:literal, $cases:literal, $facts:literal, $how:ident) => {
         concat!(
             "WITH ",
             $prefix,
@@ -75,15 +90,8 @@ SELECT f.person_id, a.cases, f.reported_at, f.gender, f.age_band, f.citizenship,
     coalesce(e.forms, '{}'), a.case_flags, a.identified_at
 FROM f JOIN a USING (person_id) LEFT JOIN e USING (person_id)
 ORDER BY f.person_id
-ON CONFLICT (person_id) DO UPDATE SET cases = excluded.cases, first_reported_at = excluded.first_reported_at,
-    gender = excluded.gender, age_band = excluded.age_band, citizenship = excluded.citizenship,
-    country_of_exploitation = excluded.country_of_exploitation, exploitation_forms = excluded.exploitation_forms,
-    case_flags = excluded.case_flags, identified_at = excluded.identified_at
-WHERE (s.cases, s.first_reported_at, s.gender, s.age_band, s.citizenship, s.country_of_exploitation,
-       s.exploitation_forms, s.case_flags, s.identified_at)
-    IS DISTINCT FROM (excluded.cases, excluded.first_reported_at, excluded.gender, excluded.age_band,
-       excluded.citizenship, excluded.country_of_exploitation, excluded.exploitation_forms, excluded.case_flags,
-       excluded.identified_at)"
+",
+            person_cases!(@conflict $how)
         )
     };
 }
@@ -92,11 +100,13 @@ WHERE (s.cases, s.first_reported_at, s.gender, s.age_band, s.citizenship, s.coun
 const PERSON_CASES_OF: &str = person_cases!(
     "t AS (SELECT person_id FROM cp_cases WHERE case_id = ANY($1::uuid[]) UNION SELECT unnest($2::uuid[])),\n",
     "person_id IN (SELECT person_id FROM t)",
-    "s.person_id IN (SELECT person_id FROM t)"
+    "s.person_id IN (SELECT person_id FROM t)",
+    upsert
 );
 
-/// [`person_cases!`] of every person.
-const PERSON_CASES_ALL: &str = person_cases!("", "true", "true");
+/// [`person_cases!`] of every person, into an emptied table
+/// ([`super::derive_all`]).
+const PERSON_CASES_ALL: &str = person_cases!("", "true", "true", insert);
 
 /// The identification projection.
 #[derive(Debug, Clone)]
@@ -147,8 +157,7 @@ impl Projection for IdentificationProjection {
 
     /// Every person's `cp_person_cases`, once, from the replayed cases.
     async fn after_replay(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
-        sqlx::query(PERSON_CASES_ALL).execute(conn).await?;
-        Ok(())
+        super::derive_all(conn, "cp_person_cases", PERSON_CASES_ALL).await
     }
 
     async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {

@@ -29,10 +29,17 @@ const DIGEST: &str = "SELECT 'cp_consents|' || t::text FROM cp_consents t
 /// person with a referral or a plan goal, for the statistics): `flags` has
 /// 8 for a referral pending, 16 accepted, 32 closed with an outcome, 512 a
 /// plan goal, 1024 a goal not met; `last_met_at` is when the last goal was
-/// met. `$prefix`, `$records` and `$facts` as in `person_cases!`
-/// (identification).
+/// met. `$prefix`, `$records`, `$facts` and `upsert` or `insert` as in
+/// `person_cases!` (identification).
 macro_rules! person_referrals {
-    ($prefix:literal, $records:literal, $facts:literal) => {
+    (@conflict upsert) => {
+        "ON CONFLICT (person_id) DO UPDATE SET flags = excluded.flags, last_met_at = excluded.last_met_at
+WHERE (s.flags, s.last_met_at) IS DISTINCT FROM (excluded.flags, excluded.last_met_at)"
+    };
+    (@conflict insert) => {
+        ""
+    };
+    ($prefix:literal, $records:literal, $facts:literal, $how:ident) => {
         concat!(
             "WITH ",
             $prefix,
@@ -59,8 +66,8 @@ gone AS (
 INSERT INTO cp_person_referrals AS s (person_id, flags, last_met_at)
 SELECT person_id, bit_or(f), max(met_at) FROM x GROUP BY person_id
 ORDER BY person_id
-ON CONFLICT (person_id) DO UPDATE SET flags = excluded.flags, last_met_at = excluded.last_met_at
-WHERE (s.flags, s.last_met_at) IS DISTINCT FROM (excluded.flags, excluded.last_met_at)"
+",
+            person_referrals!(@conflict $how)
         )
     };
 }
@@ -70,11 +77,13 @@ const PERSON_REFERRALS_OF: &str = person_referrals!(
     "t AS (SELECT person_id FROM cp_referrals WHERE referral_id = ANY($1::uuid[])
     UNION SELECT person_id FROM cp_goals WHERE goal_id = ANY($2::uuid[])),\n",
     "person_id IN (SELECT person_id FROM t)",
-    "s.person_id IN (SELECT person_id FROM t)"
+    "s.person_id IN (SELECT person_id FROM t)",
+    upsert
 );
 
-/// [`person_referrals!`] of every person.
-const PERSON_REFERRALS_ALL: &str = person_referrals!("", "true", "true");
+/// [`person_referrals!`] of every person, into an emptied table
+/// ([`super::derive_all`]).
+const PERSON_REFERRALS_ALL: &str = person_referrals!("", "true", "true", insert);
 
 /// The referral projection.
 #[derive(Debug, Clone)]
@@ -128,8 +137,7 @@ impl Projection for ReferralProjection {
 
     /// Every person's `cp_person_referrals`, once, from the replayed records.
     async fn after_replay(&self, conn: &mut PgConnection) -> Result<(), anyhow::Error> {
-        sqlx::query(PERSON_REFERRALS_ALL).execute(conn).await?;
-        Ok(())
+        super::derive_all(conn, "cp_person_referrals", PERSON_REFERRALS_ALL).await
     }
 
     async fn digest(&self, conn: &mut PgConnection) -> Result<Option<String>, anyhow::Error> {
