@@ -8,8 +8,12 @@
 //!   case ID, from another stream) changes nothing by itself, and the
 //!   changes after it in its batch still apply to the case as it was, as
 //!   one by one: the folded insert must not swallow them;
-//! - an erasure between two changes of a case keeps them apart, as one by
-//!   one.
+//! - an erasure in a batch erases the cases opened before it, changed
+//!   before and after it, and not a case of the same person opened after
+//!   it (an erasure runs alone, between the writes before and after it).
+//!
+//! "One commit at a time" folds too (a commit's own events are a batch of
+//! one): the values the changes must leave are spelt out as well.
 //!
 //! [`Write::then`]: nrm_casepath::projections
 
@@ -118,6 +122,11 @@ fn erased(case: Uuid, person: Uuid, seconds: i64) -> Event {
     })
 }
 
+fn projection() -> IdentificationProjection {
+    let country = CountryCode::parse("country", "KG").unwrap();
+    IdentificationProjection::new(&country, &WatchKey::new(&[0; 32]))
+}
+
 /// A casepath database of its own, migrated.
 struct Db {
     settings: nrm_kernel::settings::DatabaseSettings,
@@ -138,8 +147,7 @@ impl Db {
     /// in order) in one transaction.
     async fn apply(&self, commits: &[EventCommit], batches: &[usize]) {
         assert_eq!(batches.iter().sum::<usize>(), commits.len());
-        let country = CountryCode::parse("country", "KG").unwrap();
-        let projection = IdentificationProjection::new(&country, &WatchKey::new(&[0; 32]));
+        let projection = projection();
         let deliveries: Vec<Delivery> = commits
             .iter()
             .zip(1..)
@@ -181,15 +189,28 @@ impl Db {
         .unwrap()
     }
 
-    /// The same commits one at a time, then in `batches`: the same cases.
+    /// The digest of every table of the projection (cases, notifications,
+    /// facts, steps).
+    async fn digest(&self) -> Option<String> {
+        let mut conn = self.pool.acquire().await.unwrap();
+        projection().digest(&mut conn).await.unwrap()
+    }
+
+    /// The same commits one at a time, then in `batches`: the same cases,
+    /// and the same rows in every table of the projection.
     async fn same_both_ways(&self, commits: &[EventCommit], batches: &[usize]) -> Vec<String> {
         self.apply(commits, &vec![1; commits.len()]).await;
-        let one_by_one = self.cases().await;
+        let (one_by_one, digest) = (self.cases().await, self.digest().await);
         self.apply(commits, batches).await;
         assert_eq!(
             self.cases().await,
             one_by_one,
             "batches {batches:?} differ from one by one"
+        );
+        assert_eq!(
+            self.digest().await,
+            digest,
+            "batches {batches:?}: the projection's tables differ"
         );
         one_by_one
     }
@@ -256,8 +277,8 @@ async fn a_second_opening_of_a_case_changes_nothing_and_the_changes_after_it_sti
     // opening is folded with the case's changes and conflicts.
     let rows = db.same_both_ways(&commits, &[1, 2]).await;
     assert_eq!(rows.len(), 2);
-    // All three in one batch: the first opening absorbs them all, the
-    // second opening is a write of its own in the next round.
+    // All three in one batch: a second opening is never absorbed; it runs
+    // in the case's next round, absorbs the changes after it and conflicts.
     db.same_both_ways(&commits, &[3]).await;
     assert_eq!(
         db.case(case).await,
@@ -276,9 +297,9 @@ async fn a_second_opening_of_a_case_changes_nothing_and_the_changes_after_it_sti
 }
 
 #[tokio::test]
-async fn an_erasure_between_two_changes_of_a_case_keeps_them_apart() {
+async fn an_erasure_in_a_batch_erases_the_cases_opened_before_it_and_none_opened_after_it() {
     let db = Db::new().await;
-    let (case, person) = (Uuid::now_v7(), Uuid::now_v7());
+    let (case, later, person) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let stream = format!("case-{case}");
     let commits = [
         commit(
@@ -288,14 +309,23 @@ async fn an_erasure_between_two_changes_of_a_case_keeps_them_apart() {
         ),
         commit(&stream, 3, vec![erased(case, person, 250)]),
         commit(&stream, 4, vec![decided(case, id::Decision::Identified, 300)]),
+        // The same person reported again after the erasure: a new case,
+        // not erased (the erasure ran before it was opened).
+        commit(
+            &format!("case-{later}"),
+            1,
+            vec![report(later, person, "kg-mvd", 400), screened(later, 410)],
+        ),
     ];
-    db.same_both_ways(&commits, &[3]).await;
-    let erased_at: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT erased_at FROM cp_cases WHERE case_id = $1")
-        .bind(case)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(erased_at, Some(at(250)));
+    db.same_both_ways(&commits, &[4]).await;
+    let erased_at = |case: Uuid| {
+        sqlx::query_scalar::<_, Option<DateTime<Utc>>>("SELECT erased_at FROM cp_cases WHERE case_id = $1")
+            .bind(case)
+            .fetch_one(&db.pool)
+    };
+    assert_eq!(erased_at(case).await.unwrap(), Some(at(250)));
+    assert_eq!(erased_at(later).await.unwrap(), None, "opened after the erasure");
     assert_eq!(db.case(case).await.1, id::CaseStatus::Identified as i32);
+    assert_eq!(db.case(later).await.1, id::CaseStatus::Presumed as i32);
     db.drop().await;
 }
