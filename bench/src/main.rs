@@ -209,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
     let outcome = run(&args, &settings, &nats_url, &pool, &work_dir, started).await;
     pool.close().await;
     let _ = std::fs::remove_dir_all(&work_dir);
+    service::remove_issuer();
     if let Err(err) = nrm_kernel::db::drop_database(&settings).await {
         eprintln!("bench: could not drop {}: {err}", settings.name);
     }

@@ -25,19 +25,30 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// The benchmark's development issuer, once made ([`issuer`]).
+static ISSUER: std::sync::OnceLock<(std::path::PathBuf, nrm_issuer::SigningKey)> = std::sync::OnceLock::new();
+
 /// The benchmark's development issuer: a key pair made once per run, in a
-/// folder of its own; the services read only its `jwks.json`.
+/// folder of its own ([`remove_issuer`] at the end); the services read only
+/// its `jwks.json`.
 ///
 /// # Errors
 /// When the issuer folder cannot be written.
 fn issuer() -> anyhow::Result<&'static (std::path::PathBuf, nrm_issuer::SigningKey)> {
-    static ISSUER: std::sync::OnceLock<(std::path::PathBuf, nrm_issuer::SigningKey)> = std::sync::OnceLock::new();
     if let Some(issuer) = ISSUER.get() {
         return Ok(issuer);
     }
     let dir = std::env::temp_dir().join(format!("nrm-bench-issuer-{}", uuid::Uuid::new_v4().simple()));
     let key = nrm_issuer::init(&dir)?;
     Ok(ISSUER.get_or_init(|| (dir, key)))
+}
+
+/// Removes the issuer's folder (its private key with it), if it was made:
+/// at the end of a run, when no service of the run is left to read it.
+pub fn remove_issuer() {
+    if let Some((dir, _)) = ISSUER.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// The token settings of the benchmark's services.
