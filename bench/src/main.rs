@@ -172,6 +172,9 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The development issuer's folder goes with the run, however it ends
+    // short of a signal: returned, failed or panicked.
+    let _issuer = service::IssuerFolder;
     if args.clients.is_empty() || args.clients.contains(&0) {
         bail!("--clients needs positive client counts");
     }
@@ -209,7 +212,6 @@ async fn main() -> anyhow::Result<()> {
     let outcome = run(&args, &settings, &nats_url, &pool, &work_dir, started).await;
     pool.close().await;
     let _ = std::fs::remove_dir_all(&work_dir);
-    service::remove_issuer();
     if let Err(err) = nrm_kernel::db::drop_database(&settings).await {
         eprintln!("bench: could not drop {}: {err}", settings.name);
     }

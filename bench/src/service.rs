@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 static ISSUER: std::sync::OnceLock<(std::path::PathBuf, nrm_issuer::SigningKey)> = std::sync::OnceLock::new();
 
 /// The benchmark's development issuer: a key pair made once per run, in a
-/// folder of its own ([`remove_issuer`] at the end); the services read only
+/// folder of its own ([`IssuerFolder`] removes it); the services read only
 /// its `jwks.json`.
 ///
 /// # Errors
@@ -43,11 +43,18 @@ fn issuer() -> anyhow::Result<&'static (std::path::PathBuf, nrm_issuer::SigningK
     Ok(ISSUER.get_or_init(|| (dir, key)))
 }
 
-/// Removes the issuer's folder (its private key with it), if it was made:
-/// at the end of a run, when no service of the run is left to read it.
-pub fn remove_issuer() {
-    if let Some((dir, _)) = ISSUER.get() {
-        let _ = std::fs::remove_dir_all(dir);
+/// Removes the issuer's folder (its private key with it), if it was made,
+/// when dropped: at the end of a run, when no service of the run is left
+/// to read it.
+pub struct IssuerFolder;
+
+impl Drop for IssuerFolder {
+    fn drop(&mut self) {
+        if let Some((dir, _)) = ISSUER.get()
+            && let Err(err) = std::fs::remove_dir_all(dir)
+        {
+            eprintln!("bench: could not remove {}: {err}", dir.display());
+        }
     }
 }
 
