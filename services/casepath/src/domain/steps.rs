@@ -487,12 +487,6 @@ impl Changed {
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
-
-    /// The bits, as stored in a statement's parameter.
-    #[must_use]
-    pub fn bits(self) -> i32 {
-        i32::from(self.0)
-    }
 }
 
 impl std::ops::BitOr for Changed {

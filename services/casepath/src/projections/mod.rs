@@ -170,13 +170,14 @@ fn rounds<W: Write>(effects: &[Effect<W>]) -> Vec<Vec<Cow<'_, W>>> {
     for write in effects.iter().flat_map(|e| &e.writes) {
         match write.row() {
             Some(row) => {
-                if let Some(&(n, at)) = writes_of.get(&row)
+                let seen = writes_of.get(&row).copied();
+                if let Some((n, at)) = seen
                     && let Some(both) = open[n - 1][at].then(write)
                 {
                     open[n - 1][at] = Cow::Owned(both);
                     continue;
                 }
-                let n = writes_of.get(&row).map_or(0, |&(n, _)| n);
+                let n = seen.map_or(0, |(n, _)| n);
                 if open.len() == n {
                     open.push(Vec::new());
                 }
