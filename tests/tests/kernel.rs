@@ -344,3 +344,47 @@ async fn a_command_appended_in_one_statement_writes_all_or_nothing() {
         .assert_unchanged_since(&written, "a twin of an answered command");
     parts.drop_all().await;
 }
+
+/// A transaction begun in another's snapshot (`db::begin_in_snapshot_of`)
+/// reads what that one reads: a row committed after the first took its
+/// snapshot, and before the second began, is in neither; a transaction of
+/// its own sees it. Without the snapshot's import the second sees it too.
+#[tokio::test]
+async fn a_transaction_begun_in_anothers_snapshot_reads_what_that_one_reads() {
+    let parts = Parts::new().await;
+    let pool = &parts.pool;
+    sqlx::query("CREATE TABLE snapshot_probe (n integer)")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO snapshot_probe VALUES (1)")
+        .execute(pool)
+        .await
+        .unwrap();
+    let count = "SELECT count(*) FROM snapshot_probe";
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar(count).fetch_one(&mut *first).await.unwrap();
+    sqlx::query("INSERT INTO snapshot_probe VALUES (2)")
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut second = nrm_kernel::db::begin_in_snapshot_of(&mut first, &mut conn)
+        .await
+        .unwrap();
+    let beside: i64 = sqlx::query_scalar(count).fetch_one(&mut *second).await.unwrap();
+    let refused = sqlx::query("INSERT INTO snapshot_probe VALUES (3)")
+        .execute(&mut *second)
+        .await;
+    assert!(refused.is_err(), "the second transaction reads only");
+    second.rollback().await.unwrap();
+    drop(conn);
+    first.commit().await.unwrap();
+    let now: i64 = sqlx::query_scalar(count).fetch_one(pool).await.unwrap();
+    assert_eq!((seen, beside, now), (1, 1, 2));
+    parts.drop_all().await;
+}

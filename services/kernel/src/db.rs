@@ -109,3 +109,41 @@ pub async fn drop_database(settings: &DatabaseSettings) -> Result<(), DbError> {
     }
     Ok(())
 }
+
+/// Begins on `side` a read-only transaction in the snapshot of `tx`, a
+/// REPEATABLE READ (or SERIALIZABLE) transaction that is open on another
+/// connection: what the two read agrees as if one transaction read it all,
+/// so that a call can run its queries side by side. `tx` takes its snapshot
+/// here if it has not yet, and must stay open until `side` has begun (it
+/// does: the caller holds it).
+///
+/// The side connection is one the caller holds already, typically one
+/// `pool.try_acquire()` found idle: a call that *waited* for a second
+/// connection while holding one could wait for ever on a busy pool.
+///
+/// # Errors
+/// A database error; `sqlx::Error::Protocol` when PostgreSQL's snapshot ID
+/// is not as it writes them (it is put into the statement as text).
+pub async fn begin_in_snapshot_of<'c>(
+    tx: &mut sqlx::PgConnection,
+    side: &'c mut sqlx::PgConnection,
+) -> Result<sqlx::Transaction<'c, Postgres>, sqlx::Error> {
+    use sqlx::Connection as _;
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await?;
+    // SET TRANSACTION SNAPSHOT takes no parameter; the ID is hex digits and
+    // hyphens (`00000003-0000001B-1`).
+    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(sqlx::Error::Protocol(
+            "an exported snapshot's ID is not as PostgreSQL writes them".into(),
+        ));
+    }
+    let mut beside = side.begin().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{snapshot}'"
+    )))
+    .execute(&mut *beside)
+    .await?;
+    Ok(beside)
+}
