@@ -57,11 +57,10 @@ macro_rules! first_case {
 }
 
 /// The returns of a person (`pr`): by its cases' return IDs and by
-/// `foreign_reference` = a case ID (as text). The second link looks the case
-/// up by its primary key, one return at a time, rather than casting every
-/// case ID to text: only the canonical text of a UUID (lowercase, hyphened)
-/// can equal `case_id::text`, so the cast to `uuid` is tried on that form
-/// only, and the text is still compared.
+/// `foreign_case`, the case a return's foreign reference names (a column
+/// PostgreSQL derives from the reference when the row is written). The
+/// second link looks the case up by its primary key, one return at a time
+/// (the planner would rather read every case to hash them).
 macro_rules! returns_of_persons {
     () => {
         r"pr AS (
@@ -69,12 +68,9 @@ macro_rules! returns_of_persons {
     FROM cp_cases c JOIN cp_returns r ON r.return_id = c.return_id
     UNION
     SELECT x.person_id, x.return_id, x.status, x.handed_over_at FROM (
-        SELECT (SELECT c.person_id FROM cp_cases c
-                WHERE c.case_id = CASE WHEN r.foreign_reference ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                                       THEN r.foreign_reference::uuid END
-                  AND c.case_id::text = r.foreign_reference) AS person_id,
+        SELECT (SELECT c.person_id FROM cp_cases c WHERE c.case_id = r.foreign_case) AS person_id,
             r.return_id, r.status, r.handed_over_at
-        FROM cp_returns r WHERE r.foreign_reference <> ''
+        FROM cp_returns r WHERE r.foreign_case IS NOT NULL
         OFFSET 0
     ) AS x WHERE x.person_id IS NOT NULL
 )"
@@ -205,10 +201,13 @@ SELECT cs.person_id, cs.first_reported_at, cs.child, cs.erased, cs.presumed, cs.
 ///   handed-over return; an admitted hold).
 /// - `cells`: the persons whose first report is in the period (an index
 ///   range of `cp_person_cases`), their bits joined (the cases' and the
-///   referrals' facts and `lk`), grouped by coded values, forms, bits and
-///   the time from identification to the last goal met (some thousand cells).
-/// - the dimensions, forms and the total are counted over the cells with
-///   their stage; the reintegration times are each cell's, `n` times.
+///   referrals' facts and `lk`), grouped by coded values, bits and the time
+///   from identification to the last goal met (some thousand cells).
+/// - the dimensions and the total are counted over the cells with their
+///   stage; the reintegration times are each cell's, `n` times.
+/// - `forms`: the persons of the period by each of their forms, from
+///   `cp_person_cases` alone (no stage needs them). Grouping the cells by
+///   the forms as well cost a fifth of the query: an array is slow to hash.
 const STATS: &str = concat!(
     r"
 WITH ",
@@ -231,34 +230,34 @@ lk AS (
 ),
 cells AS (
     SELECT pc.case_flags | coalesce(pf.flags, 0) | coalesce(lk.flags, 0) AS flags,
-        pc.gender, pc.age_band, pc.citizenship, pc.country_of_exploitation, pc.exploitation_forms AS forms,
-        CASE WHEN coalesce(pf.flags, 0) & 1536 = 512 THEN extract(epoch FROM pf.last_met_at - pc.identified_at) END AS secs,
+        pc.gender, pc.age_band, pc.citizenship, pc.country_of_exploitation,
+        CASE WHEN coalesce(pf.flags, 0) & 1536 = 512 THEN date_part('epoch', pf.last_met_at - pc.identified_at) END AS secs,
         count(*) AS n
     FROM cp_person_cases pc
     LEFT JOIN cp_person_referrals pf USING (person_id)
     LEFT JOIN lk USING (person_id)
     WHERE pc.first_reported_at >= $1 AND pc.first_reported_at < $2
-    GROUP BY 1, 2, 3, 4, 5, 6, 7
+    GROUP BY 1, 2, 3, 4, 5, 6
 ),
 s AS (
     SELECT {case} AS stage, p.gender, p.age_band, lower(p.citizenship) AS citizenship,
-        lower(p.country_of_exploitation) AS country_of_exploitation, p.forms, p.secs, p.n
+        lower(p.country_of_exploitation) AS country_of_exploitation, p.secs, p.n
     FROM cells CROSS JOIN LATERAL (
         SELECT cells.flags & 1 <> 0 AS presumed, cells.flags & 2 <> 0 AS identified, cells.flags & 4 <> 0 AS not_identified,
             (cells.flags & 8 <> 0)::int AS pending, (cells.flags & 16 <> 0)::int AS accepted, (cells.flags & 32 <> 0)::int AS closed,
             (cells.flags & 64 <> 0)::int AS returns_open, (cells.flags & 128 <> 0)::int AS handed_over,
             (cells.flags & 256 <> 0)::int AS admitted,
             (cells.flags & 512 <> 0)::int AS goals, (cells.flags & 1536 = 512)::int AS met,
-            cells.gender, cells.age_band, cells.citizenship, cells.country_of_exploitation, cells.forms, cells.secs, cells.n
+            cells.gender, cells.age_band, cells.citizenship, cells.country_of_exploitation, cells.secs, cells.n
     ) AS p
 ),
 done AS (
     SELECT secs FROM s CROSS JOIN generate_series(1, s.n) WHERE secs IS NOT NULL
 ),
 forms AS (
-    SELECT e.f, sum(a.n) AS n FROM (SELECT forms, sum(n) AS n FROM s GROUP BY forms) AS a
-    CROSS JOIN LATERAL (SELECT DISTINCT unnest(a.forms)) AS e(f)
-    GROUP BY e.f
+    SELECT f, count(*) AS n FROM cp_person_cases pc CROSS JOIN LATERAL unnest(pc.exploitation_forms) AS f
+    WHERE pc.first_reported_at >= $1 AND pc.first_reported_at < $2
+    GROUP BY f
 )
 SELECT CASE WHEN GROUPING(stage) = 0 THEN 'stage' WHEN GROUPING(gender) = 0 THEN 'gender'
         WHEN GROUPING(age_band) = 0 THEN 'age_band' WHEN GROUPING(citizenship) = 0 THEN 'citizenship'
@@ -443,7 +442,7 @@ rf AS (SELECT r.person_id, r.referral_id FROM cp_referrals r JOIN pp USING (pers
 rt AS (
     SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.return_id = cs.return_id
     UNION
-    SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.foreign_reference = cs.case_id::text
+    SELECT cs.person_id, r.return_id FROM cs JOIN cp_returns r ON r.foreign_case = cs.case_id
 ),
 subj AS (
     SELECT person_id, case_id AS id FROM cs
@@ -506,12 +505,11 @@ GROUP BY subj.person_id",
         }
         v.finish(|| ())?;
         // The three queries in one snapshot (the figures agree with each
-        // other, which suppression relies on), on one connection (a call
-        // holds no more than one). The plan of the persons' query is made
-        // for the period asked (a generic plan would guess the share of
-        // cases in it); its groupings hold a row per person, which spill
-        // to disk with the default work_mem; JIT compiling costs more here
-        // than running.
+        // other, which suppression relies on). The plan of the persons'
+        // query is made for the period asked (a generic plan would guess
+        // the share of cases in it); its groupings hold a row per person,
+        // which spill to disk with the default work_mem; JIT compiling
+        // costs more here than running.
         let mut tx = self.pool.begin().await?;
         sqlx::raw_sql(
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
@@ -519,10 +517,34 @@ GROUP BY subj.person_id",
         )
         .execute(&mut *tx)
         .await?;
-        let (mut dims, persons, reintegration) = Self::person_counts(&mut tx, from, to).await?;
-        let (anonymous, notifications) = Self::notification_counts(&mut tx, from, to).await?;
-        let mut times = Self::times(&mut tx, from, to).await?;
+        // The notifications and the times are read beside the persons'
+        // counts on a second connection in the same snapshot, when one is
+        // idle (never waited for: a call that waited for a second
+        // connection while holding one could wait for ever); else after
+        // them on this one.
+        let (counted, (anonymous, notifications), mut times) = match self.pool.try_acquire() {
+            Some(mut side) => {
+                let mut side = nrm_kernel::db::begin_in_snapshot_of(&mut tx, &mut side).await?;
+                sqlx::raw_sql("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
+                    .execute(&mut *side)
+                    .await?;
+                let (counted, beside) = tokio::join!(Self::person_counts(&mut tx, from, to), async {
+                    let notified = Self::notification_counts(&mut side, from, to).await?;
+                    let times = Self::times(&mut side, from, to).await?;
+                    side.commit().await?;
+                    Ok::<_, AppError>((notified, times))
+                });
+                let (notified, times) = beside?;
+                (counted?, notified, times)
+            }
+            None => (
+                Self::person_counts(&mut tx, from, to).await?,
+                Self::notification_counts(&mut tx, from, to).await?,
+                Self::times(&mut tx, from, to).await?,
+            ),
+        };
         tx.commit().await?;
+        let (mut dims, persons, reintegration) = counted;
         dims.add_count("notification", suppress::IDENTIFIED.into(), persons);
         for (dimension, value, count) in anonymous {
             dims.add_coded(&dimension, &value, count);
@@ -684,7 +706,10 @@ UNION ALL SELECT 'notifications', '', count(*) FROM n",
         Ok((counts, total))
     }
 
-    /// The measured times of cases, referrals and returns of the period.
+    /// The measured times of cases, referrals and returns of the period,
+    /// in seconds as `date_part` gives them (a float; `extract` gives a
+    /// numeric, which sorts about twice as slowly, and the answers are
+    /// floats anyway).
     async fn times(
         conn: &mut sqlx::PgConnection,
         from: DateTime<Utc>,
@@ -693,18 +718,18 @@ UNION ALL SELECT 'notifications', '', count(*) FROM n",
         let rows = sqlx::query(
             r"
 SELECT 'report_to_decision' AS measure, count(*) AS samples,
-    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - reported_at)) AS median,
-    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - reported_at)) AS p90
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', decided_at - reported_at)) AS median,
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY date_part('epoch', decided_at - reported_at)) AS p90
 FROM cp_cases WHERE reported_at >= $1 AND reported_at < $2 AND decided_at IS NOT NULL
 UNION ALL
 SELECT 'referral_to_answer', count(*),
-    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM answered_at - created_at)),
-    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM answered_at - created_at))
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', answered_at - created_at)),
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY date_part('epoch', answered_at - created_at))
 FROM cp_referrals WHERE created_at >= $1 AND created_at < $2 AND answered_at IS NOT NULL
 UNION ALL
 SELECT 'return_opened_to_handover', count(*),
-    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM handed_over_at - opened_at)),
-    percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM handed_over_at - opened_at))
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY date_part('epoch', handed_over_at - opened_at)),
+    percentile_cont(0.9) WITHIN GROUP (ORDER BY date_part('epoch', handed_over_at - opened_at))
 FROM cp_returns WHERE opened_at >= $1 AND opened_at < $2 AND handed_over_at IS NOT NULL",
         )
         .bind(from)

@@ -458,13 +458,13 @@ impl Casepath {
                 .fetch_all(&mut *tx)
                 .await?;
         let return_ids: Vec<Uuid> = cases.iter().filter_map(|c| c.return_id).collect();
-        let case_refs: Vec<String> = cases.iter().map(|c| c.case_id.to_string()).collect();
+        let case_ids: Vec<Uuid> = cases.iter().map(|c| c.case_id).collect();
         let returns = sqlx::query(
             "SELECT return_id, direction, opened_by, consulate_agency FROM cp_returns \
-             WHERE return_id = ANY($1) OR foreign_reference = ANY($2) ORDER BY opened_at, return_id",
+             WHERE return_id = ANY($1) OR foreign_case = ANY($2) ORDER BY opened_at, return_id",
         )
         .bind(&return_ids)
-        .bind(&case_refs)
+        .bind(&case_ids)
         .fetch_all(&mut *tx)
         .await?
         .iter()
