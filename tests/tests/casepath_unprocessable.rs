@@ -312,11 +312,15 @@ async fn a_return_naming_its_case_in_upper_case_with_braces_is_linked_to_it() {
         kinds(&path),
         [cp::StepKind::Found, cp::StepKind::Reported, cp::StepKind::ReturnOpened]
     );
-    let stored: String = sqlx::query_scalar("SELECT foreign_reference FROM cp_returns WHERE return_id = $1::uuid")
-        .bind(&return_id)
-        .fetch_one(&h.app.pool)
-        .await
-        .unwrap();
+    let (stored, case): (String, Option<Uuid>) =
+        sqlx::query_as("SELECT foreign_reference, foreign_case FROM cp_returns WHERE return_id = $1::uuid")
+            .bind(&return_id)
+            .fetch_one(&h.app.pool)
+            .await
+            .unwrap();
     assert_eq!(stored, case_id);
+    // The case PostgreSQL derives from the reference, which the path's,
+    // the inbox's and the figures' links go by.
+    assert_eq!(case.map(|c| c.to_string()), Some(case_id));
     h.app.stop().await;
 }

@@ -349,6 +349,7 @@ async fn a_command_appended_in_one_statement_writes_all_or_nothing() {
 /// reads what that one reads: a row committed after the first took its
 /// snapshot, and before the second began, is in neither; a transaction of
 /// its own sees it. Without the snapshot's import the second sees it too.
+/// A READ COMMITTED transaction's snapshot is refused.
 #[tokio::test]
 async fn a_transaction_begun_in_anothers_snapshot_reads_what_that_one_reads() {
     let parts = Parts::new().await;
@@ -386,5 +387,14 @@ async fn a_transaction_begun_in_anothers_snapshot_reads_what_that_one_reads() {
     first.commit().await.unwrap();
     let now: i64 = sqlx::query_scalar(count).fetch_one(pool).await.unwrap();
     assert_eq!((seen, beside, now), (1, 1, 2));
+    // A READ COMMITTED transaction would not keep the snapshot it exports.
+    let mut read_committed = pool.begin().await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let refused = nrm_kernel::db::begin_in_snapshot_of(&mut read_committed, &mut conn)
+        .await
+        .map(|_| ());
+    assert!(matches!(refused, Err(sqlx::Error::InvalidArgument(_))), "{refused:?}");
+    drop(conn);
+    read_committed.rollback().await.unwrap();
     parts.drop_all().await;
 }

@@ -122,20 +122,29 @@ pub async fn drop_database(settings: &DatabaseSettings) -> Result<(), DbError> {
 /// connection while holding one could wait for ever on a busy pool.
 ///
 /// # Errors
-/// A database error; `sqlx::Error::Protocol` when PostgreSQL's snapshot ID
-/// is not as it writes them (it is put into the statement as text).
+/// A database error; `sqlx::Error::InvalidArgument` (not transient) when `tx` is neither
+/// REPEATABLE READ nor SERIALIZABLE, or PostgreSQL's snapshot ID is not as
+/// it writes them (it is put into the statement as text).
 pub async fn begin_in_snapshot_of<'c>(
     tx: &mut sqlx::PgConnection,
     side: &'c mut sqlx::PgConnection,
 ) -> Result<sqlx::Transaction<'c, Postgres>, sqlx::Error> {
     use sqlx::Connection as _;
-    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-        .fetch_one(&mut *tx)
-        .await?;
+    let (isolation, snapshot): (String, String) =
+        sqlx::query_as("SELECT current_setting('transaction_isolation'), pg_export_snapshot()")
+            .fetch_one(&mut *tx)
+            .await?;
+    // A READ COMMITTED transaction exports a snapshot and takes a new one
+    // for its next statement: the two would read different data.
+    if !matches!(isolation.as_str(), "repeatable read" | "serializable") {
+        return Err(sqlx::Error::InvalidArgument(format!(
+            "a snapshot is read beside a {isolation} transaction, which does not keep it"
+        )));
+    }
     // SET TRANSACTION SNAPSHOT takes no parameter; the ID is hex digits and
     // hyphens (`00000003-0000001B-1`).
     if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-        return Err(sqlx::Error::Protocol(
+        return Err(sqlx::Error::InvalidArgument(
             "an exported snapshot's ID is not as PostgreSQL writes them".into(),
         ));
     }

@@ -48,6 +48,10 @@ pub struct Casepath {
     /// Turns of the open watches' queries: a quarter of the pool (at least
     /// one), whatever the number of watches.
     rechecks: Arc<tokio::sync::Semaphore>,
+    /// Second connections of `GetStatistics` (its reads beside the
+    /// persons' counts): an eighth of the pool (at least one), so that
+    /// coordinators' calls take no more of it than the gate reckons with.
+    side_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Casepath {
@@ -112,6 +116,11 @@ impl Casepath {
                 .unwrap_or(1)
                 .max(1),
         ));
+        let side_reads = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(pool.options().get_max_connections() / 8)
+                .unwrap_or(1)
+                .max(1),
+        ));
         Ok(Self {
             pool,
             calendar: Arc::new(calendar),
@@ -120,6 +129,7 @@ impl Casepath {
             watch_key,
             closing,
             rechecks,
+            side_reads,
         })
     }
 

@@ -2,7 +2,7 @@
 //!
 //! The person's records are gathered by the contract's link rules (cases,
 //! consents, referrals and goals by person; returns by the cases' return IDs
-//! and by `foreign_reference` = a case ID; holds by the person's referrals
+//! and by `foreign_case`, the case a return's reference names; holds by the person's referrals
 //! or by a commit of the person's returns), in one read-only snapshot. Each
 //! part is shown when the role has its row `GetPath (<part>)` and the
 //! caller's agency stands in it to at least one of the part's records (the
