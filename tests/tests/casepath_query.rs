@@ -1457,3 +1457,52 @@ async fn an_inbox_watch_pushes_an_item_that_becomes_overdue_without_any_other_ch
     assert!(listed.items[0].overdue);
     app.stop().await;
 }
+
+/// One officer holds at most `NRM_CASEPATH__MAX_WATCHES_PER_OFFICER`
+/// watches at once: one more is refused `RESOURCE_EXHAUSTED` (and neither
+/// queried nor audited), another officer of the agency is not held back,
+/// and a watch its client ends gives its turn back.
+#[tokio::test]
+async fn an_officer_holds_at_most_the_configured_number_of_watches() {
+    let app = Casepath::start(&[("NRM_CASEPATH__MAX_WATCHES_PER_OFFICER", "2")]).await;
+    let mut client = app.client.clone();
+    let msd = token("kg-msd", Role::Msd, "msd-1");
+    let colleague = token("kg-msd", Role::Msd, "msd-2");
+    let open = |client: &mut pb::casepath_service_client::CasepathServiceClient<tonic::transport::Channel>,
+                who: &String| {
+        let mut client = client.clone();
+        let request = authorized(pb::ListInboxRequest::default(), who);
+        async move { client.watch_inbox(request).await.map(tonic::Response::into_inner) }
+    };
+    let audited = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE agency = 'kg-msd' AND action = 'WatchInbox'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+    let mut first = open(&mut client, &msd).await.unwrap();
+    let mut second = open(&mut client, &msd).await.unwrap();
+    next_inbox(&mut first, Duration::from_secs(10)).await;
+    next_inbox(&mut second, Duration::from_secs(10)).await;
+    let refused = open(&mut client, &msd).await.expect_err("a third watch is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(audited().await, 2, "the refused watch read nothing");
+    let mut theirs = open(&mut client, &colleague).await.unwrap();
+    next_inbox(&mut theirs, Duration::from_secs(10)).await;
+    // The client ends one: its turn comes back once the watch sees it gone.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut again = loop {
+        match open(&mut client, &msd).await {
+            Ok(stream) => break stream,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(tokio::time::Instant::now() < deadline, "the ended watch kept its turn");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    next_inbox(&mut again, Duration::from_secs(10)).await;
+    drop((second, theirs, again));
+    app.stop().await;
+}

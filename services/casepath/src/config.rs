@@ -45,6 +45,12 @@ pub struct CasepathSettings {
     /// (`NRM_CASEPATH__WATCH_INTERVAL_MS`, default 200).
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
+    /// Watches (`WatchPath`, `WatchInbox`) one officer of one agency may
+    /// have open at once in this process; one more is refused
+    /// `RESOURCE_EXHAUSTED` (`NRM_CASEPATH__MAX_WATCHES_PER_OFFICER`,
+    /// default 8, at least 1).
+    #[serde(default = "default_max_watches_per_officer")]
+    pub max_watches_per_officer: u32,
 }
 
 impl Default for CasepathSettings {
@@ -54,12 +60,17 @@ impl Default for CasepathSettings {
             calendar_file: String::new(),
             min_cell: default_min_cell(),
             watch_interval_ms: default_watch_interval_ms(),
+            max_watches_per_officer: default_max_watches_per_officer(),
         }
     }
 }
 
 fn default_decision_working_days() -> u32 {
     5
+}
+
+fn default_max_watches_per_officer() -> u32 {
+    8
 }
 
 fn default_min_cell() -> u32 {

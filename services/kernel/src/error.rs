@@ -148,6 +148,15 @@ pub enum AppError {
     /// `ErrorInfo` `OVERLOADED` and a `RetryInfo` (retry with the same request ID).
     #[error("overloaded")]
     Overloaded,
+    /// The caller holds as many of something as one caller may.
+    /// → `RESOURCE_EXHAUSTED` with `ErrorInfo` `reason`.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// A stable code for the limit (`TOO_MANY_WATCHES`).
+        reason: &'static str,
+        /// A fixed sentence naming what, never whom.
+        message: &'static str,
+    },
     /// A bug or an unexpected failure; detail stays in the log. → `INTERNAL`.
     #[error("internal error: {0}")]
     Internal(String),
@@ -180,6 +189,7 @@ impl AppError {
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::RequestIdReused => Code::AlreadyExists,
             Self::Unavailable(_) | Self::Overloaded => Code::Unavailable,
+            Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -227,6 +237,10 @@ impl From<AppError> for tonic::Status {
                     "the service is serving as many calls as it can: nothing was done; retry in a moment with the same request_id",
                     details,
                 )
+            }
+            AppError::ResourceExhausted { reason, message } => {
+                let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                tonic::Status::with_error_details(code, message, details)
             }
             AppError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");

@@ -25,6 +25,13 @@ use crate::telemetry;
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
+/// How often an idle connection is pinged, and how long its client has to
+/// answer before the connection is closed: a client gone without closing
+/// it (a laptop asleep, a dropped mobile link) would otherwise hold its
+/// streams (a watch and its turn) until its token expired.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// How long, from the moment a stop is asked, the gRPC server's
 /// connections and the calls in flight get to end. A connection still open
 /// then (a stream that never ends, a client that stopped reading and holds
@@ -352,6 +359,8 @@ pub async fn serve(
             .trace_fn(telemetry::grpc_span)
             // Streams one connection may open at once: beyond, the client waits.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(gate.layer())
             .add_routes(routes)
             .add_service(health_service)

@@ -512,11 +512,17 @@ GROUP BY subj.person_id",
         // costs more here than running; with parallel plans made as cheap
         // as the others, the scans and joins of the persons run on two
         // workers beside the call's backend (about 7 % faster here).
+        // Every table of the figures is locked (for reading) before the
+        // snapshot is taken: a statement that rewrites one of them (an
+        // ALTER TABLE of an upgrade) cannot run between the snapshot and
+        // the reads, which would see it empty.
         let mut tx = self.pool.begin().await?;
         sqlx::raw_sql(
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
              SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; SET LOCAL plan_cache_mode = force_custom_plan; \
-             SET LOCAL parallel_setup_cost = 0; SET LOCAL parallel_tuple_cost = 0",
+             SET LOCAL parallel_setup_cost = 0; SET LOCAL parallel_tuple_cost = 0; \
+             LOCK TABLE cp_person_cases, cp_person_referrals, cp_cases, cp_referrals, cp_returns, cp_holds, \
+                 cp_return_commits, cp_notifications IN ACCESS SHARE MODE",
         )
         .execute(&mut *tx)
         .await?;
@@ -531,35 +537,12 @@ GROUP BY subj.person_id",
             .try_acquire_owned()
             .ok()
             .and_then(|turn| Some((turn, self.pool.try_acquire()?)));
-        let (counted, (anonymous, notifications), mut times) = match side {
-            Some((turn, mut conn)) => {
-                let mut side = nrm_kernel::db::begin_in_snapshot_of(&mut tx, &mut conn).await?;
-                // Every table the side reads is locked (for reading) before
-                // the persons' counts lock theirs: else a side read queued
-                // behind an ALTER TABLE that waits for this transaction,
-                // idle while it waits for the side, would wait for ever (two
-                // backends: PostgreSQL sees no deadlock). Not longer than
-                // `lock_timeout` either way.
-                sqlx::raw_sql(
-                    "SET LOCAL lock_timeout = '5s'; SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; \
-                     LOCK TABLE cp_notifications, cp_cases, cp_referrals, cp_returns IN ACCESS SHARE MODE",
-                )
-                .execute(&mut *side)
-                .await?;
-                let (counted, beside) = tokio::join!(Self::person_counts(&mut tx, from, to), async {
-                    let notified = Self::notification_counts(&mut side, from, to).await?;
-                    let times = Self::times(&mut side, from, to).await?;
-                    side.commit().await?;
-                    Ok::<_, AppError>((notified, times))
-                });
-                // The side's connection and turn are held until the persons'
-                // counts are done too (the transaction borrows the
-                // connection); `side_reads` bounds how many.
-                drop(conn);
-                drop(turn);
-                let (notified, times) = beside?;
-                (counted?, notified, times)
-            }
+        let beside = match side {
+            Some((_turn, mut conn)) => Self::read_beside(&mut tx, &mut conn, from, to).await?,
+            None => None,
+        };
+        let (counted, (anonymous, notifications), mut times) = match beside {
+            Some(read) => read,
             None => (
                 Self::person_counts(&mut tx, from, to).await?,
                 Self::notification_counts(&mut tx, from, to).await?,
@@ -650,6 +633,58 @@ GROUP BY subj.person_id",
             times,
             suppressed_cells,
         })
+    }
+
+    /// The persons' counts on `tx`, and beside them on `conn`, in `tx`'s
+    /// snapshot, the notifications and the times; `None` (nothing read)
+    /// when the side cannot lock its tables at once.
+    ///
+    /// `tx` holds every table's lock already. The side locks its tables
+    /// without waiting before either reads: a side read queued behind an
+    /// ALTER TABLE that waits for `tx`, idle while it waits for the side,
+    /// would be a wait PostgreSQL cannot see as a deadlock (two backends).
+    /// An ALTER TABLE already queued makes the lock fail, and the caller
+    /// reads all on `tx` (which waits for nothing: it holds its locks). The
+    /// indexes are locked when a query is planned, so a REINDEX or DROP
+    /// INDEX of one of them can still close such a loop: the side's
+    /// `lock_timeout` ends it, and the call is answered UNAVAILABLE after 5 s.
+    #[allow(clippy::type_complexity)]
+    async fn read_beside(
+        tx: &mut sqlx::PgConnection,
+        conn: &mut sqlx::PgConnection,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<
+        Option<(
+            (Dimensions, u64, pb::TimeMeasure),
+            (Vec<(String, String, u64)>, u64),
+            Vec<pb::TimeMeasure>,
+        )>,
+        AppError,
+    > {
+        let mut side = nrm_kernel::db::begin_in_snapshot_of(&mut *tx, conn).await?;
+        let locked = sqlx::raw_sql(
+            "SET LOCAL lock_timeout = '5s'; SET LOCAL jit = off; SET LOCAL work_mem = '64MB'; \
+             LOCK TABLE cp_notifications, cp_cases, cp_referrals, cp_returns IN ACCESS SHARE MODE NOWAIT",
+        )
+        .execute(&mut *side)
+        .await;
+        match locked {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                side.rollback().await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let (counted, beside) = tokio::join!(Self::person_counts(tx, from, to), async {
+            let notified = Self::notification_counts(&mut side, from, to).await?;
+            let times = Self::times(&mut side, from, to).await?;
+            side.commit().await?;
+            Ok::<_, AppError>((notified, times))
+        });
+        let (notified, times) = beside?;
+        Ok(Some((counted?, notified, times)))
     }
 
     /// The counts of the persons first reported in [from, to), per

@@ -52,6 +52,9 @@ pub struct Casepath {
     /// persons' counts): an eighth of the pool (at least one), so that
     /// coordinators' calls take no more of it than the gate reckons with.
     side_reads: Arc<tokio::sync::Semaphore>,
+    /// Open watches by (agency, officer): at most
+    /// `max_watches_per_officer` each ([`watch::WatchTurn`]).
+    watchers: watch::Watchers,
 }
 
 impl Casepath {
@@ -130,6 +133,7 @@ impl Casepath {
             closing,
             rechecks,
             side_reads,
+            watchers: watch::Watchers::default(),
         })
     }
 

@@ -17,7 +17,7 @@
 //! the caller's token expires, when the client goes away, and when the
 //! service stops.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,6 +237,63 @@ async fn sleep_past(at: Option<DateTime<Utc>>) {
     }
 }
 
+/// The open watches of each caller (agency, officer) of this process.
+pub type Watchers = Arc<std::sync::Mutex<HashMap<(String, String), u32>>>;
+
+/// One open watch of a caller, counted in [`Watchers`] until it is dropped
+/// (the watch ended, however: expired, stopped, refused, its client gone).
+pub struct WatchTurn {
+    watchers: Watchers,
+    caller: (String, String),
+}
+
+impl WatchTurn {
+    /// A turn for the caller (`agency`, `officer`), unless they hold `max`
+    /// (at least 1) already.
+    ///
+    /// # Errors
+    /// `RESOURCE_EXHAUSTED` when they do; logged with the caller's agency
+    /// and officer ID only, and counted in `nrm_casepath_watches_refused_total`.
+    pub fn take(watchers: &Watchers, agency: &str, officer: &str, max: u32) -> Result<Self, AppError> {
+        let caller = (agency.to_owned(), officer.to_owned());
+        let refused = {
+            let mut open = watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let count = open.entry(caller.clone()).or_insert(0);
+            if *count >= max.max(1) {
+                Some(*count)
+            } else {
+                *count += 1;
+                None
+            }
+        };
+        // Logged outside the lock every open and close goes through.
+        if let Some(open) = refused {
+            tracing::warn!(agency = %caller.0, officer = %caller.1, open, "a watch refused: the caller has as many open as one may");
+            metrics::counter!("nrm_casepath_watches_refused_total").increment(1);
+            return Err(AppError::ResourceExhausted {
+                reason: "TOO_MANY_WATCHES",
+                message: "as many watches are open for this officer as one may have: end one, or wait for one to expire",
+            });
+        }
+        Ok(Self {
+            watchers: watchers.clone(),
+            caller,
+        })
+    }
+}
+
+impl Drop for WatchTurn {
+    fn drop(&mut self) {
+        let mut open = self.watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.caller) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
+}
+
 /// An answer, the earliest time the clock alone changes it, and the tokens
 /// of the keys whose change may change it (`None`: any change).
 type Answer<T> = (T, Option<DateTime<Utc>>, Option<HashSet<Token>>);
@@ -389,7 +446,8 @@ impl Casepath {
     /// before it is sent, since it may show parts the first did not.
     ///
     /// # Errors
-    /// As [`Casepath::get_path`], for the first answer.
+    /// As [`Casepath::get_path`], for the first answer; `RESOURCE_EXHAUSTED`
+    /// when the caller has `max_watches_per_officer` watches open.
     #[tracing::instrument(skip_all, fields(person_id = tracing::field::Empty))]
     pub async fn watch_path(
         &self,
@@ -398,6 +456,14 @@ impl Casepath {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<Answers<pb::Path>, AppError> {
         let person = parse_person(&req.person_id)?;
+        // Before the person is named in the span: a refusal's log line
+        // names the caller only.
+        let turn = WatchTurn::take(
+            &self.watchers,
+            ctx.agency(),
+            &ctx.caller.actor.officer,
+            self.settings.max_watches_per_officer,
+        )?;
         tracing::Span::current().record("person_id", tracing::field::display(person));
         ctx.concerns(person);
         ctx.concerns_person(person);
@@ -410,6 +476,7 @@ impl Casepath {
         let query_app = self.clone();
         let announce_ctx = ctx.clone();
         tokio::spawn(async move {
+            let _turn = turn;
             let query = move || {
                 let (app, ctx) = (query_app.clone(), ctx.clone());
                 async move {
@@ -462,7 +529,8 @@ impl Casepath {
     /// inbox audited as `WatchInbox:update` before it is sent).
     ///
     /// # Errors
-    /// As [`Casepath::list_inbox`], for the first answer.
+    /// As [`Casepath::list_inbox`], for the first answer; `RESOURCE_EXHAUSTED`
+    /// when the caller has `max_watches_per_officer` watches open.
     #[tracing::instrument(skip_all)]
     pub async fn watch_inbox(
         &self,
@@ -471,6 +539,12 @@ impl Casepath {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<Answers<pb::Inbox>, AppError> {
         let query = InboxQuery::parse(&ctx, req)?;
+        let turn = WatchTurn::take(
+            &self.watchers,
+            ctx.agency(),
+            &ctx.caller.actor.officer,
+            self.settings.max_watches_per_officer,
+        )?;
         let changes = self.changes.subscribe();
         let first = self.inbox_until(&ctx, &query).await?;
         self.audit_inbox(&ctx, "WatchInbox", &query, &first.0).await?;
@@ -480,6 +554,7 @@ impl Casepath {
         let query_app = self.clone();
         let (announce_ctx, announce_query) = (ctx.clone(), query.clone());
         tokio::spawn(async move {
+            let _turn = turn;
             let run = move || {
                 let (app, ctx, query) = (query_app.clone(), ctx.clone(), query.clone());
                 async move {
@@ -513,6 +588,24 @@ impl Casepath {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn an_officer_holds_at_most_max_watches_and_a_watch_ended_gives_its_turn_back() {
+        let watchers = super::Watchers::default();
+        let take = |officer: &str| super::WatchTurn::take(&watchers, "kg-msd", officer, 2);
+        let first = take("o-1").unwrap();
+        let second = take("o-1").unwrap();
+        let refused = take("o-1").err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Another officer of the agency, or of another agency, is not held back.
+        let other = take("o-2").unwrap();
+        let elsewhere = super::WatchTurn::take(&watchers, "kg-mvd", "o-1", 2).unwrap();
+        drop(first);
+        let again = take("o-1").unwrap();
+        assert!(take("o-1").is_err());
+        drop((second, again, other, elsewhere));
+        assert!(watchers.lock().unwrap().is_empty(), "no caller is left counted");
+    }
 
     use super::*;
 
